@@ -1,0 +1,54 @@
+# The commands README and CI call. `make demo` and `make test` work on a fresh machine.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.spherinator-installed
+DEMO_DATA ?= data/demo
+PYTEST_ARGS ?=
+
+export HF_HUB_OFFLINE ?= 1
+export WANDB_MODE ?= offline
+
+.PHONY: venv demo demo-data test test-fast lint format bench clean-demo
+
+venv: $(STAMP)
+
+# DeepSpeed ships only an sdist: it builds against the torch already in the venv (--no-build-isolation).
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip 'setuptools>=70' wheel
+	$(BIN)/pip install --quiet -e '.[dev,data,wandb]'
+	$(BIN)/pip install --quiet --no-build-isolation -e '.[deepspeed]'
+	touch $(STAMP)
+
+$(DEMO_DATA)/_SUCCESS: | $(STAMP)
+	$(BIN)/python tools/make_dataset.py synthetic --out $(DEMO_DATA) --count 2048 --size 128
+	touch $@
+
+demo-data: $(DEMO_DATA)/_SUCCESS
+
+demo: venv demo-data
+	$(BIN)/spherinator fit -c experiments/vae_cnn3.yaml -c experiments/demo.yaml
+	@echo "Logs, checkpoints and pictures: runs/demo  (view with: $(BIN)/tensorboard --logdir runs)"
+
+test: venv
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+test-fast: venv
+	$(BIN)/pytest -m "not slow and not slurm" $(PYTEST_ARGS)
+
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: venv
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+bench: venv
+	$(BIN)/python tools/bench/bench_data.py
+	$(BIN)/python tools/bench/bench_fit.py
+	$(BIN)/python tools/bench/bench_onnx.py
+
+clean-demo:
+	rm -rf $(DEMO_DATA) runs/demo

@@ -1,0 +1,77 @@
+"""Write the embeddings of ``spherinator predict`` to Parquet, the file a sphere viewer reads."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.callbacks import BasePredictionWriter
+
+
+class EmbeddingWriter(BasePredictionWriter):
+    """Stream the predicted latent locations (and any per-row columns such as ``id``) to Parquet.
+
+    Each ``predict_step`` output is a dict of per-row tensors, e.g. ``location`` (B, z_dim), ``scale`` (B,) and
+    ``id`` (B,). Vectors become fixed-size list columns; scalars plain columns. One file per rank:
+    ``embeddings.parquet`` on a single process, ``embeddings-rank{r}.parquet`` under DDP.
+
+    Args:
+        output_path: File (or directory, then ``embeddings.parquet`` inside) to write; defaults to the trainer's
+            log directory, else the working directory.
+    """
+
+    def __init__(self, output_path: str | Path | None = None) -> None:
+        super().__init__(write_interval="batch")
+        self.output_path = Path(output_path) if output_path is not None else None
+        self._writer: pq.ParquetWriter | None = None
+        self.written_path: Path | None = None
+        self.rows = 0
+
+    def _path(self, trainer: Trainer) -> Path:
+        path = self.output_path
+        if path is None:
+            path = Path(trainer.log_dir or ".")
+        if path.suffix != ".parquet":
+            path = path / "embeddings.parquet"
+        if trainer.world_size > 1:
+            path = path.with_name(f"{path.stem}-rank{trainer.global_rank}{path.suffix}")
+        return path
+
+    def write_on_batch_end(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        prediction: Any,
+        batch_indices: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int,
+    ) -> None:
+        if isinstance(prediction, torch.Tensor):
+            prediction = {"location": prediction}
+        columns = {}
+        for name, value in prediction.items():
+            array = value.detach().float().cpu().numpy() if value.is_floating_point() else value.cpu().numpy()
+            if array.ndim == 1:
+                columns[name] = pa.array(array)
+            else:  # (B, D) vectors: one fixed-size list per row
+                flat = pa.array(np.ascontiguousarray(array).reshape(-1))
+                columns[name] = pa.FixedSizeListArray.from_arrays(flat, int(np.prod(array.shape[1:])))
+        table = pa.table(columns)
+        if self._writer is None:
+            self.written_path = self._path(trainer)
+            self.written_path.parent.mkdir(parents=True, exist_ok=True)
+            self._writer = pq.ParquetWriter(self.written_path, table.schema)
+        self._writer.write_table(table)
+        self.rows += table.num_rows
+
+    def on_predict_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+            print(f"spherinator: wrote {self.rows} embeddings to {self.written_path}")

@@ -1,0 +1,76 @@
+"""The ``spherinator`` command: LightningCLI with layered YAML, shape inference and embedding output.
+
+``spherinator fit|validate|test|predict -c a.yaml -c b.yaml --model.init_args.z_dim 16`` trains and evaluates;
+``spherinator export ...`` writes ONNX files (see :mod:`spherinator.export`).
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from lightning.pytorch import LightningDataModule, LightningModule
+from lightning.pytorch.cli import LightningCLI
+
+from spherinator.shapes import ConfigError, check_model_matches_data, resolve_config
+
+DEFAULT_LOGGER = {
+    "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+    "init_args": {"save_dir": "runs", "name": "spherinator"},
+}
+
+
+class SpherinatorCLI(LightningCLI):
+    """LightningCLI for spherinator models and data.
+
+    Any LightningModule / LightningDataModule can be named by ``class_path``. Before the classes are built, values
+    that are one fact written in several places are filled in from each other (see :mod:`spherinator.shapes`):
+    the decoder's latent size from ``z_dim``, ``encoder_out_dim`` from the encoder, and the input shape from the
+    data. The filled-in values are part of the saved ``config.yaml`` and of the checkpoint.
+    """
+
+    def __init__(self, args: list[str] | dict[str, Any] | None = None, run: bool = True, **kwargs: Any) -> None:
+        kwargs.setdefault("subclass_mode_model", True)
+        kwargs.setdefault("subclass_mode_data", True)
+        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        trainer_defaults = {"logger": DEFAULT_LOGGER, **kwargs.pop("trainer_defaults", {})}
+        super().__init__(LightningModule, LightningDataModule, args=args, run=run, trainer_defaults=trainer_defaults, **kwargs)
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        resolve_config(config)
+
+    def instantiate_classes(self) -> None:
+        super().instantiate_classes()
+        check_model_matches_data(self.model, self.datamodule)
+
+    def predict(self, **kwargs: Any) -> None:
+        # Embeddings stream to Parquet (EmbeddingWriter); keeping them all in memory too helps nobody.
+        if kwargs.get("return_predictions") is None:
+            kwargs["return_predictions"] = False
+        self.trainer.predict(**kwargs)
+
+    def before_predict(self) -> None:
+        from spherinator.callbacks.embeddings import EmbeddingWriter
+
+        if not any(isinstance(cb, EmbeddingWriter) for cb in self.trainer.callbacks):
+            self.trainer.callbacks.append(EmbeddingWriter())
+
+
+def main(args: list[str] | None = None) -> None:
+    """Entry point of the ``spherinator`` command."""
+    argv = sys.argv[1:] if args is None else list(args)
+    if argv and argv[0] == "export":
+        from spherinator.export import main as export_main
+
+        export_main(argv[1:])
+        return
+    try:
+        SpherinatorCLI(args=argv)
+    except ConfigError as err:
+        print(f"spherinator: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()
