@@ -1,0 +1,417 @@
+"""Export a trained model to three ONNX graphs (encoder, decoder, reconstruction) and prove them against torch."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from spherinator.export.checkpoint import ExportError, load_model
+
+GRAPHS = ("encoder", "decoder", "reconstruction")
+REPORT_NAME = "export_report.json"
+MIN_OPSET = 18
+
+
+class ValidationError(ExportError):
+    """onnxruntime disagrees with torch on an exported graph; the files and the JSON report were still written.
+
+    Attributes:
+        report: The export report (also at ``export_path/export_report.json``).
+    """
+
+    def __init__(self, message: str, report: dict[str, Any]):
+        super().__init__(message)
+        self.report = report
+
+
+class _Encode(nn.Module):
+    """``x -> model.encode(x)``: the unit-normalised location (VAE) or the code (Autoencoder)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.encode(x)  # (B, z_dim)
+
+
+class _Decode(nn.Module):
+    """``z -> model.decode(z)``."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.model.decode(z)  # (B, *input_dim)
+
+
+class _Reconstruct(nn.Module):
+    """``x -> model(x)``, the deterministic reconstruction (the VAE decodes its location)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)  # (B, *input_dim)
+
+
+def export_onnx(
+    checkpoint: str | Path,
+    export_path: str | Path,
+    config: str | Path | None = None,
+    opset: int = MIN_OPSET,
+    validate: bool = True,
+    batch_sizes: Sequence[int] = (1, 7, 64),
+    atol: float = 1e-5,
+    rtol: float = 1e-3,
+    overwrite: bool = False,
+    trace_batch_size: int = 2,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Export a checkpoint to ``encoder.onnx``, ``decoder.onnx`` and ``reconstruction.onnx`` under ``export_path``.
+
+    Each graph takes one float32 input with a dynamic batch axis: ``x`` (B, *input_dim) for the encoder and the
+    reconstruction, ``z`` (B, z_dim) for the decoder. The encoder outputs ``z`` (the unit-normalised location of
+    a VAE, the code of an Autoencoder); the decoder and the reconstruction output ``x_hat``. Each file is
+    self-contained (weights inside, below 2 GB) and carries metadata: graph, model_class, z_dim, input_shape,
+    spherinator_version, training_config.
+
+    Validation (on by default) runs ``onnx.checker`` and then compares onnxruntime with the torch model in eval
+    mode at every batch size in ``batch_sizes``: an element passes when ``|ort - torch| <= atol + rtol*|torch|``.
+    The report (returned, and written to ``export_path/export_report.json``) holds the differences per graph
+    and batch size.
+
+    Args:
+        checkpoint: Lightning checkpoint (.ckpt); alone it suffices to rebuild the model.
+        export_path: Directory to write; it must not exist or be empty unless ``overwrite``.
+        config: The run's config.yaml (``model`` section), to build the architecture from instead.
+        opset: ONNX opset (>= 18).
+        validate: Check the graphs against torch.
+        batch_sizes: Batch sizes to validate at.
+        atol: Absolute tolerance.
+        rtol: Relative tolerance.
+        overwrite: Replace the export files in an existing ``export_path`` (other files are kept).
+        trace_batch_size: Batch size of the example input used for tracing; the batch axis stays dynamic.
+        progress: Called with one line per graph (export time, validation result), e.g. ``print``.
+
+    Raises:
+        ExportError: bad checkpoint/config, an existing ``export_path``, or a graph that cannot be exported.
+        ValidationError: onnxruntime and torch disagree beyond the tolerances (files and report are written).
+    """
+    _check_arguments(opset, batch_sizes, atol, rtol, trace_batch_size)
+    export_path = Path(export_path)
+    _check_export_path(export_path, overwrite)
+    loaded = load_model(checkpoint, config)
+    model = loaded.model
+    z_dim = int(model.z_dim)
+    input_shape = tuple(int(d) for d in model.input_dim)
+
+    report: dict[str, Any] = {
+        "checkpoint": str(Path(checkpoint).resolve()),
+        "config": str(Path(config).resolve()) if config is not None else None,
+        "model_class": loaded.class_path,
+        "z_dim": z_dim,
+        "input_shape": list(input_shape),
+        "opset": opset,
+        "versions": _versions(),
+        "validation": {"enabled": validate, "batch_sizes": list(batch_sizes), "atol": atol, "rtol": rtol},
+        "graphs": {},
+    }
+    metadata = {
+        "model_class": loaded.class_path,
+        "z_dim": str(z_dim),
+        "input_shape": json.dumps(list(input_shape)),
+        "spherinator_version": report["versions"]["spherinator"],
+        "training_config": loaded.training_config,
+    }
+
+    export_path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{export_path.name}.", dir=export_path.parent))
+    try:
+        failures = []
+        for graph in GRAPHS:
+            module, input_name, output_name = _graph_module(graph, model)
+            example = _example_input(graph, model, input_shape, trace_batch_size, seed=0)
+            file = staging / f"{graph}.onnx"
+            start = time.perf_counter()
+            _export_graph(module, graph, input_name, output_name, example, file, opset, {**metadata, "graph": graph})
+            entry: dict[str, Any] = {
+                "file": f"{graph}.onnx",
+                "input": input_name,
+                "output": output_name,
+                "export_seconds": round(time.perf_counter() - start, 3),
+                "size_bytes": _size_with_sidecars(file),
+            }
+            if validate:
+                entry["validation"] = validate_graph(
+                    file, graph, lambda b, g=graph: _example_input(g, model, input_shape, b, seed=b), module,
+                    input_name, batch_sizes, atol, rtol,
+                )  # fmt: skip
+                if not entry["validation"]["passed"]:
+                    failures.append((graph, entry["validation"]))
+            report["graphs"][graph] = entry
+            if progress is not None:
+                progress(_progress_line(graph, entry))
+        report["passed"] = not failures if validate else None
+        (staging / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
+        _publish(staging, export_path)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+    if failures:
+        raise ValidationError(_failure_message(failures, export_path / REPORT_NAME, atol, rtol), report)
+    return report
+
+
+def validate_graph(
+    file: str | Path,
+    graph: str,
+    make_input: Callable[[int], torch.Tensor],
+    reference: nn.Module,
+    input_name: str,
+    batch_sizes: Sequence[int] = (1, 7, 64),
+    atol: float = 1e-5,
+    rtol: float = 1e-3,
+) -> dict[str, Any]:
+    """Check one ONNX file and compare onnxruntime with ``reference`` (torch) on ``make_input(b)`` per batch size.
+
+    Returns:
+        ``{"checker": "ok", "passed": bool, "batches": [{"batch_size", "max_abs_diff", "max_rel_diff",
+        "passed", "worst": {...}}, ...]}``; ``worst`` (index, torch and onnxruntime values, allowed difference)
+        is given for the element furthest beyond its tolerance.
+
+    Raises:
+        ExportError: the file fails ``onnx.checker``, cannot be loaded by onnxruntime, or has no dynamic batch
+            axis on its input ``input_name``.
+    """
+    import onnx
+    import onnxruntime as ort
+
+    file = Path(file)
+    try:
+        onnx.checker.check_model(str(file), full_check=True)
+    except Exception as err:
+        raise ExportError(f"{file.name} fails onnx.checker: {err}") from err
+    try:
+        session = ort.InferenceSession(str(file), providers=["CPUExecutionProvider"])
+    except Exception as err:
+        raise ExportError(f"onnxruntime {ort.__version__} cannot load {file.name}: {err}") from err
+    inputs = session.get_inputs()
+    if [i.name for i in inputs] != [input_name]:
+        raise ExportError(f"{file.name} has inputs {[i.name for i in inputs]}; expected exactly [{input_name!r}]")
+    if isinstance(inputs[0].shape[0], int):
+        raise ExportError(
+            f"{file.name}: input {input_name!r} has a fixed batch size {inputs[0].shape[0]} instead of a dynamic axis"
+        )
+
+    reference.eval()
+    batches = []
+    for batch_size in batch_sizes:
+        x = make_input(batch_size)
+        with torch.no_grad():
+            expected = reference(x).numpy()
+        (actual,) = session.run(None, {input_name: x.numpy()})
+        batches.append(_compare(batch_size, expected, actual, atol, rtol))
+    return {"checker": "ok", "passed": all(b["passed"] for b in batches), "batches": batches}
+
+
+def _compare(batch_size: int, expected: np.ndarray, actual: np.ndarray, atol: float, rtol: float) -> dict[str, Any]:
+    if expected.shape != actual.shape:
+        return {
+            "batch_size": batch_size,
+            "passed": False,
+            "max_abs_diff": None,
+            "max_rel_diff": None,
+            "worst": {"reason": f"output shape {list(actual.shape)} != torch {list(expected.shape)}"},
+        }
+    expected64, actual64 = expected.astype(np.float64), actual.astype(np.float64)
+    diff = np.abs(actual64 - expected64)
+    # NaN/inf where torch has none (or the reverse) counts as an infinite difference.
+    diff = np.where(np.isnan(expected64) & np.isnan(actual64), 0.0, np.nan_to_num(diff, nan=np.inf))
+    allowed = atol + rtol * np.abs(np.nan_to_num(expected64))
+    excess = diff - allowed
+    worst = np.unravel_index(int(np.argmax(excess)), excess.shape)
+    return {
+        "batch_size": batch_size,
+        "passed": bool(np.all(excess <= 0)),
+        "max_abs_diff": float(diff.max()),
+        "max_rel_diff": float((diff / np.maximum(np.abs(expected64), 1e-12)).max()),
+        "worst": {
+            "index": [int(i) for i in worst],
+            "torch": float(expected64[worst]),
+            "onnxruntime": float(actual64[worst]),
+            "abs_diff": float(diff[worst]),
+            "allowed": float(allowed[worst]),
+        },
+    }
+
+
+def _graph_module(graph: str, model: nn.Module) -> tuple[nn.Module, str, str]:
+    wrappers = {
+        "encoder": (_Encode, "x", "z"),
+        "decoder": (_Decode, "z", "x_hat"),
+        "reconstruction": (_Reconstruct, "x", "x_hat"),
+    }
+    cls, input_name, output_name = wrappers[graph]
+    return cls(model).eval(), input_name, output_name
+
+
+def _example_input(graph: str, model: nn.Module, input_shape: tuple[int, ...], batch: int, seed: int) -> torch.Tensor:
+    """Random ``x`` (B, *input_shape) in [0, 1), or for the decoder the latents the encoder gives for such x."""
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.rand((batch, *input_shape), generator=generator)
+    if graph != "decoder":
+        return x
+    with torch.no_grad():
+        return model.encode(x).detach().float().contiguous()  # (B, z_dim)
+
+
+def _export_graph(
+    module: nn.Module,
+    graph: str,
+    input_name: str,
+    output_name: str,
+    example: torch.Tensor,
+    file: Path,
+    opset: int,
+    metadata: dict[str, str],
+) -> None:
+    try:
+        with torch.no_grad():
+            program = torch.onnx.export(
+                module,
+                (example,),
+                dynamo=True,
+                verbose=False,
+                input_names=[input_name],
+                output_names=[output_name],
+                dynamic_shapes={input_name: {0: torch.export.Dim("batch")}},
+                opset_version=opset,
+                external_data=False,
+            )
+    except Exception as err:
+        message = "\n".join(str(err).strip().splitlines()[:6])
+        raise ExportError(
+            f"{graph}.onnx: torch.onnx.export failed for {type(module.model).__name__}.{_METHOD[graph]} at opset "
+            f"{opset}: {type(err).__name__}: {message}\nAn op in this path has no ONNX translation at this opset: try "
+            "another opset (--opset), or replace the op in the model"
+        ) from err
+    produced = program.model.opset_imports.get("", None)
+    if produced != opset:
+        raise ExportError(
+            f"{graph}.onnx: opset {opset} was asked for but the exporter produced opset {produced} (the version "
+            f"conversion failed); use an opset from {MIN_OPSET} up"
+        )
+    program.model.metadata_props.update(metadata)
+    program.model.doc_string = f"spherinator {graph}: {input_name} -> {output_name}"
+    # external_data only for graphs above 2 GB (protobuf's limit); below that, one self-contained file.
+    program.save(file, external_data=None)
+
+
+_METHOD = {"encoder": "encode(x)", "decoder": "decode(z)", "reconstruction": "forward(x)"}
+
+
+def _check_arguments(opset: int, batch_sizes: Sequence[int], atol: float, rtol: float, trace_batch_size: int) -> None:
+    import onnx
+
+    newest = onnx.defs.onnx_opset_version()
+    if not MIN_OPSET <= opset <= newest:
+        raise ExportError(
+            f"opset {opset} is not supported: choose {MIN_OPSET}..{newest} (below {MIN_OPSET} the torch exporter "
+            "cannot convert graphs with normalize; the default is 18)"
+        )
+    if not batch_sizes or any(int(b) < 1 for b in batch_sizes):
+        raise ExportError(f"batch_sizes {list(batch_sizes)} must be a non-empty list of positive integers")
+    if atol < 0 or rtol < 0:
+        raise ExportError(f"tolerances must be >= 0 (got atol={atol}, rtol={rtol})")
+    if trace_batch_size < 1:
+        raise ExportError(f"trace_batch_size {trace_batch_size} must be >= 1")
+
+
+def _check_export_path(export_path: Path, overwrite: bool) -> None:
+    if not export_path.exists():
+        return
+    if not export_path.is_dir():
+        raise ExportError(f"export_path '{export_path}' is a file; pass a directory to write the ONNX files into")
+    contents = sorted(p.name for p in export_path.iterdir())
+    if contents and not overwrite:
+        shown = ", ".join(contents[:5]) + (f" (+{len(contents) - 5} more)" if len(contents) > 5 else "")
+        raise ExportError(
+            f"export_path '{export_path}' already exists and is not empty (contains: {shown}); pass overwrite=True "
+            "(--overwrite) to replace the export files, or choose a new directory"
+        )
+
+
+def _publish(staging: Path, export_path: Path) -> None:
+    """Move the staged files into ``export_path``, replacing older export files there (others are kept)."""
+    export_path.mkdir(parents=True, exist_ok=True)
+    for graph in GRAPHS:
+        for old in export_path.glob(f"{graph}.onnx*"):
+            old.unlink()
+    for file in staging.iterdir():
+        os.replace(file, export_path / file.name)
+
+
+def _size_with_sidecars(file: Path) -> int:
+    return sum(p.stat().st_size for p in file.parent.glob(f"{file.name}*"))
+
+
+def _progress_line(graph: str, entry: dict[str, Any]) -> str:
+    line = f"{entry['file']}: exported in {entry['export_seconds']:.1f} s ({entry['size_bytes'] / 1e6:.2f} MB)"
+    validation = entry.get("validation")
+    if validation is None:
+        return line + ", not validated"
+    sizes = ", ".join(str(b["batch_size"]) for b in validation["batches"])
+    worst = max((b["max_abs_diff"] if b["max_abs_diff"] is not None else np.inf) for b in validation["batches"])
+    verdict = "matches torch" if validation["passed"] else "DIFFERS from torch"
+    return line + f", onnxruntime {verdict} at batch {sizes} (max |diff| {worst:.2e})"
+
+
+def _failure_message(failures: list[tuple[str, dict[str, Any]]], report_path: Path, atol: float, rtol: float) -> str:
+    lines = ["ONNX validation failed: onnxruntime differs from torch beyond the tolerances"]
+    for graph, validation in failures:
+        bad = [b for b in validation["batches"] if not b["passed"]]
+        worst = max(bad, key=lambda b: np.inf if b["max_abs_diff"] is None else b["max_abs_diff"])
+        detail = worst["worst"]
+        if "reason" in detail:
+            lines.append(f"  {graph}.onnx at batch {worst['batch_size']}: {detail['reason']}")
+            continue
+        lines.append(
+            f"  {graph}.onnx at batch {worst['batch_size']}: worst |diff| {detail['abs_diff']:.3e} at index "
+            f"{detail['index']} (torch {detail['torch']:.6g}, onnxruntime {detail['onnxruntime']:.6g}; allowed "
+            f"{detail['allowed']:.3e} = atol {atol:g} + rtol {rtol:g} * |torch|); failing batch sizes: "
+            f"{[b['batch_size'] for b in bad]}"
+        )
+    lines.append(
+        f"The files are written but not trustworthy; see {report_path}. Loosen atol/rtol only if the difference "
+        "is acceptable, else try another opset or report the op."
+    )
+    return "\n".join(lines)
+
+
+def _versions() -> dict[str, str]:
+    import onnx
+    import onnxruntime
+
+    import spherinator
+
+    return {
+        "spherinator": spherinator.__version__,
+        "torch": torch.__version__,
+        "onnx": onnx.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "python": platform.python_version(),
+    }
