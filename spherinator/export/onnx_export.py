@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import shutil
 import tempfile
 import time
@@ -303,11 +304,9 @@ def _export_graph(
                 external_data=False,
             )
     except Exception as err:
-        message = "\n".join(str(err).strip().splitlines()[:6])
         raise ExportError(
             f"{graph}.onnx: torch.onnx.export failed for {type(module.model).__name__}.{_METHOD[graph]} at opset "
-            f"{opset}: {type(err).__name__}: {message}\nAn op in this path has no ONNX translation at this opset: try "
-            "another opset (--opset), or replace the op in the model"
+            f"{opset}: {_export_failure_summary(err)}\nReplace that op in the model (or try another --opset)"
         ) from err
     produced = program.model.opset_imports.get("", None)
     if produced != opset:
@@ -319,6 +318,18 @@ def _export_graph(
     program.model.doc_string = f"spherinator {graph}: {input_name} -> {output_name}"
     # external_data only for graphs above 2 GB (protobuf's limit); below that, one self-contained file.
     program.save(file, external_data=None)
+
+
+def _export_failure_summary(err: Exception) -> str:
+    """The useful part of a torch.onnx error: the op without translation, else the exception summary."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(err))  # drop terminal colours
+    op = re.search(r"op='([\w.]+)'", text)
+    if "No ONNX function found" in text and op:
+        return f"the op {op.group(1)} has no ONNX translation"
+    if "## Exception summary" in text:
+        text = text.split("## Exception summary", 1)[1]
+    lines = [line.strip() for line in text.splitlines() if line.strip() and line.strip() != "⬆️"]
+    return f"{type(err).__name__}: " + " | ".join(lines[:4])
 
 
 _METHOD = {"encoder": "encode(x)", "decoder": "decode(z)", "reconstruction": "forward(x)"}
