@@ -1,0 +1,158 @@
+"""Consecutive convolution stacks: one implementation for 1-D/2-D, plain and transposed convolutions."""
+
+from __future__ import annotations
+
+from torch import nn
+
+
+class _ConsecutiveConvLayer(nn.Sequential):
+    """A stack of lazy convolutions, each followed by an optional norm, activation and pooling.
+
+    Subclasses only pick the lazy convolution class and the default norm; everything else is shared.
+
+    Args:
+        conv: Lazy convolution class (e.g. ``nn.LazyConv2d``); its input channels are inferred at first forward.
+        kernel_size: Kernel size of every convolution in the stack.
+        stride: Stride of every convolution in the stack.
+        padding: Padding of every convolution in the stack.
+        out_channels: Output channels, one convolution per entry.
+        activation: Activation class instantiated after each convolution; ``None`` for none.
+        norm: Normalisation class called as ``norm(channels)`` after each convolution; ``None`` for none.
+        pooling: Module appended after each convolution block (e.g. ``nn.MaxPool2d(2)``); ``None`` for none.
+    """
+
+    def __init__(
+        self,
+        conv: type[nn.Module],
+        kernel_size: int,
+        stride: int,
+        padding: int,
+        out_channels: list[int],
+        activation: type[nn.Module] | None,
+        norm: type[nn.Module] | None,
+        pooling: nn.Module | None,
+    ) -> None:
+        if isinstance(out_channels, int) or len(out_channels) == 0:
+            raise ValueError(
+                f"out_channels must be a non-empty list with one entry per convolution, got {out_channels!r}; "
+                "write e.g. out_channels: [16, 32]"
+            )
+        layers: list[nn.Module] = []
+        for channels in out_channels:
+            layers.append(conv(channels, kernel_size=kernel_size, stride=stride, padding=padding))
+            if norm is not None:
+                layers.append(norm(channels))
+            if activation is not None:
+                layers.append(activation())
+            if pooling is not None:
+                layers.append(pooling)  # parameter-free, so one instance can be reused
+        super().__init__(*layers)
+        self.out_channels = list(out_channels)
+
+
+class ConsecutiveConv1DLayer(_ConsecutiveConvLayer):
+    """Consecutive ``LazyConv1d`` layers with optional norm, activation and pooling; input (B, C, L).
+
+    Args:
+        kernel_size: Kernel size for all layers in this block.
+        stride: Stride for all layers in this block.
+        padding: Padding for all layers in this block.
+        out_channels: Output channel counts; one layer per entry.
+        activation: Activation class (``None`` for none).
+        norm: Normalisation class, called with the channel count (``None`` for none).
+        pooling: Optional pooling module appended after each layer.
+    """
+
+    def __init__(
+        self,
+        kernel_size: int = 3,
+        stride: int = 1,
+        padding: int = 0,
+        out_channels: list[int] | None = None,
+        activation: type[nn.Module] | None = nn.ReLU,
+        norm: type[nn.Module] | None = nn.BatchNorm1d,
+        pooling: nn.Module | None = None,
+    ) -> None:
+        super().__init__(nn.LazyConv1d, kernel_size, stride, padding, out_channels or [], activation, norm, pooling)
+
+
+class ConsecutiveConv2DLayer(_ConsecutiveConvLayer):
+    """Consecutive ``LazyConv2d`` layers with optional norm, activation and pooling; input (B, C, H, W).
+
+    Args:
+        kernel_size: Kernel size for all layers in this block.
+        stride: Stride for all layers in this block.
+        padding: Padding for all layers in this block.
+        out_channels: Output channel counts; one layer per entry.
+        activation: Activation class (``None`` for none).
+        norm: Normalisation class, called with the channel count (``None`` for none).
+        pooling: Optional pooling module appended after each layer.
+    """
+
+    def __init__(
+        self,
+        kernel_size: int = 3,
+        stride: int = 1,
+        padding: int = 0,
+        out_channels: list[int] | None = None,
+        activation: type[nn.Module] | None = nn.ReLU,
+        norm: type[nn.Module] | None = nn.BatchNorm2d,
+        pooling: nn.Module | None = None,
+    ) -> None:
+        super().__init__(nn.LazyConv2d, kernel_size, stride, padding, out_channels or [], activation, norm, pooling)
+
+
+class ConsecutiveConvTranspose1DLayer(_ConsecutiveConvLayer):
+    """Consecutive ``LazyConvTranspose1d`` layers with optional norm, activation and pooling; input (B, C, L).
+
+    Args:
+        kernel_size: Kernel size for all layers in this block.
+        stride: Stride for all layers in this block.
+        padding: Padding for all layers in this block.
+        out_channels: Output channel counts; one layer per entry.
+        activation: Activation class (``None`` for none).
+        norm: Normalisation class, called with the channel count (``None`` for none).
+        pooling: Optional pooling module appended after each layer.
+    """
+
+    def __init__(
+        self,
+        kernel_size: int = 3,
+        stride: int = 1,
+        padding: int = 0,
+        out_channels: list[int] | None = None,
+        activation: type[nn.Module] | None = nn.ReLU,
+        norm: type[nn.Module] | None = nn.BatchNorm1d,
+        pooling: nn.Module | None = None,
+    ) -> None:
+        super().__init__(
+            nn.LazyConvTranspose1d, kernel_size, stride, padding, out_channels or [], activation, norm, pooling
+        )
+
+
+class ConsecutiveConvTranspose2DLayer(_ConsecutiveConvLayer):
+    """Consecutive ``LazyConvTranspose2d`` layers with optional norm, activation and pooling; input (B, C, H, W).
+
+    Args:
+        kernel_size: Kernel size for all layers in this block.
+        stride: Stride for all layers in this block.
+        padding: Padding for all layers in this block.
+        out_channels: Output channel counts; one layer per entry.
+        activation: Activation class (``None`` for none).
+        norm: Normalisation class, called with the channel count (``None`` for none).
+        pooling: Optional pooling module appended after each layer.
+    """
+
+    def __init__(
+        self,
+        kernel_size: int = 3,
+        stride: int = 1,
+        padding: int = 0,
+        out_channels: list[int] | None = None,
+        activation: type[nn.Module] | None = nn.ReLU,
+        norm: type[nn.Module] | None = nn.BatchNorm2d,
+        pooling: nn.Module | None = None,
+    ) -> None:
+        super().__init__(
+            nn.LazyConvTranspose2d, kernel_size, stride, padding, out_channels or [], activation, norm, pooling
+        )

@@ -1,0 +1,284 @@
+"""LightningModules: the deterministic Autoencoder and the Power Spherical VariationalAutoencoder."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch import nn
+from torch.distributions import kl_divergence
+
+from spherinator.distributions import HypersphericalUniform, PowerSpherical
+from spherinator.models._shapes import dry_forward, param_device_dtype
+from spherinator.models.variational_encoder import VariationalEncoder
+
+
+@contextmanager
+def _modules_in_hparams_allowed() -> Iterator[None]:
+    # Plain save_hyperparameters(): under LightningCLI it stores the class_path config, from Python the modules
+    # themselves; both let load_from_checkpoint / fit --ckpt_path rebuild the model (ignore=[...] breaks both).
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*is an instance of `nn.Module` and is already saved.*")
+        yield
+
+
+def _as_loss(loss: nn.Module | type[nn.Module]) -> nn.Module:
+    module = loss() if isinstance(loss, type) else loss
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"reconstruction_loss must be an nn.Module or its class (e.g. torch.nn.MSELoss), got {loss!r}")
+    return module
+
+
+class _AutoencoderBase(pl.LightningModule):
+    """Shared batch handling, shape wiring, steps and default optimiser of the two autoencoders."""
+
+    encoder: nn.Module
+    decoder: nn.Module
+    reconstruction_loss: nn.Module
+    input_dim: tuple[int, ...] | None
+    z_dim: int
+
+    def _wire_shapes(self, latent_dim: int | None) -> None:
+        """Give the decoder the latent size and the sample shape it may lack, then materialise lazy layers."""
+        decoder = self.decoder
+        decoder_in = getattr(decoder, "input_dim", None)
+        if latent_dim is not None:
+            if hasattr(decoder, "set_input_dim"):
+                decoder.set_input_dim(latent_dim)  # raises naming both values on a mismatch
+            elif decoder_in is not None and decoder_in != latent_dim:
+                raise ValueError(
+                    f"decoder input_dim {decoder_in} disagrees with the latent size {latent_dim} (z_dim); make them "
+                    "equal or leave the decoder's input_dim out"
+                )
+        if self.input_dim is None:
+            return  # lazy layers materialise at the first batch
+        decoder_out = getattr(decoder, "output_dim", None)
+        if decoder_out is not None and tuple(decoder_out) != self.input_dim:
+            raise ValueError(
+                f"decoder output_dim {list(decoder_out)} disagrees with the encoder input_dim {list(self.input_dim)}; "
+                "the decoder must reconstruct the input shape (leave the decoder's output_dim out to follow it)"
+            )
+        if decoder_out is None and hasattr(decoder, "set_output_dim"):
+            decoder.set_output_dim(self.input_dim)
+        device, dtype = param_device_dtype(self)
+        x_hat = dry_forward(self, self.forward, torch.zeros(1, *self.input_dim, device=device, dtype=dtype))
+        self._check_reconstruction_shape(tuple(x_hat.shape[1:]), self.input_dim)
+
+    @staticmethod
+    def _check_reconstruction_shape(produced: tuple[int, ...], expected: tuple[int, ...]) -> None:
+        if produced != expected:
+            raise ValueError(
+                f"the decoder produces samples of shape {list(produced)} but the input has shape {list(expected)}; "
+                "change the decoder so that it reconstructs the input shape"
+            )
+
+    @staticmethod
+    def _input(batch: Any) -> torch.Tensor:
+        """The model input of a batch: the tensor itself, the first entry of a dict, or the first of a tuple."""
+        if isinstance(batch, torch.Tensor):
+            return batch
+        if isinstance(batch, dict):
+            return next(iter(batch.values()))
+        if isinstance(batch, list | tuple):
+            return batch[0]
+        raise TypeError(f"batch must be a tensor, a dict of tensors or a tuple, got {type(batch).__name__}")
+
+    @contextmanager
+    def _batchnorm_single_sample(self, batch_size: int) -> Iterator[None]:
+        """For a training batch of one sample, let BatchNorm use its running statistics.
+
+        Batch statistics of one sample are meaningless and fail outright for 1x1 feature maps ("Expected more
+        than 1 value per channel"); this happens with a last partial batch of size 1.
+        """
+        norms = []
+        if batch_size == 1 and self.training:
+            norms = [m for m in self.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
+        for m in norms:
+            m.eval()
+        try:
+            yield
+        finally:
+            for m in norms:
+                m.train()
+
+    def _remember_input_dim(self, x: torch.Tensor) -> None:
+        if self.input_dim is None:
+            self.input_dim = tuple(x.shape[1:])
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return self._shared_step(batch, "train")
+
+    def validation_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return self._shared_step(batch, "val")
+
+    def test_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return self._shared_step(batch, "test")
+
+    def _log_losses(self, stage: str, batch_size: int, **losses: torch.Tensor) -> None:
+        for suffix, value in losses.items():
+            name = f"{stage}_{suffix}" if suffix != "loss" else f"{stage}_loss"
+            self.log(name, value, batch_size=batch_size, prog_bar=suffix == "loss", sync_dist=stage != "train")
+
+    def _shared_step(self, batch: Any, stage: str) -> torch.Tensor:
+        raise NotImplementedError
+
+    def predict_step(self, batch: Any, batch_idx: int = 0, dataloader_idx: int = 0) -> dict[str, torch.Tensor]:
+        x = self._input(batch)
+        out = self._predict(x)
+        if isinstance(batch, dict):
+            for name, column in list(batch.items())[1:]:  # per-row 1-D columns such as ids
+                if isinstance(column, torch.Tensor) and column.dim() == 1 and len(column) == len(x):
+                    out.setdefault(name, column)
+        return out
+
+    def _predict(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        """Adam with lr 1e-3; the ``optimizer:`` section of a ``spherinator`` config replaces it."""
+        return torch.optim.Adam(self.parameters(), lr=1e-3)
+
+
+class Autoencoder(_AutoencoderBase):
+    """Deterministic autoencoder: the code of the encoder is decoded directly, without sampling.
+
+    Args:
+        encoder: Maps (B, *input_dim) to the code (B, d); its ``output_dim`` (if any) is the latent size d.
+        decoder: Maps (B, d) back to (B, *input_dim); its ``input_dim``/``output_dim`` may be left out and follow
+            the encoder.
+        reconstruction_loss: Loss module (or class) called as ``loss(prediction, target)``.
+    """
+
+    def __init__(
+        self,
+        encoder: nn.Module,
+        decoder: nn.Module,
+        reconstruction_loss: nn.Module | type[nn.Module] = nn.MSELoss,
+    ) -> None:
+        super().__init__()
+        with _modules_in_hparams_allowed():
+            self.save_hyperparameters()
+        self.encoder = encoder
+        self.decoder = decoder
+        self.reconstruction_loss = _as_loss(reconstruction_loss)
+        self.input_dim = getattr(encoder, "input_dim", None)
+        self.z_dim = getattr(encoder, "output_dim", None)
+        self._wire_shapes(self.z_dim)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return self.encoder(x)  # (B, d)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return self.decoder(z)  # (B, *input_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decode(self.encode(x))
+
+    def _shared_step(self, batch: Any, stage: str) -> torch.Tensor:
+        x = self._input(batch)
+        self._remember_input_dim(x)
+        with self._batchnorm_single_sample(len(x)):
+            x_hat = self(x)
+        self._check_reconstruction_shape(tuple(x_hat.shape[1:]), tuple(x.shape[1:]))
+        loss = self.reconstruction_loss(x_hat, x)
+        self._log_losses(stage, len(x), loss=loss)
+        return loss
+
+    def _predict(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"location": self.encode(x)}
+
+
+class VariationalAutoencoder(_AutoencoderBase):
+    """VAE with a Power Spherical posterior on the unit sphere S^{z_dim-1} and a uniform prior.
+
+    Loss = reconstruction + beta * KL(posterior || uniform). ``beta`` is a plain attribute that callbacks such as
+    ``KLAnnealing`` may change during training. The distribution is built and sampled in float32 with autocast
+    disabled, so ``precision: bf16-mixed`` works.
+
+    Args:
+        encoder: Backbone mapping (B, *input_dim) -> (B, encoder_out_dim); wrapped in a ``VariationalEncoder``.
+        decoder: Maps (B, z_dim) back to (B, *input_dim); its ``input_dim``/``output_dim`` may be left out.
+        encoder_out_dim: Output size of the backbone; None takes ``encoder.output_dim``.
+        z_dim: Dimension of the latent space; 3 maps to the sphere S^2.
+        beta: Weight of the KL divergence.
+        reconstruction_loss: Loss module (or class) called as ``loss(prediction, target)``.
+        max_scale: Upper bound of the posterior concentration.
+    """
+
+    def __init__(
+        self,
+        encoder: nn.Module,
+        decoder: nn.Module,
+        encoder_out_dim: int | None = None,
+        z_dim: int = 3,
+        beta: float = 1.0e-3,
+        reconstruction_loss: nn.Module | type[nn.Module] = nn.MSELoss,
+        max_scale: float = 1.0e4,
+    ) -> None:
+        super().__init__()
+        with _modules_in_hparams_allowed():
+            self.save_hyperparameters()
+        if int(z_dim) < 2:
+            raise ValueError(f"z_dim must be >= 2 (the latent space is a sphere in R^z_dim), got {z_dim}")
+        if not max_scale > 1.0:
+            raise ValueError(f"max_scale must be > 1 (the concentration is softplus + 1), got {max_scale}")
+        backbone_out = getattr(encoder, "output_dim", None)
+        if encoder_out_dim is None:
+            if backbone_out is None:
+                raise ValueError(
+                    f"encoder_out_dim is not given and the encoder {type(encoder).__name__} has no output_dim; "
+                    "set model.init_args.encoder_out_dim to the encoder's output size"
+                )
+            encoder_out_dim = int(backbone_out)
+        elif backbone_out is not None and int(backbone_out) != int(encoder_out_dim):
+            raise ValueError(
+                f"encoder_out_dim {encoder_out_dim} disagrees with the encoder's output_dim {backbone_out}; "
+                "make them equal or leave encoder_out_dim out to take it from the encoder"
+            )
+        self.z_dim = int(z_dim)
+        self.encoder_out_dim = int(encoder_out_dim)
+        self.beta = float(beta)
+        self.encoder = VariationalEncoder(encoder, self.encoder_out_dim, self.z_dim, max_scale)
+        self.decoder = decoder
+        self.reconstruction_loss = _as_loss(reconstruction_loss)
+        self.input_dim = self.encoder.input_dim
+        self._wire_shapes(self.z_dim)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Unit-norm location of the posterior, (B, z_dim)."""
+        return self.encoder(x)[0]
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return self.decoder(z)  # (B, *input_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Deterministic reconstruction through the posterior location."""
+        return self.decode(self.encode(x))
+
+    def posterior(self, location: torch.Tensor, scale: torch.Tensor) -> PowerSpherical:
+        """Power Spherical posterior; build and sample it under ``torch.autocast(..., enabled=False)``."""
+        return PowerSpherical(location.float(), scale.float())
+
+    def _shared_step(self, batch: Any, stage: str) -> torch.Tensor:
+        x = self._input(batch)
+        self._remember_input_dim(x)
+        with self._batchnorm_single_sample(len(x)):
+            location, scale = self.encoder(x)
+            with torch.autocast(device_type=x.device.type, enabled=False):
+                q = self.posterior(location, scale)
+                z = q.rsample()  # (B, z_dim) float32
+                kl = kl_divergence(q, HypersphericalUniform(self.z_dim, device=z.device)).mean()
+            x_hat = self.decode(z)
+        self._check_reconstruction_shape(tuple(x_hat.shape[1:]), tuple(x.shape[1:]))
+        recon = self.reconstruction_loss(x_hat, x)
+        loss = recon + self.beta * kl
+        self._log_losses(stage, len(x), loss=loss, recon=recon, kl=kl)
+        return loss
+
+    def _predict(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        location, scale = self.encoder(x)
+        return {"location": location, "scale": scale}

@@ -1,0 +1,51 @@
+"""Vision Transformer encoder backed by HuggingFace transformers."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class HuggingFaceViTEncoder(nn.Module):
+    """A HuggingFace ViT whose CLS token (last hidden state) is optionally projected to ``output_dim``.
+
+    Attributes ``input_dim`` = (num_channels, image_size, image_size) and ``output_dim`` come from the ViT config.
+
+    Args:
+        model_name: Hub id (e.g. ``google/vit-base-patch16-224``, needs the hub or the local HF cache) or a local
+            directory written by ``save_pretrained``; must be a ViT variant.
+        output_dim: Size of a linear projection of the CLS token; None keeps the ViT's hidden size.
+        freeze: Freeze the ViT backbone weights (the projection stays trainable).
+    """
+
+    def __init__(self, model_name: str, output_dim: int | None = None, freeze: bool = False) -> None:
+        super().__init__()
+        from transformers import ViTModel  # heavy import, only when a ViT is used
+
+        try:
+            self.vit = ViTModel.from_pretrained(model_name, add_pooling_layer=False)
+        except (OSError, ValueError) as err:
+            raise ValueError(
+                f"HuggingFaceViTEncoder: cannot load ViT {model_name!r} ({err}). Give a hub id that is in the local "
+                "HuggingFace cache (offline, HF_HUB_OFFLINE=1) or reachable, or a local directory written with "
+                "ViTModel.save_pretrained"
+            ) from err
+        config = self.vit.config
+        if getattr(config, "model_type", None) != "vit":
+            raise ValueError(
+                f"HuggingFaceViTEncoder: {model_name!r} is a {config.model_type!r} model, not a ViT; use a ViT variant"
+            )
+        self.model_name = model_name
+        self.freeze = freeze
+        self.input_dim = (int(config.num_channels), int(config.image_size), int(config.image_size))
+        hidden = int(config.hidden_size)
+        if output_dim is not None and int(output_dim) <= 0:
+            raise ValueError(f"HuggingFaceViTEncoder: output_dim must be positive or null, got {output_dim!r}")
+        self.output_dim = int(output_dim) if output_dim is not None else hidden
+        self.projection = nn.Linear(hidden, self.output_dim) if output_dim is not None else nn.Identity()
+        if freeze:
+            self.vit.requires_grad_(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        cls = self.vit(pixel_values=x).last_hidden_state[:, 0]  # (B, hidden)
+        return self.projection(cls)  # (B, output_dim)

@@ -1,0 +1,367 @@
+"""Behaviour of the layers, encoders, decoders and the two LightningModules."""
+
+from __future__ import annotations
+
+import math
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import yaml
+from torch import nn
+from torch.utils.data import DataLoader
+
+from spherinator.models import (
+    Autoencoder,
+    ConsecutiveConv1DLayer,
+    ConsecutiveConv2DLayer,
+    ConsecutiveConvTranspose1DLayer,
+    ConsecutiveConvTranspose2DLayer,
+    ConvolutionalDecoder1D,
+    ConvolutionalDecoder2D,
+    ConvolutionalEncoder1D,
+    ConvolutionalEncoder2D,
+    HuggingFaceViTEncoder,
+    UpsamplingDecoder2D,
+    VariationalAutoencoder,
+)
+
+
+def encoder_1d(input_dim: list[int] | None = (1, 32), output_dim: int = 8) -> ConvolutionalEncoder1D:
+    layers = [ConsecutiveConv1DLayer(kernel_size=4, stride=2, padding=1, out_channels=[4, 8])]
+    return ConvolutionalEncoder1D(input_dim=input_dim, output_dim=output_dim, cnn_layers=layers)
+
+
+def decoder_1d(input_dim: int | None = None, output_dim: list[int] | None = None) -> ConvolutionalDecoder1D:
+    layers = [  # (8, 8) -> (4, 16) -> (1, 32)
+        ConsecutiveConvTranspose1DLayer(kernel_size=4, stride=2, padding=1, out_channels=[4]),
+        ConsecutiveConvTranspose1DLayer(
+            kernel_size=4, stride=2, padding=1, out_channels=[1], activation=None, norm=None
+        ),
+    ]
+    return ConvolutionalDecoder1D(input_dim=input_dim, output_dim=output_dim, cnn_input_dim=[8, 8], cnn_layers=layers)
+
+
+def encoder_2d(input_dim: list[int] | None = (3, 16, 16), output_dim: int = 8) -> ConvolutionalEncoder2D:
+    # 16x16 -> 8x8 -> 4x4 -> 2x2 -> 1x1: the last BatchNorm sees a 1x1 map
+    layers = [ConsecutiveConv2DLayer(kernel_size=4, stride=2, padding=1, out_channels=[4, 4, 8, 8])]
+    return ConvolutionalEncoder2D(input_dim=input_dim, output_dim=output_dim, cnn_layers=layers)
+
+
+def vae_1d(**kwargs) -> VariationalAutoencoder:
+    return VariationalAutoencoder(encoder=encoder_1d(), decoder=decoder_1d(), **{"z_dim": 3, **kwargs})
+
+
+def vae_2d() -> VariationalAutoencoder:
+    return VariationalAutoencoder(encoder_2d(), UpsamplingDecoder2D(base_channels=8, seed_size=4), z_dim=4)
+
+
+SEED_ENCODER_LAYERS = [
+    {"kernel_size": 3, "stride": 1, "padding": 0, "out_channels": [16, 20, 24]},
+    {"kernel_size": 4, "stride": 2, "padding": 0, "out_channels": [32, 64]},
+]
+
+
+def seed_decoder(output_dim: list[int] | None) -> ConvolutionalDecoder2D:
+    layers = [
+        ConsecutiveConvTranspose2DLayer(kernel_size=5, stride=2, padding=0, out_channels=[32]),
+        ConsecutiveConvTranspose2DLayer(kernel_size=3, stride=1, padding=0, out_channels=[20, 16, 3], activation=None),
+    ]
+    return ConvolutionalDecoder2D(input_dim=3, output_dim=output_dim, cnn_input_dim=[64, 28, 28], cnn_layers=layers)
+
+
+def all_materialised(module: nn.Module) -> bool:
+    return not any(isinstance(p, nn.parameter.UninitializedParameter) for p in module.parameters())
+
+
+# ---- shapes decided at construction ---------------------------------------------------------------------------
+
+
+def test_seed_decoder_example_reaches_65_not_128():
+    with pytest.raises(ValueError, match=r"\[3, 65, 65\].*\[3, 128, 128\]"):
+        seed_decoder([3, 128, 128])
+    assert seed_decoder([3, 65, 65]).output_dim == (3, 65, 65)
+
+
+def test_seed_vae_config_error_through_jsonargparse():
+    from jsonargparse import ArgumentParser
+
+    config = {
+        "model": {
+            "class_path": "spherinator.models.VariationalAutoencoder",
+            "init_args": {
+                "encoder": {
+                    "class_path": "spherinator.models.ConvolutionalEncoder2D",
+                    "init_args": {
+                        "input_dim": [3, 128, 128],
+                        "output_dim": 64,
+                        "cnn_layers": [
+                            {"class_path": "spherinator.models.ConsecutiveConv2DLayer", "init_args": a}
+                            for a in SEED_ENCODER_LAYERS
+                        ],
+                    },
+                },
+                "decoder": {
+                    "class_path": "spherinator.models.ConvolutionalDecoder2D",
+                    "init_args": {
+                        "input_dim": 3,
+                        "output_dim": [3, 128, 128],
+                        "cnn_input_dim": [64, 28, 28],
+                        "cnn_layers": [
+                            {
+                                "class_path": "spherinator.models.ConsecutiveConvTranspose2DLayer",
+                                "init_args": {"kernel_size": 5, "stride": 2, "padding": 0, "out_channels": [32]},
+                            },
+                            {
+                                "class_path": "spherinator.models.ConsecutiveConvTranspose2DLayer",
+                                "init_args": {
+                                    "kernel_size": 3,
+                                    "stride": 1,
+                                    "padding": 0,
+                                    "out_channels": [20, 16, 3],
+                                    "activation": None,
+                                },
+                            },
+                        ],
+                    },
+                },
+                "encoder_out_dim": 64,
+                "z_dim": 3,
+                "beta": 1.0e-3,
+                "reconstruction_loss": "torch.nn.MSELoss",
+            },
+        }
+    }
+    parser = ArgumentParser()
+    parser.add_subclass_arguments(pl.LightningModule, "model")
+    cfg = parser.parse_string(yaml.safe_dump(config))
+    with pytest.raises(ValueError, match=r"\[3, 65, 65\].*\[3, 128, 128\]"):
+        parser.instantiate(cfg)
+
+
+def test_encoder_out_dim_mismatch_names_both_values():
+    with pytest.raises(ValueError, match=r"encoder_out_dim 12 .* output_dim 8"):
+        VariationalAutoencoder(encoder_1d(output_dim=8), decoder_1d(), encoder_out_dim=12)
+
+
+def test_encoder_out_dim_needed_when_encoder_has_no_output_dim():
+    backbone = nn.Sequential(nn.Flatten(), nn.Linear(32, 8))
+    with pytest.raises(ValueError, match="encoder_out_dim"):
+        VariationalAutoencoder(backbone, decoder_1d())
+    model = VariationalAutoencoder(backbone, decoder_1d(), encoder_out_dim=8)
+    assert model(torch.rand(2, 1, 32)).shape == (2, 1, 32)
+
+
+def test_decoder_input_dim_must_match_z_dim():
+    with pytest.raises(ValueError, match=r"input_dim 5 .* latent size 3"):
+        VariationalAutoencoder(encoder_1d(), decoder_1d(input_dim=5), z_dim=3)
+    # left out, it follows z_dim; the model materialises its first layer
+    model = VariationalAutoencoder(encoder_1d(), decoder_1d(), z_dim=7)
+    assert model.decoder.input_dim == 7 and all_materialised(model)
+
+
+def test_decoder_output_dim_must_match_encoder_input_dim():
+    with pytest.raises(ValueError, match=r"\[1, 32\].*\[1, 16\]"):
+        VariationalAutoencoder(encoder_1d(input_dim=[1, 16]), decoder_1d(output_dim=[1, 32]))
+    # without output_dim, the decoder's reachable shape is checked against the encoder's input
+    with pytest.raises(ValueError, match=r"\[1, 32\].*\[1, 16\]"):
+        VariationalAutoencoder(encoder_1d(input_dim=[1, 16]), decoder_1d())
+
+
+@pytest.mark.parametrize(("size", "seed"), [(100, 7), (224, 8), (6, 7)])
+def test_upsampling_decoder_rejects_unreachable_sizes(size, seed):
+    with pytest.raises(ValueError, match=rf"\[3, {size}, {size}\].*seed_size {seed}"):
+        UpsamplingDecoder2D(input_dim=4, output_dim=[3, size, size], base_channels=64, seed_size=seed)
+
+
+def test_upsampling_decoder_infers_steps_and_halves_channels():
+    decoder = UpsamplingDecoder2D(input_dim=4, output_dim=[1, 56, 56], base_channels=32, seed_size=7)
+    assert len(decoder.blocks) == 3  # 7 * 2**3 = 56
+    out = decoder(torch.randn(2, 4))
+    assert out.shape == (2, 1, 56, 56) and out.min() >= 0 and out.max() <= 1
+    with pytest.raises(ValueError, match="base_channels 4 .* 3 times"):
+        UpsamplingDecoder2D(input_dim=4, output_dim=[1, 56, 56], base_channels=4, seed_size=7)
+
+
+def test_encoder_too_small_input_is_a_clear_error():
+    with pytest.raises(ValueError, match=r"input_dim \[3, 4, 4\]"):
+        encoder_2d(input_dim=[3, 4, 4])
+    with pytest.raises(ValueError, match=r"input_dim must be 3 positive integers"):
+        encoder_2d(input_dim=[16, 16])
+
+
+def test_layer_stack_structure_and_options():
+    layer = ConsecutiveConv2DLayer(kernel_size=3, out_channels=[4, 6], activation=nn.GELU, pooling=nn.MaxPool2d(2))
+    kinds = [type(m).__name__ for m in layer]
+    assert kinds == ["LazyConv2d", "BatchNorm2d", "GELU", "MaxPool2d"] * 2
+    bare = ConsecutiveConv1DLayer(kernel_size=3, out_channels=[4], activation=None, norm=None)
+    assert [type(m).__name__ for m in bare] == ["LazyConv1d"]
+    with pytest.raises(ValueError, match="out_channels"):
+        ConsecutiveConv2DLayer(kernel_size=3, out_channels=[])
+
+
+# ---- inference of sizes ---------------------------------------------------------------------------------------
+
+
+def test_lazy_model_without_input_dim_infers_it_from_the_first_batch():
+    model = VariationalAutoencoder(encoder_1d(input_dim=None), decoder_1d(), z_dim=3)
+    assert model.input_dim is None
+    loss = model.training_step(torch.rand(4, 1, 32), 0)
+    assert torch.isfinite(loss) and model.input_dim == (1, 32) and all_materialised(model)
+
+
+def test_autoencoder_latent_follows_encoder_output_dim():
+    model = Autoencoder(encoder_1d(output_dim=6), decoder_1d(), reconstruction_loss=nn.L1Loss())
+    assert model.z_dim == 6 and model.decoder.input_dim == 6 and all_materialised(model)
+    x = torch.rand(3, 1, 32)
+    assert model.encode(x).shape == (3, 6) and model(x).shape == x.shape
+
+
+def test_reconstruction_loss_is_called_prediction_first():
+    calls = []
+
+    class Recording(nn.Module):
+        def forward(self, prediction, target):
+            calls.append((prediction, target))
+            return (prediction - target).pow(2).mean()
+
+    model = vae_1d(reconstruction_loss=Recording())
+    x = torch.rand(4, 1, 32)
+    model.training_step(x, 0)
+    assert calls[-1][1] is x and calls[-1][0].requires_grad
+
+
+# ---- training behaviour ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("make", [vae_1d, vae_2d], ids=["vae1d", "vae2d"])
+def test_gradients_reach_every_parameter_and_latents_are_unit_norm(make):
+    torch.manual_seed(0)
+    model = make()
+    x = torch.rand(4, *model.input_dim)
+    loss = model.training_step(x, 0)
+    loss.backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+        assert p.grad.abs().sum() > 0, f"no gradient reaches {name}"
+    z = model.encode(x)
+    assert z.shape == (4, model.z_dim)
+    torch.testing.assert_close(z.norm(dim=-1), torch.ones(4))
+
+
+def test_autoencoder_gradients_reach_every_parameter():
+    model = Autoencoder(encoder_2d(), UpsamplingDecoder2D(base_channels=8, seed_size=4))
+    model.training_step(torch.rand(4, 3, 16, 16), 0).backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_batch_of_one_trains_through_1x1_batchnorm_without_touching_statistics():
+    model = vae_2d()  # the encoder's last BatchNorm sees (1, 8, 1, 1) for a batch of one
+    norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    before = [m.running_mean.clone() for m in norms]
+    loss = model.training_step(torch.rand(1, 3, 16, 16), 0)
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(m.training for m in norms)
+    for m, b in zip(norms, before, strict=True):
+        torch.testing.assert_close(m.running_mean, b)
+
+
+def test_predict_step_returns_location_scale_and_id_columns():
+    model = vae_1d().eval()
+    batch = {"data": torch.rand(5, 1, 32), "id": torch.arange(5), "mask": torch.ones(5, 2)}
+    out = model.predict_step(batch, 0)
+    assert set(out) == {"location", "scale", "id"}
+    assert out["location"].shape == (5, 3) and out["scale"].shape == (5,)
+    assert (out["scale"] >= 1).all() and torch.equal(out["id"], batch["id"])
+    ae_out = Autoencoder(encoder_1d(), decoder_1d()).eval().predict_step(torch.rand(2, 1, 32), 0)
+    assert set(ae_out) == {"location"} and ae_out["location"].shape == (2, 8)
+
+
+def _trainer(tmp_path, **kwargs) -> pl.Trainer:
+    defaults = dict(
+        accelerator="cpu",
+        max_steps=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
+    return pl.Trainer(**{**defaults, **kwargs})
+
+
+@pytest.mark.parametrize("cls", [VariationalAutoencoder, Autoencoder])
+def test_fit_changes_weights_and_checkpoint_reload_gives_identical_outputs(tmp_path, cls):
+    torch.manual_seed(0)
+    model = cls(encoder=encoder_1d(), decoder=decoder_1d())
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    data = DataLoader(torch.rand(16, 1, 32), batch_size=4)
+    trainer = _trainer(tmp_path)
+    trainer.fit(model, data)
+    changed = [k for k, v in model.state_dict().items() if v.is_floating_point() and not torch.equal(v, before[k])]
+    assert any("encoder" in k for k in changed) and any("decoder" in k for k in changed)
+    path = tmp_path / "model.ckpt"
+    trainer.save_checkpoint(path)
+    # built from Python objects, the hparams hold pickled modules: trusted file, so weights_only=False
+    loaded = cls.load_from_checkpoint(path, weights_only=False)
+    x = torch.rand(6, 1, 32)
+    model.eval()
+    loaded.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
+        torch.testing.assert_close(loaded.encode(x), model.encode(x), rtol=0, atol=0)
+
+
+def test_bf16_mixed_training_step_has_no_nan(tmp_path):
+    torch.manual_seed(0)
+    model = vae_1d()
+    trainer = _trainer(tmp_path, precision="bf16-mixed", max_steps=2)
+    trainer.fit(model, DataLoader(torch.rand(8, 1, 32), batch_size=4))
+    assert math.isfinite(trainer.callback_metrics["train_loss"].item())
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+# ---- HuggingFace ViT encoder (tiny local model) ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_vit(tmp_path_factory) -> str:
+    from transformers import ViTConfig, ViTModel
+
+    config = ViTConfig(
+        image_size=32,
+        patch_size=8,
+        num_channels=3,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+    )
+    path = tmp_path_factory.mktemp("tiny_vit")
+    ViTModel(config, add_pooling_layer=False).save_pretrained(path)
+    return str(path)
+
+
+def test_vit_encoder_in_a_vae_takes_shapes_from_its_config(tiny_vit):
+    encoder = HuggingFaceViTEncoder(tiny_vit, output_dim=12)
+    assert encoder.input_dim == (3, 32, 32) and encoder.output_dim == 12
+    model = VariationalAutoencoder(encoder, UpsamplingDecoder2D(base_channels=8, seed_size=4), z_dim=3)
+    assert model.encoder_out_dim == 12 and model.decoder.output_dim == (3, 32, 32)
+    loss = model.training_step(torch.rand(2, 3, 32, 32), 0)
+    loss.backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+    assert HuggingFaceViTEncoder(tiny_vit).output_dim == 16  # no projection: the hidden size
+
+
+def test_vit_encoder_freeze_keeps_the_backbone_fixed(tiny_vit):
+    encoder = HuggingFaceViTEncoder(tiny_vit, output_dim=4, freeze=True)
+    assert not any(p.requires_grad for p in encoder.vit.parameters())
+    assert all(p.requires_grad for p in encoder.projection.parameters())
+
+
+def test_vit_encoder_unknown_model_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="cannot load ViT"):
+        HuggingFaceViTEncoder(str(tmp_path / "missing"))
