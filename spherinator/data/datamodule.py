@@ -1,0 +1,284 @@
+"""The LightningDataModule that streams Parquet datasets: ``spherinator.data.DataModule``."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch.utils.data import DataLoader
+
+from spherinator.data.dataset import ParquetIndex, ParquetStream, Segment, apply_transform, split_rows
+from spherinator.data.layout import DataError
+
+
+@dataclass
+class Column:
+    """One column to load, with an optional transform.
+
+    In YAML: ``{name: data, transform: {class_path: torchvision.transforms.v2.Resize, init_args: {size: 224}}}``.
+
+    Attributes:
+        name: Column name in the Parquet files.
+        transform: Callable applied to the column's tensor. By default it gets a whole batch ``(B, *shape)``
+            (torchvision v2 transforms accept leading batch dimensions; random ones then draw one set of
+            parameters per batch).
+        per_sample: Apply ``transform`` to each sample ``(*shape)`` instead (e.g. per-sample augmentations).
+    """
+
+    name: str
+    transform: Callable | None = None
+    per_sample: bool = False
+
+
+class _EpochLoader(DataLoader):
+    """A DataLoader that tells its :class:`ParquetStream` the epoch before every pass (also reaches persistent
+    workers, which hold their own copy of the dataset: the epoch lives in shared memory)."""
+
+    def __init__(self, dataset: ParquetStream, *args: Any, epoch_fn: Callable[[], int] | None = None, **kwargs: Any):
+        super().__init__(dataset, *args, **kwargs)
+        self.epoch_fn = epoch_fn
+
+    def __iter__(self):
+        if self.epoch_fn is not None:
+            self.dataset.set_epoch(self.epoch_fn())
+        return super().__iter__()
+
+
+class DataModule(pl.LightningDataModule):
+    """Streams Parquet files in shards: row group by row group, one tensor per record batch, across DDP ranks and
+    DataLoader workers.
+
+    Every ``.parquet`` file under ``path`` is read (recursively). Within one epoch each row is read exactly once
+    by one (rank, worker), every rank yields the same number of batches, and with ``shuffle`` the order is a
+    seeded function of (``seed``, epoch): row groups in a new random order every epoch, rows mixed in a shuffle
+    buffer of ``shuffle_buffer`` rows. Array columns of uint8 become float32 in [0, 1], other arrays float32;
+    integer scalar columns (e.g. ``id``) stay int64.
+
+    Tensor storage understood: the fast layout (``fixed_size_binary`` raw bytes with ``<col>_shape`` and
+    ``<col>_dtype`` metadata, see :mod:`spherinator.data.writer`), list / fixed-size-list columns with
+    ``<col>_shape`` metadata, Arrow ``fixed_shape_tensor``, and PNG/JPEG bytes or ``{bytes, path}`` structs.
+
+    Args:
+        path: Directory holding the Parquet files (searched recursively), or one ``.parquet`` file.
+        columns: Columns to load, each a name or a :class:`Column` (``{name, transform, per_sample}``); the first
+            is the model input. None: every column that can become a tensor, in file order.
+        return_dict: Batches are ``{column: tensor}``; else the first column's tensor ``(B, *shape)``.
+        batch_size: Rows per batch (the last batches of an epoch may be smaller unless ``drop_last``).
+        shuffle: Shuffle the training rows every epoch (validation, test and predict are never shuffled).
+        num_workers: DataLoader worker processes per rank (each reads its own row groups).
+        val_fraction: Fraction of rows held out for validation (0 disables validation).
+        test_fraction: Fraction of rows held out for testing (0: no test split).
+        seed: Seed of the split and of the shuffling.
+        shuffle_buffer: Rows mixed together when shuffling; memory holds about this many rows plus a row group.
+        drop_last: Yield only full training batches.
+        pin_memory: Pin batches in page-locked memory; None pins when CUDA is available.
+        persistent_workers: Keep workers alive between epochs (only with ``num_workers > 0``).
+        prefetch_factor: Batches each worker loads ahead (only with ``num_workers > 0``).
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        columns: list[str | Column] | None = None,
+        return_dict: bool = False,
+        batch_size: int = 32,
+        shuffle: bool = True,
+        num_workers: int = 0,
+        val_fraction: float = 0.1,
+        test_fraction: float = 0.0,
+        seed: int = 42,
+        shuffle_buffer: int = 1024,
+        drop_last: bool = False,
+        pin_memory: bool | None = None,
+        persistent_workers: bool = True,
+        prefetch_factor: int | None = None,
+    ):
+        super().__init__()
+        self.path = Path(path)
+        self.columns = [self._as_column(c) for c in columns] if columns is not None else None
+        if self.columns is not None and not self.columns:
+            raise DataError("columns=[] names no column; give at least one, e.g. columns: [data]")
+        self.return_dict = return_dict
+        if batch_size < 1:
+            raise DataError(f"batch_size={batch_size} must be at least 1")
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        if num_workers < 0:
+            raise DataError(f"num_workers={num_workers} must be 0 (load in the main process) or more")
+        self.num_workers = num_workers
+        for name, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+            if not 0.0 <= value < 1.0:
+                raise DataError(f"{name}={value} must be in [0, 1)")
+        if val_fraction + test_fraction >= 1.0:
+            raise DataError(
+                f"val_fraction={val_fraction} + test_fraction={test_fraction} leave no training rows; "
+                f"make their sum less than 1"
+            )
+        self.val_fraction = val_fraction
+        self.test_fraction = test_fraction
+        self.seed = seed
+        if shuffle_buffer < 0:
+            raise DataError(f"shuffle_buffer={shuffle_buffer} must be >= 0 rows")
+        self.shuffle_buffer = shuffle_buffer
+        self.drop_last = drop_last
+        self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
+        self.persistent_workers = persistent_workers
+        self.prefetch_factor = prefetch_factor
+        self._index: ParquetIndex | None = None
+        self._splits: dict[str, list[Segment]] = {}
+        self._passes = itertools.count()
+
+    @staticmethod
+    def _as_column(column: str | Column | dict) -> Column:
+        if isinstance(column, Column):
+            return column
+        if isinstance(column, str):
+            return Column(column)
+        if isinstance(column, dict) and "name" in column:
+            return Column(**column)
+        raise DataError(f"column entry {column!r} is neither a name nor {{name, transform}}; write e.g. `- data`")
+
+    # -- cheap look-ups, usable before setup() --------------------------------------------------------------------
+
+    def _head(self) -> ParquetIndex:
+        """The index, or one built from the first file's footer only."""
+        if self._index is not None:
+            return self._index
+        names = [c.name for c in self.columns] if self.columns is not None else None
+        return ParquetIndex(self.path, names, first_file_only=True)
+
+    @property
+    def column_names(self) -> list[str]:
+        """Names of the loaded columns, the model input first."""
+        if self.columns is not None:
+            return [c.name for c in self.columns]
+        return list(self._head().layouts)
+
+    def _column(self, name: str) -> Column:
+        for column in self.columns or []:
+            if column.name == name:
+                return column
+        return Column(name)
+
+    def sample_shape(self, column: str | None = None) -> tuple[int, ...]:
+        """Shape of one sample of ``column`` (default: the first) after its transform, e.g. ``(3, 224, 224)``.
+
+        Reads the first file's schema, and its first row group only when the schema does not tell the shape
+        (lists without shape metadata, encoded images). Usable before ``setup()``.
+        """
+        head = self._head()
+        name = column if column is not None else next(iter(head.layouts))
+        if name not in head.layouts:
+            raise DataError(f"column {name!r} is not loaded (loaded: {', '.join(map(repr, head.layouts))})")
+        layout = head.layouts[name]
+        shape = layout.shape
+        if shape is None:
+            import pyarrow.parquet as pq
+
+            with pq.ParquetFile(head.files[0]) as pf:
+                where = f"{head.files[0]} row group 0"
+                batch = next(pf.iter_batches(batch_size=1, columns=[name]))
+                shape = layout.decode(batch.column(0), where).shape[1:]
+        spec = self._column(name)
+        if spec.transform is None:
+            return tuple(shape)
+        if spec.per_sample:
+            return tuple(apply_transform(spec.transform, torch.zeros(1, *shape), True, name).shape[1:])
+        return tuple(apply_transform(spec.transform, torch.zeros(1, *shape), False, name).shape[1:])
+
+    # -- Lightning hooks ------------------------------------------------------------------------------------------
+
+    def setup(self, stage: str | None = None) -> None:
+        """Scan the file footers, check every column and cut the splits; raises DataError on bad input."""
+        if self._index is None:
+            names = [c.name for c in self.columns] if self.columns is not None else None
+            self._index = ParquetIndex(self.path, names)
+            if self._index.num_rows == 0:
+                raise DataError(f"the parquet files under {str(self.path)!r} hold no rows; write some data first")
+            fractions = {"test": self.test_fraction, "val": self.val_fraction}
+            self._splits = split_rows(self._index.groups, fractions, self.seed)
+            self._splits["predict"] = [Segment(f, g, 0, rows) for f, g, rows in self._index.groups]
+            total = self._index.num_rows
+            for name, fraction in (("val", self.val_fraction), ("test", self.test_fraction)):
+                if fraction > 0 and not self._splits[name]:
+                    raise DataError(
+                        f"the {name} split is empty: {name}_fraction={fraction} of {total} rows under "
+                        f"{str(self.path)!r} is less than one row; raise {name}_fraction or set it to 0"
+                    )
+            if not self._splits["train"]:
+                raise DataError(
+                    f"the train split is empty: {total} rows under {str(self.path)!r} all go to validation/test; "
+                    f"lower val_fraction/test_fraction or add data"
+                )
+
+    @property
+    def index(self) -> ParquetIndex:
+        """The scanned dataset (after ``setup()``)."""
+        if self._index is None:
+            self.setup()
+        return self._index
+
+    def split_rows(self, split: str) -> int:
+        """Rows in ``split`` (``train``, ``val``, ``test`` or ``predict``)."""
+        self.index  # noqa: B018 (runs setup if needed)
+        return sum(s.rows for s in self._splits[split])
+
+    def dataset(self, split: str, rank: int | None = None, world_size: int | None = None) -> ParquetStream:
+        """The :class:`ParquetStream` of ``split``; rank/world default to the trainer's, else torch.distributed."""
+        index = self.index
+        if rank is None and world_size is None and self.trainer is not None:
+            rank, world_size = self.trainer.global_rank, self.trainer.world_size
+        train = split == "train"
+        transforms = {c.name: (c.transform, c.per_sample) for c in self.columns or [] if c.transform is not None}
+        return ParquetStream(
+            index,
+            self._splits[split],
+            batch_size=self.batch_size,
+            transforms=transforms,
+            return_dict=self.return_dict,
+            shuffle=self.shuffle and train,
+            shuffle_buffer=self.shuffle_buffer,
+            seed=self.seed,
+            drop_last=self.drop_last and train,
+            rank=rank,
+            world_size=world_size,
+        )
+
+    def _loader(self, split: str) -> DataLoader:
+        workers = {}
+        if self.num_workers > 0:
+            workers = {"persistent_workers": self.persistent_workers, "prefetch_factor": self.prefetch_factor}
+        kwargs = dict(batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory, **workers)
+        if split == "train":
+            return _EpochLoader(self.dataset(split), epoch_fn=self._epoch, **kwargs)
+        return DataLoader(self.dataset(split), **kwargs)
+
+    def _epoch(self) -> int:
+        """The trainer's epoch when attached, else the number of passes made so far."""
+        if self.trainer is not None:
+            return self.trainer.current_epoch
+        return next(self._passes)
+
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled (if ``shuffle``), sharded training batches."""
+        return self._loader("train")
+
+    def val_dataloader(self) -> DataLoader | list:
+        """Validation batches in file order; an empty list (no validation) when ``val_fraction`` is 0."""
+        return self._loader("val") if self.val_fraction > 0 else []
+
+    def test_dataloader(self) -> DataLoader | list:
+        """Test batches in file order; an empty list when ``test_fraction`` is 0."""
+        return self._loader("test") if self.test_fraction > 0 else []
+
+    def predict_dataloader(self) -> DataLoader:
+        """Every row once, in file order, no shuffle (all rows, whatever the splits)."""
+        return self._loader("predict")
+
+
+__all__ = ["Column", "DataModule"]
