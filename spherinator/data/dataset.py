@@ -362,7 +362,9 @@ class ParquetStream(IterableDataset):
             if seg.file not in handles:
                 if len(handles) >= 8:
                     handles.pop(next(iter(handles))).close()
-                handles[seg.file] = pq.ParquetFile(self.files[seg.file], memory_map=True)
+                handles[seg.file] = pq.ParquetFile(
+                    self.files[seg.file], memory_map=True, page_checksum_verification=True
+                )
             where = f"{self.files[seg.file]} row group {seg.group}"
             try:
                 table = handles[seg.file].read_row_group(seg.group, columns=names, use_threads=use_threads)

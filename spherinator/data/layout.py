@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -313,7 +314,10 @@ def decode_images(arr: pa.Array, name: str, where: str) -> np.ndarray:
     images = []
     for i, blob in enumerate(blobs):
         try:
-            images.append(decode_image(torch.frombuffer(bytearray(blob), dtype=torch.uint8), ImageReadMode.UNCHANGED))
+            with warnings.catch_warnings():  # torchvision 0.29 announces a move of its decoders to torchcodec
+                warnings.simplefilter("ignore", DeprecationWarning)
+                image = decode_image(torch.frombuffer(bytearray(blob), dtype=torch.uint8), ImageReadMode.UNCHANGED)
+            images.append(image)
         except RuntimeError as err:
             raise DataError(
                 f"{where}: column {name!r} row {i} is not a PNG/JPEG image ({err}); if it holds raw array bytes, "

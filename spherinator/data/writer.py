@@ -154,6 +154,7 @@ class ParquetWriter:
                 compression=self.compression,
                 use_dictionary=plain,  # dictionary/statistics on raw tensor bytes only cost time
                 write_statistics=plain,
+                write_page_checksum=True,  # lets the reader name a corrupt row group instead of reading garbage
             )
             self.files.append(path)
         arrays = [

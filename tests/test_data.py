@@ -1,0 +1,486 @@
+"""Behaviour of spherinator.data: sharding, shuffling, layouts, return modes, YAML transforms, bad input."""
+
+from __future__ import annotations
+
+import io
+import itertools
+from pathlib import Path
+
+import lightning.pytorch as pl
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+from spherinator.data import Column, DataError, DataModule, Segment, shard, write_dataset
+from spherinator.data.dataset import rank_batch_sizes, split_rows
+from tests.conftest import write_fast_layout
+
+
+def _ids(batches) -> list[int]:
+    return [i for b in batches for i in b["id"].tolist()]
+
+
+def _images(n: int = 40, shape: tuple[int, ...] = (3, 8, 8), seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (n, *shape), dtype=np.uint8)
+
+
+@pytest.fixture(scope="module")
+def uneven_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """101 rows in 3 files with row groups of 7 (many partial groups), ids 0..100."""
+    images = _images(101)
+    root = tmp_path_factory.mktemp("uneven")
+    write_dataset(root, [{"data": images, "id": np.arange(101)}], rows_per_file=37, rows_per_group=7)
+    return root
+
+
+# -- sharding ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "world,workers,batch,drop_last",
+    [(1, 1, 8, False), (2, 3, 8, False), (3, 2, 5, False), (4, 1, 16, False), (2, 2, 8, True), (3, 1, 1, False)],
+)
+def test_every_row_once_per_epoch_across_ranks_and_workers(uneven_dataset, world, workers, batch, drop_last):
+    dm = DataModule(
+        uneven_dataset,
+        columns=["data", "id"],
+        return_dict=True,
+        batch_size=batch,
+        val_fraction=0.0,
+        drop_last=drop_last,
+        shuffle_buffer=20,
+    )
+    seen, counts = [], []
+    for rank in range(world):
+        ds = dm.dataset("train", rank=rank, world_size=world)
+        rank_batches = [
+            list(ds.iter_shard(epoch=3, rank=rank, world_size=world, worker=w, num_workers=workers))
+            for w in range(workers)
+        ]
+        flat = [b for w in rank_batches for b in w]
+        counts.append(len(flat))
+        assert len(ds) == len(flat)  # what Lightning is told matches what the workers yield
+        seen += _ids(flat)
+        assert all(len(b["id"]) == len(b["data"]) <= batch for b in flat)
+        if drop_last:
+            assert all(len(b["id"]) == batch for b in flat)
+    assert len(set(counts)) == 1, f"ranks yield different batch counts {counts}: DDP would hang"
+    if drop_last:
+        assert len(seen) == len(set(seen)) == (101 // (world * batch)) * world * batch
+    elif batch == 1 and 101 % world:
+        assert set(seen) == set(range(101))  # rows are repeated only to equalise the ranks
+        assert len(seen) == counts[0] * world
+    else:
+        assert sorted(seen) == list(range(101))
+
+
+def test_shard_plans_cover_rows_once_for_many_configurations():
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        sizes = rng.integers(1, 30, rng.integers(1, 12))
+        segments = [Segment(0, g, 0, int(n)) for g, n in enumerate(sizes)]
+        total, world, workers, batch = (
+            int(sizes.sum()),
+            int(rng.integers(1, 5)),
+            int(rng.integers(1, 4)),
+            int(rng.integers(2, 9)),
+        )
+        if total < world:
+            continue
+        rows, counts = [], []
+        for rank in range(world):
+            nb = 0
+            for worker in range(workers):
+                segs, batch_sizes = shard(
+                    segments,
+                    batch_size=batch,
+                    epoch=1,
+                    seed=5,
+                    shuffle=True,
+                    rank=rank,
+                    world_size=world,
+                    worker=worker,
+                    num_workers=workers,
+                )
+                assert sum(s.rows for s in segs) == sum(batch_sizes)
+                assert all(1 <= b <= batch for b in batch_sizes)
+                rows += [(s.group, r) for s in segs for r in range(s.start, s.stop)]
+                nb += len(batch_sizes)
+            counts.append(nb)
+        assert len(set(counts)) == 1
+        assert sorted(rows) == sorted((g, r) for g, n in enumerate(sizes) for r in range(n))
+
+
+def test_rank_batch_sizes_spread_the_shortfall():
+    assert rank_batch_sizes(100, 2, 16, False) == [[16, 16, 16, 2], [16, 16, 16, 2]]
+    assert rank_batch_sizes(33, 2, 16, False) == [[16, 1], [8, 8]]
+    assert rank_batch_sizes(33, 2, 16, True) == [[16], [16]]
+
+
+# -- shuffling ---------------------------------------------------------------------------------------------------
+
+
+def _epoch_order(path: Path, seed: int, epoch: int, **kwargs) -> list[int]:
+    dm = DataModule(path, columns=["data", "id"], return_dict=True, batch_size=8, seed=seed, **kwargs)
+    ds = dm.dataset("train")
+    ds.set_epoch(epoch)
+    return _ids(ds)
+
+
+def test_order_is_deterministic_per_seed_and_epoch_and_changes_across_epochs(uneven_dataset):
+    first = _epoch_order(uneven_dataset, seed=1, epoch=0)
+    assert first == _epoch_order(uneven_dataset, seed=1, epoch=0)
+    assert first != _epoch_order(uneven_dataset, seed=1, epoch=1)
+    assert sorted(first) == sorted(_epoch_order(uneven_dataset, seed=1, epoch=1))
+    # rows mix across row groups: neighbours in the stream rarely come from the same group of 7
+    same_group = sum(a // 7 == b // 7 for a, b in itertools.pairwise(first))
+    assert same_group < len(first) // 3
+    assert first != sorted(first)
+
+
+def test_splits_are_disjoint_exact_and_seeded(uneven_dataset):
+    dm = DataModule(uneven_dataset, columns=["data", "id"], return_dict=True, val_fraction=0.2, test_fraction=0.1)
+    dm.setup()
+    train, val, test = (_ids(dm.dataset(s)) for s in ("train", "val", "test"))
+    assert (len(val), len(test)) == (20, 10)
+    assert sorted(train + val + test) == list(range(101))
+    assert val == sorted(val)  # validation is not shuffled
+    other = DataModule(uneven_dataset, columns=["id"], return_dict=True, val_fraction=0.2, test_fraction=0.1, seed=7)
+    assert _ids(other.dataset("val")) != val
+    groups = [(0, g, n) for g, n in enumerate([5, 9, 3])]
+    assert {k: sum(s.rows for s in v) for k, v in split_rows(groups, {"val": 0.25}, 0).items()} == {
+        "val": 4,
+        "train": 13,
+    }
+
+
+def test_train_loader_changes_order_each_pass_with_persistent_workers(uneven_dataset):
+    dm = DataModule(
+        uneven_dataset,
+        columns=["data", "id"],
+        return_dict=True,
+        batch_size=10,
+        num_workers=2,
+        val_fraction=0.0,
+        persistent_workers=True,
+    )
+    dm.setup()
+    loader = dm.train_dataloader()
+    passes = [_ids(loader) for _ in range(2)]
+    assert sorted(passes[0]) == sorted(passes[1]) == list(range(101))
+    assert passes[0] != passes[1]
+
+
+class _RecordIds(pl.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.layer = torch.nn.Linear(3 * 8 * 8, 1)
+        self.seen: dict[int, list[int]] = {}
+        self.val_rows = 0
+
+    def training_step(self, batch, batch_idx):
+        self.seen.setdefault(self.current_epoch, []).extend(batch["id"].tolist())
+        return self.layer(batch["data"].flatten(1)).pow(2).mean()
+
+    def validation_step(self, batch, batch_idx):
+        self.val_rows += len(batch["id"])
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+def test_trainer_epochs_see_every_training_row_in_a_new_order(uneven_dataset):
+    model = _RecordIds()
+    dm = DataModule(uneven_dataset, columns=["data", "id"], return_dict=True, batch_size=16, val_fraction=0.1)
+    trainer = pl.Trainer(
+        max_epochs=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
+    trainer.fit(model, dm)
+    assert sorted(model.seen[0]) == sorted(model.seen[1])
+    assert len(model.seen[0]) == dm.split_rows("train") == 91
+    assert model.seen[0] != model.seen[1]
+    assert model.val_rows == 2 * 10
+
+
+def test_no_validation_split_runs_without_validation(image_dataset):
+    model = _RecordIds()
+    model.layer = torch.nn.Linear(3 * 32 * 32, 1)
+    dm = DataModule(image_dataset, columns=["data", "id"], return_dict=True, batch_size=32, val_fraction=0.0)
+    trainer = pl.Trainer(
+        max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False
+    )
+    trainer.fit(model, dm)
+    assert len(model.seen[0]) == 96 and model.val_rows == 0
+
+
+def test_predict_gives_every_row_once_in_file_order(uneven_dataset):
+    dm = DataModule(uneven_dataset, columns=["data", "id"], return_dict=True, batch_size=16, val_fraction=0.3)
+    assert _ids(dm.predict_dataloader()) == list(range(101))
+
+
+def test_shuffle_buffer_memory_stays_bounded(tmp_path):
+    # 2000 rows of 4 KiB: a pass must never buffer much more than shuffle_buffer + one row group
+    write_dataset(tmp_path, [{"data": _images(2000, (4, 32, 32))}], rows_per_group=50)
+    dm = DataModule(tmp_path, batch_size=20, shuffle_buffer=100, val_fraction=0.0)
+    ds = dm.dataset("train")
+    import spherinator.data.dataset as dataset_mod
+
+    peak, original = [0], dataset_mod._concat
+
+    def spy(chunks):
+        peak[0] = max(peak[0], sum(len(next(iter(c.values()))) for c in chunks))
+        return original(chunks)
+
+    dataset_mod._concat = spy
+    try:
+        assert sum(len(b) for b in ds) == 2000
+    finally:
+        dataset_mod._concat = original
+    assert 100 <= peak[0] <= 100 + 50 + 20
+
+
+# -- layouts and return modes --------------------------------------------------------------------------------------
+
+
+def _schema_with(table: pa.Table, metadata: dict[bytes, bytes]) -> pa.Table:
+    return table.replace_schema_metadata({**(table.schema.metadata or {}), **metadata})
+
+
+def _write_layout(root: Path, layout: str, images: np.ndarray) -> Path:
+    """The same images in one of the storage layouts the DataModule understands."""
+    n, shape = len(images), images.shape[1:]
+    ids = pa.array(np.arange(n))
+    shape_meta = {b"data_shape": ("(" + ",".join(map(str, shape)) + ")").encode()}
+    if layout == "list":  # flat list<uint8> + shape metadata: existing Spherinator datasets
+        data = pa.array([row.reshape(-1) for row in images], type=pa.list_(pa.uint8()))
+        table = _schema_with(pa.table({"data": data, "id": ids}), shape_meta)
+    elif layout == "nested_fixed_list":  # fixed-size lists all the way down: shape from the type, no metadata
+        data = pa.array(images.tolist(), type=pa.list_(pa.list_(pa.list_(pa.uint8(), shape[2]), shape[1]), shape[0]))
+        table = pa.table({"data": data, "id": ids})
+    elif layout == "tensor":
+        tensor_type = pa.fixed_shape_tensor(pa.uint8(), shape)
+        storage = pa.FixedSizeListArray.from_arrays(pa.array(images.reshape(-1)), int(np.prod(shape)))
+        table = pa.table({"data": pa.ExtensionArray.from_storage(tensor_type, storage), "id": ids})
+    elif layout in ("png", "hf"):
+        blobs = []
+        for row in images:
+            buf = io.BytesIO()
+            Image.fromarray(row.transpose(1, 2, 0)).save(buf, format="PNG")
+            blobs.append(buf.getvalue())
+        data = pa.array(blobs, type=pa.binary())
+        if layout == "hf":
+            data = pa.StructArray.from_arrays([data, pa.array([None] * n, type=pa.string())], ["bytes", "path"])
+        table = pa.table({"data": data, "id": ids})
+    elif layout == "binary":  # raw bytes in a variable-length binary column
+        data = pa.array([row.tobytes() for row in images], type=pa.binary())
+        table = _schema_with(pa.table({"data": data, "id": ids}), {**shape_meta, b"data_dtype": b"uint8"})
+    else:
+        raise AssertionError(layout)
+    root.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, root / "part-0.parquet", row_group_size=7)
+    return root
+
+
+@pytest.mark.parametrize("layout", ["list", "nested_fixed_list", "tensor", "png", "hf", "binary"])
+def test_each_storage_layout_reads_the_same_tensors(tmp_path, layout):
+    images = _images(30)
+    root = _write_layout(tmp_path / layout, layout, images)
+    dm = DataModule(root, columns=["data", "id"], return_dict=True, batch_size=8, val_fraction=0.0)
+    assert dm.sample_shape() == (3, 8, 8)
+    batches = list(dm.predict_dataloader())
+    data = torch.cat([b["data"] for b in batches])
+    assert data.dtype == torch.float32
+    torch.testing.assert_close(data, torch.from_numpy(images).float() / 255)
+    assert torch.cat([b["id"] for b in batches]).tolist() == list(range(30))
+
+
+def test_float_spectra_and_return_modes(spectrum_dataset):
+    dm = DataModule(spectrum_dataset, columns=["data", "id"], batch_size=16, val_fraction=0.0)
+    batch = next(iter(dm.predict_dataloader()))
+    assert isinstance(batch, torch.Tensor) and batch.shape == (16, 1, 64) and batch.dtype == torch.float32
+    assert batch.max() > 0.9  # float data is not rescaled
+    dm = DataModule(spectrum_dataset, columns=["data", "id"], return_dict=True, batch_size=16, val_fraction=0.0)
+    batch = next(iter(dm.predict_dataloader()))
+    assert list(batch) == ["data", "id"] and batch["id"].dtype == torch.int64
+    assert batch["id"].tolist() == list(range(16))
+
+
+def test_default_columns_are_all_tensor_columns(image_dataset):
+    dm = DataModule(image_dataset)
+    assert dm.column_names == ["data", "id"]
+    assert dm.sample_shape() == (3, 32, 32) and dm.sample_shape("id") == ()
+
+
+def test_batch_and_per_sample_transforms(image_dataset):
+    from torchvision.transforms import v2
+
+    dm = DataModule(image_dataset, columns=[Column("data", v2.Resize(16))], batch_size=8, val_fraction=0.0)
+    assert dm.sample_shape() == (3, 16, 16)
+    assert next(iter(dm.predict_dataloader())).shape == (8, 3, 16, 16)
+
+    calls = []
+
+    def per_sample(x):
+        calls.append(tuple(x.shape))
+        return x.mean(0, keepdim=True)
+
+    dm = DataModule(
+        image_dataset,
+        columns=[{"name": "data", "transform": per_sample, "per_sample": True}],
+        batch_size=8,
+        val_fraction=0.0,
+    )
+    assert next(iter(dm.predict_dataloader())).shape == (8, 1, 32, 32)
+    assert set(calls) == {(3, 32, 32)}
+
+
+SEED_DATA_YAML = """
+data:
+  class_path: spherinator.data.DataModule
+  init_args:
+    path: {path}
+    columns:
+      - name: data
+        transform:
+          class_path: torchvision.transforms.v2.Resize
+          init_args:
+            size: 224
+    return_dict: False
+    batch_size: 16
+    shuffle: True
+    num_workers: 4
+"""
+
+
+def test_seed_yaml_data_section_builds_a_working_datamodule(image_dataset, tmp_path):
+    from lightning.pytorch.cli import LightningCLI
+    from lightning.pytorch.demos.boring_classes import BoringModel
+
+    config = tmp_path / "data.yaml"
+    config.write_text(SEED_DATA_YAML.format(path=image_dataset))
+    cli = LightningCLI(
+        BoringModel, subclass_mode_data=True, run=False, args=["-c", str(config)], save_config_callback=None
+    )
+    dm = cli.datamodule
+    assert isinstance(dm, DataModule)
+    assert (dm.batch_size, dm.num_workers, dm.shuffle, dm.return_dict) == (16, 4, True, False)
+    assert dm.sample_shape() == (3, 224, 224)
+    dm.num_workers = 0  # keep the test light; the loader itself is the same
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    assert batch.shape == (16, 3, 224, 224) and batch.min() >= 0.0 and batch.max() <= 1.0
+
+
+# -- bad input -------------------------------------------------------------------------------------------------------
+
+
+def _error(path, **kwargs) -> str:
+    with pytest.raises(DataError) as info:
+        dm = DataModule(path, **kwargs)
+        dm.setup("fit")
+        list(dm.train_dataloader())
+    return str(info.value)
+
+
+def test_missing_path_and_no_parquet_files(tmp_path):
+    assert "does not exist" in _error(tmp_path / "nope") and "nope" in _error(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    message = _error(tmp_path / "empty")
+    assert "no .parquet files" in message and "empty" in message and "make_dataset" in message
+
+
+def test_unknown_column_lists_the_columns_that_exist(image_dataset):
+    message = _error(image_dataset, columns=["image"])
+    assert "'image'" in message and "'data'" in message and "'id'" in message
+    with pytest.raises(DataError, match="'image'.*found: 'data', 'id'"):
+        DataModule(image_dataset, columns=["image"]).sample_shape()
+
+
+def test_ragged_lists_without_shape(tmp_path):
+    data = pa.array([[1.0, 2.0], [1.0, 2.0, 3.0]], type=pa.list_(pa.float32()))
+    pq.write_table(pa.table({"data": data}), tmp_path / "x.parquet")
+    message = _error(tmp_path, val_fraction=0.0)
+    assert "ragged" in message and "data_shape" in message and "x.parquet row group 0" in message
+
+
+def test_shape_metadata_not_matching_data(tmp_path):
+    data = pa.array([[1.0, 2.0, 3.0]] * 4, type=pa.list_(pa.float32()))
+    table = pa.table({"data": data}).replace_schema_metadata({b"data_shape": b"(2,2)"})
+    pq.write_table(table, tmp_path / "x.parquet")
+    message = _error(tmp_path, val_fraction=0.0)
+    assert "(2, 2)" in message and "3 values per row" in message and "x.parquet" in message
+
+
+def test_corrupt_file_is_named(image_dataset, tmp_path):
+    for f in image_dataset.glob("*.parquet"):
+        (tmp_path / f.name).write_bytes(f.read_bytes())
+    (tmp_path / "part-002.parquet").write_bytes(b"not parquet at all")
+    message = _error(tmp_path)
+    assert "part-002.parquet" in message and "not a readable Parquet file" in message
+
+
+def test_corrupt_row_group_is_named(tmp_path):
+    write_dataset(tmp_path, [{"data": _images(64, (3, 32, 32))}], rows_per_group=16, compression="none")
+    file = tmp_path / "part-00000.parquet"
+    raw = bytearray(file.read_bytes())
+    raw[20000:20010] = b"x" * 10  # inside row group 0's data page (each row group holds 48 KiB)
+    file.write_bytes(bytes(raw))
+    dm = DataModule(tmp_path, batch_size=8, val_fraction=0.0)
+    with pytest.raises(DataError, match="part-00000.parquet row group 0 cannot be read.*corrupt"):
+        list(dm.predict_dataloader())
+
+
+def test_empty_split(image_dataset):
+    message = _error(image_dataset, val_fraction=0.001)
+    assert "val split is empty" in message and "val_fraction=0.001" in message and "96 rows" in message
+
+
+def test_wrong_binary_length_names_file_and_row_group(tmp_path):
+    data = pa.array([bytes(12)] * 3 + [bytes(10)], type=pa.binary())
+    table = pa.table({"data": data}).replace_schema_metadata({b"data_shape": b"(3,4)", b"data_dtype": b"uint8"})
+    pq.write_table(table, tmp_path / "x.parquet", row_group_size=2)
+    message = _error(tmp_path, val_fraction=0.0, shuffle=False)
+    assert "x.parquet row group 1" in message and "10 bytes" in message and "needs 12" in message
+    fixed = pa.table({"data": pa.array([bytes(10)] * 2, type=pa.binary(10))})
+    pq.write_table(
+        fixed.replace_schema_metadata({b"data_shape": b"(3,4)", b"data_dtype": b"uint8"}), tmp_path / "x.parquet"
+    )
+    message = _error(tmp_path, val_fraction=0.0)
+    assert "x.parquet" in message and "10 bytes per row" in message and "needs 12" in message
+
+
+@pytest.mark.parametrize(
+    "metadata,missing",
+    [({b"data_shape": b"(3,4)"}, "data_dtype"), ({b"data_dtype": b"uint8"}, "data_shape"), ({}, "data_shape and")],
+)
+def test_missing_dtype_or_shape_metadata(tmp_path, metadata, missing):
+    table = pa.table({"data": pa.array([bytes(12)] * 2, type=pa.binary(12))}).replace_schema_metadata(metadata)
+    pq.write_table(table, tmp_path / "x.parquet")
+    message = _error(tmp_path, val_fraction=0.0)
+    assert "x.parquet" in message and missing in message and "convert" in message
+
+
+def test_bad_arguments_name_the_value(image_dataset):
+    with pytest.raises(DataError, match="val_fraction=0.6 \\+ test_fraction=0.5"):
+        DataModule(image_dataset, val_fraction=0.6, test_fraction=0.5)
+    with pytest.raises(DataError, match="batch_size=0"):
+        DataModule(image_dataset, batch_size=0)
+    dm = DataModule(image_dataset, columns=[Column("data", lambda x: x.reshape(3, 32, 32))], val_fraction=0.0)
+    with pytest.raises(DataError, match="per_sample: true"):
+        next(iter(dm.predict_dataloader()))
+
+
+def test_fast_layout_fixture_matches_writer(tmp_path):
+    images = _images(20)
+    write_fast_layout(tmp_path / "a", {"data": images}, files=1)
+    write_dataset(tmp_path / "b", [{"data": images}])
+    a, b = (torch.cat(list(DataModule(tmp_path / p, val_fraction=0.0).predict_dataloader())) for p in "ab")
+    torch.testing.assert_close(a, b)
