@@ -37,10 +37,16 @@ _IMAGENET_MEAN = (0.485, 0.456, 0.406)
 _IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+_N_FEATURES = sum(1 if v == "M" else 2 for v in _VGG16_CONFIG)  # len(vgg16().features) == 31
+
+
 def _vgg16_features(n_modules: int) -> nn.Sequential:
+    """The first ``n_modules`` modules of ``torchvision.models.vgg16().features`` (only those are allocated)."""
     modules: list[nn.Module] = []
     in_channels = 3
     for v in _VGG16_CONFIG:
+        if len(modules) >= n_modules:
+            break
         if v == "M":
             modules.append(nn.MaxPool2d(kernel_size=2, stride=2))
         else:
@@ -78,10 +84,9 @@ class PerceptualLoss(nn.Module):
     ) -> None:
         super().__init__()
         self.layers = [int(i) for i in layers]
-        n_available = len(_vgg16_features(100))
-        if not self.layers or any(not 0 <= i < n_available for i in self.layers):
+        if not self.layers or any(not 0 <= i < _N_FEATURES for i in self.layers):
             raise ValueError(
-                f"PerceptualLoss: layers must be indices into vgg16.features (0..{n_available - 1}), got {list(layers)}"
+                f"PerceptualLoss: layers must be indices into vgg16.features (0..{_N_FEATURES - 1}), got {list(layers)}"
             )
         self.weights = [1.0] * len(self.layers) if weights is None else [float(w) for w in weights]
         if len(self.weights) != len(self.layers):
