@@ -98,7 +98,10 @@ def _read_checkpoint(path: Path) -> dict[str, Any]:
         try:
             ckpt = torch.load(path, map_location="cpu", weights_only=False)
         except Exception as err2:
-            raise ExportError(f"checkpoint '{path}' could not be read: {_first_line(err2)}") from err2
+            raise ExportError(
+                f"'{path}' is not a PyTorch checkpoint ({type(err2).__name__}: {_first_line(err2)}); pass a .ckpt "
+                "file saved by 'spherinator fit' or Trainer.save_checkpoint"
+            ) from err2
     except Exception as err:
         raise ExportError(
             f"'{path}' is not a PyTorch checkpoint ({type(err).__name__}: {_first_line(err)}); pass a .ckpt file "
@@ -163,18 +166,18 @@ def _instantiate_python_hparams(hparams: dict[str, Any], ckpt_path: Path) -> tup
         if isinstance(cls, type) and issubclass(cls, pl.LightningModule):
             params = set(inspect.signature(cls.__init__).parameters) - {"self", "args", "kwargs"}
             if params == keys:
-                candidates.append(cls)
+                candidates.append((cls, f"{models.__name__}.{name}"))  # the public name configs use
     if len(candidates) != 1:
         raise ExportError(
             f"checkpoint '{ckpt_path}' has no model class path and its hyper-parameters {sorted(keys)} match "
             f"{len(candidates)} spherinator model classes; pass the run's config.yaml as config (--config)"
         )
-    cls = candidates[0]
+    cls, class_path = candidates[0]
     try:
         model = cls(**hparams)
     except Exception as err:
         raise ExportError(f"could not build {cls.__name__} from checkpoint '{ckpt_path}': {_first_line(err)}") from err
-    return model, f"{cls.__module__}.{cls.__qualname__}"
+    return model, class_path
 
 
 def _load_weights(model: nn.Module, state_dict: dict[str, torch.Tensor], ckpt_path: Path, source: str) -> None:

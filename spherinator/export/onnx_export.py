@@ -117,6 +117,12 @@ def export_onnx(
     _check_export_path(export_path, overwrite)
     loaded = load_model(checkpoint, config)
     model = loaded.model
+    if model.input_dim is None or model.z_dim is None:
+        raise ExportError(
+            f"{loaded.class_path} from {loaded.source} does not know its input shape (input_dim={model.input_dim}) "
+            f"or latent size (z_dim={model.z_dim}); set the encoder's input_dim (and output_dim) in the model, or "
+            "pass the config.yaml of a 'spherinator fit' run, which fills them from the data"
+        )
     z_dim = int(model.z_dim)
     input_shape = tuple(int(d) for d in model.input_dim)
 
