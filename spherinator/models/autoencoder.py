@@ -33,6 +33,17 @@ def _as_loss(loss: nn.Module | type[nn.Module]) -> nn.Module:
     return module
 
 
+def model_input(batch: Any) -> torch.Tensor:
+    """The model input of a batch: the tensor itself, the first entry of a dict, or the first of a tuple."""
+    if isinstance(batch, torch.Tensor):
+        return batch
+    if isinstance(batch, dict):
+        return next(iter(batch.values()))
+    if isinstance(batch, list | tuple):
+        return batch[0]
+    raise TypeError(f"batch must be a tensor, a dict of tensors or a tuple, got {type(batch).__name__}")
+
+
 class _AutoencoderBase(pl.LightningModule):
     """Shared batch handling, shape wiring, steps and default optimiser of the two autoencoders."""
 
@@ -76,17 +87,6 @@ class _AutoencoderBase(pl.LightningModule):
                 "change the decoder so that it reconstructs the input shape"
             )
 
-    @staticmethod
-    def _input(batch: Any) -> torch.Tensor:
-        """The model input of a batch: the tensor itself, the first entry of a dict, or the first of a tuple."""
-        if isinstance(batch, torch.Tensor):
-            return batch
-        if isinstance(batch, dict):
-            return next(iter(batch.values()))
-        if isinstance(batch, list | tuple):
-            return batch[0]
-        raise TypeError(f"batch must be a tensor, a dict of tensors or a tuple, got {type(batch).__name__}")
-
     @contextmanager
     def _batchnorm_single_sample(self, batch_size: int) -> Iterator[None]:
         """For a training batch of one sample, let BatchNorm use its running statistics.
@@ -127,7 +127,7 @@ class _AutoencoderBase(pl.LightningModule):
         raise NotImplementedError
 
     def predict_step(self, batch: Any, batch_idx: int = 0, dataloader_idx: int = 0) -> dict[str, torch.Tensor]:
-        x = self._input(batch)
+        x = model_input(batch)
         out = self._predict(x)
         if isinstance(batch, dict):
             for name, column in list(batch.items())[1:]:  # per-row 1-D columns such as ids
@@ -179,7 +179,7 @@ class Autoencoder(_AutoencoderBase):
         return self.decode(self.encode(x))
 
     def _shared_step(self, batch: Any, stage: str) -> torch.Tensor:
-        x = self._input(batch)
+        x = model_input(batch)
         self._remember_input_dim(x)
         with self._batchnorm_single_sample(len(x)):
             x_hat = self(x)
@@ -264,7 +264,7 @@ class VariationalAutoencoder(_AutoencoderBase):
         return PowerSpherical(location.float(), scale.float())
 
     def _shared_step(self, batch: Any, stage: str) -> torch.Tensor:
-        x = self._input(batch)
+        x = model_input(batch)
         self._remember_input_dim(x)
         with self._batchnorm_single_sample(len(x)):
             location, scale = self.encoder(x)
