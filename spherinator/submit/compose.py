@@ -1,0 +1,214 @@
+"""Compose each task's config with the ``spherinator`` CLI parser and check it locally before anything is queued."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from pathlib import Path
+from typing import Any
+
+from spherinator.submit.resources import Resources
+from spherinator.submit.sweep import SubmitError, Task
+
+REQUEUE_CALLBACK = "spherinator.submit.RequeueOnSignal"
+SLURM_ENVIRONMENT = "lightning.pytorch.plugins.environments.SLURMEnvironment"
+CHECKPOINT_CALLBACK = "lightning.pytorch.callbacks.ModelCheckpoint"
+# Loggers that write under save_dir/name/version: pinned to the run dir so a requeued run continues the same run.
+_DIR_LOGGERS = ("TensorBoardLogger", "CSVLogger")
+
+
+def _parse_only_cli() -> type:
+    """SpherinatorCLI that parses and resolves the config (shapes filled in) but builds nothing."""
+    from spherinator.cli import SpherinatorCLI
+
+    class _ParseOnly(SpherinatorCLI):
+        def instantiate_classes(self) -> None:  # the submitter instantiates a CPU copy itself
+            pass
+
+    return _ParseOnly
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def _error_text(err: BaseException, stderr: str) -> str:
+    text = str(err).strip() if not isinstance(err, SystemExit) else ""
+    if not text:  # jsonargparse printed the message and exited
+        lines = [line for line in stderr.strip().splitlines() if line.strip()]
+        text = lines[-1] if lines else f"exit status {getattr(err, 'code', '?')}"
+    return " ".join(line.strip() for line in text.splitlines() if line.strip())
+
+
+def parse_config(args: list[str]) -> tuple[Any, Any]:
+    """Parse ``args`` (``-c`` files and overrides, no subcommand) with the spherinator CLI parser.
+
+    Returns (parser, config namespace). Errors come back as the parser's message (raised as ValueError).
+    """
+    stderr = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(stderr):
+            cli = _parse_only_cli()(args=args, run=False, parser_kwargs={"exit_on_error": False})
+    except (Exception, SystemExit) as err:
+        raise ValueError(_error_text(err, stderr.getvalue())) from err
+    return cli.parser, cli.config
+
+
+def _class_name(class_path: str | None) -> str:
+    return (class_path or "").rsplit(".", 1)[-1]
+
+
+def _as_list(value: Any) -> list:
+    if value is None or value is False or value is True:
+        return []
+    return list(value) if isinstance(value, list) else [value]
+
+
+def _pin_loggers(config: Any, run_dir: Path, task_id: str) -> None:
+    """Every logger writes into the run dir, always into the same run (also after a requeue)."""
+    for logger in _as_list(config.trainer.get("logger")):
+        init = logger.get("init_args")
+        if init is None:
+            continue
+        name = _class_name(logger.get("class_path"))
+        if "save_dir" in init:
+            init.save_dir = str(run_dir)
+        if name in _DIR_LOGGERS:
+            init.name = ""
+            init.version = ""
+        elif name == "WandbLogger":
+            if init.get("id") is None:
+                init.id = task_id
+            init.name = init.get("name") or task_id.rsplit("-", 1)[0]
+
+
+def _namespace(class_path: str, **init_args: Any) -> Any:
+    from jsonargparse import Namespace
+
+    return Namespace(class_path=class_path, init_args=Namespace(**init_args))
+
+
+def _add_run_callbacks(config: Any) -> None:
+    """Checkpoints with ``last.ckpt`` (resume points) and the requeue-on-signal callback."""
+    callbacks = _as_list(config.trainer.get("callbacks"))
+    checkpoints = [cb for cb in callbacks if _class_name(cb.get("class_path")) == "ModelCheckpoint"]
+    if checkpoints:
+        if not any(cb.init_args.get("save_last") for cb in checkpoints):
+            checkpoints[0].init_args.save_last = True
+    else:
+        callbacks.append(_namespace(CHECKPOINT_CALLBACK, save_last=True))
+    if not any(cb.get("class_path") == REQUEUE_CALLBACK for cb in callbacks):
+        callbacks.append(_namespace(REQUEUE_CALLBACK))
+    config.trainer.callbacks = callbacks
+
+
+def _add_slurm_environment(config: Any) -> None:
+    """Lightning's own SLURM auto-requeue off: Submitit's USR2 checkpoint/requeue is the one mechanism."""
+    plugins = _as_list(config.trainer.get("plugins"))
+    if not any(_class_name(getattr(p, "class_path", None)) == "SLURMEnvironment" for p in plugins):
+        plugins.append(_namespace(SLURM_ENVIRONMENT, auto_requeue=False))
+    config.trainer.plugins = plugins[0] if len(plugins) == 1 else plugins
+
+
+def _check_strategy(strategy: Any) -> None:
+    if not isinstance(strategy, str) or strategy == "auto":
+        return
+    from lightning.pytorch.strategies import StrategyRegistry
+
+    if strategy not in StrategyRegistry.available_strategies():
+        known = ", ".join(sorted(StrategyRegistry.available_strategies())[:12])
+        raise ValueError(f"trainer.strategy '{strategy}' is not a Lightning strategy (known: {known}, ...)")
+
+
+def _tiny_batch(model: Any, datamodule: Any) -> None:
+    """One batch of two samples through the model (eval mode, no gradients): it runs and keeps the input shape."""
+    import torch
+
+    datamodule.setup("fit")
+    batch = next(iter(datamodule.train_dataloader()))
+    if isinstance(batch, dict):
+        batch = next(iter(batch.values()))
+    elif isinstance(batch, list | tuple):
+        batch = batch[0]
+    x = batch[:2]  # (2, *sample_shape)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(x)
+    finally:
+        model.train(was_training)
+    if isinstance(out, torch.Tensor):
+        if tuple(out.shape) != tuple(x.shape):
+            raise ValueError(
+                f"the model maps a batch of shape {tuple(x.shape)} to {tuple(out.shape)}; an autoencoder must "
+                "reconstruct its input's shape: check the decoder's layers"
+            )
+        if not torch.isfinite(out).all():
+            raise ValueError("the model's output for a batch of the data is not finite (NaN/inf)")
+
+
+def check_config(parser: Any, config: Any) -> None:
+    """Build the model and data module of ``config`` on this CPU and run a batch of two samples through the model.
+
+    The Trainer itself is not built here (a login node may have no GPU for ``accelerator: gpu``); its strategy
+    name is checked against Lightning's registry.
+    """
+    from spherinator.shapes import check_model_matches_data
+
+    local = config.clone()
+    data_init = local.get("data.init_args")
+    if data_init is not None and "num_workers" in data_init:
+        data_init.num_workers = 0  # no worker processes on the submit host
+    path = data_init.get("path") if data_init is not None else None
+    if path is not None and not Path(path).exists():
+        raise ValueError(f"data.init_args.path '{path}' does not exist (seen from {Path.cwd()})")
+    _check_strategy(config.trainer.get("strategy"))
+    built = parser.instantiate_classes(local)
+    model, datamodule = built.get("model"), built.get("data")
+    check_model_matches_data(model, datamodule)
+    if model is not None and datamodule is not None:
+        _tiny_batch(model, datamodule)
+
+
+def compose_task(
+    configs: list[str],
+    overrides: list[str],
+    task: Task,
+    resources: Resources,
+    run_dir: Path,
+    task_id: str,
+    validate: bool = True,
+) -> str:
+    """The complete config (YAML) that ``task`` trains with, checked unless ``validate`` is False.
+
+    It is the ``spherinator fit`` config of ``-c configs`` + ``overrides`` + the swept values, with the Trainer
+    sized to ``resources``, ``default_root_dir``, loggers and checkpoints in ``run_dir``, ``last.ckpt`` saved,
+    Lightning's SLURM auto-requeue off and :class:`RequeueOnSignal` added.
+
+    Raises:
+        SubmitError: naming the task, its swept values and the parser's / model's complaint.
+    """
+    label = f"task {task.index} '{task.name}'" + (f" ({_describe(task.params)})" if task.params else "")
+    args = [token for path in configs for token in ("-c", str(path))]
+    args += list(overrides) + task.cli_args() + ["--trainer.default_root_dir", str(run_dir)]
+    try:
+        parser, config = parse_config(args)
+        for key, value in resources.trainer_settings(config.trainer.get("strategy")).items():
+            config.trainer[key] = value
+        _pin_loggers(config, run_dir, task_id)
+        _add_run_callbacks(config)
+        if validate:
+            check_config(parser, config)
+        _add_slurm_environment(config)
+        text = parser.dump(config, skip_none=False)
+    except SubmitError:
+        raise
+    except Exception as err:
+        raise SubmitError(f"{label}: {_error_text(err, '')}") from err
+    return text
+
+
+def _describe(params: dict[str, str]) -> str:
+    return ", ".join(f"{key}={value}" for key, value in params.items())

@@ -1,0 +1,171 @@
+"""Sweeps: ``--sweep key=v1,v2`` flags and sweep files expanded into a grid of named tasks."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class SubmitError(ValueError):
+    """A submission that cannot go on; the message names the task, the value and what to do."""
+
+
+@dataclass
+class Task:
+    """One training run of a sweep.
+
+    Attributes:
+        index: Position in the Slurm array (0-based).
+        name: Readable directory name built from the swept values, e.g. ``z_dim=8_beta=0.01``.
+        params: Swept config keys and their values as given on the command line (strings), in sweep order.
+    """
+
+    index: int
+    name: str
+    params: dict[str, str] = field(default_factory=dict)
+
+    def cli_args(self) -> list[str]:
+        """The swept values as CLI overrides: ``["--model.init_args.z_dim", "8", ...]``."""
+        return [token for key, value in self.params.items() for token in (f"--{key}", value)]
+
+
+def _split_values(text: str) -> list[str]:
+    """Split ``3,8,[1,2],'a,b'`` on the commas that are outside brackets and quotes."""
+    values, depth, quote, current = [], 0, "", []
+    for char in text:
+        if quote:
+            quote = "" if char == quote else quote
+        elif char in "'\"":
+            quote = char
+        elif char in "[{(":
+            depth += 1
+        elif char in "]})":
+            depth -= 1
+        elif char == "," and depth == 0:
+            values.append("".join(current).strip())
+            current = []
+            continue
+        current.append(char)
+    values.append("".join(current).strip())
+    return values
+
+
+def parse_sweep_arg(arg: str) -> tuple[str, list[str]]:
+    """One ``--sweep`` flag: ``model.init_args.z_dim=3,8,16`` -> ``("model.init_args.z_dim", ["3", "8", "16"])``."""
+    key, sep, values_text = arg.partition("=")
+    key = key.strip().removeprefix("--")
+    if not sep or not key or not values_text.strip():
+        raise SubmitError(f"--sweep '{arg}' is not KEY=V1,V2,...; write e.g. --sweep model.init_args.z_dim=3,8,16")
+    values = _split_values(values_text)
+    if any(v == "" for v in values):
+        raise SubmitError(f"--sweep '{arg}' has an empty value; remove the stray comma")
+    return key, values
+
+
+def _as_cli_value(value: Any) -> str:
+    """A YAML value from a sweep file as the string the CLI parser reads (scalars plain, the rest as JSON)."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bool) or value is None:
+        return json.dumps(value)
+    if isinstance(value, int | float):
+        return repr(value)
+    return json.dumps(value)
+
+
+def load_sweep_file(path: str | Path) -> list[dict[str, str]]:
+    """Read a sweep file: a mapping ``key: [values]`` (a grid) or a list of mappings (one task each).
+
+    Returns the tasks' parameter sets (values as CLI strings).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise SubmitError(f"sweep file '{path}' does not exist; pass a YAML file of 'key: [values]'")
+    try:
+        content = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise SubmitError(f"sweep file '{path}' is not valid YAML: {str(err).splitlines()[0]}") from err
+    if isinstance(content, dict):
+        axes = []
+        for key, values in content.items():
+            if not isinstance(values, list) or not values:
+                raise SubmitError(
+                    f"sweep file '{path}': '{key}' must be a non-empty list of values (got {values!r}); "
+                    f"write e.g. '{key}: [3, 8]'"
+                )
+            axes.append((str(key), [_as_cli_value(v) for v in values]))
+        return _grid(axes)
+    if isinstance(content, list) and content and all(isinstance(item, dict) for item in content):
+        return [{str(k): _as_cli_value(v) for k, v in item.items()} for item in content]
+    raise SubmitError(
+        f"sweep file '{path}' holds {type(content).__name__}; write a mapping 'key: [values]' (a grid) "
+        "or a list of mappings (one task each)"
+    )
+
+
+def _grid(axes: list[tuple[str, list[str]]]) -> list[dict[str, str]]:
+    keys = [key for key, _ in axes]
+    if len(set(keys)) != len(keys):
+        duplicate = next(k for k in keys if keys.count(k) > 1)
+        raise SubmitError(f"'{duplicate}' is swept twice; give all its values in one --sweep")
+    return [dict(zip(keys, combo, strict=True)) for combo in itertools.product(*(values for _, values in axes))]
+
+
+def expand_sweep(sweep_args: list[str] | None = None, sweep_file: str | Path | None = None) -> list[Task]:
+    """The tasks of a sweep: the grid of all ``--sweep`` flags times the sweep file's tasks.
+
+    Without any sweep there is one task, named ``run``.
+    """
+    flag_sets = _grid([parse_sweep_arg(arg) for arg in sweep_args or []])
+    file_sets = load_sweep_file(sweep_file) if sweep_file is not None else [{}]
+    param_sets = []
+    for file_params, flag_params in itertools.product(file_sets, flag_sets):
+        clash = sorted(set(file_params) & set(flag_params))
+        if clash:
+            raise SubmitError(f"'{clash[0]}' is swept both in the sweep file and by --sweep; keep one")
+        param_sets.append({**file_params, **flag_params})
+    names = task_names(param_sets)
+    pairs = zip(names, param_sets, strict=True)
+    return [Task(index=i, name=name, params=params) for i, (name, params) in enumerate(pairs)]
+
+
+def _short_keys(keys: list[str]) -> dict[str, str]:
+    """The shortest dotted suffix of each key (dropping ``init_args``) that tells the keys apart."""
+    parts = {key: [p for p in key.split(".") if p != "init_args"] for key in keys}
+    short = {}
+    for key, key_parts in parts.items():
+        for n in range(1, len(key_parts) + 1):
+            candidate = ".".join(key_parts[-n:])
+            others = [".".join(p[-n:]) for k, p in parts.items() if k != key]
+            if candidate not in others:
+                break
+        short[key] = candidate
+    return short
+
+
+def _clean(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._+\-=]+", "-", text).strip("-")[:60] or "x"
+
+
+def task_names(param_sets: list[dict[str, str]]) -> list[str]:
+    """Readable, unique directory names: ``z_dim=8_beta=0.01`` (``run`` when nothing is swept)."""
+    keys = list(dict.fromkeys(k for params in param_sets for k in params))
+    short = _short_keys(keys)
+    names = []
+    for params in param_sets:
+        parts = [f"{_clean(short[k])}={_clean(v)}" for k, v in params.items()]
+        names.append("_".join(parts) if parts else "run")
+    seen: dict[str, int] = {}
+    unique = []
+    for i, name in enumerate(names):
+        if names.count(name) > 1:
+            seen[name] = seen.get(name, 0) + 1
+            name = f"{name}_{i}"
+        unique.append(name)
+    return unique

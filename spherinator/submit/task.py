@@ -1,0 +1,273 @@
+"""What runs inside each Slurm task: ``spherinator fit`` on the run dir's config, requeue on USR2, ONNX export.
+
+Requeue uses one mechanism, Submitit's: the batch script asks Slurm for USR2 ``signal_delay_s`` before the time
+limit (``--signal=USR2@N``, also on preemption); Submitit calls :meth:`TrainingTask.checkpoint`, which resubmits
+the same task, runs ``scontrol requeue`` and exits. Lightning's own SLURM auto-requeue is switched off in the
+config (``SLURMEnvironment(auto_requeue=False)``). A signal handler must not save a checkpoint in the middle of
+an optimizer step, so USR2 only raises a flag; :class:`RequeueOnSignal` acts on it after the next training batch
+(all ranks agree on it first, so a DDP checkpoint is saved collectively), saves ``checkpoints/requeue.ckpt`` and
+hands over to Submitit's handler. The requeued run resumes from the newest checkpoint into the same run dir and
+the same TensorBoard run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+from lightning.pytorch import Callback, LightningModule, Trainer
+from submitit.helpers import Checkpointable
+
+SUMMARY_NAME = "summary.json"
+REQUEUE_CKPT = "requeue.ckpt"
+
+# Process-wide state shared by the USR2 handler, the callback and the task (one task per process).
+_pending_signal: int | None = None
+_submitit_handler: Any = None
+_training = False
+
+
+def _defer_signal(signum: int, frame: Any) -> None:
+    """USR2 while training: remember it for RequeueOnSignal; otherwise let Submitit handle it at once."""
+    global _pending_signal
+    if _training:
+        _pending_signal = signum
+    elif callable(_submitit_handler):
+        _submitit_handler(signum, frame)
+
+
+def install_signal_deferral() -> None:
+    """Put :func:`_defer_signal` in front of the USR2 handler Submitit installed (no-op outside Submitit)."""
+    global _submitit_handler
+    if _submitit_handler is not None:
+        return
+    current = signal.getsignal(signal.SIGUSR2)
+    if callable(current) and current is not _defer_signal:
+        _submitit_handler = current
+        signal.signal(signal.SIGUSR2, _defer_signal)
+
+
+def write_summary(run_dir: Path, **fields: Any) -> dict[str, Any]:
+    """Update ``run_dir/summary.json`` with ``fields`` (atomically: readers never see half a file)."""
+    path = Path(run_dir) / SUMMARY_NAME
+    summary: dict[str, Any] = {}
+    if path.is_file():
+        try:
+            summary = json.loads(path.read_text())
+        except json.JSONDecodeError:
+            summary = {}
+    summary.update(fields, updated=time.strftime("%Y-%m-%dT%H:%M:%S"))
+    tmp = path.with_name(f".{SUMMARY_NAME}.{os.getpid()}")
+    tmp.write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    tmp.replace(path)
+    return summary
+
+
+def read_summary(run_dir: Path) -> dict[str, Any]:
+    path = Path(run_dir) / SUMMARY_NAME
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def _metrics(trainer: Trainer) -> dict[str, float]:
+    out = {}
+    for key, value in trainer.callback_metrics.items():
+        try:
+            out[key] = float(value)
+        except (TypeError, ValueError):
+            continue
+    return out
+
+
+def _best(trainer: Trainer) -> dict[str, Any] | None:
+    """The monitored best of the first ModelCheckpoint with a monitor; else the final val_loss (or train_loss)."""
+    for cb in trainer.checkpoint_callbacks:
+        if getattr(cb, "monitor", None) and cb.best_model_score is not None:
+            return {"monitor": cb.monitor, "value": float(cb.best_model_score), "checkpoint": cb.best_model_path}
+    metrics = _metrics(trainer)
+    for key in ("val_loss", "train_loss"):
+        if key in metrics:
+            return {"monitor": key, "value": metrics[key], "checkpoint": None, "kind": "final"}
+    return None
+
+
+class RequeueOnSignal(Callback):
+    """Checkpoint and requeue at a safe point after Slurm's USR2 (time limit or preemption).
+
+    Added to every config that ``spherinator-submit`` composes; outside a Submitit job it only keeps
+    ``summary.json`` up to date at each epoch end (epoch, metrics, best checkpoint).
+    """
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        global _training
+        _training = True
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        global _training
+        _training = False
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        global _training
+        _training = False
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
+        global _pending_signal
+        # Every rank takes part in the decision, so all save the checkpoint at the same step (DDP collectives).
+        if not trainer.strategy.reduce_boolean_decision(_pending_signal is not None, all=False):
+            return
+        signum = _pending_signal or signal.SIGUSR2
+        _pending_signal = None
+        path = Path(trainer.default_root_dir) / "checkpoints" / REQUEUE_CKPT
+        trainer.save_checkpoint(path)
+        if trainer.is_global_zero:
+            write_summary(
+                Path(trainer.default_root_dir), state="REQUEUEING", epoch=trainer.current_epoch,
+                global_step=trainer.global_step, requeue_checkpoint=str(path),
+            )  # fmt: skip
+        for logger in trainer.loggers:
+            logger.finalize("requeued")
+        _hand_over(signum)
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.is_global_zero and not trainer.sanity_checking:
+            write_summary(
+                Path(trainer.default_root_dir), state="RUNNING", epoch=trainer.current_epoch + 1,
+                global_step=trainer.global_step, metrics=_metrics(trainer), best=_best(trainer),
+            )  # fmt: skip
+
+
+def _hand_over(signum: int) -> None:
+    """Let Submitit checkpoint (TrainingTask.checkpoint), requeue and exit; ranks > 0 just stop."""
+    global _training
+    _training = False
+    if callable(_submitit_handler):
+        _submitit_handler(signum, None)  # rank 0: requeues and raises SystemExit; other ranks: returns
+    raise SystemExit(-1)
+
+
+def newest_checkpoint(run_dir: Path) -> Path | None:
+    """The checkpoint to resume from: the newer of ``requeue.ckpt`` (saved on a signal) and ``last.ckpt``."""
+    candidates = [p for p in (Path(run_dir) / "checkpoints").glob("*.ckpt") if p.name.startswith(("requeue", "last"))]
+    return max(candidates, key=lambda p: p.stat().st_mtime) if candidates else None
+
+
+def _link_logs(run_dir: Path) -> None:
+    """Links to this process's Submitit stdout/stderr files in ``run_dir/logs`` (logs stay in one place)."""
+    try:
+        import submitit
+
+        env = submitit.JobEnvironment()
+        logs = run_dir / "logs"
+        logs.mkdir(exist_ok=True)
+        for source in (env.paths.stdout, env.paths.stderr):
+            link = logs / Path(source).name
+            if not link.is_symlink():
+                link.symlink_to(Path(source).resolve())
+    except (RuntimeError, OSError):
+        pass  # not inside a Submitit job, or a link raced with another rank
+
+
+def _rank() -> int:
+    for var in ("SLURM_PROCID", "RANK"):
+        if var in os.environ:
+            return int(os.environ[var])
+    return 0
+
+
+class TrainingTask(Checkpointable):
+    """One task of a sweep, as Submitit runs it in every Slurm task (one per process/device).
+
+    Args:
+        run_dir: The task's run dir holding the composed ``config.yaml``.
+        cwd: Working directory of the submission (relative data paths in the config are relative to it).
+        export: Export the best (else last) checkpoint to ``run_dir/onnx`` after training, and validate it.
+    """
+
+    def __init__(self, run_dir: str | Path, cwd: str | Path | None = None, export: bool = True) -> None:
+        self.run_dir = str(Path(run_dir).resolve())
+        self.cwd = str(cwd or Path.cwd())
+        self.export = export
+
+    def checkpoint(self, *args: Any, **kwargs: Any) -> Any:
+        """Called by Submitit on USR2 (rank 0): resubmit this task; it resumes from the newest checkpoint."""
+        from submitit.helpers import DelayedSubmission
+
+        return DelayedSubmission(TrainingTask(self.run_dir, self.cwd, self.export))
+
+    def __call__(self) -> dict[str, Any] | None:
+        from spherinator.cli import SpherinatorCLI
+
+        os.chdir(self.cwd)
+        run_dir = Path(self.run_dir)
+        rank = _rank()
+        _link_logs(run_dir)
+        install_signal_deferral()
+        resume = newest_checkpoint(run_dir)
+        args = ["fit", "--config", str(run_dir / "config.yaml")]
+        if resume is not None:
+            args += ["--ckpt_path", str(resume)]
+        if rank == 0:
+            previous = read_summary(run_dir)
+            write_summary(
+                run_dir, state="RUNNING", job_id=os.environ.get("SLURM_JOB_ID"), host=socket.gethostname(),
+                started=time.strftime("%Y-%m-%dT%H:%M:%S"), attempts=int(previous.get("attempts", 0)) + 1,
+                resumed_from=str(resume) if resume else None, error=None,
+            )  # fmt: skip
+        argv, sys.argv = sys.argv, sys.argv[:1]  # Submitit's own arguments are not for the CLI
+        try:
+            cli = SpherinatorCLI(args=args)
+        except BaseException as err:
+            if rank == 0 and not isinstance(err, SystemExit):
+                write_summary(run_dir, state="FAILED", error=f"{type(err).__name__}: {err}",
+                              traceback=traceback.format_exc(limit=20))  # fmt: skip
+            raise
+        finally:
+            sys.argv = argv
+        trainer = cli.trainer
+        if rank != 0:
+            return None
+        summary = write_summary(
+            run_dir, state="TRAINED", epoch=trainer.current_epoch, global_step=trainer.global_step,
+            metrics=_metrics(trainer), best=_best(trainer),
+            last_checkpoint=str(newest_checkpoint(run_dir) or ""),
+        )  # fmt: skip
+        onnx = self._export(run_dir, trainer) if self.export else None
+        return write_summary(run_dir, state="COMPLETED", onnx=onnx, finished=time.strftime("%Y-%m-%dT%H:%M:%S")) | {
+            "run_dir": str(run_dir),
+            "best": summary.get("best"),
+        }
+
+    def _export(self, run_dir: Path, trainer: Trainer) -> dict[str, Any]:
+        """Export the best (else last) checkpoint to ONNX and validate it; failures are reported, not raised."""
+        from spherinator.export import ExportError, ValidationError, export_onnx
+
+        best = _best(trainer)
+        ckpt = Path(best["checkpoint"]) if best and best.get("checkpoint") else None
+        if ckpt is None or not ckpt.is_file():
+            last = Path(trainer.checkpoint_callback.last_model_path) if trainer.checkpoint_callback else None
+            ckpt = last if last is not None and last.is_file() else newest_checkpoint(run_dir)
+        if ckpt is None:
+            return {"validated": False, "error": f"no checkpoint under {run_dir / 'checkpoints'} to export"}
+        out = run_dir / "onnx"
+        try:
+            report = export_onnx(ckpt, out, config=run_dir / "config.yaml", overwrite=True)
+        except ValidationError as err:
+            return {"checkpoint": str(ckpt), "path": str(out), "validated": False, "error": str(err),
+                    "report": err.report}  # fmt: skip
+        except ExportError as err:
+            return {"checkpoint": str(ckpt), "path": str(out), "validated": False, "error": str(err)}
+        return {
+            "checkpoint": str(ckpt),
+            "path": str(out),
+            "validated": bool(report.get("passed")),
+            "graphs": sorted(report.get("graphs", {})),
+        }
