@@ -217,6 +217,14 @@ def test_autoencoder_latent_follows_encoder_output_dim():
     assert model.encode(x).shape == (3, 6) and model(x).shape == x.shape
 
 
+def test_autoencoder_measures_the_code_size_of_an_encoder_without_output_dim():
+    class Backbone(nn.Sequential):
+        input_dim = (1, 32)
+
+    model = Autoencoder(Backbone(nn.Flatten(), nn.Linear(32, 5)), decoder_1d())
+    assert model.z_dim == 5 and model.decoder.input_dim == 5
+
+
 def test_reconstruction_loss_is_called_prediction_first():
     calls = []
 

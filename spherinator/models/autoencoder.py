@@ -167,6 +167,8 @@ class Autoencoder(_AutoencoderBase):
         self.reconstruction_loss = _as_loss(reconstruction_loss)
         self.input_dim = getattr(encoder, "input_dim", None)
         self.z_dim = getattr(encoder, "output_dim", None)
+        if self.z_dim is None and self.input_dim is not None:  # an encoder without output_dim: measure its code
+            self.z_dim = dry_forward(encoder, encoder, torch.zeros(1, *self.input_dim)).shape[-1]
         self._wire_shapes(self.z_dim)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
