@@ -1,6 +1,6 @@
 """ONNX export of trained spherinator models, validated against torch with onnxruntime."""
 
-from spherinator.export.checkpoint import ExportError, LoadedModel, load_model
+from spherinator.export.checkpoint import ExportError, LoadedModel, build_model, load_model
 from spherinator.export.cli import main
 from spherinator.export.onnx_export import GRAPHS, REPORT_NAME, ValidationError, export_onnx, validate_graph
 
@@ -10,6 +10,7 @@ __all__ = [
     "ExportError",
     "LoadedModel",
     "ValidationError",
+    "build_model",
     "export_onnx",
     "load_model",
     "main",

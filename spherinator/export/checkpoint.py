@@ -59,11 +59,11 @@ def load_model(checkpoint: str | Path, config: str | Path | None = None) -> Load
                 f"checkpoint '{ckpt_path}' was trained as {stored_class_path} but config '{config}' builds "
                 f"{class_path}; pass the config.yaml saved in the same run's log directory"
             )
-        model = _instantiate(class_path, init_args, f"config '{config}'")
+        model = build_model(class_path, init_args, f"config '{config}'")
         source = f"config '{config}'"
     elif stored_class_path is not None:
         class_path, init_args = stored_class_path, hparams
-        model = _instantiate(class_path, init_args, f"checkpoint '{ckpt_path}'")
+        model = build_model(class_path, init_args, f"checkpoint '{ckpt_path}'")
         config_text = yaml.safe_dump({"model": {"class_path": class_path, "init_args": _plain(init_args)}})
         source = f"checkpoint '{ckpt_path}'"
     else:
@@ -134,16 +134,23 @@ def _read_config(path: Path) -> tuple[str, dict[str, Any], str]:
     return model_cfg["class_path"], dict(model_cfg.get("init_args") or {}), text
 
 
-def _instantiate(class_path: str, init_args: dict[str, Any], source: str) -> nn.Module:
-    # jsonargparse resolves the nested class_path/init_args of encoder, decoder and loss exactly as the CLI does.
+def build_model(class_path: str, init_args: dict[str, Any], source: str = "the given arguments") -> nn.Module:
+    """Build a LightningModule from its ``class_path`` and ``init_args`` (nested class_path dicts included).
+
+    jsonargparse resolves the encoder, decoder and loss exactly as ``spherinator fit`` does.
+
+    Raises:
+        ExportError: naming ``source`` when the class cannot be built from these arguments.
+    """
     import lightning.pytorch as pl
     from jsonargparse import ArgumentParser
 
     parser = ArgumentParser(exit_on_error=False)
     parser.add_subclass_arguments(pl.LightningModule, "model", fail_untyped=False, required=True)
+    instantiate = getattr(parser, "instantiate", None) or parser.instantiate_classes  # renamed in 4.49
     try:
         cfg = parser.parse_object({"model": {"class_path": class_path, "init_args": init_args}})
-        return parser.instantiate_classes(cfg).model
+        return instantiate(cfg).model
     except Exception as err:
         raise ExportError(f"could not build {class_path} from {source}: {_first_line(err)}") from err
 
