@@ -100,7 +100,7 @@ class ParquetWriter:
                     metadata[dtype_key(name)] = array.dtype.name.encode()
                 fields.append(pa.field(name, tensor_array(array[:0], self.layout).type))
             else:
-                fields.append(pa.field(name, pa.array(array[:0]).type))
+                fields.append(pa.field(name, pa.array(array).type))  # whole batch: empty object arrays are null
         return pa.schema(fields, metadata=metadata)
 
     def write(self, batch: Mapping[str, np.ndarray]) -> None:

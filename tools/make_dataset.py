@@ -1,0 +1,435 @@
+"""Write Parquet datasets in spherinator's fast tensor layout.
+
+Subcommands:
+    synthetic  galaxy-like images (Sersic bulge + disk, PSF, noise); the generating parameters as extra columns
+    hubble     cutouts around the sources of the Hubble Deep Field image that scikit-image ships
+    images     a folder of PNG/JPEG/FITS/NPY files
+    convert    any layout the DataModule reads (lists + shape metadata, fixed_shape_tensor, encoded images) to
+               the fast layout, checked at the end (row count and checksum)
+
+Every subcommand writes ``fixed_size_binary`` tensor columns with ``<column>_shape``/``<column>_dtype`` schema
+metadata (``--layout list`` writes the slower list layout, for comparisons), ``--rows-per-file`` rows per file
+and ``--rows-per-group`` rows per row group.
+
+Examples:
+    python tools/make_dataset.py synthetic --out data/demo --count 2048 --size 64
+    python tools/make_dataset.py hubble --out data/hubble --size 64
+    python tools/make_dataset.py images --out data/mine --input pictures/ --size 128
+    python tools/make_dataset.py convert --input data/legacy --out data/legacy-fast --compression zstd
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import zlib
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from spherinator.data.layout import ColumnLayout, DataError
+from spherinator.data.writer import COMPRESSIONS, LAYOUTS, ParquetWriter
+
+# -- synthetic galaxies ----------------------------------------------------------------------------------------------
+
+BULGE_COLOUR = np.array([1.0, 0.78, 0.55], dtype=np.float32)  # red-ish old stars (R, G, B)
+DISK_COLOUR = np.array([0.65, 0.8, 1.0], dtype=np.float32)  # blue-ish young stars
+
+
+try:  # scipy's FFT works in float32 (twice numpy's speed here); numpy's is the fallback
+    from scipy.fft import irfft2 as _irfft2
+    from scipy.fft import rfft2 as _rfft2
+except ImportError:
+    from numpy.fft import irfft2 as _irfft2
+    from numpy.fft import rfft2 as _rfft2
+
+
+def _sersic(r: np.ndarray, r_eff: np.ndarray, n: np.ndarray) -> np.ndarray:
+    """Sersic profile normalised to 1 at r_eff; ``b_n`` from the Ciotti & Bertin expansion."""
+    b = 2.0 * n - 1.0 / 3.0 + 4.0 / (405.0 * n)
+    return np.exp(-b * ((r / r_eff) ** (1.0 / n) - 1.0))
+
+
+def synthetic_galaxies(count: int, size: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """``count`` galaxy-like images ``(count, 3, size, size)`` uint8 plus their generating parameters.
+
+    Each galaxy is a Sersic bulge plus an exponential disk sharing a centre, orientation and axis ratio, with its
+    own sizes, bulge fraction and colours, convolved with a Gaussian PSF, on a sky with Gaussian noise.
+    """
+    p = {
+        "bulge_fraction": rng.beta(1.5, 2.5, count),
+        "sersic_index": rng.uniform(1.5, 4.5, count),
+        "disk_radius": rng.uniform(0.08, 0.22, count) * size,
+        "axis_ratio": rng.uniform(0.25, 1.0, count),
+        "angle": rng.uniform(0.0, np.pi, count),
+        "centre_x": rng.normal(0.0, 0.03, count) * size,
+        "centre_y": rng.normal(0.0, 0.03, count) * size,
+        "psf_sigma": rng.uniform(0.4, 1.6, count) * size / 64,
+        "noise": rng.uniform(0.005, 0.04, count),
+        "brightness": rng.uniform(0.5, 1.0, count),
+        "colour_shift": rng.normal(0.0, 0.08, count),
+    }
+    p["bulge_radius"] = p["disk_radius"] * rng.uniform(0.15, 0.5, count)
+    p = {k: v.astype(np.float32) for k, v in p.items()}
+    col = {k: v[:, None, None] for k, v in p.items()}  # (B, 1, 1) for broadcasting over pixels
+
+    centre = (size - 1) / 2.0
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) - centre  # (H, W)
+    dx, dy = xx[None] - col["centre_x"], yy[None] - col["centre_y"]  # (B, H, W)
+    cos, sin = np.cos(col["angle"]), np.sin(col["angle"])
+    major, minor = dx * cos + dy * sin, -dx * sin + dy * cos
+    r = np.sqrt(major**2 + (minor / col["axis_ratio"]) ** 2) + 1e-3  # elliptical radius (B, H, W)
+    bulge = _sersic(r, col["bulge_radius"], col["sersic_index"])
+    disk = _sersic(r, col["disk_radius"], np.float32(1.0))
+    bulge /= bulge.sum((1, 2), keepdims=True)
+    disk /= disk.sum((1, 2), keepdims=True)
+    shift = p["colour_shift"][:, None] * np.array([1.0, 0.0, -1.0], dtype=np.float32)  # (B, 3) redder or bluer
+    bulge_rgb = (BULGE_COLOUR + shift) * p["bulge_fraction"][:, None]  # (B, 3)
+    disk_rgb = (DISK_COLOUR + shift) * (1 - p["bulge_fraction"])[:, None]
+    light = bulge_rgb[:, :, None, None] * bulge[:, None] + disk_rgb[:, :, None, None] * disk[:, None]  # (B,3,H,W)
+
+    # PSF: Gaussian blur in Fourier space, one sigma per image
+    fy = np.fft.fftfreq(size).astype(np.float32)[:, None]
+    fx = np.fft.rfftfreq(size).astype(np.float32)[None, :]
+    kernel = np.exp(-2 * np.pi**2 * p["psf_sigma"][:, None, None] ** 2 * (fx**2 + fy**2))  # (B, H, W//2+1)
+    light = _irfft2(_rfft2(light) * kernel[:, None], s=(size, size)).astype(np.float32)
+
+    light *= p["brightness"][:, None, None, None] / light.max((1, 2, 3), keepdims=True).clip(1e-12)
+    light += 0.02 + rng.standard_normal(light.shape, dtype=np.float32) * p["noise"][:, None, None, None]
+    images = np.clip(light * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    return {"data": images, **p}
+
+
+def _synthetic_batches(args: argparse.Namespace) -> Iterator[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(args.seed)
+    chunk = max(1, min(args.count, (8 << 20) // (3 * args.size * args.size)))  # ~32 MB of float work per chunk
+    for start in range(0, args.count, chunk):
+        n = min(chunk, args.count - start)
+        batch = synthetic_galaxies(n, args.size, rng)
+        yield {"data": batch.pop("data"), "id": np.arange(start, start + n, dtype=np.int64), **batch}
+
+
+# -- Hubble Deep Field cutouts ---------------------------------------------------------------------------------------
+
+
+def hubble_cutouts(size: int, min_area: int, augment: bool) -> dict[str, np.ndarray]:
+    """Stamps ``(N, 3, size, size)`` uint8 centred on the sources found in ``skimage.data.hubble_deep_field()``.
+
+    Sources: connected regions of the smoothed luminance above the background plus 3 robust sigmas, with at least
+    ``min_area`` pixels, whose stamp lies inside the image. ``augment`` adds the 7 other rotations/flips.
+    """
+    from skimage import data, filters, measure
+
+    image = data.hubble_deep_field()  # (872, 1000, 3) uint8
+    gray = filters.gaussian(image.mean(-1).astype(np.float32), sigma=1.5)
+    background = np.median(gray)
+    sigma = 1.4826 * np.median(np.abs(gray - background))
+    labels = measure.label(gray > background + 3 * sigma)
+    half = size // 2
+    stamps, rows = [], []
+    for region in measure.regionprops(labels, intensity_image=gray):
+        if region.area < min_area:
+            continue
+        cy, cx = (int(round(c)) for c in region.centroid_weighted)
+        y0, x0 = cy - half, cx - half
+        if y0 < 0 or x0 < 0 or y0 + size > image.shape[0] or x0 + size > image.shape[1]:
+            continue
+        stamps.append(image[y0 : y0 + size, x0 : x0 + size].transpose(2, 0, 1))  # (3, size, size)
+        rows.append((cx, cy, region.area, float(region.image_intensity.sum())))
+    if not stamps:
+        raise DataError(f"no source of at least {min_area} pixels fits a {size}px stamp; lower --min-area or --size")
+    data_ = np.stack(stamps)
+    x, y, area, flux = (np.array(c) for c in zip(*rows, strict=True))
+    variant = np.zeros(len(data_), dtype=np.int64)
+    if augment:
+        variants = [np.rot90(data_, k, axes=(2, 3)) for k in range(4)]
+        variants += [v[..., ::-1] for v in variants]
+        data_ = np.concatenate([np.ascontiguousarray(v) for v in variants])
+        x, y, area, flux = (np.tile(c, 8) for c in (x, y, area, flux))
+        variant = np.repeat(np.arange(8), len(stamps))
+    return {
+        "data": data_,
+        "id": np.arange(len(data_), dtype=np.int64),
+        "x": x.astype(np.int64),
+        "y": y.astype(np.int64),
+        "area": area.astype(np.int64),
+        "flux": flux.astype(np.float32),
+        "variant": variant,
+    }
+
+
+# -- a folder of files -------------------------------------------------------------------------------------------------
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
+ARRAY_SUFFIXES = {".npy", ".fits", ".fit", ".fts"}
+
+
+def load_file(path: Path) -> np.ndarray:
+    """One file as an array: images ``(C, H, W)`` (grayscale ``(1, H, W)``), FITS/NPY as stored."""
+    suffix = path.suffix.lower()
+    if suffix in IMAGE_SUFFIXES:
+        from PIL import Image
+
+        with Image.open(path) as im:
+            array = np.asarray(im)
+        return array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
+    if suffix == ".npy":
+        return np.load(path)
+    if suffix in {".fits", ".fit", ".fts"}:
+        try:
+            from astropy.io import fits
+        except ImportError as err:
+            raise DataError(
+                f"{path}: reading FITS needs astropy; `pip install astropy` (or spherinator[data])"
+            ) from err
+        with fits.open(path) as hdus:
+            for hdu in hdus:
+                if hdu.data is not None:
+                    return np.asarray(hdu.data).astype(hdu.data.dtype.newbyteorder("="))
+        raise DataError(f"{path}: no HDU holds image data")
+    raise DataError(f"{path}: unsupported file type {suffix!r}; use PNG, JPEG, FITS or NPY")
+
+
+def resize(array: np.ndarray, size: int) -> np.ndarray:
+    """Resize the last two axes of ``array`` to ``size x size`` (antialiased bilinear), keeping the dtype."""
+    import torch
+
+    tensor = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
+    lead = tensor.shape[:-2]
+    out = torch.nn.functional.interpolate(
+        tensor.reshape(1, -1, *tensor.shape[-2:]), size=(size, size), mode="bilinear", antialias=True
+    ).reshape(*lead, size, size)
+    if np.issubdtype(array.dtype, np.integer):
+        info = np.iinfo(array.dtype)
+        return out.round().clamp(info.min, info.max).numpy().astype(array.dtype)
+    return out.numpy().astype(array.dtype)
+
+
+def _folder_batches(args: argparse.Namespace, files: Sequence[Path]) -> Iterator[dict[str, np.ndarray]]:
+    shape, chunk, ids, names = None, [], [], []
+    for i, path in enumerate(tqdm(files, desc="files", unit="file", disable=args.quiet)):
+        array = load_file(path)
+        if args.size is not None:
+            array = resize(array, args.size)
+        if shape is None:
+            shape = array.shape
+        elif array.shape != shape:
+            raise DataError(
+                f"{path} has shape {array.shape}, but {files[0]} has {shape}; give --size to resize every image"
+            )
+        chunk.append(array)
+        ids.append(i)
+        names.append(str(path.relative_to(args.input)))
+        if len(chunk) == args.rows_per_group:
+            yield {"data": np.stack(chunk), "id": np.array(ids, dtype=np.int64), "filename": np.array(names)}
+            chunk, ids, names = [], [], []
+    if chunk:
+        yield {"data": np.stack(chunk), "id": np.array(ids, dtype=np.int64), "filename": np.array(names)}
+
+
+# -- convert ----------------------------------------------------------------------------------------------------------
+
+
+def convert(
+    source: Path,
+    writer: ParquetWriter,
+    columns: Sequence[str] | None = None,
+    size: int | None = None,
+    quiet: bool = False,
+) -> dict[str, int]:
+    """Stream every row group of ``source`` into ``writer``, then read the output back and check it.
+
+    Tensor columns (any layout) are decoded and written in the writer's layout; other columns (numbers,
+    strings) are copied. Returns ``{"rows": ..., "checksum": ...}``; raises DataError when the output's row count
+    or CRC-32 over every column's bytes differs from what was written.
+    """
+    import pyarrow.parquet as pq
+
+    from spherinator.data.dataset import ParquetIndex
+
+    index = ParquetIndex(source, columns)
+    schema = pq.read_schema(index.files[0])
+    names = list(columns) if columns is not None else schema.names
+    layouts = {n: index.layouts.get(n) for n in names}
+    crcs: dict[str, int] = {}
+    rows = 0
+    with tqdm(total=index.num_rows, desc="convert", unit="row", disable=quiet) as bar:
+        for file_no, group, _ in index.groups:
+            where = f"{index.files[file_no]} row group {group}"
+            with pq.ParquetFile(index.files[file_no]) as pf:
+                table = pf.read_row_group(group, columns=names)
+            batch = {}
+            for name in names:
+                layout = layouts[name]
+                if layout is None or not layout.is_tensor:
+                    batch[name] = table.column(name).to_numpy(zero_copy_only=False)
+                    continue
+                if size is not None and layout.kind == "encoded":
+                    array = np.stack(
+                        [
+                            resize(layout.decode(table.column(name).slice(i, 1), where)[0], size)
+                            for i in range(table.num_rows)
+                        ]
+                    )
+                else:
+                    array = layout.decode(table.column(name), where)
+                    if size is not None:
+                        array = resize(array, size)
+                batch[name] = array
+            _checksum(batch, crcs)
+            writer.write(batch)
+            rows += table.num_rows
+            bar.update(table.num_rows)
+    writer.close()
+    check, crc = verify(writer.out, names), _combine(crcs)
+    if check != {"rows": rows, "checksum": crc}:
+        raise DataError(
+            f"{writer.out} does not hold what was written: read back {check}, wrote rows={rows} checksum={crc}; "
+            f"the output is damaged, write it again"
+        )
+    return check
+
+
+def _checksum(batch: dict[str, np.ndarray], crcs: dict[str, int]) -> dict[str, int]:
+    """Update one CRC-32 per column (so the result does not depend on where batches begin and end)."""
+    for name, array in batch.items():
+        if array.dtype == object or array.dtype.kind == "U":
+            data = b"".join(str(v).encode() + b"\0" for v in array)
+        else:
+            data = np.ascontiguousarray(array).view(np.uint8).reshape(-1)
+        crcs[name] = zlib.crc32(data, crcs.get(name, 0))
+    return crcs
+
+
+def _combine(crcs: dict[str, int]) -> int:
+    return zlib.crc32(b"".join(c.to_bytes(4, "little") for c in crcs.values()))
+
+
+def verify(path: Path, columns: Sequence[str]) -> dict[str, int]:
+    """Row count and CRC-32 of a fast-layout dataset's columns, decoded as the DataModule reads them."""
+    import pyarrow.parquet as pq
+
+    from spherinator.data.dataset import find_parquet_files
+
+    crcs: dict[str, int] = {}
+    rows = 0
+    for file in find_parquet_files(path):
+        with pq.ParquetFile(file, page_checksum_verification=True) as pf:
+            schema = pf.schema_arrow
+            for group in range(pf.num_row_groups):
+                table = pf.read_row_group(group, columns=list(columns))
+                where = f"{file} row group {group}"
+                batch = {}
+                for name in columns:
+                    field = schema.field(name)
+                    if ColumnLayout.supports(field.type) and not pa_is_string(field.type):
+                        batch[name] = ColumnLayout.detect(field, schema.metadata, where).decode(
+                            table.column(name), where
+                        )
+                    else:
+                        batch[name] = table.column(name).to_numpy(zero_copy_only=False)
+                _checksum(batch, crcs)
+                rows += table.num_rows
+    return {"rows": rows, "checksum": _combine(crcs)}
+
+
+def pa_is_string(type_) -> bool:
+    import pyarrow as pa
+
+    return pa.types.is_string(type_) or pa.types.is_large_string(type_)
+
+
+# -- command line -----------------------------------------------------------------------------------------------------
+
+
+def _writer(args: argparse.Namespace) -> ParquetWriter:
+    return ParquetWriter(
+        args.out,
+        rows_per_file=args.rows_per_file,
+        rows_per_group=args.rows_per_group,
+        compression=args.compression,
+        layout=args.layout,
+    )
+
+
+def _write(args: argparse.Namespace, batches, total: int) -> None:
+    with _writer(args) as writer, tqdm(total=total, desc="write", unit="row", disable=args.quiet) as bar:
+        for batch in batches:
+            writer.write(batch)
+            bar.update(len(batch["data"]))
+    _report(args, writer)
+
+
+def _report(args: argparse.Namespace, writer: ParquetWriter) -> None:
+    if not args.quiet:
+        print(f"wrote {writer.rows} rows in {len(writer.files)} files to {writer.out}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line interface (one subparser per subcommand)."""
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
+    )
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--out", type=Path, required=True, help="output directory")
+    common.add_argument("--rows-per-file", type=int, default=4096, help="rows per Parquet file (default 4096)")
+    common.add_argument("--rows-per-group", type=int, default=256, help="rows per row group (default 256)")
+    common.add_argument("--compression", choices=COMPRESSIONS, default="snappy", help="default snappy")
+    common.add_argument("--layout", choices=LAYOUTS, default="fast", help="tensor layout (default fast)")
+    common.add_argument("--quiet", action="store_true", help="no progress bars")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("synthetic", parents=[common], help="galaxy-like Sersic images with their parameters")
+    p.add_argument("--count", type=int, default=2048, help="number of images (default 2048)")
+    p.add_argument("--size", type=int, default=64, help="image width and height in pixels (default 64)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+
+    p = sub.add_parser("hubble", parents=[common], help="cutouts around sources in the Hubble Deep Field image")
+    p.add_argument("--size", type=int, default=64, help="stamp width and height in pixels (default 64)")
+    p.add_argument("--min-area", type=int, default=30, help="smallest source in pixels (default 30)")
+    p.add_argument("--augment", action="store_true", help="add the 7 other rotations/flips of each stamp")
+
+    p = sub.add_parser("images", parents=[common], help="a folder of PNG/JPEG/FITS/NPY files")
+    p.add_argument("--input", type=Path, required=True, help="folder searched recursively")
+    p.add_argument("--size", type=int, default=None, help="resize every image to SIZE x SIZE")
+
+    p = sub.add_parser("convert", parents=[common], help="any readable layout -> fast layout, checked at the end")
+    p.add_argument("--input", type=Path, required=True, help="dataset directory (or .parquet file)")
+    p.add_argument("--columns", nargs="+", default=None, help="columns to keep (default: all)")
+    p.add_argument("--size", type=int, default=None, help="resize image columns to SIZE x SIZE")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "synthetic":
+            _write(args, _synthetic_batches(args), args.count)
+        elif args.command == "hubble":
+            cutouts = hubble_cutouts(args.size, args.min_area, args.augment)
+            _write(args, [cutouts], len(cutouts["data"]))
+        elif args.command == "images":
+            if not args.input.is_dir():
+                raise DataError(f"--input {args.input} is not a directory")
+            suffixes = IMAGE_SUFFIXES | ARRAY_SUFFIXES
+            files = sorted(p for p in args.input.rglob("*") if p.suffix.lower() in suffixes)
+            if not files:
+                raise DataError(f"no PNG/JPEG/FITS/NPY files under {args.input}")
+            _write(args, _folder_batches(args, files), len(files))
+        else:
+            writer = _writer(args)
+            check = convert(args.input, writer, args.columns, args.size, args.quiet)
+            _report(args, writer)
+            if not args.quiet:
+                print(f"checked: {check['rows']} rows, crc32 {check['checksum']:08x} match the input")
+    except DataError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
