@@ -1,7 +1,8 @@
-"""Training callbacks: KL annealing, reconstruction images and the latent sphere map."""
+"""Training callbacks: KL annealing, reconstruction images, the latent sphere map and the embedding writer."""
 
+from spherinator.callbacks.embeddings import EmbeddingWriter
 from spherinator.callbacks.kl_annealing import KLAnnealing
 from spherinator.callbacks.latent_sphere import LogLatentSphere
 from spherinator.callbacks.log_reconstruction import LogReconstructionCallback
 
-__all__ = ["KLAnnealing", "LogLatentSphere", "LogReconstructionCallback"]
+__all__ = ["EmbeddingWriter", "KLAnnealing", "LogLatentSphere", "LogReconstructionCallback"]

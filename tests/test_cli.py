@@ -1,0 +1,129 @@
+"""The ``spherinator`` command end to end on tiny data: fit, resume, predict, inference of sizes, errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+import yaml
+
+from spherinator.cli import SpherinatorCLI, main
+from spherinator.models import VariationalAutoencoder
+
+CONFIGS = Path(__file__).parent / "configs"
+TINY = str(CONFIGS / "vae_tiny.yaml")
+
+
+def data_yaml(tmp_path: Path, path: Path, **init_args) -> str:
+    """A data overlay reading ``path`` with small batches and no workers."""
+    args = {"path": str(path), "batch_size": 16, "num_workers": 0, "val_fraction": 0.25, **init_args}
+    out = tmp_path / f"data-{len(list(tmp_path.glob('data-*.yaml')))}.yaml"
+    out.write_text(yaml.safe_dump({"data": {"class_path": "spherinator.data.DataModule", "init_args": args}}))
+    return str(out)
+
+
+def only_version_dir(root: Path) -> Path:
+    (version,) = sorted((root / "runs" / "spherinator").glob("version_*"))
+    return version
+
+
+def test_fit_saves_resolved_config_and_checkpoint(image_dataset, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cli = SpherinatorCLI(args=["fit", "-c", TINY, "-c", data_yaml(tmp_path, image_dataset), "--model.init_args.z_dim", "5"])
+    version = only_version_dir(tmp_path)
+    saved = yaml.safe_load((version / "config.yaml").read_text())
+    model = saved["model"]["init_args"]
+    # What was inferred is in the saved config: the next run rebuilds exactly this model.
+    assert model["z_dim"] == 5
+    assert model["decoder"]["init_args"]["input_dim"] == 5
+    assert model["encoder_out_dim"] == 16
+    assert model["encoder"]["init_args"]["input_dim"] == [3, 32, 32]
+    assert model["decoder"]["init_args"]["output_dim"] == [3, 32, 32]
+    (ckpt,) = (version / "checkpoints").glob("*.ckpt")
+    restored = VariationalAutoencoder.load_from_checkpoint(ckpt, map_location="cpu")
+    assert restored.z_dim == 5
+    restored.eval()
+    trained = cli.model.eval()
+    x = torch.rand(4, 3, 32, 32)
+    z = restored.encode(x)
+    assert z.shape == (4, 5)
+    torch.testing.assert_close(z.norm(dim=1), torch.ones(4))
+    # save -> load gives the very model that was trained
+    torch.testing.assert_close(z, trained.encode(x), rtol=0, atol=0)
+    torch.testing.assert_close(restored(x), trained(x), rtol=0, atol=0)
+
+
+def test_resume_continues_epoch_count(image_dataset, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    data = data_yaml(tmp_path, image_dataset)
+    main(["fit", "-c", TINY, "-c", data, "--trainer.max_epochs", "1"])
+    (ckpt,) = (only_version_dir(tmp_path) / "checkpoints").glob("*.ckpt")
+    assert torch.load(ckpt, weights_only=False)["epoch"] == 0
+    main(["fit", "-c", TINY, "-c", data, "--trainer.max_epochs", "2", "--ckpt_path", str(ckpt)])
+    latest = max((tmp_path / "runs").rglob("*.ckpt"), key=lambda p: p.stat().st_mtime)
+    state = torch.load(latest, weights_only=False)
+    assert state["epoch"] == 1
+    assert state["global_step"] > torch.load(ckpt, weights_only=False)["global_step"]
+
+
+def test_predict_writes_embeddings_with_ids(image_dataset, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    data = data_yaml(tmp_path, image_dataset, columns=["data", "id"], return_dict=True)
+    main(["fit", "-c", TINY, "-c", data])
+    (ckpt,) = (only_version_dir(tmp_path) / "checkpoints").glob("*.ckpt")
+    out = tmp_path / "emb.parquet"
+    main(
+        [
+            "predict", "-c", TINY, "-c", data, "--ckpt_path", str(ckpt),
+            "--trainer.callbacks+=spherinator.callbacks.EmbeddingWriter",
+            f"--trainer.callbacks.output_path={out}",
+        ]
+    )  # fmt: skip
+    table = pq.read_table(out)
+    assert sorted(table.column("id").to_pylist()) == list(range(96))  # every row once
+    location = torch.tensor(table.column("location").to_pylist())
+    assert location.shape == (96, 3)
+    torch.testing.assert_close(location.norm(dim=1), torch.ones(96))
+
+
+def test_z_dim_override_follows_into_decoder(image_dataset, tmp_path):
+    cli = SpherinatorCLI(args=["-c", TINY, "-c", data_yaml(tmp_path, image_dataset), "--model.init_args.z_dim", "8"], run=False)
+    assert cli.model.z_dim == 8
+    assert cli.model.decode(torch.randn(2, 8)).shape == (2, 3, 32, 32)
+
+
+def test_explicit_decoder_input_dim_disagreeing_with_z_dim_is_an_error(image_dataset, tmp_path, capsys):
+    args = ["fit", "-c", TINY, "-c", data_yaml(tmp_path, image_dataset), "--model.init_args.z_dim", "8"]
+    with pytest.raises(SystemExit) as exit_info:
+        main([*args, "--model.init_args.decoder.init_args.input_dim", "3"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "input_dim is 3" in err and "z_dim is 8" in err
+
+
+def test_encoder_out_dim_mismatch_is_an_error(image_dataset, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["fit", "-c", TINY, "-c", data_yaml(tmp_path, image_dataset), "--model.init_args.encoder_out_dim", "7"])
+    err = capsys.readouterr().err
+    assert "encoder_out_dim is 7" in err and "output_dim is 16" in err
+
+
+def test_input_shape_disagreeing_with_data_is_an_error(image_dataset, tmp_path, capsys):
+    args = ["fit", "-c", TINY, "-c", data_yaml(tmp_path, image_dataset)]
+    with pytest.raises(SystemExit):
+        main([*args, "--model.init_args.encoder.init_args.input_dim", "[3, 64, 64]"])
+    err = capsys.readouterr().err
+    assert "[3, 64, 64]" in err and "[3, 32, 32]" in err
+
+
+def test_unknown_class_path_is_an_error(image_dataset, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(
+            [
+                "fit", "-c", TINY, "-c", data_yaml(tmp_path, image_dataset),
+                "--model.init_args.encoder.class_path", "spherinator.models.NoSuchEncoder",
+            ]
+        )  # fmt: skip
+    assert "NoSuchEncoder" in capsys.readouterr().err
