@@ -39,16 +39,18 @@ def build_checkpoint(model_config: Path, input_dim: list[int], workdir: Path) ->
     return checkpoint, config
 
 
-def seconds_per_call(fn: Callable[[], object], warmup: int, repeats: int) -> float:
-    """Median wall time of ``fn`` over ``repeats`` calls after ``warmup`` calls."""
+def interleaved_seconds(fns: dict[str, Callable[[], object]], warmup: int, repeats: int) -> dict[str, float]:
+    """Median wall time per call of each function; calls alternate so that both see the same machine load."""
     for _ in range(warmup):
-        fn()
-    times = []
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -94,13 +96,13 @@ def main(argv: list[str] | None = None) -> None:
             return session.run(None, {"x": x_np})[0]
 
         worst = float(np.abs(run_ort() - run_torch().numpy()).max())
-        t_torch = seconds_per_call(run_torch, args.warmup, args.repeats)
-        t_ort = seconds_per_call(run_ort, args.warmup, args.repeats)
+        seconds = interleaved_seconds({"torch": run_torch, "ort": run_ort}, args.warmup, args.repeats)
+        t_torch, t_ort = seconds["torch"], seconds["ort"]
 
     b = args.batch_size
     print(
         f"encoder of {name} ({report['model_class']}), batch {b}, {args.threads} CPU threads, "
-        f"median of {args.repeats}; max |ort - torch| = {worst:.1e}"
+        f"median of {args.repeats} interleaved calls; max |ort - torch| = {worst:.1e}"
     )
     print(f"  torch eager : {1e3 * t_torch:8.1f} ms/batch  {b / t_torch:8.0f} samples/s")
     print(f"  onnxruntime : {1e3 * t_ort:8.1f} ms/batch  {b / t_ort:8.0f} samples/s")
