@@ -176,6 +176,7 @@ def test_onnx_reproduces_lightning_model_at_other_batch_sizes(vae_export, vae_to
 
 
 def test_metadata_and_report(vae_export, vae_checkpoint):
+    assert spherinator.export_onnx is export_onnx  # the seed's entry point
     report, out = vae_export
     for graph in GRAPHS:
         meta = metadata(out / f"{graph}.onnx")

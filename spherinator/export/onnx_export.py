@@ -164,14 +164,14 @@ def export_onnx(
             }
             if validate:
                 entry["validation"] = validate_graph(
-                    file, graph, lambda b, g=graph: _example_input(g, model, input_shape, b, seed=b), module,
+                    file, lambda b, g=graph: _example_input(g, model, input_shape, b, seed=b), module,
                     input_name, batch_sizes, atol, rtol,
                 )  # fmt: skip
                 if not entry["validation"]["passed"]:
                     failures.append((graph, entry["validation"]))
             report["graphs"][graph] = entry
             if progress is not None:
-                progress(_progress_line(graph, entry))
+                progress(_progress_line(entry))
         report["passed"] = not failures if validate else None
         (staging / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
         _publish(staging, export_path)
@@ -185,7 +185,6 @@ def export_onnx(
 
 def validate_graph(
     file: str | Path,
-    graph: str,
     make_input: Callable[[int], torch.Tensor],
     reference: nn.Module,
     input_name: str,
@@ -386,7 +385,7 @@ def _size_with_sidecars(file: Path) -> int:
     return sum(p.stat().st_size for p in file.parent.glob(f"{file.name}*"))
 
 
-def _progress_line(graph: str, entry: dict[str, Any]) -> str:
+def _progress_line(entry: dict[str, Any]) -> str:
     line = f"{entry['file']}: exported in {entry['export_seconds']:.1f} s ({entry['size_bytes'] / 1e6:.2f} MB)"
     validation = entry.get("validation")
     if validation is None:
