@@ -13,7 +13,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from spherinator.data.dataset import ParquetIndex, ParquetStream, Segment, apply_transform, split_rows
-from spherinator.data.layout import DataError
+from spherinator.data.layout import DataError, scale_uint8
 
 
 @dataclass
@@ -35,18 +35,21 @@ class Column:
     per_sample: bool = False
 
 
-class _EpochLoader(DataLoader):
-    """A DataLoader that tells its :class:`ParquetStream` the epoch before every pass (also reaches persistent
-    workers, which hold their own copy of the dataset: the epoch lives in shared memory)."""
+class _Loader(DataLoader):
+    """A DataLoader over a :class:`ParquetStream` that tells it the epoch before every pass (persistent workers
+    see it too: the epoch lives in shared memory) and, with workers, receives uint8 columns as uint8 and scales
+    them to float32 here, which moves 4x fewer bytes from the workers."""
 
     def __init__(self, dataset: ParquetStream, *args: Any, epoch_fn: Callable[[], int] | None = None, **kwargs: Any):
         super().__init__(dataset, *args, **kwargs)
         self.epoch_fn = epoch_fn
+        dataset.defer_uint8 = self.num_workers > 0
 
     def __iter__(self):
         if self.epoch_fn is not None:
             self.dataset.set_epoch(self.epoch_fn())
-        return super().__iter__()
+        batches = super().__iter__()
+        return map(scale_uint8, batches) if self.dataset.defer_uint8 else batches
 
 
 class DataModule(pl.LightningDataModule):
@@ -254,9 +257,7 @@ class DataModule(pl.LightningDataModule):
         if self.num_workers > 0:
             workers = {"persistent_workers": self.persistent_workers, "prefetch_factor": self.prefetch_factor}
         kwargs = dict(batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory, **workers)
-        if split == "train":
-            return _EpochLoader(self.dataset(split), epoch_fn=self._epoch, **kwargs)
-        return DataLoader(self.dataset(split), **kwargs)
+        return _Loader(self.dataset(split), epoch_fn=self._epoch if split == "train" else None, **kwargs)
 
     def _epoch(self) -> int:
         """The trainer's epoch when attached, else the number of passes made so far."""

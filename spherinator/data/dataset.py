@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from spherinator.data.layout import ColumnLayout, DataError, to_tensor
+from spherinator.data.layout import ColumnLayout, DataError, _empty, to_tensor
 
 
 @dataclass(frozen=True)
@@ -299,6 +299,9 @@ class ParquetStream(IterableDataset):
         self.drop_last = drop_last
         self.rank = rank
         self.world_size = world_size
+        # Workers send uint8 columns as uint8 (4x fewer bytes through shared memory than float32) when the
+        # DataLoader scales them in the main process (set by spherinator.data.DataModule's loaders).
+        self.defer_uint8 = False
         # Shared memory, so persistent DataLoader workers see the epoch the main process sets.
         self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
 
@@ -362,9 +365,8 @@ class ParquetStream(IterableDataset):
             if seg.file not in handles:
                 if len(handles) >= 8:
                     handles.pop(next(iter(handles))).close()
-                handles[seg.file] = pq.ParquetFile(
-                    self.files[seg.file], memory_map=True, page_checksum_verification=True
-                )
+                # No memory_map: mapped pages would count as resident memory growing with the data read.
+                handles[seg.file] = pq.ParquetFile(self.files[seg.file], page_checksum_verification=True)
             where = f"{self.files[seg.file]} row group {seg.group}"
             try:
                 table = handles[seg.file].read_row_group(seg.group, columns=names, use_threads=use_threads)
@@ -378,9 +380,15 @@ class ParquetStream(IterableDataset):
 
     def _finish(self, arrays: dict[str, np.ndarray]) -> torch.Tensor | dict[str, torch.Tensor]:
         batch = {}
+        in_worker = get_worker_info() is not None
         for name, array in arrays.items():
-            tensor = to_tensor(array, self.layouts[name])
             transform, per_sample = self.transforms.get(name, (None, False))
+            # A tensor a transform replaces need not be shared; the transform's output is sent as usual.
+            if self.defer_uint8 and in_worker and transform is None and array.dtype == np.uint8:
+                tensor = _empty(array.shape, torch.uint8, shared=True)  # scaled by the loader: see defer_uint8
+                tensor.numpy()[...] = array
+            else:
+                tensor = to_tensor(array, self.layouts[name], shared=in_worker and transform is None)
             if transform is not None:
                 tensor = apply_transform(transform, tensor, per_sample, name)
             batch[name] = tensor

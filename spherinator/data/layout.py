@@ -334,14 +334,32 @@ def decode_images(arr: pa.Array, name: str, where: str) -> np.ndarray:
     return torch.stack(images).numpy()
 
 
-def to_tensor(array: np.ndarray, layout: ColumnLayout) -> torch.Tensor:
+def _empty(shape: tuple[int, ...], dtype: torch.dtype, shared: bool) -> torch.Tensor:
+    """An uninitialised tensor, in shared memory when ``shared`` (a DataLoader worker then hands it to the main
+    process without the extra copy its pickler makes of ordinary tensors)."""
+    if not shared:
+        return torch.empty(shape, dtype=dtype)
+    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    return torch.empty(0, dtype=dtype).set_(torch.UntypedStorage._new_shared(nbytes), 0, shape)
+
+
+def to_tensor(array: np.ndarray, layout: ColumnLayout, shared: bool = False) -> torch.Tensor:
     """The tensor the model sees: arrays of uint8 scaled to float32 in [0, 1], other arrays as float32;
-    integer/boolean scalars as int64, floating scalars as float32."""
-    if layout.is_tensor:
-        if array.dtype == np.uint8:
-            return torch.from_numpy(np.multiply(array, np.float32(1 / 255), dtype=np.float32))
-        out = array.astype(np.float32, copy=not array.flags.writeable or array.dtype != np.float32)
-        return torch.from_numpy(out)
-    if array.dtype.kind in "biu":
-        return torch.from_numpy(array.astype(np.int64, copy=not array.flags.writeable or array.dtype != np.int64))
-    return torch.from_numpy(array.astype(np.float32, copy=not array.flags.writeable or array.dtype != np.float32))
+    integer/boolean scalars as int64, floating scalars as float32. Always a new tensor (never a view of Arrow
+    memory); in shared memory with ``shared``."""
+    dtype = torch.float32 if layout.is_tensor or array.dtype.kind == "f" else torch.int64
+    out = _empty(array.shape, dtype, shared)
+    if array.dtype == np.uint8 and layout.is_tensor:
+        np.multiply(array, np.float32(1 / 255), out=out.numpy())  # one pass; within 1 ulp of x / 255
+    else:
+        out.numpy()[...] = array
+    return out
+
+
+def scale_uint8(batch: torch.Tensor | dict[str, torch.Tensor]) -> torch.Tensor | dict[str, torch.Tensor]:
+    """uint8 tensors of a batch (from workers that send uint8 to move 4x fewer bytes) to float32 in [0, 1]."""
+    if isinstance(batch, dict):
+        return {name: scale_uint8(tensor) for name, tensor in batch.items()}
+    if batch.dtype != torch.uint8:
+        return batch
+    return torch.from_numpy(np.multiply(batch.numpy(), np.float32(1 / 255), dtype=np.float32))

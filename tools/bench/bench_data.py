@@ -1,0 +1,217 @@
+"""Data loading throughput, side by side in one run (a benchmark, not a test).
+
+On one generated dataset of 3x128x128 uint8 galaxy images (batch 64), for the fast layout (fixed-size binary)
+and the list layout (fixed-size list of uint8 + shape metadata, how existing Spherinator data is stored):
+
+    raw       pyarrow reads every row group's column and views it as one numpy array (one thread): the limit
+    dm0/dm2   spherinator.data.DataModule's shuffled train loader with 0 and 2 workers (float32 batches)
+    naive     the table loaded into memory, one torch.tensor per row in __getitem__, default DataLoader
+
+and prints samples/s with the ratios dm/raw and dm/naive, the end-to-end speed-up of the fast layout over the
+list layout, and the resident memory while streaming a dataset much larger than the shuffle buffer.
+
+    python tools/bench/bench_data.py                 # ~1-2 minutes on 2 cores (the first run writes the data)
+    python tools/bench/bench_data.py --rows 6144 --compression none
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from spherinator.data import DataModule, ParquetWriter  # noqa: E402
+from tools.make_dataset import synthetic_galaxies  # noqa: E402
+
+SHAPE = (3, 128, 128)
+
+
+def make_data(root: Path, rows: int, rows_per_group: int, compression: str) -> dict[str, Path]:
+    """The same galaxies in both layouts under ``root`` (reused when already there)."""
+    paths = {}
+    for layout in ("fast", "list"):
+        path = root / f"{layout}-{compression}-{rows}-{rows_per_group}"
+        paths[layout] = path
+        if path.exists():
+            continue
+        rng = np.random.default_rng(0)
+        tmp = path.with_suffix(".tmp")
+        with ParquetWriter(
+            tmp, rows_per_file=rows // 2, rows_per_group=rows_per_group, compression=compression, layout=layout
+        ) as writer:
+            for start in range(0, rows, 256):
+                n = min(256, rows - start)
+                images = synthetic_galaxies(n, SHAPE[-1], rng)["data"]
+                writer.write({"data": images, "id": np.arange(start, start + n)})
+        tmp.rename(path)
+    return paths
+
+
+def raw_limit(path: Path) -> float:
+    """Images/s of pyarrow reading the column and viewing it as one numpy array per row group (one thread)."""
+    from spherinator.data import ParquetIndex
+
+    index = ParquetIndex(path, ["data"])
+    layout = index.layouts["data"]
+    start, rows = time.perf_counter(), 0
+    for file in index.files:
+        with pq.ParquetFile(file) as pf:
+            for g in range(pf.num_row_groups):
+                column = pf.read_row_group(g, columns=["data"], use_threads=False).column(0)
+                rows += len(layout.decode(column, "bench"))  # a view of the Arrow buffer: memcpy-free
+    return rows / (time.perf_counter() - start)
+
+
+def datamodule_rate(path: Path, workers: int, batch_size: int, epochs: int = 2) -> float:
+    """Images/s of the DataModule's shuffled train loader over its last epoch (the first warms workers up)."""
+    dm = DataModule(path, columns=["data"], batch_size=batch_size, num_workers=workers, val_fraction=0.0)
+    dm.setup("fit")
+    loader = dm.train_dataloader()
+    for _ in range(epochs):
+        start, rows = time.perf_counter(), 0
+        for batch in loader:
+            rows += len(batch)
+        rate = rows / (time.perf_counter() - start)
+    return rate
+
+
+class NaiveDataset(Dataset):
+    """What a first attempt looks like: whole table in memory, one tensor per row."""
+
+    def __init__(self, path: Path, limit: int):
+        self.table = pq.read_table(path, columns=["data"]).slice(0, limit)
+
+    def __len__(self) -> int:
+        return self.table.num_rows
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        value = self.table.column(0)[i]
+        data = value.as_py()
+        if isinstance(data, bytes):
+            array = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        else:
+            array = torch.tensor(data, dtype=torch.uint8)
+        return array.reshape(SHAPE).float() / 255
+
+
+def naive_rate(path: Path, batch_size: int, limit: int) -> float:
+    loader = DataLoader(NaiveDataset(path, limit), batch_size=batch_size, shuffle=True)
+    start, rows = time.perf_counter(), 0
+    for batch in loader:
+        rows += len(batch)
+    return rows / (time.perf_counter() - start)
+
+
+def rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def rss_while_streaming(path: Path, shuffle_buffer: int, batch_size: int) -> list[tuple[int, float]]:
+    """(rows read, RSS MiB) at each eighth of one shuffled epoch with 0 workers, in a fresh process."""
+    code = (
+        "import json, sys; sys.path.insert(0, sys.argv[1]); from tools.bench.bench_data import _rss_points; "
+        "print(json.dumps(_rss_points(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(ROOT), str(path), str(shuffle_buffer), str(batch_size)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return [tuple(p) for p in json.loads(out.stdout.strip().splitlines()[-1])]
+
+
+def _rss_points(path: str, shuffle_buffer: int, batch_size: int) -> list[tuple[int, float]]:
+    torch.set_num_threads(1)
+    dm = DataModule(path, columns=["data"], batch_size=batch_size, val_fraction=0.0, shuffle_buffer=shuffle_buffer)
+    dm.setup("fit")
+    total = dm.split_rows("train")
+    marks, rows, points = [total * k // 8 for k in range(1, 9)], 0, [(0, rss_mb())]
+    for batch in dm.train_dataloader():
+        rows += len(batch)
+        while marks and rows >= marks[0]:
+            points.append((marks.pop(0), rss_mb()))
+    return points
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, default=3072, help="images per layout (default 3072)")
+    parser.add_argument("--rows-per-group", type=int, default=128, help="rows per row group (default 128)")
+    parser.add_argument("--compression", default="snappy", choices=["none", "snappy", "zstd"])
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--naive-rows", type=int, default=512, help="rows the naive baseline reads (it is slow)")
+    parser.add_argument("--shuffle-buffer", type=int, default=256, help="for the memory run (default 256 rows)")
+    parser.add_argument("--data-dir", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "spherinator-bench")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+
+    t0 = time.perf_counter()
+    paths = make_data(args.data_dir, args.rows, args.rows_per_group, args.compression)
+    mb = args.rows * np.prod(SHAPE) / 2**20
+    print(
+        f"dataset: {args.rows} x {SHAPE} uint8 ({mb:.0f} MiB raw), row groups of {args.rows_per_group}, "
+        f"{args.compression}, batch {args.batch_size}; data ready in {time.perf_counter() - t0:.1f} s"
+    )
+    print(f"cores: {os.cpu_count()}, torch threads: 1\n")
+    results = {}
+    for layout, path in paths.items():
+        results[layout] = {
+            "raw": raw_limit(path),
+            "dm0": datamodule_rate(path, 0, args.batch_size),
+            "dm2": datamodule_rate(path, 2, args.batch_size),
+            "naive": naive_rate(path, args.batch_size, args.naive_rows),
+        }
+    naive = results["list"]["naive"]  # the baseline: existing list datasets, one torch.tensor per row
+    print(
+        f"{'layout':<8}{'raw img/s':>11}{'dm 0w':>9}{'dm 2w':>9}{'naive':>8}{'dm0/raw':>9}{'dm2/raw':>9}"
+        f"{'dm0/naive':>11}{'dm2/naive':>11}"
+    )
+    for layout, r in results.items():
+        print(
+            f"{layout:<8}{r['raw']:>11.0f}{r['dm0']:>9.0f}{r['dm2']:>9.0f}{r['naive']:>8.0f}"
+            f"{r['dm0'] / r['raw']:>9.2f}{r['dm2'] / r['raw']:>9.2f}"
+            f"{r['dm0'] / naive:>11.1f}{r['dm2'] / naive:>11.1f}"
+        )
+    fast, lst = results["fast"], results["list"]
+    print(f"(dm/naive against the naive loader on the list layout, {naive:.0f} img/s)")
+    print(
+        f"\nfast/list end to end: {fast['dm0'] / lst['dm0']:.1f}x (0 workers), {fast['dm2'] / lst['dm2']:.1f}x "
+        f"(2 workers); raw: {fast['raw'] / lst['raw']:.1f}x"
+    )
+    print("targets: fast dm/raw >= 0.5, list dm/raw >= 0.8, dm/naive >= 20, 2 workers > 0 workers")
+    load = os.getloadavg()[0]
+    if load > (os.cpu_count() or 1):
+        print(f"WARNING: load average {load:.1f} on {os.cpu_count()} cores: other processes share the CPU")
+
+    buffer_mb = args.shuffle_buffer * np.prod(SHAPE) / 2**20
+    points = rss_while_streaming(paths["fast"], args.shuffle_buffer, args.batch_size)
+    trail = ", ".join(f"{rows}: {rss:.0f}" for rows, rss in points)
+    print(
+        f"\nRSS (MiB) while streaming {args.rows} rows = {args.rows / args.shuffle_buffer:.0f}x the shuffle "
+        f"buffer ({args.shuffle_buffer} rows, {buffer_mb:.0f} MiB as uint8), fresh process, 0 workers, "
+        f"by rows read: {trail}"
+    )
+    after_first = [rss for _, rss in points[2:]]
+    print(
+        f"after the first eighth: min {min(after_first):.0f}, max {max(after_first):.0f} MiB "
+        f"(spread {max(after_first) - min(after_first):.0f} MiB vs a {mb:.0f} MiB dataset)"
+    )
+    print(f"\ntotal {time.perf_counter() - t0:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
