@@ -38,7 +38,9 @@ def _error_text(err: BaseException, stderr: str) -> str:
     if not text:  # jsonargparse printed the message and exited
         lines = [line for line in stderr.strip().splitlines() if line.strip()]
         text = lines[-1] if lines else f"exit status {getattr(err, 'code', '?')}"
-    return " ".join(line.strip() for line in text.splitlines() if line.strip())
+    text = " ".join(line.strip() for line in text.splitlines() if line.strip())
+    # jsonargparse appends the alternative it also tried (None) and the whole namespace: noise, not the cause.
+    return text.split(" - Expected a <class 'NoneType'>")[0]
 
 
 def parse_config(args: list[str]) -> tuple[Any, Any]:
@@ -202,7 +204,7 @@ def compose_task(
         if validate:
             check_config(parser, config)
         _add_slurm_environment(config)
-        text = parser.dump(config, skip_none=False)
+        text = parser.dump(config)
     except SubmitError:
         raise
     except Exception as err:

@@ -94,10 +94,20 @@ def _check_overrides(extra: list[str]) -> list[str]:
     return extra
 
 
+def python_command() -> str:
+    """How srun starts Python: this interpreter, with USR2 ignored until Submitit installs its handler.
+
+    Slurm may send the ``--signal`` up to 60 s before the time asked for; a USR2 during Python's start-up would
+    otherwise kill the task (the default action of USR2) instead of requeueing it.
+    """
+    script = 'trap "" USR2; exec "$0" "$@"'
+    return f"bash -c {shlex.quote(script)} {shlex.quote(sys.executable)}"
+
+
 def _executor(folder: Path, resources: Resources, name: str) -> Any:
     import submitit
 
-    executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=resources.max_requeues)
+    executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=resources.max_requeues, python=python_command())
     executor.update_parameters(job_name=name, **resources.submitit_parameters())
     return executor
 
@@ -106,7 +116,7 @@ def sbatch_script(folder: Path, resources: Resources, name: str, n_tasks: int) -
     """The batch script Submitit writes for this sweep (one array of ``n_tasks``), for --dry-run."""
     from submitit.slurm.slurm import _make_sbatch_string
 
-    command = " ".join([shlex.quote(sys.executable), "-u -m submitit.core._submit", shlex.quote(str(folder))])
+    command = " ".join([python_command(), "-u -m submitit.core._submit", shlex.quote(str(folder))])
     return _make_sbatch_string(
         command=command,
         folder=folder,

@@ -1,0 +1,328 @@
+"""spherinator-submit without a cluster: sweeps, resources, the dry-run sbatch script, checks before sbatch."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+import spherinator.submit.launch as launch
+from spherinator.submit import Resources, SubmitError, expand_sweep, main, parse_sweep_arg, parse_time
+from spherinator.submit.resources import load_preset
+
+TINY_VAE = """\
+model:
+  class_path: spherinator.models.VariationalAutoencoder
+  init_args:
+    encoder:
+      class_path: spherinator.models.ConvolutionalEncoder2D
+      init_args:
+        output_dim: 16
+        cnn_layers:
+          - class_path: spherinator.models.ConsecutiveConv2DLayer
+            init_args: {{kernel_size: 4, stride: 2, padding: 1, out_channels: [4, 8]}}
+    decoder:
+      class_path: spherinator.models.ConvolutionalDecoder2D
+      init_args:
+        cnn_input_dim: [8, 8, 8]
+        cnn_layers:
+          - class_path: spherinator.models.ConsecutiveConvTranspose2DLayer
+            init_args: {{kernel_size: 4, stride: 2, padding: 1, out_channels: [4, 3]}}
+    z_dim: 3
+data:
+  class_path: spherinator.data.DataModule
+  init_args:
+    path: {data}
+    columns: [data]
+    batch_size: 16
+    num_workers: 0
+trainer:
+  accelerator: cpu
+  max_epochs: {epochs}
+  enable_progress_bar: false
+  enable_model_summary: false
+  log_every_n_steps: 1
+"""
+
+
+def tiny_config(directory: Path, data: Path, epochs: int = 1) -> Path:
+    """A tiny VAE for 3x32x32 images on ``data`` (the image_dataset fixture)."""
+    path = directory / "tiny.yaml"
+    path.write_text(TINY_VAE.format(data=data, epochs=epochs))
+    return path
+
+
+@pytest.fixture
+def no_queue(monkeypatch: pytest.MonkeyPatch) -> list:
+    """Make any attempt to build a Submitit executor or call sbatch fail the test (and record it)."""
+    calls: list = []
+
+    def refuse(*args, **kwargs):
+        calls.append((args, kwargs))
+        raise AssertionError("a job was about to be queued")
+
+    monkeypatch.setattr(launch, "_executor", refuse)
+    real_run = subprocess.run
+
+    def guarded_run(cmd, *args, **kwargs):
+        if cmd and str(cmd[0]) in ("sbatch", "scancel"):
+            refuse(cmd)
+        return real_run(cmd, *args, **kwargs)
+
+    monkeypatch.setattr(subprocess, "run", guarded_run)
+    return calls
+
+
+# ------------------------------------------------------------------------------------------------ sweeps
+
+
+def test_sweep_flags_make_a_grid_with_readable_names():
+    tasks = expand_sweep(["model.init_args.z_dim=3,8", "model.init_args.beta=1e-3,1e-2"])
+    assert [t.params for t in tasks] == [
+        {"model.init_args.z_dim": "3", "model.init_args.beta": "1e-3"},
+        {"model.init_args.z_dim": "3", "model.init_args.beta": "1e-2"},
+        {"model.init_args.z_dim": "8", "model.init_args.beta": "1e-3"},
+        {"model.init_args.z_dim": "8", "model.init_args.beta": "1e-2"},
+    ]
+    assert [t.name for t in tasks] == [
+        "z_dim=3_beta=1e-3",
+        "z_dim=3_beta=1e-2",
+        "z_dim=8_beta=1e-3",
+        "z_dim=8_beta=1e-2",
+    ]
+    assert [t.index for t in tasks] == [0, 1, 2, 3]
+    assert tasks[3].cli_args() == ["--model.init_args.z_dim", "8", "--model.init_args.beta", "1e-2"]
+
+
+def test_no_sweep_is_one_task_named_run():
+    (task,) = expand_sweep()
+    assert task.name == "run" and task.params == {} and task.cli_args() == []
+
+
+def test_sweep_values_keep_brackets_and_quotes_together():
+    assert parse_sweep_arg("trainer.devices=[0,1],[2,3]") == ("trainer.devices", ["[0,1]", "[2,3]"])
+    assert parse_sweep_arg("--a.b='x,y',z") == ("a.b", ["'x,y'", "z"])
+
+
+@pytest.mark.parametrize("bad", ["model.init_args.z_dim", "=3,4", "model.init_args.z_dim=3,,4"])
+def test_malformed_sweep_flag_is_refused(bad):
+    with pytest.raises(SubmitError, match="--sweep"):
+        parse_sweep_arg(bad)
+
+
+def test_same_key_swept_twice_is_refused():
+    with pytest.raises(SubmitError, match="swept twice"):
+        expand_sweep(["model.init_args.z_dim=3", "model.init_args.z_dim=8"])
+
+
+def test_names_tell_apart_keys_with_the_same_leaf():
+    tasks = expand_sweep(
+        ["model.init_args.encoder.init_args.output_dim=8", "model.init_args.decoder.init_args.output_dim=9"]
+    )
+    assert tasks[0].name == "encoder.output_dim=8_decoder.output_dim=9"
+
+
+def test_sweep_file_grid_and_list(tmp_path):
+    grid = tmp_path / "grid.yaml"
+    grid.write_text("model.init_args.z_dim: [3, 16]\nmodel.init_args.beta: [0.001]\n")
+    tasks = expand_sweep(["trainer.max_epochs=1,2"], grid)
+    assert len(tasks) == 4
+    assert tasks[0].params == {"model.init_args.z_dim": "3", "model.init_args.beta": "0.001", "trainer.max_epochs": "1"}
+    listed = tmp_path / "list.yaml"
+    listed.write_text("- {model.init_args.z_dim: 3}\n- {model.init_args.z_dim: 8, model.init_args.beta: 0.1}\n")
+    assert [t.params for t in expand_sweep(sweep_file=listed)] == [
+        {"model.init_args.z_dim": "3"},
+        {"model.init_args.z_dim": "8", "model.init_args.beta": "0.1"},
+    ]
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model.init_args.z_dim: 3\n")
+    with pytest.raises(SubmitError, match="non-empty list"):
+        expand_sweep(sweep_file=bad)
+
+
+# ------------------------------------------------------------------------------------------------ resources
+
+
+@pytest.mark.parametrize(
+    ("text", "minutes"), [("90", 90), ("1:30:00", 90), ("00:30", 1), ("2-00:00:00", 2880), ("1-12", 2160), (5, 5)]
+)
+def test_parse_time_reads_slurm_formats(text, minutes):
+    assert parse_time(text) == minutes
+
+
+@pytest.mark.parametrize("bad", ["abc", "1h", "0"])
+def test_parse_time_refuses_what_slurm_would(bad):
+    with pytest.raises(SubmitError, match="--time"):
+        parse_time(bad)
+
+
+def test_multi_node_resources_become_ddp_unless_a_strategy_is_named():
+    res = Resources(nodes=2, devices=1)
+    assert res.trainer_settings("auto") == {"num_nodes": 2, "devices": 1, "strategy": "ddp"}
+    # Named strategies (DeepSpeed, FSDP) pass through untouched.
+    assert "strategy" not in res.trainer_settings("deepspeed_stage_2")
+    gpu = Resources(nodes=4, gpus_per_node=4)
+    assert gpu.devices == 4
+    assert gpu.trainer_settings("auto") == {"num_nodes": 4, "devices": 4, "accelerator": "gpu", "strategy": "ddp"}
+    assert Resources().trainer_settings("auto") == {"num_nodes": 1, "devices": 1}
+
+
+def test_signal_delay_stays_below_short_limits():
+    assert Resources(time=60).effective_signal_delay_s() == 90
+    assert Resources(time=1).effective_signal_delay_s() == 30  # never at once for a one-minute limit
+    assert Resources(time=1, signal_delay_s=45).effective_signal_delay_s() == 45
+
+
+def test_presets_in_slurm_dir_load_and_unknown_ones_are_named():
+    local = load_preset("local")
+    assert local["partition"] == "debug"
+    site = load_preset("gpu_site_example")
+    assert site["time"] == 720 and site["gpus_per_node"] == 4
+    with pytest.raises(SubmitError, match="available: .*local"):
+        load_preset("nope")
+
+
+# ------------------------------------------------------------------------------------------------ dry run + checks
+
+
+def test_dry_run_prints_the_sbatch_script_and_queues_nothing(tmp_path, image_dataset, capsys, no_queue):
+    config = tiny_config(tmp_path, image_dataset)
+    main([
+        "-c", str(config), "--trainer.max_epochs", "2", "--nodes", "2", "--devices", "2", "--partition", "debug",
+        "--time", "1:30:00", "--parallelism", "2", "--sweep", "model.init_args.z_dim=3,8", "--sweep",
+        "model.init_args.beta=1e-3,1e-2", "--sbatch-extra", "reservation=demo", "--mem", "8G",
+        "--run-root", str(tmp_path / "runs"), "--name", "dry", "--dry-run", "--no-validate",
+    ])  # fmt: skip
+    out = capsys.readouterr().out
+    script = out.split("# task 0:")[0]
+    for line in [
+        "#SBATCH --nodes=2",
+        "#SBATCH --ntasks-per-node=2",
+        "#SBATCH --array=0-3%2",
+        "#SBATCH --signal=USR2@90",
+        "#SBATCH --time=90",
+        "#SBATCH --partition=debug",
+        "#SBATCH --mem=8G",
+        "#SBATCH --reservation=demo",
+        "#SBATCH --job-name=dry",
+    ]:
+        assert line in script.splitlines(), line
+    assert "srun" in script and "submitit.core._submit" in script
+    assert out.count("# task ") == 4
+    # Each task's config: its swept values, the Trainer sized to the allocation, the run dir pinned.
+    task3 = out.split("# task 3:")[1]
+    assert "z_dim: 8" in task3 and "beta: 0.01" in task3
+    assert "num_nodes: 2" in task3 and "devices: 2" in task3 and "strategy: ddp" in task3
+    assert f"default_root_dir: {tmp_path / 'runs' / 'dry' / 'z_dim=8_beta=1e-2'}" in task3
+    assert "auto_requeue: false" in task3 and "spherinator.submit.RequeueOnSignal" in task3
+    assert "save_last: true" in task3
+    assert no_queue == [] and not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--sweep", "model.init_args.zdim=3,8"], r"task 0 'zdim=3' \(model.init_args.zdim=3\).*zdim"),
+        (["--sweep", "model.init_args.z_dim=3,abc"], r"task 1 'z_dim=abc'.*abc"),
+        (["--model.init_args.beta", "not-a-number"], r"task 0 'run'.*not-a-number"),
+        (["--data.init_args.path", "/nonexistent/data"], r"task 0 'run'.*/nonexistent/data"),
+    ],
+)
+def test_bad_configs_fail_before_sbatch_naming_task_and_value(
+    tmp_path, image_dataset, capsys, no_queue, args, expected
+):
+    config = tiny_config(tmp_path, image_dataset)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["-c", str(config), "--run-root", str(tmp_path / "runs"), "--name", "bad", *args])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "spherinator-submit: error:" in err
+    import re
+
+    assert re.search(expected, err), err
+    assert no_queue == [] and not (tmp_path / "runs" / "bad").exists()
+
+
+def test_model_that_cannot_reconstruct_its_input_is_caught_before_sbatch(tmp_path, image_dataset, capsys, no_queue):
+    config = tiny_config(tmp_path, image_dataset)
+    # The decoder reaches 16x16, not the data's 32x32: building the model or the batch check must say so.
+    with pytest.raises(SystemExit):
+        main([
+            "-c", str(config), "--run-root", str(tmp_path / "runs"), "--name", "shape",
+            "--model.init_args.decoder.init_args.cnn_input_dim", "[8,4,4]",
+        ])  # fmt: skip
+    err = capsys.readouterr().err
+    assert "task 0 'run'" in err and "32" in err
+    assert no_queue == []
+
+
+def test_unknown_positional_argument_and_missing_config_are_refused(tmp_path, capsys, no_queue):
+    with pytest.raises(SystemExit):
+        main(["-c", str(tmp_path / "missing.yaml")])
+    assert "missing.yaml' does not exist" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["fit", "-c", str(tmp_path / "x.yaml")])
+    assert "unexpected argument 'fit'" in capsys.readouterr().err
+
+
+def test_submit_writes_run_dirs_and_manifest_then_calls_the_executor_once(tmp_path, image_dataset, monkeypatch):
+    """With the executor faked: configs are checked, run dirs written, one array submitted, the manifest kept."""
+    config = tiny_config(tmp_path, image_dataset)
+    submitted: list = []
+
+    class FakeJob:
+        def __init__(self, job_id):
+            self.job_id = job_id
+
+    class FakeExecutor:
+        def batch(self):
+            import contextlib
+
+            return contextlib.nullcontext()
+
+        def submit(self, fn):
+            submitted.append(fn)
+            return FakeJob(f"77_{len(submitted) - 1}")
+
+    monkeypatch.setattr(launch, "_executor", lambda folder, resources, name: FakeExecutor())
+    monkeypatch.setattr(launch, "slurm_states", lambda ids: {i: "PENDING" for i in ids})
+    main(
+        ["-c", str(config), "--sweep", "model.init_args.z_dim=3,5", "--run-root", str(tmp_path / "runs"), "--name", "s"]
+    )
+    sweep = tmp_path / "runs" / "s"
+    assert [Path(t.run_dir).name for t in submitted] == ["z_dim=3", "z_dim=5"]
+    for name, z in (("z_dim=3", 3), ("z_dim=5", 5)):
+        text = (sweep / name / "config.yaml").read_text()
+        assert f"z_dim: {z}" in text and f"save_dir: {sweep / name}" in text
+    _, manifest = launch.read_manifest(sweep / "z_dim=3")
+    assert manifest["submissions"][0]["jobs"] == {"0": "77_0", "1": "77_1"}
+    rows = launch.task_rows(sweep, manifest)
+    assert [(r["task"], r["job"], r["state"]) for r in rows] == [
+        ("z_dim=3", "77_0", "PENDING"),
+        ("z_dim=5", "77_1", "PENDING"),
+    ]
+    # A second submission under the same name is refused (it would mix two sweeps in one TensorBoard dir).
+    with pytest.raises(SystemExit):
+        main(["-c", str(config), "--run-root", str(tmp_path / "runs"), "--name", "s"])
+
+
+def test_sacct_array_ranges_are_expanded():
+    assert launch._expand_array("12_[0-2,5%2]") == ["12_0", "12_1", "12_2", "12_5"]
+    assert launch._expand_array("12_3") == ["12_3"]
+
+
+def test_deepspeed_strategy_passes_the_check_and_constructs_on_cpu(tmp_path, image_dataset, capsys, no_queue):
+    """Only construction can be checked on a CPU machine: DeepSpeed training itself needs CUDA GPUs."""
+    pytest.importorskip("deepspeed", reason="deepspeed not installed (pip install --no-build-isolation deepspeed)")
+    from lightning.pytorch.strategies import DeepSpeedStrategy, StrategyRegistry
+
+    config = tiny_config(tmp_path, image_dataset)
+    main([
+        "-c", str(config), "--trainer.strategy", "deepspeed_stage_2", "--nodes", "2", "--gpus-per-node", "4",
+        "--run-root", str(tmp_path / "runs"), "--name", "ds", "--dry-run",
+    ])  # fmt: skip
+    out = capsys.readouterr().out
+    assert "strategy: deepspeed_stage_2" in out and "accelerator: gpu" in out and "#SBATCH --gpus-per-node=4" in out
+    strategy = StrategyRegistry.get("deepspeed_stage_2")
+    assert isinstance(strategy, DeepSpeedStrategy) and strategy.config["zero_optimization"]["stage"] == 2
