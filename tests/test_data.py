@@ -90,6 +90,7 @@ def test_shard_plans_cover_rows_once_for_many_configurations():
         )
         if total < world:
             continue
+        interleave = bool(rng.integers(2))
         rows, counts = [], []
         for rank in range(world):
             nb = 0
@@ -104,6 +105,7 @@ def test_shard_plans_cover_rows_once_for_many_configurations():
                     world_size=world,
                     worker=worker,
                     num_workers=workers,
+                    interleave=interleave,
                 )
                 assert sum(s.rows for s in segs) == sum(batch_sizes)
                 assert all(1 <= b <= batch for b in batch_sizes)
@@ -221,9 +223,17 @@ def test_no_validation_split_runs_without_validation(image_dataset):
     assert len(model.seen[0]) == 96 and model.val_rows == 0
 
 
-def test_predict_gives_every_row_once_in_file_order(uneven_dataset):
-    dm = DataModule(uneven_dataset, columns=["data", "id"], return_dict=True, batch_size=16, val_fraction=0.3)
-    assert _ids(dm.predict_dataloader()) == list(range(101))
+@pytest.mark.parametrize("workers", [0, 2])
+def test_predict_gives_every_row_once_in_file_order(uneven_dataset, workers):
+    dm = DataModule(
+        uneven_dataset, columns=["data", "id"], return_dict=True, batch_size=6, val_fraction=0.3, num_workers=workers
+    )
+    batches = list(dm.predict_dataloader())
+    assert _ids(batches) == list(range(101))
+    images = torch.from_numpy(_images(101)).float() / 255  # the uneven_dataset images, in file order
+    data = torch.cat([b["data"] for b in batches])
+    assert data.dtype == torch.float32  # workers send uint8; the loader scales it
+    torch.testing.assert_close(data, images)
 
 
 def test_shuffle_buffer_memory_stays_bounded(tmp_path):

@@ -194,12 +194,14 @@ def shard(
     worker: int = 0,
     num_workers: int = 1,
     drop_last: bool = False,
+    interleave: bool = False,
 ) -> tuple[list[Segment], list[int]]:
     """Plan one epoch for one (rank, worker): the segments it reads, in order, and its batch sizes.
 
     The segments are put in a seeded per-epoch order (the same on every rank), concatenated into one stream of
     rows, and the stream is cut into one contiguous span per rank and, within it, per worker; so a row group is
-    read by one (rank, worker), or by two when a span boundary falls inside it.
+    read by one (rank, worker), or by two when a span boundary falls inside it. With ``interleave`` the rank's
+    batches are dealt to its workers in turn instead, which keeps the stream order through a DataLoader.
     """
     if not 0 <= rank < world_size or not 0 <= worker < num_workers:
         raise ValueError(f"rank {rank}/{world_size} or worker {worker}/{num_workers} out of range")
@@ -212,6 +214,12 @@ def shard(
     # rank r's rows start after the rows the earlier ranks use (without repeats)
     start = sum(min(sum(p), total // world_size + (r < total % world_size)) for r, p in enumerate(plans[:rank]))
     mine = plans[rank]
+    if interleave:
+        # Batch j goes to worker j % num_workers: the DataLoader takes batches from its workers in turn, so the
+        # rank's batches come out in stream order (each worker then reads the row groups its batches touch).
+        offsets = np.concatenate([[0], np.cumsum(mine)]).astype(int) + start
+        picks = range(worker, len(mine), num_workers)
+        return [s for j in picks for s in _take(order, int(offsets[j]), mine[j])], [mine[j] for j in picks]
     lo, hi = len(mine) * worker // num_workers, len(mine) * (worker + 1) // num_workers
     start += sum(mine[:lo])
     sizes = mine[lo:hi]
@@ -350,6 +358,7 @@ class ParquetStream(IterableDataset):
             worker=worker,
             num_workers=num_workers,
             drop_last=self.drop_last,
+            interleave=not self.shuffle,
         )
         rng = np.random.default_rng([self.seed, epoch, rank, worker, 1])
         window = self.shuffle_buffer if self.shuffle else 0
@@ -361,22 +370,30 @@ class ParquetStream(IterableDataset):
         """Decoded arrays of each segment, one row group read at a time."""
         names = list(self.layouts)
         handles: dict[int, pq.ParquetFile] = {}
+        last: tuple[tuple[int, int], pa.Table] | None = None  # consecutive segments often share a row group
         for seg in segments:
+            where = f"{self.files[seg.file]} row group {seg.group}"
+            if last is not None and last[0] == (seg.file, seg.group):
+                yield self._decode(last[1].slice(seg.start, seg.rows), where)
+                continue
             if seg.file not in handles:
                 if len(handles) >= 8:
                     handles.pop(next(iter(handles))).close()
                 # No memory_map: mapped pages would count as resident memory growing with the data read.
                 handles[seg.file] = pq.ParquetFile(self.files[seg.file], page_checksum_verification=True)
-            where = f"{self.files[seg.file]} row group {seg.group}"
             try:
                 table = handles[seg.file].read_row_group(seg.group, columns=names, use_threads=use_threads)
             except (pa.ArrowException, OSError) as err:
                 raise DataError(f"{where} cannot be read ({err}); the file is corrupt: re-write or remove it") from err
+            last = ((seg.file, seg.group), table)
             if seg.start or seg.stop != table.num_rows:
                 table = table.slice(seg.start, seg.rows)
-            yield {name: self.layouts[name].decode(table.column(name), where) for name in names}
+            yield self._decode(table, where)
         for handle in handles.values():
             handle.close()
+
+    def _decode(self, table: pa.Table, where: str) -> dict[str, np.ndarray]:
+        return {name: layout.decode(table.column(name), where) for name, layout in self.layouts.items()}
 
     def _finish(self, arrays: dict[str, np.ndarray]) -> torch.Tensor | dict[str, torch.Tensor]:
         batch = {}
