@@ -1,0 +1,188 @@
+"""spherinator-submit on a real Slurm cluster (``bash slurm/local_cluster.sh start``): sweeps, 2 nodes, requeue, resume.
+
+Everything runs on this one host (two slurmd nodes), so tmp_path is the "shared storage" the jobs read and write.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+import spherinator.submit.launch as launch
+from spherinator.submit import main
+from tests.test_submit import tiny_config
+
+pytestmark = pytest.mark.slurm
+
+STATE_DIR = Path(os.environ.get("SPHERINATOR_SLURM_DIR", "/var/tmp/spherinator-slurm"))
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """SLURM_CONF of a cluster that answers (the environment's, else the local test cluster's); skip otherwise."""
+    conf = os.environ.get("SLURM_CONF") or str(STATE_DIR / "etc" / "slurm.conf")
+    env = {**os.environ, "SLURM_CONF": conf}
+    try:
+        probe = subprocess.run(["sinfo", "-h", "-o", "%t"], env=env, capture_output=True, text=True, timeout=15)
+    except (OSError, subprocess.TimeoutExpired) as err:
+        pytest.skip(f"no Slurm cluster answers ({err}); start one with: bash slurm/local_cluster.sh start")
+    if probe.returncode != 0 or not probe.stdout.strip():
+        pytest.skip(f"sinfo failed with SLURM_CONF={conf} ({probe.stderr.strip()}); bash slurm/local_cluster.sh start")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SLURM_CONF", conf)  # sbatch exports the environment: the jobs' scontrol/sacct find it too
+        yield conf
+
+
+def wait_for(sweep: Path, done, timeout: float, poll: float = 3.0) -> list[dict]:
+    """Poll the sweep's task rows until ``done(rows)``; fail with the last rows after ``timeout`` seconds."""
+    _, manifest = launch.read_manifest(sweep)
+    deadline = time.monotonic() + timeout
+    while True:
+        rows = launch.task_rows(sweep, manifest)
+        if done(rows):
+            return rows
+        if time.monotonic() > deadline:
+            logs = "\n".join(p.read_text()[-2000:] for p in sorted(sweep.glob("submitit/*.err"))[-2:])
+            pytest.fail(f"timed out after {timeout}s: {[(r['task'], r['state'], r['epoch']) for r in rows]}\n{logs}")
+        time.sleep(poll)
+
+
+def all_in(state: str):
+    return lambda rows: all(r["state"] == state and r["summary_state"] in (state, None) for r in rows) and rows
+
+
+def completed(rows: list[dict]) -> bool:
+    return all(r["state"] == "COMPLETED" and r["summary_state"] == "COMPLETED" for r in rows)
+
+
+def submit(tmp_path: Path, config: Path, name: str, *args: str) -> Path:
+    main(["-c", str(config), "--preset", "local", "--run-root", str(tmp_path / "runs"), "--name", name, *args])
+    return tmp_path / "runs" / name
+
+
+def test_sweep_2x2_is_one_array_with_four_complete_run_dirs(cluster, tmp_path, image_dataset, capsys):
+    config = tiny_config(tmp_path, image_dataset, epochs=2)
+    sweep = submit(
+        tmp_path, config, "grid", "--time", "10", "--parallelism", "2",
+        "--sweep", "model.init_args.z_dim=3,4", "--sweep", "model.init_args.beta=1e-3,1e-2",
+    )  # fmt: skip
+    scripts = list((sweep / "submitit").glob("*_submission.sh"))
+    assert len(scripts) == 1 and "#SBATCH --array=0-3%2" in scripts[0].read_text()
+    wait_for(sweep, completed, timeout=420)
+
+    names = sorted(p.name for p in sweep.iterdir() if (p / "config.yaml").exists())
+    assert names == ["z_dim=3_beta=1e-2", "z_dim=3_beta=1e-3", "z_dim=4_beta=1e-2", "z_dim=4_beta=1e-3"]
+    for name in names:
+        run = sweep / name
+        summary = json.loads((run / "summary.json").read_text())
+        assert summary["state"] == "COMPLETED" and summary["epoch"] == 2
+        assert summary["onnx"]["validated"] is True, summary["onnx"]
+        assert {"encoder.onnx", "decoder.onnx", "reconstruction.onnx"} <= {p.name for p in (run / "onnx").iterdir()}
+        assert (run / "checkpoints" / "last.ckpt").is_file()
+        assert list(run.glob("events.out.tfevents.*")), "TensorBoard events belong directly in the run dir"
+        assert list((run / "logs").glob("*_log.out"))
+        assert f"z_dim: {name.split('_beta')[0].split('=')[1]}" in (run / "config.yaml").read_text()
+    capsys.readouterr()
+    main(["status", str(sweep)])
+    table = capsys.readouterr().out.splitlines()
+    assert sum(" COMPLETED " in line for line in table) == 4, table
+
+
+PROBE = '''
+import json, os
+from pathlib import Path
+from lightning.pytorch import Callback
+
+class RecordIds(Callback):
+    """Writes the row ids each rank trained on, with its world size and Slurm node."""
+    def __init__(self):
+        self.ids = []
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.ids += batch["id"].tolist()
+    def on_train_epoch_end(self, trainer, pl_module):
+        out = {"world_size": trainer.world_size, "node": os.environ.get("SLURMD_NODENAME"), "ids": self.ids}
+        Path(trainer.default_root_dir, f"ids_rank{trainer.global_rank}.json").write_text(json.dumps(out))
+'''
+
+
+def test_two_nodes_train_with_world_size_two_on_disjoint_data(cluster, tmp_path, image_dataset, monkeypatch):
+    (tmp_path / "rankprobe.py").write_text(PROBE)
+    monkeypatch.syspath_prepend(str(tmp_path))  # the local check builds the callback too
+    monkeypatch.setenv("PYTHONPATH", f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    overlay = tmp_path / "probe.yaml"
+    overlay.write_text(
+        "data:\n  init_args:\n    columns: [data, id]\n    return_dict: true\n"
+        "trainer:\n  callbacks:\n    - class_path: rankprobe.RecordIds\n"
+    )
+    config = tiny_config(tmp_path, image_dataset, epochs=1)
+    main([
+        "-c", str(config), "-c", str(overlay), "--preset", "local", "--nodes", "2", "--time", "10",
+        "--run-root", str(tmp_path / "runs"), "--name", "ddp",
+    ])  # fmt: skip
+    sweep = tmp_path / "runs" / "ddp"
+    wait_for(sweep, completed, timeout=300)
+    ranks = [json.loads((sweep / "run" / f"ids_rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["world_size"] for r in ranks] == [2, 2]
+    assert {r["node"] for r in ranks} == {"node1", "node2"}
+    ids0, ids1 = set(ranks[0]["ids"]), set(ranks[1]["ids"])
+    assert ids0 and ids1 and not ids0 & ids1, (sorted(ids0), sorted(ids1))
+    assert len(ranks[0]["ids"]) == len(ids0)  # no row twice within a rank either
+
+
+def test_short_time_limit_requeues_and_resumes_into_the_same_run(cluster, tmp_path, image_dataset):
+    """A 2-minute limit with the checkpoint signal 30 s before it (Slurm may send it up to 60 s earlier):
+    ~100 tiny epochs take longer than one run, so the task must be requeued at least once."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    epochs = 100
+    config = tiny_config(tmp_path, image_dataset, epochs=epochs)
+    sweep = submit(tmp_path, config, "requeue", "--time", "2", "--signal-delay", "30", "--max-requeues", "5")
+    wait_for(sweep, completed, timeout=560, poll=5)
+
+    run = sweep / "run"
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["attempts"] >= 2, summary
+    assert summary["resumed_from"] and summary["epoch"] == epochs
+    assert (run / "checkpoints" / "requeue.ckpt").is_file()
+    assert [p.name for p in sweep.iterdir() if p.is_dir() and p.name != "submitit"] == ["run"]
+    assert len(list(run.glob("events.out.tfevents.*"))) == summary["attempts"]  # one writer per run, same dir
+    events = EventAccumulator(str(run))
+    events.Reload()
+    steps = [e.step for e in events.Scalars("val_loss")]
+    assert len(steps) == epochs and steps == sorted(set(steps)), "each epoch logged once, steps continue"
+    assert sorted({e.value for e in events.Scalars("epoch")}) == [float(e) for e in range(epochs)]
+
+
+def test_resume_continues_a_cancelled_sweep_from_its_checkpoints(cluster, tmp_path, image_dataset, capsys):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    epochs = 30
+    config = tiny_config(tmp_path, image_dataset, epochs=epochs)
+    sweep = submit(tmp_path, config, "cancel", "--time", "10", "--sweep", "model.init_args.z_dim=3,4")
+    wait_for(sweep, lambda rows: all((r["epoch"] or 0) >= 2 for r in rows), timeout=300, poll=1)
+    main(["cancel", str(sweep)])
+    rows = wait_for(sweep, lambda rows: all(r["state"] == "CANCELLED" for r in rows), timeout=120)
+    stopped_at = {r["task"]: r["epoch"] for r in rows}
+    assert all(epoch < epochs for epoch in stopped_at.values()), stopped_at
+
+    main(["--resume", str(sweep)])
+    wait_for(sweep, completed, timeout=420)
+    _, manifest = launch.read_manifest(sweep)
+    assert len(manifest["submissions"]) == 2
+    for name in stopped_at:
+        summary = json.loads((sweep / name / "summary.json").read_text())
+        assert summary["epoch"] == epochs and summary["attempts"] == 2
+        assert summary["resumed_from"].endswith(".ckpt"), summary
+        assert summary["onnx"]["validated"] is True
+        events = EventAccumulator(str(sweep / name))
+        events.Reload()
+        steps = [e.step for e in events.Scalars("val_loss")]
+        assert len(steps) == epochs and steps == sorted(set(steps)), "epochs continue from the checkpoint"
+    capsys.readouterr()
+    main(["--resume", str(sweep)])
+    assert "nothing to resume" in capsys.readouterr().out
