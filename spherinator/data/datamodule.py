@@ -205,7 +205,7 @@ class DataModule(pl.LightningDataModule):
                 raise DataError(f"the parquet files under {str(self.path)!r} hold no rows; write some data first")
             fractions = {"test": self.test_fraction, "val": self.val_fraction}
             self._splits = split_rows(self._index.groups, fractions, self.seed)
-            self._splits["predict"] = [Segment(f, g, 0, rows) for f, g, rows in self._index.groups]
+            self._splits["predict"] = [Segment(f, g, 0, rows) for f, g, rows in self._index.groups if rows]
             total = self._index.num_rows
             for name, fraction in (("val", self.val_fraction), ("test", self.test_fraction)):
                 if fraction > 0 and not self._splits[name]:

@@ -209,7 +209,8 @@ def shard(
     if shuffle:
         perm = np.random.default_rng([seed, epoch]).permutation(len(order))
         order = [order[i] for i in perm]
-    total = sum(s.rows for s in order)
+    ends = np.cumsum([s.rows for s in order])
+    total = int(ends[-1]) if len(ends) else 0
     plans = rank_batch_sizes(total, world_size, batch_size, drop_last)
     # rank r's rows start after the rows the earlier ranks use (without repeats)
     start = sum(min(sum(p), total // world_size + (r < total % world_size)) for r, p in enumerate(plans[:rank]))
@@ -219,35 +220,32 @@ def shard(
         # rank's batches come out in stream order (each worker then reads the row groups its batches touch).
         offsets = np.concatenate([[0], np.cumsum(mine)]).astype(int) + start
         picks = range(worker, len(mine), num_workers)
-        return [s for j in picks for s in _take(order, int(offsets[j]), mine[j])], [mine[j] for j in picks]
+        return [s for j in picks for s in _take(order, ends, int(offsets[j]), mine[j])], [mine[j] for j in picks]
     lo, hi = len(mine) * worker // num_workers, len(mine) * (worker + 1) // num_workers
     start += sum(mine[:lo])
     sizes = mine[lo:hi]
-    return _take(order, start, sum(sizes)), sizes
+    return _take(order, ends, start, sum(sizes)), sizes
 
 
-def _take(order: Sequence[Segment], start: int, count: int) -> list[Segment]:
-    """Rows ``[start, start + count)`` of the stream ``order`` as segments, wrapping around past its end."""
+def _take(order: Sequence[Segment], ends: np.ndarray, start: int, count: int) -> list[Segment]:
+    """Rows ``[start, start + count)`` of the stream ``order`` as segments, wrapping around past its end.
+
+    ``ends`` is ``np.cumsum`` of the segments' row counts (a binary search finds the first segment).
+    """
     out: list[Segment] = []
-    total = sum(s.rows for s in order)
+    total = int(ends[-1]) if len(ends) else 0
     if total == 0:
         return out
     start %= total
-    pos = 0
+    i = int(np.searchsorted(ends, start, side="right"))
     while count > 0:
-        for s in order:
-            if count <= 0:
-                break
-            if pos + s.rows <= start:
-                pos += s.rows
-                continue
-            a = s.start + max(0, start - pos)
-            b = min(s.stop, a + count)
-            out.append(Segment(s.file, s.group, a, b))
-            count -= b - a
-            pos += s.rows
-            start = pos
-        start, pos = 0, 0
+        s = order[i]
+        a = s.start + start - (int(ends[i]) - s.rows)
+        b = min(s.stop, a + count)
+        out.append(Segment(s.file, s.group, a, b))
+        count -= b - a
+        start = int(ends[i]) % total
+        i = (i + 1) % len(order)
     return out
 
 
