@@ -66,7 +66,7 @@ def main(args: list[str] | None = None) -> None:
         export_main(argv[1:])
         return
     try:
-        SpherinatorCLI(args=argv)
+        SpherinatorCLI(args=args)
     except ConfigError as err:
         print(f"spherinator: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -48,7 +48,7 @@ def data_sample_shape(data_config: Namespace) -> tuple[int, ...]:
     parser = ArgumentParser(exit_on_error=False)
     parser.add_subclass_arguments(LightningDataModule, "data", required=True)
     parsed = parser.parse_object({"data": data_config.as_dict()})
-    datamodule = parser.instantiate_classes(parsed).data
+    datamodule = parser.instantiate(parsed).data
     if not hasattr(datamodule, "sample_shape"):
         raise ConfigError(
             f"the model's input shape is not in the config and {type(datamodule).__name__} cannot tell it: "
