@@ -79,3 +79,14 @@ def spectrum_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_fast_layout(
         tmp_path_factory.mktemp("spectra"), {"data": spectra, "id": np.arange(n, dtype=np.int64)}
     )
+
+
+@pytest.fixture(autouse=True)
+def _finish_wandb_run():
+    """A W&B run left open is reused by the next WandbLogger: close it after every test that opened one."""
+    yield
+    import sys
+
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and getattr(wandb, "run", None) is not None:
+        wandb.finish()

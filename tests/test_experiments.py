@@ -152,7 +152,7 @@ def test_overlay_yaml_trains(name, image_dataset, tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     args = ["fit", "-c", TINY, "-c", exp(name), "-c", test_overlay(tmp_path, image_dataset, max_steps=4)]
     if name == "wandb.yaml":  # the placeholder entity is for users to edit; offline runs need none
-        args += ["--trainer.logger.init_args.entity", "null"]
+        args += ["--trainer.logger.init_args.entity", "null", "--trainer.logger.init_args.save_dir", str(tmp_path)]
     main(args)
     if name == "wandb.yaml":
         assert list(tmp_path.rglob("*.wandb")), "no offline W&B run was written"
