@@ -34,7 +34,9 @@ class SpherinatorCLI(LightningCLI):
         kwargs.setdefault("subclass_mode_data", True)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         trainer_defaults = {"logger": DEFAULT_LOGGER, **kwargs.pop("trainer_defaults", {})}
-        super().__init__(LightningModule, LightningDataModule, args=args, run=run, trainer_defaults=trainer_defaults, **kwargs)
+        super().__init__(
+            LightningModule, LightningDataModule, args=args, run=run, trainer_defaults=trainer_defaults, **kwargs
+        )
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config

@@ -7,48 +7,23 @@ bytes; the schema metadata carries ``<column>_shape`` (e.g. ``b"(3,32,32)"``) an
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
+
+from spherinator.data.writer import write_dataset
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 
 
-def write_fast_layout(
-    root: Path, arrays: dict[str, np.ndarray], *, files: int = 2, rows_per_group: int = 16
-) -> Path:
-    """Write ``arrays`` (each (N, ...) ) as ``files`` Parquet files; ndim>1 columns use the fast layout."""
-    root.mkdir(parents=True, exist_ok=True)
+def write_fast_layout(root: Path, arrays: dict[str, np.ndarray], *, files: int = 2, rows_per_group: int = 16) -> Path:
+    """Write ``arrays`` (each (N, ...)) as ``files`` Parquet files; ndim > 1 columns use the fast layout."""
     n = len(next(iter(arrays.values())))
-    metadata: dict[bytes, bytes] = {}
-    fields = []
-    for name, arr in arrays.items():
-        if arr.ndim > 1:
-            shape = arr.shape[1:]
-            metadata[f"{name}_shape".encode()] = ("(" + ",".join(map(str, shape)) + ")").encode()
-            metadata[f"{name}_dtype".encode()] = str(arr.dtype).encode()
-            fields.append(pa.field(name, pa.binary(int(np.prod(shape)) * arr.dtype.itemsize)))
-        else:
-            fields.append(pa.field(name, pa.from_numpy_dtype(arr.dtype)))
-    schema = pa.schema(fields, metadata=metadata)
-    bounds = np.linspace(0, n, files + 1).astype(int)
-    for i, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
-        cols = []
-        for field, arr in zip(fields, arrays.values(), strict=True):
-            part = np.ascontiguousarray(arr[lo:hi])
-            if arr.ndim > 1:
-                width = field.type.byte_width
-                buf = pa.py_buffer(part.tobytes())
-                cols.append(pa.FixedSizeBinaryArray.from_buffers(field.type, hi - lo, [None, buf]))
-                assert width * (hi - lo) == buf.size
-            else:
-                cols.append(pa.array(part))
-        pq.write_table(pa.Table.from_arrays(cols, schema=schema), root / f"part-{i:03d}.parquet", row_group_size=rows_per_group)
+    write_dataset(root, [arrays], rows_per_file=math.ceil(n / files), rows_per_group=rows_per_group)
     return root
 
 
@@ -63,9 +38,7 @@ def image_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     blob = np.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / (2 * width**2))  # (N, H, W)
     colour = rng.uniform(0.3, 1.0, (n, 3, 1, 1)).astype(np.float32)
     images = (255 * blob[:, None] * colour).astype(np.uint8)  # (N, 3, H, W)
-    return write_fast_layout(
-        tmp_path_factory.mktemp("images"), {"data": images, "id": np.arange(n, dtype=np.int64)}
-    )
+    return write_fast_layout(tmp_path_factory.mktemp("images"), {"data": images, "id": np.arange(n, dtype=np.int64)})
 
 
 @pytest.fixture(scope="session")
@@ -76,9 +49,7 @@ def spectrum_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     x = np.arange(length, dtype=np.float32)
     centres = rng.uniform(10, 54, (n, 1)).astype(np.float32)
     spectra = np.exp(-((x - centres) ** 2) / 8.0)[:, None, :].astype(np.float32)  # (N, 1, L)
-    return write_fast_layout(
-        tmp_path_factory.mktemp("spectra"), {"data": spectra, "id": np.arange(n, dtype=np.int64)}
-    )
+    return write_fast_layout(tmp_path_factory.mktemp("spectra"), {"data": spectra, "id": np.arange(n, dtype=np.int64)})
 
 
 @pytest.fixture(autouse=True)

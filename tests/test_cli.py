@@ -31,7 +31,9 @@ def only_version_dir(root: Path) -> Path:
 
 def test_fit_saves_resolved_config_and_checkpoint(image_dataset, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    cli = SpherinatorCLI(args=["fit", "-c", TINY, "-c", data_yaml(tmp_path, image_dataset), "--model.init_args.z_dim", "5"])
+    cli = SpherinatorCLI(
+        args=["fit", "-c", TINY, "-c", data_yaml(tmp_path, image_dataset), "--model.init_args.z_dim", "5"]
+    )
     version = only_version_dir(tmp_path)
     saved = yaml.safe_load((version / "config.yaml").read_text())
     model = saved["model"]["init_args"]
@@ -89,7 +91,9 @@ def test_predict_writes_embeddings_with_ids(image_dataset, tmp_path, monkeypatch
 
 
 def test_z_dim_override_follows_into_decoder(image_dataset, tmp_path):
-    cli = SpherinatorCLI(args=["-c", TINY, "-c", data_yaml(tmp_path, image_dataset), "--model.init_args.z_dim", "8"], run=False)
+    cli = SpherinatorCLI(
+        args=["-c", TINY, "-c", data_yaml(tmp_path, image_dataset), "--model.init_args.z_dim", "8"], run=False
+    )
     assert cli.model.z_dim == 8
     assert cli.model.decode(torch.randn(2, 8)).shape == (2, 3, 32, 32)
 
