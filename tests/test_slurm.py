@@ -26,6 +26,8 @@ STATE_DIR = Path(os.environ.get("SPHERINATOR_SLURM_DIR", "/var/tmp/spherinator-s
 def cluster():
     """SLURM_CONF of a cluster that answers (the environment's, else the local test cluster's); skip otherwise."""
     conf = os.environ.get("SLURM_CONF") or str(STATE_DIR / "etc" / "slurm.conf")
+    if not Path(conf).is_file():
+        pytest.skip(f"no Slurm config at {conf}: start the local cluster with: bash slurm/local_cluster.sh start")
     env = {**os.environ, "SLURM_CONF": conf}
     try:
         probe = subprocess.run(["sinfo", "-h", "-o", "%t"], env=env, capture_output=True, text=True, timeout=15)
@@ -134,14 +136,42 @@ def test_two_nodes_train_with_world_size_two_on_disjoint_data(cluster, tmp_path,
     assert len(ranks[0]["ids"]) == len(ids0)  # no row twice within a rank either
 
 
-def test_short_time_limit_requeues_and_resumes_into_the_same_run(cluster, tmp_path, image_dataset):
-    """A 2-minute limit with the checkpoint signal 30 s before it (Slurm may send it up to 60 s earlier):
-    ~100 tiny epochs take longer than one run, so the task must be requeued at least once."""
+SLOW = """
+import time
+from lightning.pytorch import Callback
+
+class Slow(Callback):
+    \"\"\"Sleeps after every training batch: the tiny model's epochs take a known minimum time.\"\"\"
+    def __init__(self, seconds: float = 0.1):
+        self.seconds = seconds
+    def on_train_batch_end(self, *args, **kwargs):
+        time.sleep(self.seconds)
+"""
+
+
+def slow_overlay(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, seconds: float) -> Path:
+    """An overlay adding the Slow callback (importable by this process and, through PYTHONPATH, by the jobs)."""
+    (tmp_path / "slowdown.py").write_text(SLOW)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("PYTHONPATH", f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    overlay = tmp_path / "slow.yaml"
+    overlay.write_text(
+        f"trainer:\n  callbacks:\n    - class_path: slowdown.Slow\n      init_args:\n        seconds: {seconds}\n"
+    )
+    return overlay
+
+
+def test_short_time_limit_requeues_and_resumes_into_the_same_run(cluster, tmp_path, image_dataset, monkeypatch):
+    """A 2-minute limit with the checkpoint signal 30 s before it (Slurm may send it up to 60 s earlier, so it
+    lands 30-90 s into a run): 60 epochs of at least 6 x 0.25 s take longer, so the task must be requeued."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    epochs = 100
+    epochs = 60
     config = tiny_config(tmp_path, image_dataset, epochs=epochs)
-    sweep = submit(tmp_path, config, "requeue", "--time", "2", "--signal-delay", "30", "--max-requeues", "5")
+    slow = slow_overlay(tmp_path, monkeypatch, 0.25)
+    sweep = submit(
+        tmp_path, config, "requeue", "-c", str(slow), "--time", "2", "--signal-delay", "30", "--max-requeues", "5"
+    )
     wait_for(sweep, completed, timeout=560, poll=5)
 
     run = sweep / "run"
@@ -158,12 +188,13 @@ def test_short_time_limit_requeues_and_resumes_into_the_same_run(cluster, tmp_pa
     assert sorted({e.value for e in events.Scalars("epoch")}) == [float(e) for e in range(epochs)]
 
 
-def test_resume_continues_a_cancelled_sweep_from_its_checkpoints(cluster, tmp_path, image_dataset, capsys):
+def test_resume_continues_a_cancelled_sweep_from_its_checkpoints(cluster, tmp_path, image_dataset, capsys, monkeypatch):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     epochs = 30
     config = tiny_config(tmp_path, image_dataset, epochs=epochs)
-    sweep = submit(tmp_path, config, "cancel", "--time", "10", "--sweep", "model.init_args.z_dim=3,4")
+    slow = slow_overlay(tmp_path, monkeypatch, 0.1)  # >= 0.6 s per epoch: still running when cancelled
+    sweep = submit(tmp_path, config, "cancel", "-c", str(slow), "--time", "10", "--sweep", "model.init_args.z_dim=3,4")
     wait_for(sweep, lambda rows: all((r["epoch"] or 0) >= 2 for r in rows), timeout=300, poll=1)
     main(["cancel", str(sweep)])
     rows = wait_for(sweep, lambda rows: all(r["state"] == "CANCELLED" for r in rows), timeout=120)
