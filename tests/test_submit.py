@@ -216,7 +216,7 @@ def test_dry_run_prints_the_sbatch_script_and_queues_nothing(tmp_path, image_dat
     assert "num_nodes: 2" in task3 and "devices: 2" in task3 and "strategy: ddp" in task3
     assert f"default_root_dir: {tmp_path / 'runs' / 'dry' / 'z_dim=8_beta=1e-2'}" in task3
     assert "auto_requeue: false" in task3 and "spherinator.submit.RequeueOnSignal" in task3
-    assert "save_last: true" in task3
+    assert "save_last: true" in task3 and "default_hp_metric: false" in task3
     assert no_queue == [] and not (tmp_path / "runs").exists()
 
 

@@ -79,6 +79,8 @@ def _pin_loggers(config: Any, run_dir: Path, task_id: str) -> None:
         if name in _DIR_LOGGERS:
             init.name = ""
             init.version = ""
+        if "default_hp_metric" in init:
+            init.default_hp_metric = False  # else every requeued run logs hp_metric=-1 again
         elif name == "WandbLogger":
             if init.get("id") is None:
                 init.id = task_id
