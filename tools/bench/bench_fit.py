@@ -107,6 +107,7 @@ def main() -> None:
                         "enable_progress_bar": False,
                         "enable_model_summary": False,
                         "limit_val_batches": 0,
+                        "default_root_dir": tmp,
                     },
                 }
             )
