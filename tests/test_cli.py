@@ -131,3 +131,14 @@ def test_unknown_class_path_is_an_error(image_dataset, tmp_path, capsys):
             ]
         )  # fmt: skip
     assert "NoSuchEncoder" in capsys.readouterr().err
+
+
+def test_training_lowers_the_validation_loss(image_dataset, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = ["-c", TINY, "-c", data_yaml(tmp_path, image_dataset), "--trainer.max_epochs", "6"]
+    cli = SpherinatorCLI(args=args, run=False)
+    (before,) = cli.trainer.validate(cli.model, datamodule=cli.datamodule, verbose=False)
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    (after,) = cli.trainer.validate(cli.model, datamodule=cli.datamodule, verbose=False)
+    assert after["val_recon"] < 0.5 * before["val_recon"], (before, after)
+    assert torch.isfinite(torch.tensor(after["val_loss"]))
