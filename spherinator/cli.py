@@ -11,6 +11,7 @@ from typing import Any
 
 from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities import rank_zero_warn
 
 from spherinator.shapes import ConfigError, check_model_matches_data, resolve_config
 
@@ -37,6 +38,27 @@ class SpherinatorCLI(LightningCLI):
         super().__init__(
             LightningModule, LightningDataModule, args=args, run=run, trainer_defaults=trainer_defaults, **kwargs
         )
+
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI lets the checkpoint's model hyperparameters replace the model settings of the command line
+        # and config files. That is right for resuming, but silent; say which given values were replaced.
+        subcommand = self.config.get("subcommand")
+        given = self.config[subcommand].get("model") if subcommand else None
+        given = given.clone() if given is not None else None
+        super()._parse_ckpt_path()
+        if given is None:
+            return
+        used = self.config[subcommand].get("model")
+        replaced = [
+            f"model.{key}: {value!r} -> {used[key]!r}"
+            for key, value in given.items()
+            if value is not None and key in used and used[key] != value
+        ]
+        if replaced:
+            rank_zero_warn(
+                "the checkpoint's model hyperparameters replace these given values (resume rebuilds the model it "
+                "saved; start a new run without --ckpt_path to change them): " + "; ".join(replaced)
+            )
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config

@@ -142,3 +142,14 @@ def test_training_lowers_the_validation_loss(image_dataset, tmp_path, monkeypatc
     (after,) = cli.trainer.validate(cli.model, datamodule=cli.datamodule, verbose=False)
     assert after["val_recon"] < 0.5 * before["val_recon"], (before, after)
     assert torch.isfinite(torch.tensor(after["val_loss"]))
+
+
+def test_resume_says_which_given_model_values_the_checkpoint_replaces(image_dataset, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    data = data_yaml(tmp_path, image_dataset)
+    main(["fit", "-c", TINY, "-c", data])
+    (ckpt,) = (only_version_dir(tmp_path) / "checkpoints").glob("*.ckpt")
+    args = ["-c", TINY, "-c", data, "--model.init_args.beta", "0.5"]
+    with pytest.warns(UserWarning, match=r"model.init_args.beta: 0.5 -> 0.001"):
+        cli = SpherinatorCLI(args=["fit", *args, "--ckpt_path", str(ckpt)])
+    assert cli.model.beta == 1e-3  # the run resumes the model it saved
