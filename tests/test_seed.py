@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import gc
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -311,6 +312,15 @@ def assert_trained(cli: SpherinatorCLI, before: dict[str, torch.Tensor] | None =
         assert any(not torch.equal(before[k], after[k]) for k in before), "no weight changed in a training step"
 
 
+def test_installed_package_provides_the_spherinator_command():
+    """`pip install spherinator` gives the distribution and the `spherinator` command used throughout."""
+    from importlib.metadata import distribution
+
+    dist = distribution("spherinator")
+    (command,) = [ep for ep in dist.entry_points if ep.group == "console_scripts" and ep.name == "spherinator"]
+    assert command.load() is main
+
+
 # ---- DataModule ---------------------------------------------------------------------------------------------------
 
 
@@ -372,10 +382,7 @@ def test_seed_decoder_reaches_65_not_128_and_says_so(image_dataset, tmp_path):
 def test_vae_snippet_with_seed_encoder_and_decoder_at_65(image_dataset, tmp_path, monkeypatch):
     """The seed's VAE, encoder and decoder snippets with only the image size changed to the one they reach."""
     monkeypatch.chdir(tmp_path)
-    encoder = load(ENCODER_SNIPPET)["encoder"]
-    decoder = load(DECODER_SNIPPET)["decoder"]
-    encoder["init_args"]["input_dim"] = decoder["init_args"]["output_dim"] = [3, 65, 65]
-    model = write(tmp_path / "model.yaml", model_config(VAE_SNIPPET, encoder, decoder))
+    model = write(tmp_path / "model.yaml", seed_vae_at_65())
     data = write(tmp_path / "data.yaml", data_config(image_dataset, 65, batch_size=4, num_workers=0))
     cli = SpherinatorCLI(args=["fit", "-c", model, "-c", data, "-c", write(tmp_path / "t.yaml", test_trainer())])
     assert_trained(cli)
@@ -412,11 +419,23 @@ def test_vae_snippet_with_seed_encoder_and_decoder_at_65(image_dataset, tmp_path
     assert (scale >= 1).all()
 
 
-def test_max_scale_bounds_the_concentration():
+def seed_vae_at_65() -> dict[str, Any]:
+    """The seed's VAE, encoder and decoder snippets for 65x65 images (the size the decoder reaches)."""
     encoder = load(ENCODER_SNIPPET)["encoder"]
     decoder = load(DECODER_SNIPPET)["decoder"]
     encoder["init_args"]["input_dim"] = decoder["init_args"]["output_dim"] = [3, 65, 65]
-    config = model_config(VAE_SNIPPET, encoder, decoder)
+    return model_config(VAE_SNIPPET, encoder, decoder)
+
+
+def test_encoder_out_dim_must_match_encoder_output_dim():
+    config = seed_vae_at_65()
+    config["model"]["init_args"]["encoder"]["init_args"]["output_dim"] = 32
+    with pytest.raises(ValueError, match=r"encoder_out_dim 64.*output_dim 32"):
+        instantiate("model", config, LightningModule)
+
+
+def test_max_scale_bounds_the_concentration():
+    config = seed_vae_at_65()
     config["model"]["init_args"]["max_scale"] = 2.0
     vae = instantiate("model", config, LightningModule).eval()
     with torch.no_grad():
@@ -798,9 +817,8 @@ def test_complete_cnn_example_with_wandb_and_best_model(wandb_offline, image_dat
     (checkpoint,) = [cb for cb in cli.trainer.callbacks if type(cb).__name__ == "ModelCheckpoint"]
     assert (checkpoint.monitor, checkpoint.mode, checkpoint.save_top_k) == ("train_loss", "min", 1)
     (kept,) = tmp_path.rglob("*.ckpt")  # save_top_k 1 over two epochs
-    assert (
-        kept.name == f"epoch={kept.name.split('=')[1].split('-')[0]}-train_loss={checkpoint.best_model_score:.2f}.ckpt"
-    )
+    assert re.fullmatch(r"epoch=[01]-train_loss=\d+\.\d\d\.ckpt", kept.name), kept.name
+    assert kept.name.endswith(f"-train_loss={checkpoint.best_model_score:.2f}.ckpt")  # the lowest train_loss
 
 
 def test_complete_vit_example_logs_reconstructions_to_wandb(wandb_offline, tiny_vit, image_dataset, tmp_path):
