@@ -7,10 +7,13 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Any
 
+import yaml
+from jsonargparse import Namespace
 from lightning.pytorch import LightningDataModule, LightningModule
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_warn
 
 from spherinator.shapes import ConfigError, check_model_matches_data, resolve_config
@@ -38,6 +41,13 @@ class SpherinatorCLI(LightningCLI):
         super().__init__(
             LightningModule, LightningDataModule, args=args, run=run, trainer_defaults=trainer_defaults, **kwargs
         )
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        if isinstance(args, dict | Namespace):
+            super().parse_arguments(parser, args)
+            return
+        argv = sys.argv[1:] if args is None else list(args)
+        self.config = parser.parse_args(append_callbacks_across_configs(argv))
 
     def _parse_ckpt_path(self) -> None:
         # LightningCLI lets the checkpoint's model hyperparameters replace the model settings of the command line
@@ -79,6 +89,33 @@ class SpherinatorCLI(LightningCLI):
 
         if not any(isinstance(cb, EmbeddingWriter) for cb in self.trainer.callbacks):
             self.trainer.callbacks.append(EmbeddingWriter())
+
+
+def append_callbacks_across_configs(argv: list[str]) -> list[str]:
+    """Make each ``-c`` file's ``trainer.callbacks`` add to those of earlier files instead of replacing them.
+
+    Callbacks come as overlay files (``-c callback_best_model.yaml -c callback_log_reconstructions.yaml``), each
+    writing ``trainer: callbacks: [...]``; plain YAML composition would keep only the last file's list. A file
+    that has such a list is passed on as its text with the key written ``callbacks+``, jsonargparse's append.
+    """
+    out = list(argv)
+    for i, arg in enumerate(out):
+        if arg in ("-c", "--config") and i + 1 < len(out):
+            index, value = i + 1, out[i + 1]
+        elif arg.startswith("--config="):
+            index, value = i, arg.split("=", 1)[1]
+        else:
+            continue
+        path = Path(value)
+        if not path.is_file():
+            continue
+        content = yaml.safe_load(path.read_text())
+        trainer = content.get("trainer") if isinstance(content, dict) else None
+        if isinstance(trainer, dict) and isinstance(trainer.get("callbacks"), list):
+            trainer["callbacks+"] = trainer.pop("callbacks")
+            text = yaml.safe_dump(content, sort_keys=False)
+            out[index] = text if index == i + 1 else f"--config={text}"
+    return out
 
 
 def main(args: list[str] | None = None) -> None:

@@ -54,10 +54,13 @@ def spectrum_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(autouse=True)
 def _finish_wandb_run():
-    """A W&B run left open is reused by the next WandbLogger: close it after every test that opened one."""
+    """A W&B run left open is reused by the next WandbLogger, and W&B keeps the directory of its first run for the
+    whole process: close the run and reset W&B after every test that used it."""
     yield
     import sys
 
     wandb = sys.modules.get("wandb")
-    if wandb is not None and getattr(wandb, "run", None) is not None:
-        wandb.finish()
+    if wandb is not None:
+        if getattr(wandb, "run", None) is not None:
+            wandb.finish()
+        wandb.teardown()

@@ -950,11 +950,6 @@ def test_chained_configs_compose_later_over_earlier():
     assert later.data.init_args.path.endswith("parquet-128-small") and later.data.init_args.batch_size == 16
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="seed: 'Callbacks are appended as additional YAML files'; but a later file's `trainer.callbacks:` list "
-    "replaces the earlier one (jsonargparse list semantics), so the first file's callback is silently dropped",
-)
 def test_callback_files_chained_keep_both_callbacks():
     """ "Callbacks are appended as additional YAML files": two callback files give two callbacks."""
     files = ("vae_cnn3.yaml", "illustris_small.yaml", "callback_log_reconstructions.yaml", "callback_best_model.yaml")
