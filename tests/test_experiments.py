@@ -176,3 +176,13 @@ def test_deepspeed_overlay_builds_its_strategy(image_dataset, tmp_path):
     strategy = cli.trainer.strategy
     assert isinstance(strategy, DeepSpeedStrategy)
     assert strategy.config["zero_optimization"]["stage"] == 2
+
+
+def test_callback_overlays_add_up(image_dataset, tmp_path):
+    names = ["kl_annealing.yaml", "callback_latent_sphere.yaml", "callback_best_model.yaml", "demo.yaml"]
+    args = [a for n in names for a in ("-c", exp(n))]
+    cli = SpherinatorCLI(args=["-c", TINY, *args, "-c", test_overlay(tmp_path, image_dataset)], run=False)
+    assert [c.class_path.rsplit(".", 1)[1] for c in cli.config.trainer.callbacks] == [
+        "KLAnnealing", "LogLatentSphere", "ModelCheckpoint",  # each overlay's callback, in order
+        "ModelCheckpoint", "LogReconstructionCallback", "LogLatentSphere",  # demo.yaml's three
+    ]  # fmt: skip
