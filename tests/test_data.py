@@ -236,6 +236,21 @@ def test_predict_gives_every_row_once_in_file_order(uneven_dataset, workers):
     torch.testing.assert_close(data, images)
 
 
+@pytest.mark.parametrize("workers", [0, 1])
+def test_uint8_scalar_column_stays_an_integer_with_and_without_workers(tmp_path, workers):
+    # workers send uint8 arrays unscaled and the loader scales them; a uint8 label is no image and must not be scaled
+    labels = np.arange(20, dtype=np.uint8)
+    write_dataset(tmp_path, [{"data": _images(20), "label": labels}], rows_per_group=8)
+    dm = DataModule(
+        tmp_path, columns=["data", "label"], return_dict=True, batch_size=8, val_fraction=0.0, num_workers=workers
+    )
+    batches = list(dm.predict_dataloader())
+    label = torch.cat([b["label"] for b in batches])
+    assert label.dtype == torch.int64
+    assert label.tolist() == labels.tolist()
+    assert torch.cat([b["data"] for b in batches]).dtype == torch.float32
+
+
 def test_shuffle_buffer_memory_stays_bounded(tmp_path):
     # 2000 rows of 4 KiB: a pass must never buffer much more than shuffle_buffer + one row group
     write_dataset(tmp_path, [{"data": _images(2000, (4, 32, 32))}], rows_per_group=50)

@@ -77,7 +77,8 @@ class ParquetIndex:
         self.layouts: dict[str, ColumnLayout] = {}
         for i, file in enumerate(self.files):
             try:
-                meta = pq.ParquetFile(file).metadata
+                with pq.ParquetFile(file) as parquet_file:  # the footer only; close the file at once
+                    meta = parquet_file.metadata
                 schema = meta.schema.to_arrow_schema()
             except (pa.ArrowException, OSError) as err:
                 raise DataError(
@@ -369,26 +370,30 @@ class ParquetStream(IterableDataset):
         names = list(self.layouts)
         handles: dict[int, pq.ParquetFile] = {}
         last: tuple[tuple[int, int], pa.Table] | None = None  # consecutive segments often share a row group
-        for seg in segments:
-            where = f"{self.files[seg.file]} row group {seg.group}"
-            if last is not None and last[0] == (seg.file, seg.group):
-                yield self._decode(last[1].slice(seg.start, seg.rows), where)
-                continue
-            if seg.file not in handles:
-                if len(handles) >= 8:
-                    handles.pop(next(iter(handles))).close()
-                # No memory_map: mapped pages would count as resident memory growing with the data read.
-                handles[seg.file] = pq.ParquetFile(self.files[seg.file], page_checksum_verification=True)
-            try:
-                table = handles[seg.file].read_row_group(seg.group, columns=names, use_threads=use_threads)
-            except (pa.ArrowException, OSError) as err:
-                raise DataError(f"{where} cannot be read ({err}); the file is corrupt: re-write or remove it") from err
-            last = ((seg.file, seg.group), table)
-            if seg.start or seg.stop != table.num_rows:
-                table = table.slice(seg.start, seg.rows)
-            yield self._decode(table, where)
-        for handle in handles.values():
-            handle.close()
+        try:
+            for seg in segments:
+                where = f"{self.files[seg.file]} row group {seg.group}"
+                if last is not None and last[0] == (seg.file, seg.group):
+                    yield self._decode(last[1].slice(seg.start, seg.rows), where)
+                    continue
+                if seg.file not in handles:
+                    if len(handles) >= 8:
+                        handles.pop(next(iter(handles))).close()
+                    # No memory_map: mapped pages would count as resident memory growing with the data read.
+                    handles[seg.file] = pq.ParquetFile(self.files[seg.file], page_checksum_verification=True)
+                try:
+                    table = handles[seg.file].read_row_group(seg.group, columns=names, use_threads=use_threads)
+                except (pa.ArrowException, OSError) as err:
+                    raise DataError(
+                        f"{where} cannot be read ({err}); the file is corrupt: re-write or remove it"
+                    ) from err
+                last = ((seg.file, seg.group), table)
+                if seg.start or seg.stop != table.num_rows:
+                    table = table.slice(seg.start, seg.rows)
+                yield self._decode(table, where)
+        finally:  # also when the consumer stops early (limit_*_batches, an exception, a closed generator)
+            for handle in handles.values():
+                handle.close()
 
     def _decode(self, table: pa.Table, where: str) -> dict[str, np.ndarray]:
         return {name: layout.decode(table.column(name), where) for name, layout in self.layouts.items()}
@@ -399,11 +404,13 @@ class ParquetStream(IterableDataset):
         for name, array in arrays.items():
             transform, per_sample = self.transforms.get(name, (None, False))
             # A tensor a transform replaces need not be shared; the transform's output is sent as usual.
-            if self.defer_uint8 and in_worker and transform is None and array.dtype == np.uint8:
+            layout = self.layouts[name]
+            # only array columns are scaled to [0, 1]; uint8 scalars (labels) stay integers, as without workers
+            if self.defer_uint8 and in_worker and transform is None and array.dtype == np.uint8 and layout.is_tensor:
                 tensor = _empty(array.shape, torch.uint8, shared=True)  # scaled by the loader: see defer_uint8
                 tensor.numpy()[...] = array
             else:
-                tensor = to_tensor(array, self.layouts[name], shared=in_worker and transform is None)
+                tensor = to_tensor(array, layout, shared=in_worker and transform is None)
             if transform is not None:
                 tensor = apply_transform(transform, tensor, per_sample, name)
             batch[name] = tensor
