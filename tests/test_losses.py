@@ -75,6 +75,14 @@ def test_layer_weights_scale_the_terms(vgg_weights):
     torch.testing.assert_close(both, 2.0 * l8 + 0.5 * l3)
 
 
+def test_layers_in_any_order_and_repeated(vgg_weights):
+    path = vgg_weights[0]
+    a, b = torch.rand(2, 3, 32, 32), torch.rand(2, 3, 32, 32)
+    l3, l8 = PerceptualLoss([3], weights_path=path)(a, b), PerceptualLoss([8], weights_path=path)(a, b)
+    repeated = PerceptualLoss([3, 8, 3], weights=[1.0, 2.0, 0.5], weights_path=path)(a, b)
+    torch.testing.assert_close(repeated, 1.5 * l3 + 2.0 * l8)
+
+
 def test_bad_configurations(vgg_weights):
     with pytest.raises(ValueError, match=r"2 weights for 3 layers"):
         PerceptualLoss(weights=[1.0, 1.0], weights_path=vgg_weights[0])

@@ -132,13 +132,13 @@ class PerceptualLoss(nn.Module):
         return self
 
     def _features(self, x: torch.Tensor) -> list[torch.Tensor]:
-        out = []
+        taps: dict[int, torch.Tensor] = {}
         x = (x - self.mean) / self.std
         for i, module in enumerate(self.vgg):
             x = module(x)
             if i in self.layers:
-                out.append(x)
-        return [out[sorted(self.layers).index(i)] for i in self.layers]
+                taps[i] = x
+        return [taps[i] for i in self.layers]  # in the order (and multiplicity) the layers were given
 
     def _prepare(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4 or x.shape[1] not in (1, 3):
