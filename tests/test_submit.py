@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
+import spherinator.submit
 import spherinator.submit.launch as launch
 from spherinator.submit import Resources, SubmitError, expand_sweep, main, parse_sweep_arg, parse_time
 from spherinator.submit.resources import load_preset
@@ -326,3 +328,13 @@ def test_deepspeed_strategy_passes_the_check_and_constructs_on_cpu(tmp_path, ima
     assert "strategy: deepspeed_stage_2" in out and "accelerator: gpu" in out and "#SBATCH --gpus-per-node=4" in out
     strategy = StrategyRegistry.get("deepspeed_stage_2")
     assert isinstance(strategy, DeepSpeedStrategy) and strategy.config["zero_optimization"]["stage"] == 2
+
+
+def test_submit_package_imports_submitit_only_when_used():
+    # every task config names spherinator.submit.RequeueOnSignal: importing it must not pull in submitit
+    code = "import sys, spherinator.submit; assert 'submitit' not in sys.modules, 'submitit imported'"
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    task = spherinator.submit.TrainingTask("runs/x/run")
+    resubmission = task.checkpoint()  # what Submitit calls on USR2: the same task again
+    assert resubmission.function.run_dir == task.run_dir

@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 from lightning.pytorch import Callback, LightningModule, Trainer
-from submitit.helpers import Checkpointable
 
 SUMMARY_NAME = "summary.json"
 REQUEUE_CKPT = "requeue.ckpt"
@@ -183,8 +182,12 @@ def _rank() -> int:
     return 0
 
 
-class TrainingTask(Checkpointable):
+class TrainingTask:
     """One task of a sweep, as Submitit runs it in every Slurm task (one per process/device).
+
+    Submitit requeues any callable with a ``checkpoint`` method (it checks ``hasattr``), so no Submitit base class
+    is needed: ``submitit`` is only imported inside the job, and ``RequeueOnSignal`` (in every task's config)
+    stays cheap to import.
 
     Args:
         run_dir: The task's run dir holding the composed ``config.yaml``.
