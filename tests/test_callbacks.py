@@ -194,3 +194,37 @@ def test_callback_arguments_are_checked():
         LogReconstructionCallback(samples=0)
     with pytest.raises(ValueError, match="max_samples"):
         LogLatentSphere(max_samples=0)
+
+
+# ---- EmbeddingWriter --------------------------------------------------------------------------------------------
+
+
+class _FailingVAE(VariationalAutoencoder):
+    fail_at: int | None = None
+
+    def predict_step(self, batch, batch_idx: int = 0, dataloader_idx: int = 0):
+        if batch_idx == self.fail_at:
+            raise RuntimeError("predict failed on purpose")
+        return super().predict_step(batch, batch_idx, dataloader_idx)
+
+
+def test_embedding_writer_counts_each_run_and_closes_its_file_on_an_exception(tmp_path):
+    import pyarrow.parquet as pq
+
+    from spherinator.callbacks import EmbeddingWriter
+
+    torch.manual_seed(0)
+    encoder = ConvolutionalEncoder2D([3, 16, 16], 8, [ConsecutiveConv2DLayer(4, 2, 1, [4, 8])])
+    model = _FailingVAE(encoder, UpsamplingDecoder2D(base_channels=8, seed_size=4), z_dim=3)
+    loader = DataLoader(torch.rand(10, 3, 16, 16), batch_size=4)  # batches of 4, 4, 2
+    writer = EmbeddingWriter(tmp_path / "emb.parquet")
+    run = trainer(tmp_path, [writer])
+    for _ in range(2):  # the second run rewrites the file and reports its own rows, not a running total
+        run.predict(model, loader, return_predictions=False)
+        assert writer.rows == 10
+        table = pq.read_table(tmp_path / "emb.parquet")
+        assert table.num_rows == 10 and table.column_names == ["location", "scale"]
+    model.fail_at = 2
+    with pytest.raises(RuntimeError, match="on purpose"):
+        trainer(tmp_path, [writer]).predict(model, loader, return_predictions=False)
+    assert pq.read_table(tmp_path / "emb.parquet").num_rows == 8  # the rows before the failure, in a closed file

@@ -67,6 +67,7 @@ class EmbeddingWriter(BasePredictionWriter):
             self.written_path = self._path(trainer)
             self.written_path.parent.mkdir(parents=True, exist_ok=True)
             self._writer = pq.ParquetWriter(self.written_path, table.schema)
+            self.rows = 0  # a new file: count this run's rows only
         self._writer.write_table(table)
         self.rows += table.num_rows
 
@@ -75,3 +76,9 @@ class EmbeddingWriter(BasePredictionWriter):
             self._writer.close()
             self._writer = None
             print(f"spherinator: wrote {self.rows} embeddings to {self.written_path}")
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        # close the file so that the rows written so far form a readable Parquet file (footer written)
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
