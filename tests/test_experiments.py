@@ -160,8 +160,16 @@ def test_overlay_yaml_trains(name, image_dataset, tmp_path, monkeypatch):
 
 def test_ddp_overlay_trains_on_one_cpu_process(image_dataset, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    # The overlay asks for GPUs; on CPU the same strategy runs as one gloo process.
-    main(["fit", "-c", TINY, "-c", exp("ddp.yaml"), "-c", test_overlay(tmp_path, image_dataset)])
+    # The overlay asks for GPUs; on CPU the same strategy runs as one gloo process. Lightning leaves MASTER_PORT
+    # etc. in os.environ: scrub them so later tests (and jobs they submit to Slurm) do not inherit them.
+    for var in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK"):
+        monkeypatch.setenv(var, "")
+        monkeypatch.delenv(var)
+    try:
+        main(["fit", "-c", TINY, "-c", exp("ddp.yaml"), "-c", test_overlay(tmp_path, image_dataset)])
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
     assert list(tmp_path.rglob("*.ckpt"))
 
 

@@ -175,6 +175,9 @@ def _link_logs(run_dir: Path) -> None:
         pass  # not inside a Submitit job, or a link raced with another rank
 
 
+_INHERITED_DIST_VARS = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK")
+
+
 def _rank() -> int:
     for var in ("SLURM_PROCID", "RANK"):
         if var in os.environ:
@@ -210,6 +213,10 @@ class TrainingTask:
         from spherinator.cli import SpherinatorCLI
 
         os.chdir(self.cwd)
+        # sbatch exports the submitting shell's environment: a MASTER_PORT or RANK left there by an earlier
+        # torch.distributed run must not steer this job's rendezvous, which Lightning derives from Slurm.
+        for var in _INHERITED_DIST_VARS:
+            os.environ.pop(var, None)
         run_dir = Path(self.run_dir)
         rank = _rank()
         _link_logs(run_dir)
