@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,12 +40,14 @@ class _Loader(DataLoader):
     see it too: the epoch lives in shared memory) and, with workers, receives uint8 columns as uint8 and scales
     them to float32 here, which moves 4x fewer bytes from the workers."""
 
-    def __init__(self, dataset: ParquetStream, *args: Any, epoch_fn: Callable[[], int] | None = None, **kwargs: Any):
+    def __init__(
+        self, dataset: ParquetStream, *args: Any, epoch_fn: Callable[[], int] | None = None, **kwargs: Any
+    ) -> None:
         super().__init__(dataset, *args, **kwargs)
         self.epoch_fn = epoch_fn
         dataset.defer_uint8 = self.num_workers > 0
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[Any]:
         if self.epoch_fn is not None:
             self.dataset.set_epoch(self.epoch_fn())
         batches = super().__iter__()
@@ -100,7 +102,7 @@ class DataModule(pl.LightningDataModule):
         pin_memory: bool | None = None,
         persistent_workers: bool = True,
         prefetch_factor: int | None = None,
-    ):
+    ) -> None:
         super().__init__()
         self.path = Path(path)
         self.columns = [self._as_column(c) for c in columns] if columns is not None else None

@@ -68,7 +68,7 @@ class ParquetIndex:
         first_file_only: Read only the first footer (cheap; for shapes and column names before ``setup``).
     """
 
-    def __init__(self, path: str | Path, columns: Sequence[str] | None = None, first_file_only: bool = False):
+    def __init__(self, path: str | Path, columns: Sequence[str] | None = None, first_file_only: bool = False) -> None:
         self.path = Path(path)
         self.files = find_parquet_files(path)
         if first_file_only:
@@ -290,7 +290,7 @@ class ParquetStream(IterableDataset):
         drop_last: bool = False,
         rank: int | None = None,
         world_size: int | None = None,
-    ):
+    ) -> None:
         super().__init__()
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size} must be >= 1")

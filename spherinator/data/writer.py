@@ -17,6 +17,7 @@ import math
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -65,7 +66,7 @@ class ParquetWriter:
         layout: str = "fast",
         prefix: str = "part",
         metadata: Mapping[str, str] | None = None,
-    ):
+    ) -> None:
         if compression not in COMPRESSIONS:
             raise DataError(f"compression={compression!r} is not one of {', '.join(COMPRESSIONS)}")
         if layout not in LAYOUTS:
@@ -186,7 +187,7 @@ class ParquetWriter:
         self.close()
 
 
-def write_dataset(out: str | Path, batches: Iterable[Mapping[str, np.ndarray]], **kwargs) -> list[Path]:
+def write_dataset(out: str | Path, batches: Iterable[Mapping[str, np.ndarray]], **kwargs: Any) -> list[Path]:
     """Write an iterable of batches with a :class:`ParquetWriter` (``kwargs`` are its options)."""
     with ParquetWriter(out, **kwargs) as writer:
         for batch in batches:

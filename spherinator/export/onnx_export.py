@@ -31,7 +31,7 @@ class ValidationError(ExportError):
         report: The export report (also at ``export_path/export_report.json``).
     """
 
-    def __init__(self, message: str, report: dict[str, Any]):
+    def __init__(self, message: str, report: dict[str, Any]) -> None:
         super().__init__(message)
         self.report = report
 
@@ -39,7 +39,7 @@ class ValidationError(ExportError):
 class _Encode(nn.Module):
     """``x -> model.encode(x)``: the unit-normalised location (VAE) or the code (Autoencoder)."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
 
@@ -50,7 +50,7 @@ class _Encode(nn.Module):
 class _Decode(nn.Module):
     """``z -> model.decode(z)``."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
 
@@ -61,7 +61,7 @@ class _Decode(nn.Module):
 class _Reconstruct(nn.Module):
     """``x -> model(x)``, the deterministic reconstruction (the VAE decodes its location)."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
 
