@@ -8,6 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import yaml
+from lightning.pytorch import Callback
 
 from spherinator.cli import SpherinatorCLI, main
 from spherinator.models import VariationalAutoencoder
@@ -153,3 +154,42 @@ def test_resume_says_which_given_model_values_the_checkpoint_replaces(image_data
     with pytest.warns(UserWarning, match=r"model.init_args.beta: 0.5 -> 0.001"):
         cli = SpherinatorCLI(args=["fit", *args, "--ckpt_path", str(ckpt)])
     assert cli.model.beta == 1e-3  # the run resumes the model it saved
+
+
+class _RecordIds(Callback):
+    def __init__(self) -> None:
+        self.ids: list[int] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.ids += batch["id"].tolist()
+
+
+class _SaveAfterBatch(Callback):
+    def __init__(self, batch_idx: int, path: Path) -> None:
+        self.batch_idx, self.path = batch_idx, path
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if batch_idx == self.batch_idx:
+            trainer.save_checkpoint(self.path)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_in_the_middle_of_an_epoch_trains_on_the_rest_of_it(image_dataset, tmp_path, monkeypatch, workers):
+    """A checkpoint taken mid-epoch (a requeued job) resumes with exactly the rows that epoch had not seen."""
+    monkeypatch.chdir(tmp_path)
+    data = data_yaml(tmp_path, image_dataset, columns=["data", "id"], return_dict=True, batch_size=8,
+                     num_workers=workers, shuffle=True)  # fmt: skip
+    args = ["-c", TINY, "-c", data, "--trainer.limit_val_batches", "0"]
+    first, rest = _RecordIds(), _RecordIds()
+    ckpt = tmp_path / "mid-epoch.ckpt"
+    cli = SpherinatorCLI(args=[*args, "--trainer.max_steps", "4"], run=False)
+    cli.trainer.callbacks += [first, _SaveAfterBatch(3, ckpt)]  # as the requeue callback saves: after a batch
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    train_rows = cli.datamodule.split_rows("train")
+    assert len(first.ids) == 4 * 8 < train_rows
+
+    cli = SpherinatorCLI(args=[*args, "--trainer.max_epochs", "1"], run=False)
+    cli.trainer.callbacks.append(rest)
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt)
+    assert not set(first.ids) & set(rest.ids)  # nothing twice
+    assert len(first.ids) + len(rest.ids) == train_rows  # nothing left out

@@ -41,16 +41,39 @@ class _Loader(DataLoader):
     them to float32 here, which moves 4x fewer bytes from the workers."""
 
     def __init__(
-        self, dataset: ParquetStream, *args: Any, epoch_fn: Callable[[], int] | None = None, **kwargs: Any
+        self,
+        dataset: ParquetStream,
+        *args: Any,
+        epoch_fn: Callable[[], int] | None = None,
+        done_fn: Callable[[], int] | None = None,
+        **kwargs: Any,
     ) -> None:
         super().__init__(dataset, *args, **kwargs)
         self.epoch_fn = epoch_fn
+        self.done_fn = done_fn
+        self._resuming = False
         dataset.defer_uint8 = self.num_workers > 0
+
+    # state_dict/load_state_dict make the loader resumable for Lightning: a run restored from a checkpoint taken
+    # in the middle of an epoch (a requeued Slurm job) goes on with the batches that epoch had not yet trained on,
+    # instead of starting the epoch's order again (some rows twice, others not at all).
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.dataset.epoch}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._resuming = self.done_fn is not None
 
     def __iter__(self) -> Iterator[Any]:
         if self.epoch_fn is not None:
             self.dataset.set_epoch(self.epoch_fn())
         batches = super().__iter__()
+        if self._resuming:
+            self._resuming = False
+            # The order of an epoch is a function of (seed, epoch), and the DataLoader takes batches from its
+            # workers in turn, so the first `done` batches are the ones already trained on: read past them.
+            done = self.done_fn()
+            if 0 < done < len(self):
+                batches = itertools.islice(batches, done, None)
         return map(scale_uint8, batches) if self.dataset.defer_uint8 else batches
 
 
@@ -259,7 +282,19 @@ class DataModule(pl.LightningDataModule):
         if self.num_workers > 0:
             workers = {"persistent_workers": self.persistent_workers, "prefetch_factor": self.prefetch_factor}
         kwargs = dict(batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory, **workers)
-        return _Loader(self.dataset(split), epoch_fn=self._epoch if split == "train" else None, **kwargs)
+        if split != "train":
+            return _Loader(self.dataset(split), **kwargs)
+        return _Loader(self.dataset(split), epoch_fn=self._epoch, done_fn=self._batches_done, **kwargs)
+
+    def _batches_done(self) -> int:
+        """Training batches of the current epoch already trained on (non-zero when resuming mid-epoch).
+
+        ``processed``, not ``completed``: a checkpoint saved in ``on_train_batch_end`` (as the requeue callback does)
+        holds the optimizer step of its batch, while ``completed`` counts that batch only after the hook.
+        """
+        if self.trainer is None:
+            return 0
+        return self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
 
     def _epoch(self) -> int:
         """The trainer's epoch when attached, else the number of passes made so far."""
