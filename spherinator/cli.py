@@ -16,6 +16,7 @@ from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_warn
 
+from spherinator.data.layout import DataError
 from spherinator.shapes import ConfigError, check_model_matches_data, resolve_config
 
 DEFAULT_LOGGER = {
@@ -128,7 +129,7 @@ def main(args: list[str] | None = None) -> None:
         return
     try:
         SpherinatorCLI(args=args)
-    except ConfigError as err:
+    except (ConfigError, DataError) as err:  # bad input: its message says what to change, no traceback needed
         print(f"spherinator: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
 

@@ -193,3 +193,11 @@ def test_resume_in_the_middle_of_an_epoch_trains_on_the_rest_of_it(image_dataset
     cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt)
     assert not set(first.ids) & set(rest.ids)  # nothing twice
     assert len(first.ids) + len(rest.ids) == train_rows  # nothing left out
+
+
+def test_drop_last_with_too_few_rows_for_one_batch_is_an_error(image_dataset, tmp_path, capsys):
+    data = data_yaml(tmp_path, image_dataset, drop_last=True, batch_size=128)
+    with pytest.raises(SystemExit):
+        main(["fit", "-c", TINY, "-c", data])
+    err = capsys.readouterr().err
+    assert "batch_size=128" in err and "the train split has 72 rows" in err

@@ -243,6 +243,14 @@ class DataModule(pl.LightningDataModule):
                     f"the train split is empty: {total} rows under {str(self.path)!r} all go to validation/test; "
                     f"lower val_fraction/test_fraction or add data"
                 )
+        if self.drop_last and stage in (None, "fit"):
+            world = self.trainer.world_size if self.trainer is not None else 1
+            train_rows = self.split_rows("train")
+            if train_rows < world * self.batch_size:
+                raise DataError(
+                    f"drop_last=True with batch_size={self.batch_size} on {world} rank(s) leaves no training batch: "
+                    f"the train split has {train_rows} rows; lower batch_size or set drop_last to False"
+                )
 
     @property
     def index(self) -> ParquetIndex:
