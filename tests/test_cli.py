@@ -17,6 +17,12 @@ CONFIGS = Path(__file__).parent / "configs"
 TINY = str(CONFIGS / "vae_tiny.yaml")
 
 
+@pytest.fixture(autouse=True)
+def _in_tmp_path(tmp_path, monkeypatch):
+    """Runs log to ./runs by default: keep every test's logs in its own temporary directory."""
+    monkeypatch.chdir(tmp_path)
+
+
 def data_yaml(tmp_path: Path, path: Path, **init_args) -> str:
     """A data overlay reading ``path`` with small batches and no workers."""
     args = {"path": str(path), "batch_size": 16, "num_workers": 0, "val_fraction": 0.25, **init_args}
@@ -30,8 +36,7 @@ def only_version_dir(root: Path) -> Path:
     return version
 
 
-def test_fit_saves_resolved_config_and_checkpoint(image_dataset, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
+def test_fit_saves_resolved_config_and_checkpoint(image_dataset, tmp_path):
     cli = SpherinatorCLI(
         args=["fit", "-c", TINY, "-c", data_yaml(tmp_path, image_dataset), "--model.init_args.z_dim", "5"]
     )
@@ -58,8 +63,7 @@ def test_fit_saves_resolved_config_and_checkpoint(image_dataset, tmp_path, monke
     torch.testing.assert_close(restored(x), trained(x), rtol=0, atol=0)
 
 
-def test_resume_continues_epoch_count(image_dataset, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
+def test_resume_continues_epoch_count(image_dataset, tmp_path):
     data = data_yaml(tmp_path, image_dataset)
     main(["fit", "-c", TINY, "-c", data, "--trainer.max_epochs", "1"])
     (ckpt,) = (only_version_dir(tmp_path) / "checkpoints").glob("*.ckpt")
@@ -71,8 +75,7 @@ def test_resume_continues_epoch_count(image_dataset, tmp_path, monkeypatch):
     assert state["global_step"] > torch.load(ckpt, weights_only=False)["global_step"]
 
 
-def test_predict_writes_embeddings_with_ids(image_dataset, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
+def test_predict_writes_embeddings_with_ids(image_dataset, tmp_path):
     data = data_yaml(tmp_path, image_dataset, columns=["data", "id"], return_dict=True)
     main(["fit", "-c", TINY, "-c", data])
     (ckpt,) = (only_version_dir(tmp_path) / "checkpoints").glob("*.ckpt")
@@ -134,8 +137,7 @@ def test_unknown_class_path_is_an_error(image_dataset, tmp_path, capsys):
     assert "NoSuchEncoder" in capsys.readouterr().err
 
 
-def test_training_lowers_the_validation_loss(image_dataset, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
+def test_training_lowers_the_validation_loss(image_dataset, tmp_path):
     args = ["-c", TINY, "-c", data_yaml(tmp_path, image_dataset), "--trainer.max_epochs", "6"]
     cli = SpherinatorCLI(args=args, run=False)
     (before,) = cli.trainer.validate(cli.model, datamodule=cli.datamodule, verbose=False)
@@ -145,8 +147,7 @@ def test_training_lowers_the_validation_loss(image_dataset, tmp_path, monkeypatc
     assert torch.isfinite(torch.tensor(after["val_loss"]))
 
 
-def test_resume_says_which_given_model_values_the_checkpoint_replaces(image_dataset, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
+def test_resume_says_which_given_model_values_the_checkpoint_replaces(image_dataset, tmp_path):
     data = data_yaml(tmp_path, image_dataset)
     main(["fit", "-c", TINY, "-c", data])
     (ckpt,) = (only_version_dir(tmp_path) / "checkpoints").glob("*.ckpt")
@@ -174,9 +175,8 @@ class _SaveAfterBatch(Callback):
 
 
 @pytest.mark.parametrize("workers", [0, 2])
-def test_resume_in_the_middle_of_an_epoch_trains_on_the_rest_of_it(image_dataset, tmp_path, monkeypatch, workers):
+def test_resume_in_the_middle_of_an_epoch_trains_on_the_rest_of_it(image_dataset, tmp_path, workers):
     """A checkpoint taken mid-epoch (a requeued job) resumes with exactly the rows that epoch had not seen."""
-    monkeypatch.chdir(tmp_path)
     data = data_yaml(tmp_path, image_dataset, columns=["data", "id"], return_dict=True, batch_size=8,
                      num_workers=workers, shuffle=True)  # fmt: skip
     args = ["-c", TINY, "-c", data, "--trainer.limit_val_batches", "0"]
