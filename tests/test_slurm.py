@@ -217,3 +217,20 @@ def test_resume_continues_a_cancelled_sweep_from_its_checkpoints(cluster, tmp_pa
     capsys.readouterr()
     main(["--resume", str(sweep)])
     assert "nothing to resume" in capsys.readouterr().out
+
+
+def test_two_node_job_is_requeued_and_resumes_on_both_ranks(cluster, tmp_path, image_dataset, monkeypatch):
+    """The requeue path under DDP: both ranks agree to stop, save one checkpoint together, and the requeued job
+    resumes on two nodes from it up to the full epoch count. Each rank has half the batches of the one-node
+    test, so the batches sleep longer: 60 epochs of at least 3 x 0.6 s outlast the latest signal (90 s)."""
+    epochs = 60
+    config = tiny_config(tmp_path, image_dataset, epochs=epochs)
+    slow = slow_overlay(tmp_path, monkeypatch, 0.6)
+    sweep = submit(
+        tmp_path, config, "requeue2", "-c", str(slow), "--nodes", "2", "--time", "2", "--signal-delay", "30",
+        "--max-requeues", "5",
+    )  # fmt: skip
+    wait_for(sweep, completed, timeout=560, poll=5)
+    summary = json.loads((sweep / "run" / "summary.json").read_text())
+    assert summary["attempts"] >= 2, summary
+    assert summary["resumed_from"] and summary["epoch"] == epochs
