@@ -107,10 +107,10 @@ def append_callbacks_across_configs(argv: list[str]) -> list[str]:
             index, value = i, arg.split("=", 1)[1]
         else:
             continue
-        path = Path(value)
-        if not path.is_file():
+        try:
+            content = yaml.safe_load(Path(value).read_text())
+        except OSError:  # not a file: config text given inline (or a missing file, which the parser reports)
             continue
-        content = yaml.safe_load(path.read_text())
         trainer = content.get("trainer") if isinstance(content, dict) else None
         if isinstance(trainer, dict) and isinstance(trainer.get("callbacks"), list):
             trainer["callbacks+"] = trainer.pop("callbacks")

@@ -201,3 +201,9 @@ def test_drop_last_with_too_few_rows_for_one_batch_is_an_error(image_dataset, tm
         main(["fit", "-c", TINY, "-c", data])
     err = capsys.readouterr().err
     assert "batch_size=128" in err and "the train split has 72 rows" in err
+
+
+def test_inline_config_text_still_parses(image_dataset, tmp_path):
+    inline = "trainer:\n  callbacks:\n    - class_path: spherinator.callbacks.KLAnnealing\n" + "#\n" * 200
+    cli = SpherinatorCLI(args=["-c", TINY, "-c", data_yaml(tmp_path, image_dataset), "-c", inline], run=False)
+    assert [c.class_path for c in cli.config.trainer.callbacks] == ["spherinator.callbacks.KLAnnealing"]
