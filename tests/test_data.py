@@ -367,43 +367,6 @@ def test_batch_and_per_sample_transforms(image_dataset):
     assert set(calls) == {(3, 32, 32)}
 
 
-SEED_DATA_YAML = """
-data:
-  class_path: spherinator.data.DataModule
-  init_args:
-    path: {path}
-    columns:
-      - name: data
-        transform:
-          class_path: torchvision.transforms.v2.Resize
-          init_args:
-            size: 224
-    return_dict: False
-    batch_size: 16
-    shuffle: True
-    num_workers: 4
-"""
-
-
-def test_seed_yaml_data_section_builds_a_working_datamodule(image_dataset, tmp_path):
-    from lightning.pytorch.cli import LightningCLI
-    from lightning.pytorch.demos.boring_classes import BoringModel
-
-    config = tmp_path / "data.yaml"
-    config.write_text(SEED_DATA_YAML.format(path=image_dataset))
-    cli = LightningCLI(
-        BoringModel, subclass_mode_data=True, run=False, args=["-c", str(config)], save_config_callback=None
-    )
-    dm = cli.datamodule
-    assert isinstance(dm, DataModule)
-    assert (dm.batch_size, dm.num_workers, dm.shuffle, dm.return_dict) == (16, 4, True, False)
-    assert dm.sample_shape() == (3, 224, 224)
-    dm.num_workers = 0  # keep the test light; the loader itself is the same
-    dm.setup("fit")
-    batch = next(iter(dm.train_dataloader()))
-    assert batch.shape == (16, 3, 224, 224) and batch.min() >= 0.0 and batch.max() <= 1.0
-
-
 # -- bad input -------------------------------------------------------------------------------------------------------
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import yaml
 from torch import nn
 
 from spherinator.losses import CombinedLoss, PerceptualLoss
@@ -108,29 +107,3 @@ def test_combined_loss_is_the_weighted_sum():
 def test_combined_loss_length_mismatch_is_an_error():
     with pytest.raises(ValueError, match=r"3 factors .* 2 losses \(MSELoss, L1Loss\)"):
         CombinedLoss([nn.MSELoss(), nn.L1Loss()], factors=[1.0, 0.1, 2.0])
-
-
-def test_seed_combined_loss_yaml(torch_home, vgg_weights):
-    from jsonargparse import ArgumentParser
-
-    cache = torch_home / "hub" / "checkpoints"
-    cache.mkdir(parents=True)
-    (cache / VGG_FILE).symlink_to(vgg_weights[0])
-    seed_yaml = """
-    reconstruction_loss:
-      class_path: spherinator.losses.CombinedLoss
-      init_args:
-        losses:
-          - class_path: torch.nn.MSELoss
-          - class_path: spherinator.losses.PerceptualLoss
-            init_args:
-              layers: [3, 8, 15]
-              weights: [1.0, 1.0, 1.0]
-        factors: [1.0, 0.1]
-    """
-    parser = ArgumentParser()
-    parser.add_argument("--reconstruction_loss", type=nn.Module)
-    loss = parser.instantiate(parser.parse_string(yaml.safe_dump(yaml.safe_load(seed_yaml)))).reconstruction_loss
-    a, b = torch.rand(2, 3, 32, 32), torch.rand(2, 3, 32, 32)
-    expected = nn.functional.mse_loss(a, b) + 0.1 * PerceptualLoss(weights_path=vgg_weights[0])(a, b)
-    torch.testing.assert_close(loss(a, b), expected)
