@@ -73,11 +73,11 @@ class SpherinatorCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
-        resolve_config(config)
+        self._data_shape = resolve_config(config)
 
     def instantiate_classes(self) -> None:
         super().instantiate_classes()
-        check_model_matches_data(self.model, self.datamodule)
+        check_model_matches_data(self.model, self.datamodule, getattr(self, "_data_shape", None))
 
     def predict(self, **kwargs: Any) -> None:
         # Embeddings stream to Parquet (EmbeddingWriter); keeping them all in memory too helps nobody.

@@ -57,11 +57,14 @@ def data_sample_shape(data_config: Namespace) -> tuple[int, ...]:
     return tuple(datamodule.sample_shape())
 
 
-def resolve_config(config: Namespace) -> Namespace:
-    """Fill in the repeated sizes of ``config`` (a parsed ``spherinator`` config with ``model`` and ``data``)."""
+def resolve_config(config: Namespace) -> tuple[int, ...] | None:
+    """Fill in the repeated sizes of ``config`` (a parsed ``spherinator`` config with ``model`` and ``data``).
+
+    Returns the data's sample shape when it had to be read (None otherwise), so callers need not read it again.
+    """
     model = _get(config, "model")
     if not isinstance(model, Namespace) or not isinstance(model.get("init_args"), Namespace):
-        return config
+        return None
     args = model.init_args
     encoder = _get(args, "encoder.init_args")
     decoder = _get(args, "decoder.init_args")
@@ -82,21 +85,25 @@ def resolve_config(config: Namespace) -> Namespace:
     # The data decides the input shape of the encoder and the output shape of the decoder.
     needs_shape = (encoder is not None and "input_dim" in encoder) or (decoder is not None and "output_dim" in decoder)
     data = _get(config, "data")
-    if needs_shape and isinstance(data, Namespace) and data.get("class_path"):
-        shape = list(data_sample_shape(data))
-        if encoder is not None:
-            _fill(encoder, "input_dim", shape, where="the encoder's input_dim", source="the data's sample shape")
-        if decoder is not None:
-            _fill(decoder, "output_dim", shape, where="the decoder's output_dim", source="the data's sample shape")
-    return config
+    if not (needs_shape and isinstance(data, Namespace) and data.get("class_path")):
+        return None
+    shape = data_sample_shape(data)
+    if encoder is not None:
+        _fill(encoder, "input_dim", list(shape), where="the encoder's input_dim", source="the data's sample shape")
+    if decoder is not None:
+        _fill(decoder, "output_dim", list(shape), where="the decoder's output_dim", source="the data's sample shape")
+    return shape
 
 
-def check_model_matches_data(model: Any, datamodule: Any) -> None:
-    """Refuse a model whose input shape is not the shape of the data's samples (e.g. a ViT fed 128x128)."""
+def check_model_matches_data(model: Any, datamodule: Any, data_shape: tuple[int, ...] | None = None) -> None:
+    """Refuse a model whose input shape is not the shape of the data's samples (e.g. a ViT fed 128x128).
+
+    ``data_shape``: the sample shape when already known (from :func:`resolve_config`); else asked of the data.
+    """
     model_shape = getattr(model, "input_dim", None)
     if model_shape is None or datamodule is None or not hasattr(datamodule, "sample_shape"):
         return
-    data_shape = tuple(datamodule.sample_shape())
+    data_shape = tuple(data_shape) if data_shape is not None else tuple(datamodule.sample_shape())
     if tuple(model_shape) != data_shape:
         raise ConfigError(
             f"the model takes inputs of shape {tuple(model_shape)} but the data's samples have shape {data_shape}: "
