@@ -658,16 +658,19 @@ def vgg_cache(vgg_file, tmp_path, monkeypatch) -> Path:
     return vgg_file
 
 
-def loss_overlay(tmp_path: Path, snippet: str) -> str:
-    return write(tmp_path / "loss.yaml", {"model": {"init_args": load(snippet)}})
+def fit_with_loss(tmp_path: Path, images: Path, snippet: str) -> SpherinatorCLI:
+    """``spherinator fit`` of the tiny VAE with the seed's ``reconstruction_loss`` snippet; checks it trained."""
+    data = write(tmp_path / "data.yaml", data_config(images, None, batch_size=4, num_workers=0))
+    loss = write(tmp_path / "loss.yaml", {"model": {"init_args": load(snippet)}})
+    trainer = write(tmp_path / "t.yaml", test_trainer())
+    cli = SpherinatorCLI(args=["fit", "-c", TINY, "-c", data, "-c", loss, "-c", trainer])
+    assert_trained(cli)
+    return cli
 
 
 def test_perceptual_loss_snippet_trains_a_vae(vgg_cache, image_dataset, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    data = write(tmp_path / "data.yaml", data_config(image_dataset, None, batch_size=4, num_workers=0))
-    args = ["fit", "-c", TINY, "-c", data, "-c", loss_overlay(tmp_path, PERCEPTUAL_SNIPPET)]
-    cli = SpherinatorCLI(args=[*args, "-c", write(tmp_path / "t.yaml", test_trainer())])
-    assert_trained(cli)
+    cli = fit_with_loss(tmp_path, image_dataset, PERCEPTUAL_SNIPPET)
     loss = cli.model.reconstruction_loss
     assert type(loss).__name__ == "PerceptualLoss" and loss.layers == [3, 8, 15] and loss.weights == [1.0] * 3
     assert all(isinstance(loss.vgg[i], nn.ReLU) for i in (3, 8, 15))  # outputs of the first three ReLU blocks
@@ -702,10 +705,7 @@ def test_perceptual_loss_defaults(vgg_cache):
 
 def test_combined_loss_snippet_is_the_weighted_sum(vgg_cache, image_dataset, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    data = write(tmp_path / "data.yaml", data_config(image_dataset, None, batch_size=4, num_workers=0))
-    args = ["fit", "-c", TINY, "-c", data, "-c", loss_overlay(tmp_path, COMBINED_SNIPPET)]
-    cli = SpherinatorCLI(args=[*args, "-c", write(tmp_path / "t.yaml", test_trainer())])
-    assert_trained(cli)
+    cli = fit_with_loss(tmp_path, image_dataset, COMBINED_SNIPPET)
     loss = cli.model.reconstruction_loss
     assert type(loss).__name__ == "CombinedLoss" and loss.factors == [1.0, 0.1]
     mse, perceptual = loss.losses
