@@ -236,6 +236,79 @@ def test_predict_gives_every_row_once_in_file_order(uneven_dataset, workers):
     torch.testing.assert_close(data, images)
 
 
+def _check_pass(batches, images: np.ndarray) -> None:
+    """Every row of the uneven_dataset once, each id with its own image scaled to [0, 1]."""
+    ids = torch.tensor(_ids(batches))
+    assert sorted(ids.tolist()) == list(range(len(images)))
+    data = torch.cat([b["data"] for b in batches])
+    assert data.dtype == torch.float32
+    torch.testing.assert_close(data, torch.from_numpy(images[ids.numpy()]).float() / 255)
+
+
+@pytest.mark.parametrize("persistent", [True, False])
+def test_workers_hand_batches_through_reused_shared_slots(uneven_dataset, persistent):
+    dm = DataModule(
+        uneven_dataset,
+        columns=["data", "id"],
+        return_dict=True,
+        batch_size=6,
+        num_workers=2,
+        val_fraction=0.0,
+        persistent_workers=persistent,
+    )
+    loader = dm.train_dataloader()
+    images = _images(101)
+    _check_pass(list(loader), images)
+    first = loader.dataset.slots
+    for i, _ in enumerate(loader):  # a pass that stops early leaves prefetched batches unconverted
+        if i == 3:
+            break
+    _check_pass(list(loader), images)
+    slots = loader.dataset.slots
+    assert (slots is first) == persistent  # new workers each pass get new slots
+    assert slots.fallbacks.tolist() == [0, 0]  # every batch came through a slot, none busy when needed
+    assert slots.busy.sum() == 0  # and every slot was freed, the unconverted ones too
+
+
+def test_busy_slots_fall_back_to_a_batch_of_its_own(uneven_dataset):
+    from spherinator.data.slots import BatchSlots
+
+    dm = DataModule(
+        uneven_dataset, columns=["data", "id"], return_dict=True, batch_size=6, num_workers=2, val_fraction=0.0
+    )
+    loader = dm.train_dataloader()
+    # one slot per worker, though each worker is asked for up to 2 batches ahead: some find their slot busy
+    loader.dataset.defer_uint8 = True
+    loader.dataset.slots = BatchSlots({"data": (3, 8, 8)}, 6, 2, depth=1)
+    _check_pass(list(loader), _images(101))
+    assert loader.dataset.slots.fallbacks.sum() > 0
+    assert loader.dataset.slots.busy.sum() == 0
+
+
+def test_slot_batch_is_freed_when_converted_or_dropped_in_the_receiving_process():
+    import pickle
+
+    from spherinator.data.slots import BatchSlots, SlotBatch
+
+    slots = BatchSlots({"data": (2, 3)}, batch_size=4, num_workers=1, depth=2)
+    array = np.arange(18, dtype=np.uint8).reshape(3, 2, 3)
+    assert [slots.claim(0), slots.claim(0), slots.claim(0)] == [0, 1, None]
+    assert slots.fallbacks.tolist() == [1]
+    slots.write("data", 0, 1, array)
+    sent = SlotBatch(slots.token, 0, 1, 3, {"data": None, "id": torch.arange(3)}, return_dict=True)
+    received = pickle.loads(pickle.dumps(sent))
+    del sent  # the worker's copy going away frees nothing
+    assert slots.busy.tolist() == [[1, 1]]
+    batch = received.resolve(slots)
+    torch.testing.assert_close(batch["data"], torch.from_numpy(array).float() / 255)
+    assert batch["id"].tolist() == [0, 1, 2]
+    assert slots.busy.tolist() == [[1, 0]]
+    dropped = pickle.loads(pickle.dumps(SlotBatch(slots.token, 0, 0, 3, {"data": None}, return_dict=False)))
+    del dropped  # received but never converted (an iteration that stopped early)
+    assert slots.busy.tolist() == [[0, 0]]
+    assert slots.claim(0) == 0
+
+
 @pytest.mark.parametrize("workers", [0, 1])
 def test_uint8_scalar_column_stays_an_integer_with_and_without_workers(tmp_path, workers):
     # workers send uint8 arrays unscaled and the loader scales them; a uint8 label is no image and must not be scaled

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -14,6 +15,7 @@ from torch.utils.data import DataLoader
 
 from spherinator.data.dataset import ParquetIndex, ParquetStream, Segment, apply_transform, split_rows
 from spherinator.data.layout import DataError, scale_uint8
+from spherinator.data.slots import BatchSlots, SlotBatch
 
 
 @dataclass
@@ -37,8 +39,10 @@ class Column:
 
 class _Loader(DataLoader):
     """A DataLoader over a :class:`ParquetStream` that tells it the epoch before every pass (persistent workers
-    see it too: the epoch lives in shared memory) and, with workers, receives uint8 columns as uint8 and scales
-    them to float32 here, which moves 4x fewer bytes from the workers."""
+    see it too: the epoch lives in shared memory) and, with workers, receives uint8 array columns as uint8 and
+    scales them to float32 here, which moves 4x fewer bytes from the workers. Columns of a fixed shape come
+    through shared buffers allocated once (:class:`~spherinator.data.slots.BatchSlots`) instead of a new
+    shared-memory segment per batch."""
 
     def __init__(
         self,
@@ -53,6 +57,27 @@ class _Loader(DataLoader):
         self.done_fn = done_fn
         self._resuming = False
         dataset.defer_uint8 = self.num_workers > 0
+        # the batch is pinned here, after the pin-memory thread: that one sees uint8 tensors or slot names
+        self._pin = self.pin_memory and torch.cuda.is_available()
+
+    def _slots_for_pass(self) -> BatchSlots | None:
+        """The workers' batch buffers for this pass, allocated before the workers start (they inherit them): once
+        for persistent workers, anew for the new workers of each pass otherwise (the last pass's workers may
+        still be writing theirs)."""
+        dataset = self.dataset
+        if not dataset.defer_uint8:
+            return None
+        if dataset.slots is None or not self.persistent_workers:
+            shapes = {name: shape for name, shape in dataset.deferred_columns().items() if shape is not None}
+            # a worker is asked for at most prefetch_factor batches beyond the one being converted here
+            depth = (self.prefetch_factor or 2) + 2
+            dataset.slots = BatchSlots(shapes, dataset.batch_size, self.num_workers, depth) if shapes else None
+        return dataset.slots
+
+    def _receive(self, slots: BatchSlots | None, batch: Any) -> torch.Tensor | dict[str, torch.Tensor]:
+        if isinstance(batch, SlotBatch):
+            return batch.resolve(slots, self._pin)
+        return scale_uint8(batch, self._pin)
 
     # state_dict/load_state_dict make the loader resumable for Lightning: a run restored from a checkpoint taken
     # in the middle of an epoch (a requeued Slurm job) goes on with the batches that epoch had not yet trained on,
@@ -66,6 +91,7 @@ class _Loader(DataLoader):
     def __iter__(self) -> Iterator[Any]:
         if self.epoch_fn is not None:
             self.dataset.set_epoch(self.epoch_fn())
+        slots = self._slots_for_pass()
         batches = super().__iter__()
         if self._resuming:
             self._resuming = False
@@ -74,7 +100,7 @@ class _Loader(DataLoader):
             done = self.done_fn()
             if 0 < done < len(self):
                 batches = itertools.islice(batches, done, None)
-        return map(scale_uint8, batches) if self.dataset.defer_uint8 else batches
+        return map(functools.partial(self._receive, slots), batches) if self.dataset.defer_uint8 else batches
 
 
 class DataModule(pl.LightningDataModule):

@@ -24,6 +24,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from spherinator.data.layout import ColumnLayout, DataError, _empty, to_tensor
+from spherinator.data.slots import BatchSlots, SlotBatch
 
 
 @dataclass(frozen=True)
@@ -309,6 +310,8 @@ class ParquetStream(IterableDataset):
         # Workers send uint8 columns as uint8 (4x fewer bytes through shared memory than float32) when the
         # DataLoader scales them in the main process (set by spherinator.data.DataModule's loaders).
         self.defer_uint8 = False
+        # With defer_uint8: reusable shared buffers for those columns, set by the DataModule's loaders.
+        self.slots: BatchSlots | None = None
         # Shared memory, so persistent DataLoader workers see the epoch the main process sets.
         self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
 
@@ -398,22 +401,41 @@ class ParquetStream(IterableDataset):
     def _decode(self, table: pa.Table, where: str) -> dict[str, np.ndarray]:
         return {name: layout.decode(table.column(name), where) for name, layout in self.layouts.items()}
 
-    def _finish(self, arrays: dict[str, np.ndarray]) -> torch.Tensor | dict[str, torch.Tensor]:
+    def deferred_columns(self) -> dict[str, tuple[int, ...] | None]:
+        """Columns a worker sends as uint8 for the loader to scale (see ``defer_uint8``), with their sample shape
+        when the schema tells it (such columns can go through :class:`~spherinator.data.slots.BatchSlots`)."""
+        return {
+            name: layout.shape
+            for name, layout in self.layouts.items()
+            if layout.is_tensor and layout.dtype == np.uint8 and name not in self.transforms
+        }
+
+    def _finish(self, arrays: dict[str, np.ndarray]) -> torch.Tensor | dict[str, torch.Tensor] | SlotBatch:
+        info = get_worker_info()
+        in_worker = info is not None
+        slot = self.slots.claim(info.id) if in_worker and self.slots is not None else None
         batch = {}
-        in_worker = get_worker_info() is not None
         for name, array in arrays.items():
             transform, per_sample = self.transforms.get(name, (None, False))
-            # A tensor a transform replaces need not be shared; the transform's output is sent as usual.
             layout = self.layouts[name]
             # only array columns are scaled to [0, 1]; uint8 scalars (labels) stay integers, as without workers
-            if self.defer_uint8 and in_worker and transform is None and array.dtype == np.uint8 and layout.is_tensor:
+            deferred = self.defer_uint8 and in_worker and transform is None and array.dtype == np.uint8
+            if deferred and layout.is_tensor and slot is not None and name in self.slots.buffers:
+                self.slots.write(name, info.id, slot, array)
+                batch[name] = None  # in the slot
+                continue
+            if deferred and layout.is_tensor:
                 tensor = _empty(array.shape, torch.uint8, shared=True)  # scaled by the loader: see defer_uint8
                 tensor.numpy()[...] = array
             else:
+                # A tensor a transform replaces need not be shared; the transform's output is sent as usual.
                 tensor = to_tensor(array, layout, shared=in_worker and transform is None)
             if transform is not None:
                 tensor = apply_transform(transform, tensor, per_sample, name)
             batch[name] = tensor
+        if slot is not None:
+            rows = len(next(iter(arrays.values())))
+            return SlotBatch(self.slots.token, info.id, slot, rows, batch, self.return_dict)
         return batch if self.return_dict else next(iter(batch.values()))
 
 

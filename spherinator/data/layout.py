@@ -356,10 +356,20 @@ def to_tensor(array: np.ndarray, layout: ColumnLayout, shared: bool = False) -> 
     return out
 
 
-def scale_uint8(batch: torch.Tensor | dict[str, torch.Tensor]) -> torch.Tensor | dict[str, torch.Tensor]:
+def uint8_to_float(array: np.ndarray, pin: bool = False) -> torch.Tensor:
+    """uint8 array -> new float32 tensor in [0, 1] in one pass (within 1 ulp of x / 255); in page-locked memory
+    with ``pin`` (it then copies to the GPU asynchronously)."""
+    out = torch.empty(array.shape, dtype=torch.float32, pin_memory=pin)
+    np.multiply(array, np.float32(1 / 255), out=out.numpy())
+    return out
+
+
+def scale_uint8(
+    batch: torch.Tensor | dict[str, torch.Tensor], pin: bool = False
+) -> torch.Tensor | dict[str, torch.Tensor]:
     """uint8 tensors of a batch (from workers that send uint8 to move 4x fewer bytes) to float32 in [0, 1]."""
     if isinstance(batch, dict):
-        return {name: scale_uint8(tensor) for name, tensor in batch.items()}
+        return {name: scale_uint8(tensor, pin) for name, tensor in batch.items()}
     if batch.dtype != torch.uint8:
         return batch
-    return torch.from_numpy(np.multiply(batch.numpy(), np.float32(1 / 255), dtype=np.float32))
+    return uint8_to_float(batch.numpy(), pin)

@@ -8,7 +8,7 @@ and the list layout (fixed-size list of uint8 + shape metadata, how existing Sph
     naive     the table loaded into memory, one torch.tensor per row in __getitem__, default DataLoader
 
 and prints samples/s with the ratios dm/raw and dm/naive, the end-to-end speed-up of the fast layout over the
-list layout, and the resident memory while streaming a dataset much larger than the shuffle buffer.
+list layout, and the resident memory while streaming (several epochs) many times more rows than the shuffle buffer.
 
     python tools/bench/bench_data.py                 # ~1-2 minutes on 2 cores (the first run writes the data)
     python tools/bench/bench_data.py --rows 6144 --compression none
@@ -121,14 +121,14 @@ def rss_mb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def rss_while_streaming(path: Path, shuffle_buffer: int, batch_size: int) -> list[tuple[int, float]]:
-    """(rows read, RSS MiB) at each eighth of one shuffled epoch with 0 workers, in a fresh process."""
+def rss_while_streaming(path: Path, shuffle_buffer: int, batch_size: int, epochs: int) -> list[tuple[int, float]]:
+    """(rows read, RSS MiB) at each eighth of ``epochs`` shuffled epochs with 0 workers, in a fresh process."""
     code = (
         "import json, sys; sys.path.insert(0, sys.argv[1]); from tools.bench.bench_data import _rss_points; "
-        "print(json.dumps(_rss_points(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))))"
+        "print(json.dumps(_rss_points(sys.argv[2], *map(int, sys.argv[3:]))))"
     )
     out = subprocess.run(
-        [sys.executable, "-c", code, str(ROOT), str(path), str(shuffle_buffer), str(batch_size)],
+        [sys.executable, "-c", code, str(ROOT), str(path), str(shuffle_buffer), str(batch_size), str(epochs)],
         capture_output=True,
         text=True,
         check=True,
@@ -136,16 +136,18 @@ def rss_while_streaming(path: Path, shuffle_buffer: int, batch_size: int) -> lis
     return [tuple(p) for p in json.loads(out.stdout.strip().splitlines()[-1])]
 
 
-def _rss_points(path: str, shuffle_buffer: int, batch_size: int) -> list[tuple[int, float]]:
+def _rss_points(path: str, shuffle_buffer: int, batch_size: int, epochs: int) -> list[tuple[int, float]]:
     torch.set_num_threads(1)
     dm = DataModule(path, columns=["data"], batch_size=batch_size, val_fraction=0.0, shuffle_buffer=shuffle_buffer)
     dm.setup("fit")
-    total = dm.split_rows("train")
+    total = dm.split_rows("train") * epochs
     marks, rows, points = [total * k // 8 for k in range(1, 9)], 0, [(0, rss_mb())]
-    for batch in dm.train_dataloader():
-        rows += len(batch)
-        while marks and rows >= marks[0]:
-            points.append((marks.pop(0), rss_mb()))
+    loader = dm.train_dataloader()
+    for _ in range(epochs):
+        for batch in loader:
+            rows += len(batch)
+            while marks and rows >= marks[0]:
+                points.append((marks.pop(0), rss_mb()))
     return points
 
 
@@ -158,6 +160,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=2, help="measurements per figure; the best counts")
     parser.add_argument("--naive-rows", type=int, default=512, help="rows the naive baseline reads (it is slow)")
     parser.add_argument("--shuffle-buffer", type=int, default=256, help="for the memory run (default 256 rows)")
+    parser.add_argument("--rss-epochs", type=int, default=4, help="epochs the memory run streams (default 4)")
     parser.add_argument("--data-dir", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "spherinator-bench")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
@@ -200,17 +203,18 @@ def main(argv: list[str] | None = None) -> None:
         print(f"WARNING: load average {load:.1f} on {os.cpu_count()} cores: other processes share the CPU")
 
     buffer_mb = args.shuffle_buffer * np.prod(SHAPE) / 2**20
-    points = rss_while_streaming(paths["fast"], args.shuffle_buffer, args.batch_size)
+    points = rss_while_streaming(paths["fast"], args.shuffle_buffer, args.batch_size, args.rss_epochs)
     trail = ", ".join(f"{rows}: {rss:.0f}" for rows, rss in points)
+    streamed = args.rows * args.rss_epochs
     print(
-        f"\nRSS (MiB) while streaming {args.rows} rows = {args.rows / args.shuffle_buffer:.0f}x the shuffle "
-        f"buffer ({args.shuffle_buffer} rows, {buffer_mb:.0f} MiB as uint8), fresh process, 0 workers, "
-        f"by rows read: {trail}"
+        f"\nRSS (MiB) while streaming {args.rss_epochs} epochs, {streamed} rows ({streamed * mb / args.rows:.0f} MiB) "
+        f"= {streamed / args.shuffle_buffer:.0f}x the shuffle buffer ({args.shuffle_buffer} rows, "
+        f"{buffer_mb:.0f} MiB as uint8), fresh process, 0 workers, by rows read: {trail}"
     )
     after_first = [rss for _, rss in points[2:]]
     print(
         f"after the first eighth: min {min(after_first):.0f}, max {max(after_first):.0f} MiB "
-        f"(spread {max(after_first) - min(after_first):.0f} MiB vs a {mb:.0f} MiB dataset)"
+        f"(spread {max(after_first) - min(after_first):.0f} MiB while reading {streamed * mb / args.rows:.0f} MiB)"
     )
     print(f"\ntotal {time.perf_counter() - t0:.0f} s")
 
