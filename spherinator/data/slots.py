@@ -55,6 +55,11 @@ class BatchSlots:
         self._next = 0  # the slot this process (a worker: each has its own copy) tries next
         _LIVE[self.token] = self
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # unpickled in a spawned process (ddp_spawn ranks, spawned workers): the same shared memory, findable there
+        self.__dict__.update(state)
+        _LIVE.setdefault(self.token, self)
+
     @property
     def nbytes(self) -> int:
         """Shared memory the slots take."""
