@@ -285,6 +285,20 @@ def test_busy_slots_fall_back_to_a_batch_of_its_own(uneven_dataset):
     assert loader.dataset.slots.busy.sum() == 0
 
 
+def test_too_little_shared_memory_for_slots_warns_and_sends_batches_the_default_way(uneven_dataset, monkeypatch):
+    import spherinator.data.datamodule as datamodule
+
+    monkeypatch.setattr(datamodule, "shared_memory_free", lambda: 10_000)  # 4 slots x 2 workers x 6 rows need 36 KiB
+    dm = DataModule(
+        uneven_dataset, columns=["data", "id"], return_dict=True, batch_size=6, num_workers=2, val_fraction=0.0
+    )
+    loader = dm.train_dataloader()
+    with pytest.warns(UserWarning, match=r"/dev/shm has 0 MiB free.*lower num_workers / batch_size"):
+        batches = list(loader)
+    assert loader.dataset.slots is None
+    _check_pass(batches, _images(101))
+
+
 def test_slot_batch_is_freed_when_converted_or_dropped_in_the_receiving_process():
     import pickle
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +16,7 @@ from torch.utils.data import DataLoader
 
 from spherinator.data.dataset import ParquetIndex, ParquetStream, Segment, apply_transform, split_rows
 from spherinator.data.layout import DataError, scale_uint8
-from spherinator.data.slots import BatchSlots, SlotBatch
+from spherinator.data.slots import BatchSlots, SlotBatch, shared_memory_free
 
 
 @dataclass
@@ -59,6 +60,7 @@ class _Loader(DataLoader):
         dataset.defer_uint8 = self.num_workers > 0
         # the batch is pinned here, after the pin-memory thread: that one sees uint8 tensors or slot names
         self._pin = self.pin_memory and torch.cuda.is_available()
+        self._warned = False
 
     def _slots_for_pass(self) -> BatchSlots | None:
         """The workers' batch buffers for this pass, allocated before the workers start (they inherit them): once
@@ -71,8 +73,27 @@ class _Loader(DataLoader):
             shapes = {name: shape for name, shape in dataset.deferred_columns().items() if shape is not None}
             # a worker is asked for at most prefetch_factor batches beyond the one being converted here
             depth = (self.prefetch_factor or 2) + 2
-            dataset.slots = BatchSlots(shapes, dataset.batch_size, self.num_workers, depth) if shapes else None
+            dataset.slots = None
+            if shapes and self._shared_memory_suffices(
+                BatchSlots.size(shapes, dataset.batch_size, self.num_workers, depth)
+            ):
+                dataset.slots = BatchSlots(shapes, dataset.batch_size, self.num_workers, depth)
         return dataset.slots
+
+    def _shared_memory_suffices(self, need: int) -> bool:
+        free = shared_memory_free()
+        if free is None or need <= free // 2:
+            return True
+        if not self._warned:
+            self._warned = True
+            warnings.warn(
+                f"/dev/shm has {free / 2**20:.0f} MiB free, too little for the {need / 2**20:.0f} MiB of batch "
+                f"buffers of {self.num_workers} workers x batch_size {self.dataset.batch_size}; the workers send "
+                f"batches the slower default way. Give the job more shared memory (e.g. `docker run --shm-size 8g`) "
+                f"or lower num_workers / batch_size.",
+                stacklevel=2,
+            )
+        return False
 
     def _receive(self, slots: BatchSlots | None, batch: Any) -> torch.Tensor | dict[str, torch.Tensor]:
         if isinstance(batch, SlotBatch):

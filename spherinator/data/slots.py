@@ -18,6 +18,7 @@ least the DataLoader's ``prefetch_factor`` + 1 this does not happen, since a wor
 from __future__ import annotations
 
 import itertools
+import math
 import os
 import weakref
 from typing import Any
@@ -25,11 +26,20 @@ from typing import Any
 import numpy as np
 import torch
 
-from spherinator.data.layout import uint8_to_float
+from spherinator.data.layout import _empty, uint8_to_float
 
 # The BatchSlots alive in this process by token, so that a SlotBatch dropped unconverted can free its slot.
 _LIVE: weakref.WeakValueDictionary[str, BatchSlots] = weakref.WeakValueDictionary()
 _TOKENS = itertools.count()
+
+
+def shared_memory_free(directory: str = "/dev/shm") -> int | None:
+    """Bytes free where torch puts shared memory on Linux; None where there is no such directory."""
+    try:
+        stat = os.statvfs(directory)
+    except OSError:
+        return None
+    return stat.f_bavail * stat.f_frsize
 
 
 class BatchSlots:
@@ -44,8 +54,8 @@ class BatchSlots:
 
     def __init__(self, shapes: dict[str, tuple[int, ...]], batch_size: int, num_workers: int, depth: int) -> None:
         self.depth = depth
-        self.buffers = {
-            name: torch.empty((num_workers, depth, batch_size, *shape), dtype=torch.uint8).share_memory_()
+        self.buffers = {  # pages are touched only when the workers write them
+            name: _empty((num_workers, depth, batch_size, *shape), torch.uint8, shared=True)
             for name, shape in shapes.items()
         }
         self.busy = torch.zeros((num_workers, depth), dtype=torch.uint8).share_memory_()
@@ -60,10 +70,10 @@ class BatchSlots:
         self.__dict__.update(state)
         _LIVE.setdefault(self.token, self)
 
-    @property
-    def nbytes(self) -> int:
-        """Shared memory the slots take."""
-        return sum(b.numel() for b in self.buffers.values())
+    @staticmethod
+    def size(shapes: dict[str, tuple[int, ...]], batch_size: int, num_workers: int, depth: int) -> int:
+        """Bytes of shared memory the slots take."""
+        return num_workers * depth * batch_size * sum(math.prod(shape) for shape in shapes.values())
 
     def claim(self, worker: int) -> int | None:
         """In a worker: the next slot of its ring, marked busy; None (send the batch the default way) when busy."""
