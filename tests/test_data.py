@@ -27,6 +27,20 @@ def _images(n: int = 40, shape: tuple[int, ...] = (3, 8, 8), seed: int = 0) -> n
     return np.random.default_rng(seed).integers(0, 256, (n, *shape), dtype=np.uint8)
 
 
+def _worker_loader(path: Path, batch_size: int, persistent: bool = True):
+    """The train loader of ``path``'s data and id columns, 2 workers, no validation split."""
+    dm = DataModule(
+        path,
+        columns=["data", "id"],
+        return_dict=True,
+        batch_size=batch_size,
+        num_workers=2,
+        val_fraction=0.0,
+        persistent_workers=persistent,
+    )
+    return dm.train_dataloader()
+
+
 @pytest.fixture(scope="module")
 def uneven_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """101 rows in 3 files with row groups of 7 (many partial groups), ids 0..100."""
@@ -160,17 +174,7 @@ def test_splits_are_disjoint_exact_and_seeded(uneven_dataset):
 
 
 def test_train_loader_changes_order_each_pass_with_persistent_workers(uneven_dataset):
-    dm = DataModule(
-        uneven_dataset,
-        columns=["data", "id"],
-        return_dict=True,
-        batch_size=10,
-        num_workers=2,
-        val_fraction=0.0,
-        persistent_workers=True,
-    )
-    dm.setup()
-    loader = dm.train_dataloader()
+    loader = _worker_loader(uneven_dataset, batch_size=10)
     passes = [_ids(loader) for _ in range(2)]
     assert sorted(passes[0]) == sorted(passes[1]) == list(range(101))
     assert passes[0] != passes[1]
@@ -247,16 +251,7 @@ def _check_pass(batches, images: np.ndarray) -> None:
 
 @pytest.mark.parametrize("persistent", [True, False])
 def test_workers_hand_batches_through_reused_shared_slots(uneven_dataset, persistent):
-    dm = DataModule(
-        uneven_dataset,
-        columns=["data", "id"],
-        return_dict=True,
-        batch_size=6,
-        num_workers=2,
-        val_fraction=0.0,
-        persistent_workers=persistent,
-    )
-    loader = dm.train_dataloader()
+    loader = _worker_loader(uneven_dataset, batch_size=6, persistent=persistent)
     images = _images(101)
     _check_pass(list(loader), images)
     first = loader.dataset.slots
@@ -273,10 +268,7 @@ def test_workers_hand_batches_through_reused_shared_slots(uneven_dataset, persis
 def test_busy_slots_fall_back_to_a_batch_of_its_own(uneven_dataset):
     from spherinator.data.slots import BatchSlots
 
-    dm = DataModule(
-        uneven_dataset, columns=["data", "id"], return_dict=True, batch_size=6, num_workers=2, val_fraction=0.0
-    )
-    loader = dm.train_dataloader()
+    loader = _worker_loader(uneven_dataset, batch_size=6)
     # one slot per worker, though each worker is asked for up to 2 batches ahead: some find their slot busy
     loader.dataset.defer_uint8 = True
     loader.dataset.slots = BatchSlots({"data": (3, 8, 8)}, 6, 2, depth=1)
@@ -289,10 +281,7 @@ def test_too_little_shared_memory_for_slots_warns_and_sends_batches_the_default_
     import spherinator.data.datamodule as datamodule
 
     monkeypatch.setattr(datamodule, "shared_memory_free", lambda: 10_000)  # 4 slots x 2 workers x 6 rows need 36 KiB
-    dm = DataModule(
-        uneven_dataset, columns=["data", "id"], return_dict=True, batch_size=6, num_workers=2, val_fraction=0.0
-    )
-    loader = dm.train_dataloader()
+    loader = _worker_loader(uneven_dataset, batch_size=6)
     with pytest.warns(UserWarning, match=r"/dev/shm has 0 MiB free.*lower num_workers / batch_size"):
         batches = list(loader)
     assert loader.dataset.slots is None
