@@ -198,7 +198,7 @@ class _RecordIds(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.01)
 
 
-def test_trainer_epochs_see_every_training_row_in_a_new_order(uneven_dataset):
+def test_trainer_epochs_see_every_training_row_in_a_new_order(uneven_dataset, recwarn):
     model = _RecordIds()
     dm = DataModule(uneven_dataset, columns=["data", "id"], return_dict=True, batch_size=16, val_fraction=0.1)
     trainer = pl.Trainer(
@@ -214,6 +214,8 @@ def test_trainer_epochs_see_every_training_row_in_a_new_order(uneven_dataset):
     assert len(model.seen[0]) == dm.split_rows("train") == 91
     assert model.seen[0] != model.seen[1]
     assert model.val_rows == 2 * 10
+    # Lightning's caution that len() of an IterableDataset may be wrong with workers does not apply: it is exact
+    assert not [w for w in recwarn if "IterableDataset` has `__len__`" in str(w.message)]
 
 
 def test_no_validation_split_runs_without_validation(image_dataset):

@@ -207,6 +207,9 @@ class DataModule(pl.LightningDataModule):
         self._index: ParquetIndex | None = None
         self._splits: dict[str, list[Segment]] = {}
         self._passes = itertools.count()
+        # Lightning warns about every IterableDataset with __len__ that its length may be wrong with workers.
+        # Here it is exact: every (rank, worker) reads its own rows and each rank yields len() batches (tested).
+        warnings.filterwarnings("ignore", message="Your `IterableDataset` has `__len__` defined", category=UserWarning)
 
     @staticmethod
     def _as_column(column: str | Column | dict) -> Column:
