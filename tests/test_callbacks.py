@@ -189,6 +189,35 @@ def test_latent_sphere_embeds_at_most_max_samples(tmp_path):
     assert all(torch.allclose(z.norm(dim=-1), torch.ones(len(z))) for z in callback._latents)
 
 
+def test_decoded_sphere_map_is_logged_for_image_models_on_s2_only(tmp_path):
+    logger = TensorBoardLogger(tmp_path, name="tb", version=0)
+    images = DataLoader(torch.rand(12, 3, 16, 16), batch_size=4)
+    trainer(tmp_path, [LogLatentSphere(max_samples=10)], logger=logger, max_epochs=2).fit(vae_2d(), images, images)
+    logged = tensorboard_images(logger.log_dir)
+    assert len(logged["latent_sphere_decoded"]) == 2 and logged["latent_sphere_decoded"][0].shape[:2] == (480, 900)
+    spectra = DataLoader(torch.rand(12, 1, 32), batch_size=4)  # z_dim 5 and 1-D data: no atlas to draw
+    logger = TensorBoardLogger(tmp_path, name="tb1d", version=0)
+    trainer(tmp_path, [LogLatentSphere(max_samples=10)], logger=logger).fit(vae_1d(), spectra, spectra)
+    assert "latent_sphere_decoded" not in tensorboard_images(logger.log_dir)
+
+
+def test_decoded_map_draws_each_image_where_its_point_is():
+    from spherinator.callbacks.latent_sphere import decoded_map, sphere_grid
+
+    points = sphere_grid()
+    assert torch.allclose(points.norm(dim=1), torch.ones(len(points)))
+    south = points[:, 2] < -0.9  # the southernmost circle
+    images = torch.zeros(len(points), 3, 8, 8)
+    images[south, 1] = 1.0  # green in the south, red elsewhere
+    images[~south, 0] = 1.0
+    picture = decoded_map(points, images).astype(int)
+    red = (picture[..., 0] > 200) & (picture[..., 1] < 60)
+    green = (picture[..., 1] > 200) & (picture[..., 0] < 60)
+    rows = np.arange(picture.shape[0])[:, None]
+    assert red.sum() > 10 * green.sum() > 0
+    assert (rows * green).sum() / green.sum() > (rows * red).sum() / red.sum() + 100  # south is down the picture
+
+
 def test_callback_arguments_are_checked():
     with pytest.raises(ValueError, match="samples must be >= 1, got 0"):
         LogReconstructionCallback(samples=0)

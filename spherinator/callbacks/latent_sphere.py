@@ -1,4 +1,5 @@
-"""Picture of the latent sphere: validation samples embedded and drawn on a Mollweide map."""
+"""Pictures of the latent sphere on Mollweide maps: where the validation samples land, and (for a latent sphere
+S^2) what the decoder draws at points all over it."""
 
 from __future__ import annotations
 
@@ -19,12 +20,17 @@ class LogLatentSphere(pl.Callback):
     The first three latent coordinates are renormalised onto S^2 (exact for z_dim = 3, a projection above, a
     great circle for z_dim = 2). Rank zero shows its own samples; logged under the key ``"latent_sphere"``.
 
+    With ``decoded`` and a model whose latents lie on S^2 (z_dim = 3, unit norm) and whose ``decode`` makes images
+    (C, H, W), a second map shows the image decoded at each point of a grid over the sphere: the atlas a user
+    browses, logged under ``"latent_sphere_decoded"``.
+
     Args:
         max_samples: Number of validation samples embedded per epoch.
         every_n_epochs: Log every this many validation epochs.
+        decoded: Also log the map of decoded images.
     """
 
-    def __init__(self, max_samples: int = 1000, every_n_epochs: int = 1) -> None:
+    def __init__(self, max_samples: int = 1000, every_n_epochs: int = 1, decoded: bool = True) -> None:
         super().__init__()
         if max_samples < 1 or every_n_epochs < 1:
             raise ValueError(
@@ -32,6 +38,7 @@ class LogLatentSphere(pl.Callback):
             )
         self.max_samples = int(max_samples)
         self.every_n_epochs = int(every_n_epochs)
+        self.decoded = bool(decoded)
         self._latents: list[torch.Tensor] = []
 
     def _active(self, trainer: pl.Trainer) -> bool:
@@ -64,6 +71,11 @@ class LogLatentSphere(pl.Callback):
         z = torch.cat(self._latents)  # (N, z_dim)
         self._latents = []
         log_image(trainer, "latent_sphere", mollweide_map(z))
+        on_sphere = z.shape[1] == 3 and torch.allclose(z.norm(dim=-1), torch.ones(len(z)), atol=1e-3)
+        if self.decoded and on_sphere and callable(getattr(pl_module, "decode", None)):
+            images = decode_sphere_grid(pl_module, sphere_grid())
+            if images.dim() == 4:  # (N, C, H, W); spectra and cubes have no thumbnail
+                log_image(trainer, "latent_sphere_decoded", decoded_map(sphere_grid(), images))
 
 
 def mollweide_map(z: torch.Tensor) -> np.ndarray:
@@ -79,4 +91,49 @@ def mollweide_map(z: torch.Tensor) -> np.ndarray:
     ax.tick_params(labelsize=6)
     title = "latent sphere" if z.shape[1] == 3 else f"latent sphere (first 3 of {z.shape[1]} dims)"
     ax.set_title(f"{title}, {len(z)} samples", fontsize=9)
+    return figure_to_array(figure)
+
+
+def sphere_grid(rows: int = 7, equator: int = 16) -> torch.Tensor:
+    """Unit vectors (N, 3) on ``rows`` circles of latitude 180 / (rows + 1) degrees apart, points spaced about
+    equally along each (``equator`` on the equator, fewer towards the poles)."""
+    points = []
+    for lat in np.radians(np.linspace(-90.0, 90.0, rows + 2)[1:-1]):
+        n = max(1, round(equator * np.cos(lat)))
+        lon = np.radians((np.arange(n) + 0.5) / n * 360.0 - 180.0)
+        points.append(np.stack([np.cos(lat) * np.cos(lon), np.cos(lat) * np.sin(lon), np.full(n, np.sin(lat))], 1))
+    return torch.from_numpy(np.concatenate(points)).float()
+
+
+def decode_sphere_grid(pl_module: pl.LightningModule, points: torch.Tensor) -> torch.Tensor:
+    """``pl_module.decode`` of ``points`` in eval mode (BatchNorm statistics untouched), as float32 on the CPU."""
+    was_training = pl_module.training
+    pl_module.eval()
+    try:
+        with torch.no_grad():
+            parameter = next(pl_module.parameters())
+            return pl_module.decode(points.to(parameter.device, parameter.dtype)).float().cpu()
+    finally:
+        pl_module.train(was_training)
+
+
+def decoded_map(points: torch.Tensor, images: torch.Tensor) -> np.ndarray:
+    """Mollweide map with ``images[i]`` (C, H, W) drawn at ``points[i]`` (unit vectors); (H, W, 3) uint8."""
+    from matplotlib.offsetbox import AnnotationBbox, OffsetImage
+
+    images = images[:, :3] if images.shape[1] >= 3 else images[:, :1].expand(-1, 3, -1, -1)
+    lo, hi = images.amin(), images.amax()
+    images = ((images - lo) / (hi - lo).clamp_min(1e-8)).permute(0, 2, 3, 1).numpy()  # one scale for all
+    lon = np.arctan2(points[:, 1].numpy(), points[:, 0].numpy())
+    lat = np.arcsin(np.clip(points[:, 2].numpy(), -1.0, 1.0))
+    figure = Figure(figsize=(9, 4.8), dpi=100)
+    ax = figure.add_subplot(projection="mollweide")
+    ax.set_facecolor("black")
+    ax.grid(True, alpha=0.25, color="white")
+    ax.tick_params(labelsize=6)
+    figure.subplots_adjust(left=0.03, right=0.97, bottom=0.03, top=0.92)
+    zoom = 46 / max(images.shape[1:3]) * 72 / figure.dpi  # thumbnails about 46 pixels across (zoom is in points)
+    for image, x, y in zip(images, lon, lat, strict=True):
+        ax.add_artist(AnnotationBbox(OffsetImage(image, zoom=zoom), (x, y), frameon=False, pad=0))
+    ax.set_title(f"decoded latent sphere: the decoder's image at {len(points)} points of S^2", fontsize=9)
     return figure_to_array(figure)
