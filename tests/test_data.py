@@ -290,6 +290,72 @@ def test_too_little_shared_memory_for_slots_warns_and_sends_batches_the_default_
     _check_pass(batches, _images(101))
 
 
+def _to_bfloat16(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.to(torch.bfloat16)
+
+
+def _fails_on_third_call(tensor: torch.Tensor) -> torch.Tensor:
+    _fails_on_third_call.calls = getattr(_fails_on_third_call, "calls", 0) + 1
+    if _fails_on_third_call.calls == 3:
+        raise ValueError("third call")
+    return tensor
+
+
+@pytest.fixture
+def data_and_mask(tmp_path) -> Path:
+    """40 rows: uint8 data (3, 8, 8) and mask (1, 4, 4), ids 0..39, row groups of 7."""
+    rng = np.random.default_rng(0)
+    rows = {
+        "data": rng.integers(0, 256, (40, 3, 8, 8), dtype=np.uint8),
+        "mask": rng.integers(0, 256, (40, 1, 4, 4), dtype=np.uint8),
+        "id": np.arange(40),
+    }
+    write_dataset(tmp_path, [rows], rows_per_group=7)
+    return tmp_path
+
+
+def test_small_side_columns_of_any_dtype_travel_next_to_a_slot_column(data_and_mask):
+    # "data" goes through the slots, the transformed "mask" (bfloat16, which numpy lacks) beside it in the SlotBatch
+    columns = ["data", Column("mask", transform=_to_bfloat16), "id"]
+    expected = list(DataModule(data_and_mask, columns=columns, return_dict=True, batch_size=8).predict_dataloader())
+    dm = DataModule(data_and_mask, columns=columns, return_dict=True, batch_size=8, num_workers=2)
+    loader = dm.predict_dataloader()
+    loader.timeout = 60  # a batch lost in a worker would hang the loader: make it an error
+    batches = list(loader)
+    assert len(batches) == len(expected) == 5
+    for got, want in zip(batches, expected, strict=True):
+        assert got["mask"].dtype == torch.bfloat16
+        for name in ("data", "mask", "id"):
+            torch.testing.assert_close(got[name], want[name])
+
+
+def test_a_failing_batch_in_a_worker_frees_its_slot(data_and_mask):
+    columns = ["data", Column("mask", transform=_fails_on_third_call), "id"]
+    dm = DataModule(data_and_mask, columns=columns, return_dict=True, batch_size=4, num_workers=2)
+    loader = dm.predict_dataloader()
+    with pytest.raises(DataError, match="third call"):
+        list(loader)
+    assert sorted(_ids(loader)) == list(range(40))  # the persistent workers go on with a complete pass
+    assert loader.dataset.slots.busy.sum() == 0 and loader.dataset.slots.fallbacks.sum() == 0
+
+
+def test_spawned_workers_share_the_slots(uneven_dataset):
+    from spherinator.data.datamodule import _Loader
+
+    dm = DataModule(uneven_dataset, columns=["data", "id"], return_dict=True, batch_size=6, val_fraction=0.0)
+    loader = _Loader(dm.dataset("train"), batch_size=None, num_workers=2, multiprocessing_context="spawn")
+    _check_pass(list(loader), _images(101))
+    assert loader.dataset.slots.fallbacks.tolist() == [0, 0] and loader.dataset.slots.busy.sum() == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="pinned memory needs CUDA")
+def test_worker_batches_arrive_pinned(data_and_mask):
+    dm = DataModule(data_and_mask, columns=["data", "id"], return_dict=True, batch_size=8, num_workers=2)
+    batch = next(iter(dm.predict_dataloader()))  # pin_memory defaults to True where CUDA is available
+    assert batch["data"].is_pinned() and batch["id"].is_pinned()
+
+
 def test_slot_batch_is_freed_when_converted_or_dropped_in_the_receiving_process():
     import pickle
 
@@ -308,7 +374,9 @@ def test_slot_batch_is_freed_when_converted_or_dropped_in_the_receiving_process(
     torch.testing.assert_close(batch["data"], torch.from_numpy(array).float() / 255)
     assert batch["id"].tolist() == [0, 1, 2]
     assert slots.busy.tolist() == [[1, 0]]
-    dropped = pickle.loads(pickle.dumps(SlotBatch(slots.token, 0, 0, 3, {"data": None}, return_dict=False)))
+    side = {"data": None, "bf16": torch.ones(2, dtype=torch.bfloat16), "grad": torch.ones(2, requires_grad=True)}
+    dropped = pickle.loads(pickle.dumps(SlotBatch(slots.token, 0, 0, 3, side, return_dict=False)))
+    assert dropped.columns["bf16"].dtype == torch.bfloat16 and dropped.columns["grad"].requires_grad
     del dropped  # received but never converted (an iteration that stopped early)
     assert slots.busy.tolist() == [[0, 0]]
     assert slots.claim(0) == 0

@@ -77,7 +77,8 @@ class _Loader(DataLoader):
             if shapes and self._shared_memory_suffices(
                 BatchSlots.size(shapes, dataset.batch_size, self.num_workers, depth)
             ):
-                dataset.slots = BatchSlots(shapes, dataset.batch_size, self.num_workers, depth)
+                context = self.multiprocessing_context or torch.multiprocessing  # what the DataLoader uses
+                dataset.slots = BatchSlots(shapes, dataset.batch_size, self.num_workers, depth, context)
         return dataset.slots
 
     def _shared_memory_suffices(self, need: int) -> bool:

@@ -414,6 +414,21 @@ class ParquetStream(IterableDataset):
         info = get_worker_info()
         in_worker = info is not None
         slot = self.slots.claim(info.id) if in_worker and self.slots is not None else None
+        try:
+            batch = self._columns(arrays, slot)
+        except BaseException:
+            if slot is not None:  # the batch never leaves this worker: nobody else will free its slot
+                self.slots.free(info.id, slot)
+            raise
+        if slot is not None:
+            rows = len(next(iter(arrays.values())))
+            return SlotBatch(self.slots.token, info.id, slot, rows, batch, self.return_dict)
+        return batch if self.return_dict else next(iter(batch.values()))
+
+    def _columns(self, arrays: dict[str, np.ndarray], slot: int | None) -> dict[str, torch.Tensor | None]:
+        """Each column's tensor; None for a column written to ``slot``."""
+        info = get_worker_info()
+        in_worker = info is not None
         batch = {}
         for name, array in arrays.items():
             transform, per_sample = self.transforms.get(name, (None, False))
@@ -433,10 +448,7 @@ class ParquetStream(IterableDataset):
             if transform is not None:
                 tensor = apply_transform(transform, tensor, per_sample, name)
             batch[name] = tensor
-        if slot is not None:
-            rows = len(next(iter(arrays.values())))
-            return SlotBatch(self.slots.token, info.id, slot, rows, batch, self.return_dict)
-        return batch if self.return_dict else next(iter(batch.values()))
+        return batch
 
 
 def apply_transform(transform: Callable, batch: torch.Tensor, per_sample: bool, name: str) -> torch.Tensor:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import multiprocessing
 import os
 import weakref
 from typing import Any
@@ -50,15 +51,27 @@ class BatchSlots:
         batch_size: Rows per batch (the largest batch a worker yields).
         num_workers: DataLoader workers.
         depth: Slots per worker.
+        context: The workers' multiprocessing context (its lock must come from the same one).
     """
 
-    def __init__(self, shapes: dict[str, tuple[int, ...]], batch_size: int, num_workers: int, depth: int) -> None:
+    def __init__(
+        self,
+        shapes: dict[str, tuple[int, ...]],
+        batch_size: int,
+        num_workers: int,
+        depth: int,
+        context: Any = multiprocessing,
+    ) -> None:
         self.depth = depth
         self.buffers = {  # pages are touched only when the workers write them
             name: _empty((num_workers, depth, batch_size, *shape), torch.uint8, shared=True)
             for name, shape in shapes.items()
         }
         self.busy = torch.zeros((num_workers, depth), dtype=torch.uint8).share_memory_()
+        # Taken around every change of ``busy``: the lock's release/acquire order the main process's last read of
+        # a slot before the worker's next write to it, on any CPU. Reentrant: a SlotBatch dropped during a
+        # garbage collection inside ``free`` frees its own slot.
+        self._lock = context.RLock()
         self.token = f"{os.getpid()}-{next(_TOKENS)}"
         # per worker, the batches sent the default way because their slot was busy
         self.fallbacks = torch.zeros(num_workers, dtype=torch.int64).share_memory_()
@@ -79,10 +92,11 @@ class BatchSlots:
         """In a worker: the next slot of its ring, marked busy; None (send the batch the default way) when busy."""
         slot = self._next % self.depth
         busy = self.busy.numpy()
-        if busy[worker, slot]:
-            self.fallbacks[worker] += 1
-            return None
-        busy[worker, slot] = 1
+        with self._lock:
+            if busy[worker, slot]:
+                self.fallbacks[worker] += 1
+                return None
+            busy[worker, slot] = 1
         self._next += 1
         return slot
 
@@ -95,8 +109,10 @@ class BatchSlots:
         return self.buffers[name].numpy()[worker, slot, :rows]
 
     def free(self, worker: int, slot: int) -> None:
-        """In the main process: the worker may write the slot again."""
-        self.busy.numpy()[worker, slot] = 0
+        """The worker may write the slot again: in the main process when done with it, in the worker when the
+        batch it claimed the slot for failed."""
+        with self._lock:
+            self.busy.numpy()[worker, slot] = 0
 
 
 class SlotBatch:
@@ -124,6 +140,12 @@ class SlotBatch:
         self.__dict__.update(state)
         self._received = True
 
+    def pin_memory(self, device: Any = None) -> SlotBatch:
+        """Called by the DataLoader's pin-memory thread: pins the columns that travel as tensors (the slot columns
+        are pinned when ``resolve`` converts them)."""
+        self.columns = {n: t.pin_memory() if isinstance(t, torch.Tensor) else t for n, t in self.columns.items()}
+        return self
+
     def resolve(self, slots: BatchSlots, pin: bool = False) -> torch.Tensor | dict[str, torch.Tensor]:
         """In the main process: the batch as the model sees it (slot columns scaled to float32), the slot freed."""
         if slots is None or slots.token != self.token:
@@ -147,7 +169,14 @@ class SlotBatch:
 
 
 def _inline(tensor: torch.Tensor | None) -> torch.Tensor | np.ndarray | None:
-    """A small CPU tensor as a numpy array (pickled by value); others as they are (shared by torch's pickler)."""
-    if tensor is not None and tensor.device.type == "cpu" and tensor.nbytes <= 65536:
+    """A small CPU tensor as a numpy array (pickled by value); others, and dtypes numpy lacks (bfloat16), as they
+    are (shared by torch's pickler)."""
+    # exactly torch.Tensor: subclasses (torchvision's tv_tensors) keep their type the torch way
+    if type(tensor) is not torch.Tensor or tensor.device.type != "cpu" or tensor.nbytes > 65536:
+        return tensor
+    if tensor.requires_grad:
+        return tensor
+    try:
         return tensor.numpy()
-    return tensor
+    except (TypeError, RuntimeError):
+        return tensor
