@@ -6,7 +6,12 @@
 
 from __future__ import annotations
 
+import importlib
+import inspect
+import os
 import sys
+import traceback
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +23,9 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from spherinator.data.layout import DataError
 from spherinator.shapes import ConfigError, check_model_matches_data, resolve_config
+
+# --ckpt_path values that name no file: Lightning looks the checkpoint up itself
+_LIGHTNING_CKPT_NAMES = ("last", "best", "hpc", "registry")
 
 DEFAULT_LOGGER = {
     "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
@@ -35,6 +43,8 @@ class SpherinatorCLI(LightningCLI):
     """
 
     def __init__(self, args: list[str] | dict[str, Any] | None = None, run: bool = True, **kwargs: Any) -> None:
+        # An `optimizer:` in the config replaces the model's own configure_optimizers: that is what it is for.
+        warnings.filterwarnings("ignore", message=r"`\w+\.configure_optimizers` will be overridden by")
         kwargs.setdefault("subclass_mode_model", True)
         kwargs.setdefault("subclass_mode_data", True)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
@@ -54,16 +64,30 @@ class SpherinatorCLI(LightningCLI):
         # LightningCLI lets the checkpoint's model hyperparameters replace the model settings of the command line
         # and config files. That is right for resuming, but silent; say which given values were replaced.
         subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
         given = self.config[subcommand].get("model") if subcommand else None
         given = given.clone() if given is not None else None
-        super()._parse_ckpt_path()
+        named = ckpt_path in _LIGHTNING_CKPT_NAMES or "://" in str(ckpt_path)
+        if ckpt_path and not named and not Path(ckpt_path).is_file():
+            raise ConfigError(
+                f"--ckpt_path {ckpt_path!r} is no file; give a checkpoint such as "
+                f"runs/<name>/version_<n>/checkpoints/last.ckpt"
+            )
+        try:
+            super()._parse_ckpt_path()
+        except Exception as err:
+            raise ConfigError(
+                f"--ckpt_path {ckpt_path!r} cannot be read as a Lightning checkpoint ({type(err).__name__}: {err})"
+            ) from err
+        if ckpt_path and Path(ckpt_path).is_file():
+            self._model_from = ckpt_path
         if given is None:
             return
         used = self.config[subcommand].get("model")
         replaced = [
             f"model.{key}: {value!r} -> {used[key]!r}"
             for key, value in given.items()
-            if value is not None and key in used and used[key] != value
+            if value is not None and key in used and not _same_setting(used[key], value)
         ]
         if replaced:
             rank_zero_warn(
@@ -73,7 +97,7 @@ class SpherinatorCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
-        self._data_shape = resolve_config(config)
+        self._data_shape = resolve_config(config, model_from=getattr(self, "_model_from", None))
 
     def instantiate_classes(self) -> None:
         super().instantiate_classes()
@@ -92,6 +116,28 @@ class SpherinatorCLI(LightningCLI):
             self.trainer.callbacks.append(EmbeddingWriter())
 
 
+def _same_setting(a: Any, b: Any) -> bool:
+    """Equal settings, also when one names a class (``torch.nn.MSELoss``) and the other is that class given as
+    ``{class_path, init_args}`` with default arguments (how a checkpoint's hyperparameters come back)."""
+    return a == b or _as_class_and_args(a) == _as_class_and_args(b)
+
+
+def _as_class_and_args(value: Any) -> Any:
+    if isinstance(value, type):
+        return value, {}
+    if not (isinstance(value, Namespace) and isinstance(value.get("class_path"), str)):
+        return value
+    module, _, name = value.class_path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+        defaults = {k: p.default for k, p in inspect.signature(cls).parameters.items()}
+    except (ImportError, AttributeError, ValueError, TypeError):
+        return value
+    init_args = value.get("init_args")
+    args = init_args.as_dict() if isinstance(init_args, Namespace) else {}
+    return cls, {k: v for k, v in args.items() if k not in defaults or defaults[k] != v}
+
+
 def append_callbacks_across_configs(argv: list[str]) -> list[str]:
     """Make each ``-c`` file's ``trainer.callbacks`` add to those of earlier files instead of replacing them.
 
@@ -108,9 +154,15 @@ def append_callbacks_across_configs(argv: list[str]) -> list[str]:
         else:
             continue
         try:
-            content = yaml.safe_load(Path(value).read_text())
+            text = Path(value).read_text()
         except OSError:  # not a file: config text given inline (or a missing file, which the parser reports)
             continue
+        except UnicodeDecodeError as err:
+            raise ConfigError(f"-c {value}: not a text file ({err}); give a YAML config file") from err
+        try:
+            content = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"-c {value}: not valid YAML: {err}".replace("<unicode string>", value)) from err
         trainer = content.get("trainer") if isinstance(content, dict) else None
         if isinstance(trainer, dict) and isinstance(trainer.get("callbacks"), list):
             trainer["callbacks+"] = trainer.pop("callbacks")
@@ -129,9 +181,34 @@ def main(args: list[str] | None = None) -> None:
         return
     try:
         SpherinatorCLI(args=args)
-    except (ConfigError, DataError) as err:  # bad input: its message says what to change, no traceback needed
-        print(f"spherinator: error: {err}", file=sys.stderr)
+    except Exception as err:
+        cause = user_error(err)
+        if cause is None:
+            raise
+        print(f"spherinator: error: {cause}", file=sys.stderr)  # its message says what to change
         raise SystemExit(2) from None
+
+
+def user_error(err: BaseException) -> BaseException | None:
+    """The error in ``err``'s chain that bad input caused, else None (a bug: keep the traceback).
+
+    ConfigError and DataError are bad input by definition. A class that refuses its arguments while jsonargparse
+    builds it (a model's ``ValueError("z_dim must be >= 2 ...")``) reaches us wrapped in jsonargparse's
+    "Does not validate against any of the Union subtypes"; the refusal itself is the message to show.
+    """
+    wrapped = False
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, ConfigError | DataError):
+            return err
+        frames = traceback.extract_tb(err.__traceback__)
+        in_jsonargparse = bool(frames) and f"{os.sep}jsonargparse{os.sep}" in frames[-1].filename
+        if wrapped and not in_jsonargparse and isinstance(err, ValueError | TypeError | OSError):
+            return err
+        wrapped = wrapped or in_jsonargparse
+        err = err.__cause__ or err.__context__
+    return None
 
 
 if __name__ == "__main__":

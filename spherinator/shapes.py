@@ -23,8 +23,11 @@ def _get(ns: Any, key: str) -> Any:
     return ns.get(key) if isinstance(ns, Namespace) else None
 
 
-def _fill(ns: Namespace, key: str, value: Any, *, where: str, source: str) -> None:
-    """Set ``ns[key]`` to ``value`` if it is null; if it is given and differs, raise naming both."""
+def _fill(ns: Namespace, key: str, value: Any, *, where: str, source: str, model_from: str | None = None) -> None:
+    """Set ``ns[key]`` to ``value`` if it is null; if it is given and differs, raise naming both.
+
+    ``model_from``: the checkpoint the model's settings were read from (they are not the user's to leave out).
+    """
     if key not in ns:
         return
     given = ns[key]
@@ -33,6 +36,12 @@ def _fill(ns: Namespace, key: str, value: Any, *, where: str, source: str) -> No
         return
     given_cmp = list(given) if isinstance(given, list | tuple) else given
     value_cmp = list(value) if isinstance(value, list | tuple) else value
+    if given_cmp != value_cmp and model_from is not None:
+        raise ConfigError(
+            f"{where} is {given_cmp} in the checkpoint {model_from} (the model was trained on that) but "
+            f"{source} is {value_cmp}: give it data of that shape (e.g. resize with a transform in "
+            f"data.init_args.columns), or train a new model without --ckpt_path"
+        )
     if given_cmp != value_cmp:
         raise ConfigError(
             f"{where} is {given_cmp} but {source} is {value_cmp}: leave {where} out of the config "
@@ -57,10 +66,12 @@ def data_sample_shape(data_config: Namespace) -> tuple[int, ...]:
     return tuple(datamodule.sample_shape())
 
 
-def resolve_config(config: Namespace) -> tuple[int, ...] | None:
+def resolve_config(config: Namespace, model_from: str | None = None) -> tuple[int, ...] | None:
     """Fill in the repeated sizes of ``config`` (a parsed ``spherinator`` config with ``model`` and ``data``).
 
-    Returns the data's sample shape when it had to be read (None otherwise), so callers need not read it again.
+    ``model_from``: the checkpoint whose hyperparameters the model settings come from (``--ckpt_path``), named
+    in errors. Returns the data's sample shape when it had to be read (None otherwise), so callers need not read
+    it again.
     """
     model = _get(config, "model")
     if not isinstance(model, Namespace) or not isinstance(model.get("init_args"), Namespace):
@@ -88,10 +99,13 @@ def resolve_config(config: Namespace) -> tuple[int, ...] | None:
     if not (needs_shape and isinstance(data, Namespace) and data.get("class_path")):
         return None
     shape = data_sample_shape(data)
+    source = "the data's sample shape"
     if encoder is not None:
-        _fill(encoder, "input_dim", list(shape), where="the encoder's input_dim", source="the data's sample shape")
+        _fill(encoder, "input_dim", list(shape), where="the encoder's input_dim", source=source, model_from=model_from)
     if decoder is not None:
-        _fill(decoder, "output_dim", list(shape), where="the decoder's output_dim", source="the data's sample shape")
+        _fill(
+            decoder, "output_dim", list(shape), where="the decoder's output_dim", source=source, model_from=model_from
+        )
     return shape
 
 

@@ -207,3 +207,60 @@ def test_inline_config_text_still_parses(image_dataset, tmp_path):
     inline = "trainer:\n  callbacks:\n    - class_path: spherinator.callbacks.KLAnnealing\n" + "#\n" * 200
     cli = SpherinatorCLI(args=["-c", TINY, "-c", data_yaml(tmp_path, image_dataset), "-c", inline], run=False)
     assert [c.class_path for c in cli.config.trainer.callbacks] == ["spherinator.callbacks.KLAnnealing"]
+
+
+# ---- bad input ends in one line that names the value and the fix, never in a traceback -------------------------
+
+EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
+
+
+def one_line_error(capsys, args: list[str], *needles: str) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "spherinator: error:" in err, err
+    for needle in needles:
+        assert needle in err, err
+    return err
+
+
+def test_a_class_refusing_its_arguments_is_a_one_line_error(image_dataset, tmp_path, capsys):
+    # jsonargparse wraps what a class raises while it builds it; the refusal itself is the message
+    data = data_yaml(tmp_path, image_dataset)
+    one_line_error(capsys, ["fit", "-c", TINY, "-c", data, "--model.init_args.z_dim", "1"], "z_dim must be >= 2")
+    one_line_error(capsys, ["fit", "-c", TINY, "-c", data, "--data.init_args.batch_size", "-4"], "batch_size=-4")
+    # vae_cnn3's decoder starts from 8x8 and doubles four times: 32x32 data cannot be reached, and it says so
+    args = ["fit", "-c", str(EXPERIMENTS / "vae_cnn3.yaml"), "-c", data]
+    one_line_error(capsys, args, "cnn_input_dim [128, 8, 8]", "[3, 32, 32]")
+
+
+def test_a_config_file_that_is_not_yaml_is_named(image_dataset, tmp_path, capsys):
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("trainer:\n  max_epochs: 1\n   limit_train_batches: 2\n")
+    args = ["fit", "-c", TINY, "-c", data_yaml(tmp_path, image_dataset), "-c", str(typo)]
+    one_line_error(capsys, args, f"-c {typo}: not valid YAML", "line 3")
+
+
+def test_a_ckpt_path_that_is_no_checkpoint_is_a_one_line_error(image_dataset, tmp_path, capsys):
+    data = data_yaml(tmp_path, image_dataset)
+    one_line_error(capsys, ["fit", "-c", TINY, "-c", data, "--ckpt_path", "nope.ckpt"], "'nope.ckpt' is no file")
+    (tmp_path / "notes.ckpt").write_text("not a checkpoint")
+    args = ["fit", "-c", TINY, "-c", data, "--ckpt_path", "notes.ckpt"]
+    one_line_error(capsys, args, "'notes.ckpt' cannot be read as a Lightning checkpoint")
+
+
+def test_predicting_on_data_of_another_shape_than_the_checkpoint_blames_the_checkpoint(image_dataset, tmp_path, capsys):
+    from spherinator.data import write_dataset
+
+    main(["fit", "-c", TINY, "-c", data_yaml(tmp_path, image_dataset)])
+    (ckpt,) = (only_version_dir(tmp_path) / "checkpoints").glob("*.ckpt")
+    larger = tmp_path / "larger"
+    write_dataset(larger, [{"data": torch.randint(0, 256, (8, 3, 64, 64), dtype=torch.uint8).numpy()}])
+    args = ["predict", "-c", TINY, "-c", data_yaml(tmp_path, larger), "--ckpt_path", str(ckpt)]
+    err = one_line_error(capsys, args, f"in the checkpoint {ckpt}", "[3, 64, 64]", "without --ckpt_path")
+    assert "leave the encoder's input_dim out" not in err  # the user never wrote it
+
+
+def test_test_without_a_test_split_says_how_to_make_one(image_dataset, tmp_path, capsys):
+    one_line_error(capsys, ["test", "-c", TINY, "-c", data_yaml(tmp_path, image_dataset)], "test_fraction (e.g. 0.1)")

@@ -313,6 +313,8 @@ def test_bad_arguments(vae_checkpoint, tmp_path):
     (tmp_path / "file").write_text("")
     with pytest.raises(ExportError, match=r"export_path '.*file' is a file"):
         export_onnx(vae_checkpoint, tmp_path / "file")
+    with pytest.raises(ExportError, match=r"cannot write the export under '.*file/onnx'.*a directory you can write"):
+        export_onnx(vae_checkpoint, tmp_path / "file" / "onnx" / "out")
 
 
 class KthValueAutoencoder(Autoencoder):

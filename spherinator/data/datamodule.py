@@ -369,9 +369,14 @@ class DataModule(pl.LightningDataModule):
         """Validation batches in file order; an empty list (no validation) when ``val_fraction`` is 0."""
         return self._loader("val") if self.val_fraction > 0 else []
 
-    def test_dataloader(self) -> DataLoader | list:
-        """Test batches in file order; an empty list when ``test_fraction`` is 0."""
-        return self._loader("test") if self.test_fraction > 0 else []
+    def test_dataloader(self) -> DataLoader:
+        """Test batches in file order; a DataError when ``test_fraction`` is 0 (there is nothing to test on)."""
+        if self.test_fraction <= 0:
+            raise DataError(
+                "there is no test split: test_fraction is 0; set data.init_args.test_fraction (e.g. 0.1) to hold "
+                "out rows for testing, or run `validate` on the validation split"
+            )
+        return self._loader("test")
 
     def predict_dataloader(self) -> DataLoader:
         """Every row once, in file order, no shuffle (all rows, whatever the splits)."""

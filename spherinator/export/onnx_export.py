@@ -145,8 +145,14 @@ def export_onnx(
         "training_config": loaded.training_config,
     }
 
-    export_path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{export_path.name}.", dir=export_path.parent))
+    try:
+        export_path.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{export_path.name}.", dir=export_path.parent))
+    except OSError as err:
+        raise ExportError(
+            f"cannot write the export under '{export_path.parent}' ({err.strerror or err}); give an export_path in "
+            "a directory you can write"
+        ) from err
     try:
         failures = []
         for graph in GRAPHS:
