@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +13,7 @@ import pytest
 import spherinator.submit
 import spherinator.submit.launch as launch
 from spherinator.submit import Resources, SubmitError, expand_sweep, main, parse_sweep_arg, parse_time
-from spherinator.submit.resources import load_preset
+from spherinator.submit.resources import load_preset, parse_sbatch_extra
 
 TINY_VAE = """\
 model:
@@ -338,3 +340,185 @@ def test_submit_package_imports_submitit_only_when_used():
     task = spherinator.submit.TrainingTask("runs/x/run")
     resubmission = task.checkpoint()  # what Submitit calls on USR2: the same task again
     assert resubmission.function.run_dir == task.run_dir
+
+
+# ---- refused before anything is queued (found by an adversarial review): YAML traps in presets, sbatch options
+# ---- the launcher manages, resources sbatch would refuse, aliased or colliding sweep keys, names that escape the
+# ---- run root, a changed layout on --resume, and sbatch's own refusal
+
+
+def _dry(tmp_path, config, *args):
+    return main([
+        "-c", str(config), "--run-root", str(tmp_path / "runs"), "--name", "t", "--dry-run", "--no-validate", *args
+    ])  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------- presets
+
+
+@pytest.mark.parametrize(("written", "minutes"), [("12:00:00", 720), ("1:30:00", 90), ("30:00", 30)])
+def test_unquoted_preset_time_is_read_as_slurm_time_not_yaml_sexagesimal(tmp_path, written, minutes):
+    # YAML 1.1 (PyYAML) reads unquoted 12:00:00 as the base-60 int 43200 -> 43200 *minutes* (30 days).
+    preset = tmp_path / "site.yaml"
+    preset.write_text(f"time: {written}\n")
+    assert load_preset(str(preset))["time"] == minutes
+
+
+def test_preset_with_yaml_syntax_error_is_a_submit_error_not_a_traceback(tmp_path):
+    preset = tmp_path / "broken.yaml"
+    preset.write_text("partition: [\n")
+    with pytest.raises(SubmitError, match="broken.yaml"):
+        load_preset(str(preset))
+
+
+def test_preset_setup_as_a_string_is_refused_or_taken_as_one_line(tmp_path):
+    # `setup: module load x` today becomes one batch-script line per *character*.
+    preset = tmp_path / "site.yaml"
+    preset.write_text("setup: module load cuda\n")
+    try:
+        resources = Resources(**load_preset(str(preset)))
+    except SubmitError:
+        return
+    assert resources.submitit_parameters()["setup"] == ["module load cuda"]
+
+
+@pytest.mark.parametrize("body", ["gpus_per_node: '4'\n", "parallelism: '2'\n", "sbatch_extra: [a]\n"])
+def test_preset_values_of_the_wrong_type_are_submit_errors(tmp_path, body):
+    preset = tmp_path / "site.yaml"
+    preset.write_text(body)
+    with pytest.raises(SubmitError):
+        Resources(**load_preset(str(preset))).submitit_parameters()
+
+
+# ----------------------------------------------------------------------------------------------- resources
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"signal_delay_s": -5},
+        {"signal_delay_s": 0},
+        {"time": 1, "signal_delay_s": 120},  # signal before the job even starts: immediate requeue loop
+        {"cpus_per_task": 0},
+        {"cpus_per_task": -3},
+        {"mem": "lots"},
+        {"mem": ""},
+    ],
+)
+def test_resources_refuse_values_sbatch_would_reject_or_that_break_requeue(kwargs):
+    with pytest.raises(SubmitError):
+        Resources(**kwargs)
+
+
+@pytest.mark.parametrize("item", ["time=10", "nodes=3", "ntasks-per-node=4", "array=0-9", "signal=USR1@60"])
+def test_sbatch_extra_cannot_silently_override_managed_options(item):
+    # `--sbatch-extra nodes=3` gives `#SBATCH --nodes=3` while trainer.num_nodes stays 1;
+    # `--sbatch-extra time=10` replaces --time but the signal delay was computed for the old limit.
+    with pytest.raises(SubmitError, match=item.split("=")[0]):
+        parse_sbatch_extra([item])
+
+
+def test_gpus_per_node_and_a_different_devices_is_a_conflict_not_silently_dropped(tmp_path, image_dataset, no_queue):
+    config = tiny_config(tmp_path, image_dataset)
+    with pytest.raises(SystemExit):
+        _dry(tmp_path, config, "--gpus-per-node", "2", "--devices", "4")
+
+
+# ----------------------------------------------------------------------------------------------- sweeps / names
+
+
+def test_aliased_keys_swept_twice_are_refused():
+    # model.z_dim and model.init_args.z_dim are the same parameter for jsonargparse: today both are swept,
+    # the later wins, and tasks 'model.z_dim=3_model.z_dim=4' / 'model.z_dim=8_model.z_dim=4' both train z_dim=4.
+    with pytest.raises(SubmitError, match="z_dim"):
+        expand_sweep(["model.init_args.z_dim=3,8", "model.z_dim=4"])
+
+
+def test_task_names_are_unique_even_when_a_value_looks_like_a_suffix():
+    names = [t.name for t in expand_sweep(["data.init_args.columns=[x_1],[x],[x]"])]
+    assert len(set(names)) == len(names), names  # today: ['columns=x_1', 'columns=x_1', 'columns=x_2']
+
+
+@pytest.mark.parametrize("name", [".", ".."])
+def test_sweep_name_cannot_escape_the_run_root(tmp_path, image_dataset, name, no_queue):
+    # today `--name ..` passes the name check and puts sweep.json and the task dirs beside the run root.
+    config = tiny_config(tmp_path, image_dataset)
+    with pytest.raises(SystemExit):
+        main(["-c", str(config), "--name", name, "--run-root", str(tmp_path / "runs"), "--dry-run", "--no-validate"])
+
+
+def test_bad_inline_override_names_its_value(tmp_path, image_dataset, capsys, no_queue):
+    config = tiny_config(tmp_path, image_dataset)
+    with pytest.raises(SystemExit):
+        main(["-c", str(config), "--run-root", str(tmp_path / "runs"), "--name", "b", "--trainer.max_epochs", "two"])
+    err = capsys.readouterr().err
+    # today: "... Errors: - Expected a <class 'int'>" -- the value 'two' is cut off by compose._error_text
+    assert "two" in err, err
+
+
+# ----------------------------------------------------------------------------------------------- submit / resume
+
+
+class _FakeJob:
+    def __init__(self, job_id):
+        self.job_id = job_id
+
+
+class _FakeExecutor:
+    def __init__(self):
+        self.submitted = []
+
+    def batch(self):
+        return contextlib.nullcontext()
+
+    def submit(self, fn):
+        self.submitted.append(fn)
+        return _FakeJob(f"77_{len(self.submitted) - 1}")
+
+
+def test_sbatch_failure_is_reported_without_a_traceback(tmp_path, image_dataset, monkeypatch, capsys):
+    from submitit.core.utils import FailedJobError
+
+    class Refusing(_FakeExecutor):
+        def submit(self, fn):
+            raise FailedJobError("sbatch: error: invalid account or account/partition combination specified")
+
+    monkeypatch.setattr(launch, "_executor", lambda folder, resources, name: Refusing())
+    config = tiny_config(tmp_path, image_dataset)
+    with pytest.raises(SystemExit) as info:
+        main(["-c", str(config), "--run-root", str(tmp_path / "runs"), "--name", "s", "--no-validate",
+              "--account", "nope"])  # fmt: skip
+    assert info.value.code == 2
+    assert "invalid account" in capsys.readouterr().err
+
+
+def test_resume_with_another_layout_is_refused(tmp_path, image_dataset, monkeypatch, capsys):
+    executor = _FakeExecutor()
+    monkeypatch.setattr(launch, "_executor", lambda folder, resources, name: executor)
+    monkeypatch.setattr(launch, "slurm_states", lambda ids: {i: "TIMEOUT" for i in ids})
+    config = tiny_config(tmp_path, image_dataset)
+    sweep = tmp_path / "runs" / "s"
+    main(["-c", str(config), "--run-root", str(tmp_path / "runs"), "--name", "s", "--no-validate"])
+    # sbatch would ask for 2 nodes while the task's config says num_nodes 1: DDP rendezvous would break
+    with pytest.raises(SystemExit) as info:
+        main(["--resume", str(sweep), "--nodes", "2"])
+    assert info.value.code == 2
+    assert "nodes 1 -> 2" in capsys.readouterr().err
+    assert len(executor.submitted) == 1  # only the first submission
+
+
+def test_resume_honours_a_preset_given_with_it(tmp_path, image_dataset, monkeypatch):
+    executor = _FakeExecutor()
+    monkeypatch.setattr(launch, "_executor", lambda folder, resources, name: executor)
+    monkeypatch.setattr(launch, "slurm_states", lambda ids: {i: "TIMEOUT" for i in ids})
+    config = tiny_config(tmp_path, image_dataset)
+    main(["-c", str(config), "--run-root", str(tmp_path / "runs"), "--name", "s", "--no-validate"])
+    main(["--resume", str(tmp_path / "runs" / "s"), "--preset", "local"])
+    _, manifest = launch.read_manifest(tmp_path / "runs" / "s")
+    assert manifest["submissions"][-1]["resources"]["partition"] == "debug"  # today: the old resources win
+
+
+def test_status_of_a_missing_dir_says_it_does_not_exist(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["status", str(tmp_path / "nope")])
+    assert re.search(r"does not exist|no such", capsys.readouterr().err, re.I)

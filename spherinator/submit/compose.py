@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import re
 from pathlib import Path
 from typing import Any
 
@@ -39,8 +40,11 @@ def _error_text(err: BaseException, stderr: str) -> str:
         lines = [line for line in stderr.strip().splitlines() if line.strip()]
         text = lines[-1] if lines else f"exit status {getattr(err, 'code', '?')}"
     text = " ".join(line.strip() for line in text.splitlines() if line.strip())
-    # jsonargparse appends the alternative it also tried (None) and the whole namespace: noise, not the cause.
-    return text.split(" - Expected a <class 'NoneType'>")[0]
+    # jsonargparse appends the alternative it also tried (None) and the whole namespace: noise, not the cause;
+    # the value given is in that tail too, and worth keeping.
+    head, _, tail = text.partition(" - Expected a <class 'NoneType'>")
+    given = re.search(r"Given value: (.{1,80}?)(?: Given |$)", tail)
+    return f"{head} (given: {given.group(1).strip()})" if given and given.group(1).strip() not in head else head
 
 
 def parse_config(args: list[str]) -> tuple[Any, Any]:

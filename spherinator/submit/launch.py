@@ -66,11 +66,10 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def _resources(ns: argparse.Namespace, base: dict[str, Any] | None = None) -> Resources:
-    """Resources from (lowest first) defaults, the preset, ``base`` (a resumed sweep's) and the command line."""
-    values: dict[str, Any] = {}
+    """Resources from (lowest first) defaults, ``base`` (a resumed sweep's), the preset and the command line."""
+    values: dict[str, Any] = dict(base or {})
     if ns.preset:
         values.update(load_preset(ns.preset))
-    values.update(base or {})
     explicit = {
         name: getattr(ns, name, None)
         for name in ("nodes", "devices", "gpus_per_node", "partition", "cpus_per_task", "mem", "account", "qos",
@@ -81,8 +80,8 @@ def _resources(ns: argparse.Namespace, base: dict[str, Any] | None = None) -> Re
         values["time"] = parse_time(ns.time)
     if ns.sbatch_extra:
         values["sbatch_extra"] = {**values.get("sbatch_extra", {}), **parse_sbatch_extra(ns.sbatch_extra)}
-    if ns.devices is not None and ns.gpus_per_node is None:
-        values["gpus_per_node"] = None
+    if ns.devices is not None and ns.gpus_per_node is None and values.get("gpus_per_node") is not None:
+        values["gpus_per_node"] = ns.devices  # on a GPU preset, devices are GPUs
     return Resources(**values)
 
 
@@ -135,6 +134,8 @@ def _write_manifest(sweep_dir: Path, manifest: dict[str, Any]) -> None:
 def read_manifest(run_dir: str | Path) -> tuple[Path, dict[str, Any]]:
     """The sweep dir and manifest for ``run_dir`` (a sweep dir, or one task's run dir inside it)."""
     path = Path(run_dir)
+    if not path.exists():
+        raise SubmitError(f"'{run_dir}' does not exist; pass a sweep dir made by spherinator-submit (RUN_ROOT/NAME)")
     for candidate in (path, path.parent):
         if (candidate / MANIFEST_NAME).is_file():
             return candidate.resolve(), json.loads((candidate / MANIFEST_NAME).read_text())
@@ -145,11 +146,17 @@ def _submit(
     tasks: list[Task], sweep_dir: Path, manifest: dict[str, Any], resources: Resources, export: bool
 ) -> dict[str, str]:
     """Queue ``tasks`` as one Slurm array; returns {task index: Slurm job id}."""
+    from submitit.core.utils import FailedJobError
+
     executor = _executor(sweep_dir / SUBMITIT_DIR, resources, manifest["name"])
-    with executor.batch():
-        pending = [
-            executor.submit(TrainingTask(sweep_dir / t.name, manifest["cwd"], export=export)) for t in tasks
-        ]  # fmt: skip
+    try:
+        with executor.batch():
+            pending = [
+                executor.submit(TrainingTask(sweep_dir / t.name, manifest["cwd"], export=export)) for t in tasks
+            ]  # fmt: skip
+    except FailedJobError as err:  # sbatch said no (an unknown partition, a limit of the site): nothing is queued
+        message = " ".join(str(err).split())
+        raise SubmitError(f"sbatch refused the job, nothing was queued: {message}") from err
     job_ids = {str(t.index): job.job_id for t, job in zip(tasks, pending, strict=True)}
     manifest.setdefault("submissions", []).append(
         {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "jobs": job_ids, "resources": resources.to_dict()}
@@ -167,8 +174,8 @@ def submit(ns: argparse.Namespace, overrides: list[str]) -> int:
     resources = _resources(ns)
     tasks = expand_sweep(ns.sweep, ns.sweep_file)
     name = ns.name or f"{Path(ns.config[0]).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
-    if not re.fullmatch(r"[A-Za-z0-9._+=-]+", name):
-        raise SubmitError(f"--name '{name}' may only hold letters, digits and . _ + = -")
+    if not re.fullmatch(r"[A-Za-z0-9._+=-]+", name) or set(name) == {"."}:
+        raise SubmitError(f"--name '{name}' may only hold letters, digits and . _ + = - (and not be only dots)")
     sweep_dir = (Path(ns.run_root) / name).resolve()
     if (sweep_dir / MANIFEST_NAME).exists() and not ns.dry_run:
         raise SubmitError(f"sweep '{sweep_dir}' exists; use --resume {sweep_dir} or another --name")
@@ -307,6 +314,19 @@ def resume(ns: argparse.Namespace) -> int:
     submissions = manifest.get("submissions") or []
     base = dict(submissions[-1]["resources"]) if submissions else {}
     resources = _resources(ns, base)
+    # Each task's config.yaml was composed for its world size (trainer.num_nodes/devices/accelerator).
+    before = Resources(**base) if base else None
+    if before is not None:
+        changed = [
+            f"{key} {getattr(before, key)} -> {getattr(resources, key)}"
+            for key in ("nodes", "devices", "gpus_per_node")
+            if getattr(before, key) != getattr(resources, key)
+        ]
+        if changed:
+            raise SubmitError(
+                f"--resume keeps the layout the tasks' configs were made for; it would change {', '.join(changed)}. "
+                f"Start a new sweep (without --resume) to train with another layout"
+            )
     rows = task_rows(sweep_dir, manifest)
     active = [r for r in rows if r["state"] not in _FINAL and r["state"] != "NOT SUBMITTED"]
     if active:

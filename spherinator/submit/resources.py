@@ -57,17 +57,38 @@ class Resources:
 
     def __post_init__(self) -> None:
         for name in ("nodes", "devices", "time"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise SubmitError(f"--{name.replace('_', '-')} must be a positive integer (got {value!r})")
+            _check_int(name, getattr(self, name), minimum=1)
+        for name in ("gpus_per_node", "parallelism", "cpus_per_task", "signal_delay_s"):
+            if getattr(self, name) is not None:
+                _check_int(name, getattr(self, name), minimum=1)
+        _check_int("max_requeues", self.max_requeues, minimum=0)
         if self.gpus_per_node is not None:
-            if self.gpus_per_node < 1:
-                raise SubmitError(f"--gpus-per-node must be >= 1 (got {self.gpus_per_node})")
+            if self.devices not in (1, self.gpus_per_node):
+                raise SubmitError(
+                    f"--devices {self.devices} and --gpus-per-node {self.gpus_per_node} disagree: one process runs per "
+                    f"GPU, so give only --gpus-per-node (devices follows it)"
+                )
             self.devices = self.gpus_per_node
-        if self.parallelism is not None and self.parallelism < 1:
-            raise SubmitError(f"--parallelism must be >= 1 (got {self.parallelism})")
-        if self.max_requeues < 0:
-            raise SubmitError(f"--max-requeues must be >= 0 (got {self.max_requeues})")
+        if self.signal_delay_s is not None and self.signal_delay_s >= self.time * 60:
+            raise SubmitError(
+                f"--signal-delay {self.signal_delay_s} s is not shorter than the time limit ({self.time} min): the "
+                f"checkpoint signal would come at once and requeue the task without end; lower it"
+            )
+        if self.mem is not None and not re.fullmatch(r"\d+[KMGT]?B?", str(self.mem), flags=re.IGNORECASE):
+            raise SubmitError(f"--mem {self.mem!r} is not a Slurm memory size; write e.g. 16G or 64000M")
+        for name in ("partition", "account", "qos", "constraint"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value.strip()):
+                raise SubmitError(f"{name} must be a non-empty text (got {value!r})")
+        if isinstance(self.setup, str):
+            self.setup = [self.setup]  # one shell line
+        if not isinstance(self.setup, list) or not all(isinstance(line, str) for line in self.setup):
+            raise SubmitError(f"setup must be a list of shell lines (got {self.setup!r})")
+        if not isinstance(self.sbatch_extra, dict):
+            raise SubmitError(
+                f"sbatch_extra must be a mapping of sbatch options, e.g. {{reservation: x}} (got {self.sbatch_extra!r})"
+            )
+        check_sbatch_extra(self.sbatch_extra)
 
     @property
     def world_size(self) -> int:
@@ -123,6 +144,55 @@ class Resources:
         return dataclasses.asdict(self)
 
 
+def _check_int(name: str, value: Any, minimum: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        which = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+        raise SubmitError(f"--{name.replace('_', '-')} must be {which} (got {value!r})")
+
+
+# sbatch options the launcher sets from its own flags (and from which it derives the Trainer settings and the
+# checkpoint signal): given through --sbatch-extra they would silently disagree with those.
+MANAGED_OPTIONS = {
+    "nodes": "--nodes", "ntasks_per_node": "--devices", "ntasks": "--nodes and --devices",
+    "gpus_per_node": "--gpus-per-node", "gres": "--gpus-per-node", "gpus": "--gpus-per-node",
+    "time": "--time", "t": "--time", "N": "--nodes", "array": "--parallelism (sweeps are the array)",
+    "signal": "--signal-delay", "cpus_per_task": "--cpus-per-task", "mem": "--mem", "partition": "--partition",
+    "p": "--partition", "account": "--account", "A": "--account", "qos": "--qos", "constraint": "--constraint",
+    "C": "--constraint", "output": "the run dir's logs", "error": "the run dir's logs", "job_name": "--name",
+}  # fmt: skip
+
+
+def check_sbatch_extra(extra: dict[str, Any]) -> None:
+    """Refuse extra sbatch options that the launcher manages through its own flags."""
+    for key in extra:
+        flag = MANAGED_OPTIONS.get(str(key).replace("-", "_"))
+        if flag is not None:
+            raise SubmitError(
+                f"sbatch option '{str(key).replace('_', '-')}' is set by spherinator-submit itself; use {flag} instead "
+                "of --sbatch-extra"
+            )
+
+
+class _PresetLoader(yaml.SafeLoader):
+    """YAML as users mean it in presets: ``time: 12:00:00`` is a Slurm time, not YAML 1.1's base-60 integer."""
+
+
+_PresetLoader.yaml_implicit_resolvers = {
+    first: [
+        (tag, regexp) for tag, regexp in resolvers if tag not in ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float")
+    ]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_PresetLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:int", re.compile(r"^[-+]?(?:0|[1-9][0-9_]*)$"), list("-+0123456789")
+)
+_PresetLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?|\.[0-9_]+(?:[eE][-+]?[0-9]+)?)$"),
+    list("-+0123456789."),
+)
+
+
 def parse_time(value: str | int) -> int:
     """A Slurm time limit in whole minutes: ``90``, ``MM:SS``, ``HH:MM:SS``, ``D-HH``, ``D-HH:MM[:SS]``."""
     if isinstance(value, int):
@@ -161,7 +231,10 @@ def load_preset(name: str, preset_dir: Path = PRESET_DIR) -> dict[str, Any]:
         raise SubmitError(
             f"preset '{name}' not found ({path}); available: {', '.join(available_presets(preset_dir)) or 'none'}"
         )
-    content = yaml.safe_load(path.read_text()) or {}
+    try:
+        content = yaml.load(path.read_text(), Loader=_PresetLoader) or {}  # noqa: S506 (a SafeLoader)
+    except yaml.YAMLError as err:
+        raise SubmitError(f"preset '{path}' is not valid YAML: {err}") from err
     if not isinstance(content, dict):
         raise SubmitError(f"preset '{path}' must be a mapping of resource settings (got {type(content).__name__})")
     valid = {f.name for f in dataclasses.fields(Resources)}
@@ -182,4 +255,5 @@ def parse_sbatch_extra(items: list[str]) -> dict[str, str]:
         if not key:
             raise SubmitError(f"--sbatch-extra '{item}' names no option; write e.g. --sbatch-extra reservation=x")
         extra[key.replace("-", "_")] = value if sep else True
+    check_sbatch_extra(extra)
     return extra

@@ -109,10 +109,16 @@ def load_sweep_file(path: str | Path) -> list[dict[str, str]]:
     )
 
 
+def _same_key(key: str) -> str:
+    """``model.init_args.z_dim`` and ``model.z_dim`` set the same value: compare keys without ``init_args``."""
+    return ".".join(p for p in key.split(".") if p != "init_args")
+
+
 def _grid(axes: list[tuple[str, list[str]]]) -> list[dict[str, str]]:
     keys = [key for key, _ in axes]
-    if len(set(keys)) != len(keys):
-        duplicate = next(k for k in keys if keys.count(k) > 1)
+    same = [_same_key(key) for key in keys]
+    if len(set(same)) != len(same):
+        duplicate = next(k for k, n in zip(keys, same, strict=True) if same.count(n) > 1)
         raise SubmitError(f"'{duplicate}' is swept twice; give all its values in one --sweep")
     return [dict(zip(keys, combo, strict=True)) for combo in itertools.product(*(values for _, values in axes))]
 
@@ -126,7 +132,7 @@ def expand_sweep(sweep_args: list[str] | None = None, sweep_file: str | Path | N
     file_sets = load_sweep_file(sweep_file) if sweep_file is not None else [{}]
     param_sets = []
     for file_params, flag_params in itertools.product(file_sets, flag_sets):
-        clash = sorted(set(file_params) & set(flag_params))
+        clash = sorted({_same_key(k) for k in file_params} & {_same_key(k) for k in flag_params})
         if clash:
             raise SubmitError(f"'{clash[0]}' is swept both in the sweep file and by --sweep; keep one")
         param_sets.append({**file_params, **flag_params})
@@ -161,11 +167,15 @@ def task_names(param_sets: list[dict[str, str]]) -> list[str]:
     for params in param_sets:
         parts = [f"{_clean(short[k])}={_clean(v)}" for k, v in params.items()]
         names.append("_".join(parts) if parts else "run")
-    seen: dict[str, int] = {}
-    unique = []
+    unique: list[str] = []
+    taken = set(names)
     for i, name in enumerate(names):
         if names.count(name) > 1:
-            seen[name] = seen.get(name, 0) + 1
-            name = f"{name}_{i}"
+            candidate, n = f"{name}_{i}", 0
+            while candidate in taken:  # a value may itself look like a suffix
+                n += 1
+                candidate = f"{name}_{i}-{n}"
+            taken.add(candidate)
+            name = candidate
         unique.append(name)
     return unique
