@@ -435,7 +435,7 @@ def test_aliased_keys_swept_twice_are_refused():
 
 
 def test_task_names_are_unique_even_when_a_value_looks_like_a_suffix():
-    names = [t.name for t in expand_sweep(["data.init_args.columns=[x_1],[x],[x]"])]
+    names = [t.name for t in expand_sweep(["data.init_args.columns=[x_1],[x],[ x]"])]  # [x] and [ x] both read x
     assert len(set(names)) == len(names), names  # today: ['columns=x_1', 'columns=x_1', 'columns=x_2']
 
 
@@ -522,3 +522,12 @@ def test_status_of_a_missing_dir_says_it_does_not_exist(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["status", str(tmp_path / "nope")])
     assert re.search(r"does not exist|no such", capsys.readouterr().err, re.I)
+
+
+def test_a_value_swept_twice_and_a_sweep_file_typo_are_named(tmp_path):
+    with pytest.raises(SubmitError, match="'model.init_args.z_dim' sweeps 3 twice"):
+        expand_sweep(["model.init_args.z_dim=3,8,3"])
+    sweep_file = tmp_path / "sweep.yaml"
+    sweep_file.write_text("model.init_args.z_dim: [3, 8]\nmodel.init_args.beta: [1e-3\n")
+    with pytest.raises(SubmitError, match=r"sweep.yaml' is not valid YAML \(line 3, column 1\)"):
+        expand_sweep(sweep_file=sweep_file)

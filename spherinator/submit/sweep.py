@@ -90,7 +90,9 @@ def load_sweep_file(path: str | Path) -> list[dict[str, str]]:
     try:
         content = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
-        raise SubmitError(f"sweep file '{path}' is not valid YAML: {str(err).splitlines()[0]}") from err
+        where = getattr(err, "problem_mark", None)
+        at = f" (line {where.line + 1}, column {where.column + 1})" if where is not None else ""
+        raise SubmitError(f"sweep file '{path}' is not valid YAML{at}: {str(err).splitlines()[0]}") from err
     if isinstance(content, dict):
         axes = []
         for key, values in content.items():
@@ -115,6 +117,10 @@ def _same_key(key: str) -> str:
 
 
 def _grid(axes: list[tuple[str, list[str]]]) -> list[dict[str, str]]:
+    for key, values in axes:
+        repeated = sorted({v for v in values if values.count(v) > 1})
+        if repeated:
+            raise SubmitError(f"'{key}' sweeps {repeated[0]} twice, which makes identical tasks; list each value once")
     keys = [key for key, _ in axes]
     same = [_same_key(key) for key in keys]
     if len(set(same)) != len(same):
