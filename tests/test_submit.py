@@ -372,7 +372,7 @@ def test_preset_with_yaml_syntax_error_is_a_submit_error_not_a_traceback(tmp_pat
 
 
 def test_preset_setup_as_a_string_is_refused_or_taken_as_one_line(tmp_path):
-    # `setup: module load x` today becomes one batch-script line per *character*.
+    # `setup: module load x` (a string) once became one batch-script line per *character*.
     preset = tmp_path / "site.yaml"
     preset.write_text("setup: module load cuda\n")
     try:
@@ -428,7 +428,7 @@ def test_gpus_per_node_and_a_different_devices_is_a_conflict_not_silently_droppe
 
 
 def test_aliased_keys_swept_twice_are_refused():
-    # model.z_dim and model.init_args.z_dim are the same parameter for jsonargparse: today both are swept,
+    # model.z_dim and model.init_args.z_dim are the same parameter for jsonargparse: both were swept,
     # the later wins, and tasks 'model.z_dim=3_model.z_dim=4' / 'model.z_dim=8_model.z_dim=4' both train z_dim=4.
     with pytest.raises(SubmitError, match="z_dim"):
         expand_sweep(["model.init_args.z_dim=3,8", "model.z_dim=4"])
@@ -436,12 +436,12 @@ def test_aliased_keys_swept_twice_are_refused():
 
 def test_task_names_are_unique_even_when_a_value_looks_like_a_suffix():
     names = [t.name for t in expand_sweep(["data.init_args.columns=[x_1],[x],[ x]"])]  # [x] and [ x] both read x
-    assert len(set(names)) == len(names), names  # today: ['columns=x_1', 'columns=x_1', 'columns=x_2']
+    assert len(set(names)) == len(names), names  # the suffix _1 must not repeat the first name
 
 
 @pytest.mark.parametrize("name", [".", ".."])
 def test_sweep_name_cannot_escape_the_run_root(tmp_path, image_dataset, name, no_queue):
-    # today `--name ..` passes the name check and puts sweep.json and the task dirs beside the run root.
+    # `--name ..` once passed the name check and put sweep.json and the task dirs beside the run root.
     config = tiny_config(tmp_path, image_dataset)
     with pytest.raises(SystemExit):
         main(["-c", str(config), "--name", name, "--run-root", str(tmp_path / "runs"), "--dry-run", "--no-validate"])
@@ -452,7 +452,7 @@ def test_bad_inline_override_names_its_value(tmp_path, image_dataset, capsys, no
     with pytest.raises(SystemExit):
         main(["-c", str(config), "--run-root", str(tmp_path / "runs"), "--name", "b", "--trainer.max_epochs", "two"])
     err = capsys.readouterr().err
-    # today: "... Errors: - Expected a <class 'int'>" -- the value 'two' is cut off by compose._error_text
+    # was: "... Errors: - Expected a <class 'int'>" -- the value 'two' is cut off by compose._error_text
     assert "two" in err, err
 
 
@@ -515,7 +515,7 @@ def test_resume_honours_a_preset_given_with_it(tmp_path, image_dataset, monkeypa
     main(["-c", str(config), "--run-root", str(tmp_path / "runs"), "--name", "s", "--no-validate"])
     main(["--resume", str(tmp_path / "runs" / "s"), "--preset", "local"])
     _, manifest = launch.read_manifest(tmp_path / "runs" / "s")
-    assert manifest["submissions"][-1]["resources"]["partition"] == "debug"  # today: the old resources win
+    assert manifest["submissions"][-1]["resources"]["partition"] == "debug"  # the preset, not the last submission
 
 
 def test_status_of_a_missing_dir_says_it_does_not_exist(tmp_path, capsys):
