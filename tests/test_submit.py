@@ -429,7 +429,7 @@ def test_gpus_per_node_and_a_different_devices_is_a_conflict_not_silently_droppe
 
 def test_aliased_keys_swept_twice_are_refused():
     # model.z_dim and model.init_args.z_dim are the same parameter for jsonargparse: both were swept,
-    # the later wins, and tasks 'model.z_dim=3_model.z_dim=4' / 'model.z_dim=8_model.z_dim=4' both train z_dim=4.
+    # the later won, and tasks 'model.z_dim=3_model.z_dim=4' / 'model.z_dim=8_model.z_dim=4' both trained z_dim=4.
     with pytest.raises(SubmitError, match="z_dim"):
         expand_sweep(["model.init_args.z_dim=3,8", "model.z_dim=4"])
 
