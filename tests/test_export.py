@@ -362,3 +362,18 @@ def test_validation_failure_names_graph_and_worst_difference(tmp_path, capsys):
     assert report["graphs"]["decoder"]["validation"]["passed"] is True
     worst = report["graphs"]["encoder"]["validation"]["batches"][1]["worst"]
     assert worst["onnxruntime"] == pytest.approx(1.01 * worst["torch"], rel=1e-4)
+
+
+def test_a_model_that_cannot_be_built_says_why():
+    from spherinator.export.checkpoint import build_model
+
+    # the reason sits under jsonargparse's wrapping; the message carries it, not just "Parser key 'model'"
+    with pytest.raises(ExportError, match=r"could not build nosuchpkg.Model from a test: No module named 'nosuchpkg'"):
+        build_model("nosuchpkg.Model", {}, "a test")
+    encoder = {"class_path": "spherinator.models.ConvolutionalEncoder2D",
+               "init_args": {"input_dim": [3, 16, 16], "output_dim": 8, "cnn_layers": []}}  # fmt: skip
+    decoder = {"class_path": "spherinator.models.UpsamplingDecoder2D", "init_args": {"base_channels": 8}}
+    with pytest.raises(ExportError, match=r"from a test: z_dim must be >= 2 .*got 1"):
+        build_model(
+            "spherinator.models.VariationalAutoencoder", {"encoder": encoder, "decoder": decoder, "z_dim": 1}, "a test"
+        )

@@ -152,7 +152,7 @@ def build_model(class_path: str, init_args: dict[str, Any], source: str = "the g
         cfg = parser.parse_object({"model": {"class_path": class_path, "init_args": init_args}})
         return instantiate(cfg).model
     except Exception as err:
-        raise ExportError(f"could not build {class_path} from {source}: {_first_line(err)}") from err
+        raise ExportError(f"could not build {class_path} from {source}: {_root_cause(err)}") from err
 
 
 def _instantiate_python_hparams(hparams: dict[str, Any], ckpt_path: Path) -> tuple[nn.Module, str]:
@@ -183,7 +183,7 @@ def _instantiate_python_hparams(hparams: dict[str, Any], ckpt_path: Path) -> tup
     try:
         model = cls(**hparams)
     except Exception as err:
-        raise ExportError(f"could not build {cls.__name__} from checkpoint '{ckpt_path}': {_first_line(err)}") from err
+        raise ExportError(f"could not build {cls.__name__} from checkpoint '{ckpt_path}': {_root_cause(err)}") from err
     return model, class_path
 
 
@@ -240,3 +240,13 @@ def _plain(value: Any) -> Any:
 def _first_line(err: BaseException) -> str:
     text = str(err).strip()
     return text.splitlines()[0] if text else type(err).__name__
+
+
+def _root_cause(err: BaseException, limit: int = 400) -> str:
+    """The innermost error of ``err``'s chain (what a class refused, under jsonargparse's wrapping), on one line."""
+    seen = {id(err)}
+    while (inner := err.__cause__ or err.__context__) is not None and id(inner) not in seen:
+        seen.add(id(inner))
+        err = inner
+    text = " ".join(str(err).split()) or type(err).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
