@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import lightning.pytorch as pl
 import numpy as np
+import torch
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
@@ -33,3 +35,16 @@ def log_image(trainer: pl.Trainer, key: str, image: np.ndarray) -> None:
             path = Path(logger.log_dir) / "images" / f"{key}_step{step}.png"
             path.parent.mkdir(parents=True, exist_ok=True)
             matplotlib.image.imsave(path, image)
+
+
+def run_in_eval(pl_module: pl.LightningModule, fn: Callable[..., torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """``fn(x)`` for a picture: in eval mode without gradients (BatchNorm statistics untouched), ``x`` moved to the
+    module's device and dtype, the module's mode restored after; the result as float32 on the CPU."""
+    was_training = pl_module.training
+    pl_module.eval()
+    try:
+        with torch.no_grad():
+            parameter = next(pl_module.parameters())
+            return fn(x.to(parameter.device, parameter.dtype)).float().cpu()
+    finally:
+        pl_module.train(was_training)

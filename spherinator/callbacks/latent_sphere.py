@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 
-from spherinator.callbacks._images import figure_to_array, log_image
+from spherinator.callbacks._images import figure_to_array, log_image, run_in_eval
 from spherinator.models.autoencoder import model_input
 
 
@@ -73,7 +73,7 @@ class LogLatentSphere(pl.Callback):
         log_image(trainer, "latent_sphere", mollweide_map(z))
         on_sphere = z.shape[1] == 3 and torch.allclose(z.norm(dim=-1), torch.ones(len(z)), atol=1e-3)
         if self.decoded and on_sphere and callable(getattr(pl_module, "decode", None)):
-            images = decode_sphere_grid(pl_module, sphere_grid())
+            images = run_in_eval(pl_module, pl_module.decode, sphere_grid())
             if images.dim() == 4:  # (N, C, H, W); spectra and cubes have no thumbnail
                 log_image(trainer, "latent_sphere_decoded", decoded_map(sphere_grid(), images))
 
@@ -103,18 +103,6 @@ def sphere_grid(rows: int = 7, equator: int = 16) -> torch.Tensor:
         lon = np.radians((np.arange(n) + 0.5) / n * 360.0 - 180.0)
         points.append(np.stack([np.cos(lat) * np.cos(lon), np.cos(lat) * np.sin(lon), np.full(n, np.sin(lat))], 1))
     return torch.from_numpy(np.concatenate(points)).float()
-
-
-def decode_sphere_grid(pl_module: pl.LightningModule, points: torch.Tensor) -> torch.Tensor:
-    """``pl_module.decode`` of ``points`` in eval mode (BatchNorm statistics untouched), as float32 on the CPU."""
-    was_training = pl_module.training
-    pl_module.eval()
-    try:
-        with torch.no_grad():
-            parameter = next(pl_module.parameters())
-            return pl_module.decode(points.to(parameter.device, parameter.dtype)).float().cpu()
-    finally:
-        pl_module.train(was_training)
 
 
 def decoded_map(points: torch.Tensor, images: torch.Tensor) -> np.ndarray:

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 
-from spherinator.callbacks._images import figure_to_array, log_image
+from spherinator.callbacks._images import figure_to_array, log_image, run_in_eval
 from spherinator.models.autoencoder import model_input
 
 
@@ -51,15 +51,8 @@ class LogReconstructionCallback(pl.Callback):
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking or not trainer.is_global_zero or self._originals is None:
             return
-        was_training = pl_module.training
-        pl_module.eval()
-        try:
-            with torch.no_grad():
-                x = self._originals.to(pl_module.device)
-                x_hat = pl_module(x.to(next(pl_module.parameters()).dtype))
-        finally:
-            pl_module.train(was_training)
-        x, x_hat = x.float().cpu(), x_hat.float().cpu()
+        x = self._originals.float()
+        x_hat = run_in_eval(pl_module, pl_module, x)
         image = _image_grid(x, x_hat) if x.dim() == 4 else _line_plots(x, x_hat)
         log_image(trainer, "reconstructions", image)
 
