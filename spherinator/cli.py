@@ -68,7 +68,8 @@ class SpherinatorCLI(LightningCLI):
         given = self.config[subcommand].get("model") if subcommand else None
         given = given.clone() if given is not None else None
         named = ckpt_path in _LIGHTNING_CKPT_NAMES or "://" in str(ckpt_path)
-        if ckpt_path and not named and not Path(ckpt_path).is_file():
+        is_file = bool(ckpt_path) and Path(ckpt_path).is_file()
+        if ckpt_path and not named and not is_file:
             raise ConfigError(
                 f"--ckpt_path {ckpt_path!r} is no file; give a checkpoint such as "
                 f"runs/<name>/version_<n>/checkpoints/last.ckpt"
@@ -79,7 +80,7 @@ class SpherinatorCLI(LightningCLI):
             raise ConfigError(
                 f"--ckpt_path {ckpt_path!r} cannot be read as a Lightning checkpoint ({type(err).__name__}: {err})"
             ) from err
-        if ckpt_path and Path(ckpt_path).is_file():
+        if is_file:
             self._model_from = ckpt_path
         if given is None:
             return

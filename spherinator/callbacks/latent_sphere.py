@@ -73,9 +73,10 @@ class LogLatentSphere(pl.Callback):
         log_image(trainer, "latent_sphere", mollweide_map(z))
         on_sphere = z.shape[1] == 3 and torch.allclose(z.norm(dim=-1), torch.ones(len(z)), atol=1e-3)
         if self.decoded and on_sphere and callable(getattr(pl_module, "decode", None)):
-            images = run_in_eval(pl_module, pl_module.decode, sphere_grid())
+            points = sphere_grid()
+            images = run_in_eval(pl_module, pl_module.decode, points)
             if images.dim() == 4:  # (N, C, H, W); spectra and cubes have no thumbnail
-                log_image(trainer, "latent_sphere_decoded", decoded_map(sphere_grid(), images))
+                log_image(trainer, "latent_sphere_decoded", decoded_map(points, images))
 
 
 def mollweide_map(z: torch.Tensor) -> np.ndarray:

@@ -16,6 +16,7 @@ import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
@@ -25,6 +26,9 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from spherinator.data.layout import ColumnLayout, DataError, _empty, to_tensor
 from spherinator.data.slots import BatchSlots, SlotBatch
+
+if TYPE_CHECKING:
+    from torch.utils.data._utils.worker import WorkerInfo
 
 
 @dataclass(frozen=True)
@@ -415,7 +419,7 @@ class ParquetStream(IterableDataset):
         in_worker = info is not None
         slot = self.slots.claim(info.id) if in_worker and self.slots is not None else None
         try:
-            batch = self._columns(arrays, slot)
+            batch = self._columns(arrays, info, slot)
         except BaseException:
             if slot is not None:  # the batch never leaves this worker: nobody else will free its slot
                 self.slots.free(info.id, slot)
@@ -425,9 +429,11 @@ class ParquetStream(IterableDataset):
             return SlotBatch(self.slots.token, info.id, slot, rows, batch, self.return_dict)
         return batch if self.return_dict else next(iter(batch.values()))
 
-    def _columns(self, arrays: dict[str, np.ndarray], slot: int | None) -> dict[str, torch.Tensor | None]:
-        """Each column's tensor; None for a column written to ``slot``."""
-        info = get_worker_info()
+    def _columns(
+        self, arrays: dict[str, np.ndarray], info: WorkerInfo | None, slot: int | None
+    ) -> dict[str, torch.Tensor | None]:
+        """Each column's tensor (``info``: the DataLoader worker's, None in the main process); None for a column
+        written to ``slot``."""
         in_worker = info is not None
         batch = {}
         for name, array in arrays.items():

@@ -350,18 +350,21 @@ def to_tensor(array: np.ndarray, layout: ColumnLayout, shared: bool = False) -> 
     dtype = torch.float32 if layout.is_tensor or array.dtype.kind == "f" else torch.int64
     out = _empty(array.shape, dtype, shared)
     if array.dtype == np.uint8 and layout.is_tensor:
-        np.multiply(array, np.float32(1 / 255), out=out.numpy())  # one pass; within 1 ulp of x / 255
-    else:
-        out.numpy()[...] = array
+        return _scale_into(array, out)
+    out.numpy()[...] = array
+    return out
+
+
+def _scale_into(array: np.ndarray, out: torch.Tensor) -> torch.Tensor:
+    """uint8 ``array`` into float32 ``out`` in [0, 1], in one pass (within 1 ulp of x / 255)."""
+    np.multiply(array, np.float32(1 / 255), out=out.numpy())
     return out
 
 
 def uint8_to_float(array: np.ndarray, pin: bool = False) -> torch.Tensor:
-    """uint8 array -> new float32 tensor in [0, 1] in one pass (within 1 ulp of x / 255); in page-locked memory
-    with ``pin`` (it then copies to the GPU asynchronously)."""
-    out = torch.empty(array.shape, dtype=torch.float32, pin_memory=pin)
-    np.multiply(array, np.float32(1 / 255), out=out.numpy())
-    return out
+    """uint8 array -> new float32 tensor in [0, 1]; in page-locked memory with ``pin`` (it then copies to the
+    GPU asynchronously)."""
+    return _scale_into(array, torch.empty(array.shape, dtype=torch.float32, pin_memory=pin))
 
 
 def scale_uint8(

@@ -149,7 +149,7 @@ def expand_sweep(sweep_args: list[str] | None = None, sweep_file: str | Path | N
 
 def _short_keys(keys: list[str]) -> dict[str, str]:
     """The shortest dotted suffix of each key (dropping ``init_args``) that tells the keys apart."""
-    parts = {key: [p for p in key.split(".") if p != "init_args"] for key in keys}
+    parts = {key: _same_key(key).split(".") for key in keys}
     short = {}
     for key, key_parts in parts.items():
         for n in range(1, len(key_parts) + 1):
