@@ -52,6 +52,40 @@ def spectrum_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_fast_layout(tmp_path_factory.mktemp("spectra"), {"data": spectra, "id": np.arange(n, dtype=np.int64)})
 
 
+@pytest.fixture(scope="session")
+def images128(tmp_path_factory) -> Path:
+    rng = np.random.default_rng(2)
+    return write_fast_layout(
+        tmp_path_factory.mktemp("images128"),
+        {"data": rng.integers(0, 255, (16, 3, 128, 128), dtype=np.uint8)},
+        files=1,
+        rows_per_group=8,
+    )
+
+
+@pytest.fixture(scope="session")
+def spectra256(tmp_path_factory) -> Path:
+    rng = np.random.default_rng(3)
+    return write_fast_layout(
+        tmp_path_factory.mktemp("spectra256"),
+        {"data": rng.random((16, 1, 256), dtype=np.float32)},
+        files=1,
+        rows_per_group=8,
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_vit(tmp_path_factory) -> Path:
+    from transformers import ViTConfig, ViTModel
+
+    config = ViTConfig(
+        image_size=224, patch_size=32, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64
+    )
+    path = tmp_path_factory.mktemp("tiny-vit")
+    ViTModel(config, add_pooling_layer=False).save_pretrained(path)
+    return path
+
+
 @pytest.fixture(autouse=True)
 def _finish_wandb_run():
     """A W&B run left open is reused by the next WandbLogger, and W&B keeps the directory of its first run for the

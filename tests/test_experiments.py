@@ -8,13 +8,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import yaml
 
 from spherinator.cli import SpherinatorCLI, main
-from tests.conftest import write_fast_layout
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 TINY = str(Path(__file__).parent / "configs" / "vae_tiny.yaml")
@@ -36,40 +34,6 @@ OVERLAYS = [
 
 def exp(name: str) -> str:
     return str(EXPERIMENTS / name)
-
-
-@pytest.fixture(scope="module")
-def images128(tmp_path_factory) -> Path:
-    rng = np.random.default_rng(2)
-    return write_fast_layout(
-        tmp_path_factory.mktemp("images128"),
-        {"data": rng.integers(0, 255, (16, 3, 128, 128), dtype=np.uint8)},
-        files=1,
-        rows_per_group=8,
-    )
-
-
-@pytest.fixture(scope="module")
-def spectra256(tmp_path_factory) -> Path:
-    rng = np.random.default_rng(3)
-    return write_fast_layout(
-        tmp_path_factory.mktemp("spectra256"),
-        {"data": rng.random((16, 1, 256), dtype=np.float32)},
-        files=1,
-        rows_per_group=8,
-    )
-
-
-@pytest.fixture(scope="module")
-def tiny_vit(tmp_path_factory) -> Path:
-    from transformers import ViTConfig, ViTModel
-
-    config = ViTConfig(
-        image_size=224, patch_size=32, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64
-    )
-    path = tmp_path_factory.mktemp("tiny-vit")
-    ViTModel(config, add_pooling_layer=False).save_pretrained(path)
-    return path
 
 
 def test_overlay(tmp_path: Path, data_path: Path, **trainer) -> str:

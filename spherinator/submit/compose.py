@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -180,6 +181,20 @@ def check_config(parser: Any, config: Any) -> None:
         _tiny_batch(model, datamodule)
 
 
+@dataclass(frozen=True)
+class ComposedTask:
+    """A task's config as ``spherinator fit`` would run it, plus what the launcher set on top of it.
+
+    Attributes:
+        text: The complete config (YAML) the task trains with: every value the user wrote, ``null`` included.
+        changes: One line per value the launcher set or added (``trainer.num_nodes: 1 -> 2``), relative to the
+            config ``spherinator fit`` builds from the same files, overrides and swept values.
+    """
+
+    text: str
+    changes: list[str] = field(default_factory=list)
+
+
 def compose_task(
     configs: list[str],
     overrides: list[str],
@@ -188,21 +203,24 @@ def compose_task(
     run_dir: Path,
     task_id: str,
     validate: bool = True,
-) -> str:
-    """The complete config (YAML) that ``task`` trains with, checked unless ``validate`` is False.
+) -> ComposedTask:
+    """The complete config that ``task`` trains with, checked unless ``validate`` is False.
 
     It is the ``spherinator fit`` config of ``-c configs`` + ``overrides`` + the swept values, with the Trainer
-    sized to ``resources``, ``default_root_dir``, loggers and checkpoints in ``run_dir``, ``last.ckpt`` saved,
-    Lightning's SLURM auto-requeue off and :class:`RequeueOnSignal` added.
+    sized to ``resources``, loggers and checkpoints in ``run_dir``, ``last.ckpt`` saved, Lightning's SLURM
+    auto-requeue off and :class:`RequeueOnSignal` added. Those additions are listed in ``changes``; nothing else
+    differs from what ``spherinator fit`` trains.
 
     Raises:
         SubmitError: naming the task, its swept values and the parser's / model's complaint.
     """
     label = f"task {task.index} '{task.name}'" + (f" ({_describe(task.params)})" if task.params else "")
     args = [token for path in configs for token in ("-c", str(path))]
-    args += list(overrides) + task.cli_args() + ["--trainer.default_root_dir", str(run_dir)]
+    args += list(overrides) + task.cli_args()
     try:
         parser, config = parse_config(args)
+        as_written = config.clone()
+        config.trainer.default_root_dir = str(run_dir)
         for key, value in resources.trainer_settings(config.trainer.get("strategy")).items():
             config.trainer[key] = value
         _pin_loggers(config, run_dir, task_id)
@@ -210,12 +228,50 @@ def compose_task(
         if validate:
             check_config(parser, config)
         _add_slurm_environment(config)
-        text = parser.dump(config)
+        # skip_unset=False: an explicit `norm: null` must reach the task as null, not vanish so that the class
+        # default (BatchNorm2d) comes back. LightningCLI saves its own config.yaml the same way.
+        text = parser.dump(config, skip_unset=False)
+        changes = config_changes(as_written, config)
     except SubmitError:
         raise
     except Exception as err:
         raise SubmitError(f"{label}: {_error_text(err, '')}") from err
-    return text
+    return ComposedTask(text, changes)
+
+
+def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": [1, {"c": 2}]}}`` -> ``{"a.b[0]": 1, "a.b[1].c": 2}`` (Namespaces as dicts)."""
+    from jsonargparse import Namespace
+
+    if isinstance(value, Namespace):
+        value = value.as_dict()
+    if isinstance(value, dict) and value:
+        out: dict[str, Any] = {}
+        for key, item in value.items():
+            out.update(_flatten(item, f"{prefix}.{key}" if prefix else str(key)))
+        return out
+    if isinstance(value, list) and value:
+        out = {}
+        for i, item in enumerate(value):
+            out.update(_flatten(item, f"{prefix}[{i}]"))
+        return out
+    return {prefix: value}
+
+
+def config_changes(before: Any, after: Any) -> list[str]:
+    """Every leaf of the config that differs between ``before`` and ``after``: ``key: old -> new``."""
+    old, new = _flatten(before), _flatten(after)
+    missing = object()
+    lines = []
+    for key in sorted(old.keys() | new.keys()):
+        a, b = old.get(key, missing), new.get(key, missing)
+        if a is missing:
+            lines.append(f"{key}: (added) {b!r}")
+        elif b is missing:
+            lines.append(f"{key}: {a!r} (removed)")
+        elif a != b:
+            lines.append(f"{key}: {a!r} -> {b!r}")
+    return lines
 
 
 def _describe(params: dict[str, str]) -> str:

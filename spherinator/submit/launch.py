@@ -181,34 +181,42 @@ def submit(ns: argparse.Namespace, overrides: list[str]) -> int:
         raise SubmitError(f"sweep '{sweep_dir}' exists; use --resume {sweep_dir} or another --name")
 
     configs = [str(Path(p).resolve()) for p in ns.config]
-    texts = {}
+    composed = {}
     for task in tasks:  # everything is checked before anything is written or queued
-        texts[task.index] = compose_task(
+        composed[task.index] = compose_task(
             configs, overrides, task, resources, sweep_dir / task.name, f"{name}-{task.name}",
             validate=not ns.no_validate,
         )  # fmt: skip
         print(f"checked task {task.index} {task.name}", file=sys.stderr)
+    # What a task runs beyond `spherinator fit` of the same files: said once, before anything is queued.
+    first = composed[tasks[0].index]
+    print(f"the launcher sets, on top of `spherinator fit` of these files ({tasks[0].name}):", file=sys.stderr)
+    for line in first.changes:
+        print(f"  {line}", file=sys.stderr)
 
     if ns.dry_run:
         print(f"# sbatch script (one array of {len(tasks)} tasks):")
         print(sbatch_script(sweep_dir / SUBMITIT_DIR, resources, name, len(tasks)))
         for task in tasks:
             print(f"# task {task.index}: {sweep_dir / task.name}/config.yaml")
-            print(texts[task.index])
+            print(composed[task.index].text)
         print(f"dry run: nothing submitted ({len(tasks)} tasks)", file=sys.stderr)
         return 0
 
     for task in tasks:
         run_dir = sweep_dir / task.name
         (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(texts[task.index])
+        (run_dir / "config.yaml").write_text(composed[task.index].text)
     manifest = {
         "name": name,
         "cwd": str(Path.cwd()),
         "configs": configs,
         "overrides": overrides,
         "export": not ns.no_export,
-        "tasks": [{"index": t.index, "name": t.name, "params": t.params} for t in tasks],
+        "tasks": [
+            {"index": t.index, "name": t.name, "params": t.params, "launcher_changes": composed[t.index].changes}
+            for t in tasks
+        ],
     }
     job_ids = _submit(tasks, sweep_dir, manifest, resources, export=not ns.no_export)
     array = sorted({j.split("_")[0] for j in job_ids.values()})
