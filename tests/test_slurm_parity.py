@@ -55,7 +55,8 @@ def task_metrics(run_dir: Path) -> dict[str, float]:
     return summary["metrics"]
 
 
-def test_one_node_task_learns_what_fit_learns_and_two_nodes_land_close(cluster, tmp_path, image_dataset):
+@pytest.mark.usefixtures("cluster")
+def test_one_node_task_learns_what_fit_learns_and_two_nodes_land_close(tmp_path, image_dataset):
     overlay = data_overlay(tmp_path, image_dataset)
     one = submit(tmp_path, TINY, "one", "-c", str(overlay), "--time", "10", "--no-export")
     # Half the rows per rank at half the batch size: the same global batch and the same number of steps as fit.
