@@ -136,7 +136,7 @@ def vae_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def vae_export(vae_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
     """The VAE exported from its checkpoint alone, traced at batch 1 (the batch axis must still be dynamic)."""
     out = tmp_path_factory.mktemp("vae-export") / "onnx"
-    return export_onnx(vae_checkpoint, out, trace_batch_size=1), out
+    return export_onnx(vae_checkpoint, out, trace_batch_size=1, trust=True), out
 
 
 @pytest.fixture(scope="module")
@@ -200,7 +200,7 @@ def test_metadata_and_report(vae_export, vae_checkpoint):
 def test_autoencoder_1d_exports_its_code(tmp_path):
     model = ae_1d()
     ckpt = fit_and_save(model, (1, 64), tmp_path / "ae.ckpt")
-    report = export_onnx(ckpt, tmp_path / "onnx", batch_sizes=(1, 5))
+    report = export_onnx(ckpt, tmp_path / "onnx", batch_sizes=(1, 5), trust=True)
     assert report["passed"] and report["model_class"] == "spherinator.models.Autoencoder"
     assert metadata(tmp_path / "onnx" / "decoder.onnx")["z_dim"] == "5"
     x = torch.rand(4, 1, 64)
@@ -224,7 +224,7 @@ def test_vit_encoder_with_upsampling_decoder(tmp_path):
     encoder = HuggingFaceViTEncoder(str(tmp_path / "vit"), output_dim=8)
     model = VariationalAutoencoder(encoder, UpsamplingDecoder2D(base_channels=8, seed_size=4), z_dim=3)
     ckpt = fit_and_save(model, (3, 16, 16), tmp_path / "vit.ckpt")
-    report = export_onnx(ckpt, tmp_path / "onnx")
+    report = export_onnx(ckpt, tmp_path / "onnx", trust=True)
     assert report["passed"] is True
     assert report["input_shape"] == [3, 16, 16]
     worst = max(b["max_abs_diff"] for g in report["graphs"].values() for b in g["validation"]["batches"])
@@ -291,15 +291,64 @@ def test_bad_checkpoint_files(tmp_path):
     assert not (tmp_path / "onnx").exists()
 
 
+class RunsOnLoad:
+    """Pickles to a call of Path.write_text: unpickling it in full writes ``marker`` (what a crafted .ckpt does)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return Path.write_text, (self.marker, "ran")
+
+
+def test_checkpoint_with_code_is_refused_unless_trusted(tmp_path, capsys):
+    marker = tmp_path / "marker"
+    crafted = tmp_path / "crafted.ckpt"
+    torch.save({"state_dict": {}, "hyper_parameters": {"encoder": RunsOnLoad(marker)}}, crafted)
+    # a full unpickle runs the file's code before any check could refuse it: the export must not do one
+    with pytest.raises(SystemExit) as exit_info:
+        main(["export", str(crafted), "-o", str(tmp_path / "onnx")])
+    assert exit_info.value.code == 1
+    (line,) = capsys.readouterr().err.splitlines()
+    assert "--trust-checkpoint" in line and "built in Python stores its encoder/decoder modules" in line
+    assert not marker.exists()
+    with pytest.raises(ExportError, match=r"stores 'getattr' beyond tensors .*trust=True in export_onnx"):
+        export_onnx(crafted, tmp_path / "onnx")
+    assert not marker.exists() and not (tmp_path / "onnx").exists()
+    # trusted, the file is read in full (its code runs) and the export goes on to its next check
+    with pytest.raises(SystemExit):
+        main(["export", str(crafted), "-o", str(tmp_path / "onnx"), "--trust-checkpoint"])
+    assert marker.read_text() == "ran"
+    assert "match 0 spherinator model classes" in capsys.readouterr().err
+
+
+def test_python_built_checkpoint_needs_trust(vae_checkpoint, tmp_path):
+    with pytest.raises(ExportError, match=r"stores 'spherinator\.models\..*Encoder2D' .*--trust-checkpoint"):
+        export_onnx(vae_checkpoint, tmp_path / "onnx")
+    assert not (tmp_path / "onnx").exists()
+
+
+def test_cli_checkpoint_loads_weights_only(cli_run, monkeypatch):
+    from spherinator.export.checkpoint import load_model
+
+    ckpt, _ = cli_run
+    loads = []
+    real_load = torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **kw: loads.append(kw.get("weights_only")) or real_load(*a, **kw))
+    loaded = load_model(ckpt, trust=True)  # trusting changes nothing for a file that needs no full unpickle
+    assert loads == [True]
+    assert loaded.class_path == "spherinator.models.VariationalAutoencoder"
+
+
 def test_existing_export_path_needs_overwrite(vae_checkpoint, vae_export, tmp_path):
     out = tmp_path / "onnx"
     out.mkdir()
     (out / "encoder.onnx").write_bytes(b"old")
     (out / "README.txt").write_text("mine")
     with pytest.raises(ExportError, match=r"already exists and is not empty .*encoder.onnx.*overwrite"):
-        export_onnx(vae_checkpoint, out)
+        export_onnx(vae_checkpoint, out, trust=True)
     assert (out / "encoder.onnx").read_bytes() == b"old"
-    export_onnx(vae_checkpoint, out, overwrite=True, validate=False)
+    export_onnx(vae_checkpoint, out, overwrite=True, validate=False, trust=True)
     assert (out / "encoder.onnx").read_bytes() == (vae_export[1] / "encoder.onnx").read_bytes()
     assert (out / "README.txt").read_text() == "mine"  # files that are not ours stay
     assert json.loads((out / "export_report.json").read_text())["passed"] is None
@@ -314,7 +363,7 @@ def test_bad_arguments(vae_checkpoint, tmp_path):
     with pytest.raises(ExportError, match=r"export_path '.*file' is a file"):
         export_onnx(vae_checkpoint, tmp_path / "file")
     with pytest.raises(ExportError, match=r"cannot write the export under '.*file/onnx'.*a directory you can write"):
-        export_onnx(vae_checkpoint, tmp_path / "file" / "onnx" / "out")
+        export_onnx(vae_checkpoint, tmp_path / "file" / "onnx" / "out", trust=True)
 
 
 class KthValueAutoencoder(Autoencoder):
@@ -337,7 +386,7 @@ def test_op_without_onnx_translation(tmp_path):
     ckpt = fit_and_save(ae_1d(KthValueAutoencoder), (1, 64), tmp_path / "kth.ckpt")
     config = config_for(tmp_path, KthValueAutoencoder)
     with pytest.raises(ExportError, match=r"encoder.onnx: .*the op aten.kthvalue has no ONNX translation"):
-        export_onnx(ckpt, tmp_path / "onnx", config=config)
+        export_onnx(ckpt, tmp_path / "onnx", config=config, trust=True)
     assert not (tmp_path / "onnx").exists()
     assert not list(tmp_path.glob(".onnx.*"))  # the staging directory is gone
 
@@ -346,10 +395,13 @@ def test_validation_failure_names_graph_and_worst_difference(tmp_path, capsys):
     ckpt = fit_and_save(ae_1d(ExportOnlyScaleAutoencoder), (1, 64), tmp_path / "bad.ckpt")
     config = config_for(tmp_path, ExportOnlyScaleAutoencoder)
     with pytest.raises(ValidationError) as err:
-        export_onnx(ckpt, tmp_path / "api", config=config, batch_sizes=[2], validate=True)
+        export_onnx(ckpt, tmp_path / "api", config=config, batch_sizes=[2], validate=True, trust=True)
     assert err.value.report["passed"] is False and err.value.report["graphs"]["decoder"]["validation"]["passed"]
     with pytest.raises(SystemExit) as exit_info:
-        main(["export", str(ckpt), "-c", str(config), "-o", str(tmp_path / "onnx"), "--batch_sizes", "1", "7"])
+        main(
+            ["export", str(ckpt), "-c", str(config), "-o", str(tmp_path / "onnx"), "--batch_sizes", "1", "7",
+             "--trust-checkpoint"]
+        )  # fmt: skip
     assert exit_info.value.code == 1
     captured = capsys.readouterr()
     assert "encoder.onnx: exported in" in captured.out and "DIFFERS from torch" in captured.out

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import pickle
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,19 +36,23 @@ class LoadedModel:
     source: str
 
 
-def load_model(checkpoint: str | Path, config: str | Path | None = None) -> LoadedModel:
+def load_model(checkpoint: str | Path, config: str | Path | None = None, trust: bool = False) -> LoadedModel:
     """Rebuild the model stored in ``checkpoint`` and load its weights (strictly), in eval mode on CPU.
 
     The architecture comes from ``config`` (a LightningCLI config.yaml with a ``model`` section) when given,
     else from the checkpoint's hyper-parameters: LightningCLI stores the ``class_path`` of the model and the
     class_path/init_args of its encoder and decoder there; a model built in Python stores its modules.
 
+    The checkpoint is read weights-only (tensors and plain data). A model built in Python pickles its modules
+    into the hyper-parameters, and unpickling those runs code named by the file: only with ``trust`` is such a
+    file read in full.
+
     Raises:
-        ExportError: missing or unreadable checkpoint, a config without a usable ``model`` section, or weights
-            that do not fit the architecture.
+        ExportError: missing or unreadable checkpoint, one that needs a full unpickle without ``trust``, a config
+            without a usable ``model`` section, or weights that do not fit the architecture.
     """
     ckpt_path = Path(checkpoint)
-    ckpt = _read_checkpoint(ckpt_path)
+    ckpt = _read_checkpoint(ckpt_path, trust)
     hparams = dict(ckpt.get("hyper_parameters") or {})
     stored_class_path = hparams.pop("_class_path", None)
     hparams.pop("_instantiator", None)
@@ -77,7 +82,7 @@ def load_model(checkpoint: str | Path, config: str | Path | None = None) -> Load
     return LoadedModel(model=model, class_path=class_path, training_config=config_text, source=source)
 
 
-def _read_checkpoint(path: Path) -> dict[str, Any]:
+def _read_checkpoint(path: Path, trust: bool) -> dict[str, Any]:
     if not path.exists():
         raise ExportError(
             f"checkpoint '{path}' does not exist; pass the .ckpt file written by training "
@@ -88,25 +93,24 @@ def _read_checkpoint(path: Path) -> dict[str, Any]:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        if "weights only load failed" not in str(err).lower():
+        refusal = re.search(r"WeightsUnpickler error:(.*?)(?:Check the documentation|$)", str(err), flags=re.DOTALL)
+        if refusal is None:  # not torch's weights-only refusal: a broken file
+            raise ExportError(_not_a_checkpoint(path, err)) from err
+        reason = " ".join(refusal.group(1).split())
+        if not trust:
+            found = re.search(r"Unsupported global: GLOBAL (\S+)", reason)
+            if found is not None:
+                raise ExportError(_untrusted_message(path, found.group(1))) from err
             raise ExportError(
-                f"'{path}' is not a PyTorch checkpoint ({_first_line(err)}); pass a .ckpt file saved by "
-                "'spherinator fit' or Trainer.save_checkpoint"
+                f"'{path}' is not a PyTorch checkpoint that torch can read weights-only ({_first_sentence(reason)}); "
+                "pass a .ckpt file saved by 'spherinator fit' or Trainer.save_checkpoint"
             ) from err
-        # A model built in Python stores its encoder/decoder modules (and loss classes) in the hyper-parameters:
-        # those need full unpickling. Only export checkpoints you trust.
         try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=False)
+            ckpt = torch.load(path, map_location="cpu", weights_only=False)  # the caller trusts this file
         except Exception as err2:
-            raise ExportError(
-                f"'{path}' is not a PyTorch checkpoint ({type(err2).__name__}: {_first_line(err2)}); pass a .ckpt "
-                "file saved by 'spherinator fit' or Trainer.save_checkpoint"
-            ) from err2
+            raise ExportError(_not_a_checkpoint(path, err2)) from err2
     except Exception as err:
-        raise ExportError(
-            f"'{path}' is not a PyTorch checkpoint ({type(err).__name__}: {_first_line(err)}); pass a .ckpt file "
-            "saved by 'spherinator fit' or Trainer.save_checkpoint"
-        ) from err
+        raise ExportError(_not_a_checkpoint(path, err)) from err
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
         found = sorted(map(str, ckpt))[:8] if isinstance(ckpt, dict) else type(ckpt).__name__
         raise ExportError(
@@ -114,6 +118,27 @@ def _read_checkpoint(path: Path) -> dict[str, Any]:
             ".ckpt file saved by 'spherinator fit' or Trainer.save_checkpoint"
         )
     return ckpt
+
+
+def _not_a_checkpoint(path: Path, err: BaseException) -> str:
+    return (
+        f"'{path}' is not a PyTorch checkpoint ({type(err).__name__}: {_first_line(err)}); pass a .ckpt file saved "
+        "by 'spherinator fit' or Trainer.save_checkpoint"
+    )
+
+
+def _untrusted_message(path: Path, name: str) -> str:
+    """Why a checkpoint that names the Python object ``name`` (a class, a function) is not read in full."""
+    return (
+        f"checkpoint '{path}' stores '{name}' beyond tensors and plain settings, and reading it in full would run "
+        "code named by the file. A model built in Python stores its encoder/decoder modules in the hyper-parameters "
+        "this way ('spherinator fit' stores class_path settings). If you trust the file, pass --trust-checkpoint "
+        "(trust=True in export_onnx) to read it in full"
+    )
+
+
+def _first_sentence(text: str) -> str:
+    return text.split(". ")[0].rstrip(".")
 
 
 def _read_config(path: Path) -> tuple[str, dict[str, Any], str]:

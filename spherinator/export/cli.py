@@ -32,6 +32,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--atol", type=float, default=1e-5, help="absolute tolerance (default: %(default)s)")
     parser.add_argument("--rtol", type=float, default=1e-3, help="relative tolerance (default: %(default)s)")
     parser.add_argument("--overwrite", action="store_true", help="replace the export files in an existing directory")
+    parser.add_argument(
+        "--trust-checkpoint", "--trust_checkpoint", dest="trust", action="store_true",
+        help="read a checkpoint that holds pickled Python objects (a model built in Python stores its modules in "
+        "the hyper-parameters); unpickling runs code from the file, so only for files you trust",
+    )  # fmt: skip
     return parser
 
 
@@ -50,6 +55,7 @@ def main(argv: list[str] | None = None) -> None:
             rtol=args.rtol,
             overwrite=args.overwrite,
             progress=print,
+            trust=args.trust,
         )
     except ExportError as err:
         print(f"spherinator export: error: {err}", file=sys.stderr)

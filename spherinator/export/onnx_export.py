@@ -81,6 +81,7 @@ def export_onnx(
     overwrite: bool = False,
     trace_batch_size: int = 2,
     progress: Callable[[str], None] | None = None,
+    trust: bool = False,
 ) -> dict[str, Any]:
     """Export a checkpoint to ``encoder.onnx``, ``decoder.onnx`` and ``reconstruction.onnx`` under ``export_path``.
 
@@ -107,15 +108,18 @@ def export_onnx(
         overwrite: Replace the export files in an existing ``export_path`` (other files are kept).
         trace_batch_size: Batch size of the example input used for tracing; the batch axis stays dynamic.
         progress: Called with one line per graph (export time, validation result), e.g. ``print``.
+        trust: Read a checkpoint that holds pickled Python objects (a model built in Python stores its modules
+            in the hyper-parameters) in full. Unpickling runs code named by the file: only for files you trust.
 
     Raises:
-        ExportError: bad checkpoint/config, an existing ``export_path``, or a graph that cannot be exported.
+        ExportError: bad checkpoint/config (or one that needs ``trust``), an existing ``export_path``, or a graph
+            that cannot be exported.
         ValidationError: onnxruntime and torch disagree beyond the tolerances (files and report are written).
     """
     _check_arguments(opset, batch_sizes, atol, rtol, trace_batch_size)
     export_path = Path(export_path)
     _check_export_path(export_path, overwrite)
-    loaded = load_model(checkpoint, config)
+    loaded = load_model(checkpoint, config, trust=trust)
     model = loaded.model
     if model.input_dim is None or model.z_dim is None:
         raise ExportError(
