@@ -274,8 +274,8 @@ def collapse_warnings(
     """
     now = f" (now {beta:g}, try {beta / 10:g})" if beta else ""
     lower_beta = (
-        f"lower model.init_args.beta{now}, which weighs the KL against the per-value mean of MSELoss, or ramp it "
-        "up with -c experiments/kl_annealing.yaml"
+        f"fix: lower model.init_args.beta{now}, the KL's weight against the reconstruction loss, or ramp it up "
+        "with -c experiments/kl_annealing.yaml"
     )
     messages = []
     if scale is not None and np.size(scale):
@@ -299,7 +299,7 @@ def collapse_warnings(
     if resultant_length is not None and resultant_length > CLUMP_RESULTANT:
         messages.append(
             f"the positions form one clump (mean resultant length {resultant_length:.3f}; 1 is a single point, "
-            f"a uniform spread about 0): {lower_beta}; a plain Autoencoder has no prior to spread it, use the VAE"
+            f"a uniform spread about 0); {lower_beta}; a plain Autoencoder has no prior to spread it, use the VAE"
         )
     return messages
 

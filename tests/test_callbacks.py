@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 
 import lightning.pytorch as pl
 import numpy as np
@@ -11,7 +12,7 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch.utils.data import DataLoader
 
-from spherinator.callbacks import KLAnnealing, LogLatentSphere, LogReconstructionCallback
+from spherinator.callbacks import KLAnnealing, LogLatentSphere, LogReconstructionCallback, SphereQuality
 from spherinator.models import (
     Autoencoder,
     ConsecutiveConv1DLayer,
@@ -257,3 +258,119 @@ def test_embedding_writer_counts_each_run_and_closes_its_file_on_an_exception(tm
     with pytest.raises(RuntimeError, match="on purpose"):
         trainer(tmp_path, [writer]).predict(model, loader, return_predictions=False)
     assert pq.read_table(tmp_path / "emb.parquet").num_rows == 8  # the rows before the failure, in a closed file
+
+
+# ---- SphereQuality ------------------------------------------------------------------------------------------------
+
+
+class _FirstThree(torch.nn.Module):
+    """A backbone whose code is the first three input values: the sphere head's identity maps them onto S^2."""
+
+    input_dim = (3, 16, 16)
+    output_dim = 3
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.flatten(1)[:, :3]
+
+
+def sphere_vae(collapsed: bool) -> VariationalAutoencoder:
+    """healthy: the position is the input's first three values (spread over S^2), the scale 51. collapsed: one
+    position for every input, the scale at its floor of 1."""
+    model = VariationalAutoencoder(_FirstThree(), UpsamplingDecoder2D(base_channels=8, seed_size=4), z_dim=3)
+    head = model.encoder
+    with torch.no_grad():
+        head.fc_scale.weight.zero_()
+        head.fc_scale.bias.fill_(-30.0 if collapsed else 50.0)
+        head.fc_location.weight.copy_(torch.zeros(3, 3) if collapsed else torch.eye(3))
+        head.fc_location.bias.copy_(torch.tensor([0.0, 0.0, 1.0]) if collapsed else torch.zeros(3))
+    return model
+
+
+class _Rows(torch.utils.data.Dataset):
+    """Images whose first three values are a uniform point of S^2, with a label telling its hemisphere."""
+
+    def __init__(self, n: int = 300) -> None:
+        generator = torch.Generator().manual_seed(0)
+        self.images = torch.rand(n, 3, 16, 16, generator=generator)
+        points = torch.nn.functional.normalize(torch.randn(n, 3, generator=generator), dim=1)
+        self.images.view(n, -1)[:, :3] = points
+        self.label = (points[:, 2] > 0).long()
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"data": self.images[i], "label": self.label[i]}
+
+
+def sphere_warnings(recorded) -> list[str]:
+    return [str(w.message) for w in recorded if "SphereQuality" in str(w.message)]
+
+
+def test_sphere_quality_warns_once_on_a_collapsed_model_with_numbers_and_the_fix(tmp_path):
+    data = DataLoader(_Rows(), batch_size=50)
+    callback = SphereQuality(label_column="label", patience=2)
+    with pytest.warns(UserWarning) as recorded:
+        trainer(tmp_path, [callback], max_epochs=3, limit_train_batches=1).fit(sphere_vae(True), data, data)
+    (message,) = sphere_warnings(recorded)  # epochs 2 and 3 are collapsed, the warning comes once
+    assert "after 2 validation epochs of 300 rows" in message
+    assert "median concentration 1 is at its floor 1 (100% of rows" in message and "KL per sample 0.193" in message
+    assert re.search(r"cover [0-3]% of the sphere's cells", message) and "mean resultant length 1.000" in message
+    assert "lower model.init_args.beta (now 0.001, try 0.0001)" in message
+    assert callback.figures["val_scale_p50"] == pytest.approx(1.0)
+    assert "val_knn_accuracy" in callback.figures  # (a few steps of training spread the clump a hair: kNN sees it)
+
+
+def test_sphere_quality_logs_healthy_figures_without_a_warning(tmp_path, recwarn):
+    data = DataLoader(_Rows(), batch_size=50)
+    logger = TensorBoardLogger(tmp_path, name="tb", version=0)
+    run = trainer(tmp_path, [SphereQuality(label_column="label", patience=1)], logger=logger)
+    run.validate(sphere_vae(False), data, verbose=False)
+    assert sphere_warnings(recwarn) == []
+    figures = {k: float(v) for k, v in run.callback_metrics.items()}  # what a task's summary.json collects
+    assert figures["val_coverage"] > 0.6 and figures["val_coverage_uniform"] == pytest.approx(1 - (191 / 192) ** 300)
+    assert figures["val_scale_p50"] == pytest.approx(51.0) and figures["val_scale_at_floor"] == 0.0
+    assert figures["val_kl_per_sample"] > 2.0 and figures["val_resultant_length"] < 0.2
+    assert figures["val_knn_accuracy"] > 0.9
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(logger.log_dir))
+    events.Reload()
+    assert {"val_coverage", "val_scale_p50", "val_knn_accuracy"} <= set(events.Tags()["scalars"])
+
+
+def test_sphere_quality_says_how_to_get_a_missing_label_column(tmp_path):
+    data = DataLoader(torch.rand(40, 3, 16, 16), batch_size=20)  # tensors, not dicts
+    with pytest.warns(UserWarning, match="label_column 'label' is not in the validation batches.*return_dict: true"):
+        trainer(tmp_path, [SphereQuality(label_column="label")]).validate(vae_2d(), data, verbose=False)
+
+
+def test_sphere_quality_arguments_are_checked():
+    with pytest.raises(ValueError, match="patience=0"):
+        SphereQuality(patience=0)
+
+
+def test_latent_sphere_map_is_coloured_by_a_column(tmp_path):
+    from spherinator.callbacks.latent_sphere import mollweide_map
+
+    points = torch.nn.functional.normalize(torch.randn(2000, 3, generator=torch.Generator().manual_seed(0)), dim=1)
+    plain = mollweide_map(points).astype(int)
+    coloured = mollweide_map(points, (points[:, 2] > 0).long(), "north").astype(int)
+    assert plain.shape == coloured.shape == (340, 600, 3)
+
+    def dots(picture: np.ndarray, rows: slice) -> np.ndarray:  # mean colour of the coloured (not grey) pixels
+        pixels = picture[rows, 150:450].reshape(-1, 3)
+        return pixels[np.ptp(pixels, axis=1) > 40].mean(0)
+
+    north, south = slice(100, 150), slice(190, 240)
+    assert np.abs(dots(coloured, north) - dots(coloured, south)).max() > 40  # the two hemispheres in two colours
+    assert np.abs(dots(plain, north) - dots(plain, south)).max() < 10
+
+    logger = TensorBoardLogger(tmp_path, name="tb", version=0)
+    model = sphere_vae(False)
+    data = DataLoader(_Rows(40), batch_size=20)
+    trainer(tmp_path, [LogLatentSphere(color_column="label")], logger=logger).validate(model, data, verbose=False)
+    assert len(tensorboard_images(logger.log_dir)["latent_sphere"]) == 1
+    tensors = DataLoader(torch.rand(40, 3, 16, 16), batch_size=20)
+    with pytest.warns(UserWarning, match="color_column 'label' is not a per-row column"):
+        trainer(tmp_path, [LogLatentSphere(color_column="label")]).validate(model, tensors, verbose=False)

@@ -8,6 +8,7 @@ from typing import Any
 import lightning.pytorch as pl
 import numpy as np
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from matplotlib.figure import Figure
 
 from spherinator.callbacks._images import figure_to_array, log_image, run_in_eval
@@ -24,13 +25,19 @@ class LogLatentSphere(pl.Callback):
     (C, H, W), a second map shows the image decoded at each point of a grid over the sphere: the atlas a user
     browses, logged under ``"latent_sphere_decoded"``.
 
+    With ``color_column``, the points are coloured by that per-row column of the batch (a label, a flux): the data
+    must return dicts holding it (``data.init_args.return_dict: true``, the column in ``data.init_args.columns``).
+
     Args:
         max_samples: Number of validation samples embedded per epoch.
         every_n_epochs: Log every this many validation epochs.
         decoded: Also log the map of decoded images.
+        color_column: Per-row column of the batch dict that colours the points.
     """
 
-    def __init__(self, max_samples: int = 1000, every_n_epochs: int = 1, decoded: bool = True) -> None:
+    def __init__(
+        self, max_samples: int = 1000, every_n_epochs: int = 1, decoded: bool = True, color_column: str | None = None
+    ) -> None:
         super().__init__()
         if max_samples < 1 or every_n_epochs < 1:
             raise ValueError(
@@ -39,7 +46,10 @@ class LogLatentSphere(pl.Callback):
         self.max_samples = int(max_samples)
         self.every_n_epochs = int(every_n_epochs)
         self.decoded = bool(decoded)
+        self.color_column = color_column
         self._latents: list[torch.Tensor] = []
+        self._colors: list[torch.Tensor] = []
+        self._color_missing = False
 
     def _active(self, trainer: pl.Trainer) -> bool:
         return (
@@ -48,6 +58,7 @@ class LogLatentSphere(pl.Callback):
 
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._latents = []
+        self._colors = []
 
     def on_validation_batch_end(
         self,
@@ -64,13 +75,18 @@ class LogLatentSphere(pl.Callback):
         x = model_input(batch)[: self.max_samples - have]
         with torch.no_grad():
             self._latents.append(pl_module.encode(x).float().cpu())
+        if self.color_column is not None:
+            self._colors.append(self._color_values(batch, len(x)))
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self._latents or not self._active(trainer):
             return
         z = torch.cat(self._latents)  # (N, z_dim)
-        self._latents = []
-        log_image(trainer, "latent_sphere", mollweide_map(z))
+        colors = torch.cat(self._colors) if self._colors else None
+        self._latents, self._colors = [], []
+        if colors is not None and bool(colors.isnan().all()):
+            colors = None
+        log_image(trainer, "latent_sphere", mollweide_map(z, colors, self.color_column))
         on_sphere = z.shape[1] == 3 and torch.allclose(z.norm(dim=-1), torch.ones(len(z)), atol=1e-3)
         if self.decoded and on_sphere and callable(getattr(pl_module, "decode", None)):
             points = sphere_grid()
@@ -78,16 +94,42 @@ class LogLatentSphere(pl.Callback):
             if images.dim() == 4:  # (N, C, H, W); spectra and cubes have no thumbnail
                 log_image(trainer, "latent_sphere_decoded", decoded_map(points, images))
 
+    def _color_values(self, batch: Any, n: int) -> torch.Tensor:
+        """The colour column's first ``n`` values (n,) float, NaN where the batch does not hold it."""
+        column = batch.get(self.color_column) if isinstance(batch, dict) else None
+        if isinstance(column, torch.Tensor) and column.dim() == 1 and len(column) >= n:
+            return column[:n].detach().double().cpu()
+        if not self._color_missing:
+            self._color_missing = True
+            found = list(batch) if isinstance(batch, dict) else f"a {type(batch).__name__}, not a dict"
+            rank_zero_warn(
+                f"LogLatentSphere: color_column {self.color_column!r} is not a per-row column of the validation "
+                f"batches (found: {found}); set data.init_args.return_dict: true and add it to data.init_args.columns"
+            )
+        return torch.full((n,), float("nan"), dtype=torch.float64)
 
-def mollweide_map(z: torch.Tensor) -> np.ndarray:
-    """Mollweide scatter of latent vectors (N, d), d >= 2, as an (H, W, 3) uint8 image."""
+
+def mollweide_map(z: torch.Tensor, colors: torch.Tensor | None = None, color_label: str | None = None) -> np.ndarray:
+    """Mollweide scatter of latent vectors (N, d), d >= 2, as an (H, W, 3) uint8 image; with ``colors`` (N,) the
+    points are coloured by them (a categorical palette for up to 20 integer values, else viridis), with a
+    colour bar named ``color_label``."""
     xyz = torch.nn.functional.pad(z[:, :3], (0, max(0, 3 - z.shape[1])))  # (N, 3)
     xyz = torch.nn.functional.normalize(xyz, dim=-1).numpy()
     lon = np.arctan2(xyz[:, 1], xyz[:, 0])
     lat = np.arcsin(np.clip(xyz[:, 2], -1.0, 1.0))
     figure = Figure(figsize=(6, 3.4), dpi=100)
     ax = figure.add_subplot(projection="mollweide")
-    ax.scatter(lon, lat, s=4, alpha=0.6)
+    if colors is None:
+        ax.scatter(lon, lat, s=4, alpha=0.6)
+    else:
+        values = colors.double().numpy()
+        whole = np.isfinite(values).all() and np.array_equal(values, np.round(values))
+        categorical = bool(whole) and len(np.unique(values)) <= 20
+        cmap = ("tab10" if len(np.unique(values)) <= 10 else "tab20") if categorical else "viridis"
+        points = ax.scatter(lon, lat, c=values, s=4, alpha=0.8, cmap=cmap, plotnonfinite=True)
+        bar = figure.colorbar(points, ax=ax, fraction=0.03, pad=0.02)
+        bar.ax.tick_params(labelsize=6)
+        bar.set_label(color_label or "", fontsize=7)
     ax.grid(True, alpha=0.3)
     ax.tick_params(labelsize=6)
     title = "latent sphere" if z.shape[1] == 3 else f"latent sphere (first 3 of {z.shape[1]} dims)"

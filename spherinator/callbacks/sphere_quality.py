@@ -1,0 +1,176 @@
+"""Figures of the latent sphere on the validation data, each validation epoch: how much of it is used, how
+concentrated the posteriors are, how well a label can be told from the position; a warning when it collapses."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from lightning.pytorch.utilities import rank_zero_warn
+from torch.distributions import kl_divergence
+
+from spherinator import metrics
+from spherinator.distributions import HypersphericalUniform, PowerSpherical
+
+
+def kl_per_row(location: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """KL divergence (nats) of each row's Power Spherical posterior (location (B, d), scale (B,)) from the uniform
+    distribution on the sphere, as the VAE's loss computes it; (B,) float32."""
+    with torch.autocast(device_type=location.device.type, enabled=False):
+        q = PowerSpherical(location.float(), scale.float())
+        return kl_divergence(q, HypersphericalUniform(location.shape[-1], device=location.device))
+
+
+def encode_rows(pl_module: pl.LightningModule, batch: Any, batch_idx: int = 0) -> dict[str, torch.Tensor]:
+    """``pl_module.predict_step(batch)`` without gradients: ``location`` (B, d), for a VAE ``scale`` (B,), and
+    the batch's per-row columns (``id``, ``label``, ...) when it is a dict."""
+    with torch.no_grad():
+        out = pl_module.predict_step(batch, batch_idx)
+    if isinstance(out, torch.Tensor):
+        out = {"location": out}
+    return {name: value.detach() for name, value in out.items() if isinstance(value, torch.Tensor)}
+
+
+class SphereQuality(pl.Callback):
+    """Logs figures of the validation latents each validation epoch and warns once when the sphere collapses.
+
+    Up to ``max_samples`` validation rows are encoded (gathered from all ranks). Logged, for every logger:
+
+    - ``val_coverage``: fraction of the 192 equal-area HEALPix cells (nside 4) of S^2 holding a position, and
+      ``val_coverage_uniform``, what as many uniform points would cover (z_dim 3 only);
+    - ``val_resultant_length``: length of the mean position (1: one point; about 0: spread);
+    - ``val_scale_p10``, ``val_scale_p50``, ``val_scale_p90``, ``val_scale_at_floor``: the Power Spherical
+      concentrations and the fraction of rows at their floor of 1 (VAE); ``val_kl_per_sample`` (nats);
+    - ``val_knn_accuracy``: 5-fold cross-validated kNN accuracy of ``label_column`` from the positions, when the
+      data return dicts holding it (``data.init_args.return_dict: true``, ``columns: [data, label]``).
+
+    When :func:`spherinator.metrics.collapse_warnings` fires for ``patience`` validation epochs in a row (the
+    posterior at its floor, a KL per sample near zero, coverage far below uniform's, one clump), it warns once,
+    with the numbers and the fix.
+
+    Args:
+        max_samples: Validation rows used per epoch.
+        label_column: Per-row class label in the batch dict, for ``val_knn_accuracy``.
+        k: Neighbours of the kNN classifier.
+        nside: HEALPix resolution of the coverage (4: 192 cells).
+        patience: Validation epochs in a row with collapsed figures before the warning.
+    """
+
+    def __init__(
+        self, max_samples: int = 5000, label_column: str | None = None, k: int = 5, nside: int = 4, patience: int = 2
+    ) -> None:
+        super().__init__()
+        if max_samples < 10 or k < 1 or nside < 1 or patience < 1:
+            raise ValueError(
+                f"SphereQuality: need max_samples >= 10, k >= 1, nside >= 1, patience >= 1; got max_samples="
+                f"{max_samples}, k={k}, nside={nside}, patience={patience}"
+            )
+        self.max_samples = int(max_samples)
+        self.label_column = label_column
+        self.k = int(k)
+        self.nside = int(nside)
+        self.patience = int(patience)
+        self.collapsed_epochs = 0
+        self.warned = False
+        self.figures: dict[str, float] = {}  # the last epoch's figures
+        self._rows: list[dict[str, torch.Tensor]] = []
+        self._label_missing = False
+
+    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._rows = []
+
+    def on_validation_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        have = sum(len(r["location"]) for r in self._rows)
+        if trainer.sanity_checking or have >= self.max_samples:
+            return
+        rows = encode_rows(pl_module, batch, batch_idx)
+        keep = {"location", "scale"}
+        if self.label_column is not None:
+            if self.label_column in rows:
+                keep.add(self.label_column)
+            elif not self._label_missing:
+                self._label_missing = True
+                found = list(batch) if isinstance(batch, dict) else f"a {type(batch).__name__}, not a dict"
+                rank_zero_warn(
+                    f"SphereQuality: label_column {self.label_column!r} is not in the validation batches (found: "
+                    f"{found}); set data.init_args.return_dict: true and add it to data.init_args.columns"
+                )
+        self._rows.append({name: rows[name][: self.max_samples - have].cpu() for name in keep if name in rows})
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking or not self._rows:
+            return
+        rows = {name: torch.cat([r[name] for r in self._rows]) for name in self._rows[0]}
+        self._rows = []
+        if trainer.world_size > 1:
+            rows = {name: _gather(pl_module, value) for name, value in rows.items()}
+        figures = self._figures(rows)
+        self.figures = figures
+        for name, value in figures.items():
+            pl_module.log(name, value, on_epoch=True, on_step=False, sync_dist=False)
+        self._check_collapse(rows, figures, pl_module)
+
+    def _figures(self, rows: dict[str, torch.Tensor]) -> dict[str, float]:
+        location = rows["location"].double()
+        points = torch.nn.functional.normalize(location, dim=-1).numpy()
+        figures: dict[str, float] = {}
+        if points.shape[1] == 3:
+            cover = metrics.coverage(points, self.nside)
+            figures["val_coverage"] = cover["coverage"]
+            figures["val_coverage_uniform"] = cover["uniform_coverage"]
+        figures["val_resultant_length"] = metrics.resultant_length(points)
+        if "scale" in rows:
+            for name, value in metrics.concentration(rows["scale"].numpy()).items():
+                figures[f"val_scale_{name}"] = value
+            figures["val_kl_per_sample"] = float(kl_per_row(rows["location"], rows["scale"]).mean())
+        labels = rows.get(self.label_column) if self.label_column else None
+        if labels is not None and len(np.unique(labels.numpy())) > 1 and len(labels) >= 10:
+            figures["val_knn_accuracy"] = metrics.knn_accuracy(points, labels.numpy(), k=self.k)
+        return figures
+
+    def _check_collapse(
+        self, rows: dict[str, torch.Tensor], figures: dict[str, float], pl_module: pl.LightningModule
+    ) -> None:
+        if "scale" not in rows:
+            return  # a plain autoencoder: no prior, so the fixes below (beta) do not apply
+        beta = getattr(pl_module, "beta", None)
+        messages = metrics.collapse_warnings(
+            scale=rows["scale"].numpy(),
+            kl=figures.get("val_kl_per_sample"),
+            coverage=figures.get("val_coverage"),
+            uniform_coverage=figures.get("val_coverage_uniform"),
+            resultant_length=figures["val_resultant_length"],
+            beta=float(beta) if isinstance(beta, int | float) else None,
+        )
+        self.collapsed_epochs = self.collapsed_epochs + 1 if messages else 0
+        if messages and self.collapsed_epochs >= self.patience and not self.warned:
+            self.warned = True
+            epochs = f"{self.collapsed_epochs} validation epoch{'s' if self.collapsed_epochs > 1 else ''}"
+            rank_zero_warn(f"SphereQuality, after {epochs} of {len(rows['location'])} rows: " + " | ".join(messages))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"collapsed_epochs": self.collapsed_epochs, "warned": self.warned}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.collapsed_epochs = int(state_dict.get("collapsed_epochs", 0))
+        self.warned = bool(state_dict.get("warned", False))
+
+
+def _gather(pl_module: pl.LightningModule, value: torch.Tensor) -> torch.Tensor:
+    """Rows of every rank, concatenated; ranks may hold different numbers of rows."""
+    local = value.to(pl_module.device)
+    counts = pl_module.all_gather(torch.tensor([len(local)], device=pl_module.device)).reshape(-1)  # (W,)
+    padded = local.new_zeros((int(counts.max()), *local.shape[1:]))
+    padded[: len(local)] = local
+    gathered = pl_module.all_gather(padded)  # (W, max rows, ...)
+    return torch.cat([gathered[r, : int(n)] for r, n in enumerate(counts)]).cpu()
