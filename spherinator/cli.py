@@ -6,12 +6,16 @@
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import inspect
+import math
 import os
+import re
 import sys
 import traceback
 import warnings
+from argparse import ArgumentError
 from pathlib import Path
 from typing import Any
 
@@ -20,10 +24,13 @@ from jsonargparse import Namespace
 from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from spherinator.data.layout import DataError
 from spherinator.shapes import ConfigError, check_model_matches_data, resolve_config
 
+# Subcommands that evaluate a trained model: without --ckpt_path they would run randomly initialised weights.
+_EVALUATING = ("validate", "test", "predict")
 # --ckpt_path values that name no file: Lightning looks the checkpoint up itself
 _LIGHTNING_CKPT_NAMES = ("last", "best", "hpc", "registry")
 
@@ -98,7 +105,18 @@ class SpherinatorCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
+        if self.subcommand in _EVALUATING and not config.get("ckpt_path"):
+            raise ConfigError(_no_checkpoint_message(self.subcommand, config))
+        check_optimizer(config)
         self._data_shape = resolve_config(config, model_from=getattr(self, "_model_from", None))
+
+    def instantiate_trainer(self, **kwargs: Any) -> Any:
+        # The Trainer is built from the trainer: section directly, not by jsonargparse: what it refuses is the
+        # config's fault (accelerator: gpux).
+        try:
+            return super().instantiate_trainer(**kwargs)
+        except (ValueError, TypeError, MisconfigurationException) as err:
+            raise ConfigError(f"trainer: {err}") from err
 
     def instantiate_classes(self) -> None:
         super().instantiate_classes()
@@ -117,9 +135,58 @@ class SpherinatorCLI(LightningCLI):
             self.trainer.callbacks.append(EmbeddingWriter())
 
 
+def _no_checkpoint_message(subcommand: str, config: Namespace) -> str:
+    newest = newest_checkpoint(config)
+    if newest is not None:
+        example = f"{newest} (the newest checkpoint under {newest.parents[2]})"
+    else:
+        example = "runs/<name>/version_<n>/checkpoints/last.ckpt (what spherinator fit wrote)"
+    return (
+        f"{subcommand} without --ckpt_path would run a randomly initialised model; give the trained one, e.g. "
+        f"--ckpt_path {example}"
+    )
+
+
+def newest_checkpoint(config: Namespace) -> Path | None:
+    """The newest ``*.ckpt`` under the log directory of the config's logger (``save_dir/name``), if any."""
+    loggers = config.get("trainer.logger")
+    found: list[Path] = []
+    for logger in loggers if isinstance(loggers, list) else [loggers]:
+        args = logger.get("init_args") if isinstance(logger, Namespace) else None
+        if not isinstance(args, Namespace) or not args.get("save_dir"):
+            continue
+        root = Path(args.save_dir) / str(args.get("name") or "")
+        found += [p for p in root.glob("*/checkpoints/*.ckpt") if p.is_file()]
+    return max(found, key=lambda p: p.stat().st_mtime) if found else None
+
+
+def check_optimizer(config: Namespace) -> None:
+    """Build the config's optimizer (and lr_scheduler) on a stand-in parameter, so that a value they refuse (a
+    negative lr) or cannot train with (an infinite lr) is reported before anything else is built."""
+    import torch
+    from lightning.pytorch.cli import instantiate_class
+
+    built: Any = [torch.nn.Parameter(torch.zeros(1))]  # what the next one is built on: parameters, then optimizer
+    for key in ("optimizer", "lr_scheduler"):
+        section = config.get(key)
+        if not (isinstance(section, Namespace) and isinstance(section.get("class_path"), str)):
+            return  # no optimizer: the model's configure_optimizers makes it, and any scheduler with it
+        try:
+            built = instantiate_class(built, section.as_dict())
+        except (ValueError, TypeError) as err:
+            raise ConfigError(f"{key} {section.class_path} refuses its init_args ({err}): fix {key}.init_args") from err
+        if key == "optimizer":
+            lrs = [g.get("lr") for g in built.param_groups]
+            bad = [lr for lr in lrs if isinstance(lr, float) and not math.isfinite(lr)]
+            if bad:
+                raise ConfigError(f"optimizer.init_args.lr is {bad[0]}: give a finite learning rate, e.g. lr: 0.001")
+
+
 def _same_setting(a: Any, b: Any) -> bool:
     """Equal settings, also when one names a class (``torch.nn.MSELoss``) and the other is that class given as
     ``{class_path, init_args}`` with default arguments (how a checkpoint's hyperparameters come back)."""
+    if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
+        return True
     return a == b or _as_class_and_args(a) == _as_class_and_args(b)
 
 
@@ -164,7 +231,17 @@ def append_callbacks_across_configs(argv: list[str]) -> list[str]:
             content = yaml.safe_load(text)
         except yaml.YAMLError as err:
             raise ConfigError(f"-c {value}: not valid YAML: {err}".replace("<unicode string>", value)) from err
-        trainer = content.get("trainer") if isinstance(content, dict) else None
+        if content is None:
+            raise ConfigError(
+                f"-c {value} is empty (or holds only comments): give settings in it, e.g. 'trainer: {{max_epochs: "
+                "10}', or leave that -c out"
+            )
+        if not isinstance(content, dict):
+            raise ConfigError(
+                f"-c {value} holds a YAML {type(content).__name__}, not settings: a config file maps sections "
+                "(model:, data:, trainer:, optimizer:) to their values"
+            )
+        trainer = content.get("trainer")
         if isinstance(trainer, dict) and isinstance(trainer.get("callbacks"), list):
             trainer["callbacks+"] = trainer.pop("callbacks")
             text = yaml.safe_dump(content, sort_keys=False)
@@ -181,7 +258,11 @@ def main(args: list[str] | None = None) -> None:
         export_main(argv[1:])
         return
     try:
-        SpherinatorCLI(args=args)
+        # Parse errors are raised, not printed after ~50 lines of usage: the one line below says what matters.
+        SpherinatorCLI(args=args, parser_kwargs={"exit_on_error": False})
+    except ArgumentError as err:
+        print(f"spherinator: error: {parse_error_line(err, argv)}", file=sys.stderr)
+        raise SystemExit(2) from None
     except Exception as err:
         cause = user_error(err)
         if cause is None:
@@ -190,10 +271,82 @@ def main(args: list[str] | None = None) -> None:
         raise SystemExit(2) from None
 
 
+_PARSER_KEY = re.compile(r'^Parser key "([^"]+)":')
+_CLASS_PATH = re.compile(r"^Problem with given class_path '([^']+)':")
+_NOT_ACCEPTED = re.compile(r"^Option '([^']+)' is not accepted")
+_NOT_ACCEPTED_BY_SUBCOMMAND = re.compile(r"^Subcommand '\w+' does not accept option '([^']+)'")
+
+
+def parse_error_line(err: ArgumentError, argv: list[str]) -> str:
+    """jsonargparse's error as one line: where in the config (``model.init_args.beta``), the innermost reason,
+    and a hint to ``--help``.
+
+    jsonargparse nests its message one level per key and class (``Parser key "model": ... Problem with given
+    class_path ...: Parser key "beta": Expected a <class 'float'>. Got value: nan``), each level the cause of
+    the one above; the path is read off that chain.
+    """
+    chain: list[BaseException] = []
+    link: BaseException | None = err
+    while link is not None and link not in chain:
+        chain.append(link)
+        link = link.__cause__ or link.__context__
+    path: list[str] = []
+    class_path = None  # the innermost class named
+    in_list = False  # the innermost key holds a list of classes (cnn_layers)
+    for link in chain:
+        lines = [line.strip() for line in str(link).strip().splitlines()]
+        first = lines[0] if lines else ""
+        if (key := _PARSER_KEY.match(first)) and (not path or path[-1] != key.group(1)):
+            path.append(key.group(1))
+            in_list = False
+        elif first.startswith("Does not validate against any of the Union subtypes"):
+            subtypes = next((line for line in lines if line.startswith("Subtypes:")), "")
+            in_list = subtypes.startswith("Subtypes: [list[")
+        elif cls := _CLASS_PATH.match(first):
+            class_path = cls.group(1)
+            path += ["[...]", "init_args"] if in_list else ["init_args"]
+    reason = " ".join(line.strip() for line in str(chain[-1]).strip().splitlines() if line.strip())
+    reason = re.sub(r"<class '([\w.]+)'>", r"\1", reason).replace("Expected a int", "Expected an int")
+    if path and path[-1] == "init_args" and class_path and not _NOT_ACCEPTED.match(reason):
+        path.pop()  # the class itself is the problem, not one of its arguments
+        reason = f"class_path {class_path!r}: {reason}"
+    if (unknown := _NOT_ACCEPTED.match(reason)) and class_path:
+        reason += _did_you_mean(unknown.group(1), class_path)
+    elif unknown := _NOT_ACCEPTED_BY_SUBCOMMAND.match(reason):
+        section, _, name = unknown.group(1).rpartition(".")
+        if section == "trainer":
+            reason += _did_you_mean(name, "lightning.pytorch.Trainer", list_all=False)
+        elif not section:
+            sections = ["model", "data", "trainer", "optimizer", "lr_scheduler", "ckpt_path", "seed_everything"]
+            reason += _did_you_mean(name, sections)
+    where = ".".join(path).replace(".[...]", "[...]")
+    subcommand = next((a for a in argv if a in SpherinatorCLI.subcommands()), None)
+    hint = f"spherinator {subcommand} --help" if subcommand else "spherinator --help"
+    return f"{where + ': ' if where else ''}{reason} (see {hint})"
+
+
+def _did_you_mean(name: str, accepted: str | list[str], list_all: bool = True) -> str:
+    """``; did you mean 'beta'?`` for a ``name`` not among the ``accepted`` names (a list, or a class path whose
+    arguments they are); else the accepted names (``list_all``) or nothing."""
+    owner = "it"
+    if isinstance(accepted, str):
+        module, _, owner = accepted.rpartition(".")
+        try:
+            params = inspect.signature(getattr(importlib.import_module(module), owner)).parameters
+        except (ImportError, AttributeError, ValueError, TypeError):
+            return ""
+        accepted = [p for p, v in params.items() if v.kind not in (v.VAR_POSITIONAL, v.VAR_KEYWORD)]
+    close = difflib.get_close_matches(name, accepted, n=1)
+    if close:
+        return f"; did you mean {close[0]!r}?"
+    return f"; {owner} takes {', '.join(accepted)}" if list_all else ""
+
+
 def user_error(err: BaseException) -> BaseException | None:
     """The error in ``err``'s chain that bad input caused, else None (a bug: keep the traceback).
 
-    ConfigError and DataError are bad input by definition. A class that refuses its arguments while jsonargparse
+    ConfigError and DataError are bad input by definition, and so is Lightning's MisconfigurationException (what
+    the Trainer raises for ``max_epochs: -3``). A class that refuses its arguments while jsonargparse
     builds it (a model's ``ValueError("z_dim must be >= 2 ...")``) reaches us wrapped in jsonargparse's
     "Does not validate against any of the Union subtypes"; the refusal itself is the message to show.
     """
@@ -201,7 +354,7 @@ def user_error(err: BaseException) -> BaseException | None:
     seen: set[int] = set()
     while err is not None and id(err) not in seen:
         seen.add(id(err))
-        if isinstance(err, ConfigError | DataError):
+        if isinstance(err, ConfigError | DataError | MisconfigurationException):
             return err
         frames = traceback.extract_tb(err.__traceback__)
         in_jsonargparse = bool(frames) and f"{os.sep}jsonargparse{os.sep}" in frames[-1].filename

@@ -90,7 +90,9 @@ def resolve_config(config: Namespace, model_from: str | None = None) -> tuple[in
         latent, latent_name = args.z_dim, "model z_dim"
     else:
         latent, latent_name = encoder_out, "the encoder's output_dim"
-    if decoder is not None and latent is not None:
+    # A latent size no decoder can take (z_dim 0 or -3) is left to the model to refuse, so the error names z_dim
+    # rather than the decoder's input_dim it would have been copied into.
+    if decoder is not None and isinstance(latent, int) and latent > 0:
         _fill(decoder, "input_dim", latent, where="the decoder's input_dim", source=latent_name)
 
     # The data decides the input shape of the encoder and the output shape of the decoder.

@@ -262,5 +262,89 @@ def test_predicting_on_data_of_another_shape_than_the_checkpoint_blames_the_chec
     assert "leave the encoder's input_dim out" not in err  # the user never wrote it
 
 
+def fitted_checkpoint(tmp_path: Path, data: str) -> Path:
+    """The checkpoint of a one-step fit of the tiny VAE on ``data``."""
+    main(["fit", "-c", TINY, "-c", data, "--trainer.max_steps", "1", "--trainer.limit_val_batches", "0"])
+    return max((tmp_path / "runs").rglob("*.ckpt"), key=lambda p: p.stat().st_mtime)
+
+
 def test_test_without_a_test_split_says_how_to_make_one(image_dataset, tmp_path, capsys):
-    one_line_error(capsys, ["test", "-c", TINY, "-c", data_yaml(tmp_path, image_dataset)], "test_fraction (e.g. 0.1)")
+    data = data_yaml(tmp_path, image_dataset)
+    ckpt = fitted_checkpoint(tmp_path, data)
+    one_line_error(capsys, ["test", "-c", TINY, "-c", data, "--ckpt_path", str(ckpt)], "test_fraction (e.g. 0.1)")
+
+
+@pytest.mark.parametrize("subcommand", ["validate", "test", "predict"])
+def test_evaluating_without_a_checkpoint_is_refused_naming_one(image_dataset, tmp_path, capsys, subcommand):
+    # predict and validate without --ckpt_path ran a randomly initialised model and reported success
+    data = data_yaml(tmp_path, image_dataset, test_fraction=0.25)
+    args = [subcommand, "-c", TINY, "-c", data]
+    one_line_error(capsys, args, f"{subcommand} without --ckpt_path", "runs/<name>/version_<n>/checkpoints/last.ckpt")
+    ckpt = fitted_checkpoint(tmp_path, data)
+    one_line_error(capsys, args, f"--ckpt_path {ckpt.relative_to(tmp_path)} (the newest checkpoint under")
+    main([*args, "--ckpt_path", str(ckpt)])  # with it, it runs
+
+
+@pytest.mark.parametrize(
+    ("text", "says"),
+    [("", "is empty"), ("# model: later\n", "is empty"), ("- a\n- b\n", "holds a YAML list, not settings")],
+)
+def test_a_config_file_without_settings_is_named(image_dataset, tmp_path, capsys, text, says):
+    # jsonargparse printed the content ("Unexpected config: - a") but not the file
+    overlay = tmp_path / "overlay.yaml"
+    overlay.write_text(text)
+    args = ["fit", "-c", TINY, "-c", data_yaml(tmp_path, image_dataset), "-c", str(overlay)]
+    one_line_error(capsys, args, f"-c {overlay} {says}")
+
+
+@pytest.mark.parametrize(
+    ("override", "says"),
+    [
+        (["--model.init_args.betaa", "3"], "model.init_args: Option 'betaa' is not accepted; did you mean 'beta'?"),
+        (["--model.init_args.z_dim", "abc"], "model.init_args.z_dim: Expected an int. Got value: abc"),
+        (["--model.init_args.beta", "high"], "model.init_args.beta: Expected a float. Got value: high"),
+        (
+            ["--model.init_args.encoder.class_path", "spherinator.models.Nope"],
+            "model.init_args.encoder: class_path 'spherinator.models.Nope': module 'spherinator.models' has no "
+            "attribute 'Nope'",
+        ),
+        (
+            ["--model.init_args.encoder.init_args.cnn_layers", "[{class_path: torch.nn.Conv2d, init_args: {x: 1}}]"],
+            "model.init_args.encoder.init_args.cnn_layers[...].init_args: Option 'x' is not accepted",
+        ),
+        (["--trainer.max_epocs", "3"], "unrecognized arguments: --trainer.max_epocs 3"),
+    ],
+)
+def test_a_parse_error_is_one_line_without_the_usage_text(image_dataset, tmp_path, capsys, override, says):
+    # jsonargparse printed ~50 lines of usage before the message, which itself spread over 10 nested lines
+    args = ["fit", "-c", TINY, "-c", data_yaml(tmp_path, image_dataset), *override]
+    err = one_line_error(capsys, args, says, "(see spherinator fit --help)")
+    assert "usage:" not in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_a_bad_z_dim_is_named_as_z_dim_not_as_the_decoder_input_dim(image_dataset, tmp_path, capsys):
+    data = data_yaml(tmp_path, image_dataset)
+    for z_dim in ("0", "-3"):
+        err = one_line_error(capsys, ["fit", "-c", TINY, "-c", data, "--model.init_args.z_dim", z_dim], "z_dim")
+        assert f"got {z_dim}" in err and "input_dim" not in err, err
+
+
+@pytest.mark.parametrize(
+    ("override", "says"),
+    [
+        (["--model.init_args.beta", "-1"], "beta (the weight of the KL divergence"),
+        (["--model.init_args.beta", ".nan"], "must be a finite number >= 0, got nan"),
+        (["--optimizer.init_args.lr", "-0.1"], "optimizer torch.optim.Adam refuses its init_args"),
+        (["--optimizer.init_args.lr", ".inf"], "optimizer.init_args.lr is inf"),
+        (["--trainer.max_epochs", "-3"], "trainer: `max_epochs` must be a non-negative integer"),
+        (["--trainer.accelerator", "gpux"], "trainer: You selected an invalid accelerator name"),
+        (
+            ["--model.init_args.encoder.init_args.cnn_layers", "[{class_path: spherinator.models.ConsecutiveConv2DLayer"
+             ", init_args: {out_channels: [8, -4]}}]"],
+            "ConsecutiveConv2DLayer: out_channels [8, -4] has -4",
+        ),
+    ],
+)  # fmt: skip
+def test_a_hyperparameter_out_of_range_is_a_one_line_error(image_dataset, tmp_path, capsys, override, says):
+    # each of these trained (a negative loss, NaNs) or ended in a long traceback
+    one_line_error(capsys, ["fit", "-c", TINY, "-c", data_yaml(tmp_path, image_dataset), *override], says)

@@ -373,3 +373,50 @@ def test_vit_encoder_freeze_keeps_the_backbone_fixed(tiny_vit):
 def test_vit_encoder_unknown_model_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="cannot load ViT"):
         HuggingFaceViTEncoder(str(tmp_path / "missing"))
+
+
+# ---- numeric hyperparameters are refused at construction, naming the value ------------------------------------
+
+
+@pytest.mark.parametrize("beta", [-1.0, math.nan, math.inf])
+def test_vae_refuses_a_beta_that_is_negative_or_not_finite(beta):
+    # a negative beta trained: the loss went below zero by rewarding a large KL
+    with pytest.raises(ValueError, match=rf"beta .* finite number >= 0, got {beta}"):
+        vae_1d(beta=beta)
+    vae_1d(beta=0.0)  # no KL term at all is a plain (spherical) autoencoder
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"out_channels": [8, -4]}, r"out_channels \[8, -4\] has -4"),
+        ({"out_channels": [8, 0]}, r"out_channels \[8, 0\] has 0"),
+        ({"out_channels": [8], "kernel_size": 0}, "kernel_size must be an integer >= 1 .*got 0"),
+        ({"out_channels": [8], "stride": 0}, "stride must be an integer >= 1 .*got 0"),
+        ({"out_channels": [8], "padding": -1}, "padding must be an integer >= 0 .*got -1"),
+    ],
+)
+@pytest.mark.parametrize(
+    "layer",
+    [ConsecutiveConv1DLayer, ConsecutiveConv2DLayer, ConsecutiveConvTranspose1DLayer, ConsecutiveConvTranspose2DLayer],
+)
+def test_conv_stack_refuses_bad_sizes_at_construction(layer, kwargs, message):
+    # a negative out_channels ended in a 139-line traceback from the lazy convolution
+    with pytest.raises(ValueError, match=rf"{layer.__name__}: {message}"):
+        layer(**kwargs)
+
+
+def test_loss_weights_and_the_kl_schedule_refuse_negative_or_non_finite_values():
+    from spherinator.callbacks import KLAnnealing
+    from spherinator.losses import CombinedLoss, PerceptualLoss
+
+    with pytest.raises(ValueError, match=r"CombinedLoss: factors \[1.0, -0.5\] has -0.5"):
+        CombinedLoss([nn.MSELoss(), nn.L1Loss()], factors=[1.0, -0.5])
+    with pytest.raises(ValueError, match=r"CombinedLoss: factors \[nan\] has nan"):
+        CombinedLoss([nn.MSELoss()], factors=[math.nan])
+    with pytest.raises(ValueError, match=r"PerceptualLoss: weights \[1.0, -1.0\] has -1.0"):  # before any VGG file
+        PerceptualLoss(layers=[3, 8], weights=[1.0, -1.0])
+    with pytest.raises(ValueError, match="KLAnnealing: start is -0.001"):
+        KLAnnealing(start=-1e-3, end=1e-3)
+    with pytest.raises(ValueError, match="KLAnnealing: end is inf"):
+        KLAnnealing(end=math.inf)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import lightning.pytorch as pl
 
 
@@ -30,6 +32,12 @@ class KLAnnealing(pl.Callback):
             )
         if not 0.0 < ratio <= 1.0:
             raise ValueError(f"KLAnnealing: ratio is the ramping fraction of a cycle, in (0, 1]; got {ratio}")
+        bad = [(name, b) for name, b in (("start", start), ("end", end)) if not (math.isfinite(b) and b >= 0.0)]
+        if bad:
+            raise ValueError(
+                f"KLAnnealing: {bad[0][0]} is {bad[0][1]}; beta (the KL weight) must be a finite number >= 0 "
+                f"throughout the schedule (e.g. start: 0.0, end: 1.0e-4)"
+            )
         self.start = float(start)
         self.end = float(end)
         self.n_epochs = int(n_epochs)

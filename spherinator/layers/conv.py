@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import numbers
+
 from torch import nn
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 class _ConsecutiveConvLayer(nn.Sequential):
@@ -32,11 +38,24 @@ class _ConsecutiveConvLayer(nn.Sequential):
         norm: type[nn.Module] | None,
         pooling: nn.Module | None,
     ) -> None:
+        name = type(self).__name__
         if isinstance(out_channels, int) or len(out_channels) == 0:
             raise ValueError(
-                f"out_channels must be a non-empty list with one entry per convolution, got {out_channels!r}; "
-                "write e.g. out_channels: [16, 32]"
+                f"{name}: out_channels must be a non-empty list with one entry per convolution, got "
+                f"{out_channels!r}; write e.g. out_channels: [16, 32]"
             )
+        bad = [c for c in out_channels if not _is_int(c) or c < 1]
+        if bad:
+            raise ValueError(
+                f"{name}: out_channels {list(out_channels)} has {bad[0]!r}; every entry is the channel count of one "
+                "convolution, a positive integer"
+            )
+        for arg, value, least in (("kernel_size", kernel_size, 1), ("stride", stride, 1), ("padding", padding, 0)):
+            if not _is_int(value) or value < least:
+                raise ValueError(
+                    f"{name}: {arg} must be an integer >= {least} (one value for every convolution of the stack), "
+                    f"got {value!r}"
+                )
         layers: list[nn.Module] = []
         for channels in out_channels:
             layers.append(conv(channels, kernel_size=kernel_size, stride=stride, padding=padding))

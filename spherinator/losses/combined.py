@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -25,6 +26,12 @@ class CombinedLoss(nn.Module):
             raise ValueError(
                 f"CombinedLoss: {len(factors)} factors {factors} for {len(losses)} losses "
                 f"({', '.join(type(loss).__name__ for loss in losses)}); give one factor per loss"
+            )
+        bad = [f for f in factors if not (math.isfinite(f) and f >= 0.0)]
+        if bad:
+            raise ValueError(
+                f"CombinedLoss: factors {factors} has {bad[0]}; each factor weighs one loss and must be a finite "
+                "number >= 0 (a negative one rewards a worse reconstruction)"
             )
         self.losses = nn.ModuleList(losses)
         self.factors = factors

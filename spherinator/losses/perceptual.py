@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -93,6 +94,12 @@ class PerceptualLoss(nn.Module):
             raise ValueError(
                 f"PerceptualLoss: {len(self.weights)} weights for {len(self.layers)} layers ({self.weights} vs "
                 f"{self.layers}); give one weight per layer"
+            )
+        bad = [w for w in self.weights if not (math.isfinite(w) and w >= 0.0)]
+        if bad:
+            raise ValueError(
+                f"PerceptualLoss: weights {self.weights} has {bad[0]}; each weighs one layer's MSE and must be a "
+                "finite number >= 0"
             )
         self.vgg = _vgg16_features(max(self.layers) + 1)
         self._load_vgg_weights(weights_path)

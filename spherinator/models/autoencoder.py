@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -225,7 +226,15 @@ class VariationalAutoencoder(_AutoencoderBase):
         with _modules_in_hparams_allowed():
             self.save_hyperparameters()
         if int(z_dim) < 2:
-            raise ValueError(f"z_dim must be >= 2 (the latent space is a sphere in R^z_dim), got {z_dim}")
+            raise ValueError(
+                f"z_dim must be >= 2 (the latent space is a sphere in R^z_dim), got {z_dim}; "
+                "set model.init_args.z_dim to 2 or more (3: the sphere S^2)"
+            )
+        if not (math.isfinite(beta) and beta >= 0.0):
+            raise ValueError(
+                f"beta (the weight of the KL divergence in the loss) must be a finite number >= 0, got {beta}; "
+                "a negative one rewards a large KL and drives the loss below zero (e.g. beta: 1.0e-4)"
+            )
         if not max_scale > 1.0:
             raise ValueError(f"max_scale must be > 1 (the concentration is softplus + 1), got {max_scale}")
         backbone_out = getattr(encoder, "output_dim", None)
