@@ -531,3 +531,205 @@ def test_a_value_swept_twice_and_a_sweep_file_typo_are_named(tmp_path):
     sweep_file.write_text("model.init_args.z_dim: [3, 8]\nmodel.init_args.beta: [1e-3\n")
     with pytest.raises(SubmitError, match=r"sweep.yaml' is not valid YAML \(line 3, column 1\)"):
         expand_sweep(sweep_file=sweep_file)
+
+
+# ------------------------------------------------------------------------------- values that reach the sbatch script
+# Submitit writes each value into an `#SBATCH --key='value'` line: a line break there ends the directive, and
+# the rest of the value ran as shell on the compute node (`--partition 'gpu\nrm -rf ~'`).
+
+INJECTED = "x\ntouch /tmp/spherinator-injected #"
+
+
+def _script_lines(out: str) -> list[str]:
+    """The `# Parameters` block of a dry run's sbatch script, split only where bash splits lines."""
+    return out.split("# Parameters")[1].split("# setup")[0].split("# command")[0].strip().split("\n")
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--partition", INJECTED], ["--account", INJECTED], ["--qos", INJECTED], ["--constraint", INJECTED],
+        ["--mem", INJECTED], ["--time", INJECTED], ["--sbatch-extra", f"comment={INJECTED}"],
+        ["--sbatch-extra", f"comment{INJECTED}=1"], ["--partition", "gpu\rx"], ["--partition", "gpu\x1b[2J"],
+        ["PRESET", 'partition: "gpu\\ntouch /tmp/spherinator-injected #"\n'],
+        ["PRESET", 'sbatch_extra: {comment: "a\\ntouch /tmp/spherinator-injected #"}\n'],
+        ["RUN_ROOT", INJECTED],
+    ],
+)  # fmt: skip
+@pytest.mark.parametrize("dry_run", [True, False])
+def test_control_characters_in_script_values_are_refused_in_one_line(
+    tmp_path, image_dataset, capsys, no_queue, args, dry_run
+):
+    config = tiny_config(tmp_path, image_dataset)
+    run_root = tmp_path / "runs"
+    if args[0] == "PRESET":
+        (tmp_path / "site.yaml").write_text(args[1])
+        args = ["--preset", str(tmp_path / "site.yaml")]
+    elif args[0] == "RUN_ROOT":
+        run_root, args = tmp_path / args[1], []
+    argv = ["-c", str(config), "--run-root", str(run_root), "--name", "t", "--no-validate", *args]
+    with pytest.raises(SystemExit) as info:
+        main([*argv, "--dry-run"] if dry_run else argv)
+    assert info.value.code == 2
+    captured = capsys.readouterr()
+    (line,) = captured.err.splitlines()
+    assert line.startswith("spherinator-submit: error: ") and ("\\n" in line or "\\r" in line or "\\x1b" in line)
+    assert "#SBATCH" not in captured.out  # no script was printed
+    assert no_queue == [] and not run_root.exists()
+
+
+def test_quotes_spaces_and_hashes_reach_the_script_as_one_directive(tmp_path, image_dataset, capsys, no_queue):
+    import shlex
+
+    config = tiny_config(tmp_path, image_dataset)
+    value = 'it\'s #1 of "two" runs'
+    main(["-c", str(config), "--run-root", str(tmp_path / "my runs"), "--name", "t", "--dry-run", "--no-validate",
+          "--sbatch-extra", f"comment={value}", "--constraint", "[rack1*2&rack2*4]"])  # fmt: skip
+    lines = _script_lines(capsys.readouterr().out)
+    assert all(line.startswith("#SBATCH --") for line in lines), lines
+    (comment,) = [line for line in lines if line.startswith("#SBATCH --comment=")]
+    assert shlex.split(comment.removeprefix("#SBATCH --comment=")) == [value]
+    assert "#SBATCH --constraint='[rack1*2&rack2*4]'" in lines
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "expected"),
+    [
+        ({"partition": "gpu x"}, r"--partition 'gpu x' is not a partition name"),
+        ({"partition": "gpu'x"}, "is not a partition name"),
+        ({"account": "a;b"}, r"--account 'a;b' is not an account name"),
+        ({"qos": "$(id)"}, "is not a QOS name"),
+        ({"constraint": "a100 | v100"}, "is not a feature expression"),
+        ({"constraint": "[a100|v100"}, "is not a feature expression"),
+        ({"constraint": "a100&"}, "is not a feature expression"),
+        ({"mem": "16B"}, "is not a Slurm memory size"),  # sbatch reads B only after a unit
+        ({"partition": "gpu\tx"}, r"holds '\\t'"),
+    ],
+)
+def test_slurm_values_follow_slurms_grammar(kwargs, expected):
+    with pytest.raises(SubmitError, match=expected):
+        Resources(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"partition": "gpu,cpu"}, {"constraint": "(a100|h100)&ib"}, {"constraint": "[rack1*2&rack2*4]"},
+        {"mem": "0"}, {"mem": "4000M"}, {"mem": "16gb"}, {"account": "proj_a-1.x"},
+    ],
+)  # fmt: skip
+def test_valid_slurm_values_pass(kwargs):
+    Resources(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("item", "expected"),
+    [
+        ("n=8", r"'n' is sbatch's short option -n; .*write ntasks=VALUE"),  # was `#SBATCH --n=8`
+        ("J=x", "short option -J"),
+        ("nod=2", r"'nod' is not an sbatch option; did you mean nodes\?"),  # sbatch reads --nod=2 as --nodes=2
+        ("reservaton=x", r"did you mean reservation\?"),
+        ("foo=1", "'foo' is not an sbatch option"),
+    ],
+)
+def test_sbatch_extra_takes_only_real_long_option_names(item, expected):
+    with pytest.raises(SubmitError, match=expected):
+        parse_sbatch_extra([item])
+
+
+@pytest.mark.parametrize(
+    "item",
+    ["gpus-per-task=2", "tres-per-task=gres/gpu:2", "gres=gpu:4", "gres=gres/gpu:a100:2,nvme:1", "gpus=8",
+     "gpus-per-socket=1", "ntasks-per-gpu=1", "ntasks-per-tres=1", "gpus-per-node=4"],
+)  # fmt: skip
+def test_gpu_layout_options_in_sbatch_extra_point_to_the_launchers_flags(item):
+    # `--gpus-per-node 4 --sbatch-extra gpus-per-task=2` passed: the Trainer ran 4 processes per node while
+    # sbatch handed out GPUs per task.
+    with pytest.raises(SubmitError, match="--gpus-per-node"):
+        parse_sbatch_extra([item])
+
+
+def test_gpu_layout_in_a_preset_sbatch_extra_is_refused_and_other_gres_pass(tmp_path):
+    preset = tmp_path / "site.yaml"
+    preset.write_text("gpus_per_node: 4\nsbatch_extra: {gpus_per_task: 1}\n")
+    with pytest.raises(SubmitError, match="gpus-per-task.*--gpus-per-node"):
+        Resources(**load_preset(str(preset)))
+    assert Resources(sbatch_extra=parse_sbatch_extra(["gres=nvme:1"])).sbatch_extra == {"gres": "nvme:1"}
+
+
+@pytest.mark.parametrize(
+    ("item", "expected"),
+    [
+        ("tasks-per-node=4", "use --devices"),  # an alias of --ntasks-per-node
+        ("no-requeue", "use --max-requeues 0"),
+        ("open-mode=truncate", "the run dir's logs"),
+        ("parsable", "reads the job id"),
+        ("quiet", "reads the job id"),
+        ("test-only", "nothing would be queued"),
+        ("wait", "would not return"),
+        ("wrap=hostname", "writes the batch script itself"),
+        ("clusters=other", "local cluster"),
+    ],
+)
+def test_sbatch_options_that_break_the_launcher_are_refused(item, expected):
+    with pytest.raises(SubmitError, match=expected):
+        parse_sbatch_extra([item])
+
+
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [
+        ({"reservation": True}, "reservation needs a value"),
+        ({"reservation": ""}, "empty value"),
+        ({"hold": "yes"}, "--hold takes no value"),
+        ({"exclusive": None}, "has the value None"),
+        ({"exclusive": False}, "has the value False"),
+        ({"comment": ["a", "b"]}, r"has the value \['a', 'b'\]"),
+        ({"comment": "a\\b"}, r"holds '\\\\'"),  # sbatch's reader drops the backslash
+    ],
+)
+def test_sbatch_extra_values_are_what_the_option_takes(extra, expected):
+    with pytest.raises(SubmitError, match=expected):
+        Resources(sbatch_extra=extra)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "expected"),
+    [
+        ({"mem": "8G", "sbatch_extra": {"mem_per_cpu": "4G"}}, "'mem-per-cpu' and --mem 8G exclude each other"),
+        ({"mem": "8G", "sbatch_extra": {"mem_per_gpu": "4G"}}, "'mem-per-gpu' and --mem 8G"),
+        ({"cpus_per_task": 2, "sbatch_extra": {"cpus_per_gpu": 4}}, "'cpus-per-gpu' and --cpus-per-task 2"),
+    ],
+)
+def test_sbatch_extra_that_sbatch_refuses_beside_a_launcher_flag(kwargs, expected):
+    with pytest.raises(SubmitError, match=expected):
+        Resources(**kwargs)
+
+
+def test_one_spelling_per_sbatch_option_the_command_line_winning(tmp_path, image_dataset, capsys, no_queue):
+    # a preset's `mail-type` and the command line's `mail_type` were two #SBATCH lines
+    preset = tmp_path / "site.yaml"
+    preset.write_text("sbatch_extra: {mail-type: END}\n")
+    config = tiny_config(tmp_path, image_dataset)
+    _dry(tmp_path, config, "--preset", str(preset), "--sbatch-extra", "mail_type=FAIL")
+    mail = [line for line in _script_lines(capsys.readouterr().out) if "mail" in line]
+    assert mail == ["#SBATCH --mail-type=FAIL"]
+
+
+@pytest.mark.parametrize(("name", "expected"), [("runs%j", "holds '%'"), ("ru\\ns", r"holds '\\\\'")])
+def test_run_roots_sbatch_would_read_otherwise_are_refused(tmp_path, image_dataset, capsys, no_queue, name, expected):
+    config = tiny_config(tmp_path, image_dataset)
+    with pytest.raises(SystemExit):
+        main(["-c", str(config), "--run-root", str(tmp_path / name), "--name", "t", "--dry-run", "--no-validate"])
+    (line,) = capsys.readouterr().err.splitlines()
+    assert re.search(expected, line) and "--run-root" in line
+
+
+def test_resume_of_a_sweep_dir_with_a_line_break_is_refused(tmp_path, capsys, no_queue):
+    sweep = tmp_path / "x\ntouch injected #"
+    sweep.mkdir()
+    (sweep / "sweep.json").write_text('{"name": "t", "tasks": []}')
+    with pytest.raises(SystemExit):
+        main(["--resume", str(sweep), "--dry-run"])
+    (line,) = capsys.readouterr().err.splitlines()
+    assert "the sweep dir" in line and "#SBATCH line" in line

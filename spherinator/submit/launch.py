@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from spherinator.submit.compose import compose_task
-from spherinator.submit.resources import Resources, load_preset, parse_sbatch_extra, parse_time
+from spherinator.submit.resources import Resources, check_script_path, load_preset, parse_sbatch_extra, parse_time
 from spherinator.submit.sweep import SubmitError, Task, expand_sweep
 from spherinator.submit.task import TrainingTask, read_summary
 
@@ -175,8 +175,9 @@ def submit(ns: argparse.Namespace, overrides: list[str]) -> int:
     tasks = expand_sweep(ns.sweep, ns.sweep_file)
     name = ns.name or f"{Path(ns.config[0]).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     if not re.fullmatch(r"[A-Za-z0-9._+=-]+", name) or set(name) == {"."}:
-        raise SubmitError(f"--name '{name}' may only hold letters, digits and . _ + = - (and not be only dots)")
+        raise SubmitError(f"--name {name!r} may only hold letters, digits and . _ + = - (and not be only dots)")
     sweep_dir = (Path(ns.run_root) / name).resolve()
+    check_script_path(sweep_dir, f"--run-root {ns.run_root!r} gives the sweep dir")  # its logs' path is in the script
     if (sweep_dir / MANIFEST_NAME).exists() and not ns.dry_run:
         raise SubmitError(f"sweep '{sweep_dir}' exists; use --resume {sweep_dir} or another --name")
 
@@ -319,6 +320,7 @@ def cancel(run_dir: str) -> int:
 
 def resume(ns: argparse.Namespace) -> int:
     sweep_dir, manifest = read_manifest(ns.resume)
+    check_script_path(sweep_dir, "the sweep dir")
     submissions = manifest.get("submissions") or []
     base = dict(submissions[-1]["resources"]) if submissions else {}
     resources = _resources(ns, base)

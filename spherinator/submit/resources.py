@@ -4,8 +4,10 @@ parameters for Submitit and the matching Lightning Trainer settings."""
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import re
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -74,12 +76,12 @@ class Resources:
                 f"--signal-delay {self.signal_delay_s} s is not shorter than the time limit ({self.time} min): the "
                 f"checkpoint signal would come at once and requeue the task without end; lower it"
             )
-        if self.mem is not None and not re.fullmatch(r"\d+[KMGT]?B?", str(self.mem), flags=re.IGNORECASE):
+        if self.mem is not None and not re.fullmatch(r"\d+(?:[KMGT]B?)?", str(self.mem), flags=re.IGNORECASE):
             raise SubmitError(f"--mem {self.mem!r} is not a Slurm memory size; write e.g. 16G or 64000M")
         for name in ("partition", "account", "qos", "constraint"):
             value = getattr(self, name)
-            if value is not None and (not isinstance(value, str) or not value.strip()):
-                raise SubmitError(f"{name} must be a non-empty text (got {value!r})")
+            if value is not None:
+                _check_slurm_value(name, value)
         if isinstance(self.setup, str):
             self.setup = [self.setup]  # one shell line
         if not isinstance(self.setup, list) or not all(isinstance(line, str) for line in self.setup):
@@ -88,7 +90,19 @@ class Resources:
             raise SubmitError(
                 f"sbatch_extra must be a mapping of sbatch options, e.g. {{reservation: x}} (got {self.sbatch_extra!r})"
             )
+        # one spelling per option (a preset's mail-type and the command line's mail_type would be two #SBATCH lines;
+        # the later one, the command line's, wins)
+        self.sbatch_extra = {str(key).replace("-", "_"): value for key, value in self.sbatch_extra.items()}
         check_sbatch_extra(self.sbatch_extra)
+        for extra, mine, flag in (
+            ("mem_per_cpu", self.mem, "--mem"), ("mem_per_gpu", self.mem, "--mem"),
+            ("cpus_per_gpu", self.cpus_per_task, "--cpus-per-task"),
+        ):  # fmt: skip
+            if extra in self.sbatch_extra and mine is not None:
+                raise SubmitError(
+                    f"sbatch option '{extra.replace('_', '-')}' and {flag} {mine} exclude each other in sbatch; give "
+                    "one of them"
+                )
 
     @property
     def world_size(self) -> int:
@@ -150,27 +164,171 @@ def _check_int(name: str, value: Any, minimum: int) -> None:
         raise SubmitError(f"--{name.replace('_', '-')} must be {which} (got {value!r})")
 
 
+# Long option names of sbatch (Slurm 22.05 to 25.x, src/common/slurm_opt.c), by whether they take a value. An
+# unknown name is refused: sbatch reads an abbreviation as the option it begins (--nod=2 is --nodes=2) and fails
+# on others only when the job is submitted.
+SBATCH_FLAGS = frozenset({
+    "consolidate-segments", "contiguous", "external", "help", "hold", "ignore-pbs", "no-requeue", "overcommit",
+    "oversubscribe", "parsable", "quiet", "reboot", "spread-job", "spread-segments", "stepmgr", "test-only",
+    "usage", "use-min-nodes", "verbose", "version", "wait"
+})  # fmt: skip
+SBATCH_OPTIONAL_VALUE = frozenset({
+    "exclusive", "get-user-env", "nice", "no-kill", "oom-kill-step", "propagate", "requeue", "resv-ports"
+})  # fmt: skip
+SBATCH_VALUE = frozenset({
+    "account", "acctg-freq", "array", "autocomplete", "batch", "bb", "bbf", "begin", "chdir", "cluster",
+    "cluster-constraint", "clusters", "comment", "constraint", "container", "container-id", "context", "core-spec",
+    "cores-per-socket", "cpu-freq", "cpus-per-gpu", "cpus-per-task", "deadline", "delay-boot", "dependency",
+    "distribution", "error", "exclude", "export", "export-file", "extra", "extra-node-info", "gid", "gpu-bind",
+    "gpu-freq", "gpus", "gpus-per-node", "gpus-per-socket", "gpus-per-task", "gres", "gres-flags", "hint", "input",
+    "job-name", "kill-on-invalid-dep", "licenses", "mail-type", "mail-user", "mcs-label", "mem", "mem-bind",
+    "mem-per-cpu", "mem-per-gpu", "mem-update", "mincpus", "network", "nodefile", "nodelist", "nodes", "ntasks",
+    "ntasks-per-core", "ntasks-per-gpu", "ntasks-per-node", "ntasks-per-socket", "ntasks-per-tres", "open-mode",
+    "output", "partition", "power", "prefer", "priority", "profile", "qos", "reservation", "resources", "runtime",
+    "segment", "signal", "sockets-per-node", "switches", "tasks-per-node", "thread-spec", "threads-per-core",
+    "time", "time-min", "tmp", "tres-bind", "tres-per-task", "uid", "wait-all-nodes", "wckey", "wrap"
+})  # fmt: skip
+SBATCH_SHORT = {
+    "A": "account", "a": "array", "b": "begin", "D": "chdir", "M": "clusters", "C": "constraint", "S": "core-spec",
+    "c": "cpus-per-task", "d": "dependency", "m": "distribution", "e": "error", "x": "exclude",
+    "B": "extra-node-info", "G": "gpus", "h": "help", "H": "hold", "i": "input", "J": "job-name", "L": "licenses",
+    "k": "no-kill", "F": "nodefile", "w": "nodelist", "N": "nodes", "n": "ntasks", "o": "output", "O": "overcommit",
+    "s": "oversubscribe", "p": "partition", "q": "qos", "Q": "quiet", "t": "time", "v": "verbose", "V": "version",
+    "W": "wait",
+}  # fmt: skip
+
+_GPU_LAYOUT = "--gpus-per-node (GPUs per node; one process per GPU, so devices follow it)"
 # sbatch options the launcher sets from its own flags (and from which it derives the Trainer settings and the
 # checkpoint signal): given through --sbatch-extra they would silently disagree with those.
 MANAGED_OPTIONS = {
-    "nodes": "--nodes", "ntasks_per_node": "--devices", "ntasks": "--nodes and --devices",
-    "gpus_per_node": "--gpus-per-node", "gres": "--gpus-per-node", "gpus": "--gpus-per-node",
-    "time": "--time", "t": "--time", "N": "--nodes", "array": "--parallelism (sweeps are the array)",
-    "signal": "--signal-delay", "cpus_per_task": "--cpus-per-task", "mem": "--mem", "partition": "--partition",
-    "p": "--partition", "account": "--account", "A": "--account", "qos": "--qos", "constraint": "--constraint",
-    "C": "--constraint", "output": "the run dir's logs", "error": "the run dir's logs", "job_name": "--name",
+    "nodes": "--nodes", "ntasks_per_node": "--devices", "tasks_per_node": "--devices",
+    "ntasks": "--nodes and --devices", "gpus_per_node": _GPU_LAYOUT, "gpus": _GPU_LAYOUT,
+    "gpus_per_task": _GPU_LAYOUT, "gpus_per_socket": _GPU_LAYOUT, "tres_per_task": f"{_GPU_LAYOUT} and --cpus-per-task",
+    "ntasks_per_gpu": f"{_GPU_LAYOUT} and --devices", "ntasks_per_tres": f"{_GPU_LAYOUT} and --devices",
+    "time": "--time", "array": "--parallelism (sweeps are the array)", "signal": "--signal-delay",
+    "no_requeue": "--max-requeues 0", "cpus_per_task": "--cpus-per-task", "mem": "--mem", "partition": "--partition",
+    "account": "--account", "qos": "--qos", "constraint": "--constraint", "output": "the run dir's logs",
+    "error": "the run dir's logs", "open_mode": "the run dir's logs (appended to by each requeued run)",
+    "job_name": "--name",
+}  # fmt: skip
+# sbatch options that would break what the launcher does with the script and sbatch's reply.
+_UNUSABLE_OPTIONS = {
+    "parsable": "Submitit reads the job id from sbatch's usual reply",
+    "quiet": "Submitit reads the job id from sbatch's reply, which --quiet drops (the job would be queued unseen)",
+    "test_only": "nothing would be queued while the launcher records a submission",
+    "wait": "sbatch would not return until the job ends",
+    "wrap": "the launcher writes the batch script itself",
+    "clusters": "status, cancel, resume and Submitit look the jobs up on the local cluster",
+    "cluster": "status, cancel, resume and Submitit look the jobs up on the local cluster",
+    "help": "it prints help instead of submitting", "usage": "it prints help instead of submitting",
+    "version": "it prints the version instead of submitting", "autocomplete": "it is for interactive shells",
 }  # fmt: skip
 
 
 def check_sbatch_extra(extra: dict[str, Any]) -> None:
-    """Refuse extra sbatch options that the launcher manages through its own flags."""
-    for key in extra:
-        flag = MANAGED_OPTIONS.get(str(key).replace("-", "_"))
+    """Refuse extra sbatch options that sbatch does not know, that the launcher manages through its own flags or
+    that break it, and values that would not reach sbatch as written."""
+    for key, value in extra.items():
+        name = str(key).lstrip("-_").replace("_", "-")
+        if name in SBATCH_SHORT:
+            raise SubmitError(
+                f"--sbatch-extra {name!r} is sbatch's short option -{name}; --sbatch-extra takes long names, "
+                f"write {SBATCH_SHORT[name]}=VALUE (or use the launcher's own flag for it)"
+            )
+        known = SBATCH_FLAGS | SBATCH_OPTIONAL_VALUE | SBATCH_VALUE
+        if name not in known:
+            close = difflib.get_close_matches(name, sorted(known), n=1)
+            hint = f"did you mean {close[0]}?" if close else "see `man sbatch` for the long option names"
+            raise SubmitError(f"--sbatch-extra {str(key)!r} is not an sbatch option; {hint}")
+        flag = MANAGED_OPTIONS.get(name.replace("-", "_"))
         if flag is not None:
             raise SubmitError(
-                f"sbatch option '{str(key).replace('_', '-')}' is set by spherinator-submit itself; use {flag} instead "
-                "of --sbatch-extra"
+                f"sbatch option '{name}' is set by spherinator-submit itself; use {flag} instead of --sbatch-extra"
             )
+        reason = _UNUSABLE_OPTIONS.get(name.replace("-", "_"))
+        if reason is not None:
+            raise SubmitError(f"sbatch option '{name}' cannot be used with spherinator-submit: {reason}")
+        _check_extra_value(name, value)
+
+
+def _check_extra_value(name: str, value: Any) -> None:
+    if value is True:
+        if name in SBATCH_VALUE:
+            raise SubmitError(f"--sbatch-extra {name} needs a value; write {name}=VALUE")
+        return
+    if isinstance(value, bool) or not isinstance(value, str | int | float):
+        raise SubmitError(
+            f"--sbatch-extra {name} has the value {value!r}; give a text or number, true for an option without a "
+            "value, or leave the option out"
+        )
+    if name in SBATCH_FLAGS:
+        raise SubmitError(f"--sbatch-extra {name}={value!r}: --{name} takes no value; write just {name}")
+    text = str(value)
+    if not text:
+        raise SubmitError(f"--sbatch-extra {name}= has an empty value; give one, or write just {name} for a flag")
+    if name == "gres" and any(part.split(":")[0].removeprefix("gres/") == "gpu" for part in text.split(",")):
+        raise SubmitError(
+            f"--sbatch-extra gres={text!r} asks for GPUs, which spherinator-submit sets itself; use {_GPU_LAYOUT}"
+        )
+    _check_script_text(f"--sbatch-extra {name}", text)
+
+
+def _check_script_text(what: str, text: str) -> None:
+    """Refuse text that would not reach sbatch as written: a line break ends the ``#SBATCH`` line (the rest runs as
+    shell on the compute node); other control characters and backslashes are changed by sbatch's reader."""
+    bad = sorted({c for c in text if unicodedata.category(c) == "Cc" or c == "\\"})
+    if not bad:
+        return
+    if "\n" in bad:
+        why = "a line break ends the #SBATCH line and the rest would run as shell on the compute node"
+    else:
+        why = "control characters and backslashes do not reach sbatch as written"
+    raise SubmitError(f"{what} {text!r} holds {', '.join(map(repr, bad))}: {why}; remove them")
+
+
+_NAME = r"[A-Za-z0-9_.+-]+"
+_FEATURE = r"[A-Za-z0-9_.:+/-]+(?:\*\d+)?"
+_SLURM_VALUES = {
+    "partition": (rf"{_NAME}(?:,{_NAME})*", "a partition name, or several joined by commas (letters, digits, _ . + -)"),
+    "account": (_NAME, "an account name (letters, digits, _ . + -)"),
+    "qos": (_NAME, "a QOS name (letters, digits, _ . + -)"),
+    "constraint": (
+        rf"{_FEATURE}(?:[&|,]{_FEATURE})*",
+        "a feature expression such as a100, a100&ib, [rack1|rack2] or [rack1*2&rack2*4]",
+    ),
+}  # fmt: skip
+
+
+def _check_slurm_value(name: str, value: Any) -> None:
+    """``value`` as Slurm's grammar for ``name`` has it; the error names the flag, the value and what to write."""
+    flag = f"--{name}"
+    if not isinstance(value, str) or not value.strip():
+        raise SubmitError(f"{flag} must be a non-empty text (got {value!r})")
+    _check_script_text(flag, value)
+    pattern, expected = _SLURM_VALUES[name]
+    flat = value
+    if name == "constraint":
+        depth = []
+        for char in value:
+            if char in "([":
+                depth.append(char)
+            elif char in ")]" and (not depth or depth.pop() != "([)]"[")]".index(char)]):
+                depth.append("unbalanced")
+                break
+        flat = "" if depth else value.replace("[", "").replace("]", "").replace("(", "").replace(")", "")
+    if not re.fullmatch(pattern, flat):
+        raise SubmitError(f"{flag} {value!r} is not {expected}; fix the value")
+
+
+def check_script_path(path: Path, what: str) -> None:
+    """Refuse a path that lands in the batch script (the logs' ``#SBATCH --output``) but would not arrive there as
+    written: control characters and backslashes (see above), and ``%``, which sbatch reads as a file name pattern."""
+    _check_script_text(what, str(path))
+    if "%" in str(path):
+        raise SubmitError(
+            f"{what} {str(path)!r} holds '%', which sbatch reads as a file name pattern (%j, %x) in the logs' path; "
+            "choose a path without it"
+        )
 
 
 class _PresetLoader(yaml.SafeLoader):
@@ -201,7 +359,7 @@ def parse_time(value: str | int) -> int:
         text = str(value).strip()
         match = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", text)
         if not match:
-            raise SubmitError(f"--time '{value}' is not a Slurm time; write minutes (90) or HH:MM:SS (1:30:00)")
+            raise SubmitError(f"--time {value!r} is not a Slurm time; write minutes (90) or HH:MM:SS (1:30:00)")
         days, first, second, third = match.groups()
         if days is not None:  # D-HH[:MM[:SS]]
             seconds = int(days) * 86400 + int(first) * 3600 + int(second or 0) * 60 + int(third or 0)
@@ -213,7 +371,7 @@ def parse_time(value: str | int) -> int:
             seconds = int(first) * 60
         minutes = math.ceil(seconds / 60)
     if minutes < 1:
-        raise SubmitError(f"--time '{value}' is below one minute; Slurm limits are in whole minutes")
+        raise SubmitError(f"--time {value!r} is below one minute; Slurm limits are in whole minutes")
     return minutes
 
 
