@@ -26,6 +26,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
+from spherinator.checkpoints import install_atomic_checkpoint_io, resume_checkpoint
 from spherinator.data.layout import DataError
 from spherinator.shapes import ConfigError, check_model_matches_data, resolve_config
 
@@ -81,6 +82,11 @@ class SpherinatorCLI(LightningCLI):
                 f"--ckpt_path {ckpt_path!r} is no file; give a checkpoint such as "
                 f"runs/<name>/version_<n>/checkpoints/last.ckpt"
             )
+        if is_file:  # a damaged checkpoint: fit resumes from the newest intact one beside it; others stop here
+            ckpt_path, warning = resume_checkpoint(ckpt_path, fallback=subcommand == "fit")
+            if warning:
+                rank_zero_warn(warning)
+            ckpt_path = self.config[subcommand].ckpt_path = str(ckpt_path)
         try:
             super()._parse_ckpt_path()
         except Exception as err:
@@ -102,6 +108,11 @@ class SpherinatorCLI(LightningCLI):
                 "the checkpoint's model hyperparameters replace these given values (resume rebuilds the model it "
                 "saved; start a new run without --ckpt_path to change them): " + "; ".join(replaced)
             )
+
+    def after_instantiate_classes(self) -> None:
+        # Checkpoints are written atomically and a damaged one is loaded past (spherinator.checkpoints).
+        if getattr(self, "trainer", None) is not None:
+            install_atomic_checkpoint_io(self.trainer)
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config

@@ -4,10 +4,10 @@ Requeue uses one mechanism, Submitit's: the batch script asks Slurm for USR2 ``s
 limit (``--signal=USR2@N``, also on preemption); Submitit calls :meth:`TrainingTask.checkpoint`, which resubmits
 the same task, runs ``scontrol requeue`` and exits. Lightning's own SLURM auto-requeue is switched off in the
 config (``SLURMEnvironment(auto_requeue=False)``). A signal handler must not save a checkpoint in the middle of
-an optimizer step, so USR2 only raises a flag; :class:`RequeueOnSignal` acts on it after the next training batch
-(all ranks agree on it first, so a DDP checkpoint is saved collectively), saves ``checkpoints/requeue.ckpt`` and
-hands over to Submitit's handler. The requeued run resumes from the newest checkpoint into the same run dir and
-the same TensorBoard run.
+an optimizer step, so USR2 only raises a flag; :class:`RequeueOnSignal` acts on it at the next point a resumed run
+continues from without losing anything (all ranks agree on it first, so a DDP checkpoint is saved collectively),
+saves ``checkpoints/requeue.ckpt`` and hands over to Submitit's handler. The requeued run resumes from the newest
+checkpoint into the same run dir and the same TensorBoard run.
 """
 
 from __future__ import annotations
@@ -23,6 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import rank_zero_warn
 
 SUMMARY_NAME = "summary.json"
 REQUEUE_CKPT = "requeue.ckpt"
@@ -104,34 +106,119 @@ class RequeueOnSignal(Callback):
 
     Added to every config that ``spherinator-submit`` composes; outside a Submitit job it only keeps
     ``summary.json`` up to date at each epoch end (epoch, metrics, best checkpoint).
+
+    Where it stops, and why there (Lightning 2.6's loops decide what a resumed run does with a checkpoint):
+
+    - After a training batch whose optimizer step is done, ``requeue.ckpt`` is saved, Lightning's own resume point
+      (``ModelCheckpoint(every_n_train_steps)`` saves there too). The process leaves at the next training batch's
+      start, once Lightning has logged that batch. If a validation starts first, it leaves there instead: a
+      checkpoint from the batch before a validation resumes *past* that validation (Lightning counts the epoch or
+      the validation check as done), so one epoch would have no ``val_loss``.
+    - Between validation batches (``check_in_validation``): a validation longer than the signal delay would
+      otherwise be killed by the time limit. Lightning keeps no partial validation metrics in a checkpoint, so the
+      one saved here (and at a validation's start) says that validation has not run: the resumed run starts it
+      again from its first batch, then trains on.
+    - At the end of training (the signal came during the last epoch's end or validation): it requeues, so that the
+      ONNX export runs in a fresh time limit.
+
+    Args:
+        check_in_validation: Also act on the signal between validation batches. Under DDP every rank must then run
+            the same number of validation batches (Lightning's DistributedSampler and spherinator's DataModule
+            do); set False for a data module that does not.
     """
+
+    def __init__(self, check_in_validation: bool = True) -> None:
+        self.check_in_validation = check_in_validation
+        self._stop = False  # some rank got the signal (agreed by all ranks)
+        self._saved = False  # requeue.ckpt written after a training batch: leave at the next safe point
+        self._unfinished_validation = False  # the checkpoint being written is saved before/inside a validation
+        self._validation_cut: int | None = None  # epoch whose validation a previous attempt was requeued in
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"validation_cut": self._validation_cut}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._validation_cut = state_dict.get("validation_cut")
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         global _training
         _training = True
-
-    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        global _training
-        _training = False
+        self._stop = self._saved = False
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         global _training
         _training = False
 
-    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
-        global _pending_signal
-        # Every rank takes part in the decision, so all save the checkpoint at the same step (DDP collectives).
-        if not trainer.strategy.reduce_boolean_decision(_pending_signal is not None, all=False):
+    def _requested(self, trainer: Trainer) -> bool:
+        """Whether any rank got the signal. A collective until it is True: every rank calls it at the same point."""
+        if not self._stop:
+            self._stop = trainer.strategy.reduce_boolean_decision(_pending_signal is not None, all=False)
+        return self._stop
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:  # fmt: skip
+        if self._saved or not self._requested(trainer):
             return
-        signum = _pending_signal or signal.SIGUSR2
-        _pending_signal = None
-        path = Path(trainer.default_root_dir) / "checkpoints" / REQUEUE_CKPT
-        trainer.save_checkpoint(path)
+        last = batch_idx + 1 >= trainer.num_training_batches
+        if (batch_idx + 1) % trainer.accumulate_grad_batches and not last:
+            return  # inside a gradient accumulation window: its partial gradients would be in no checkpoint
+        self._save(trainer, "training")
+        self._saved = True
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        if self._saved:
+            self._leave(trainer)
+
+    def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._saved and not trainer.sanity_checking:
+            self._save(trainer, "validation", unfinished_validation=True)
+            self._leave(trainer)
+
+    def on_validation_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
+        if not self.check_in_validation or trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING:
+            return
+        if self._requested(trainer):
+            self._save(trainer, "validation", unfinished_validation=True)
+            self._leave(trainer)
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        global _training
+        _training = False
+        if self._saved or self._requested(trainer):
+            self._save(trainer, "the end of training")  # a checkpoint of finished training: the resume only exports
+            self._leave(trainer)
+
+    def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        if self._unfinished_validation:
+            _mark_validation_unfinished(checkpoint)
+
+    def _save(self, trainer: Trainer, during: str, unfinished_validation: bool = False) -> None:
+        run_dir = Path(trainer.default_root_dir)
+        path = run_dir / "checkpoints" / REQUEUE_CKPT
+        if unfinished_validation:
+            if self._validation_cut == trainer.current_epoch:
+                rank_zero_warn(
+                    f"the validation of epoch {trainer.current_epoch} was cut short by the time limit again: a "
+                    "requeued run redoes a whole validation, and this one takes longer than what the time limit "
+                    "leaves after resuming; raise --time, or lower trainer.limit_val_batches"
+                )
+            self._validation_cut = trainer.current_epoch
+        self._unfinished_validation = unfinished_validation
+        try:
+            trainer.save_checkpoint(path)
+        finally:
+            self._unfinished_validation = False
         if trainer.is_global_zero:
             write_summary(
-                Path(trainer.default_root_dir), state="REQUEUEING", epoch=trainer.current_epoch,
-                global_step=trainer.global_step, requeue_checkpoint=str(path),
+                run_dir, state="REQUEUEING", epoch=trainer.current_epoch, global_step=trainer.global_step,
+                requeue_checkpoint=str(path), requeued_during=during,
             )  # fmt: skip
+
+    def _leave(self, trainer: Trainer) -> None:
+        global _pending_signal
+        signum = _pending_signal or signal.SIGUSR2
+        _pending_signal = None
+        self._stop = self._saved = False
         for logger in trainer.loggers:
             logger.finalize("requeued")
         _hand_over(signum)
@@ -151,6 +238,25 @@ def _hand_over(signum: int) -> None:
     if callable(_submitit_handler):
         _submitit_handler(signum, None)  # rank 0: requeues and raises SystemExit; other ranks: returns
     raise SystemExit(-1)
+
+
+def _mark_validation_unfinished(checkpoint: dict[str, Any]) -> None:
+    """Make a checkpoint saved at the start of, or inside, a validation of ``fit`` resume by running it again.
+
+    Lightning resumes a checkpoint whose validation progress says "started a batch, not processed it" by going back
+    to that validation (its mid-evaluation restart); with none of the batches counted as done it starts from the
+    first. Any other progress there makes the resumed run skip the validation. The progress is Lightning's loop
+    state (``loops.fit_loop``, the same layout in all of lightning 2.6, the range pyproject allows).
+    """
+    progress = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_loop.val_loop.batch_progress")
+    if progress is None:
+        return
+    current, total = progress["current"], progress["total"]
+    # `total` counts the validation batches of this epoch (several validations per epoch with val_check_interval)
+    done_before = {key: total[key] - current[key] for key in ("ready", "started", "processed", "completed")}
+    progress["current"] = {"ready": 1, "started": 1, "processed": 0, "completed": 0}
+    progress["total"] = {key: done_before[key] + progress["current"][key] for key in done_before}
+    progress["is_last_batch"] = False
 
 
 def newest_checkpoint(run_dir: Path) -> Path | None:

@@ -1,0 +1,224 @@
+"""Checkpoints a requeue, a kill or a wrong file leave behind: where a requeue stops and what the resumed run does,
+atomic saves, damaged and foreign checkpoints."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from lightning.pytorch import Callback
+
+import spherinator.submit.task as task
+from spherinator.checkpoints import AtomicCheckpointIO, CheckpointError, check_checkpoint, resume_checkpoint
+from spherinator.cli import SpherinatorCLI, main
+
+TINY = str(Path(__file__).parent / "configs" / "vae_tiny.yaml")
+
+
+@pytest.fixture(autouse=True)
+def _in_tmp_path(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # runs log to ./runs by default
+
+
+def run_config(tmp_path: Path, dataset: Path, epochs: int = 3, **trainer) -> list[str]:
+    """TINY on ``dataset`` (4 training and 3 validation batches), logging and checkpointing into tmp_path/run as a
+    spherinator-submit task does (same TensorBoard run after a resume, last.ckpt, RequeueOnSignal)."""
+    run = tmp_path / "run"
+    data = {"path": str(dataset), "batch_size": 16, "num_workers": 0, "val_fraction": 0.4}
+    config = {
+        "data": {"class_path": "spherinator.data.DataModule", "init_args": data},
+        "trainer": {
+            "max_epochs": epochs, "default_root_dir": str(run), **trainer,
+            "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                       "init_args": {"save_dir": str(run), "name": "", "version": "", "default_hp_metric": False}},
+            "callbacks": [
+                {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                 "init_args": {"dirpath": str(run / "checkpoints"), "save_last": True}},
+                {"class_path": "spherinator.submit.RequeueOnSignal"},
+            ],
+        },
+    }  # fmt: skip
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return ["-c", TINY, "-c", str(path)]
+
+
+class _SignalAt(Callback):
+    """Raises the USR2 flag (as the handler would) when the given training or validation batch starts."""
+
+    def __init__(self, stage: str, epoch: int, batch: int) -> None:
+        self.stage, self.epoch, self.batch = stage, epoch, batch
+
+    def _maybe(self, trainer, stage: str, batch_idx: int) -> None:
+        if (stage, trainer.current_epoch, batch_idx) == (self.stage, self.epoch, self.batch):
+            task._pending_signal = signal.SIGUSR2
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._maybe(trainer, "train", batch_idx)
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
+        if not trainer.sanity_checking:
+            self._maybe(trainer, "val", batch_idx)
+
+
+def val_losses(run: Path) -> list[int]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run))
+    events.Reload()
+    tags = events.Tags()["scalars"]
+    return [e.step for e in events.Scalars("val_loss")] if "val_loss" in tags else []
+
+
+@pytest.mark.parametrize(
+    "stage, batch, during",
+    [
+        pytest.param("train", 1, "training", marks=pytest.mark.slow),  # the middle of an epoch
+        ("train", 3, "validation"),  # the epoch's last batch: the validation after it still runs after the resume
+        pytest.param("val", 0, "validation", marks=pytest.mark.slow),
+        ("val", 2, "validation"),  # the last validation batch
+    ],
+)
+def test_a_requeue_anywhere_in_an_epoch_resumes_with_one_val_loss_per_epoch(
+    image_dataset, tmp_path, monkeypatch, stage, batch, during
+):
+    monkeypatch.setattr(task, "_pending_signal", None)
+    args = run_config(tmp_path, image_dataset)
+    run = tmp_path / "run"
+    cli = SpherinatorCLI(args=args, run=False)
+    cli.trainer.callbacks.append(_SignalAt(stage, 1, batch))
+    with pytest.raises(SystemExit):
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    # A signal in a validation is acted on in it (it does not wait for the validation and the next batch).
+    assert val_losses(run) == [3], val_losses(run)
+    summary = task.read_summary(run)
+    assert summary["state"] == "REQUEUEING" and summary["requeued_during"] == during, summary
+
+    ckpt = task.newest_checkpoint(run)
+    assert ckpt is not None and ckpt.name == "requeue.ckpt"
+    cli = SpherinatorCLI(args=[*args], run=False)
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt)
+    assert cli.trainer.current_epoch == 3 and cli.trainer.global_step == 12
+    assert val_losses(run) == [3, 7, 11]  # each epoch validated once, at its last step
+
+
+# ---- atomic saves ----------------------------------------------------------------------------------------------
+
+
+def small_checkpoint(n: int) -> dict:
+    return {"pytorch-lightning_version": "2.6", "state_dict": {"w": torch.zeros(n)}}
+
+
+SAVE = """
+import os, resource, signal, sys, torch
+from spherinator.checkpoints import AtomicCheckpointIO
+if len(sys.argv) > 2:  # the kernel kills the writer at this file size (SIGXFSZ, which Python ignores by default)
+    signal.signal(signal.SIGXFSZ, signal.SIG_DFL)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[2]), int(sys.argv[2])))
+AtomicCheckpointIO().save_checkpoint({"pytorch-lightning_version": "2.6", "state_dict": {"w": torch.rand(10_000_000)}},
+                                     sys.argv[1])
+"""
+
+
+def kill_while_a_file_is_partial(target: Path, env: dict) -> int:
+    """Run SAVE and SIGKILL it as soon as the checkpoint dir holds part of a file (the target, or a temporary)."""
+    child = subprocess.Popen([sys.executable, "-c", SAVE, str(target)], env=env, stderr=subprocess.PIPE)
+    full = target.stat().st_size
+    while child.poll() is None:
+        sizes = {p.name: p.stat().st_size for p in target.parent.iterdir() if p.is_file()}
+        if sizes.get(target.name, full) != full or len(sizes) > 1:
+            child.kill()
+            break
+    return child.wait()
+
+
+@pytest.mark.parametrize(
+    "kill", ["file size limit", pytest.param("SIGKILL while a file is partial", marks=pytest.mark.slow)]
+)
+def test_a_save_killed_halfway_leaves_the_previous_checkpoint_intact(tmp_path, kill):
+    target = tmp_path / "checkpoints" / "last.ckpt"
+    AtomicCheckpointIO().save_checkpoint(small_checkpoint(10_000_000), target)  # as large as the one SAVE writes
+    # $TMPDIR on another filesystem than the run dir (node-local /tmp, shared runs/): Lightning's own IO writes its
+    # temporary file there and *copies* it over the target, which a kill tears (7 in 12 random kills here)
+    shm = Path("/dev/shm")
+    if shm.is_dir() and shm.stat().st_dev != tmp_path.stat().st_dev:
+        env = {**os.environ, "TMPDIR": str(shm)}
+    else:
+        env = dict(os.environ)
+    if kill == "file size limit":
+        done = subprocess.run([sys.executable, "-c", SAVE, str(target), "4000000"], env=env, capture_output=True)
+        assert done.returncode == -signal.SIGXFSZ, done.stderr.decode()[-2000:]
+    else:
+        assert kill_while_a_file_is_partial(target, env) == -signal.SIGKILL
+    check_checkpoint(target)  # still loads
+    assert not torch.load(target, weights_only=True)["state_dict"]["w"].any()  # and is the old one
+    assert {p.name for p in target.parent.iterdir()} <= {"last.ckpt", ".last.ckpt.partial"}
+    AtomicCheckpointIO().save_checkpoint(small_checkpoint(2), target)
+    assert torch.load(target, weights_only=True)["state_dict"]["w"].shape == (2,)
+    assert [p.name for p in target.parent.iterdir()] == ["last.ckpt"]  # a killed save's partial file is reused
+
+
+def test_the_cli_saves_through_the_atomic_io_unless_another_is_configured(image_dataset, tmp_path):
+    args = run_config(tmp_path, image_dataset)
+    cli = SpherinatorCLI(args=args, run=False)
+    assert type(cli.trainer.strategy.checkpoint_io) is AtomicCheckpointIO
+    mine = tmp_path / "io.yaml"
+    mine.write_text("trainer:\n  plugins:\n    - class_path: lightning.pytorch.plugins.io.AsyncCheckpointIO\n")
+    cli = SpherinatorCLI(args=[*args, "-c", str(mine)], run=False)
+    assert type(cli.trainer.strategy.checkpoint_io).__name__ == "AsyncCheckpointIO"
+
+
+# ---- damaged and foreign checkpoints ---------------------------------------------------------------------------
+
+
+def two_epochs_then_truncate_last(image_dataset, tmp_path) -> tuple[list[str], Path, Path]:
+    """A 2-epoch run with an epoch-1 checkpoint beside a last.ckpt cut in half (as a kill during a copy leaves it)."""
+    args = run_config(tmp_path, image_dataset, epochs=2)
+    main(["fit", *args])
+    checkpoints = tmp_path / "run" / "checkpoints"
+    last = checkpoints / "last.ckpt"
+    (earlier,) = [p for p in checkpoints.glob("epoch=*.ckpt")]
+    data = last.read_bytes()
+    last.write_bytes(data[: len(data) // 2])
+    return args, last, earlier
+
+
+@pytest.mark.parametrize("ckpt", ["file", pytest.param("last", marks=pytest.mark.slow)])
+def test_fit_from_a_truncated_last_ckpt_resumes_from_the_newest_intact_one_and_says_so(image_dataset, tmp_path, ckpt):
+    args, last, earlier = two_epochs_then_truncate_last(image_dataset, tmp_path)
+    given = str(last) if ckpt == "file" else "last"
+    with pytest.warns(UserWarning) as record:
+        cli = SpherinatorCLI(args=["fit", *args, "--trainer.max_epochs", "3", "--ckpt_path", given])
+    messages = [str(w.message) for w in record if str(last) in str(w.message)]
+    assert messages and str(earlier) in messages[0] and "cannot be read" in messages[0], messages
+    assert cli.trainer.current_epoch == 3
+
+
+def test_evaluating_a_truncated_checkpoint_is_a_one_line_error_naming_the_intact_ones(image_dataset, tmp_path, capsys):
+    args, last, earlier = two_epochs_then_truncate_last(image_dataset, tmp_path)
+    with pytest.raises(SystemExit):
+        main(["validate", *args, "--ckpt_path", str(last)])
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and f"checkpoint {last} cannot be read" in err and earlier.name in err, err
+
+
+def test_a_plain_torch_save_file_is_a_one_line_error_not_a_key_error(image_dataset, tmp_path, capsys):
+    plain = tmp_path / "weights.pt"
+    torch.save({"state_dict": {"w": torch.zeros(2)}, "epoch": 3}, plain)
+    with pytest.raises(SystemExit):
+        main(["fit", *run_config(tmp_path, image_dataset), "--ckpt_path", str(plain)])
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "KeyError" not in err, err
+    assert f"{plain} is not a Lightning checkpoint" in err and "'state_dict'" in err, err
+
+
+def test_resume_checkpoint_without_an_intact_one_beside_it_says_so(tmp_path):
+    (tmp_path / "last.ckpt").write_bytes(b"PK\x03\x04 cut")
+    with pytest.raises(CheckpointError, match="no intact checkpoint is beside it"):
+        resume_checkpoint(tmp_path / "last.ckpt")
