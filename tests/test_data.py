@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import itertools
+import math
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -618,3 +619,262 @@ def test_fast_layout_fixture_matches_writer(tmp_path):
     write_dataset(tmp_path / "b", [{"data": images}])
     a, b = (torch.cat(list(DataModule(tmp_path / p, val_fraction=0.0).predict_dataloader())) for p in "ab")
     torch.testing.assert_close(a, b)
+
+
+# -- values the model cannot take, shapes that change, resuming with other sizes (issue #11) -------------------------
+
+
+def _float_images(dtype=np.float32, n: int = 40) -> np.ndarray:
+    return np.random.default_rng(0).random((n, 3, 8, 8)).astype(dtype)
+
+
+def _write_float_layout(root: Path, layout: str, images: np.ndarray) -> Path:
+    """``images`` (float) in the fast, list or fixed_shape_tensor layout, row groups of 7 rows."""
+    if layout == "fast":
+        return write_fast_layout(root, {"data": images, "id": np.arange(len(images))}, files=1, rows_per_group=7)
+    flat = pa.FixedSizeListArray.from_arrays(pa.array(images.reshape(-1)), int(np.prod(images.shape[1:])))
+    if layout == "list":
+        table = _schema_with(pa.table({"data": flat}), {b"data_shape": b"(3,8,8)"})
+    else:
+        tensor_type = pa.fixed_shape_tensor(pa.from_numpy_dtype(images.dtype), images.shape[1:])
+        table = pa.table({"data": pa.ExtensionArray.from_storage(tensor_type, flat)})
+    root.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, root / "part-00000.parquet", row_group_size=7)
+    return root
+
+
+@pytest.mark.parametrize(
+    "layout,dtype,value,shown",
+    [
+        ("fast", np.float32, np.nan, "holds nan"),
+        ("fast", np.float32, -np.inf, "holds -inf"),
+        ("fast", np.float64, np.nan, "holds nan"),
+        ("fast", np.float16, np.inf, "holds inf"),
+        ("fast", np.float64, 1e39, "holds 1e+39 (beyond float32"),
+        ("list", np.float32, np.nan, "holds nan"),
+        ("tensor", np.float32, np.inf, "holds inf"),
+    ],
+)
+def test_values_the_model_cannot_take_name_column_file_row_group_and_row(tmp_path, layout, dtype, value, shown):
+    # (before: NaN ended mid-epoch in a 110-line traceback about the PowerSpherical loc; 1e39 in float64 became inf)
+    images = _float_images(dtype)
+    images[17, 1, 2, 3] = value  # row group 2, its row 3
+    root = _write_float_layout(tmp_path, layout, images)
+    message = _error(root, val_fraction=0.0, batch_size=4)
+    assert "part-00000.parquet row group 2: column 'data' row 3 " + shown in message, message
+    assert "1 of the 7 rows read there" in message
+
+
+def test_a_row_group_read_from_its_middle_names_the_row_of_the_row_group(tmp_path):
+    images = _float_images()
+    images[19, 0, 0, 0] = np.nan  # row group 2, its row 5
+    root = _write_float_layout(tmp_path, "fast", images)
+    dm = DataModule(root, batch_size=4, val_fraction=0.0)
+    dm.setup()
+    dm._splits["train"] = [Segment(0, 2, 4, 7)]  # a split that starts inside the row group
+    with pytest.raises(DataError, match="row group 2: column 'data' row 5 holds nan"):
+        list(dm.train_dataloader())
+
+
+@pytest.mark.parametrize("persistent", [True, False])
+def test_a_data_error_in_a_worker_reaches_the_main_process_as_its_one_line_message(tmp_path, persistent):
+    # (before: a DataError from a worker read "Caught DataError in DataLoader worker process 0. Original Traceback...")
+    images = _float_images()
+    images[30, 0, 0, 0] = np.inf
+    root = _write_float_layout(tmp_path, "fast", images)
+    dm = DataModule(root, batch_size=4, val_fraction=0.0, num_workers=2, persistent_workers=persistent)
+    loader = dm.predict_dataloader()
+    with pytest.raises(DataError) as info:
+        list(loader)
+    message = str(info.value)
+    assert message.startswith(f"{root / 'part-00000.parquet'} row group 4: column 'data' row 2 holds inf"), message
+    assert "\n" not in message and "Traceback" not in message
+
+
+def test_nan_in_a_scalar_side_column_passes_through_as_missing(tmp_path):
+    # catalogue columns (a redshift) use NaN for "unknown"; they go with the batch, they are not the model input
+    redshift = np.linspace(0, 1, 20)
+    redshift[3] = np.nan
+    write_dataset(tmp_path, [{"data": _images(20), "redshift": redshift}])
+    dm = DataModule(tmp_path, columns=["data", "redshift"], return_dict=True, batch_size=20, val_fraction=0.0)
+    batch = next(iter(dm.predict_dataloader()))
+    assert torch.isnan(batch["redshift"][3]) and torch.isfinite(batch["data"]).all()
+
+
+def test_uint64_ids_beyond_int64_are_refused_not_wrapped(tmp_path):
+    # (before: ids 2**63 + i became -2**63 + i)
+    ids = np.arange(20, dtype=np.uint64) + np.uint64(2**63)
+    write_dataset(tmp_path, [{"data": _images(20), "id": ids}], rows_per_group=8)
+    message = _error(tmp_path, columns=["data", "id"], return_dict=True, val_fraction=0.0, shuffle=False)
+    assert "row group 0: column 'id' row 0 holds 9223372036854775808, beyond int64" in message
+    ok = np.arange(20, dtype=np.uint64)
+    write_dataset(tmp_path / "ok", [{"data": _images(20), "id": ok}])
+    dm = DataModule(tmp_path / "ok", columns=["data", "id"], return_dict=True, batch_size=20, val_fraction=0.0)
+    assert next(iter(dm.predict_dataloader()))["id"].tolist() == list(range(20))
+
+
+def _write_groups(path: Path, groups: list[pa.Table]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with pq.ParquetWriter(path, groups[0].schema) as writer:
+        for table in groups:
+            writer.write_table(table)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_list_rows_without_shape_metadata_must_keep_the_first_row_groups_shape(tmp_path, workers):
+    # (before: the batch mixing two shapes failed in np.concatenate, or a model's matmul, naming no file)
+    list_type = pa.list_(pa.list_(pa.list_(pa.float32())))
+    groups = []
+    for g in range(4):
+        width = 7 if g == 2 else 8
+        rows = np.random.default_rng(g).random((5, 3, 8, width), dtype=np.float32)
+        groups.append(pa.table({"data": pa.array(rows.tolist(), type=list_type)}))
+    _write_groups(tmp_path / "part-0.parquet", groups)
+    dm = DataModule(tmp_path, batch_size=5, val_fraction=0.0, num_workers=workers)
+    with pytest.raises(DataError) as info:
+        list(dm.predict_dataloader())
+    message = str(info.value)
+    assert f"{tmp_path / 'part-0.parquet'} row group 2: column 'data' holds rows of shape (3, 8, 7)" in message
+    assert "but " + str(tmp_path / "part-0.parquet") + " row group 0 holds (3, 8, 8)" in message
+    assert "data_shape metadata" in message and "\n" not in message
+
+
+def test_encoded_images_of_another_size_in_a_later_row_group_are_named(tmp_path):
+    def png(size: int) -> bytes:
+        buf = io.BytesIO()
+        Image.fromarray(np.zeros((size, size, 3), dtype=np.uint8)).save(buf, format="PNG")
+        return buf.getvalue()
+
+    groups = [pa.table({"data": pa.array([png(12 if g == 1 else 8)] * 4, type=pa.binary())}) for g in range(3)]
+    _write_groups(tmp_path / "part-0.parquet", groups)
+    message = _error(tmp_path, val_fraction=0.0, shuffle=False, batch_size=8)
+    assert "row group 1: column 'data' holds rows of shape (3, 12, 12), but" in message
+    assert "row group 0 holds (3, 8, 8)" in message and "convert --size" in message
+
+
+def test_an_empty_first_file_and_an_empty_row_group_are_passed_over(tmp_path):
+    list_type = pa.list_(pa.float32())
+    empty = pa.table({"data": pa.array([], type=list_type)})
+    _write_groups(tmp_path / "a.parquet", [empty])
+    rows = [
+        pa.table({"data": pa.array([[float(i)] * 4 for i in range(4 * g, 4 * g + 4)], type=list_type)})
+        for g in range(2)
+    ]
+    _write_groups(tmp_path / "b.parquet", [rows[0], empty, rows[1]])
+    dm = DataModule(tmp_path, batch_size=3, val_fraction=0.0)
+    assert dm.sample_shape() == (4,)
+    data = torch.cat(list(dm.predict_dataloader()))
+    assert data[:, 0].tolist() == [float(i) for i in range(8)]
+
+
+# Resuming mid-epoch: the loader's state tells which rows the epoch has handed out, whatever the new sizes
+
+
+def _all_ids_unread(dm: DataModule, segments: list[Segment]) -> list[int]:
+    """The ids of ``segments`` (the uneven_dataset's ids are the row numbers in file order)."""
+    offset, start = {}, 0
+    for f, g, rows in dm.index.groups:
+        offset[(f, g)] = start
+        start += rows
+    return [offset[(s.file, s.group)] + r for s in segments for r in range(s.start, s.stop)]
+
+
+@pytest.mark.parametrize(
+    "world,workers,shuffle,buffer", [(1, 0, True, 16), (1, 2, True, 16), (2, 2, True, 5), (3, 1, False, 0)]
+)
+def test_unread_rows_are_exactly_the_rows_the_loaders_had_not_handed_out(
+    uneven_dataset, world, workers, shuffle, buffer
+):
+    from spherinator.data.datamodule import _Loader
+    from spherinator.data.dataset import Pass, unread_rows
+
+    dm = DataModule(uneven_dataset, columns=["data", "id"], return_dict=True, batch_size=4, val_fraction=0.0,
+                    shuffle=shuffle, shuffle_buffer=buffer, seed=3)  # fmt: skip
+    handed_out = []
+    for rank in range(world):
+        stream = dm.dataset("train", rank=rank, world_size=world)
+        stream.set_epoch(2)
+        loader = _Loader(stream, batch_size=None, num_workers=workers)
+        handed_out += _ids(itertools.islice(loader, 5))
+    passes = [Pass(batch_size=4, num_workers=workers, world_size=world, shuffle_buffer=buffer, batches=5)]
+    left = unread_rows(dm._splits["train"], passes, epoch=2, seed=3, shuffle=shuffle, drop_last=False)
+    left_ids = _all_ids_unread(dm, left)
+    assert len(handed_out) == world * 5 * 4
+    assert sorted(left_ids + handed_out) == list(range(101))
+
+
+class _SaveAfter(pl.Callback):
+    """Saves a checkpoint after the ``n``-th training batch of this run (as the requeue callback does)."""
+
+    def __init__(self, n: int, path: Path) -> None:
+        self.n, self.path, self.seen = n, path, 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.seen += 1
+        if self.seen == self.n:
+            trainer.save_checkpoint(self.path)
+
+
+def _fit_ids(path: Path, ckpt: Path | None = None, *, save: tuple[int, Path] | None = None, max_steps: int = -1,
+             max_epochs: int = 1, **data) -> tuple[dict[int, list[int]], pl.Trainer]:  # fmt: skip
+    """Train the id-recording module on ``path`` (no validation); the ids each epoch trained on, and the trainer."""
+    model = _RecordIds()
+    dm = DataModule(path, columns=["data", "id"], return_dict=True, val_fraction=0.0, **data)
+    trainer = pl.Trainer(
+        max_epochs=max_epochs,
+        max_steps=max_steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[_SaveAfter(*save)] if save else [],
+    )
+    trainer.fit(model, dm, ckpt_path=ckpt)
+    return model.seen, trainer
+
+
+@pytest.mark.parametrize(
+    "before,after",
+    [
+        ({"batch_size": 8}, {"batch_size": 16}),  # Lightning would end the epoch after 2 of the 4 batches left
+        ({"batch_size": 16, "num_workers": 2}, {"batch_size": 6}),
+        ({"batch_size": 8, "shuffle": False}, {"batch_size": 5, "num_workers": 2, "shuffle": False}),
+        ({"batch_size": 8}, {"batch_size": 8}),
+    ],
+)
+def test_resuming_mid_epoch_with_another_batch_size_trains_on_every_row_once(uneven_dataset, tmp_path, before, after):
+    # (before: the state counted batches, and the new loader skipped that many batches of the new size)
+    ckpt = tmp_path / "mid.ckpt"
+    first, _ = _fit_ids(uneven_dataset, save=(5, ckpt), max_steps=5, **before)
+    rest, trainer = _fit_ids(uneven_dataset, ckpt, max_epochs=2, **after)
+    assert len(first[0]) == 5 * before["batch_size"]
+    assert sorted(first[0] + rest[0]) == list(range(101))  # every row of the epoch once
+    assert sorted(rest[1]) == list(range(101))  # and the next epoch is whole again
+    assert trainer.fit_loop.epoch_loop.batch_progress.total.completed == 2 * math.ceil(101 / after["batch_size"])
+
+
+def test_resuming_twice_in_one_epoch_with_other_sizes_trains_on_every_row_once(uneven_dataset, tmp_path):
+    one, two = tmp_path / "one.ckpt", tmp_path / "two.ckpt"
+    first, _ = _fit_ids(uneven_dataset, save=(3, one), max_steps=3, batch_size=7, shuffle_buffer=20)
+    second, _ = _fit_ids(uneven_dataset, one, save=(4, two), max_steps=7, batch_size=5, num_workers=2)
+    third, _ = _fit_ids(uneven_dataset, two, batch_size=11)
+    assert len(first[0]) == 21 and len(second[0]) == 20
+    assert sorted(first[0] + second[0] + third[0]) == list(range(101))
+
+
+def test_a_loader_state_of_an_older_spherinator_resumes_by_its_batch_count(uneven_dataset, tmp_path):
+    ckpt = tmp_path / "mid.ckpt"
+    first, _ = _fit_ids(uneven_dataset, save=(5, ckpt), max_steps=5, batch_size=8)
+    state = torch.load(ckpt, weights_only=False)
+    loops = state["loops"]["fit_loop"]["state_dict"]
+    loops["combined_loader"] = [{"epoch": 0}]  # what the loader saved before it recorded its passes
+    torch.save(state, ckpt)
+    rest, _ = _fit_ids(uneven_dataset, ckpt, batch_size=8)
+    assert sorted(first[0] + rest[0]) == list(range(101))
+
+
+def test_resuming_mid_epoch_on_another_split_or_seed_is_refused(uneven_dataset, tmp_path):
+    ckpt = tmp_path / "mid.ckpt"
+    _fit_ids(uneven_dataset, save=(5, ckpt), max_steps=5, batch_size=8)
+    with pytest.raises(DataError, match="middle of epoch 0 .*seed 42 -> 7.*end of an epoch"):
+        _fit_ids(uneven_dataset, ckpt, batch_size=8, seed=7)

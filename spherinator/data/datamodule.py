@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 import warnings
@@ -14,7 +15,15 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader
 
-from spherinator.data.dataset import ParquetIndex, ParquetStream, Segment, apply_transform, split_rows
+from spherinator.data.dataset import (
+    ParquetIndex,
+    ParquetStream,
+    Pass,
+    Segment,
+    WorkerError,
+    apply_transform,
+    split_rows,
+)
 from spherinator.data.layout import DataError, scale_uint8
 from spherinator.data.slots import BatchSlots, SlotBatch, shared_memory_free
 
@@ -43,21 +52,30 @@ class _Loader(DataLoader):
     see it too: the epoch lives in shared memory) and, with workers, receives uint8 array columns as uint8 and
     scales them to float32 here, which moves 4x fewer bytes from the workers. Columns of a fixed shape come
     through shared buffers allocated once (:class:`~spherinator.data.slots.BatchSlots`) instead of a new
-    shared-memory segment per batch."""
+    shared-memory segment per batch.
+
+    A training loader (``progress_fn``: the trainer's batch progress of the epoch) is resumable: its state says how
+    its passes over the current epoch cut the rows into batches and how many batches they handed out, and a loader
+    restored from it reads the rows not yet handed out, in batches of its own size (see :meth:`load_state_dict`)."""
 
     def __init__(
         self,
         dataset: ParquetStream,
         *args: Any,
         epoch_fn: Callable[[], int] | None = None,
-        done_fn: Callable[[], int] | None = None,
+        progress_fn: Callable[[], Any] | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(dataset, *args, **kwargs)
         self.epoch_fn = epoch_fn
-        self.done_fn = done_fn
-        self._resuming = False
+        self.progress_fn = progress_fn
+        self._to_resume: tuple[int, list[Pass] | None] | None = None
+        # the passes over epoch _passes_epoch before the current one, which began at batch _first_batch of it
+        self._passes: list[Pass] = []
+        self._passes_epoch: int | None = None
+        self._first_batch = 0
         dataset.defer_uint8 = self.num_workers > 0
+        dataset.errors_as_batches = self.num_workers > 0
         # the batch is pinned here, after the pin-memory thread: that one sees uint8 tensors or slot names
         self._pin = self.pin_memory and torch.cuda.is_available()
         self._warned = False
@@ -99,29 +117,99 @@ class _Loader(DataLoader):
     def _receive(self, slots: BatchSlots | None, batch: Any) -> torch.Tensor | dict[str, torch.Tensor]:
         if isinstance(batch, SlotBatch):
             return batch.resolve(slots, self._pin)
+        if isinstance(batch, WorkerError):
+            batch.raise_()
         return scale_uint8(batch, self._pin)
 
     # state_dict/load_state_dict make the loader resumable for Lightning: a run restored from a checkpoint taken
-    # in the middle of an epoch (a requeued Slurm job) goes on with the batches that epoch had not yet trained on,
+    # in the middle of an epoch (a requeued Slurm job) goes on with the rows that epoch had not yet trained on,
     # instead of starting the epoch's order again (some rows twice, others not at all).
+    def _pass(self, batches: int) -> Pass:
+        dataset = self.dataset
+        world = dataset._rank_world()[1]
+        return Pass(dataset.batch_size, self.num_workers, world, dataset.shuffle_buffer, batches)
+
+    def _batches_done(self) -> int:
+        """Training batches of the current epoch already trained on (Lightning's count).
+
+        ``processed``, not ``completed``: a checkpoint saved in ``on_train_batch_end`` (as the requeue callback does)
+        holds the optimizer step of its batch, while ``completed`` counts that batch only after the hook.
+        """
+        return self.progress_fn().current.processed
+
     def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.dataset.epoch}
+        dataset = self.dataset
+        epoch = dataset.epoch
+        if self.progress_fn is None or self.progress_fn() is None:
+            return {"epoch": epoch}
+        earlier = self._passes if self._passes_epoch == epoch else []
+        first = self._first_batch if self._passes_epoch == epoch else 0
+        current = self._pass(self._batches_done() - first)
+        return {
+            "epoch": epoch,
+            "passes": [dataclasses.asdict(p) for p in [*earlier, current]],
+            # what fixes the epoch's rows and their order: a resumed run must have the same
+            "rows": dataset.num_rows,
+            "seed": dataset.seed,
+            "shuffle": dataset.shuffle,
+            "drop_last": dataset.drop_last,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._resuming = self.done_fn is not None
+        """Resume in the epoch the state was saved in: the next pass reads the rows its passes had not handed out,
+        in batches of this loader's size, with its workers (any batch size, worker or rank count). A state of an
+        older spherinator (``{"epoch"}`` only) counted batches of this loader's batch size."""
+        if self.progress_fn is None:
+            return
+        passes = None  # an older state: its batches are counted by the trainer
+        if "passes" in state:
+            dataset = self.dataset
+            now = {
+                "rows": dataset.num_rows,
+                "seed": dataset.seed,
+                "shuffle": dataset.shuffle,
+                "drop_last": dataset.drop_last,
+            }
+            changed = [f"{k} {state[k]} -> {v}" for k, v in now.items() if state[k] != v]
+            if changed:  # raised here, before Lightning starts the epoch's iterator
+                raise DataError(
+                    f"the checkpoint was saved in the middle of epoch {state['epoch']} of a run with another train "
+                    f"split or order ({', '.join(changed).replace('rows', 'train rows')}), so the rows left of that "
+                    f"epoch are unknown; resume with that run's data, seed, val/test fractions, shuffle and "
+                    f"drop_last, or from a checkpoint saved at the end of an epoch"
+                )
+            passes = [Pass(**p) for p in state["passes"]]
+        self._to_resume = (state["epoch"], passes)
+
+    def _resume(self, epoch: int, passes: list[Pass] | None) -> None:
+        progress = self.progress_fn()
+        if progress is None or epoch != self.dataset.epoch:
+            return
+        if passes is None:
+            passes = [self._pass(self._batches_done())]
+        if not sum(p.batches for p in passes):
+            return
+        left = self.dataset.resume_after(epoch, passes)
+        # Lightning counts this epoch's batches from the ones done up to len(self): start its count where the
+        # batches left end the epoch (with another batch size they are not len(self) - done).
+        first = len(self) - left if left else self._batches_done()
+        shift = first - self._batches_done()
+        for counter in (progress.current, progress.total):
+            for field in ("ready", "started", "processed", "completed"):
+                setattr(counter, field, getattr(counter, field) + shift)
+        self._passes, self._passes_epoch, self._first_batch = passes, epoch, first
 
     def __iter__(self) -> Iterator[Any]:
         if self.epoch_fn is not None:
             self.dataset.set_epoch(self.epoch_fn())
+        epoch = self.dataset.epoch
+        if self._to_resume is not None:
+            resume, self._to_resume = self._to_resume, None
+            self._resume(*resume)
+        elif self._passes_epoch != epoch:
+            self.dataset.resume, self._passes, self._passes_epoch, self._first_batch = None, [], None, 0
         slots = self._slots_for_pass()
         batches = super().__iter__()
-        if self._resuming:
-            self._resuming = False
-            # The order of an epoch is a function of (seed, epoch), and the DataLoader takes batches from its
-            # workers in turn, so the first `done` batches are the ones already trained on: read past them.
-            done = self.done_fn()
-            if 0 < done < len(self):
-                batches = itertools.islice(batches, done, None)
         return map(functools.partial(self._receive, slots), batches) if self.dataset.defer_uint8 else batches
 
 
@@ -229,7 +317,8 @@ class DataModule(pl.LightningDataModule):
         if self._index is not None:
             return self._index
         names = [c.name for c in self.columns] if self.columns is not None else None
-        return ParquetIndex(self.path, names, first_file_only=True)
+        head = ParquetIndex(self.path, names, first_file_only=True)
+        return head if head.num_rows else ParquetIndex(self.path, names)  # the first file is empty: look further
 
     @property
     def column_names(self) -> list[str]:
@@ -254,15 +343,7 @@ class DataModule(pl.LightningDataModule):
         name = column if column is not None else next(iter(head.layouts))
         if name not in head.layouts:
             raise DataError(f"column {name!r} is not loaded (loaded: {', '.join(map(repr, head.layouts))})")
-        layout = head.layouts[name]
-        shape = layout.shape
-        if shape is None:
-            import pyarrow.parquet as pq
-
-            with pq.ParquetFile(head.files[0]) as pf:
-                where = f"{head.files[0]} row group 0"
-                batch = next(pf.iter_batches(batch_size=1, columns=[name]))
-                shape = layout.decode(batch.column(0), where).shape[1:]
+        shape, _ = head.row_shape(name)
         spec = self._column(name)
         if spec.transform is None:
             return tuple(shape)
@@ -343,17 +424,13 @@ class DataModule(pl.LightningDataModule):
         kwargs = dict(batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory, **workers)
         if split != "train":
             return _Loader(self.dataset(split), **kwargs)
-        return _Loader(self.dataset(split), epoch_fn=self._epoch, done_fn=self._batches_done, **kwargs)
+        return _Loader(self.dataset(split), epoch_fn=self._epoch, progress_fn=self._batch_progress, **kwargs)
 
-    def _batches_done(self) -> int:
-        """Training batches of the current epoch already trained on (non-zero when resuming mid-epoch).
-
-        ``processed``, not ``completed``: a checkpoint saved in ``on_train_batch_end`` (as the requeue callback does)
-        holds the optimizer step of its batch, while ``completed`` counts that batch only after the hook.
-        """
+    def _batch_progress(self) -> Any:
+        """The trainer's count of the current epoch's training batches (None without a trainer)."""
         if self.trainer is None:
-            return 0
-        return self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
+            return None
+        return self.trainer.fit_loop.epoch_loop.batch_progress
 
     def _epoch(self) -> int:
         """The trainer's epoch when attached, else the number of passes made so far."""

@@ -16,7 +16,7 @@ import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from spherinator.data.layout import ColumnLayout, DataError, _empty, to_tensor
+from spherinator.data.layout import ColumnLayout, DataError, _empty, check_values, to_tensor
 from spherinator.data.slots import BatchSlots, SlotBatch
 
 if TYPE_CHECKING:
@@ -80,6 +80,7 @@ class ParquetIndex:
             self.files = self.files[:1]
         self.groups: list[tuple[int, int, int]] = []  # (file index, row group index, rows)
         self.layouts: dict[str, ColumnLayout] = {}
+        self._row_shapes: dict[str, tuple[tuple[int, ...], str]] = {}
         for i, file in enumerate(self.files):
             try:
                 with pq.ParquetFile(file) as parquet_file:  # the footer only; close the file at once
@@ -99,6 +100,24 @@ class ParquetIndex:
     def num_rows(self) -> int:
         """Total rows over every file."""
         return sum(rows for _, _, rows in self.groups)
+
+    def row_shape(self, name: str) -> tuple[tuple[int, ...], str]:
+        """The per-row shape of column ``name`` and where it was found: from the schema when it tells it, else
+        (lists without shape metadata, encoded images) from the first row of the first row group holding rows,
+        which every other row must then match."""
+        layout = self.layouts[name]
+        if layout.shape is not None:
+            return layout.shape, f"the schema of {self.files[0]}"
+        if name not in self._row_shapes:
+            group = next(((f, g) for f, g, rows in self.groups if rows), None)
+            if group is None:
+                raise DataError(f"the parquet files under {str(self.path)!r} hold no rows; write some data first")
+            file, g = group
+            where = f"{self.files[file]} row group {g}"
+            with pq.ParquetFile(self.files[file]) as parquet_file:
+                batch = next(parquet_file.iter_batches(batch_size=1, row_groups=[g], columns=[name]))
+            self._row_shapes[name] = (tuple(layout.decode(batch.column(0), where).shape[1:]), where)
+        return self._row_shapes[name]
 
     def _detect(self, schema: pa.Schema, columns: Sequence[str] | None, file: Path) -> dict[str, ColumnLayout]:
         if columns is None:
@@ -211,10 +230,7 @@ def shard(
     """
     if not 0 <= rank < world_size or not 0 <= worker < num_workers:
         raise ValueError(f"rank {rank}/{world_size} or worker {worker}/{num_workers} out of range")
-    order = list(segments)
-    if shuffle:
-        perm = np.random.default_rng([seed, epoch]).permutation(len(order))
-        order = [order[i] for i in perm]
+    order = epoch_order(segments, epoch, seed, shuffle)
     ends = np.cumsum([s.rows for s in order])
     total = int(ends[-1]) if len(ends) else 0
     plans = rank_batch_sizes(total, world_size, batch_size, drop_last)
@@ -231,6 +247,15 @@ def shard(
     start += sum(mine[:lo])
     sizes = mine[lo:hi]
     return _take(order, ends, start, sum(sizes)), sizes
+
+
+def epoch_order(segments: Sequence[Segment], epoch: int, seed: int, shuffle: bool) -> list[Segment]:
+    """The segments in the order an epoch reads them: a seeded permutation per epoch with ``shuffle``."""
+    order = list(segments)
+    if shuffle:
+        perm = np.random.default_rng([seed, epoch]).permutation(len(order))
+        order = [order[i] for i in perm]
+    return order
 
 
 def _take(order: Sequence[Segment], ends: np.ndarray, start: int, count: int) -> list[Segment]:
@@ -253,6 +278,109 @@ def _take(order: Sequence[Segment], ends: np.ndarray, start: int, count: int) ->
         start = int(ends[i]) % total
         i = (i + 1) % len(order)
     return out
+
+
+@dataclass(frozen=True)
+class Pass:
+    """One pass of a training loader over an epoch, or over the rest of one (a run resumed mid-epoch), as the
+    loader's state records it: how it cut the rows into batches and how many batches it had handed out."""
+
+    batch_size: int
+    num_workers: int
+    world_size: int
+    shuffle_buffer: int
+    batches: int
+
+
+def _pass_rng(seed: int, epoch: int, rank: int, worker: int, pass_index: int) -> np.random.Generator:
+    """The shuffle buffer's generator of one (rank, worker) in one pass (pass 0: the epoch as a whole)."""
+    return np.random.default_rng([seed, epoch, rank, worker, 1, *([pass_index] if pass_index else [])])
+
+
+def _taken_per_worker(lengths: Sequence[int], batches: int) -> list[int]:
+    """Batches taken from each worker when a DataLoader has handed out ``batches``: it takes them from its workers
+    in turn, passing over the workers that have none left."""
+    taken = [0] * len(lengths)
+    while batches > 0 and any(t < n for t, n in zip(taken, lengths, strict=True)):
+        for w, n in enumerate(lengths):
+            if batches > 0 and taken[w] < n:
+                taken[w] += 1
+                batches -= 1
+    return taken
+
+
+def unread_rows(
+    segments: Sequence[Segment], passes: Sequence[Pass], *, epoch: int, seed: int, shuffle: bool, drop_last: bool
+) -> list[Segment]:
+    """The rows of one epoch that ``passes`` had not handed out in a batch, in the epoch's order.
+
+    Pass 0 reads the epoch's ``segments``; each later pass reads the rows the passes before it left. A pass is
+    replayed on row numbers alone, for every rank and worker it had: which rows a batch holds is a function of the
+    seed, the epoch and the sizes (of batches, row groups and the shuffle buffer), never of the values. So the rows
+    left are exact whatever batch size, workers or ranks the resumed run has; with a shuffle buffer they are not
+    the tail of the epoch's order (the buffer mixes rows from up to ``shuffle_buffer`` rows ahead).
+    """
+    order = epoch_order(segments, epoch, seed, shuffle)
+    # row r of segment s is row base[s] + r of one numbering of this split's rows
+    base, total = {}, 0
+    for seg in order:
+        base[(seg.file, seg.group)] = total - seg.start
+        total += seg.rows
+    for index, step in enumerate(passes):
+        if step.batches <= 0:
+            continue
+        seen = [np.zeros(0, dtype=np.int64)]
+        workers = max(step.num_workers, 1)
+        window = step.shuffle_buffer if shuffle else 0
+        for rank in range(step.world_size):
+            plans = [
+                shard(
+                    order,
+                    batch_size=step.batch_size,
+                    rank=rank,
+                    world_size=step.world_size,
+                    worker=w,
+                    num_workers=workers,
+                    drop_last=drop_last,
+                    interleave=not shuffle,
+                )
+                for w in range(workers)
+            ]
+            taken = _taken_per_worker([len(sizes) for _, sizes in plans], step.batches)
+            for w, ((segs, sizes), n) in enumerate(zip(plans, taken, strict=True)):
+                chunks = ({"row": base[(s.file, s.group)] + np.arange(s.start, s.stop)} for s in segs)
+                rng = _pass_rng(seed, epoch, rank, w, index) if shuffle else None
+                seen += [batch["row"] for batch in _rebatch(chunks, sizes[:n], window, rng)]
+        done = np.zeros(total, dtype=bool)
+        done[np.concatenate(seen)] = True
+        rest = []
+        for seg in order:
+            first = base[(seg.file, seg.group)] + seg.start
+            keep = np.concatenate([[False], ~done[first : first + seg.rows], [False]])
+            edges = np.flatnonzero(np.diff(keep.astype(np.int8)))  # starts and stops of the runs kept
+            rest += [
+                Segment(seg.file, seg.group, seg.start + int(a), seg.start + int(b)) for a, b in edges.reshape(-1, 2)
+            ]
+        order = rest
+    return order
+
+
+class WorkerError:
+    """A DataError raised in a DataLoader worker, sent to the main process as if it were a batch: the loader raises
+    it there with its own one-line message (the DataLoader would wrap it in the worker's traceback)."""
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+
+    def raise_(self) -> None:
+        raise DataError(self.message)
+
+
+def _errors_as_batches(batches: Iterator[Any]) -> Iterator[Any]:
+    try:
+        yield from batches
+    except DataError as err:
+        yield WorkerError(str(err))
 
 
 def resolve_rank() -> tuple[int, int]:
@@ -316,8 +444,14 @@ class ParquetStream(IterableDataset):
         self.defer_uint8 = False
         # With defer_uint8: reusable shared buffers for those columns, set by the DataModule's loaders.
         self.slots: BatchSlots | None = None
+        # A worker sends a DataError as a WorkerError batch, which the loader raises (set by the DataModule's loaders).
+        self.errors_as_batches = False
+        # (epoch, the rows its earlier passes left, pass number): set by resume_after, read when that epoch starts.
+        self.resume: tuple[int, list[Segment], int] | None = None
         # Shared memory, so persistent DataLoader workers see the epoch the main process sets.
         self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
+        # Columns whose per-row shape the schema does not tell: every batch must match the first row's.
+        self.row_shapes = {name: index.row_shape(name) for name, layout in self.layouts.items() if layout.shape is None}
 
     @property
     def num_rows(self) -> int:
@@ -347,18 +481,33 @@ class ParquetStream(IterableDataset):
         rank, world = self._rank_world()
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        return self.iter_shard(self.epoch, rank, world, worker, num_workers)
+        batches = self.iter_shard(self.epoch, rank, world, worker, num_workers)
+        return _errors_as_batches(batches) if info is not None and self.errors_as_batches else batches
+
+    def resume_after(self, epoch: int, passes: Sequence[Pass]) -> int:
+        """Make epoch ``epoch`` read only the rows ``passes`` had not handed out (a run resumed mid-epoch), cut into
+        batches of this stream's size; returns how many batches this rank then yields."""
+        rest = unread_rows(
+            self.segments, passes, epoch=epoch, seed=self.seed, shuffle=self.shuffle, drop_last=self.drop_last
+        )
+        self.resume = (epoch, rest, len(passes))
+        rank, world = self._rank_world()
+        return len(rank_batch_sizes(sum(s.rows for s in rest), world, self.batch_size, self.drop_last)[rank])
 
     def iter_shard(
         self, epoch: int, rank: int, world_size: int, worker: int = 0, num_workers: int = 1
     ) -> Iterator[torch.Tensor | dict[str, torch.Tensor]]:
         """The batches of one (rank, worker) in one epoch; ``__iter__`` calls this with the real values."""
+        rows, pass_index, new_order = self.segments, 0, self.shuffle
+        if self.resume is not None and self.resume[0] == epoch:
+            _, rows, pass_index = self.resume
+            new_order = False  # the rows left keep the epoch's order
         segments, sizes = shard(
-            self.segments,
+            rows,
             batch_size=self.batch_size,
             epoch=epoch,
             seed=self.seed,
-            shuffle=self.shuffle,
+            shuffle=new_order,
             rank=rank,
             world_size=world_size,
             worker=worker,
@@ -366,7 +515,7 @@ class ParquetStream(IterableDataset):
             drop_last=self.drop_last,
             interleave=not self.shuffle,
         )
-        rng = np.random.default_rng([self.seed, epoch, rank, worker, 1])
+        rng = _pass_rng(self.seed, epoch, rank, worker, pass_index)
         window = self.shuffle_buffer if self.shuffle else 0
         use_threads = get_worker_info() is None
         for arrays in _rebatch(self._read(segments, use_threads), sizes, window, rng if self.shuffle else None):
@@ -381,7 +530,7 @@ class ParquetStream(IterableDataset):
             for seg in segments:
                 where = f"{self.files[seg.file]} row group {seg.group}"
                 if last is not None and last[0] == (seg.file, seg.group):
-                    yield self._decode(last[1].slice(seg.start, seg.rows), where)
+                    yield self._decode(last[1].slice(seg.start, seg.rows), where, seg.start)
                     continue
                 if seg.file not in handles:
                     if len(handles) >= 8:
@@ -397,13 +546,31 @@ class ParquetStream(IterableDataset):
                 last = ((seg.file, seg.group), table)
                 if seg.start or seg.stop != table.num_rows:
                     table = table.slice(seg.start, seg.rows)
-                yield self._decode(table, where)
+                yield self._decode(table, where, seg.start)
         finally:  # also when the consumer stops early (limit_*_batches, an exception, a closed generator)
             for handle in handles.values():
                 handle.close()
 
-    def _decode(self, table: pa.Table, where: str) -> dict[str, np.ndarray]:
-        return {name: layout.decode(table.column(name), where) for name, layout in self.layouts.items()}
+    def _decode(self, table: pa.Table, where: str, first_row: int) -> dict[str, np.ndarray]:
+        """Each column of rows ``first_row, ...`` of the row group at ``where``, checked: values the model can take
+        (see :func:`~spherinator.data.layout.check_values`), the shape of the first row where the schema has none."""
+        arrays = {}
+        for name, layout in self.layouts.items():
+            array = layout.decode(table.column(name), where, first_row)
+            check_values(array, layout, where, first_row)
+            if name in self.row_shapes and len(array) and array.shape[1:] != self.row_shapes[name][0]:
+                shape, first = self.row_shapes[name]
+                hint = (
+                    "make them one size, e.g. `python tools/make_dataset.py convert --size 128 ...`"
+                    if layout.kind == "encoded"
+                    else f"store rows of one shape (pad, crop or resample them) and record it as {name}_shape metadata"
+                )
+                raise DataError(
+                    f"{where}: column {name!r} holds rows of shape {tuple(array.shape[1:])}, but {first} holds "
+                    f"{shape} (without {name}_shape metadata the first row sets the shape of all); {hint}"
+                )
+            arrays[name] = array
+        return arrays
 
     def deferred_columns(self) -> dict[str, tuple[int, ...] | None]:
         """Columns a worker sends as uint8 for the loader to scale (see ``defer_uint8``), with their sample shape

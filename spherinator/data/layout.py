@@ -198,23 +198,24 @@ class ColumnLayout:
 
     # -- decoding ------------------------------------------------------------------------------------------------
 
-    def decode(self, column: pa.ChunkedArray | pa.Array, where: str) -> np.ndarray:
+    def decode(self, column: pa.ChunkedArray | pa.Array, where: str, first_row: int = 0) -> np.ndarray:
         """One record batch of this column as a numpy array ``(N, *shape)`` (a view of Arrow memory if possible).
 
-        ``where`` names the file and row group for error messages.
+        ``where`` names the file and row group for error messages, ``first_row`` the row of it the batch starts at.
         """
         if isinstance(column, pa.ChunkedArray):
             chunks = column.chunks
             if len(chunks) == 1:
-                return self._decode_array(chunks[0], where)
+                return self._decode_array(chunks[0], where, first_row)
             if not chunks:
-                return self._decode_array(pa.array([], type=column.type), where)
-            return np.concatenate([self._decode_array(c, where) for c in chunks])
-        return self._decode_array(column, where)
+                return self._decode_array(pa.array([], type=column.type), where, first_row)
+            starts = np.cumsum([0] + [len(c) for c in chunks]) + first_row
+            return np.concatenate([self._decode_array(c, where, int(a)) for c, a in zip(chunks, starts, strict=False)])
+        return self._decode_array(column, where, first_row)
 
-    def _decode_array(self, arr: pa.Array, where: str) -> np.ndarray:
+    def _decode_array(self, arr: pa.Array, where: str, first_row: int = 0) -> np.ndarray:
         if arr.null_count:
-            first = int(np.flatnonzero(~np.asarray(arr.is_valid()))[0])
+            first = first_row + int(np.flatnonzero(~np.asarray(arr.is_valid()))[0])
             raise DataError(
                 f"{where}: column {self.name!r} has {arr.null_count} null rows (first: row {first}); "
                 f"remove those rows or fill them before training"
@@ -288,6 +289,52 @@ class ColumnLayout:
                 )
             return values.reshape(n, *self.shape)
         return values.reshape(n, *dims)
+
+
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+INT64_MAX = np.iinfo(np.int64).max
+
+
+def check_values(array: np.ndarray, layout: ColumnLayout, where: str, first_row: int = 0) -> None:
+    """Raise a DataError naming the column, the place and the first bad row when the values of one decoded record
+    batch cannot reach the model as they are.
+
+    Floating array columns must be finite, and within float32 (what the model computes in) when stored wider: a NaN
+    would otherwise surface mid-epoch as an error about the Power Spherical ``loc``, or train on as NaN weights.
+    uint64 scalars must fit int64 (they would wrap to negative ids). ``first_row``: the row of the row group at
+    which ``array`` starts. Floating scalar columns (catalogue values such as a redshift) may hold NaN for missing.
+    """
+    kind = array.dtype.kind
+    if not array.size or kind not in "fu":
+        return
+    if kind == "u":
+        if array.dtype.itemsize == 8 and not layout.is_tensor and array.max() > INT64_MAX:
+            row = int(np.flatnonzero(array > INT64_MAX)[0])
+            raise DataError(
+                f"{where}: column {layout.name!r} row {first_row + row} holds {int(array[row])}, beyond int64 (the "
+                f"dtype integer columns become); store it as int64 (e.g. ids below 2**63) or leave it out of `columns`"
+            )
+        return
+    if not layout.is_tensor:
+        return
+    # min and max propagate NaN and show +-inf: two passes without a temporary, the cheapest full check (a NaN
+    # fails both comparisons)
+    lo, hi = float(array.min()), float(array.max())
+    if lo >= -FLOAT32_MAX and hi <= FLOAT32_MAX:
+        return
+    flat = array.reshape(len(array), -1)
+    bad = ~np.isfinite(flat)
+    wide = not bad.any()  # finite, but beyond float32
+    if wide:
+        bad = np.abs(flat) > FLOAT32_MAX
+    rows = np.flatnonzero(bad.any(axis=1))
+    value = float(flat[rows[0]][bad[rows[0]]][0])
+    what = f"{value:g} (beyond float32, which the model computes in)" if wide else f"{value:g}"
+    fix = "rescale the column" if wide else "drop or repair those rows (e.g. np.nan_to_num) before training"
+    raise DataError(
+        f"{where}: column {layout.name!r} row {first_row + int(rows[0])} holds {what}, and {rows.size} of the "
+        f"{len(array)} rows read there hold such values; {fix}"
+    )
 
 
 def decode_images(arr: pa.Array, name: str, where: str) -> np.ndarray:
