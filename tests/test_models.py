@@ -420,3 +420,122 @@ def test_loss_weights_and_the_kl_schedule_refuse_negative_or_non_finite_values()
         KLAnnealing(start=-1e-3, end=1e-3)
     with pytest.raises(ValueError, match="KLAnnealing: end is inf"):
         KLAnnealing(end=math.inf)
+
+
+# ---- a NaN/inf loss or gradient stops the run before the weights take it (issue #11) ---------------------------
+
+
+class _NanOnCall(nn.Module):
+    """MSE, but ``bad`` (NaN by default) on the ``n``-th call: a training that diverges at a known step."""
+
+    def __init__(self, n: int, bad: float = math.nan) -> None:
+        super().__init__()
+        self.n, self.bad, self.calls = n, bad, 0
+
+    def forward(self, prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        loss = nn.functional.mse_loss(prediction, target)
+        return loss * self.bad if self.calls == self.n else loss
+
+
+class _NanGradient(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * math.nan
+
+
+class _NanGradientOnCall(_NanOnCall):
+    def forward(self, prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        if self.calls == self.n:
+            prediction = _NanGradient.apply(prediction)  # the loss stays finite
+        return nn.functional.mse_loss(prediction, target)
+
+
+def _fit_to_divergence(tmp_path, model, data, every: int = 1, **trainer_args) -> str:
+    """Fit with checkpoints after every step, at the end and on the exception; the error's message. Every
+    checkpoint left must hold finite values, and the model finite weights."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from spherinator.cli import user_error
+    from spherinator.models.autoencoder import NonFiniteLossError
+
+    checkpoints = ModelCheckpoint(
+        dirpath=tmp_path / "ckpt", every_n_train_steps=every, save_top_k=-1, save_last=True, save_on_exception=True
+    )
+    trainer = _trainer(tmp_path, max_steps=20, enable_checkpointing=True, callbacks=[checkpoints], **trainer_args)
+    with pytest.raises(NonFiniteLossError) as info:
+        trainer.fit(model, data)
+    assert user_error(info.value) is info.value  # the CLI prints it as one line
+    saved = sorted((tmp_path / "ckpt").glob("*.ckpt"))
+    assert saved, "the steps before the divergence left their checkpoints"
+    for path in saved:
+        state = torch.load(path, weights_only=False)["state_dict"]
+        assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point()), path.name
+    assert all(torch.isfinite(p).all() for p in model.parameters())  # the weights never took the step
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_a_non_finite_reconstruction_loss_stops_training_and_names_step_term_and_fix(tmp_path, bad):
+    # (before: training went on with NaN weights and saved them in every later checkpoint)
+    torch.manual_seed(0)
+    model = vae_1d(reconstruction_loss=_NanOnCall(4, bad))
+    message = _fit_to_divergence(tmp_path, model, DataLoader(torch.rand(32, 1, 32), batch_size=4))
+    assert f"train batch 3 of epoch 0 (step 3): the reconstruction loss is {bad} (KL term " in message
+    assert "before this step changes the weights" in message
+    assert "optimizer.init_args.lr, now 0.001" in message and "gradient_clip_val" in message
+
+
+def test_a_non_finite_kl_term_is_named(tmp_path, monkeypatch):
+    from spherinator.models import autoencoder
+
+    calls, kl_divergence = [], autoencoder.kl_divergence
+
+    def kl_inf_on_third(q, p):
+        calls.append(1)
+        return kl_divergence(q, p) * (math.inf if len(calls) == 3 else 1.0)
+
+    monkeypatch.setattr(autoencoder, "kl_divergence", kl_inf_on_third)
+    torch.manual_seed(0)
+    message = _fit_to_divergence(tmp_path, vae_1d(), DataLoader(torch.rand(32, 1, 32), batch_size=4))
+    assert "train batch 2 of epoch 0 (step 2): the KL term is inf (reconstruction loss " in message
+
+
+def test_a_finite_loss_with_non_finite_gradients_stops_before_the_optimizer_step(tmp_path):
+    torch.manual_seed(0)
+    model = Autoencoder(encoder_1d(), decoder_1d(), reconstruction_loss=_NanGradientOnCall(3))
+    message = _fit_to_divergence(tmp_path, model, DataLoader(torch.rand(32, 1, 32), batch_size=4))
+    assert "train batch 2 of epoch 0 (step 2): the loss is finite (reconstruction loss " in message
+    assert "but the gradient of 'encoder.cnn.0." in message
+
+
+def test_a_forward_pass_that_overflows_leaves_no_checkpoint_of_its_batchnorm_statistics(tmp_path):
+    # values of extreme size (finite, so the data check lets them through) overflow BatchNorm's variance: the
+    # refused step's forward pass has already written inf into the running statistics, and the checkpoint on the
+    # exception (the last one was at step 2) would save them
+    torch.manual_seed(0)
+    model = vae_2d()
+    images = torch.rand(16, 3, 16, 16)
+    images[12:16] = 1e30
+    message = _fit_to_divergence(tmp_path, model, DataLoader(images, batch_size=4), every=2)
+    assert message.startswith("not saving a checkpoint at step 3: 'encoder.")
+    assert "is not finite after train batch 3 of epoch 0 (step 3): the reconstruction loss is " in message
+
+
+def test_a_non_finite_validation_loss_is_named(tmp_path):
+    torch.manual_seed(0)
+    model = vae_1d()
+    val = torch.rand(8, 1, 32)
+    val[5] = 1e30
+    trainer = _trainer(tmp_path, max_steps=2, num_sanity_val_steps=0)
+    from spherinator.models.autoencoder import NonFiniteLossError
+
+    with pytest.raises(NonFiniteLossError, match=r"val batch 1 of epoch 0: the reconstruction loss is inf .*val data"):
+        trainer.fit(model, DataLoader(torch.rand(8, 1, 32), batch_size=4), DataLoader(val, batch_size=4))

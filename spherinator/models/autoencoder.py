@@ -16,6 +16,17 @@ from torch.distributions import kl_divergence
 from spherinator.distributions import HypersphericalUniform, PowerSpherical
 from spherinator.models._shapes import dry_forward, param_device_dtype
 from spherinator.models.variational_encoder import VariationalEncoder
+from spherinator.shapes import ConfigError
+
+
+class NonFiniteLossError(ConfigError):
+    """Training or evaluation reached a NaN/inf loss or gradient; the run stops before the weights take it.
+
+    A ConfigError (the CLI prints it as one line): the usual cause is a learning rate too high for the model, the
+    other one data of extreme size (NaN/inf in the data are refused when they are read)."""
+
+
+_TERMS = {"loss": "reconstruction loss", "recon": "reconstruction loss", "kl": "KL term"}
 
 
 @contextmanager
@@ -111,18 +122,93 @@ class _AutoencoderBase(pl.LightningModule):
             self.input_dim = tuple(x.shape[1:])
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        self._batch_idx = batch_idx
         return self._shared_step(batch, "train")
 
     def validation_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        self._batch_idx = batch_idx
         return self._shared_step(batch, "val")
 
     def test_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        self._batch_idx = batch_idx
         return self._shared_step(batch, "test")
 
     def _log_losses(self, stage: str, batch_size: int, **losses: torch.Tensor) -> None:
         for suffix, value in losses.items():
             name = f"{stage}_{suffix}" if suffix != "loss" else f"{stage}_loss"
             self.log(name, value, batch_size=batch_size, prog_bar=suffix == "loss", sync_dist=stage != "train")
+        self._check_finite(stage, {k: v for k, v in losses.items() if k != "loss"} or losses)  # the terms
+
+    # A NaN/inf loss stops the run with a NonFiniteLossError before it reaches the weights. Validation and test
+    # check at once; training checks the step's loss terms together with its gradients just before the optimizer
+    # step (one synchronisation per step, after the backward pass is queued): raising there keeps the weights of the
+    # last good step, where trainer.should_stop would let this step write NaN into them and the end-of-fit
+    # checkpoints save them.
+    def _check_finite(self, stage: str, terms: dict[str, torch.Tensor]) -> None:
+        if stage == "train":
+            self._train_terms = {k: v.detach() for k, v in terms.items()}
+            return
+        if not bool(torch.isfinite(torch.stack([t.detach().float() for t in terms.values()])).all()):
+            raise NonFiniteLossError(self._diverged(stage, terms))
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        terms, self._train_terms = getattr(self, "_train_terms", None), None
+        if not terms:
+            return
+        values = [t.float().reshape(()) for t in terms.values()]
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        # fp16 AMP skips steps with inf gradients by design (its GradScaler): there, check the loss only
+        scaler = getattr(self._trainer.precision_plugin, "scaler", None) if self._trainer is not None else None
+        if grads and scaler is None:
+            values.append(torch.nn.utils.get_total_norm(grads, math.inf).to(values[0]))  # max |g|: NaN/inf stay
+        if not bool(torch.isfinite(torch.stack(values)).all()):
+            raise NonFiniteLossError(self._diverged("train", terms))
+
+    def _diverged(self, stage: str, terms: dict[str, torch.Tensor]) -> str:
+        """The one-line message (where, which term or gradient, what to try), remembered for on_save_checkpoint."""
+        self._divergence = self._divergence_message(stage, terms)
+        return self._divergence
+
+    def _divergence_message(self, stage: str, terms: dict[str, torch.Tensor]) -> str:
+        shown = {_TERMS.get(k, k): float(v) for k, v in terms.items()}
+        bad = [name for name, value in shown.items() if not math.isfinite(value)]
+        others = ", ".join(f"{name} {value:.4g}" for name, value in shown.items() if name not in bad)
+        if bad:
+            what = " and ".join(f"the {name} is {shown[name]}" for name in bad) + (f" ({others})" if others else "")
+        else:
+            bad_grads = (n for n, p in self.named_parameters() if p.grad is not None and not p.grad.isfinite().all())
+            name = next(bad_grads, "?")
+            what = f"the loss is finite ({others}) but the gradient of {name!r} is not"
+        where = f"{stage} batch {getattr(self, '_batch_idx', '?')} of epoch {self.current_epoch}"
+        if stage != "train":
+            return (
+                f"{where}: {what}; training had finite losses up to step {self.global_step}, so look at the {stage} "
+                f"data for values of extreme size (rescale or normalise them)"
+            )
+        lr = ""
+        if self._trainer is not None and self.trainer.optimizers:
+            lr = f", now {self.trainer.optimizers[0].param_groups[0]['lr']:g}"
+        return (
+            f"{where} (step {self.global_step}): {what}; the run stops before this step changes the weights. Lower "
+            f"the learning rate (optimizer.init_args.lr{lr}), clip gradients (trainer.gradient_clip_val, e.g. 1.0), "
+            f"or look at the data for values of extreme size"
+        )
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse to write non-finite weights (BatchNorm statistics, say, of the forward pass of a step refused)."""
+        state = [(k, v) for k, v in checkpoint.get("state_dict", {}).items() if v.is_floating_point() and v.numel()]
+        if not state or bool(torch.stack([v.isfinite().all() for _, v in state]).all()):
+            return
+        name = next(k for k, v in state if not v.isfinite().all())
+        reason = getattr(self, "_divergence", None)
+        raise NonFiniteLossError(
+            f"not saving a checkpoint at step {self.global_step}: {name!r} is not finite"
+            + (
+                f" after {reason}"
+                if reason
+                else "; lower the learning rate or clip gradients (trainer.gradient_clip_val)"
+            )
+        )
 
     def _shared_step(self, batch: Any, stage: str) -> torch.Tensor:
         raise NotImplementedError
