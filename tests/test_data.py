@@ -676,6 +676,20 @@ def test_a_row_group_read_from_its_middle_names_the_row_of_the_row_group(tmp_pat
         list(dm.train_dataloader())
 
 
+def test_the_finiteness_check_passes_finite_values_whose_sum_overflows_and_checks_any_byte_order():
+    from spherinator.data.layout import ColumnLayout, check_values
+
+    def check(array):
+        check_values(array, ColumnLayout("data", "raw", array.shape[1:], array.dtype), "x.parquet row group 0")
+
+    check(np.full((4, 8), 3e38, dtype=np.float32))  # finite: only the fast path's sum overflows
+    big_endian = np.ones((4, 8), dtype=">f4")
+    check(big_endian)
+    big_endian[2, 5] = np.inf
+    with pytest.raises(DataError, match="row group 0: column 'data' row 2 holds inf"):
+        check(big_endian)
+
+
 @pytest.mark.parametrize("persistent", [True, False])
 def test_a_data_error_in_a_worker_reaches_the_main_process_as_its_one_line_message(tmp_path, persistent):
     # (before: a DataError from a worker read "Caught DataError in DataLoader worker process 0. Original Traceback...")

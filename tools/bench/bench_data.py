@@ -9,6 +9,8 @@ and the list layout (fixed-size list of uint8 + shape metadata, how existing Sph
 
 and prints samples/s with the ratios dm/raw and dm/naive, the end-to-end speed-up of the fast layout over the
 list layout, and the resident memory while streaming (several epochs) many times more rows than the shuffle buffer.
+With ``--float32`` it also stores the images as float32 in [0, 1] (fast layout) and measures what the check of
+floating columns for NaN/inf costs: the DataModule with the check and with it switched off, alternately.
 
     python tools/bench/bench_data.py                 # ~1-2 minutes on 2 cores (the first run writes the data)
     python tools/bench/bench_data.py --rows 6144 --compression none
@@ -38,11 +40,14 @@ from tools.make_dataset import synthetic_galaxies  # noqa: E402
 SHAPE = (3, 128, 128)
 
 
-def make_data(root: Path, rows: int, rows_per_group: int, compression: str) -> dict[str, Path]:
-    """The same galaxies in both layouts under ``root`` (reused when already there)."""
+def make_data(
+    root: Path, rows: int, rows_per_group: int, compression: str, layouts: tuple[str, ...] = ("fast", "list"),
+    dtype: str = "uint8",
+) -> dict[str, Path]:  # fmt: skip
+    """The same galaxies in each layout under ``root`` (reused when already there); float32 ones in [0, 1]."""
     paths = {}
-    for layout in ("fast", "list"):
-        path = root / f"{layout}-{compression}-{rows}-{rows_per_group}"
+    for layout in layouts:
+        path = root / (f"{layout}-{compression}-{rows}-{rows_per_group}" + ("" if dtype == "uint8" else f"-{dtype}"))
         paths[layout] = path
         if path.exists():
             continue
@@ -54,6 +59,8 @@ def make_data(root: Path, rows: int, rows_per_group: int, compression: str) -> d
             for start in range(0, rows, 256):
                 n = min(256, rows - start)
                 images = synthetic_galaxies(n, SHAPE[-1], rng)["data"]
+                if dtype != "uint8":
+                    images = (images / np.float32(255)).astype(dtype)
                 writer.write({"data": images, "id": np.arange(start, start + n)})
         tmp.rename(path)
     return paths
@@ -151,6 +158,36 @@ def _rss_points(path: str, shuffle_buffer: int, batch_size: int, epochs: int) ->
     return points
 
 
+def check_cost(path: Path, batch_size: int, repeats: int) -> dict[str, float]:
+    """Images/s of the DataModule on float data with the NaN/inf check and with it switched off (0 and 2 workers,
+    measured alternately; forked workers inherit the switch), and the check's own time per batch."""
+    from spherinator.data import dataset
+
+    check = dataset.check_values
+    rates: dict[str, list[float]] = {}
+    for _ in range(repeats):
+        for on in (True, False):
+            dataset.check_values = check if on else (lambda *args: None)
+            try:
+                for workers in (0, 2):
+                    key = f"dm{workers}_{'on' if on else 'off'}"
+                    rates.setdefault(key, []).append(datamodule_rate(path, workers, batch_size))
+            finally:
+                dataset.check_values = check
+    out = {key: max(values) for key, values in rates.items()}
+    from spherinator.data import ParquetIndex
+
+    index = ParquetIndex(path, ["data"])
+    layout = index.layouts["data"]
+    with pq.ParquetFile(index.files[0]) as pf:
+        array = layout.decode(pf.read_row_group(0, columns=["data"]).column(0), "bench")[:batch_size]
+    start, n = time.perf_counter(), 50
+    for _ in range(n):
+        check(array, layout, "bench")
+    out["check_ms"] = (time.perf_counter() - start) / n * 1e3
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=3072, help="images per layout (default 3072)")
@@ -162,8 +199,24 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--shuffle-buffer", type=int, default=256, help="for the memory run (default 256 rows)")
     parser.add_argument("--rss-epochs", type=int, default=4, help="epochs the memory run streams (default 4)")
     parser.add_argument("--data-dir", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "spherinator-bench")
+    parser.add_argument("--float32", action="store_true", help="also: the cost of the NaN/inf check on float32 data")
+    parser.add_argument("--only-float32", action="store_true", help="only the float32 check figures")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
+    if args.float32 or args.only_float32:
+        t0 = time.perf_counter()
+        (path,) = make_data(
+            args.data_dir, args.rows, args.rows_per_group, args.compression, ("fast",), "float32"
+        ).values()
+        r = check_cost(path, args.batch_size, args.repeats)
+        print(
+            f"float32 {args.rows} x {SHAPE}, fast layout, batch {args.batch_size}: NaN/inf check "
+            f"{r['check_ms']:.2f} ms per batch; img/s with / without it: 0 workers {r['dm0_on']:.0f} / "
+            f"{r['dm0_off']:.0f} ({r['dm0_on'] / r['dm0_off']:.2f}x), 2 workers {r['dm2_on']:.0f} / "
+            f"{r['dm2_off']:.0f} ({r['dm2_on'] / r['dm2_off']:.2f}x); {time.perf_counter() - t0:.0f} s\n"
+        )
+        if args.only_float32:
+            return
 
     t0 = time.perf_counter()
     paths = make_data(args.data_dir, args.rows, args.rows_per_group, args.compression)
