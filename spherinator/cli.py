@@ -356,8 +356,8 @@ def _did_you_mean(name: str, accepted: str | list[str], list_all: bool = True) -
 def user_error(err: BaseException) -> BaseException | None:
     """The error in ``err``'s chain that bad input caused, else None (a bug: keep the traceback).
 
-    ConfigError and DataError are bad input by definition, and so is Lightning's MisconfigurationException (what
-    the Trainer raises for ``max_epochs: -3``). A class that refuses its arguments while jsonargparse
+    ConfigError and DataError are bad input by definition, and so is Lightning's MisconfigurationException (e.g.
+    a ModelCheckpoint monitoring a metric that is never logged). A class that refuses its arguments while jsonargparse
     builds it (a model's ``ValueError("z_dim must be >= 2 ...")``) reaches us wrapped in jsonargparse's
     "Does not validate against any of the Union subtypes"; the refusal itself is the message to show.
     """
