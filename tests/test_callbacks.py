@@ -374,3 +374,19 @@ def test_latent_sphere_map_is_coloured_by_a_column(tmp_path):
     tensors = DataLoader(torch.rand(40, 3, 16, 16), batch_size=20)
     with pytest.warns(UserWarning, match="color_column 'label' is not a per-row column"):
         trainer(tmp_path, [LogLatentSphere(color_column="label")]).validate(model, tensors, verbose=False)
+
+
+def test_sphere_figures_reach_a_tasks_summary_and_the_status_table(tmp_path, capsys):
+    from spherinator.submit import launch
+    from spherinator.submit.task import _metrics, write_summary
+
+    data = DataLoader(_Rows(), batch_size=50)
+    run = trainer(tmp_path, [SphereQuality(label_column="label")], limit_train_batches=1)
+    run.fit(sphere_vae(False), data, data)
+    (tmp_path / "task").mkdir()
+    write_summary(tmp_path / "task", state="COMPLETED", epoch=1, metrics=_metrics(run))  # what TrainingTask writes
+    manifest = {"tasks": [{"index": 0, "name": "task", "params": {}}], "submissions": []}
+    (row,) = launch.task_rows(tmp_path, manifest)
+    assert re.fullmatch(r"coverage \d+% knn 0\.9\d\d", row["sphere"])
+    launch._print_table([row])
+    assert "SPHERE" in capsys.readouterr().out

@@ -265,8 +265,12 @@ def slurm_states(job_ids: list[str]) -> dict[str, str]:
     return states
 
 
+_SPHERE_FIGURES = (("val_coverage", "coverage", ".0%"), ("val_knn_accuracy", "knn", ".3f"))
+
+
 def task_rows(sweep_dir: Path, manifest: dict[str, Any]) -> list[dict[str, Any]]:
-    """One row per task: params, latest job id, Slurm state, epoch, best metric, ONNX validated."""
+    """One row per task: params, latest job id, Slurm state, epoch, best metric, the sphere's last coverage and kNN
+    accuracy (logged by ``spherinator.callbacks.SphereQuality``), ONNX validated."""
     latest: dict[str, str] = {}
     for submission in manifest.get("submissions", []):
         latest.update(submission["jobs"])
@@ -280,17 +284,19 @@ def task_rows(sweep_dir: Path, manifest: dict[str, Any]) -> list[dict[str, Any]]
             state = summary.get("state", "UNKNOWN") if job else "NOT SUBMITTED"
         best = summary.get("best") or {}
         onnx = summary.get("onnx") or {}
+        metrics = summary.get("metrics") or {}
+        sphere = [f"{name} {metrics[key]:{spec}}" for key, name, spec in _SPHERE_FIGURES if key in metrics]
         rows.append({
             "index": task["index"], "task": task["name"], "params": task["params"], "job": job or "-",
             "state": state, "summary_state": summary.get("state"), "epoch": summary.get("epoch"),
             "best": f"{best['monitor']}={best['value']:.4g}" if best.get("monitor") else "-",
-            "onnx": ("yes" if onnx.get("validated") else "no") if onnx else "-",
+            "sphere": " ".join(sphere) or "-", "onnx": ("yes" if onnx.get("validated") else "no") if onnx else "-",
         })  # fmt: skip
     return rows
 
 
 def _print_table(rows: list[dict[str, Any]]) -> None:
-    columns = ["task", "job", "state", "epoch", "best", "onnx"]
+    columns = ["task", "job", "state", "epoch", "best", "sphere", "onnx"]
     cells = [[str(r[c] if r[c] is not None else "-") for c in columns] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
     print("  ".join(c.upper().ljust(w) for c, w in zip(columns, widths, strict=True)))
