@@ -197,3 +197,22 @@ def test_make_dataset_runs_as_a_script_with_help(tmp_path):
         cwd=tmp_path,
     )
     assert "--count" in out.stdout and "--rows-per-group" in out.stdout and "--compression" in out.stdout
+
+
+def test_digits_are_upsampled_with_their_labels(tmp_path):
+    from sklearn.datasets import load_digits
+
+    assert make_dataset.main(["digits", "--out", str(tmp_path), "--quiet"]) == 0
+    schema = pq.read_schema(sorted(tmp_path.glob("*.parquet"))[0])
+    assert schema.field("data").type == pa.binary(32 * 32) and schema.metadata[b"data_shape"] == b"(1,32,32)"
+    rows = _all_rows(tmp_path, ["data", "label", "id"])
+    digits = load_digits()
+    assert rows["data"].shape == (1797, 1, 32, 32) and rows["id"].tolist() == list(range(1797))
+    assert rows["label"].tolist() == digits.target.tolist()
+    # each 4x4 block's mean follows the 8x8 digit (bilinear upsampling blurs it a little; 16 -> 1 after scaling)
+    blocks = rows["data"].reshape(1797, 8, 4, 8, 4).mean((2, 4))
+    original = torch.from_numpy(digits.images).float() / 16
+    assert torch.corrcoef(torch.stack([blocks.flatten(), original.flatten()]))[0, 1] > 0.95
+    assert rows["data"].max() == 1.0
+    assert make_dataset.main(["digits", "--out", str(tmp_path / "eight"), "--size", "8", "--quiet"]) == 0
+    torch.testing.assert_close(_all_rows(tmp_path / "eight", ["data"])["data"][:, 0], original, atol=0.6 / 255, rtol=0)

@@ -3,6 +3,7 @@
 Subcommands:
     synthetic  galaxy-like images (Sersic bulge + disk, PSF, noise); the generating parameters as extra columns
     hubble     cutouts around the sources of the Hubble Deep Field image that scikit-image ships
+    digits     scikit-learn's 1,797 labelled 8x8 handwritten digits, upsampled (a ``label`` column, 10 classes)
     images     a folder of PNG/JPEG/FITS/NPY files
     convert    any layout the DataModule reads (lists + shape metadata, fixed_shape_tensor, encoded images) to
                the fast layout, checked at the end (row count and checksum)
@@ -14,6 +15,7 @@ and ``--rows-per-group`` rows per row group.
 Examples:
     python tools/make_dataset.py synthetic --out data/demo --count 2048 --size 64
     python tools/make_dataset.py hubble --out data/hubble --size 64
+    python tools/make_dataset.py digits --out data/digits --size 32
     python tools/make_dataset.py images --out data/mine --input pictures/ --size 128
     python tools/make_dataset.py convert --input data/legacy --out data/legacy-fast --compression zstd
 """
@@ -157,6 +159,26 @@ def hubble_cutouts(size: int, min_area: int, augment: bool) -> dict[str, np.ndar
         "area": area.astype(np.int64),
         "flux": flux.astype(np.float32),
         "variant": variant,
+    }
+
+
+# -- handwritten digits -----------------------------------------------------------------------------------------------
+
+
+def digits(size: int) -> dict[str, np.ndarray]:
+    """scikit-learn's ``load_digits()`` (1,797 8x8 images of the digits 0-9, values 0-16; shipped in the wheel, no
+    download) as ``(1797, 1, size, size)`` uint8 images (bilinear upsampling, 16 -> 255), with ``label`` (the digit)
+    and ``id`` (the row in ``load_digits``)."""
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    images = bunch.images.astype(np.float32)[:, None] * (255.0 / 16.0)  # (N, 1, 8, 8)
+    if size != images.shape[-1]:
+        images = resize(images, size)
+    return {
+        "data": np.clip(np.round(images), 0, 255).astype(np.uint8),
+        "label": bunch.target.astype(np.int64),
+        "id": np.arange(len(images), dtype=np.int64),
     }
 
 
@@ -391,6 +413,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-area", type=int, default=30, help="smallest source in pixels (default 30)")
     p.add_argument("--augment", action="store_true", help="add the 7 other rotations/flips of each stamp")
 
+    p = sub.add_parser("digits", parents=[common], help="scikit-learn's labelled 8x8 digits, upsampled")
+    p.add_argument("--size", type=int, default=32, help="image width and height in pixels (default 32)")
+
     p = sub.add_parser("images", parents=[common], help="a folder of PNG/JPEG/FITS/NPY files")
     p.add_argument("--input", type=Path, required=True, help="folder searched recursively")
     p.add_argument("--size", type=int, default=None, help="resize every image to SIZE x SIZE")
@@ -411,6 +436,11 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "hubble":
             cutouts = hubble_cutouts(args.size, args.min_area, args.augment)
             _write(args, [cutouts], len(cutouts["data"]))
+        elif args.command == "digits":
+            if args.size < 1:
+                raise DataError(f"--size {args.size} must be at least 1 pixel")
+            rows = digits(args.size)
+            _write(args, [rows], len(rows["data"]))
         elif args.command == "images":
             if not args.input.is_dir():
                 raise DataError(f"--input {args.input} is not a directory")
