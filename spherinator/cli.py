@@ -268,6 +268,11 @@ def main(args: list[str] | None = None) -> None:
 
         export_main(argv[1:])
         return
+    if argv and argv[0] == "evaluate":
+        from spherinator.evaluate import main as evaluate_main
+
+        evaluate_main(argv[1:])
+        return
     try:
         # Parse errors are raised, not printed after ~50 lines of usage: the one line below says what matters.
         SpherinatorCLI(args=args, parser_kwargs={"exit_on_error": False})

@@ -1,0 +1,250 @@
+"""``spherinator evaluate``: how good is the sphere a checkpoint learned? Encodes every row of the data and reports
+coverage, concentration, kNN accuracy of a label, kNN R^2 of per-row columns and trustworthiness, beside the same
+figures for PCA of the inputs onto S^2 and kNN on the raw inputs (see :mod:`spherinator.metrics`).
+
+``spherinator evaluate -c model.yaml -c data.yaml --ckpt_path last.ckpt --label-column label --columns a,b``
+composes the configs exactly as ``spherinator fit`` does (the model comes from the checkpoint), prints a table and
+writes ``sphere_report.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from argparse import ArgumentError
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+REPORT_NAME = "sphere_report.json"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The arguments ``spherinator evaluate`` takes itself; everything else goes to the config parser of fit."""
+    parser = argparse.ArgumentParser(
+        prog="spherinator evaluate",
+        description="Figures of the sphere a checkpoint learned, beside PCA of the inputs onto S^2. Other "
+        "arguments (-c files, --data.init_args.path ...) compose as for 'spherinator fit'.",
+        allow_abbrev=False,
+    )
+    parser.add_argument("--ckpt_path", "--ckpt-path", required=True, help="checkpoint written by 'spherinator fit'")
+    parser.add_argument("--label-column", "--label_column", default=None, help="class label column: kNN-5 accuracy")
+    parser.add_argument(
+        "--columns", default="", help="comma-separated per-row columns (e.g. bulge_fraction,axis_ratio): kNN-10 R^2"
+    )
+    parser.add_argument(
+        "--out", type=Path, default=None, help=f"directory for {REPORT_NAME} (default: the checkpoint's run directory)"
+    )
+    parser.add_argument(
+        "--max-rows", "--max_rows", type=int, default=5000,
+        help="use at most this many rows, drawn with --seed (the baselines hold their inputs in memory; "
+        "default: %(default)s)",
+    )  # fmt: skip
+    parser.add_argument("--seed", type=int, default=0, help="seed of the row sample (default: %(default)s)")
+    parser.add_argument("--device", default=None, help="torch device to encode on (default: cuda if available)")
+    return parser
+
+
+def load(cli_args: list[str], ckpt_path: str, extra_columns: list[str]) -> tuple[Any, Any]:
+    """The checkpoint's model (weights loaded, eval mode) and the configs' datamodule, composed as ``spherinator
+    predict`` composes them; the datamodule returns dicts holding ``extra_columns``."""
+    from spherinator.cli import SpherinatorCLI
+    from spherinator.data import Column, DataModule
+    from spherinator.shapes import ConfigError
+
+    class _BuildOnly(SpherinatorCLI):
+        def _run_subcommand(self, subcommand: str) -> None:
+            pass  # parse, build model and data; run nothing
+
+    cli = _BuildOnly(
+        args=["predict", *cli_args, "--ckpt_path", ckpt_path],
+        parser_kwargs={"exit_on_error": False},
+        save_config_callback=None,
+    )
+    model, datamodule = cli.model, cli.datamodule
+    if extra_columns:
+        if not isinstance(datamodule, DataModule):
+            raise ConfigError(
+                f"--label-column/--columns need the data to be spherinator.data.DataModule, got "
+                f"{type(datamodule).__name__}; leave them out or use DataModule"
+            )
+        if datamodule.columns is not None:
+            have = [c.name for c in datamodule.columns]
+            datamodule.columns += [Column(name) for name in extra_columns if name not in have]
+        datamodule.return_dict = True
+    state = torch.load(ckpt_path, map_location="cpu", weights_only=True)["state_dict"]
+    model.load_state_dict(state)
+    return model.eval(), datamodule
+
+
+def encode(
+    model: Any, datamodule: Any, keep: list[str], max_rows: int, seed: int, device: torch.device
+) -> tuple[dict[str, np.ndarray], int]:
+    """Every row of the data (all splits, file order) through the encoder, with a progress bar.
+
+    Returns ``location``, ``scale`` (VAE), ``kl`` (VAE), ``inputs`` (flattened) and the ``keep`` columns of at most
+    ``max_rows`` rows drawn with ``seed``, and the number of rows in the data.
+    """
+    from tqdm import tqdm
+
+    from spherinator.callbacks.sphere_quality import encode_rows, kl_per_row
+    from spherinator.models.autoencoder import model_input
+
+    datamodule.setup("predict")
+    total = datamodule.split_rows("predict")
+    chosen = None if total <= max_rows else np.sort(np.random.default_rng(seed).choice(total, max_rows, False))
+    loader = datamodule.predict_dataloader()
+    parts: dict[str, list[np.ndarray]] = {}
+    start = 0
+    model.to(device)
+    for batch_idx, batch in enumerate(tqdm(loader, total=len(loader), desc="encode", unit="batch", file=sys.stderr)):
+        x = model_input(batch)
+        n = len(x)
+        rows = np.arange(n) if chosen is None else chosen[(chosen >= start) & (chosen < start + n)] - start
+        start += n
+        if len(rows) == 0:
+            continue
+        on_device = {k: v.to(device) for k, v in batch.items()} if isinstance(batch, dict) else x.to(device)
+        out = encode_rows(model, on_device, batch_idx)
+        if "scale" in out:
+            out["kl"] = kl_per_row(out["location"], out["scale"])
+        out["inputs"] = x.reshape(n, -1)
+        index = torch.from_numpy(rows)
+        for name in ("location", "scale", "kl", "inputs", *keep):
+            if name in out:
+                value = out[name].cpu()[index]
+                parts.setdefault(name, []).append((value.float() if value.is_floating_point() else value).numpy())
+    return {name: np.concatenate(values) for name, values in parts.items()}, total
+
+
+def split_counts(datamodule: Any) -> dict[str, int]:
+    """Rows per split of a DataModule (train/val/test), empty for other data."""
+    if not callable(getattr(datamodule, "split_rows", None)):
+        return {}
+    return {s: datamodule.split_rows(s) for s in ("train", "val", "test") if datamodule.split_rows(s)}
+
+
+def _cells(methods: list[dict[str, Any] | None], key: str, sub: str | None = None, spec: str = ".3f") -> list[str]:
+    """One figure of each method, formatted; blank where a method lacks it."""
+    out = []
+    for method in methods:
+        value = (method or {}).get(key)
+        if sub is not None:
+            value = (value or {}).get(sub)
+        out.append("" if value is None else format(value, spec))
+    return out
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """The report as a terminal table: one row per figure, columns sphere | PCA->S^2 | raw inputs."""
+    sphere, pca, raw = report["sphere"], report.get("pca_sphere"), report.get("raw")
+    methods = [sphere, pca, raw]
+    header = ["figure", "sphere", "PCA->S^2" if pca is not None else "", f"raw ({raw['dim']}-d)" if raw else ""]
+    rows = []
+    if "coverage" in sphere:
+        rows.append([f"coverage ({sphere['cells']} cells)", *_cells(methods, "coverage", spec=".0%")])
+        rows.append(["  a uniform sample", *_cells([sphere], "uniform_coverage", spec=".0%"), "", ""])
+    rows.append(["resultant length (1: a point)", *_cells(methods, "resultant_length")])
+    if "trustworthiness" in sphere:
+        rows.append(["trustworthiness (k=10)", *_cells(methods, "trustworthiness")])
+    for name in sphere["knn_accuracy"]:
+        label = f"kNN-5 accuracy {name} (chance {report['chance'][name]:.2f})"
+        rows.append([label, *_cells(methods, "knn_accuracy", name)])
+    for name in sphere["knn_r2"]:
+        rows.append([f"kNN-10 R^2 {name}", *_cells(methods, "knn_r2", name)])
+    if "concentration" in sphere:
+        c = sphere["concentration"]
+        rows.append(["scale p10 / p50 / p90", f"{c['p10']:.3g} / {c['p50']:.3g} / {c['p90']:.3g}", "", ""])
+        rows.append(["  at the floor (1)", f"{c['at_floor']:.0%}", "", ""])
+    if "kl_per_sample" in sphere:
+        rows.append(["KL per sample (nats)", f"{sphere['kl_per_sample']:.3g}", "", ""])
+    used = [i for i in range(4) if header[i] or any(r[i] for r in rows)]
+    table = [[r[i] for i in used] for r in [header, *rows]]
+    widths = [max(len(r[i]) for r in table) for i in range(len(used))]
+    lines = ["  ".join(v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in enumerate(zip(r, widths, strict=True)))
+             for r in table]  # fmt: skip
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    lines += [f"warning: {m}" for m in report["warnings"]]
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def evaluate(
+    cli_args: list[str],
+    ckpt_path: str,
+    label_column: str | None = None,
+    columns: list[str] | None = None,
+    out: Path | None = None,
+    max_rows: int = 5000,
+    seed: int = 0,
+    device: str | None = None,
+) -> dict[str, Any]:
+    """Encode the data of the configs ``cli_args`` with the checkpoint, compute
+    :func:`spherinator.metrics.sphere_report` against the PCA->S^2 baseline, write it to ``out/sphere_report.json``
+    and return it (with ``path``)."""
+    from spherinator.metrics import sphere_report
+    from spherinator.shapes import ConfigError
+
+    columns = [c for c in columns or [] if c]
+    if max_rows < 10:
+        raise ConfigError(f"--max-rows {max_rows} is too few to judge a sphere by; give at least 10 (default 5000)")
+    keep = ([label_column] if label_column else []) + [c for c in columns if c != label_column]
+    model, datamodule = load(cli_args, ckpt_path, keep)
+    target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    rows, total = encode(model, datamodule, keep, max_rows, seed, target)
+    if "location" not in rows or len(rows["location"]) < 10:
+        raise ConfigError(f"the data hold {total} rows; a sphere report needs at least 10")
+    report = sphere_report(
+        rows["location"],
+        scale=rows.get("scale"),
+        inputs=rows["inputs"],
+        labels={label_column: rows[label_column]} if label_column else None,
+        columns={c: rows[c] for c in columns},
+        kl=rows.get("kl"),
+    )
+    beta = getattr(model, "beta", None)
+    report = {
+        "checkpoint": str(ckpt_path),
+        "rows_in_data": total,
+        "rows_used": len(rows["location"]),
+        "sample_seed": seed if len(rows["location"]) < total else None,
+        "splits": split_counts(datamodule),
+        "beta": beta if isinstance(beta, float) else None,
+        **report,
+    }
+    ckpt = Path(ckpt_path)
+    directory = out if out is not None else (ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / REPORT_NAME
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    return {**report, "path": str(path)}
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of ``spherinator evaluate``: a table on the terminal, ``sphere_report.json`` on disk; bad input
+    ends in one line naming the value and the fix (exit status 2)."""
+    from spherinator.cli import parse_error_line, user_error
+
+    args, rest = build_parser().parse_known_args(sys.argv[1:] if argv is None else argv)
+    columns = [c.strip() for c in args.columns.split(",")]
+    try:
+        report = evaluate(
+            rest, args.ckpt_path, args.label_column, columns, args.out, args.max_rows, args.seed, args.device
+        )
+    except ArgumentError as err:
+        print(f"spherinator evaluate: error: {parse_error_line(err, ['predict', *rest])}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except Exception as err:
+        cause = user_error(err)
+        if cause is None:
+            raise
+        print(f"spherinator evaluate: error: {cause}", file=sys.stderr)
+        raise SystemExit(2) from None
+    used, total = report["rows_used"], report["rows_in_data"]
+    splits = " + ".join(f"{n} {s}" for s, n in report["splits"].items())
+    which = f"every row of the data ({splits})" if used == total else f"{used} of {total} rows (seed {args.seed})"
+    print(f"sphere report of {args.ckpt_path}: {which}")
+    print(format_report(report))
+    print(f"wrote {report['path']}")

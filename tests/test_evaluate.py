@@ -1,0 +1,86 @@
+"""``spherinator evaluate`` end to end: fit a tiny VAE, then report on its sphere beside PCA->S^2."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from spherinator.cli import main
+from tests.conftest import write_fast_layout
+
+TINY = str(Path(__file__).parent / "configs" / "vae_tiny.yaml")
+
+
+@pytest.fixture(scope="module")
+def labelled(tmp_path_factory) -> Path:
+    """120 blobs (3x32x32 uint8) with their centre ``cx`` as a column and ``label`` = left / right half."""
+    rng = np.random.default_rng(0)
+    n, size = 120, 32
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    cx, cy = rng.uniform(8, 24, (2, n)).astype(np.float32)
+    blob = np.exp(-((xx - cx[:, None, None]) ** 2 + (yy - cy[:, None, None]) ** 2) / 18.0)
+    images = np.repeat((255 * blob[:, None]).astype(np.uint8), 3, axis=1)
+    columns = {"data": images, "label": (cx > 16).astype(np.int64), "cx": cx, "id": np.arange(n, dtype=np.int64)}
+    return write_fast_layout(tmp_path_factory.mktemp("labelled"), columns)
+
+
+@pytest.fixture(scope="module")
+def trained(labelled, tmp_path_factory) -> tuple[Path, Path]:
+    """(checkpoint, data overlay) of a tiny VAE fitted for a few steps."""
+    root = tmp_path_factory.mktemp("fit")
+    overlay = root / "data.yaml"
+    overlay.write_text(
+        yaml.safe_dump(
+            {
+                "data": {
+                    "class_path": "spherinator.data.DataModule",
+                    "init_args": {"path": str(labelled), "columns": ["data"], "batch_size": 16, "val_fraction": 0.2},
+                },
+                "trainer": {"max_steps": 4, "default_root_dir": str(root), "logger": False},
+            }
+        )
+    )
+    main(["fit", "-c", TINY, "-c", str(overlay)])
+    (checkpoint,) = root.rglob("*.ckpt")
+    return checkpoint, overlay
+
+
+def test_evaluate_reports_the_sphere_beside_pca_and_raw_inputs(trained, tmp_path, capsys):
+    checkpoint, overlay = trained
+    args = ["evaluate", "-c", TINY, "-c", str(overlay), "--ckpt_path", str(checkpoint)]
+    main([*args, "--label-column", "label", "--columns", "cx,id", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "every row of the data (96 train + 24 val)" in out
+    assert "PCA->S^2" in out and "raw (3072-d)" in out
+    assert "kNN-5 accuracy label (chance 0.5" in out and "kNN-10 R^2 cx" in out and "coverage (192 cells)" in out
+    report = json.loads((tmp_path / "sphere_report.json").read_text())
+    assert report["rows_in_data"] == report["rows_used"] == report["rows"] == 120
+    assert report["splits"] == {"train": 96, "val": 24} and report["beta"] == 1e-3
+    sphere, pca, raw = report["sphere"], report["pca_sphere"], report["raw"]
+    assert 0 < sphere["coverage"] <= 1 and sphere["uniform_coverage"] == pytest.approx(1 - (191 / 192) ** 120)
+    assert sphere["concentration"]["p10"] >= 1.0 and sphere["kl_per_sample"] > 0.19
+    assert raw["knn_accuracy"]["label"] > 0.9 and raw["knn_r2"]["cx"] > 0.9  # the pixels tell where the blob is
+    assert pca["knn_r2"]["cx"] > 0.5
+    assert set(sphere["knn_r2"]) == {"cx", "id"} and isinstance(report["warnings"], list)
+
+
+def test_evaluate_samples_rows_and_writes_beside_the_checkpoint_by_default(trained, capsys):
+    checkpoint, overlay = trained
+    main(["evaluate", "-c", TINY, "-c", str(overlay), "--ckpt_path", str(checkpoint), "--max-rows", "50"])
+    assert "50 of 120 rows (seed 0)" in capsys.readouterr().out
+    report = json.loads((checkpoint.parents[1] / "sphere_report.json").read_text())
+    assert report["rows_used"] == 50 and report["sphere"]["knn_accuracy"] == {} and "pca_sphere" in report
+
+
+def test_evaluate_names_a_missing_column_in_one_line(trained, capsys):
+    checkpoint, overlay = trained
+    args = ["evaluate", "-c", TINY, "-c", str(overlay), "--ckpt_path", str(checkpoint), "--label-column", "digit"]
+    with pytest.raises(SystemExit) as exit_:
+        main(args)
+    assert exit_.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith("spherinator evaluate: error:") and "'digit'" in error
