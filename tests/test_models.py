@@ -525,7 +525,7 @@ def test_a_forward_pass_that_overflows_leaves_no_checkpoint_of_its_batchnorm_sta
     images = torch.rand(16, 3, 16, 16)
     images[12:16] = 1e30
     message = _fit_to_divergence(tmp_path, model, DataLoader(images, batch_size=4), every=2)
-    assert message.startswith("not saving a checkpoint at step 3: 'encoder.")
+    assert message.startswith("not saving a checkpoint at step 3 (epoch 0): 'encoder.")
     assert "is not finite after train batch 3 of epoch 0 (step 3): the reconstruction loss is " in message
 
 
@@ -539,3 +539,22 @@ def test_a_non_finite_validation_loss_is_named(tmp_path):
 
     with pytest.raises(NonFiniteLossError, match=r"val batch 1 of epoch 0: the reconstruction loss is inf .*val data"):
         trainer.fit(model, DataLoader(torch.rand(8, 1, 32), batch_size=4), DataLoader(val, batch_size=4))
+    # the sanity check runs before any step
+    trainer = _trainer(tmp_path, max_steps=2, num_sanity_val_steps=2)
+    with pytest.raises(NonFiniteLossError, match=r"val batch 1 of epoch 0: .* is inf .*; no step ran, so look at"):
+        trainer.fit(model, DataLoader(torch.rand(8, 1, 32), batch_size=4), DataLoader(val, batch_size=4))
+
+
+def test_weights_grown_until_batchnorm_statistics_overflow_are_not_saved(tmp_path):
+    # lr 1e8: every loss stayed finite, but BatchNorm's running variance of the huge activations became inf
+    from spherinator.models.autoencoder import NonFiniteLossError
+
+    torch.manual_seed(0)
+    model = vae_2d()
+    trainer = _trainer(tmp_path, max_steps=1)
+    trainer.fit(model, DataLoader(torch.rand(8, 3, 16, 16), batch_size=4))
+    model.encoder.encoder.cnn[0][1].running_var.fill_(math.inf)
+    with pytest.raises(NonFiniteLossError, match=r"at step 1 \(epoch 1\): 'encoder\..*running_var' is not finite after "
+                       r"finite losses, with weights up to .*; lower the learning rate"):  # fmt: skip
+        trainer.save_checkpoint(tmp_path / "x.ckpt")
+    assert not (tmp_path / "x.ckpt").exists()

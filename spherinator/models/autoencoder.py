@@ -181,9 +181,10 @@ class _AutoencoderBase(pl.LightningModule):
             what = f"the loss is finite ({others}) but the gradient of {name!r} is not"
         where = f"{stage} batch {getattr(self, '_batch_idx', '?')} of epoch {self.current_epoch}"
         if stage != "train":
+            trained = f"training had finite losses up to step {self.global_step}" if self.global_step else "no step ran"
             return (
-                f"{where}: {what}; training had finite losses up to step {self.global_step}, so look at the {stage} "
-                f"data for values of extreme size (rescale or normalise them)"
+                f"{where}: {what}; {trained}, so look at the {stage} data for values of extreme size (rescale or "
+                f"normalise them)"
             )
         lr = ""
         if self._trainer is not None and self.trainer.optimizers:
@@ -201,13 +202,15 @@ class _AutoencoderBase(pl.LightningModule):
             return
         name = next(k for k, v in state if not v.isfinite().all())
         reason = getattr(self, "_divergence", None)
-        raise NonFiniteLossError(
-            f"not saving a checkpoint at step {self.global_step}: {name!r} is not finite"
-            + (
-                f" after {reason}"
-                if reason
-                else "; lower the learning rate or clip gradients (trainer.gradient_clip_val)"
+        if reason is None:  # finite losses: weights grown so large that statistics of their outputs overflow
+            largest = max(float(p.detach().abs().max()) for p in self.parameters() if p.numel())
+            reason = (
+                f"finite losses, with weights up to {largest:.3g}; lower the learning rate or clip gradients "
+                f"(trainer.gradient_clip_val)"
             )
+        raise NonFiniteLossError(
+            f"not saving a checkpoint at step {self.global_step} (epoch {self.current_epoch}): {name!r} is not "
+            f"finite after {reason}"
         )
 
     def _shared_step(self, batch: Any, stage: str) -> torch.Tensor:
