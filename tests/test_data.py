@@ -892,3 +892,17 @@ def test_resuming_mid_epoch_on_another_split_or_seed_is_refused(uneven_dataset, 
     _fit_ids(uneven_dataset, save=(5, ckpt), max_steps=5, batch_size=8)
     with pytest.raises(DataError, match="middle of epoch 0 .*seed 42 -> 7.*end of an epoch"):
         _fit_ids(uneven_dataset, ckpt, batch_size=8, seed=7)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_transform_that_makes_nan_or_inf_is_named(tmp_path, workers):
+    # (before: torch.log of images with black pixels ended in the PowerSpherical loc traceback)
+    images = _images(16) | 1  # no black pixel but one
+    images[3, 0, 0, 0] = 0
+    write_dataset(tmp_path, [{"data": images}])
+    dm = DataModule(tmp_path, columns=[Column("data", torch.log)], batch_size=8, val_fraction=0.0, num_workers=workers)
+    with pytest.raises(DataError) as info:
+        list(dm.predict_dataloader())
+    message = str(info.value)
+    assert "transform <built-in method log" in message and "column 'data' made values that are not finite" in message
+    assert "(in 1 of 8 rows)" in message and "\n" not in message

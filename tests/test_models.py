@@ -558,3 +558,15 @@ def test_weights_grown_until_batchnorm_statistics_overflow_are_not_saved(tmp_pat
                        r"finite losses, with weights up to .*; lower the learning rate"):  # fmt: skip
         trainer.save_checkpoint(tmp_path / "x.ckpt")
     assert not (tmp_path / "x.ckpt").exists()
+
+
+def test_a_non_finite_posterior_is_named_instead_of_the_distributions_constraint_error(tmp_path):
+    # (before: "Expected parameter loc ... to satisfy the constraint IndependentConstraint(Real(), 1)", 110 lines)
+    from spherinator.models.autoencoder import NonFiniteLossError
+
+    torch.manual_seed(0)
+    data = torch.rand(12, 1, 32)
+    data[5, 0, 7] = math.inf  # batch 1: what a model sees from data a DataLoader of our own did not check
+    trainer = _trainer(tmp_path, max_steps=5)
+    with pytest.raises(NonFiniteLossError, match=r"train batch 1 of epoch 0 \(step 1\): the encoder's posterior is not finite \(location nan"):
+        trainer.fit(vae_1d(), DataLoader(data, batch_size=4))

@@ -620,6 +620,7 @@ class ParquetStream(IterableDataset):
                 tensor = to_tensor(array, layout, shared=in_worker and transform is None)
             if transform is not None:
                 tensor = apply_transform(transform, tensor, per_sample, name)
+                check_transformed(tensor, transform, name)
             batch[name] = tensor
         return batch
 
@@ -636,6 +637,21 @@ def apply_transform(transform: Callable, batch: torch.Tensor, per_sample: bool, 
         raise DataError(
             f"transform {transform!r} of column {name!r} failed on {how} of shape {tuple(batch.shape)}: {err}{hint}"
         ) from err
+
+
+def check_transformed(batch: Any, transform: Callable, name: str) -> None:
+    """A DataError when ``transform`` made NaN/inf of a column's values (which were checked finite when read)."""
+    if not isinstance(batch, torch.Tensor) or not batch.is_floating_point() or not batch.numel():
+        return
+    if math.isfinite(float(batch.sum(dtype=torch.float32))):  # finite sum: finite values (see check_values)
+        return
+    bad = ~torch.isfinite(batch.reshape(len(batch), -1)).all(dim=1)
+    if bad.any():
+        raise DataError(
+            f"transform {transform!r} of column {name!r} made values that are not finite (in {int(bad.sum())} of "
+            f"{len(batch)} rows) from finite ones; make it finite for every value the column holds (e.g. log1p or a "
+            f"clamp before log)"
+        )
 
 
 def _rows(chunk: dict[str, np.ndarray]) -> int:

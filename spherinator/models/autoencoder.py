@@ -164,18 +164,18 @@ class _AutoencoderBase(pl.LightningModule):
         if not bool(torch.isfinite(torch.stack(values)).all()):
             raise NonFiniteLossError(self._diverged("train", terms))
 
-    def _diverged(self, stage: str, terms: dict[str, torch.Tensor]) -> str:
+    def _diverged(self, stage: str, terms: dict[str, torch.Tensor], what: str | None = None) -> str:
         """The one-line message (where, which term or gradient, what to try), remembered for on_save_checkpoint."""
-        self._divergence = self._divergence_message(stage, terms)
+        self._divergence = self._divergence_message(stage, terms, what)
         return self._divergence
 
-    def _divergence_message(self, stage: str, terms: dict[str, torch.Tensor]) -> str:
+    def _divergence_message(self, stage: str, terms: dict[str, torch.Tensor], what: str | None) -> str:
         shown = {_TERMS.get(k, k): float(v) for k, v in terms.items()}
         bad = [name for name, value in shown.items() if not math.isfinite(value)]
         others = ", ".join(f"{name} {value:.4g}" for name, value in shown.items() if name not in bad)
-        if bad:
+        if what is None and bad:
             what = " and ".join(f"the {name} is {shown[name]}" for name in bad) + (f" ({others})" if others else "")
-        else:
+        elif what is None:
             bad_grads = (n for n, p in self.named_parameters() if p.grad is not None and not p.grad.isfinite().all())
             name = next(bad_grads, "?")
             what = f"the loss is finite ({others}) but the gradient of {name!r} is not"
@@ -369,7 +369,19 @@ class VariationalAutoencoder(_AutoencoderBase):
         with self._batchnorm_single_sample(len(x)):
             location, scale = self.encoder(x)
             with torch.autocast(device_type=x.device.type, enabled=False):
-                q = self.posterior(location, scale)
+                try:
+                    q = self.posterior(location, scale)
+                except ValueError:  # the distribution's own check of its parameters (it names no cause)
+                    params = {"location": location, "scale": scale}
+                    bad = [
+                        f"{k} {v.detach()[~v.isfinite()][0].item()}"
+                        for k, v in params.items()
+                        if not v.isfinite().all()
+                    ]
+                    if not bad:
+                        raise
+                    what = f"the encoder's posterior is not finite ({', '.join(bad)}), before any loss"
+                    raise NonFiniteLossError(self._diverged(stage, {}, what)) from None
                 z = q.rsample()  # (B, z_dim) float32
                 kl = kl_divergence(q, HypersphericalUniform(self.z_dim, device=z.device)).mean()
             x_hat = self.decode(z)
