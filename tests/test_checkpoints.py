@@ -1,9 +1,10 @@
-"""Checkpoints a requeue, a kill or a wrong file leave behind: where a requeue stops and what the resumed run does,
-atomic saves, damaged and foreign checkpoints."""
+"""What a requeued or queued task resumes from and runs: where a requeue stops and what the resumed run does,
+atomic saves, damaged and foreign checkpoints, the code snapshot a sweep's tasks import."""
 
 from __future__ import annotations
 
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -14,6 +15,8 @@ import torch
 import yaml
 from lightning.pytorch import Callback
 
+import spherinator
+import spherinator.submit.launch as launch
 import spherinator.submit.task as task
 from spherinator.checkpoints import AtomicCheckpointIO, CheckpointError, check_checkpoint, resume_checkpoint
 from spherinator.cli import SpherinatorCLI, main
@@ -222,3 +225,34 @@ def test_resume_checkpoint_without_an_intact_one_beside_it_says_so(tmp_path):
     (tmp_path / "last.ckpt").write_bytes(b"PK\x03\x04 cut")
     with pytest.raises(CheckpointError, match="no intact checkpoint is beside it"):
         resume_checkpoint(tmp_path / "last.ckpt")
+
+
+# ---- the code a queued or requeued task runs -------------------------------------------------------------------
+
+FIND_SPHERINATOR = "import importlib.util; print(importlib.util.find_spec('spherinator').origin)"
+
+
+def test_tasks_start_in_the_sweeps_code_snapshot_and_import_it_not_the_checkout(tmp_path):
+    sweep = tmp_path / "sweep"
+    sweep.mkdir()
+    code, version = launch.code_snapshot(sweep)
+    assert [p.name for p in code.iterdir()] == ["spherinator"] and not list(code.rglob("__pycache__"))
+    assert version.split()[0] == task.code_hash(code / "spherinator")
+    assert launch.code_snapshot(sweep, version) == (code, version)  # --resume keeps the submission's code
+    # srun starts Python this way, in the submit dir; here the repository root, which holds the live checkout
+    repo = Path(spherinator.__file__).resolve().parents[1]
+    command = f"{launch.python_command(code)} -c {shlex.quote(FIND_SPHERINATOR)}"
+    found = subprocess.run(["bash", "-c", command], cwd=repo, capture_output=True, text=True, timeout=120)
+    assert Path(found.stdout.strip()) == code / "spherinator" / "__init__.py", found
+
+
+def test_a_task_refuses_to_run_other_code_than_it_was_submitted_with(tmp_path, monkeypatch):
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    run = tmp_path / "run"
+    run.mkdir()
+    job = task.TrainingTask(run, tmp_path, export=False, code_version="sha256:0123456789abcdef (git 0abc123)")
+    with pytest.raises(RuntimeError, match="submitted with spherinator sha256:0123456789abcdef"):
+        job()
+    summary = task.read_summary(run)
+    assert summary["state"] == "FAILED" and "submit the sweep again" in summary["error"], summary
+    assert job.checkpoint().function.code_version == job.code_version  # a requeue keeps the version

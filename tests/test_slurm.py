@@ -7,13 +7,17 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 
+import spherinator
 import spherinator.submit.launch as launch
+import spherinator.submit.task as task
 from spherinator.submit import main
 from tests.test_submit import tiny_config
 
@@ -137,38 +141,70 @@ def test_two_nodes_train_with_world_size_two_on_disjoint_data(cluster, tmp_path,
 
 
 SLOW = """
-import time
+import json, time
+from pathlib import Path
 from lightning.pytorch import Callback
 
 class Slow(Callback):
-    \"\"\"Sleeps after every training batch: the tiny model's epochs take a known minimum time.\"\"\"
-    def __init__(self, seconds: float = 0.1):
-        self.seconds = seconds
+    \"\"\"In a task's first attempt only: sleeps after every training batch, so that the attempt lasts at least a known
+    time however fast the machine is; with ``validation``, also in every validation batch from epoch 1 on, after
+    touching ``validating`` in the run dir. Later attempts (after a requeue or --resume) run at full speed.\"\"\"
+    def __init__(self, seconds: float = 0.1, validation: float = 0.0):
+        self.seconds, self.validation, self.first = seconds, validation, True
+    def on_train_start(self, trainer, pl_module):
+        summary = Path(trainer.default_root_dir, "summary.json")  # the task counts attempts before training
+        self.first = not summary.is_file() or json.loads(summary.read_text()).get("attempts", 1) <= 1
     def on_train_batch_end(self, *args, **kwargs):
-        time.sleep(self.seconds)
+        if self.first:
+            time.sleep(self.seconds)
+    def on_validation_batch_start(self, trainer, *args, **kwargs):
+        if self.first and self.validation and not trainer.sanity_checking and trainer.current_epoch >= 1:
+            Path(trainer.default_root_dir, "validating").touch()
+            time.sleep(self.validation)
 """
 
 
-def slow_overlay(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, seconds: float) -> Path:
+def slow_overlay(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, seconds: float, validation: float = 0.0) -> Path:
     """An overlay adding the Slow callback (importable by this process and, through PYTHONPATH, by the jobs)."""
     (tmp_path / "slowdown.py").write_text(SLOW)
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.setenv("PYTHONPATH", f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
     overlay = tmp_path / "slow.yaml"
     overlay.write_text(
-        f"trainer:\n  callbacks:\n    - class_path: slowdown.Slow\n      init_args:\n        seconds: {seconds}\n"
+        "trainer:\n  callbacks:\n    - class_path: slowdown.Slow\n      init_args:\n"
+        f"        seconds: {seconds}\n        validation: {validation}\n"
     )
     return overlay
 
 
-def test_short_time_limit_requeues_and_resumes_into_the_same_run(cluster, tmp_path, image_dataset, monkeypatch):
-    """A 2-minute limit with the checkpoint signal 30 s before it (Slurm may send it up to 60 s earlier, so it
-    lands 30-90 s into a run): 60 epochs of at least 6 x 0.25 s take longer, so the task must be requeued."""
+def _events(path: Path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+    events = EventAccumulator(str(path))
+    events.Reload()
+    return events
+
+
+def val_loss_steps(path: Path) -> list[int]:
+    """Steps of the val_loss events in a run dir, or in one events file."""
+    events = _events(path)
+    return [e.step for e in events.Scalars("val_loss")] if "val_loss" in events.Tags()["scalars"] else []
+
+
+def assert_one_val_loss_per_epoch(run: Path, epochs: int) -> None:
+    steps = val_loss_steps(run)
+    assert len(steps) == epochs and steps == sorted(set(steps)), f"each epoch logged once, steps continue: {steps}"
+    assert sorted({e.value for e in _events(run).Scalars("epoch")}) == [float(e) for e in range(epochs)]
+
+
+def test_short_time_limit_requeues_and_resumes_into_the_same_run(cluster, tmp_path, image_dataset, monkeypatch):
+    """A 2-minute limit with the checkpoint signal 30 s before it (Slurm may send it up to 60 s earlier, so it
+    lands 30-90 s into a run): the first attempt's 60 epochs take at least 6 x 0.5 s each, far longer, so the task
+    is requeued however fast the machine; the later attempts are not slowed, so however slow the machine, each one
+    makes progress. Where in an epoch the signal lands is chance: every epoch must still have one val_loss."""
     epochs = 60
     config = tiny_config(tmp_path, image_dataset, epochs=epochs)
-    slow = slow_overlay(tmp_path, monkeypatch, 0.25)
+    slow = slow_overlay(tmp_path, monkeypatch, 0.5)
     sweep = submit(
         tmp_path, config, "requeue", "-c", str(slow), "--time", "2", "--signal-delay", "30", "--max-requeues", "5"
     )
@@ -179,18 +215,68 @@ def test_short_time_limit_requeues_and_resumes_into_the_same_run(cluster, tmp_pa
     assert summary["attempts"] >= 2, summary
     assert summary["resumed_from"] and summary["epoch"] == epochs
     assert (run / "checkpoints" / "requeue.ckpt").is_file()
-    assert [p.name for p in sweep.iterdir() if p.is_dir() and p.name != "submitit"] == ["run"]
-    assert len(list(run.glob("events.out.tfevents.*"))) == summary["attempts"]  # one writer per run, same dir
-    events = EventAccumulator(str(run))
-    events.Reload()
-    steps = [e.step for e in events.Scalars("val_loss")]
-    assert len(steps) == epochs and steps == sorted(set(steps)), "each epoch logged once, steps continue"
-    assert sorted({e.value for e in events.Scalars("epoch")}) == [float(e) for e in range(epochs)]
+    assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == ["code", "run", "submitit"]
+    # One writer per attempt, all in the run dir (an attempt signalled before its logger started writes none).
+    assert 2 <= len(list(run.glob("events.out.tfevents.*"))) <= summary["attempts"]
+    assert_one_val_loss_per_epoch(run, epochs)
+
+
+def test_a_signal_during_a_long_validation_requeues_from_inside_it(cluster, tmp_path, image_dataset, monkeypatch):
+    """A validation longer than the signal delay (3 batches of 10 s in the first attempt): the signal is acted on
+    after the validation batch it lands in, and the requeued run redoes that epoch's validation in full."""
+    epochs = 4
+    config = tiny_config(tmp_path, image_dataset, epochs=epochs)
+    slow = slow_overlay(tmp_path, monkeypatch, 0.0, validation=10.0)
+    data = tmp_path / "val.yaml"
+    data.write_text("data:\n  init_args:\n    val_fraction: 0.4\n")  # 38 rows: 3 validation batches of 16
+    sweep = submit(tmp_path, config, "longval", "-c", str(slow), "-c", str(data), "--time", "10", "--no-export")
+    run = sweep / "run"
+    deadline = time.monotonic() + 300
+    while not (run / "validating").exists():
+        assert time.monotonic() < deadline, "the first attempt never reached epoch 1's validation"
+        time.sleep(1)
+    _, manifest = launch.read_manifest(sweep)
+    (job,) = manifest["submissions"][0]["jobs"].values()
+    subprocess.run(["scancel", "--signal=USR2", job], check=True, timeout=30)  # as Slurm's --signal does
+    wait_for(sweep, completed, timeout=400)
+    summary = task.read_summary(run)
+    assert summary["requeued_during"] == "validation" and summary["attempts"] == 2, summary
+    assert summary["epoch"] == epochs
+    first, *_ = sorted(run.glob("events.out.tfevents.*"))
+    assert val_loss_steps(first) == [val_loss_steps(run)[0]], "the first attempt left during epoch 1's validation"
+    assert_one_val_loss_per_epoch(run, epochs)
+
+
+def test_a_queued_task_runs_the_code_it_was_submitted_with(cluster, tmp_path, image_dataset):
+    """Submitted from the root of a checkout that is also on PYTHONPATH (as an editable install puts it on the path;
+    sbatch passes the environment on to the job); the checkout is broken while the task is held in the queue: the
+    task still runs the code of its submission, and says which."""
+    checkout = tmp_path / "checkout"
+    source = Path(spherinator.__file__).resolve().parent
+    shutil.copytree(source, checkout / "spherinator", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(source.parent / "slurm" / "presets", checkout / "slurm" / "presets")  # --preset local
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(checkout), os.environ.get("PYTHONPATH", "")])}
+    config = tiny_config(tmp_path, image_dataset, epochs=1)
+    args = ["-c", str(config), "--preset", "local", "--run-root", str(tmp_path / "runs"), "--name", "held",
+            "--time", "10", "--no-export", "--sbatch-extra", "hold"]  # fmt: skip
+    code = "import sys; from spherinator.submit import main; main(sys.argv[1:])"
+    done = subprocess.run(  # from the checkout's root, as a developer submits (jobs start in the submit dir)
+        [sys.executable, "-c", code, *args], cwd=checkout, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    sweep = tmp_path / "runs" / "held"
+    init = checkout / "spherinator" / "__init__.py"
+    init.write_text(init.read_text() + "\nraise RuntimeError('the edited checkout was imported')\n")
+    _, manifest = launch.read_manifest(sweep)
+    (job,) = manifest["submissions"][0]["jobs"].values()
+    subprocess.run(["scontrol", "release", job], check=True, timeout=30)
+    wait_for(sweep, completed, timeout=300)
+    summary = task.read_summary(sweep / "run")
+    assert summary["code_version"] == manifest["code_version"]
+    assert summary["code_version"].split()[0] == task.code_hash(sweep / "code" / "spherinator")
 
 
 def test_resume_continues_a_cancelled_sweep_from_its_checkpoints(cluster, tmp_path, image_dataset, capsys, monkeypatch):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
     epochs = 30
     config = tiny_config(tmp_path, image_dataset, epochs=epochs)
     slow = slow_overlay(tmp_path, monkeypatch, 0.1)  # >= 0.6 s per epoch: still running when cancelled
@@ -210,10 +296,7 @@ def test_resume_continues_a_cancelled_sweep_from_its_checkpoints(cluster, tmp_pa
         assert summary["epoch"] == epochs and summary["attempts"] == 2
         assert summary["resumed_from"].endswith(".ckpt"), summary
         assert summary["onnx"]["validated"] is True
-        events = EventAccumulator(str(sweep / name))
-        events.Reload()
-        steps = [e.step for e in events.Scalars("val_loss")]
-        assert len(steps) == epochs and steps == sorted(set(steps)), "epochs continue from the checkpoint"
+        assert_one_val_loss_per_epoch(sweep / name, epochs)
     capsys.readouterr()
     main(["--resume", str(sweep)])
     assert "nothing to resume" in capsys.readouterr().out
@@ -222,7 +305,8 @@ def test_resume_continues_a_cancelled_sweep_from_its_checkpoints(cluster, tmp_pa
 def test_two_node_job_is_requeued_and_resumes_on_both_ranks(cluster, tmp_path, image_dataset, monkeypatch):
     """The requeue path under DDP: both ranks agree to stop, save one checkpoint together, and the requeued job
     resumes on two nodes from it up to the full epoch count. Each rank has half the batches of the one-node
-    test, so the batches sleep longer: 60 epochs of at least 3 x 0.6 s outlast the latest signal (90 s)."""
+    test, so the batches sleep longer: the first attempt's 60 epochs of at least 3 x 0.6 s outlast the latest
+    signal (90 s)."""
     epochs = 60
     config = tiny_config(tmp_path, image_dataset, epochs=epochs)
     slow = slow_overlay(tmp_path, monkeypatch, 0.6)

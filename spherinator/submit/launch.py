@@ -6,6 +6,7 @@ import argparse
 import json
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -15,9 +16,10 @@ from typing import Any
 from spherinator.submit.compose import compose_task
 from spherinator.submit.resources import Resources, check_script_path, load_preset, parse_sbatch_extra, parse_time
 from spherinator.submit.sweep import SubmitError, Task, expand_sweep
-from spherinator.submit.task import TrainingTask, read_summary
+from spherinator.submit.task import TrainingTask, code_hash, git_state, read_summary
 
 MANIFEST_NAME = "sweep.json"
+CODE_DIR = "code"  # the sweep's copy of the spherinator package, which its tasks import
 SUBMITIT_DIR = "submitit"
 
 USAGE = """\
@@ -93,20 +95,49 @@ def _check_overrides(extra: list[str]) -> list[str]:
     return extra
 
 
-def python_command() -> str:
+def python_command(code: Path | None = None) -> str:
     """How srun starts Python: this interpreter, with USR2 ignored until Submitit installs its handler.
 
     Slurm may send the ``--signal`` up to 60 s before the time asked for; a USR2 during Python's start-up would
     otherwise kill the task (the default action of USR2) instead of requeueing it.
+
+    With ``code`` (the sweep's :func:`code_snapshot`), Python starts in that directory: ``python -m`` puts its
+    working directory first on ``sys.path``, ahead of a checkout in the submit dir and of an editable install, so
+    ``spherinator`` is the copy made at submit time. The task then changes to the submit dir (and puts it last on
+    ``sys.path``, so that modules there stay importable).
     """
-    script = 'trap "" USR2; exec "$0" "$@"'
+    script = 'trap "" USR2; ' + (f"cd {shlex.quote(str(code))} || exit 1; " if code is not None else "")
+    script += 'exec "$0" "$@"'
     return f"bash -c {shlex.quote(script)} {shlex.quote(sys.executable)}"
+
+
+def code_snapshot(sweep_dir: Path, recorded: str | None = None) -> tuple[Path, str]:
+    """The sweep's copy of the spherinator package and its code version (``sha256:...`` and the git state).
+
+    Made at the first submission and reused after (``recorded`` is the manifest's version): queued tasks, their
+    requeues and ``--resume`` import the code of that submission, whatever the checkout holds by then. Only the
+    package is copied (about 0.5 MB), not data, runs or other code the config names.
+    """
+    import spherinator
+
+    code = sweep_dir / CODE_DIR
+    if recorded and (code / "spherinator").is_dir():
+        return code, recorded
+    source = Path(spherinator.__file__).resolve().parent
+    partial = sweep_dir / f".{CODE_DIR}.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    shutil.copytree(source, partial / "spherinator", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    shutil.rmtree(code, ignore_errors=True)
+    partial.replace(code)
+    git = git_state(source)
+    return code, code_hash(code / "spherinator") + (f" (git {git})" if git else "")
 
 
 def _executor(folder: Path, resources: Resources, name: str) -> Any:
     import submitit
 
-    executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=resources.max_requeues, python=python_command())
+    python = python_command(folder.parent / CODE_DIR)  # folder is SWEEP/submitit, the snapshot SWEEP/code
+    executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=resources.max_requeues, python=python)
     executor.update_parameters(job_name=name, **resources.submitit_parameters())
     return executor
 
@@ -115,7 +146,8 @@ def sbatch_script(folder: Path, resources: Resources, name: str, n_tasks: int) -
     """The batch script Submitit writes for this sweep (one array of ``n_tasks``), for --dry-run."""
     from submitit.slurm.slurm import _make_sbatch_string
 
-    command = " ".join([python_command(), "-u -m submitit.core._submit", shlex.quote(str(folder))])
+    python = python_command(folder.parent / CODE_DIR)  # as _executor
+    command = " ".join([python, "-u -m submitit.core._submit", shlex.quote(str(folder))])
     return _make_sbatch_string(
         command=command,
         folder=folder,
@@ -148,12 +180,15 @@ def _submit(
     """Queue ``tasks`` as one Slurm array; returns {task index: Slurm job id}."""
     from submitit.core.utils import FailedJobError
 
+    code, manifest["code_version"] = code_snapshot(sweep_dir, manifest.get("code_version"))
+    print(f"tasks import spherinator {manifest['code_version']} from {code}", file=sys.stderr)
     executor = _executor(sweep_dir / SUBMITIT_DIR, resources, manifest["name"])
     try:
         with executor.batch():
             pending = [
-                executor.submit(TrainingTask(sweep_dir / t.name, manifest["cwd"], export=export)) for t in tasks
-            ]  # fmt: skip
+                executor.submit(TrainingTask(sweep_dir / t.name, manifest["cwd"], export, manifest["code_version"]))
+                for t in tasks
+            ]
     except FailedJobError as err:  # sbatch said no (an unknown partition, a limit of the site): nothing is queued
         message = " ".join(str(err).split())
         raise SubmitError(f"sbatch refused the job, nothing was queued: {message}") from err
@@ -386,4 +421,4 @@ def main(args: list[str] | None = None) -> None:
         raise SystemExit(rc)
 
 
-__all__ = ["main", "read_manifest", "sbatch_script", "slurm_states", "task_rows"]
+__all__ = ["code_snapshot", "main", "read_manifest", "sbatch_script", "slurm_states", "task_rows"]

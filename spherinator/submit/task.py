@@ -12,10 +12,12 @@ checkpoint into the same run dir and the same TensorBoard run.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
 import socket
+import subprocess
 import sys
 import time
 import traceback
@@ -231,6 +233,13 @@ class RequeueOnSignal(Callback):
             )  # fmt: skip
 
 
+def _ignore_signal_from_now_on() -> None:
+    """The task's work is done: a USR2 now must neither requeue it nor kill it. It can land while Submitit writes the
+    result or while Python exits, and Python puts the default handlers back when it exits: USR2's default action
+    kills the task, which Slurm then counts as FAILED although the summary says COMPLETED."""
+    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+
+
 def _hand_over(signum: int) -> None:
     """Let Submitit checkpoint (TrainingTask.checkpoint), requeue and exit; ranks > 0 just stop."""
     global _training
@@ -265,6 +274,20 @@ def newest_checkpoint(run_dir: Path) -> Path | None:
     return max(candidates, key=lambda p: p.stat().st_mtime) if candidates else None
 
 
+def resume_point(run_dir: Path) -> tuple[Path | None, str | None]:
+    """The checkpoint to resume from and, when the newest one is damaged, that one's path (a kill while it was
+    written, from before checkpoints were written atomically): the newest intact checkpoint beside it is used."""
+    from spherinator.checkpoints import resume_checkpoint
+
+    newest = newest_checkpoint(run_dir)
+    if newest is None:
+        return None, None
+    chosen, warning = resume_checkpoint(newest)
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr)
+    return chosen, str(newest) if chosen != newest else None
+
+
 def _link_logs(run_dir: Path) -> None:
     """Links to this process's Submitit stdout/stderr files in ``run_dir/logs`` (logs stay in one place)."""
     try:
@@ -279,6 +302,37 @@ def _link_logs(run_dir: Path) -> None:
                 link.symlink_to(Path(source).resolve())
     except (RuntimeError, OSError):
         pass  # not inside a Submitit job, or a link raced with another rank
+
+
+def _package_dir() -> Path:
+    import spherinator
+
+    return Path(spherinator.__file__).resolve().parent
+
+
+def package_files(package: Path) -> list[Path]:
+    """The files of a package dir that make up its code (no byte-code caches)."""
+    return sorted(p for p in package.rglob("*") if p.is_file() and "__pycache__" not in p.parts and p.suffix != ".pyc")
+
+
+def code_hash(package: Path | None = None) -> str:
+    """``sha256:<16 hex>`` of the spherinator package's files (default: the one imported)."""
+    package = package or _package_dir()
+    digest = hashlib.sha256()
+    for path in package_files(package):
+        digest.update(path.relative_to(package).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return f"sha256:{digest.hexdigest()[:16]}"
+
+
+def git_state(package: Path) -> str | None:
+    """``<commit>`` or ``<commit>+uncommitted changes`` of the checkout ``package`` is in; None outside git."""
+    try:
+        run = {"cwd": package, "capture_output": True, "text": True, "timeout": 20, "check": True}
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], **run).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "."], **run).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return f"{commit}+uncommitted changes" if dirty else commit
 
 
 _INHERITED_DIST_VARS = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK")
@@ -302,23 +356,46 @@ class TrainingTask:
         run_dir: The task's run dir holding the composed ``config.yaml``.
         cwd: Working directory of the submission (relative data paths in the config are relative to it).
         export: Export the best (else last) checkpoint to ``run_dir/onnx`` after training, and validate it.
+        code_version: The code the task was submitted with (:func:`code_hash` of the sweep's code snapshot, then
+            its git state): a task that would import other code refuses to run.
     """
 
-    def __init__(self, run_dir: str | Path, cwd: str | Path | None = None, export: bool = True) -> None:
+    def __init__(
+        self, run_dir: str | Path, cwd: str | Path | None = None, export: bool = True, code_version: str | None = None
+    ) -> None:
         self.run_dir = str(Path(run_dir).resolve())
         self.cwd = str(cwd or Path.cwd())
         self.export = export
+        self.code_version = code_version
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> Any:
         """Called by Submitit on USR2 (rank 0): resubmit this task; it resumes from the newest checkpoint."""
         from submitit.helpers import DelayedSubmission
 
-        return DelayedSubmission(TrainingTask(self.run_dir, self.cwd, self.export))
+        return DelayedSubmission(TrainingTask(self.run_dir, self.cwd, self.export, self._code_version))
+
+    @property
+    def _code_version(self) -> str | None:
+        return getattr(self, "code_version", None)  # tasks pickled before code versions were recorded have none
+
+    def _check_code(self) -> None:
+        """Refuse to train with other code than the task was submitted with."""
+        expected = self._code_version
+        if not expected:
+            return
+        running = code_hash()
+        if running != expected.split()[0]:
+            raise RuntimeError(
+                f"this task was submitted with spherinator {expected} but imports {running} from {_package_dir()}: "
+                "the sweep's code snapshot is missing or was changed; submit the sweep again"
+            )
 
     def __call__(self) -> dict[str, Any] | None:
         from spherinator.cli import SpherinatorCLI
 
         os.chdir(self.cwd)
+        if self.cwd not in sys.path:  # Python started in the code snapshot: modules of the submit dir, last
+            sys.path.append(self.cwd)
         # sbatch exports the submitting shell's environment: a MASTER_PORT or RANK left there by an earlier
         # torch.distributed run must not steer this job's rendezvous, which Lightning derives from Slurm.
         for var in _INHERITED_DIST_VARS:
@@ -327,19 +404,21 @@ class TrainingTask:
         rank = _rank()
         _link_logs(run_dir)
         install_signal_deferral()
-        resume = newest_checkpoint(run_dir)
-        args = ["fit", "--config", str(run_dir / "config.yaml")]
-        if resume is not None:
-            args += ["--ckpt_path", str(resume)]
-        if rank == 0:
-            previous = read_summary(run_dir)
-            write_summary(
-                run_dir, state="RUNNING", job_id=os.environ.get("SLURM_JOB_ID"), host=socket.gethostname(),
-                started=time.strftime("%Y-%m-%dT%H:%M:%S"), attempts=int(previous.get("attempts", 0)) + 1,
-                resumed_from=str(resume) if resume else None, error=None,
-            )  # fmt: skip
         argv, sys.argv = sys.argv, sys.argv[:1]  # Submitit's own arguments are not for the CLI
         try:
+            self._check_code()
+            resume, damaged = resume_point(run_dir)
+            args = ["fit", "--config", str(run_dir / "config.yaml")]
+            if resume is not None:
+                args += ["--ckpt_path", str(resume)]
+            if rank == 0:
+                previous = read_summary(run_dir)
+                write_summary(
+                    run_dir, state="RUNNING", job_id=os.environ.get("SLURM_JOB_ID"), host=socket.gethostname(),
+                    started=time.strftime("%Y-%m-%dT%H:%M:%S"), attempts=int(previous.get("attempts", 0)) + 1,
+                    resumed_from=str(resume) if resume else None, damaged_checkpoint=damaged, error=None,
+                    code_version=self._code_version,
+                )  # fmt: skip
             cli = SpherinatorCLI(args=args)
         except BaseException as err:
             if rank == 0 and not isinstance(err, SystemExit):
@@ -350,6 +429,7 @@ class TrainingTask:
             sys.argv = argv
         trainer = cli.trainer
         if rank != 0:
+            _ignore_signal_from_now_on()
             return None
         summary = write_summary(
             run_dir, state="TRAINED", epoch=trainer.current_epoch, global_step=trainer.global_step,
@@ -357,10 +437,9 @@ class TrainingTask:
             last_checkpoint=str(newest_checkpoint(run_dir) or ""),
         )  # fmt: skip
         onnx = self._export(run_dir, trainer) if self.export else None
-        return write_summary(run_dir, state="COMPLETED", onnx=onnx, finished=time.strftime("%Y-%m-%dT%H:%M:%S")) | {
-            "run_dir": str(run_dir),
-            "best": summary.get("best"),
-        }
+        done = write_summary(run_dir, state="COMPLETED", onnx=onnx, finished=time.strftime("%Y-%m-%dT%H:%M:%S"))
+        _ignore_signal_from_now_on()
+        return done | {"run_dir": str(run_dir), "best": summary.get("best")}
 
     def _export(self, run_dir: Path, trainer: Trainer) -> dict[str, Any]:
         """Export the best (else last) checkpoint to ONNX and validate it; failures are reported, not raised."""
