@@ -12,9 +12,11 @@ picks the newest checkpoint beside it that loads, and says so.
 
 from __future__ import annotations
 
+import itertools
 import os
 import pickle
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -80,21 +82,19 @@ def check_checkpoint(path: str | Path) -> None:
         )
 
 
-def _intact_beside(path: Path) -> list[Path]:
-    """The other ``*.ckpt`` files in ``path``'s directory that load, newest first."""
+def _intact_beside(path: Path) -> Iterator[Path]:
+    """The other ``*.ckpt`` files in ``path``'s directory that load, newest first (each checked when asked for)."""
     others = sorted(
         (p for p in path.parent.glob("*.ckpt") if p.is_file() and p.resolve() != path.resolve()),
         key=lambda p: p.stat().st_mtime,
         reverse=True,
     )
-    intact = []
     for other in others:
         try:
             check_checkpoint(other)
         except CheckpointError:
             continue
-        intact.append(other)
-    return intact
+        yield other
 
 
 def resume_checkpoint(path: str | Path, fallback: bool = True) -> tuple[Path, str | None]:
@@ -114,7 +114,8 @@ def resume_checkpoint(path: str | Path, fallback: bool = True) -> tuple[Path, st
     except DamagedCheckpointError as err:
         damaged = err
     if fallback:
-        for other in _intact_beside(path):
+        other = next(_intact_beside(path), None)
+        if other is not None:
             return other, (
                 f"{damaged}; resuming from {other} instead, the newest intact checkpoint beside it "
                 f"(training since that checkpoint is done again)"
@@ -123,8 +124,8 @@ def resume_checkpoint(path: str | Path, fallback: bool = True) -> tuple[Path, st
             f"{damaged}, and no intact checkpoint is beside it: it was cut short while being written, or is no "
             "checkpoint; start without --ckpt_path, or give another checkpoint"
         ) from damaged
-    intact = _intact_beside(path)
-    hint = f"intact ones beside it: {', '.join(p.name for p in intact[:3])}" if intact else "none beside it loads"
+    intact = list(itertools.islice(_intact_beside(path), 3))
+    hint = f"intact ones beside it: {', '.join(p.name for p in intact)}" if intact else "none beside it loads"
     raise CheckpointError(f"{damaged}: it was cut short while being written, or is no checkpoint; {hint}") from damaged
 
 
