@@ -568,5 +568,6 @@ def test_a_non_finite_posterior_is_named_instead_of_the_distributions_constraint
     data = torch.rand(12, 1, 32)
     data[5, 0, 7] = math.inf  # batch 1: what a model sees from data a DataLoader of our own did not check
     trainer = _trainer(tmp_path, max_steps=5)
-    with pytest.raises(NonFiniteLossError, match=r"train batch 1 of epoch 0 \(step 1\): the encoder's posterior is not finite \(location nan"):
+    expected = r"train batch 1 of epoch 0 \(step 1\): the encoder's posterior is not finite \(location nan"
+    with pytest.raises(NonFiniteLossError, match=expected):
         trainer.fit(vae_1d(), DataLoader(data, batch_size=4))
