@@ -9,7 +9,7 @@ from spherinator.layers import (
     ConsecutiveConvTranspose1DLayer,
     ConsecutiveConvTranspose2DLayer,
 )
-from spherinator.models.autoencoder import Autoencoder, VariationalAutoencoder
+from spherinator.models.autoencoder import Autoencoder, NonFiniteLossError, VariationalAutoencoder
 from spherinator.models.decoders import ConvolutionalDecoder1D, ConvolutionalDecoder2D, UpsamplingDecoder2D
 from spherinator.models.encoders import ConvolutionalEncoder1D, ConvolutionalEncoder2D
 from spherinator.models.variational_encoder import VariationalEncoder
@@ -26,6 +26,7 @@ __all__ = [
     "ConvolutionalEncoder1D",
     "ConvolutionalEncoder2D",
     "HuggingFaceViTEncoder",
+    "NonFiniteLossError",
     "UpsamplingDecoder2D",
     "VariationalAutoencoder",
     "VariationalEncoder",
