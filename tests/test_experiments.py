@@ -17,7 +17,7 @@ from spherinator.cli import SpherinatorCLI, main
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 TINY = str(Path(__file__).parent / "configs" / "vae_tiny.yaml")
 
-MODEL_YAMLS = ["vae_cnn3.yaml", "ae_cnn3.yaml", "vae_cnn1d.yaml", "vae_vit.yaml"]
+MODEL_YAMLS = ["vae_cnn3.yaml", "ae_cnn3.yaml", "vae_cnn1d.yaml", "vae_vit.yaml", "vae_digits.yaml"]
 DATA_YAMLS = ["illustris.yaml", "illustris_small.yaml", "demo.yaml"]
 OVERLAYS = [
     "wandb.yaml",
@@ -62,8 +62,23 @@ def test_overlay(tmp_path: Path, data_path: Path, **trainer) -> str:
 test_overlay.__test__ = False  # a helper, not a test
 
 
+def digits32(near: Path) -> Path:
+    """16 rows of ``make_dataset.py digits`` (1x32x32 uint8 with ``label``), written once beside ``near``."""
+    from tests.conftest import write_fast_layout
+    from tools import make_dataset
+
+    path = near.parent / "digits32"
+    if not path.exists():
+        rows = make_dataset.digits(32)
+        partial = write_fast_layout(near.parent / "digits32.partial", {k: v[:16] for k, v in rows.items()}, files=1)
+        partial.rename(path)
+    return path
+
+
 def model_args(name: str, images128: Path, spectra256: Path, tiny_vit: Path) -> tuple[list[str], Path]:
     """Extra arguments and the data each model YAML is run with."""
+    if name == "vae_digits.yaml":  # 1x32x32 with a label column
+        return [], digits32(images128)
     if name == "vae_cnn1d.yaml":
         return [], spectra256
     if name == "vae_vit.yaml":
