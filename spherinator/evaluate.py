@@ -196,6 +196,8 @@ def evaluate(
     rows, total = encode(model, datamodule, keep, max_rows, seed, target)
     if "location" not in rows or len(rows["location"]) < 10:
         raise ConfigError(f"the data hold {total} rows; a sphere report needs at least 10")
+    beta = getattr(model, "beta", None)
+    beta = float(beta) if isinstance(beta, int | float) else None
     report = sphere_report(
         rows["location"],
         scale=rows.get("scale"),
@@ -203,15 +205,15 @@ def evaluate(
         labels={label_column: rows[label_column]} if label_column else None,
         columns={c: rows[c] for c in columns},
         kl=rows.get("kl"),
+        beta=beta,
     )
-    beta = getattr(model, "beta", None)
     report = {
         "checkpoint": str(ckpt_path),
         "rows_in_data": total,
         "rows_used": len(rows["location"]),
         "sample_seed": seed if len(rows["location"]) < total else None,
         "splits": split_counts(datamodule),
-        "beta": beta if isinstance(beta, float) else None,
+        "beta": beta,
         **report,
     }
     ckpt = Path(ckpt_path)

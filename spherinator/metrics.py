@@ -196,6 +196,7 @@ def sphere_report(
     columns: Mapping[str, ArrayLike] | None = None,
     kl: ArrayLike | None = None,
     nside: int = 4,
+    beta: float | None = None,
 ) -> dict[str, Any]:
     """Every figure of a learned sphere, and of the baselines beside it when ``inputs`` are given.
 
@@ -208,6 +209,7 @@ def sphere_report(
         columns: ``{name: values (N,)}`` of per-row quantities: kNN-10 R^2.
         kl: KL divergence of each row's posterior from the uniform prior (N,), nats.
         nside: HEALPix resolution of the coverage (4: 192 cells).
+        beta: The KL weight the model trained with, quoted in the warnings' fix.
 
     Returns:
         ``{"rows", "z_dim", "sphere": {...}, "pca_sphere": {...}, "raw": {...}, "chance": {...}, "warnings"}``:
@@ -244,6 +246,7 @@ def sphere_report(
         coverage=sphere.get("coverage"),
         uniform_coverage=sphere.get("uniform_coverage"),
         resultant_length=sphere["resultant_length"],
+        beta=beta,
     )
     return report
 

@@ -341,7 +341,7 @@ def test_sphere_quality_logs_healthy_figures_without_a_warning(tmp_path, recwarn
 
 def test_sphere_quality_says_how_to_get_a_missing_label_column(tmp_path):
     data = DataLoader(torch.rand(40, 3, 16, 16), batch_size=20)  # tensors, not dicts
-    with pytest.warns(UserWarning, match="label_column 'label' is not in the validation batches.*return_dict: true"):
+    with pytest.warns(UserWarning, match="label_column 'label' is not a per-row column.*return_dict: true"):
         trainer(tmp_path, [SphereQuality(label_column="label")]).validate(vae_2d(), data, verbose=False)
 
 

@@ -12,6 +12,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from matplotlib.figure import Figure
 
 from spherinator.callbacks._images import figure_to_array, log_image, run_in_eval
+from spherinator.callbacks.sphere_quality import missing_column
 from spherinator.models.autoencoder import model_input
 
 
@@ -101,11 +102,7 @@ class LogLatentSphere(pl.Callback):
             return column[:n].detach().double().cpu()
         if not self._color_missing:
             self._color_missing = True
-            found = list(batch) if isinstance(batch, dict) else f"a {type(batch).__name__}, not a dict"
-            rank_zero_warn(
-                f"LogLatentSphere: color_column {self.color_column!r} is not a per-row column of the validation "
-                f"batches (found: {found}); set data.init_args.return_dict: true and add it to data.init_args.columns"
-            )
+            rank_zero_warn(missing_column("LogLatentSphere", "color_column", self.color_column, batch))
         return torch.full((n,), float("nan"), dtype=torch.float64)
 
 

@@ -33,6 +33,15 @@ def encode_rows(pl_module: pl.LightningModule, batch: Any, batch_idx: int = 0) -
     return {name: value.detach() for name, value in out.items() if isinstance(value, torch.Tensor)}
 
 
+def missing_column(owner: str, argument: str, column: str, batch: Any) -> str:
+    """The warning for a per-row column a callback was told to read but the validation batches lack."""
+    found = list(batch) if isinstance(batch, dict) else f"a {type(batch).__name__}, not a dict"
+    return (
+        f"{owner}: {argument} {column!r} is not a per-row column of the validation batches (found: {found}); set "
+        "data.init_args.return_dict: true and add it to data.init_args.columns"
+    )
+
+
 class SphereQuality(pl.Callback):
     """Logs figures of the validation latents each validation epoch and warns once when the sphere collapses.
 
@@ -100,11 +109,7 @@ class SphereQuality(pl.Callback):
                 keep.add(self.label_column)
             elif not self._label_missing:
                 self._label_missing = True
-                found = list(batch) if isinstance(batch, dict) else f"a {type(batch).__name__}, not a dict"
-                rank_zero_warn(
-                    f"SphereQuality: label_column {self.label_column!r} is not in the validation batches (found: "
-                    f"{found}); set data.init_args.return_dict: true and add it to data.init_args.columns"
-                )
+                rank_zero_warn(missing_column("SphereQuality", "label_column", self.label_column, batch))
         self._rows.append({name: rows[name][: self.max_samples - have].cpu() for name in keep if name in rows})
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
