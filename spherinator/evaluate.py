@@ -94,16 +94,22 @@ def encode(
     from spherinator.models.autoencoder import model_input
 
     datamodule.setup("predict")
-    total = datamodule.split_rows("predict")
-    chosen = None if total <= max_rows else np.sort(np.random.default_rng(seed).choice(total, max_rows, False))
+    # A spherinator DataModule knows its row count up front, so the sample is drawn from all rows; for other data
+    # the first max_rows rows are used.
+    known = datamodule.split_rows("predict") if callable(getattr(datamodule, "split_rows", None)) else None
+    if known is not None and known > max_rows:
+        chosen = np.sort(np.random.default_rng(seed).choice(known, max_rows, replace=False))
+    else:
+        chosen = np.arange(max_rows)
     loader = datamodule.predict_dataloader()
     parts: dict[str, list[np.ndarray]] = {}
     start = 0
     model.to(device)
-    for batch_idx, batch in enumerate(tqdm(loader, total=len(loader), desc="encode", unit="batch", file=sys.stderr)):
+    batches = len(loader) if hasattr(loader, "__len__") else None
+    for batch_idx, batch in enumerate(tqdm(loader, total=batches, desc="encode", unit="batch", file=sys.stderr)):
         x = model_input(batch)
         n = len(x)
-        rows = np.arange(n) if chosen is None else chosen[(chosen >= start) & (chosen < start + n)] - start
+        rows = chosen[(chosen >= start) & (chosen < start + n)] - start
         start += n
         if len(rows) == 0:
             continue
@@ -117,7 +123,7 @@ def encode(
             if name in out:
                 value = out[name].cpu()[index]
                 parts.setdefault(name, []).append((value.float() if value.is_floating_point() else value).numpy())
-    return {name: np.concatenate(values) for name, values in parts.items()}, total
+    return {name: np.concatenate(values) for name, values in parts.items()}, start
 
 
 def split_counts(datamodule: Any) -> dict[str, int]:
