@@ -171,5 +171,5 @@ def test_callback_overlays_add_up(image_dataset, tmp_path):
     cli = SpherinatorCLI(args=["-c", TINY, *args, "-c", test_overlay(tmp_path, image_dataset)], run=False)
     assert [c.class_path.rsplit(".", 1)[1] for c in cli.config.trainer.callbacks] == [
         "KLAnnealing", "LogLatentSphere", "ModelCheckpoint",  # each overlay's callback, in order
-        "ModelCheckpoint", "LogReconstructionCallback", "LogLatentSphere",  # demo.yaml's three
+        "ModelCheckpoint", "LogReconstructionCallback", "LogLatentSphere", "SphereQuality",  # demo.yaml's four
     ]  # fmt: skip

@@ -121,7 +121,9 @@ def test_a_sweep_with_overrides_on_two_nodes_is_fit_with_the_swept_values(images
         assert "trainer.strategy: 'auto' -> 'ddp'" in composed.changes
     # The callbacks of demo.yaml (appended across -c files) are all there, in order, plus the requeue callback.
     names = [cb["class_path"].rsplit(".", 1)[1] for cb in task_dict["trainer"]["callbacks"]]
-    assert names == ["ModelCheckpoint", "LogReconstructionCallback", "LogLatentSphere", "RequeueOnSignal"]
+    assert names == [
+        "ModelCheckpoint", "LogReconstructionCallback", "LogLatentSphere", "SphereQuality", "RequeueOnSignal"
+    ]  # fmt: skip
 
 
 def seed_models(image_dataset: Path, spectrum_dataset: Path) -> dict[str, tuple[dict, dict]]:
