@@ -16,6 +16,8 @@ import sys
 import traceback
 import warnings
 from argparse import ArgumentError
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -273,17 +275,25 @@ def main(args: list[str] | None = None) -> None:
 
         evaluate_main(argv[1:])
         return
-    try:
-        # Parse errors are raised, not printed after ~50 lines of usage: the one line below says what matters.
+    with one_line_errors("spherinator", argv):
+        # Parse errors are raised, not printed after ~50 lines of usage: the one line they become says what matters.
         SpherinatorCLI(args=args, parser_kwargs={"exit_on_error": False})
+
+
+@contextmanager
+def one_line_errors(prog: str, argv: list[str]) -> Iterator[None]:
+    """Bad input (a parse error, or an error :func:`user_error` finds) ends in one line ``PROG: error: ...`` and
+    exit status 2; any other error is a bug and keeps its traceback."""
+    try:
+        yield
     except ArgumentError as err:
-        print(f"spherinator: error: {parse_error_line(err, argv)}", file=sys.stderr)
+        print(f"{prog}: error: {parse_error_line(err, argv)}", file=sys.stderr)
         raise SystemExit(2) from None
     except Exception as err:
         cause = user_error(err)
         if cause is None:
             raise
-        print(f"spherinator: error: {cause}", file=sys.stderr)  # its message says what to change
+        print(f"{prog}: error: {cause}", file=sys.stderr)  # its message says what to change
         raise SystemExit(2) from None
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from argparse import ArgumentError
 from pathlib import Path
 from typing import Any
 
@@ -233,23 +232,14 @@ def evaluate(
 def main(argv: list[str] | None = None) -> None:
     """Entry point of ``spherinator evaluate``: a table on the terminal, ``sphere_report.json`` on disk; bad input
     ends in one line naming the value and the fix (exit status 2)."""
-    from spherinator.cli import parse_error_line, user_error
+    from spherinator.cli import one_line_errors
 
     args, rest = build_parser().parse_known_args(sys.argv[1:] if argv is None else argv)
     columns = [c.strip() for c in args.columns.split(",")]
-    try:
+    with one_line_errors("spherinator evaluate", ["predict", *rest]):
         report = evaluate(
             rest, args.ckpt_path, args.label_column, columns, args.out, args.max_rows, args.seed, args.device
         )
-    except ArgumentError as err:
-        print(f"spherinator evaluate: error: {parse_error_line(err, ['predict', *rest])}", file=sys.stderr)
-        raise SystemExit(2) from None
-    except Exception as err:
-        cause = user_error(err)
-        if cause is None:
-            raise
-        print(f"spherinator evaluate: error: {cause}", file=sys.stderr)
-        raise SystemExit(2) from None
     used, total = report["rows_used"], report["rows_in_data"]
     splits = " + ".join(f"{n} {s}" for s, n in report["splits"].items())
     which = f"every row of the data ({splits})" if used == total else f"{used} of {total} rows (seed {args.seed})"
