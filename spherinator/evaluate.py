@@ -112,7 +112,11 @@ def encode(
         start += n
         if len(rows) == 0:
             continue
-        on_device = {k: v.to(device) for k, v in batch.items()} if isinstance(batch, dict) else x.to(device)
+        on_device = (
+            {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}  # lists of str stay
+            if isinstance(batch, dict)
+            else x.to(device)
+        )
         out = encode_rows(model, on_device, batch_idx)
         if "scale" in out:
             out["kl"] = kl_per_row(out["location"], out["scale"])

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -11,6 +13,7 @@ import yaml
 from lightning.pytorch import Callback
 
 from spherinator.cli import SpherinatorCLI, main
+from spherinator.data import write_dataset
 from spherinator.models import VariationalAutoencoder
 
 CONFIGS = Path(__file__).parent / "configs"
@@ -92,6 +95,28 @@ def test_predict_writes_embeddings_with_ids(image_dataset, tmp_path):
     location = torch.tensor(table.column("location").to_pylist())
     assert location.shape == (96, 3)
     torch.testing.assert_close(location.norm(dim=1), torch.ones(96))
+
+
+def test_predict_writes_string_ids_as_a_string_column(tmp_path):
+    # survey object names pass through the loader and `spherinator predict` into embeddings.parquet, row by row
+    rng = np.random.default_rng(0)
+    names = np.array([f"SDSS J{i:06d}.78+123456.7" for i in range(40)])
+    images = rng.integers(0, 256, (40, 3, 32, 32), dtype=np.uint8)
+    write_dataset(tmp_path / "named", [{"data": images, "name": names}], rows_per_file=20, rows_per_group=8)
+    data = data_yaml(tmp_path, tmp_path / "named", columns=["data", "name"], return_dict=True, num_workers=2)
+    main(["fit", "-c", TINY, "-c", data, "--trainer.max_epochs", "1"])
+    (ckpt,) = (only_version_dir(tmp_path) / "checkpoints").glob("*.ckpt")
+    out = tmp_path / "emb.parquet"
+    main(
+        [
+            "predict", "-c", TINY, "-c", data, "--ckpt_path", str(ckpt),
+            "--trainer.callbacks+=spherinator.callbacks.EmbeddingWriter",
+            f"--trainer.callbacks.output_path={out}",
+        ]
+    )  # fmt: skip
+    table = pq.read_table(out)
+    assert table.schema.field("name").type == pa.string()
+    assert table.column("name").to_pylist() == names.tolist()  # predict keeps file order
 
 
 def test_z_dim_override_follows_into_decoder(image_dataset, tmp_path):

@@ -906,3 +906,97 @@ def test_a_transform_that_makes_nan_or_inf_is_named(tmp_path, workers):
     message = str(info.value)
     assert "transform <built-in method log" in message and "column 'data' made values that are not finite" in message
     assert "(in 1 of 8 rows)" in message and "\n" not in message
+
+
+# String id columns (survey object names) pass through the loader and predict as lists of str
+
+
+def _name(i: int) -> str:
+    return f"SDSS J{i:06d}.78+1234{i % 10}.7"
+
+
+@pytest.fixture(scope="module", params=["string", "large_string"])
+def named_dataset(request, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """45 rows of 3x16x16 uint8 images, ``id`` 0..44 and ``name`` (a string or large_string column, a function of
+    the id), in 2 files with row groups of 7."""
+    root = tmp_path_factory.mktemp(f"named-{request.param}")
+    names = np.array([_name(i) for i in range(45)])
+    write_dataset(root, [{"data": _images(45, (3, 16, 16)), "id": np.arange(45), "name": names}],
+                  rows_per_file=23, rows_per_group=7)  # fmt: skip
+    if request.param == "large_string":
+        for file in root.glob("*.parquet"):
+            table = pq.read_table(file)
+            field = table.schema.get_field_index("name")
+            table = table.set_column(field, "name", table.column("name").cast(pa.large_string()))
+            pq.write_table(table, file, row_group_size=7)
+    assert pa.types.is_large_string(pq.read_schema(next(root.glob("*.parquet"))).field("name").type) == (
+        request.param == "large_string"
+    )
+    return root
+
+
+def _check_names(batches) -> list[int]:
+    ids = []
+    for batch in batches:
+        assert isinstance(batch["name"], list) and all(isinstance(n, str) for n in batch["name"])
+        assert batch["name"] == [_name(i) for i in batch["id"].tolist()]  # each name stays with its row
+        ids += batch["id"].tolist()
+    return ids
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_string_columns_come_as_lists_of_str_with_their_rows(named_dataset, workers):
+    dm = DataModule(named_dataset, columns=["data", "name", "id"], return_dict=True, batch_size=6,
+                    num_workers=workers, val_fraction=0.2, shuffle_buffer=10)  # fmt: skip
+    assert _check_names(dm.predict_dataloader()) == list(range(45))  # file order
+    train = _check_names(dm.train_dataloader())  # shuffled, through the workers' slots when there are workers
+    val = _check_names(dm.val_dataloader())
+    assert sorted(train + val) == list(range(45))
+
+
+def test_string_columns_shard_across_ranks_and_workers(named_dataset):
+    from spherinator.data.datamodule import _Loader
+
+    dm = DataModule(named_dataset, columns=["data", "name", "id"], return_dict=True, batch_size=4, val_fraction=0.0)
+    ids = []
+    for rank in range(2):
+        loader = _Loader(dm.dataset("train", rank=rank, world_size=2), batch_size=None, num_workers=2)
+        ids += _check_names(loader)
+    assert len(ids) == 2 * 6 * 4 - 3  # 45 rows over 2 ranks x 6 batches: the last batches shrink, no row twice
+    assert sorted(ids) == list(range(45))
+
+
+def test_string_column_cannot_be_the_model_input_nor_transformed(named_dataset):
+    first = r"^column 'name' holds strings, so it cannot be the model input"
+    with pytest.raises(DataError, match=first + r".*columns: \[data, name\]$"):
+        DataModule(named_dataset, columns=["name", "data"]).setup()
+    with pytest.raises(DataError, match=first):
+        DataModule(named_dataset, columns=["name", "data"]).sample_shape()  # before setup, as the CLI asks
+    with pytest.raises(DataError, match="column 'name' holds strings, which a transform cannot take"):
+        DataModule(named_dataset, columns=["data", Column("name", transform=torch.log)]).setup()
+    assert DataModule(named_dataset).column_names == ["data", "id"]  # not named: strings are left out
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_predict_writes_string_ids_into_the_embeddings_in_row_order(named_dataset, tmp_path, workers):
+    from spherinator.callbacks import EmbeddingWriter
+    from spherinator.models import (
+        ConsecutiveConv2DLayer,
+        ConvolutionalEncoder2D,
+        UpsamplingDecoder2D,
+        VariationalAutoencoder,
+    )
+
+    encoder = ConvolutionalEncoder2D([3, 16, 16], 8, [ConsecutiveConv2DLayer(4, 2, 1, [4, 8])])
+    model = VariationalAutoencoder(encoder, UpsamplingDecoder2D(base_channels=8, seed_size=4), z_dim=3)
+    dm = DataModule(named_dataset, columns=["data", "name", "id"], return_dict=True, batch_size=8,
+                    num_workers=workers)  # fmt: skip
+    out = tmp_path / "embeddings.parquet"
+    trainer = pl.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False,
+                         callbacks=[EmbeddingWriter(out)])  # fmt: skip
+    trainer.predict(model, dm, return_predictions=False)
+    table = pq.read_table(out)
+    assert table.schema.field("name").type == pa.string()
+    assert table.column("name").to_pylist() == [_name(i) for i in range(45)]
+    assert table.column("id").to_pylist() == list(range(45))
+    assert table.column("location").to_pylist()[0] != table.column("location").to_pylist()[1]

@@ -17,7 +17,8 @@ class EmbeddingWriter(BasePredictionWriter):
     """Stream the predicted latent locations (and any per-row columns such as ``id``) to Parquet.
 
     Each ``predict_step`` output is a dict of per-row tensors, e.g. ``location`` (B, z_dim), ``scale`` (B,) and
-    ``id`` (B,). Vectors become fixed-size list columns; scalars plain columns. One file per rank:
+    ``id`` (B,), or lists of ``str`` (object names). Vectors become fixed-size list columns; scalars plain columns;
+    strings string columns. One file per rank:
     ``embeddings.parquet`` on a single process, ``embeddings-rank{r}.parquet`` under DDP.
 
     Args:
@@ -56,6 +57,9 @@ class EmbeddingWriter(BasePredictionWriter):
             prediction = {"location": prediction}
         columns = {}
         for name, value in prediction.items():
+            if isinstance(value, list):  # per-row strings such as object names
+                columns[name] = pa.array(value, type=pa.string())
+                continue
             array = value.detach().float().cpu().numpy() if value.is_floating_point() else value.cpu().numpy()
             if array.ndim == 1:
                 columns[name] = pa.array(array)

@@ -221,7 +221,8 @@ class DataModule(pl.LightningDataModule):
     by one (rank, worker), every rank yields the same number of batches, and with ``shuffle`` the order is a
     seeded function of (``seed``, epoch): row groups in a new random order every epoch, rows mixed in a shuffle
     buffer of ``shuffle_buffer`` rows. Array columns of uint8 become float32 in [0, 1], other arrays float32;
-    integer scalar columns (e.g. ``id``) stay int64.
+    integer scalar columns (e.g. ``id``) stay int64. String columns (e.g. object names), when named in ``columns``,
+    come as a list of ``str`` per batch (with ``return_dict``; never the first column).
 
     Tensor storage understood: the fast layout (``fixed_size_binary`` raw bytes with ``<col>_shape`` and
     ``<col>_dtype`` metadata, see :mod:`spherinator.data.writer`), list / fixed-size-list columns with
@@ -318,7 +319,24 @@ class DataModule(pl.LightningDataModule):
             return self._index
         names = [c.name for c in self.columns] if self.columns is not None else None
         head = ParquetIndex(self.path, names, first_file_only=True)
-        return head if head.num_rows else ParquetIndex(self.path, names)  # the first file is empty: look further
+        if not head.num_rows:  # the first file is empty: look further
+            head = ParquetIndex(self.path, names)
+        self._check_layouts(head)
+        return head
+
+    def _check_layouts(self, index: ParquetIndex) -> None:
+        """String columns travel as lists of ``str``: they can be neither the model input nor transformed."""
+        strings = [name for name, layout in index.layouts.items() if layout.kind == "string"]
+        first = next(iter(index.layouts))
+        if first in strings:
+            rest = [n for n in index.layouts if n != first]
+            raise DataError(
+                f"column {first!r} holds strings, so it cannot be the model input (the first of `columns`); put an "
+                f"array column first, e.g. columns: [{', '.join(rest[:1] or ['data'])}, {first}]"
+            )
+        for name in strings:
+            if self._column(name).transform is not None:
+                raise DataError(f"column {name!r} holds strings, which a transform cannot take; remove its `transform`")
 
     @property
     def column_names(self) -> list[str]:
@@ -358,6 +376,7 @@ class DataModule(pl.LightningDataModule):
         if self._index is None:
             names = [c.name for c in self.columns] if self.columns is not None else None
             self._index = ParquetIndex(self.path, names)
+            self._check_layouts(self._index)
             if self._index.num_rows == 0:
                 raise DataError(f"the parquet files under {str(self.path)!r} hold no rows; write some data first")
             fractions = {"test": self.test_fraction, "val": self.val_fraction}

@@ -11,6 +11,8 @@ Layouts understood (detected from the Arrow field type and the schema metadata):
 - ``encoded``: PNG/JPEG bytes in a ``binary`` column without shape/dtype metadata, or the ``{bytes, path}`` struct
   Hugging Face datasets writes; decoded with torchvision (one call per image: they are compressed one by one).
 - ``scalar``: integer, floating or boolean columns (e.g. ``id``, or generating parameters).
+- ``string``: string columns (e.g. survey object names), read only when named in ``columns``; a batch holds them as
+  a list of Python ``str``, never as a tensor, so they cannot be the model input.
 
 Every decoder returns one numpy array ``(N, *shape)`` per record batch in the stored dtype (a view of the Arrow
 buffers where possible); :func:`to_tensor` turns it into the tensor the model sees.
@@ -101,9 +103,9 @@ class ColumnLayout:
 
     Attributes:
         name: Column name.
-        kind: ``raw``, ``list``, ``tensor``, ``encoded`` or ``scalar`` (see the module docstring).
+        kind: ``raw``, ``list``, ``tensor``, ``encoded``, ``scalar`` or ``string`` (see the module docstring).
         shape: Per-row shape when the schema tells it, else None (ragged-free lists without metadata and
-            encoded images: known after decoding a batch). ``()`` for scalars.
+            encoded images: known after decoding a batch). ``()`` for scalars and strings.
         dtype: Stored numpy dtype when the schema tells it (None for encoded images).
     """
 
@@ -114,8 +116,8 @@ class ColumnLayout:
 
     @property
     def is_tensor(self) -> bool:
-        """True for array columns (images, spectra, ...), False for per-row scalars."""
-        return self.kind != "scalar"
+        """True for array columns (images, spectra, ...), False for per-row scalars and strings."""
+        return self.kind not in ("scalar", "string")
 
     @staticmethod
     def supports(type_: pa.DataType) -> bool:
@@ -191,9 +193,12 @@ class ColumnLayout:
         if pa.types.is_integer(type_) or pa.types.is_floating(type_) or pa.types.is_boolean(type_):
             return cls(name, "scalar", (), np.dtype(type_.to_pandas_dtype()))
 
+        if pa.types.is_string(type_) or pa.types.is_large_string(type_):
+            return cls(name, "string", (), np.dtype(object))
+
         raise DataError(
             f"{where}: column {name!r} has type {type_}, which spherinator cannot turn into a tensor; "
-            f"drop it from `columns` or store it as numbers, lists of numbers or raw array bytes"
+            f"drop it from `columns` or store it as numbers, strings, lists of numbers or raw array bytes"
         )
 
     # -- decoding ------------------------------------------------------------------------------------------------
@@ -396,10 +401,12 @@ def _empty(shape: tuple[int, ...], dtype: torch.dtype, shared: bool) -> torch.Te
     return torch.empty(0, dtype=dtype).set_(torch.UntypedStorage._new_shared(nbytes), 0, shape)
 
 
-def to_tensor(array: np.ndarray, layout: ColumnLayout, shared: bool = False) -> torch.Tensor:
+def to_tensor(array: np.ndarray, layout: ColumnLayout, shared: bool = False) -> torch.Tensor | list[str]:
     """The tensor the model sees: arrays of uint8 scaled to float32 in [0, 1], other arrays as float32;
     integer/boolean scalars as int64, floating scalars as float32. Always a new tensor (never a view of Arrow
-    memory); in shared memory with ``shared``."""
+    memory); in shared memory with ``shared``. A string column becomes a list of ``str``."""
+    if layout.kind == "string":
+        return array.tolist()
     dtype = torch.float32 if layout.is_tensor or array.dtype.kind == "f" else torch.int64
     out = _empty(array.shape, dtype, shared)
     if array.dtype == np.uint8 and layout.is_tensor:
@@ -426,6 +433,6 @@ def scale_uint8(
     """uint8 tensors of a batch (from workers that send uint8 to move 4x fewer bytes) to float32 in [0, 1]."""
     if isinstance(batch, dict):
         return {name: scale_uint8(tensor, pin) for name, tensor in batch.items()}
-    if batch.dtype != torch.uint8:
+    if not isinstance(batch, torch.Tensor) or batch.dtype != torch.uint8:  # lists of str pass as they are
         return batch
     return uint8_to_float(batch.numpy(), pin)

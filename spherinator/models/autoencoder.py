@@ -56,6 +56,11 @@ def model_input(batch: Any) -> torch.Tensor:
     raise TypeError(f"batch must be a tensor, a dict of tensors or a tuple, got {type(batch).__name__}")
 
 
+def _is_strings(column: Any) -> bool:
+    """A per-row string column of a batch (object names): a list of ``str``."""
+    return isinstance(column, list) and all(isinstance(v, str) for v in column)
+
+
 class _AutoencoderBase(pl.LightningModule):
     """Shared batch handling, shape wiring, steps and default optimiser of the two autoencoders."""
 
@@ -216,12 +221,15 @@ class _AutoencoderBase(pl.LightningModule):
     def _shared_step(self, batch: Any, stage: str) -> torch.Tensor:
         raise NotImplementedError
 
-    def predict_step(self, batch: Any, batch_idx: int = 0, dataloader_idx: int = 0) -> dict[str, torch.Tensor]:
+    def predict_step(
+        self, batch: Any, batch_idx: int = 0, dataloader_idx: int = 0
+    ) -> dict[str, torch.Tensor | list[str]]:
         x = model_input(batch)
         out = self._predict(x)
         if isinstance(batch, dict):
-            for name, column in list(batch.items())[1:]:  # per-row 1-D columns such as ids
-                if isinstance(column, torch.Tensor) and column.dim() == 1 and len(column) == len(x):
+            for name, column in list(batch.items())[1:]:  # per-row columns: ids, labels, object names (list of str)
+                per_row = isinstance(column, torch.Tensor) and column.dim() == 1 or _is_strings(column)
+                if per_row and len(column) == len(x):
                     out.setdefault(name, column)
         return out
 
