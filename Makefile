@@ -9,17 +9,24 @@ PYTEST_ARGS ?=
 export HF_HUB_OFFLINE ?= 1
 export WANDB_MODE ?= offline
 
-.PHONY: venv demo demo-data test test-fast lint format bench clean-demo
+.PHONY: venv constraints demo demo-data test test-fast lint format bench clean-demo
 
 venv: $(STAMP)
 
-# DeepSpeed ships only an sdist: it builds against the torch already in the venv (--no-build-isolation).
-$(STAMP): pyproject.toml
+# pyproject.toml declares ranges; constraints.txt pins the exact versions tested here (torch 2.14.1, ...).
+# DeepSpeed ships only an sdist: it builds against the torch already in the venv (--no-build-isolation), which
+# needs the build backends (hatchling + editables for spherinator, setuptools for DeepSpeed) in the venv.
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip 'setuptools>=70' wheel
-	$(BIN)/pip install --quiet -e '.[dev,data,wandb]'
-	$(BIN)/pip install --quiet --no-build-isolation -e '.[deepspeed]'
+	$(BIN)/pip install --quiet -c constraints.txt --upgrade pip setuptools wheel hatchling editables
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev,data,wandb]'
+	$(BIN)/pip install --quiet -c constraints.txt --no-build-isolation -e '.[deepspeed]'
 	touch $(STAMP)
+
+# After changing a dependency in pyproject.toml: pin what the venv now holds (then commit constraints.txt).
+constraints: venv
+	{ sed -n '/^#/p' constraints.txt; $(BIN)/pip freeze --all --exclude-editable; } > constraints.txt.new
+	mv constraints.txt.new constraints.txt
 
 $(DEMO_DATA)/_SUCCESS: | $(STAMP)
 	$(BIN)/python tools/make_dataset.py synthetic --out $(DEMO_DATA) --count 2048 --size 128

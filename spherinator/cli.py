@@ -1,7 +1,7 @@
-"""The ``spherinator`` command: LightningCLI with layered YAML, shape inference and embedding output.
+"""``spherinator fit|validate|test|predict``: LightningCLI with layered YAML, shape inference and embedding output.
 
-``spherinator fit|validate|test|predict -c a.yaml -c b.yaml --model.init_args.z_dim 16`` trains and evaluates;
-``spherinator export ...`` writes ONNX files (see :mod:`spherinator.export`).
+``spherinator fit -c a.yaml -c b.yaml --model.init_args.z_dim 16`` trains; :mod:`spherinator.commands` dispatches
+the other commands (``export``, ``evaluate``) and answers ``--help`` and ``--version`` without importing this module.
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import importlib
 import inspect
+import json
 import math
 import os
 import re
@@ -67,8 +68,13 @@ class SpherinatorCLI(LightningCLI):
         if isinstance(args, dict | Namespace):
             super().parse_arguments(parser, args)
             return
-        argv = sys.argv[1:] if args is None else list(args)
-        self.config = parser.parse_args(append_callbacks_across_configs(argv))
+        argv = append_callbacks_across_configs(sys.argv[1:] if args is None else list(args))
+        printing = [arg for arg in argv if _PRINT_CONFIG.fullmatch(arg)]
+        config = parser.parse_args([arg for arg in argv if not _PRINT_CONFIG.fullmatch(arg)])
+        if printing:
+            print_resolved_config(parser, config, argv, printing[-1])  # exits
+        drop_repeated_callbacks(config[config.subcommand] if config.get("subcommand") else config)
+        self.config = config
 
     def _parse_ckpt_path(self) -> None:
         # LightningCLI lets the checkpoint's model hyperparameters replace the model settings of the command line
@@ -219,6 +225,65 @@ def _as_class_and_args(value: Any) -> Any:
     return cls, {k: v for k, v in args.items() if k not in defaults or defaults[k] != v}
 
 
+_PRINT_CONFIG = re.compile(r"--print_config(=.*)?")
+
+
+def drop_repeated_callbacks(config: Namespace) -> None:
+    """Keep one of each identical callback (same class_path and init_args) in ``config``'s ``trainer.callbacks``.
+
+    Callbacks of ``-c`` files are appended (:func:`append_callbacks_across_configs`), so a run's saved
+    ``config.yaml`` layered with the overlays it was made from would list each of their callbacks twice: two
+    ModelCheckpoints writing the same files. Callbacks that differ in any argument are all kept.
+    """
+    callbacks = config.get("trainer.callbacks") if isinstance(config.get("trainer"), Namespace) else None
+    if not isinstance(callbacks, list):
+        return
+    kept: list[Any] = []
+    for callback in callbacks:
+        if not any(callback == other for other in kept):
+            kept.append(callback)
+    if len(kept) < len(callbacks):
+        config["trainer.callbacks"] = kept
+
+
+def print_resolved_config(parser: LightningArgumentParser, config: Namespace, argv: list[str], flag: str) -> None:
+    """``--print_config`` of the config that runs: with the sizes :func:`resolve_config` infers (the data's sample
+    shape among them) and repeated callbacks dropped, printed by jsonargparse as usual.
+
+    jsonargparse prints while it parses, before those values are known; so the config is parsed once without the
+    flag, completed, and parsed again with the flag and the completed values as overrides.
+    """
+    subcommand = config.get("subcommand")
+    section = config[subcommand] if subcommand else config
+    before = _flat(parser, config, subcommand)
+    drop_repeated_callbacks(section)
+    try:
+        resolve_config(section)
+    except (ConfigError, DataError, OSError) as err:  # print what is known; the run itself would stop here
+        print(f"spherinator: the sizes taken from the data are left null: {err}", file=sys.stderr)
+    after = _flat(parser, config, subcommand)
+    overrides = [f"--{key}={json.dumps(value)}" for key, value in after.items() if before.get(key) != value]
+    argv = [arg for arg in argv if not _PRINT_CONFIG.fullmatch(arg)]
+    parser.parse_args([*argv, *overrides, flag])  # prints and exits
+    raise AssertionError("jsonargparse did not exit after --print_config")
+
+
+def _flat(parser: LightningArgumentParser, config: Namespace, subcommand: str | None) -> dict[str, Any]:
+    """The config as plain values (as jsonargparse dumps it), keyed by dotted path; lists are values."""
+    dumped = yaml.safe_load(parser.dump(config, skip_validation=True))
+    flat: dict[str, Any] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, dict) and node:
+            for key, value in node.items():
+                walk(value, f"{prefix}.{key}" if prefix else str(key))
+        else:
+            flat[prefix] = node
+
+    walk(dumped.get(subcommand, {}) if subcommand else dumped, "")
+    return flat
+
+
 def append_callbacks_across_configs(argv: list[str]) -> list[str]:
     """Make each ``-c`` file's ``trainer.callbacks`` add to those of earlier files instead of replacing them.
 
@@ -263,21 +328,17 @@ def append_callbacks_across_configs(argv: list[str]) -> list[str]:
 
 
 def main(args: list[str] | None = None) -> None:
-    """Entry point of the ``spherinator`` command."""
-    argv = sys.argv[1:] if args is None else list(args)
-    if argv and argv[0] == "export":
-        from spherinator.export import main as export_main
+    """Entry point of the ``spherinator`` command (see :mod:`spherinator.commands`)."""
+    from spherinator.commands import main as commands_main
 
-        export_main(argv[1:])
-        return
-    if argv and argv[0] == "evaluate":
-        from spherinator.evaluate import main as evaluate_main
+    commands_main(args)
 
-        evaluate_main(argv[1:])
-        return
+
+def lightning_main(argv: list[str]) -> None:
+    """``spherinator fit|validate|test|predict ...``: the LightningCLI, with bad input reported in one line."""
     with one_line_errors("spherinator", argv):
         # Parse errors are raised, not printed after ~50 lines of usage: the one line they become says what matters.
-        SpherinatorCLI(args=args, parser_kwargs={"exit_on_error": False})
+        SpherinatorCLI(args=argv, parser_kwargs={"exit_on_error": False})
 
 
 @contextmanager

@@ -49,7 +49,7 @@ def _build_parser() -> argparse.ArgumentParser:
     group.add_argument("--no-validate", action="store_true", help="skip building the model and a batch locally")
     group.add_argument("--no-export", action="store_true", help="no ONNX export after training")
     res = parser.add_argument_group("Slurm resources (override the preset)")
-    res.add_argument("--preset", help="site preset: a name in slurm/presets or a YAML file")
+    res.add_argument("--preset", help="site preset: a name (see $SPHERINATOR_PRESET_PATH) or a YAML file")
     res.add_argument("--nodes", type=int, help="nodes per task (trainer.num_nodes)")
     res.add_argument("--devices", type=int, help="processes per node (trainer.devices)")
     res.add_argument("--gpus-per-node", type=int, help="GPUs per node (sets devices and accelerator gpu)")

@@ -1,5 +1,6 @@
-"""Slurm resources of a submission: command-line options, site presets (``slurm/presets/*.yaml``), sbatch
-parameters for Submitit and the matching Lightning Trainer settings."""
+"""Slurm resources of a submission: command-line options, site presets (``slurm/presets/*.yaml``, looked up along
+:func:`spherinator.packaged.preset_dirs`), sbatch parameters for Submitit and the matching Lightning Trainer
+settings."""
 
 from __future__ import annotations
 
@@ -14,9 +15,8 @@ from typing import Any
 
 import yaml
 
+from spherinator.packaged import PRESET_PATH_ENV, preset_dirs
 from spherinator.submit.sweep import SubmitError
-
-PRESET_DIR = Path(__file__).resolve().parents[2] / "slurm" / "presets"
 
 
 @dataclass
@@ -375,20 +375,30 @@ def parse_time(value: str | int) -> int:
     return minutes
 
 
-def available_presets(preset_dir: Path = PRESET_DIR) -> list[str]:
-    return sorted(p.stem for p in preset_dir.glob("*.yaml"))
+def available_presets(preset_dir: Path | None = None) -> list[str]:
+    dirs = [preset_dir] if preset_dir is not None else preset_dirs()
+    return sorted({p.stem for d in dirs for p in d.glob("*.yaml")})
 
 
-def load_preset(name: str, preset_dir: Path = PRESET_DIR) -> dict[str, Any]:
+def load_preset(name: str, preset_dir: Path | None = None) -> dict[str, Any]:
     """Read a site preset: a YAML mapping of Resources fields (``partition``, ``gpus_per_node``, ``setup``, ...).
 
-    ``name`` is a file stem in ``slurm/presets`` or a path to a YAML file.
+    ``name`` is a path to a YAML file, or a file stem looked up in ``preset_dir`` (default: the folders of
+    ``$SPHERINATOR_PRESET_PATH``, then the presets that ship with spherinator; the first match wins).
     """
-    path = Path(name) if name.endswith((".yaml", ".yml")) else preset_dir / f"{name}.yaml"
-    if not path.is_file():
-        raise SubmitError(
-            f"preset '{name}' not found ({path}); available: {', '.join(available_presets(preset_dir)) or 'none'}"
-        )
+    dirs = [preset_dir] if preset_dir is not None else preset_dirs()
+    if name.endswith((".yaml", ".yml")):
+        path = Path(name)
+        if not path.is_file():
+            raise SubmitError(f"preset file '{name}' not found; give the path of a YAML file, or a preset's name")
+    else:
+        path = next((d / f"{name}.yaml" for d in dirs if (d / f"{name}.yaml").is_file()), None)
+        if path is None:
+            raise SubmitError(
+                f"preset '{name}' not found in {', '.join(str(d) for d in dirs)}; available: "
+                f"{', '.join(available_presets(preset_dir)) or 'none'} (add a folder of your own with "
+                f"${PRESET_PATH_ENV}, or give a YAML file's path)"
+            )
     try:
         content = yaml.load(path.read_text(), Loader=_PresetLoader) or {}  # noqa: S506 (a SafeLoader)
     except yaml.YAMLError as err:

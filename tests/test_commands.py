@@ -1,0 +1,180 @@
+"""The ``spherinator`` command's own surface: --help and --version without the heavy imports, every command listed,
+--print_config with the sizes that are inferred, callbacks layered without duplicates, the shipped examples."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from spherinator import __version__
+from spherinator.cli import SpherinatorCLI, main
+from spherinator.commands import COMMANDS, LIGHTNING_COMMANDS
+
+CONFIGS = Path(__file__).parent / "configs"
+TINY = str(CONFIGS / "vae_tiny.yaml")
+EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
+HEAVY = ("torch", "lightning", "transformers", "onnx", "onnxruntime", "submitit", "deepspeed", "wandb")
+
+
+@pytest.fixture(autouse=True)
+def _in_tmp_path(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+
+
+def data_yaml(tmp_path: Path, path: Path) -> str:
+    args = {"path": str(path), "batch_size": 16, "num_workers": 0, "val_fraction": 0.25}
+    out = tmp_path / "data.yaml"
+    out.write_text(yaml.safe_dump({"data": {"class_path": "spherinator.data.DataModule", "init_args": args}}))
+    return str(out)
+
+
+# ------------------------------------------------------------------------------------- --help, --version
+
+
+def heavy_modules_after(code: str) -> list[str]:
+    """Which of HEAVY a fresh interpreter has imported after running ``code``."""
+    probe = f"{code}\nimport json, sys\nprint(json.dumps([m for m in {HEAVY!r} if m in sys.modules]))"
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def run_command(args: list[str]) -> str:
+    return (
+        "import contextlib, io\nfrom spherinator.commands import main\n"
+        f"with contextlib.suppress(SystemExit), contextlib.redirect_stdout(io.StringIO()):\n    main({args!r})"
+    )
+
+
+@pytest.mark.parametrize("args", [["--help"], ["--version"], ["examples", "--help"]])
+def test_help_and_version_import_neither_torch_nor_lightning(args):
+    assert heavy_modules_after(run_command(args)) == []
+
+
+@pytest.mark.slow
+def test_fit_help_imports_nothing_heavy_beyond_what_lightning_itself_imports():
+    """``fit --help`` needs Lightning (its options are the Trainer's); onnx, onnxruntime and submitit it never needs.
+    Lightning imports torchmetrics, which imports transformers whenever it is installed (torchmetrics issue 2242):
+    that one is allowed only when ``import lightning`` alone brings it."""
+    lightning_alone = set(heavy_modules_after("import lightning.pytorch"))
+    fit_help = set(heavy_modules_after(run_command(["fit", "--help"])))
+    assert {"torch", "lightning"} <= fit_help
+    assert not fit_help & {"onnx", "onnxruntime", "submitit", "deepspeed", "wandb"}, fit_help
+    assert fit_help <= lightning_alone | {"torch", "lightning"}, fit_help - lightning_alone
+
+
+def test_help_lists_every_command_on_one_line(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    listed = [line.split()[0] for line in out.splitlines() if line.startswith("  ") and not line.startswith("  -")]
+    assert listed == list(COMMANDS)
+    assert set(LIGHTNING_COMMANDS) == set(SpherinatorCLI.subcommands())  # the list keeps up with Lightning's
+    assert {"export", "evaluate"} <= set(COMMANDS)
+    assert all(len(line) <= 100 for line in out.splitlines())
+
+
+def test_version_is_the_installed_packages(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.split() == ["spherinator", __version__]
+
+
+def test_an_unknown_command_is_one_line_naming_the_closest(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["exprot", "x.ckpt"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("spherinator: error: unknown command 'exprot'; did you mean 'export'?") and "\n" not in err
+
+
+def test_examples_copies_the_shipped_experiments_and_leaves_edited_ones_alone(tmp_path, capsys):
+    edited = tmp_path / "experiments" / "demo.yaml"
+    edited.parent.mkdir()
+    edited.write_text("trainer: {max_epochs: 1}\n")
+    main(["examples", str(tmp_path)])
+    assert sorted(p.name for p in edited.parent.glob("*.yaml")) == sorted(p.name for p in EXPERIMENTS.glob("*.yaml"))
+    assert (edited.parent / "vae_cnn3.yaml").read_text() == (EXPERIMENTS / "vae_cnn3.yaml").read_text()
+    assert edited.read_text() == "trainer: {max_epochs: 1}\n"
+    assert "demo.yaml" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------- --print_config
+
+
+def print_config(capsys, args: list[str]) -> tuple[dict, str]:
+    with pytest.raises(SystemExit) as exit_info:
+        main([*args, "--print_config"])
+    assert exit_info.value.code == 0
+    captured = capsys.readouterr()
+    return yaml.safe_load(captured.out), captured.err
+
+
+def test_print_config_shows_the_sizes_that_are_inferred(image_dataset, tmp_path, capsys):
+    printed, _ = print_config(capsys, ["fit", "-c", TINY, "-c", data_yaml(tmp_path, image_dataset)])
+    model = printed["model"]["init_args"]
+    assert model["encoder"]["init_args"]["input_dim"] == [3, 32, 32]  # from the data
+    assert model["decoder"]["init_args"]["output_dim"] == [3, 32, 32]
+    assert model["decoder"]["init_args"]["input_dim"] == 3  # z_dim
+    assert model["encoder_out_dim"] == 16  # the encoder's output_dim
+    assert printed["trainer"]["max_epochs"] == 1  # the rest as composed
+
+
+def test_print_config_shows_an_override_followed_into_the_sizes(image_dataset, tmp_path, capsys):
+    args = ["fit", "-c", TINY, "-c", data_yaml(tmp_path, image_dataset), "--model.init_args.z_dim", "7"]
+    printed, _ = print_config(capsys, args)
+    assert printed["model"]["init_args"]["decoder"]["init_args"]["input_dim"] == 7
+
+
+def test_print_config_without_the_data_prints_the_rest_and_says_why(tmp_path, capsys):
+    printed, err = print_config(capsys, ["fit", "-c", TINY, "-c", data_yaml(tmp_path, tmp_path / "absent")])
+    model = printed["model"]["init_args"]
+    assert model["encoder"]["init_args"]["input_dim"] is None
+    assert model["decoder"]["init_args"]["input_dim"] == 3 and model["encoder_out_dim"] == 16
+    assert "sizes taken from the data are left null" in err and "absent" in err
+
+
+# ---------------------------------------------------------------------------------------- callbacks layered
+
+
+def callback_names(cli: SpherinatorCLI, subcommand: str | None = None) -> list[str]:
+    config = cli.config[subcommand] if subcommand else cli.config
+    return [c.class_path.rsplit(".", 1)[-1] for c in config.trainer.callbacks]
+
+
+def test_a_saved_run_config_layered_with_its_overlays_keeps_one_of_each_callback(image_dataset, tmp_path, capsys):
+    overlays = ["-c", str(EXPERIMENTS / "callback_best_model.yaml")]
+    overlays += ["-c", str(EXPERIMENTS / "callback_latent_sphere.yaml")]
+    data = data_yaml(tmp_path, image_dataset)
+    main(["fit", "-c", TINY, "-c", data, *overlays, "--trainer.limit_train_batches", "1"])
+    (saved,) = (tmp_path / "runs" / "spherinator").glob("version_*/config.yaml")
+    layered = ["fit", "-c", str(saved), "-c", TINY, "-c", data, *overlays]  # a saved config is a fit config
+    cli = SpherinatorCLI(args=[*layered, "--trainer.max_epochs", "0"])
+    assert callback_names(cli, "fit") == ["ModelCheckpoint", "LogLatentSphere"]
+    built = [type(c).__name__ for c in cli.trainer.callbacks]
+    assert built.count("ModelCheckpoint") == 1 and built.count("LogLatentSphere") == 1
+    printed, _ = print_config(capsys, layered)
+    assert [c["class_path"].rsplit(".", 1)[-1] for c in printed["trainer"]["callbacks"]] == callback_names(cli, "fit")
+
+
+def test_callbacks_that_differ_in_an_argument_are_all_kept(image_dataset, tmp_path):
+    def overlay(name: str, monitor: str) -> str:
+        path = tmp_path / f"{name}.yaml"
+        checkpoint = {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": {"monitor": monitor}}
+        path.write_text(yaml.safe_dump({"trainer": {"callbacks": [checkpoint]}}))
+        return str(path)
+
+    data = data_yaml(tmp_path, image_dataset)
+    val, train, val_again = overlay("a", "val_loss"), overlay("b", "train_loss"), overlay("c", "val_loss")
+    cli = SpherinatorCLI(args=["-c", TINY, "-c", data, "-c", val, "-c", train, "-c", val_again], run=False)
+    assert [c.init_args.monitor for c in cli.config.trainer.callbacks] == ["val_loss", "train_loss"]
+    added = "--trainer.callbacks+=spherinator.callbacks.KLAnnealing"
+    cli = SpherinatorCLI(args=["-c", TINY, "-c", data, "-c", val, added, added], run=False)
+    assert callback_names(cli) == ["ModelCheckpoint", "KLAnnealing"]
