@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 export HF_HUB_OFFLINE ?= 1
 export WANDB_MODE ?= offline
 
-.PHONY: venv constraints demo demo-data test test-fast lint format bench clean-demo
+.PHONY: venv constraints demo demo-data test test-fast lint format bench gpu-check clean-demo
 
 venv: $(STAMP)
 
@@ -56,6 +56,11 @@ bench: venv
 	$(BIN)/python tools/bench/bench_data.py
 	$(BIN)/python tools/bench/bench_fit.py
 	$(BIN)/python tools/bench/bench_onnx.py
+
+# One CUDA GPU, under 8 minutes: the demo recipe in bf16-mixed and 32, DeepSpeed stage 2, pinned memory, ONNX
+# Runtime on CUDA (README "GPU check"). `python tools/bench/gpu_check.py --cpu` is the reduced mode CI runs.
+gpu-check: venv
+	$(BIN)/python tools/bench/gpu_check.py
 
 clean-demo:
 	rm -rf $(DEMO_DATA) runs/demo
