@@ -377,16 +377,17 @@ def test_latent_sphere_map_is_coloured_by_a_column(tmp_path):
 
 
 def test_sphere_figures_reach_a_tasks_summary_and_the_status_table(tmp_path, capsys):
-    from spherinator.submit import launch
-    from spherinator.submit.task import _metrics, write_summary
+    from spherinator.submit import RunSummary, launch
+    from spherinator.submit.requeue import logged_metrics
 
     data = DataLoader(_Rows(), batch_size=50)
     run = trainer(tmp_path, [SphereQuality(label_column="label")], limit_train_batches=1)
     run.fit(sphere_vae(False), data, data)
     (tmp_path / "task").mkdir()
-    write_summary(tmp_path / "task", state="COMPLETED", epoch=1, metrics=_metrics(run))  # what TrainingTask writes
+    summary = RunSummary().start_attempt("1", "host", None, None, None)  # what TrainingTask writes
+    summary.trained(1, run.global_step, logged_metrics(run), None, None).completed(None).save(tmp_path / "task")
     manifest = {"tasks": [{"index": 0, "name": "task", "params": {}}], "submissions": []}
-    (row,) = launch.task_rows(tmp_path, manifest)
-    assert re.fullmatch(r"coverage \d+% knn 0\.9\d\d", row["sphere"])
-    launch._print_table([row])
+    (row,), _ = launch.task_rows(tmp_path, manifest)
+    assert re.fullmatch(r"coverage \d+% knn 0\.9\d\d", row.cells()["sphere"])
+    launch.print_table([row])
     assert "SPHERE" in capsys.readouterr().out

@@ -20,6 +20,8 @@ import spherinator.submit.launch as launch
 import spherinator.submit.task as task
 from spherinator.checkpoints import AtomicCheckpointIO, CheckpointError, check_checkpoint, resume_checkpoint
 from spherinator.cli import SpherinatorCLI, main
+from spherinator.submit.records import RunSummary
+from spherinator.submit.requeue import REQUEUE_SIGNAL
 
 TINY = str(Path(__file__).parent / "configs" / "vae_tiny.yaml")
 
@@ -60,7 +62,7 @@ class _SignalAt(Callback):
 
     def _maybe(self, trainer, stage: str, batch_idx: int) -> None:
         if (stage, trainer.current_epoch, batch_idx) == (self.stage, self.epoch, self.batch):
-            task._pending_signal = signal.SIGUSR2
+            REQUEUE_SIGNAL.pending = signal.SIGUSR2
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self._maybe(trainer, "train", batch_idx)
@@ -91,7 +93,7 @@ def val_losses(run: Path) -> list[int]:
 def test_a_requeue_anywhere_in_an_epoch_resumes_with_one_val_loss_per_epoch(
     image_dataset, tmp_path, monkeypatch, stage, batch, during
 ):
-    monkeypatch.setattr(task, "_pending_signal", None)
+    monkeypatch.setattr(REQUEUE_SIGNAL, "pending", None)
     args = run_config(tmp_path, image_dataset)
     run = tmp_path / "run"
     cli = SpherinatorCLI(args=args, run=False)
@@ -100,8 +102,8 @@ def test_a_requeue_anywhere_in_an_epoch_resumes_with_one_val_loss_per_epoch(
         cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     # A signal in a validation is acted on in it (it does not wait for the validation and the next batch).
     assert val_losses(run) == [3], val_losses(run)
-    summary = task.read_summary(run)
-    assert summary["state"] == "REQUEUEING" and summary["requeued_during"] == during, summary
+    summary = RunSummary.read(run)
+    assert summary.state == "REQUEUEING" and summary.requeued_during == during and summary.requeues == 1, summary
 
     ckpt = task.newest_checkpoint(run)
     assert ckpt is not None and ckpt.name == "requeue.ckpt"
@@ -253,6 +255,6 @@ def test_a_task_refuses_to_run_other_code_than_it_was_submitted_with(tmp_path, m
     job = task.TrainingTask(run, tmp_path, export=False, code_version="sha256:0123456789abcdef (git 0abc123)")
     with pytest.raises(RuntimeError, match="submitted with spherinator sha256:0123456789abcdef"):
         job()
-    summary = task.read_summary(run)
-    assert summary["state"] == "FAILED" and "submit the sweep again" in summary["error"], summary
+    summary = RunSummary.read(run)
+    assert summary.state == "FAILED" and "submit the sweep again" in summary.error, summary
     assert job.checkpoint().function.code_version == job.code_version  # a requeue keeps the version

@@ -18,7 +18,7 @@ import pytest
 import spherinator
 import spherinator.submit.launch as launch
 import spherinator.submit.task as task
-from spherinator.submit import main
+from spherinator.submit import RunSummary, main
 from tests.test_submit import tiny_config
 
 pytestmark = pytest.mark.slurm
@@ -49,21 +49,21 @@ def wait_for(sweep: Path, done, timeout: float, poll: float = 3.0) -> list[dict]
     _, manifest = launch.read_manifest(sweep)
     deadline = time.monotonic() + timeout
     while True:
-        rows = launch.task_rows(sweep, manifest)
+        rows, _ = launch.task_rows(sweep, manifest)
         if done(rows):
             return rows
         if time.monotonic() > deadline:
             logs = "\n".join(p.read_text()[-2000:] for p in sorted(sweep.glob("submitit/*.err"))[-2:])
-            pytest.fail(f"timed out after {timeout}s: {[(r['task'], r['state'], r['epoch']) for r in rows]}\n{logs}")
+            pytest.fail(f"timed out after {timeout}s: {[(r.task, r.state, r.epoch) for r in rows]}\n{logs}")
         time.sleep(poll)
 
 
 def all_in(state: str):
-    return lambda rows: all(r["state"] == state and r["summary_state"] in (state, None) for r in rows) and rows
+    return lambda rows: all(r.state == state and r.summary_state in (state, None) for r in rows) and rows
 
 
 def completed(rows: list[dict]) -> bool:
-    return all(r["state"] == "COMPLETED" and r["summary_state"] == "COMPLETED" for r in rows)
+    return all(r.state == "COMPLETED" and r.summary_state == "COMPLETED" for r in rows)
 
 
 def submit(tmp_path: Path, config: Path, name: str, *args: str) -> Path:
@@ -239,9 +239,9 @@ def test_a_signal_during_a_long_validation_requeues_from_inside_it(cluster, tmp_
     (job,) = manifest["submissions"][0]["jobs"].values()
     subprocess.run(["scancel", "--signal=USR2", job], check=True, timeout=30)  # as Slurm's --signal does
     wait_for(sweep, completed, timeout=400)
-    summary = task.read_summary(run)
-    assert summary["requeued_during"] == "validation" and summary["attempts"] == 2, summary
-    assert summary["epoch"] == epochs
+    summary = RunSummary.read(run)
+    assert summary.requeued_during == "validation" and summary.attempts == 2 and summary.requeues == 1, summary
+    assert summary.epoch == epochs
     first, *_ = sorted(run.glob("events.out.tfevents.*"))
     assert val_loss_steps(first) == [val_loss_steps(run)[0]], "the first attempt left during epoch 1's validation"
     assert_one_val_loss_per_epoch(run, epochs)
@@ -271,9 +271,9 @@ def test_a_queued_task_runs_the_code_it_was_submitted_with(cluster, tmp_path, im
     (job,) = manifest["submissions"][0]["jobs"].values()
     subprocess.run(["scontrol", "release", job], check=True, timeout=30)
     wait_for(sweep, completed, timeout=300)
-    summary = task.read_summary(sweep / "run")
-    assert summary["code_version"] == manifest["code_version"]
-    assert summary["code_version"].split()[0] == task.code_hash(sweep / "code" / "spherinator")
+    summary = RunSummary.read(sweep / "run")
+    assert summary.code_version == manifest["code_version"]
+    assert summary.code_version.split()[0] == task.code_hash(sweep / "code" / "spherinator")
 
 
 def test_resume_continues_a_cancelled_sweep_from_its_checkpoints(cluster, tmp_path, image_dataset, capsys, monkeypatch):
@@ -281,10 +281,10 @@ def test_resume_continues_a_cancelled_sweep_from_its_checkpoints(cluster, tmp_pa
     config = tiny_config(tmp_path, image_dataset, epochs=epochs)
     slow = slow_overlay(tmp_path, monkeypatch, 0.1)  # >= 0.6 s per epoch: still running when cancelled
     sweep = submit(tmp_path, config, "cancel", "-c", str(slow), "--time", "10", "--sweep", "model.init_args.z_dim=3,4")
-    wait_for(sweep, lambda rows: all((r["epoch"] or 0) >= 2 for r in rows), timeout=300, poll=1)
+    wait_for(sweep, lambda rows: all((r.epoch or 0) >= 2 for r in rows), timeout=300, poll=1)
     main(["cancel", str(sweep)])
-    rows = wait_for(sweep, lambda rows: all(r["state"] == "CANCELLED" for r in rows), timeout=120)
-    stopped_at = {r["task"]: r["epoch"] for r in rows}
+    rows = wait_for(sweep, lambda rows: all(r.state == "CANCELLED" for r in rows), timeout=120)
+    stopped_at = {r.task: r.epoch for r in rows}
     assert all(epoch < epochs for epoch in stopped_at.values()), stopped_at
 
     main(["--resume", str(sweep)])

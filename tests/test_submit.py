@@ -1,11 +1,15 @@
-"""spherinator-submit without a cluster: sweeps, resources, the dry-run sbatch script, checks before sbatch."""
+"""spherinator-submit without a cluster: sweeps, resources, the dry run, checks before sbatch, and status, logs and
+cancel against stand-ins for Slurm's commands (a cluster without accounting, a task that died before Python)."""
 
 from __future__ import annotations
 
 import contextlib
+import json
+import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -76,6 +80,41 @@ def no_queue(monkeypatch: pytest.MonkeyPatch) -> list:
 
     monkeypatch.setattr(subprocess, "run", guarded_run)
     return calls
+
+
+FAKE_SLURM = {
+    # Submitit's SlurmExecutor wants srun on the PATH (it never calls it here); sbatch keeps the script it is given.
+    "srun": "exit 0\n",
+    "sbatch": 'n=$(ls "$FAKE_SLURM/scripts" | wc -l); cp "$1" "$FAKE_SLURM/scripts/$n.sh"; '
+    'echo "Submitted batch job $((990000 + n))"\n',
+    # a cluster without accounting, as Slurm's sacct says it
+    "sacct": 'echo "sacct: error: Slurm accounting storage is disabled" >&2; exit 1\n',
+    # the queue as squeue.txt lists it, "id|state" per line (squeue's error when none of the ids is queued)
+    "squeue": 'if [ -s "$FAKE_SLURM/squeue.txt" ]; then cat "$FAKE_SLURM/squeue.txt"; '
+    'else echo "slurm_load_jobs error: Invalid job id specified" >&2; exit 1; fi\n',
+    "scancel": 'echo "$@" >> "$FAKE_SLURM/scancel.txt"\n',
+}
+
+
+@pytest.fixture
+def fake_slurm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Stand-ins for Slurm's commands first on the PATH; returns their dir (scripts/ holds what sbatch got)."""
+    import submitit
+
+    root = tmp_path / "fake-slurm"
+    (root / "scripts").mkdir(parents=True)
+    for name, body in FAKE_SLURM.items():
+        (root / name).write_text("#!/bin/bash\n" + body)
+        (root / name).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{root}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("FAKE_SLURM", str(root))
+    submitit.SlurmJob.watcher.clear()  # states another test's jobs left in Submitit's process-wide watcher
+    return root
+
+
+def submitted_script(fake_slurm: Path) -> str:
+    (script,) = (fake_slurm / "scripts").iterdir()
+    return script.read_text()
 
 
 # ------------------------------------------------------------------------------------------------ sweeps
@@ -190,29 +229,26 @@ def test_presets_in_slurm_dir_load_and_unknown_ones_are_named():
 # ------------------------------------------------------------------------------------------------ dry run + checks
 
 
-def test_dry_run_prints_the_sbatch_script_and_queues_nothing(tmp_path, image_dataset, capsys, no_queue):
+DRY_RUN_ARGS = [
+    "--trainer.max_epochs", "2", "--nodes", "2", "--devices", "2", "--partition", "debug", "--time", "1:30:00",
+    "--parallelism", "2", "--sweep", "model.init_args.z_dim=3,8", "--sweep", "model.init_args.beta=1e-3,1e-2",
+    "--sbatch-extra", "reservation=demo", "--mem", "8G", "--name", "dry", "--no-validate",
+]  # fmt: skip
+
+
+def test_dry_run_prints_the_executor_settings_and_configs_and_queues_nothing(tmp_path, image_dataset, capsys, no_queue):
     config = tiny_config(tmp_path, image_dataset)
-    main([
-        "-c", str(config), "--trainer.max_epochs", "2", "--nodes", "2", "--devices", "2", "--partition", "debug",
-        "--time", "1:30:00", "--parallelism", "2", "--sweep", "model.init_args.z_dim=3,8", "--sweep",
-        "model.init_args.beta=1e-3,1e-2", "--sbatch-extra", "reservation=demo", "--mem", "8G",
-        "--run-root", str(tmp_path / "runs"), "--name", "dry", "--dry-run", "--no-validate",
-    ])  # fmt: skip
+    main(["-c", str(config), *DRY_RUN_ARGS, "--run-root", str(tmp_path / "runs"), "--dry-run"])
     out = capsys.readouterr().out
-    script = out.split("# task 0:")[0]
-    for line in [
-        "#SBATCH --nodes=2",
-        "#SBATCH --ntasks-per-node=2",
-        "#SBATCH --array=0-3%2",
-        "#SBATCH --signal=USR2@90",
-        "#SBATCH --time=90",
-        "#SBATCH --partition=debug",
-        "#SBATCH --mem=8G",
-        "#SBATCH --reservation=demo",
-        "#SBATCH --job-name=dry",
-    ]:
-        assert line in script.splitlines(), line
-    assert "srun" in script and "submitit.core._submit" in script
+    import yaml
+
+    settings = yaml.safe_load(out.split("# task 0:")[0])
+    assert settings["executor"] == "submitit.SlurmExecutor" and settings["array_tasks"] == 4
+    assert settings["folder"] == str(tmp_path / "runs" / "dry" / "submitit") and settings["max_num_timeout"] == 3
+    assert settings["parameters"] == {
+        "job_name": "dry", "nodes": 2, "ntasks_per_node": 2, "time": 90, "signal_delay_s": 90, "partition": "debug",
+        "mem": "8G", "array_parallelism": 2, "additional_parameters": {"reservation": "demo"},
+    }  # fmt: skip
     assert out.count("# task ") == 4
     # Each task's config: its swept values, the Trainer sized to the allocation, the run dir pinned.
     task3 = out.split("# task 3:")[1]
@@ -290,7 +326,7 @@ def test_submit_writes_run_dirs_and_manifest_then_calls_the_executor_once(tmp_pa
             return FakeJob(f"77_{len(submitted) - 1}")
 
     monkeypatch.setattr(launch, "_executor", lambda folder, resources, name: FakeExecutor())
-    monkeypatch.setattr(launch, "slurm_states", lambda ids: {i: "PENDING" for i in ids})
+    monkeypatch.setattr(launch, "job_states", lambda folder, ids: ({i: "PENDING" for i in ids}, None))
     main(
         ["-c", str(config), "--sweep", "model.init_args.z_dim=3,5", "--run-root", str(tmp_path / "runs"), "--name", "s"]
     )
@@ -301,19 +337,14 @@ def test_submit_writes_run_dirs_and_manifest_then_calls_the_executor_once(tmp_pa
         assert f"z_dim: {z}" in text and f"save_dir: {sweep / name}" in text
     _, manifest = launch.read_manifest(sweep / "z_dim=3")
     assert manifest["submissions"][0]["jobs"] == {"0": "77_0", "1": "77_1"}
-    rows = launch.task_rows(sweep, manifest)
-    assert [(r["task"], r["job"], r["state"]) for r in rows] == [
+    rows, _ = launch.task_rows(sweep, manifest)
+    assert [(r.task, r.job, r.state) for r in rows] == [
         ("z_dim=3", "77_0", "PENDING"),
         ("z_dim=5", "77_1", "PENDING"),
     ]
     # A second submission under the same name is refused (it would mix two sweeps in one TensorBoard dir).
     with pytest.raises(SystemExit):
         main(["-c", str(config), "--run-root", str(tmp_path / "runs"), "--name", "s"])
-
-
-def test_sacct_array_ranges_are_expanded():
-    assert launch._expand_array("12_[0-2,5%2]") == ["12_0", "12_1", "12_2", "12_5"]
-    assert launch._expand_array("12_3") == ["12_3"]
 
 
 def test_deepspeed_strategy_passes_the_check_and_constructs_on_cpu(tmp_path, image_dataset, capsys, no_queue):
@@ -327,7 +358,7 @@ def test_deepspeed_strategy_passes_the_check_and_constructs_on_cpu(tmp_path, ima
         "--run-root", str(tmp_path / "runs"), "--name", "ds", "--dry-run",
     ])  # fmt: skip
     out = capsys.readouterr().out
-    assert "strategy: deepspeed_stage_2" in out and "accelerator: gpu" in out and "#SBATCH --gpus-per-node=4" in out
+    assert "strategy: deepspeed_stage_2" in out and "accelerator: gpu" in out and "gpus_per_node: 4" in out
     strategy = StrategyRegistry.get("deepspeed_stage_2")
     assert isinstance(strategy, DeepSpeedStrategy) and strategy.config["zero_optimization"]["stage"] == 2
 
@@ -495,7 +526,7 @@ def test_sbatch_failure_is_reported_without_a_traceback(tmp_path, image_dataset,
 def test_resume_with_another_layout_is_refused(tmp_path, image_dataset, monkeypatch, capsys):
     executor = _FakeExecutor()
     monkeypatch.setattr(launch, "_executor", lambda folder, resources, name: executor)
-    monkeypatch.setattr(launch, "slurm_states", lambda ids: {i: "TIMEOUT" for i in ids})
+    monkeypatch.setattr(launch, "job_states", lambda folder, ids: ({i: "TIMEOUT" for i in ids}, None))
     config = tiny_config(tmp_path, image_dataset)
     sweep = tmp_path / "runs" / "s"
     main(["-c", str(config), "--run-root", str(tmp_path / "runs"), "--name", "s", "--no-validate"])
@@ -510,7 +541,7 @@ def test_resume_with_another_layout_is_refused(tmp_path, image_dataset, monkeypa
 def test_resume_honours_a_preset_given_with_it(tmp_path, image_dataset, monkeypatch):
     executor = _FakeExecutor()
     monkeypatch.setattr(launch, "_executor", lambda folder, resources, name: executor)
-    monkeypatch.setattr(launch, "slurm_states", lambda ids: {i: "TIMEOUT" for i in ids})
+    monkeypatch.setattr(launch, "job_states", lambda folder, ids: ({i: "TIMEOUT" for i in ids}, None))
     config = tiny_config(tmp_path, image_dataset)
     main(["-c", str(config), "--run-root", str(tmp_path / "runs"), "--name", "s", "--no-validate"])
     main(["--resume", str(tmp_path / "runs" / "s"), "--preset", "local"])
@@ -540,9 +571,9 @@ def test_a_value_swept_twice_and_a_sweep_file_typo_are_named(tmp_path):
 INJECTED = "x\ntouch /tmp/spherinator-injected #"
 
 
-def _script_lines(out: str) -> list[str]:
-    """The `# Parameters` block of a dry run's sbatch script, split only where bash splits lines."""
-    return out.split("# Parameters")[1].split("# setup")[0].split("# command")[0].strip().split("\n")
+def _script_lines(script: str) -> list[str]:
+    """The `# Parameters` block of an sbatch script, split only where bash splits lines."""
+    return script.split("# Parameters")[1].split("# setup")[0].split("# command")[0].strip().split("\n")
 
 
 @pytest.mark.parametrize(
@@ -574,18 +605,18 @@ def test_control_characters_in_script_values_are_refused_in_one_line(
     captured = capsys.readouterr()
     (line,) = captured.err.splitlines()
     assert line.startswith("spherinator-submit: error: ") and ("\\n" in line or "\\r" in line or "\\x1b" in line)
-    assert "#SBATCH" not in captured.out  # no script was printed
+    assert captured.out == ""  # nothing was shown as if it would be submitted
     assert no_queue == [] and not run_root.exists()
 
 
-def test_quotes_spaces_and_hashes_reach_the_script_as_one_directive(tmp_path, image_dataset, capsys, no_queue):
+def test_quotes_spaces_and_hashes_reach_the_script_as_one_directive(tmp_path, image_dataset, fake_slurm):
     import shlex
 
     config = tiny_config(tmp_path, image_dataset)
     value = 'it\'s #1 of "two" runs'
-    main(["-c", str(config), "--run-root", str(tmp_path / "my runs"), "--name", "t", "--dry-run", "--no-validate",
+    main(["-c", str(config), "--run-root", str(tmp_path / "my runs"), "--name", "t", "--no-validate",
           "--sbatch-extra", f"comment={value}", "--constraint", "[rack1*2&rack2*4]"])  # fmt: skip
-    lines = _script_lines(capsys.readouterr().out)
+    lines = _script_lines(submitted_script(fake_slurm))
     assert all(line.startswith("#SBATCH --") for line in lines), lines
     (comment,) = [line for line in lines if line.startswith("#SBATCH --comment=")]
     assert shlex.split(comment.removeprefix("#SBATCH --comment=")) == [value]
@@ -706,13 +737,14 @@ def test_sbatch_extra_that_sbatch_refuses_beside_a_launcher_flag(kwargs, expecte
         Resources(**kwargs)
 
 
-def test_one_spelling_per_sbatch_option_the_command_line_winning(tmp_path, image_dataset, capsys, no_queue):
+def test_one_spelling_per_sbatch_option_the_command_line_winning(tmp_path, image_dataset, fake_slurm):
     # a preset's `mail-type` and the command line's `mail_type` were two #SBATCH lines
     preset = tmp_path / "site.yaml"
     preset.write_text("sbatch_extra: {mail-type: END}\n")
     config = tiny_config(tmp_path, image_dataset)
-    _dry(tmp_path, config, "--preset", str(preset), "--sbatch-extra", "mail_type=FAIL")
-    mail = [line for line in _script_lines(capsys.readouterr().out) if "mail" in line]
+    main(["-c", str(config), "--run-root", str(tmp_path / "runs"), "--name", "t", "--no-validate",
+          "--preset", str(preset), "--sbatch-extra", "mail_type=FAIL"])  # fmt: skip
+    mail = [line for line in _script_lines(submitted_script(fake_slurm)) if "mail" in line]
     assert mail == ["#SBATCH --mail-type=FAIL"]
 
 
@@ -733,3 +765,184 @@ def test_resume_of_a_sweep_dir_with_a_line_break_is_refused(tmp_path, capsys, no
         main(["--resume", str(sweep), "--dry-run"])
     (line,) = capsys.readouterr().err.splitlines()
     assert "the sweep dir" in line and "#SBATCH line" in line
+
+
+# ----------------------------------------------------------------------------------------------- what is submitted
+
+
+def test_the_script_submitit_submits_has_what_the_dry_run_showed(tmp_path, image_dataset, capsys, fake_slurm):
+    config = tiny_config(tmp_path, image_dataset)
+    main(["-c", str(config), *DRY_RUN_ARGS, "--run-root", str(tmp_path / "runs"), "--dry-run"])
+    import yaml
+
+    shown = yaml.safe_load(capsys.readouterr().out.split("# task 0:")[0])
+    main(["-c", str(config), *DRY_RUN_ARGS, "--run-root", str(tmp_path / "runs")])
+    script = submitted_script(fake_slurm)
+    lines = _script_lines(script)
+    params = dict(shown["parameters"])
+    for key in ("job_name", "nodes", "ntasks_per_node", "time", "partition", "mem"):
+        assert f"#SBATCH --{key.replace('_', '-')}={params[key]}" in lines, (key, lines)
+    assert f"#SBATCH --signal=USR2@{params['signal_delay_s']}" in lines
+    assert f"#SBATCH --array=0-{shown['array_tasks'] - 1}%{params['array_parallelism']}" in lines
+    assert "#SBATCH --reservation=demo" in lines
+    assert shown["python"] in script and shown["folder"] in script
+    _, manifest = launch.read_manifest(tmp_path / "runs" / "dry")
+    assert manifest["submissions"][0]["jobs"] == {str(i): f"990000_{i}" for i in range(4)}
+
+
+# ----------------------------------------------------------------------------------------------- status, logs, cancel
+
+DIED_BEFORE_PYTHON = (
+    "bash: line 1: /gone/venv/bin/python: No such file or directory\n"
+    "srun: error: node1: task 0: Exited with exit code 127\n"
+)
+
+
+def three_task_sweep(tmp_path: Path, image_dataset: Path) -> Path:
+    """A sweep of three tasks submitted (to the fake sbatch) as array 990000: task 0 runs (squeue lists it, its
+    summary says 2 requeues and 10 minutes), task 1 completed and left the queue, task 2 died before Python started
+    (no summary; Slurm's stderr file says why)."""
+    from spherinator.submit.records import RunSummary
+
+    config = tiny_config(tmp_path, image_dataset)
+    main(["-c", str(config), "--run-root", str(tmp_path / "runs"), "--name", "s", "--no-validate",
+          "--sweep", "model.init_args.beta=1e-4,1e-3,1e-2"])  # fmt: skip
+    sweep = tmp_path / "runs" / "s"
+    running = RunSummary().start_attempt("990000_0", "node1", None, None, None)
+    running.attempt_started = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(time.time() - 600))
+    running.requeues, running.epoch = 2, 7
+    running.save(sweep / "beta=1e-4")
+    done = RunSummary().start_attempt("990000_1", "node2", None, None, None).completed({"validated": True})
+    done.save(sweep / "beta=1e-3")
+    (sweep / "submitit" / "990000_2_0_log.err").write_text(DIED_BEFORE_PYTHON)
+    (sweep / "submitit" / "990000_2_0_log.out").write_text("")
+    return sweep
+
+
+def test_status_without_accounting_asks_squeue_and_shows_time_requeues_and_the_error(
+    tmp_path, image_dataset, capfd, fake_slurm
+):
+    sweep = three_task_sweep(tmp_path, image_dataset)
+    (fake_slurm / "squeue.txt").write_text("990000_0|RUNNING\n")
+    capfd.readouterr()
+    main(["status", str(sweep), "--json"])
+    content = json.loads(capfd.readouterr().out)
+    rows = {t["task"]: t for t in content["tasks"]}
+    assert [rows[n]["state"] for n in ("beta=1e-4", "beta=1e-3", "beta=1e-2")] == ["RUNNING", "COMPLETED", "ENDED"]
+    assert rows["beta=1e-4"]["requeues"] == 2 and 600 <= rows["beta=1e-4"]["elapsed_s"] < 3600
+    assert rows["beta=1e-2"]["error"] == "bash: line 1: /gone/venv/bin/python: No such file or directory"
+    assert rows["beta=1e-3"]["error"] is None and rows["beta=1e-3"]["onnx"] is True
+    assert "accounting storage is disabled" in content["note"] and "squeue" in content["note"]
+
+    main(["status", str(sweep)])
+    captured = capfd.readouterr()  # sacct's own complaint (on file descriptor 2) is in the note, not beside it
+    header, *lines = captured.out.splitlines()[1:]
+    assert header.split() == ["TASK", "JOB", "STATE", "EPOCH", "ELAPSED", "REQUEUES", "BEST", "SPHERE", "ONNX", "ERROR"]
+    assert re.match(r"beta=1e-4\s+990000_0\s+RUNNING\s+7\s+0:1\d:\d\d\s+2\s", lines[0]), lines[0]
+    assert lines[2].endswith("No such file or directory")
+    (note,) = captured.err.splitlines()
+    assert note.startswith("note: sacct did not know 3 job(s) (sacct: error: Slurm accounting storage is disabled)")
+
+
+def test_logs_show_slurms_files_of_a_task_that_died_before_python(tmp_path, image_dataset, capsys, fake_slurm):
+    sweep = three_task_sweep(tmp_path, image_dataset)
+    capsys.readouterr()
+    main(["logs", str(sweep), "beta=1e-2"])
+    out = capsys.readouterr().out
+    assert f"==> {sweep / 'submitit' / '990000_2_0_log.err'} <==\n{DIED_BEFORE_PYTHON}" in out
+    main(["logs", str(sweep / "beta=1e-2"), "--tail", "1"])  # a task's run dir names the task
+    assert capsys.readouterr().out.splitlines()[-1] == "srun: error: node1: task 0: Exited with exit code 127"
+    main(["logs", str(sweep), "0"])  # by index; its job has not written any log yet
+    assert "(not written yet: job 990000_0 has not started)" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["logs", str(sweep)])
+    err = capsys.readouterr().err
+    assert "has 3 tasks; name one" in err and "beta=1e-4, beta=1e-3, beta=1e-2" in err
+
+
+def test_cancel_cancels_only_the_tasks_still_queued_or_running(tmp_path, image_dataset, capsys, fake_slurm):
+    sweep = three_task_sweep(tmp_path, image_dataset)
+    (fake_slurm / "squeue.txt").write_text("990000_0|RUNNING\n")
+    main(["cancel", str(sweep)])
+    assert (fake_slurm / "scancel.txt").read_text().split() == ["990000_0"]
+    assert "cancelled 1 task(s): 990000_0" in capsys.readouterr().out
+
+
+STARTUP_PROBE = """
+import sys
+from spherinator.submit import main
+try:
+    main(sys.argv[1:])
+except SystemExit:
+    pass
+print("HEAVY", sorted(m for m in ("torch", "lightning", "jsonargparse") if m in sys.modules))
+"""
+
+
+@pytest.mark.parametrize("command", [["status", "SWEEP"], ["status", "SWEEP", "--json"], ["cancel", "SWEEP"],
+                                     ["logs", "SWEEP", "1", "--tail", "5"], ["--help"]])  # fmt: skip
+def test_status_cancel_logs_and_help_import_neither_torch_nor_lightning(tmp_path, image_dataset, fake_slurm, command):
+    sweep = tmp_path / "runs" / "s" if command[0] != "--help" else None
+    if sweep is not None:
+        three_task_sweep(tmp_path, image_dataset)
+    args = [str(sweep) if a == "SWEEP" else a for a in command]
+    run = subprocess.run([sys.executable, "-c", STARTUP_PROBE, *args], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "HEAVY []" in run.stdout, run.stdout[-2000:]
+    assert "usage" in run.stdout or "sweep s" in run.stdout or "==>" in run.stdout or "cancel" in run.stdout
+
+
+# ----------------------------------------------------------------------------------------------- loggers of a sweep
+
+
+def test_wandb_runs_are_named_by_task_and_grouped_by_sweep(tmp_path, image_dataset):
+    from spherinator.submit.compose import compose_task
+
+    pytest.importorskip("wandb", reason="wandb not installed (pip install -e '.[wandb]')")
+    config = tiny_config(tmp_path, image_dataset)
+    overlay = tmp_path / "wandb.yaml"
+    overlay.write_text("trainer:\n  logger:\n    class_path: lightning.pytorch.loggers.WandbLogger\n"
+                       "    init_args: {project: spherinator}\n")  # fmt: skip
+    loggers = []
+    for task in expand_sweep(["model.init_args.beta=1e-4,1e-3"]):
+        composed = compose_task(
+            [str(config), str(overlay)], [], task, Resources(), tmp_path / "zbeta" / task.name, "zbeta", validate=False
+        )
+        import yaml
+
+        loggers.append(yaml.safe_load(composed.text)["trainer"]["logger"]["init_args"])
+    # the names were cut at the last '-': both tasks were 'zbeta-beta=1e'
+    assert [(lg["name"], lg["group"], lg["id"]) for lg in loggers] == [
+        ("beta=1e-4", "zbeta", "zbeta-beta=1e-4"),
+        ("beta=1e-3", "zbeta", "zbeta-beta=1e-3"),
+    ]
+
+
+def test_a_tasks_swept_values_reach_tensorboards_hparams_tab(tmp_path, image_dataset, monkeypatch):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import metadata
+
+    from spherinator.cli import SpherinatorCLI
+    from tests.test_checkpoints import run_config
+
+    monkeypatch.chdir(tmp_path)
+    params = {"model.init_args.beta": "1e-3", "optimizer.init_args.lr": "0.01", "data.init_args.batch_size": "16",
+              "model.init_args.encoder.init_args.norm": "null"}  # fmt: skip
+    manifest = {"name": "s", "tasks": [{"index": 0, "name": "run", "params": params}]}
+    (tmp_path / "sweep.json").write_text(json.dumps(manifest))  # the run dir tmp_path/run is this sweep's task
+    args = run_config(tmp_path, image_dataset, epochs=1)
+    SpherinatorCLI(args=["fit", *args, *[t for k, v in params.items() if k != "model.init_args.encoder.init_args.norm"
+                                         for t in (f"--{k}", v)]])  # fmt: skip
+    events = EventAccumulator(str(tmp_path / "run"))
+    events.Reload()
+    content = events.PluginTagToContent(metadata.PLUGIN_NAME)[metadata.SESSION_START_INFO_TAG]
+    hparams = metadata.parse_session_start_info_plugin_data(content).hparams
+    assert {key: hparams[key].WhichOneof("kind") for key in hparams} == {
+        "beta": "number_value", "lr": "number_value", "batch_size": "number_value", "norm": "string_value"
+    }  # fmt: skip
+    assert (hparams["beta"].number_value, hparams["lr"].number_value, hparams["batch_size"].number_value) == (
+        0.001,
+        0.01,
+        16,
+    )
+    assert "val_loss" in events.Tags()["scalars"]  # the metric the HParams tab shows beside them

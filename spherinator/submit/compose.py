@@ -72,8 +72,13 @@ def _as_list(value: Any) -> list:
     return list(value) if isinstance(value, list) else [value]
 
 
-def _pin_loggers(config: Any, run_dir: Path, task_id: str) -> None:
-    """Every logger writes into the run dir, always into the same run (also after a requeue)."""
+def _pin_loggers(config: Any, run_dir: Path, sweep: str) -> None:
+    """Every logger writes into the run dir, always into the same run (also after a requeue).
+
+    W&B gets the task's name as the run's name (one name for all tasks, as a config gives, tells them apart in no
+    W&B table), the sweep's as its group unless the config names one, and ``<sweep>-<task>`` as the run id unless the
+    config gives one (the same in every attempt, so a requeued run continues the W&B run).
+    """
     for logger in _as_list(config.trainer.get("logger")):
         init = logger.get("init_args")
         if init is None:
@@ -88,8 +93,9 @@ def _pin_loggers(config: Any, run_dir: Path, task_id: str) -> None:
             init.default_hp_metric = False  # else every requeued run logs hp_metric=-1 again
         elif name == "WandbLogger":
             if init.get("id") is None:
-                init.id = task_id
-            init.name = init.get("name") or task_id.rsplit("-", 1)[0]
+                init.id = f"{sweep}-{run_dir.name}"
+            init.name = run_dir.name
+            init.group = init.get("group") or sweep
 
 
 def _namespace(class_path: str, **init_args: Any) -> Any:
@@ -201,15 +207,15 @@ def compose_task(
     task: Task,
     resources: Resources,
     run_dir: Path,
-    task_id: str,
+    sweep: str,
     validate: bool = True,
 ) -> ComposedTask:
     """The complete config that ``task`` trains with, checked unless ``validate`` is False.
 
     It is the ``spherinator fit`` config of ``-c configs`` + ``overrides`` + the swept values, with the Trainer
-    sized to ``resources``, loggers and checkpoints in ``run_dir``, ``last.ckpt`` saved, Lightning's SLURM
-    auto-requeue off and :class:`RequeueOnSignal` added. Those additions are listed in ``changes``; nothing else
-    differs from what ``spherinator fit`` trains.
+    sized to ``resources``, loggers and checkpoints in ``run_dir`` (W&B runs grouped by the name of the ``sweep``),
+    ``last.ckpt`` saved, Lightning's SLURM auto-requeue off and :class:`RequeueOnSignal` added. Those additions are
+    listed in ``changes``; nothing else differs from what ``spherinator fit`` trains.
 
     Raises:
         SubmitError: naming the task, its swept values and the parser's / model's complaint.
@@ -223,7 +229,7 @@ def compose_task(
         config.trainer.default_root_dir = str(run_dir)
         for key, value in resources.trainer_settings(config.trainer.get("strategy")).items():
             config.trainer[key] = value
-        _pin_loggers(config, run_dir, task_id)
+        _pin_loggers(config, run_dir, sweep)
         _add_run_callbacks(config)
         if validate:
             check_config(parser, config)

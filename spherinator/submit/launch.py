@@ -7,25 +7,37 @@ import json
 import re
 import shlex
 import shutil
-import subprocess
 import sys
 import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from spherinator.submit.compose import compose_task
-from spherinator.submit.resources import Resources, check_script_path, load_preset, parse_sbatch_extra, parse_time
-from spherinator.submit.sweep import SubmitError, Task, expand_sweep
-from spherinator.submit.task import TrainingTask, code_hash, git_state, read_summary
+import yaml
 
-MANIFEST_NAME = "sweep.json"
+from spherinator.submit.compose import compose_task
+from spherinator.submit.records import (
+    COMPLETED,
+    FAILED,
+    MANIFEST_NAME,
+    Best,
+    RunSummary,
+    read_manifest,
+    write_manifest,
+)
+from spherinator.submit.resources import Resources, check_script_path, load_preset, parse_sbatch_extra, parse_time
+from spherinator.submit.slurm import ENDED, FINAL, UNKNOWN, cancel_jobs, error_line, job_states, log_paths, tail
+from spherinator.submit.sweep import SubmitError, Task, expand_sweep
+from spherinator.submit.task import TrainingTask, code_hash, git_state
+
 CODE_DIR = "code"  # the sweep's copy of the spherinator package, which its tasks import
 SUBMITIT_DIR = "submitit"
 
 USAGE = """\
 spherinator-submit -c CONFIG [-c CONFIG ...] [--key.path VALUE ...] [resources] [--sweep KEY=V1,V2 ...]
        spherinator-submit --resume RUN_DIR [resources]
-       spherinator-submit status RUN_DIR
+       spherinator-submit status RUN_DIR [--json]
+       spherinator-submit logs RUN_DIR [TASK] [--tail N]
        spherinator-submit cancel RUN_DIR"""
 
 
@@ -44,7 +56,7 @@ def _build_parser() -> argparse.ArgumentParser:
     group.add_argument("--sweep-file", help="YAML: 'key: [values]' (grid) or a list of mappings (one task each)")
     group.add_argument("--name", help="sweep name (default: first config's name + time)")
     group.add_argument("--run-root", default="runs", help="run dirs go to RUN_ROOT/NAME/TASK (default: ./runs)")
-    group.add_argument("--dry-run", action="store_true", help="check and print the sbatch script, submit nothing")
+    group.add_argument("--dry-run", action="store_true", help="check, print Slurm settings and configs")
     group.add_argument("--resume", metavar="RUN_DIR", help="resubmit the unfinished tasks of a sweep")
     group.add_argument("--no-validate", action="store_true", help="skip building the model and a batch locally")
     group.add_argument("--no-export", action="store_true", help="no ONNX export after training")
@@ -133,45 +145,36 @@ def code_snapshot(sweep_dir: Path, recorded: str | None = None) -> tuple[Path, s
     return code, code_hash(code / "spherinator") + (f" (git {git})" if git else "")
 
 
+def sbatch_parameters(resources: Resources, name: str) -> dict[str, Any]:
+    """The parameters Submitit's ``SlurmExecutor.update_parameters`` gets; it writes the sbatch script from them."""
+    return {"job_name": name, **resources.submitit_parameters()}
+
+
 def _executor(folder: Path, resources: Resources, name: str) -> Any:
     import submitit
 
     python = python_command(folder.parent / CODE_DIR)  # folder is SWEEP/submitit, the snapshot SWEEP/code
     executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=resources.max_requeues, python=python)
-    executor.update_parameters(job_name=name, **resources.submitit_parameters())
+    executor.update_parameters(**sbatch_parameters(resources, name))
     return executor
 
 
-def sbatch_script(folder: Path, resources: Resources, name: str, n_tasks: int) -> str:
-    """The batch script Submitit writes for this sweep (one array of ``n_tasks``), for --dry-run."""
-    from submitit.slurm.slurm import _make_sbatch_string
+def dry_run_text(folder: Path, resources: Resources, name: str, n_tasks: int) -> str:
+    """What --dry-run shows of the submission: the Submitit executor's settings, as YAML.
 
-    python = python_command(folder.parent / CODE_DIR)  # as _executor
-    command = " ".join([python, "-u -m submitit.core._submit", shlex.quote(str(folder))])
-    return _make_sbatch_string(
-        command=command,
-        folder=folder,
-        job_name=name,
-        map_count=n_tasks if n_tasks > 1 else None,
-        **resources.submitit_parameters(),
-    )
-
-
-def _write_manifest(sweep_dir: Path, manifest: dict[str, Any]) -> None:
-    tmp = sweep_dir / f".{MANIFEST_NAME}.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-    tmp.replace(sweep_dir / MANIFEST_NAME)
-
-
-def read_manifest(run_dir: str | Path) -> tuple[Path, dict[str, Any]]:
-    """The sweep dir and manifest for ``run_dir`` (a sweep dir, or one task's run dir inside it)."""
-    path = Path(run_dir)
-    if not path.exists():
-        raise SubmitError(f"'{run_dir}' does not exist; pass a sweep dir made by spherinator-submit (RUN_ROOT/NAME)")
-    for candidate in (path, path.parent):
-        if (candidate / MANIFEST_NAME).is_file():
-            return candidate.resolve(), json.loads((candidate / MANIFEST_NAME).read_text())
-    raise SubmitError(f"'{run_dir}' holds no {MANIFEST_NAME}; pass a sweep dir made by spherinator-submit")
+    Not the sbatch script itself: Submitit has no public way to render it without submitting (``SlurmExecutor``
+    writes it inside ``submit``, with the module-private ``_make_sbatch_string``). These are the values it is
+    rendered from; after a submission the script is ``SWEEP/submitit/<job id>_submission.sh``.
+    """
+    settings = {
+        "executor": "submitit.SlurmExecutor",
+        "folder": str(folder),
+        "array_tasks": n_tasks,
+        "max_num_timeout": resources.max_requeues,
+        "python": python_command(folder.parent / CODE_DIR),
+        "parameters": sbatch_parameters(resources, name),
+    }
+    return yaml.safe_dump(settings, sort_keys=False, width=1000)
 
 
 def _submit(
@@ -196,7 +199,7 @@ def _submit(
     manifest.setdefault("submissions", []).append(
         {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "jobs": job_ids, "resources": resources.to_dict()}
     )
-    _write_manifest(sweep_dir, manifest)
+    write_manifest(sweep_dir, manifest)
     return job_ids
 
 
@@ -220,7 +223,7 @@ def submit(ns: argparse.Namespace, overrides: list[str]) -> int:
     composed = {}
     for task in tasks:  # everything is checked before anything is written or queued
         composed[task.index] = compose_task(
-            configs, overrides, task, resources, sweep_dir / task.name, f"{name}-{task.name}",
+            configs, overrides, task, resources, sweep_dir / task.name, name,
             validate=not ns.no_validate,
         )  # fmt: skip
         print(f"checked task {task.index} {task.name}", file=sys.stderr)
@@ -231,8 +234,8 @@ def submit(ns: argparse.Namespace, overrides: list[str]) -> int:
         print(f"  {line}", file=sys.stderr)
 
     if ns.dry_run:
-        print(f"# sbatch script (one array of {len(tasks)} tasks):")
-        print(sbatch_script(sweep_dir / SUBMITIT_DIR, resources, name, len(tasks)))
+        print(f"# Slurm: one array of {len(tasks)} task(s), submitted through Submitit with these settings")
+        print(dry_run_text(sweep_dir / SUBMITIT_DIR, resources, name, len(tasks)))
         for task in tasks:
             print(f"# task {task.index}: {sweep_dir / task.name}/config.yaml")
             print(composed[task.index].text)
@@ -263,99 +266,172 @@ def submit(ns: argparse.Namespace, overrides: list[str]) -> int:
 
 
 # --------------------------------------------------------------------------------------------------- status
-_FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "PREEMPTED", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
-          "DEADLINE"}  # fmt: skip
-
-
-def _expand_array(job_id: str) -> list[str]:
-    """``123_[0-2,5%2]`` -> ``["123_0", "123_1", "123_2", "123_5"]``; other ids unchanged."""
-    match = re.fullmatch(r"(\d+)_\[([^\]]+)\]", job_id)
-    if not match:
-        return [job_id]
-    base, spec = match.group(1), match.group(2).split("%")[0]
-    ids = []
-    for part in spec.split(","):
-        lo, _, hi = part.partition("-")
-        ids += [f"{base}_{i}" for i in range(int(lo), int(hi or lo) + 1)]
-    return ids
-
-
-def slurm_states(job_ids: list[str]) -> dict[str, str]:
-    """Slurm state of each job id (``123`` or ``123_4``), from ``sacct`` (``squeue`` as a fallback)."""
-    bases = sorted({j.split("_")[0] for j in job_ids})
-    states: dict[str, str] = {}
-    if not bases:
-        return states
-    try:
-        out = subprocess.run(
-            ["sacct", "-n", "-X", "-P", "-o", "JobID,State", "-j", ",".join(bases)],
-            capture_output=True, text=True, timeout=60, check=True,
-        ).stdout  # fmt: skip
-    except (OSError, subprocess.SubprocessError):
-        out = ""
-    for line in out.splitlines():
-        job, _, state = line.partition("|")
-        for one in _expand_array(job.strip()):
-            states[one] = state.split()[0] if state.strip() else "UNKNOWN"
-    return states
-
-
+NOT_SUBMITTED = "NOT SUBMITTED"
 _SPHERE_FIGURES = (("val_coverage", "coverage", ".0%"), ("val_knn_accuracy", "knn", ".3f"))
 
 
-def task_rows(sweep_dir: Path, manifest: dict[str, Any]) -> list[dict[str, Any]]:
-    """One row per task: params, latest job id, Slurm state, epoch, best metric, the sphere's last coverage and kNN
-    accuracy (logged by ``spherinator.callbacks.SphereQuality``), ONNX validated."""
+@dataclass
+class TaskStatus:
+    """One task of a sweep as ``spherinator-submit status`` shows it.
+
+    Attributes:
+        index: Position in the sweep.
+        task: The task's name (its run dir's).
+        params: Its swept values.
+        job: Its latest Slurm job id; None before it was submitted.
+        state: Slurm's state of that job (``PENDING``, ``RUNNING``, ``COMPLETED``, ...); where Slurm forgot the job
+            (``ENDED``, ``UNKNOWN``), the task's own final word when it said one (``COMPLETED``/``FAILED``).
+        summary_state: The state the task recorded in its summary.json.
+        epoch: Epochs done.
+        elapsed_s: Wall time run over all attempts.
+        attempts: Runs started (first run, requeues, resumes).
+        requeues: Requeues on Slurm's signal.
+        best: The best (or final) metric.
+        sphere: The last ``val_coverage`` and ``val_knn_accuracy`` (logged by ``SphereQuality``).
+        onnx: Whether the ONNX export validated; None when there was none.
+        error: The first line of what stopped the task: its exception, else the telling line of Slurm's stderr file
+            (a task that died before Python started, a time limit, a cancel).
+        run_dir: The task's run dir.
+    """
+
+    index: int
+    task: str
+    params: dict[str, str]
+    job: str | None
+    state: str
+    summary_state: str | None = None
+    epoch: int | None = None
+    elapsed_s: float | None = None
+    attempts: int = 0
+    requeues: int = 0
+    best: Best | None = None
+    sphere: dict[str, float] = field(default_factory=dict)
+    onnx: bool | None = None
+    error: str | None = None
+    run_dir: str = ""
+
+    def cells(self) -> dict[str, str]:
+        """The table's text for each column."""
+        sphere = [f"{name} {self.sphere[key]:{spec}}" for key, name, spec in _SPHERE_FIGURES if key in self.sphere]
+        return {
+            "task": self.task,
+            "job": self.job or "-",
+            "state": self.state,
+            "epoch": "-" if self.epoch is None else str(self.epoch),
+            "elapsed": _duration(self.elapsed_s),
+            "requeues": str(self.requeues),
+            "best": f"{self.best.monitor}={self.best.value:.4g}" if self.best else "-",
+            "sphere": " ".join(sphere) or "-",
+            "onnx": "-" if self.onnx is None else ("yes" if self.onnx else "no"),
+            "error": self.error or "",
+        }
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}"
+
+
+def latest_jobs(manifest: dict[str, Any]) -> dict[str, str]:
+    """{task index: its latest Slurm job id} over all submissions of the sweep."""
     latest: dict[str, str] = {}
     for submission in manifest.get("submissions", []):
         latest.update(submission["jobs"])
-    states = slurm_states(list(latest.values()))
+    return latest
+
+
+def task_rows(sweep_dir: Path, manifest: dict[str, Any]) -> tuple[list[TaskStatus], str | None]:
+    """One :class:`TaskStatus` per task, and a line on where Slurm's states came from when sacct could not say."""
+    latest = latest_jobs(manifest)
+    folder = sweep_dir / SUBMITIT_DIR
+    states, note = job_states(folder, sorted(set(latest.values())))
     rows = []
     for task in manifest["tasks"]:
-        summary = read_summary(sweep_dir / task["name"])
+        run_dir = sweep_dir / task["name"]
+        summary = RunSummary.read(run_dir)
         job = latest.get(str(task["index"]))
-        state = states.get(job or "", "")
-        if not state:  # not (yet) in accounting
-            state = summary.get("state", "UNKNOWN") if job else "NOT SUBMITTED"
-        best = summary.get("best") or {}
-        onnx = summary.get("onnx") or {}
-        metrics = summary.get("metrics") or {}
-        sphere = [f"{name} {metrics[key]:{spec}}" for key, name, spec in _SPHERE_FIGURES if key in metrics]
-        rows.append({
-            "index": task["index"], "task": task["name"], "params": task["params"], "job": job or "-",
-            "state": state, "summary_state": summary.get("state"), "epoch": summary.get("epoch"),
-            "best": f"{best['monitor']}={best['value']:.4g}" if best.get("monitor") else "-",
-            "sphere": " ".join(sphere) or "-", "onnx": ("yes" if onnx.get("validated") else "no") if onnx else "-",
-        })  # fmt: skip
-    return rows
+        state = NOT_SUBMITTED if job is None else states.get(job, UNKNOWN)
+        if state in (ENDED, UNKNOWN) and summary.state in (COMPLETED, FAILED):
+            state = summary.state  # Slurm forgot the job; the task said how it ended
+        error = summary.error_line if summary.state == FAILED else None
+        if error is None and job is not None and state in FINAL and state != COMPLETED:
+            error = error_line(log_paths(folder, job)[1])
+        onnx = summary.onnx
+        rows.append(TaskStatus(
+            index=task["index"], task=task["name"], params=task["params"], job=job, state=state,
+            summary_state=summary.state, epoch=summary.epoch, elapsed_s=summary.elapsed_s(running=state == "RUNNING"),
+            attempts=summary.attempts, requeues=summary.requeues, best=summary.best,
+            sphere={key: summary.metrics[key] for key, _, _ in _SPHERE_FIGURES if key in summary.metrics},
+            onnx=bool(onnx.get("validated")) if onnx else None, error=error, run_dir=str(run_dir),
+        ))  # fmt: skip
+    return rows, note
 
 
-def _print_table(rows: list[dict[str, Any]]) -> None:
-    columns = ["task", "job", "state", "epoch", "best", "sphere", "onnx"]
-    cells = [[str(r[c] if r[c] is not None else "-") for c in columns] for r in rows]
-    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
-    print("  ".join(c.upper().ljust(w) for c, w in zip(columns, widths, strict=True)))
+def print_table(rows: list[TaskStatus]) -> None:
+    cells = [row.cells() for row in rows]
+    columns = [c for c in TaskStatus(0, "", {}, None, "").cells() if c != "error" or any(r["error"] for r in cells)]
+    widths = [max(len(c), *(len(row[c]) for row in cells)) for c in columns]
+    print("  ".join(c.upper().ljust(w) for c, w in zip(columns, widths, strict=True)).rstrip())
     for row in cells:
-        print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)))
+        print("  ".join(row[c].ljust(w) for c, w in zip(columns, widths, strict=True)).rstrip())
 
 
-def status(run_dir: str) -> int:
+def status(run_dir: str, as_json: bool = False) -> int:
     sweep_dir, manifest = read_manifest(run_dir)
-    rows = task_rows(sweep_dir, manifest)
+    rows, note = task_rows(sweep_dir, manifest)
+    if as_json:
+        content = {"sweep": manifest["name"], "dir": str(sweep_dir), "note": note, "tasks": [asdict(r) for r in rows]}
+        print(json.dumps(content, indent=2))
+        return 0
     print(f"sweep {manifest['name']} ({sweep_dir})")
-    _print_table(rows)
+    print_table(rows)
+    if note:
+        print(f"note: {note}", file=sys.stderr)
     return 0
 
 
 def cancel(run_dir: str) -> int:
     sweep_dir, manifest = read_manifest(run_dir)
-    rows = task_rows(sweep_dir, manifest)
-    active = [r["job"] for r in rows if r["job"] != "-" and r["state"] not in _FINAL]
+    rows, _ = task_rows(sweep_dir, manifest)
+    active = [r.job for r in rows if r.job is not None and r.state not in FINAL]
     if not active:
         print(f"nothing to cancel in {sweep_dir}: no task is pending or running")
         return 0
-    subprocess.run(["scancel", *active], check=True, timeout=60)
+    cancel_jobs(sweep_dir / SUBMITIT_DIR, active)
     print(f"cancelled {len(active)} task(s): {' '.join(active)}")
+    return 0
+
+
+def logs(run_dir: str, task: str | None = None, lines: int | None = None) -> int:
+    """Print Slurm's stdout and stderr files of a task's latest job (rank 0), or their last ``lines`` lines."""
+    sweep_dir, manifest = read_manifest(run_dir)
+    tasks = manifest["tasks"]
+    names = [t["name"] for t in tasks]
+    given = Path(run_dir).resolve()
+    if task is None and given != sweep_dir and given.name in names:
+        task = given.name  # a task's run dir was given
+    if task is None:
+        if len(tasks) != 1:
+            raise SubmitError(
+                f"sweep {manifest['name']} has {len(tasks)} tasks; name one: spherinator-submit logs {run_dir} TASK "
+                f"(one of: {', '.join(names)})"
+            )
+        task = names[0]
+    chosen = next((t for t in tasks if task in (t["name"], str(t["index"]))), None)
+    if chosen is None:
+        raise SubmitError(f"sweep {manifest['name']} has no task {task!r}; tasks: {', '.join(names)}")
+    job = latest_jobs(manifest).get(str(chosen["index"]))
+    if job is None:
+        raise SubmitError(f"task {chosen['name']} was never submitted: it has no Slurm logs")
+    for path in log_paths(sweep_dir / SUBMITIT_DIR, job):
+        print(f"==> {path} <==", flush=True)
+        if path.is_file():
+            sys.stdout.writelines(tail(path, lines))
+        else:
+            print(f"(not written yet: job {job} has not started)")
     return 0
 
 
@@ -378,18 +454,18 @@ def resume(ns: argparse.Namespace) -> int:
                 f"--resume keeps the layout the tasks' configs were made for; it would change {', '.join(changed)}. "
                 f"Start a new sweep (without --resume) to train with another layout"
             )
-    rows = task_rows(sweep_dir, manifest)
-    active = [r for r in rows if r["state"] not in _FINAL and r["state"] != "NOT SUBMITTED"]
+    rows, _ = task_rows(sweep_dir, manifest)
+    active = [r for r in rows if r.state not in FINAL and r.state != NOT_SUBMITTED]
     if active:
-        names = ", ".join(f"{r['task']} ({r['state']})" for r in active)
+        names = ", ".join(f"{r.task} ({r.state})" for r in active)
         raise SubmitError(f"tasks still queued or running: {names}; wait, or `spherinator-submit cancel {sweep_dir}`")
-    todo = [r for r in rows if not (r["state"] == "COMPLETED" and r["summary_state"] == "COMPLETED")]
+    todo = [r for r in rows if not (r.state == COMPLETED and r.summary_state == COMPLETED)]
     if not todo:
         print(f"all {len(rows)} task(s) of {sweep_dir} completed; nothing to resume")
         return 0
-    tasks = [Task(index=r["index"], name=r["task"], params=r["params"]) for r in todo]
+    tasks = [Task(index=r.index, name=r.task, params=r.params) for r in todo]
     if ns.dry_run:
-        print(sbatch_script(sweep_dir / SUBMITIT_DIR, resources, manifest["name"], len(tasks)))
+        print(dry_run_text(sweep_dir / SUBMITIT_DIR, resources, manifest["name"], len(tasks)))
         print(f"dry run: would resume {', '.join(t.name for t in tasks)}", file=sys.stderr)
         return 0
     job_ids = _submit(tasks, sweep_dir, manifest, resources, export=manifest.get("export", True))
@@ -397,14 +473,31 @@ def resume(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _command_parser(command: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=f"spherinator-submit {command}", allow_abbrev=False)
+    parser.add_argument("run_dir", metavar="RUN_DIR", help="a sweep dir (RUN_ROOT/NAME) or a task's run dir in it")
+    if command == "status":
+        parser.add_argument("--json", action="store_true", help="the rows as JSON")
+    if command == "logs":
+        parser.add_argument("task", metavar="TASK", nargs="?", help="task name or index (not needed for one task)")
+        parser.add_argument("--tail", type=int, metavar="N", help="only the last N lines of each file")
+    return parser
+
+
 def main(args: list[str] | None = None) -> None:
     """Entry point of ``spherinator-submit``."""
     argv = sys.argv[1:] if args is None else list(args)
     try:
-        if argv and argv[0] in ("status", "cancel"):
-            if len(argv) != 2:
-                raise SubmitError(f"usage: spherinator-submit {argv[0]} RUN_DIR")
-            rc = status(argv[1]) if argv[0] == "status" else cancel(argv[1])
+        if argv and argv[0] in ("status", "cancel", "logs"):
+            ns = _command_parser(argv[0]).parse_args(argv[1:])
+            if argv[0] == "status":
+                rc = status(ns.run_dir, as_json=ns.json)
+            elif argv[0] == "cancel":
+                rc = cancel(ns.run_dir)
+            else:
+                if ns.tail is not None and ns.tail < 0:
+                    raise SubmitError(f"--tail {ns.tail}: give a number of lines >= 0")
+                rc = logs(ns.run_dir, ns.task, ns.tail)
         else:
             ns, extra = _build_parser().parse_known_args(argv)
             overrides = _check_overrides(extra)
@@ -421,4 +514,4 @@ def main(args: list[str] | None = None) -> None:
         raise SystemExit(rc)
 
 
-__all__ = ["code_snapshot", "main", "read_manifest", "sbatch_script", "slurm_states", "task_rows"]
+__all__ = ["TaskStatus", "code_snapshot", "dry_run_text", "main", "sbatch_parameters", "task_rows"]

@@ -147,7 +147,7 @@ def expand_sweep(sweep_args: list[str] | None = None, sweep_file: str | Path | N
     return [Task(index=i, name=name, params=params) for i, (name, params) in enumerate(pairs)]
 
 
-def _short_keys(keys: list[str]) -> dict[str, str]:
+def short_keys(keys: list[str]) -> dict[str, str]:
     """The shortest dotted suffix of each key (dropping ``init_args``) that tells the keys apart."""
     parts = {key: _same_key(key).split(".") for key in keys}
     short = {}
@@ -168,7 +168,7 @@ def _clean(text: str) -> str:
 def task_names(param_sets: list[dict[str, str]]) -> list[str]:
     """Readable, unique directory names: ``z_dim=8_beta=0.01`` (``run`` when nothing is swept)."""
     keys = list(dict.fromkeys(k for params in param_sets for k in params))
-    short = _short_keys(keys)
+    short = short_keys(keys)
     names = []
     for params in param_sets:
         parts = [f"{_clean(short[k])}={_clean(v)}" for k, v in params.items()]
