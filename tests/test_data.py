@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from spherinator.data import Column, DataError, DataModule, Segment, shard, write_dataset
-from spherinator.data.dataset import rank_batch_sizes, split_rows
+from spherinator.data.plan import rank_batch_sizes, split_rows
 from tests.conftest import write_fast_layout
 
 
@@ -72,7 +72,7 @@ def test_every_row_once_per_epoch_across_ranks_and_workers(uneven_dataset, world
     for rank in range(world):
         ds = dm.dataset("train", rank=rank, world_size=world)
         rank_batches = [
-            list(ds.iter_shard(epoch=3, rank=rank, world_size=world, worker=w, num_workers=workers))
+            list(ds.reader.batches(epoch=3, rank=rank, world_size=world, worker=w, num_workers=workers))
             for w in range(workers)
         ]
         flat = [b for w in rank_batches for b in w]
@@ -257,37 +257,36 @@ def test_workers_hand_batches_through_reused_shared_slots(uneven_dataset, persis
     loader = _worker_loader(uneven_dataset, batch_size=6, persistent=persistent)
     images = _images(101)
     _check_pass(list(loader), images)
-    first = loader.dataset.slots
+    first = loader.slots
     for i, _ in enumerate(loader):  # a pass that stops early leaves prefetched batches unconverted
         if i == 3:
             break
     _check_pass(list(loader), images)
-    slots = loader.dataset.slots
+    slots = loader.slots
     assert (slots is first) == persistent  # new workers each pass get new slots
     assert slots.fallbacks.tolist() == [0, 0]  # every batch came through a slot, none busy when needed
     assert slots.busy.sum() == 0  # and every slot was freed, the unconverted ones too
 
 
 def test_busy_slots_fall_back_to_a_batch_of_its_own(uneven_dataset):
-    from spherinator.data.slots import BatchSlots
+    from spherinator.data.transport import BatchSlots
 
-    loader = _worker_loader(uneven_dataset, batch_size=6)
+    loader = _worker_loader(uneven_dataset, batch_size=6)  # persistent workers: the loader keeps these slots
     # one slot per worker, though each worker is asked for up to 2 batches ahead: some find their slot busy
-    loader.dataset.defer_uint8 = True
-    loader.dataset.slots = BatchSlots({"data": (3, 8, 8)}, 6, 2, depth=1)
+    loader.handover.slots = BatchSlots({"data": (3, 8, 8)}, 6, 2, depth=1)
     _check_pass(list(loader), _images(101))
-    assert loader.dataset.slots.fallbacks.sum() > 0
-    assert loader.dataset.slots.busy.sum() == 0
+    assert loader.slots.fallbacks.sum() > 0
+    assert loader.slots.busy.sum() == 0
 
 
 def test_too_little_shared_memory_for_slots_warns_and_sends_batches_the_default_way(uneven_dataset, monkeypatch):
-    import spherinator.data.datamodule as datamodule
+    import spherinator.data.transport as transport
 
-    monkeypatch.setattr(datamodule, "shared_memory_free", lambda: 10_000)  # 4 slots x 2 workers x 6 rows need 36 KiB
+    monkeypatch.setattr(transport, "shared_memory_free", lambda: 10_000)  # 4 slots x 2 workers x 6 rows need 36 KiB
     loader = _worker_loader(uneven_dataset, batch_size=6)
     with pytest.warns(UserWarning, match=r"/dev/shm has 0 MiB free.*lower num_workers / batch_size"):
         batches = list(loader)
-    assert loader.dataset.slots is None
+    assert loader.slots is None
     _check_pass(batches, _images(101))
 
 
@@ -337,16 +336,16 @@ def test_a_failing_batch_in_a_worker_frees_its_slot(data_and_mask):
     with pytest.raises(DataError, match="third call"):
         list(loader)
     assert sorted(_ids(loader)) == list(range(40))  # the persistent workers go on with a complete pass
-    assert loader.dataset.slots.busy.sum() == 0 and loader.dataset.slots.fallbacks.sum() == 0
+    assert loader.slots.busy.sum() == 0 and loader.slots.fallbacks.sum() == 0
 
 
 def test_spawned_workers_share_the_slots(uneven_dataset):
-    from spherinator.data.datamodule import _Loader
+    from spherinator.data.transport import Loader
 
     dm = DataModule(uneven_dataset, columns=["data", "id"], return_dict=True, batch_size=6, val_fraction=0.0)
-    loader = _Loader(dm.dataset("train"), batch_size=None, num_workers=2, multiprocessing_context="spawn")
+    loader = Loader(dm.dataset("train"), batch_size=None, num_workers=2, multiprocessing_context="spawn")
     _check_pass(list(loader), _images(101))
-    assert loader.dataset.slots.fallbacks.tolist() == [0, 0] and loader.dataset.slots.busy.sum() == 0
+    assert loader.slots.fallbacks.tolist() == [0, 0] and loader.slots.busy.sum() == 0
 
 
 @pytest.mark.gpu
@@ -360,7 +359,7 @@ def test_worker_batches_arrive_pinned(data_and_mask):
 def test_slot_batch_is_freed_when_converted_or_dropped_in_the_receiving_process():
     import pickle
 
-    from spherinator.data.slots import BatchSlots, SlotBatch
+    from spherinator.data.transport import BatchSlots, SlotBatch
 
     slots = BatchSlots({"data": (2, 3)}, batch_size=4, num_workers=1, depth=2)
     array = np.arange(18, dtype=np.uint8).reshape(3, 2, 3)
@@ -403,19 +402,19 @@ def test_shuffle_buffer_memory_stays_bounded(tmp_path):
     write_dataset(tmp_path, [{"data": _images(2000, (4, 32, 32))}], rows_per_group=50)
     dm = DataModule(tmp_path, batch_size=20, shuffle_buffer=100, val_fraction=0.0)
     ds = dm.dataset("train")
-    import spherinator.data.dataset as dataset_mod
+    import spherinator.data.plan as plan
 
-    peak, original = [0], dataset_mod._concat
+    peak, original = [0], plan._take_rows
 
-    def spy(chunks):
+    def spy(chunks, idx):  # the rows in the shuffle buffer when batches are drawn from it
         peak[0] = max(peak[0], sum(len(next(iter(c.values()))) for c in chunks))
-        return original(chunks)
+        return original(chunks, idx)
 
-    dataset_mod._concat = spy
+    plan._take_rows = spy
     try:
         assert sum(len(b) for b in ds) == 2000
     finally:
-        dataset_mod._concat = original
+        plan._take_rows = original
     assert 100 <= peak[0] <= 100 + 50 + 20
 
 
@@ -677,10 +676,11 @@ def test_a_row_group_read_from_its_middle_names_the_row_of_the_row_group(tmp_pat
 
 
 def test_the_finiteness_check_passes_finite_values_whose_sum_overflows_and_checks_any_byte_order():
-    from spherinator.data.layout import ColumnLayout, check_values
+    from spherinator.data.layout import ColumnLayout, Where
+    from spherinator.data.reader import check_values
 
     def check(array):
-        check_values(array, ColumnLayout("data", "raw", array.shape[1:], array.dtype), "x.parquet row group 0")
+        check_values(array, ColumnLayout("data", "raw", array.shape[1:], array.dtype), Where(Path("x.parquet"), 0))
 
     check(np.full((4, 8), 3e38, dtype=np.float32))  # finite: only the fast path's sum overflows
     big_endian = np.ones((4, 8), dtype=">f4")
@@ -799,8 +799,8 @@ def _all_ids_unread(dm: DataModule, segments: list[Segment]) -> list[int]:
 def test_unread_rows_are_exactly_the_rows_the_loaders_had_not_handed_out(
     uneven_dataset, world, workers, shuffle, buffer
 ):
-    from spherinator.data.datamodule import _Loader
-    from spherinator.data.dataset import Pass, unread_rows
+    from spherinator.data.plan import Pass, unread_rows
+    from spherinator.data.transport import Loader
 
     dm = DataModule(uneven_dataset, columns=["data", "id"], return_dict=True, batch_size=4, val_fraction=0.0,
                     shuffle=shuffle, shuffle_buffer=buffer, seed=3)  # fmt: skip
@@ -808,7 +808,7 @@ def test_unread_rows_are_exactly_the_rows_the_loaders_had_not_handed_out(
     for rank in range(world):
         stream = dm.dataset("train", rank=rank, world_size=world)
         stream.set_epoch(2)
-        loader = _Loader(stream, batch_size=None, num_workers=workers)
+        loader = Loader(stream, batch_size=None, num_workers=workers)
         handed_out += _ids(itertools.islice(loader, 5))
     passes = [Pass(batch_size=4, num_workers=workers, world_size=world, shuffle_buffer=buffer, batches=5)]
     left = unread_rows(dm._splits["train"], passes, epoch=2, seed=3, shuffle=shuffle, drop_last=False)
@@ -865,6 +865,32 @@ def test_resuming_mid_epoch_with_another_batch_size_trains_on_every_row_once(une
     assert sorted(first[0] + rest[0]) == list(range(101))  # every row of the epoch once
     assert sorted(rest[1]) == list(range(101))  # and the next epoch is whole again
     assert trainer.fit_loop.epoch_loop.batch_progress.total.completed == 2 * math.ceil(101 / after["batch_size"])
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_a_resumed_epoch_reads_only_the_row_groups_holding_rows_not_yet_trained_on(
+    uneven_dataset, tmp_path, monkeypatch, shuffle
+):
+    # (the rows trained on before the checkpoint are neither read again nor handed out again)
+    from spherinator.data.reader import ParquetReader
+
+    ckpt = tmp_path / "mid.ckpt"
+    data = {"batch_size": 8, "shuffle": shuffle, "shuffle_buffer": 10, "seed": 5}
+    first, _ = _fit_ids(uneven_dataset, save=(8, ckpt), max_steps=8, **data)
+    reads, read_group = [], ParquetReader._read_group
+
+    def counted(self, handles, file, group):
+        reads.append((file, group))
+        return read_group(self, handles, file, group)
+
+    monkeypatch.setattr(ParquetReader, "_read_group", counted)
+    rest, _ = _fit_ids(uneven_dataset, ckpt, **data)
+    assert len(first[0]) == 64 and sorted(first[0] + rest[0]) == list(range(101))  # exactly the untrained rows
+    groups = DataModule(uneven_dataset, val_fraction=0.0).index.groups  # (file, group, rows) in file order, ids too
+    group_of = [(f, g) for f, g, rows in groups for _ in range(rows)]  # the row group of each id
+    assert sorted(reads) == sorted({group_of[i] for i in rest[0]})  # each of those row groups once, no other
+    if not shuffle:  # the rows in file order: reading starts in the row group of row 64
+        assert reads[0] == group_of[64] and len(reads) == len({group_of[i] for i in range(64, 101)})
 
 
 def test_resuming_twice_in_one_epoch_with_other_sizes_trains_on_every_row_once(uneven_dataset, tmp_path):
@@ -955,12 +981,12 @@ def test_string_columns_come_as_lists_of_str_with_their_rows(named_dataset, work
 
 
 def test_string_columns_shard_across_ranks_and_workers(named_dataset):
-    from spherinator.data.datamodule import _Loader
+    from spherinator.data.transport import Loader
 
     dm = DataModule(named_dataset, columns=["data", "name", "id"], return_dict=True, batch_size=4, val_fraction=0.0)
     ids = []
     for rank in range(2):
-        loader = _Loader(dm.dataset("train", rank=rank, world_size=2), batch_size=None, num_workers=2)
+        loader = Loader(dm.dataset("train", rank=rank, world_size=2), batch_size=None, num_workers=2)
         ids += _check_names(loader)
     assert len(ids) == 2 * 6 * 4 - 3  # 45 rows over 2 ranks x 6 batches: the last batches shrink, no row twice
     assert sorted(ids) == list(range(45))

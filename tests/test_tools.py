@@ -182,8 +182,10 @@ def test_convert_encoded_images_and_detects_damaged_output(tmp_path, monkeypatch
     assert rows.shape == (5, 3, 4, 4)
     torch.testing.assert_close(rows[:, 0, 0, 0] * 255, torch.arange(5).float() * 40, atol=1, rtol=0)
 
-    real_verify = make_dataset.verify
-    monkeypatch.setattr(make_dataset, "verify", lambda path, cols: {**real_verify(path, cols), "checksum": 0})
+    from spherinator.data import convert
+
+    real_verify = convert.verify
+    monkeypatch.setattr(convert, "verify", lambda path, cols: {**real_verify(path, cols), "checksum": 0})
     args[4] = str(tmp_path / "c")
     assert make_dataset.main(args) == 2  # a mismatch between written and read-back data is an error
 

@@ -1,4 +1,11 @@
-"""Parquet data: the streaming, sharded DataModule, tensor layouts and the fast-layout writer.
+"""Parquet data: the streaming, sharded DataModule, its reader and transport, tensor layouts and the fast-layout writer.
+
+- :mod:`~spherinator.data.layout`: how a column stores its per-row arrays, and how to decode a record batch of it;
+- :mod:`~spherinator.data.plan`: which rows an epoch reads, in which order and batches (splits, shards, resume);
+- :mod:`~spherinator.data.reader`: plan -> read row groups -> decode -> re-batch, as numpy arrays per column;
+- :mod:`~spherinator.data.transport`: arrays to tensors, the DataLoader and its workers' shared-memory hand-over;
+- :mod:`~spherinator.data.datamodule`: the LightningDataModule; :mod:`~spherinator.data.writer` and
+  :mod:`~spherinator.data.convert`: writing the fast layout, converting and verifying datasets.
 
 ``DataModule`` and ``Column`` import Lightning; they load on first use so that tools which only write or read
 Parquet (``spherinator.data.writer``, ``tools/make_dataset.py``) start in a fraction of a second.
@@ -6,8 +13,10 @@ Parquet (``spherinator.data.writer``, ``tools/make_dataset.py``) start in a frac
 
 from typing import TYPE_CHECKING
 
-from spherinator.data.dataset import ParquetIndex, ParquetStream, Segment, shard, split_rows
-from spherinator.data.layout import ColumnLayout, DataError
+from spherinator.data.layout import ColumnLayout, DataError, Where
+from spherinator.data.plan import Segment, shard, split_rows
+from spherinator.data.reader import ParquetIndex, ParquetReader
+from spherinator.data.transport import ParquetStream
 from spherinator.data.writer import ParquetWriter, write_dataset
 
 if TYPE_CHECKING:
@@ -19,9 +28,11 @@ __all__ = [
     "DataError",
     "DataModule",
     "ParquetIndex",
+    "ParquetReader",
     "ParquetStream",
     "ParquetWriter",
     "Segment",
+    "Where",
     "shard",
     "split_rows",
     "write_dataset",

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 import itertools
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,17 +13,10 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader
 
-from spherinator.data.dataset import (
-    ParquetIndex,
-    ParquetStream,
-    Pass,
-    Segment,
-    WorkerError,
-    apply_transform,
-    split_rows,
-)
-from spherinator.data.layout import DataError, scale_uint8
-from spherinator.data.slots import BatchSlots, SlotBatch, shared_memory_free
+from spherinator.data.layout import DataError
+from spherinator.data.plan import Segment, split_rows
+from spherinator.data.reader import ParquetIndex, ParquetReader
+from spherinator.data.transport import Loader, ParquetStream, apply_transform
 
 
 @dataclass
@@ -45,172 +36,6 @@ class Column:
     name: str
     transform: Callable | None = None
     per_sample: bool = False
-
-
-class _Loader(DataLoader):
-    """A DataLoader over a :class:`ParquetStream` that tells it the epoch before every pass (persistent workers
-    see it too: the epoch lives in shared memory) and, with workers, receives uint8 array columns as uint8 and
-    scales them to float32 here, which moves 4x fewer bytes from the workers. Columns of a fixed shape come
-    through shared buffers allocated once (:class:`~spherinator.data.slots.BatchSlots`) instead of a new
-    shared-memory segment per batch.
-
-    A training loader (``progress_fn``: the trainer's batch progress of the epoch) is resumable: its state says how
-    its passes over the current epoch cut the rows into batches and how many batches they handed out, and a loader
-    restored from it reads the rows not yet handed out, in batches of its own size (see :meth:`load_state_dict`)."""
-
-    def __init__(
-        self,
-        dataset: ParquetStream,
-        *args: Any,
-        epoch_fn: Callable[[], int] | None = None,
-        progress_fn: Callable[[], Any] | None = None,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(dataset, *args, **kwargs)
-        self.epoch_fn = epoch_fn
-        self.progress_fn = progress_fn
-        self._to_resume: tuple[int, list[Pass] | None] | None = None
-        # the passes over epoch _passes_epoch before the current one, which began at batch _first_batch of it
-        self._passes: list[Pass] = []
-        self._passes_epoch: int | None = None
-        self._first_batch = 0
-        dataset.defer_uint8 = self.num_workers > 0
-        dataset.errors_as_batches = self.num_workers > 0
-        # the batch is pinned here, after the pin-memory thread: that one sees uint8 tensors or slot names
-        self._pin = self.pin_memory and torch.cuda.is_available()
-        self._warned = False
-
-    def _slots_for_pass(self) -> BatchSlots | None:
-        """The workers' batch buffers for this pass, allocated before the workers start (they inherit them): once
-        for persistent workers, anew for the new workers of each pass otherwise (the last pass's workers may
-        still be writing theirs)."""
-        dataset = self.dataset
-        if not dataset.defer_uint8:
-            return None
-        if dataset.slots is None or not self.persistent_workers:
-            shapes = {name: shape for name, shape in dataset.deferred_columns().items() if shape is not None}
-            # a worker is asked for at most prefetch_factor batches beyond the one being converted here
-            depth = (self.prefetch_factor or 2) + 2
-            dataset.slots = None
-            if shapes and self._shared_memory_suffices(
-                BatchSlots.size(shapes, dataset.batch_size, self.num_workers, depth)
-            ):
-                context = self.multiprocessing_context or torch.multiprocessing  # what the DataLoader uses
-                dataset.slots = BatchSlots(shapes, dataset.batch_size, self.num_workers, depth, context)
-        return dataset.slots
-
-    def _shared_memory_suffices(self, need: int) -> bool:
-        free = shared_memory_free()
-        if free is None or need <= free // 2:
-            return True
-        if not self._warned:
-            self._warned = True
-            warnings.warn(
-                f"/dev/shm has {free / 2**20:.0f} MiB free, too little for the {need / 2**20:.0f} MiB of batch "
-                f"buffers of {self.num_workers} workers x batch_size {self.dataset.batch_size}; the workers send "
-                f"batches the slower default way. Give the job more shared memory (e.g. `docker run --shm-size 8g`) "
-                f"or lower num_workers / batch_size.",
-                stacklevel=2,
-            )
-        return False
-
-    def _receive(self, slots: BatchSlots | None, batch: Any) -> torch.Tensor | dict[str, torch.Tensor]:
-        if isinstance(batch, SlotBatch):
-            return batch.resolve(slots, self._pin)
-        if isinstance(batch, WorkerError):
-            batch.raise_()
-        return scale_uint8(batch, self._pin)
-
-    # state_dict/load_state_dict make the loader resumable for Lightning: a run restored from a checkpoint taken
-    # in the middle of an epoch (a requeued Slurm job) goes on with the rows that epoch had not yet trained on,
-    # instead of starting the epoch's order again (some rows twice, others not at all).
-    def _pass(self, batches: int) -> Pass:
-        dataset = self.dataset
-        world = dataset._rank_world()[1]
-        return Pass(dataset.batch_size, self.num_workers, world, dataset.shuffle_buffer, batches)
-
-    def _batches_done(self) -> int:
-        """Training batches of the current epoch already trained on (Lightning's count).
-
-        ``processed``, not ``completed``: a checkpoint saved in ``on_train_batch_end`` (as the requeue callback does)
-        holds the optimizer step of its batch, while ``completed`` counts that batch only after the hook.
-        """
-        return self.progress_fn().current.processed
-
-    def state_dict(self) -> dict[str, Any]:
-        dataset = self.dataset
-        epoch = dataset.epoch
-        if self.progress_fn is None or self.progress_fn() is None:
-            return {"epoch": epoch}
-        earlier = self._passes if self._passes_epoch == epoch else []
-        first = self._first_batch if self._passes_epoch == epoch else 0
-        current = self._pass(self._batches_done() - first)
-        return {
-            "epoch": epoch,
-            "passes": [dataclasses.asdict(p) for p in [*earlier, current]],
-            # what fixes the epoch's rows and their order: a resumed run must have the same
-            "rows": dataset.num_rows,
-            "seed": dataset.seed,
-            "shuffle": dataset.shuffle,
-            "drop_last": dataset.drop_last,
-        }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Resume in the epoch the state was saved in: the next pass reads the rows its passes had not handed out,
-        in batches of this loader's size, with its workers (any batch size, worker or rank count). A state of an
-        older spherinator (``{"epoch"}`` only) counted batches of this loader's batch size."""
-        if self.progress_fn is None:
-            return
-        passes = None  # an older state: its batches are counted by the trainer
-        if "passes" in state:
-            dataset = self.dataset
-            now = {
-                "rows": dataset.num_rows,
-                "seed": dataset.seed,
-                "shuffle": dataset.shuffle,
-                "drop_last": dataset.drop_last,
-            }
-            changed = [f"{k} {state[k]} -> {v}" for k, v in now.items() if state[k] != v]
-            if changed:  # raised here, before Lightning starts the epoch's iterator
-                raise DataError(
-                    f"the checkpoint was saved in the middle of epoch {state['epoch']} of a run with another train "
-                    f"split or order ({', '.join(changed).replace('rows', 'train rows')}), so the rows left of that "
-                    f"epoch are unknown; resume with that run's data, seed, val/test fractions, shuffle and "
-                    f"drop_last, or from a checkpoint saved at the end of an epoch"
-                )
-            passes = [Pass(**p) for p in state["passes"]]
-        self._to_resume = (state["epoch"], passes)
-
-    def _resume(self, epoch: int, passes: list[Pass] | None) -> None:
-        progress = self.progress_fn()
-        if progress is None or epoch != self.dataset.epoch:
-            return
-        if passes is None:
-            passes = [self._pass(self._batches_done())]
-        if not sum(p.batches for p in passes):
-            return
-        left = self.dataset.resume_after(epoch, passes)
-        # Lightning counts this epoch's batches from the ones done up to len(self): start its count where the
-        # batches left end the epoch (with another batch size they are not len(self) - done).
-        first = len(self) - left if left else self._batches_done()
-        shift = first - self._batches_done()
-        for counter in (progress.current, progress.total):
-            for field in ("ready", "started", "processed", "completed"):
-                setattr(counter, field, getattr(counter, field) + shift)
-        self._passes, self._passes_epoch, self._first_batch = passes, epoch, first
-
-    def __iter__(self) -> Iterator[Any]:
-        if self.epoch_fn is not None:
-            self.dataset.set_epoch(self.epoch_fn())
-        epoch = self.dataset.epoch
-        if self._to_resume is not None:
-            resume, self._to_resume = self._to_resume, None
-            self._resume(*resume)
-        elif self._passes_epoch != epoch:
-            self.dataset.resume, self._passes, self._passes_epoch, self._first_batch = None, [], None, 0
-        slots = self._slots_for_pass()
-        batches = super().__iter__()
-        return map(functools.partial(self._receive, slots), batches) if self.dataset.defer_uint8 else batches
 
 
 class DataModule(pl.LightningDataModule):
@@ -239,7 +64,8 @@ class DataModule(pl.LightningDataModule):
         val_fraction: Fraction of rows held out for validation (0 disables validation).
         test_fraction: Fraction of rows held out for testing (0: no test split).
         seed: Seed of the split and of the shuffling.
-        shuffle_buffer: Rows mixed together when shuffling; memory holds about this many rows plus a row group.
+        shuffle_buffer: Rows mixed together when shuffling; memory holds about this many rows plus two row groups
+            (the one being cut into batches and the next, read ahead in a thread).
         drop_last: Yield only full training batches.
         pin_memory: Pin batches in page-locked memory; None pins when CUDA is available.
         persistent_workers: Keep workers alive between epochs (only with ``num_workers > 0``).
@@ -421,20 +247,17 @@ class DataModule(pl.LightningDataModule):
         if rank is None and world_size is None and self.trainer is not None:
             rank, world_size = self.trainer.global_rank, self.trainer.world_size
         train = split == "train"
-        transforms = {c.name: (c.transform, c.per_sample) for c in self.columns or [] if c.transform is not None}
-        return ParquetStream(
+        reader = ParquetReader(
             index,
             self._splits[split],
             batch_size=self.batch_size,
-            transforms=transforms,
-            return_dict=self.return_dict,
             shuffle=self.shuffle and train,
             shuffle_buffer=self.shuffle_buffer,
             seed=self.seed,
             drop_last=self.drop_last and train,
-            rank=rank,
-            world_size=world_size,
         )
+        transforms = {c.name: (c.transform, c.per_sample) for c in self.columns or [] if c.transform is not None}
+        return ParquetStream(reader, transforms, self.return_dict, rank=rank, world_size=world_size)
 
     def _loader(self, split: str) -> DataLoader:
         workers = {}
@@ -442,8 +265,8 @@ class DataModule(pl.LightningDataModule):
             workers = {"persistent_workers": self.persistent_workers, "prefetch_factor": self.prefetch_factor}
         kwargs = dict(batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory, **workers)
         if split != "train":
-            return _Loader(self.dataset(split), **kwargs)
-        return _Loader(self.dataset(split), epoch_fn=self._epoch, progress_fn=self._batch_progress, **kwargs)
+            return Loader(self.dataset(split), **kwargs)
+        return Loader(self.dataset(split), epoch_fn=self._epoch, progress_fn=self._batch_progress, **kwargs)
 
     def _batch_progress(self) -> Any:
         """The trainer's count of the current epoch's training batches (None without a trainer)."""

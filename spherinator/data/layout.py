@@ -15,7 +15,8 @@ Layouts understood (detected from the Arrow field type and the schema metadata):
   a list of Python ``str``, never as a tensor, so they cannot be the model input.
 
 Every decoder returns one numpy array ``(N, *shape)`` per record batch in the stored dtype (a view of the Arrow
-buffers where possible); :func:`to_tensor` turns it into the tensor the model sees.
+buffers where possible). Errors name the place they were found by a :class:`Where` value (file and row group).
+Turning arrays into the tensors the model sees is :mod:`spherinator.data.transport`'s business.
 """
 
 from __future__ import annotations
@@ -28,7 +29,6 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import torch
 
 SHAPE_SUFFIX = "_shape"
 DTYPE_SUFFIX = "_dtype"
@@ -36,6 +36,17 @@ DTYPE_SUFFIX = "_dtype"
 
 class DataError(ValueError):
     """A dataset that cannot be read as asked; the message names the value and the fix."""
+
+
+@dataclass(frozen=True)
+class Where:
+    """A place in a dataset that an error names: a file, and the row group of it when one was being read."""
+
+    file: Path
+    group: int | None = None
+
+    def __str__(self) -> str:
+        return str(self.file) if self.group is None else f"{self.file} row group {self.group}"
 
 
 def shape_key(column: str) -> bytes:
@@ -53,7 +64,7 @@ def format_shape(shape: tuple[int, ...]) -> bytes:
     return ("(" + ",".join(str(int(d)) for d in shape) + ("," if len(shape) == 1 else "") + ")").encode()
 
 
-def parse_shape(raw: bytes | str, column: str, where: str) -> tuple[int, ...]:
+def parse_shape(raw: bytes | str, column: str, where: Where | str) -> tuple[int, ...]:
     """Parse ``b"(3,32,32)"``, ``b"[3, 32, 32]"``, ``b"3,32,32"`` or ``b"(64,)"`` into a tuple of ints."""
     text = raw.decode() if isinstance(raw, bytes) else raw
     parts = [p for p in re.split(r"[\s,]+", text.strip().strip("()[]").strip()) if p]
@@ -69,7 +80,7 @@ def parse_shape(raw: bytes | str, column: str, where: str) -> tuple[int, ...]:
     return shape
 
 
-def parse_dtype(raw: bytes | str, column: str, where: str) -> np.dtype:
+def parse_dtype(raw: bytes | str, column: str, where: Where | str) -> np.dtype:
     """Parse ``b"uint8"``/``b"float32"``/``b"<f4"`` into a numpy dtype."""
     text = raw.decode() if isinstance(raw, bytes) else raw
     try:
@@ -138,7 +149,7 @@ class ColumnLayout:
     # -- detection -----------------------------------------------------------------------------------------------
 
     @classmethod
-    def detect(cls, field: pa.Field, metadata: dict[bytes, bytes] | None, where: str) -> ColumnLayout:
+    def detect(cls, field: pa.Field, metadata: dict[bytes, bytes] | None, where: Where) -> ColumnLayout:
         """Work out the layout of ``field`` from its type and the schema metadata of the file at ``where``."""
         name, type_ = field.name, field.type
         metadata = metadata or {}
@@ -203,10 +214,10 @@ class ColumnLayout:
 
     # -- decoding ------------------------------------------------------------------------------------------------
 
-    def decode(self, column: pa.ChunkedArray | pa.Array, where: str, first_row: int = 0) -> np.ndarray:
+    def decode(self, column: pa.ChunkedArray | pa.Array, where: Where, first_row: int = 0) -> np.ndarray:
         """One record batch of this column as a numpy array ``(N, *shape)`` (a view of Arrow memory if possible).
 
-        ``where`` names the file and row group for error messages, ``first_row`` the row of it the batch starts at.
+        ``where``: the file and row group, for error messages; ``first_row``: the row of it the batch starts at.
         """
         if isinstance(column, pa.ChunkedArray):
             chunks = column.chunks
@@ -218,7 +229,7 @@ class ColumnLayout:
             return np.concatenate([self._decode_array(c, where, int(a)) for c, a in zip(chunks, starts, strict=False)])
         return self._decode_array(column, where, first_row)
 
-    def _decode_array(self, arr: pa.Array, where: str, first_row: int = 0) -> np.ndarray:
+    def _decode_array(self, arr: pa.Array, where: Where, first_row: int = 0) -> np.ndarray:
         if arr.null_count:
             first = first_row + int(np.flatnonzero(~np.asarray(arr.is_valid()))[0])
             raise DataError(
@@ -226,16 +237,16 @@ class ColumnLayout:
                 f"remove those rows or fill them before training"
             )
         if self.kind == "raw":
-            return self._decode_raw(arr, where)
+            return self._decode_raw(arr, where, first_row)
         if self.kind == "list":
             return self._decode_list(arr, where)
         if self.kind == "tensor":
             return arr.to_numpy_ndarray()
         if self.kind == "encoded":
-            return decode_images(arr, self.name, where)
+            return decode_images(arr, self.name, where, first_row)
         return arr.to_numpy(zero_copy_only=False)
 
-    def _decode_raw(self, arr: pa.Array, where: str) -> np.ndarray:
+    def _decode_raw(self, arr: pa.Array, where: Where, first_row: int) -> np.ndarray:
         n, per_row = len(arr), math.prod(self.shape) * self.dtype.itemsize
         if pa.types.is_fixed_size_binary(arr.type):
             data = arr.buffers()[1]
@@ -247,8 +258,8 @@ class ColumnLayout:
             bad = np.flatnonzero(lengths != per_row)
             if bad.size:
                 raise DataError(
-                    f"{where}: column {self.name!r} row {int(bad[0])} holds {int(lengths[bad[0]])} bytes, but shape "
-                    f"{self.shape} of {self.dtype} needs {per_row} ({bad.size} rows differ); fix the "
+                    f"{where}: column {self.name!r} row {first_row + int(bad[0])} holds {int(lengths[bad[0]])} bytes, "
+                    f"but shape {self.shape} of {self.dtype} needs {per_row} ({bad.size} rows differ); fix the "
                     f"{self.name}_shape/{self.name}_dtype metadata or re-write the column"
                 )
             data = arr.buffers()[2]
@@ -256,7 +267,7 @@ class ColumnLayout:
         flat = np.frombuffer(data, dtype=self.dtype, count=n * per_row // self.dtype.itemsize, offset=start)
         return flat.reshape(n, *self.shape)
 
-    def _decode_list(self, arr: pa.Array, where: str) -> np.ndarray:
+    def _decode_list(self, arr: pa.Array, where: Where) -> np.ndarray:
         n, dims = len(arr), []
         while _is_list(arr.type):
             if pa.types.is_fixed_size_list(arr.type):
@@ -296,76 +307,26 @@ class ColumnLayout:
         return values.reshape(n, *dims)
 
 
-FLOAT32_MAX = float(np.finfo(np.float32).max)
-INT64_MAX = np.iinfo(np.int64).max
-
-
-def check_values(array: np.ndarray, layout: ColumnLayout, where: str, first_row: int = 0) -> None:
-    """Raise a DataError naming the column, the place and the first bad row when the values of one decoded record
-    batch cannot reach the model as they are.
-
-    Floating array columns must be finite, and within float32 (what the model computes in) when stored wider: a NaN
-    would otherwise surface mid-epoch as an error about the Power Spherical ``loc``, or train on as NaN weights.
-    uint64 scalars must fit int64 (they would wrap to negative ids). ``first_row``: the row of the row group at
-    which ``array`` starts. Floating scalar columns (catalogue values such as a redshift) may hold NaN for missing.
-    """
-    kind = array.dtype.kind
-    if not array.size or kind not in "fu":
-        return
-    if kind == "u":
-        if array.dtype.itemsize == 8 and not layout.is_tensor and array.max() > INT64_MAX:
-            row = int(np.flatnonzero(array > INT64_MAX)[0])
-            raise DataError(
-                f"{where}: column {layout.name!r} row {first_row + row} holds {int(array[row])}, beyond int64 (the "
-                f"dtype integer columns become); store it as int64 (e.g. ids below 2**63) or leave it out of `columns`"
-            )
-        return
-    if not layout.is_tensor:
-        return
-    if array.dtype.isnative and array.dtype.itemsize <= 4:
-        # a finite sum means finite values (one NaN or inf makes it NaN or inf); torch sums 2x faster than numpy's
-        # min and max (measured in tools/bench/bench_data.py --float32); an overflowing sum is checked below
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # a read-only view of Arrow memory, only read here
-            if math.isfinite(float(torch.from_numpy(array).sum(dtype=torch.float32))):
-                return
-    elif float(array.min()) >= -FLOAT32_MAX and float(array.max()) <= FLOAT32_MAX:  # NaN fails both
-        return
-    flat = array.reshape(len(array), -1)
-    bad = ~np.isfinite(flat)
-    wide = not bad.any()  # finite, but beyond float32 (or only the sum overflowed)
-    if wide:
-        bad = np.abs(flat) > FLOAT32_MAX
-    rows = np.flatnonzero(bad.any(axis=1))
-    if not rows.size:
-        return
-    value = float(flat[rows[0]][bad[rows[0]]][0])
-    what = f"{value:g} (beyond float32, which the model computes in)" if wide else f"{value:g}"
-    fix = "rescale the column" if wide else "drop or repair those rows (e.g. np.nan_to_num) before training"
-    raise DataError(
-        f"{where}: column {layout.name!r} row {first_row + int(rows[0])} holds {what}, and {rows.size} of the "
-        f"{len(array)} rows read there hold such values; {fix}"
-    )
-
-
-def decode_images(arr: pa.Array, name: str, where: str) -> np.ndarray:
-    """Decode PNG/JPEG bytes (or HF ``{bytes, path}`` structs) into one uint8 array ``(N, C, H, W)``."""
+def decode_images(arr: pa.Array, name: str, where: Where, first_row: int = 0) -> np.ndarray:
+    """Decode PNG/JPEG bytes (or HF ``{bytes, path}`` structs) into one uint8 array ``(N, C, H, W)``; a relative
+    ``path`` is found beside the Parquet file."""
+    import torch
     from torchvision.io import ImageReadMode, decode_image
 
     if pa.types.is_struct(arr.type):
         paths = arr.field("path").to_pylist() if arr.type.get_field_index("path") >= 0 else [None] * len(arr)
         blobs = arr.field("bytes").to_pylist()
-        base = Path(where.split(" row group")[0]).parent
+        base = where.file.parent
         for i, (blob, path) in enumerate(zip(blobs, paths, strict=True)):
             if blob is None:
                 if path is None:
-                    raise DataError(f"{where}: column {name!r} row {i} has neither bytes nor a path")
+                    raise DataError(f"{where}: column {name!r} row {first_row + i} has neither bytes nor a path")
                 file = Path(path) if Path(path).is_absolute() else base / path
                 try:
                     blobs[i] = file.read_bytes()
                 except OSError as err:
                     raise DataError(
-                        f"{where}: column {name!r} row {i} points to {file}, which cannot be read: {err}"
+                        f"{where}: column {name!r} row {first_row + i} points to {file}, which cannot be read: {err}"
                     ) from err
     else:
         blobs = arr.to_pylist()
@@ -378,8 +339,8 @@ def decode_images(arr: pa.Array, name: str, where: str) -> np.ndarray:
             images.append(image)
         except RuntimeError as err:
             raise DataError(
-                f"{where}: column {name!r} row {i} is not a PNG/JPEG image ({err}); if it holds raw array bytes, "
-                f"add {name}_shape and {name}_dtype schema metadata"
+                f"{where}: column {name!r} row {first_row + i} is not a PNG/JPEG image ({err}); if it holds raw array "
+                f"bytes, add {name}_shape and {name}_dtype schema metadata"
             ) from err
     shapes = {tuple(im.shape) for im in images}
     if len(shapes) > 1:
@@ -390,49 +351,3 @@ def decode_images(arr: pa.Array, name: str, where: str) -> np.ndarray:
     if not images:
         return np.zeros((0, 0, 0, 0), dtype=np.uint8)
     return torch.stack(images).numpy()
-
-
-def _empty(shape: tuple[int, ...], dtype: torch.dtype, shared: bool) -> torch.Tensor:
-    """An uninitialised tensor, in shared memory when ``shared`` (a DataLoader worker then hands it to the main
-    process without the extra copy its pickler makes of ordinary tensors)."""
-    if not shared:
-        return torch.empty(shape, dtype=dtype)
-    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-    return torch.empty(0, dtype=dtype).set_(torch.UntypedStorage._new_shared(nbytes), 0, shape)
-
-
-def to_tensor(array: np.ndarray, layout: ColumnLayout, shared: bool = False) -> torch.Tensor | list[str]:
-    """The tensor the model sees: arrays of uint8 scaled to float32 in [0, 1], other arrays as float32;
-    integer/boolean scalars as int64, floating scalars as float32. Always a new tensor (never a view of Arrow
-    memory); in shared memory with ``shared``. A string column becomes a list of ``str``."""
-    if layout.kind == "string":
-        return array.tolist()
-    dtype = torch.float32 if layout.is_tensor or array.dtype.kind == "f" else torch.int64
-    out = _empty(array.shape, dtype, shared)
-    if array.dtype == np.uint8 and layout.is_tensor:
-        return _scale_into(array, out)
-    out.numpy()[...] = array
-    return out
-
-
-def _scale_into(array: np.ndarray, out: torch.Tensor) -> torch.Tensor:
-    """uint8 ``array`` into float32 ``out`` in [0, 1], in one pass (within 1 ulp of x / 255)."""
-    np.multiply(array, np.float32(1 / 255), out=out.numpy())
-    return out
-
-
-def uint8_to_float(array: np.ndarray, pin: bool = False) -> torch.Tensor:
-    """uint8 array -> new float32 tensor in [0, 1]; in page-locked memory with ``pin`` (it then copies to the
-    GPU asynchronously)."""
-    return _scale_into(array, torch.empty(array.shape, dtype=torch.float32, pin_memory=pin))
-
-
-def scale_uint8(
-    batch: torch.Tensor | dict[str, torch.Tensor], pin: bool = False
-) -> torch.Tensor | dict[str, torch.Tensor]:
-    """uint8 tensors of a batch (from workers that send uint8 to move 4x fewer bytes) to float32 in [0, 1]."""
-    if isinstance(batch, dict):
-        return {name: scale_uint8(tensor, pin) for name, tensor in batch.items()}
-    if not isinstance(batch, torch.Tensor) or batch.dtype != torch.uint8:  # lists of str pass as they are
-        return batch
-    return uint8_to_float(batch.numpy(), pin)

@@ -73,7 +73,7 @@ def make_data(
 
 def raw_limit(path: Path) -> float:
     """Images/s of pyarrow reading the column and viewing it as one numpy array per row group (one thread)."""
-    from spherinator.data import ParquetIndex
+    from spherinator.data import ParquetIndex, Where
 
     index = ParquetIndex(path, ["data"])
     layout = index.layouts["data"]
@@ -82,7 +82,7 @@ def raw_limit(path: Path) -> float:
         with pq.ParquetFile(file) as pf:
             for g in range(pf.num_row_groups):
                 column = pf.read_row_group(g, columns=["data"], use_threads=False).column(0)
-                rows += len(layout.decode(column, "bench"))  # a view of the Arrow buffer: memcpy-free
+                rows += len(layout.decode(column, Where(file, g)))  # a view of the Arrow buffer: memcpy-free
     return rows / (time.perf_counter() - start)
 
 
@@ -168,29 +168,29 @@ def _rss_points(path: str, shuffle_buffer: int, batch_size: int, epochs: int) ->
 def check_cost(path: Path, batch_size: int, repeats: int) -> dict[str, float]:
     """Images/s of the DataModule on float data with the NaN/inf check and with it switched off (0 and 2 workers,
     measured alternately; forked workers inherit the switch), and the check's own time per batch."""
-    from spherinator.data import dataset
+    from spherinator.data import reader
 
-    check = dataset.check_values
+    check = reader.check_values
     rates: dict[str, list[float]] = {}
     for _ in range(repeats):
         for on in (True, False):
-            dataset.check_values = check if on else (lambda *args: None)
+            reader.check_values = check if on else (lambda *args: None)
             try:
                 for workers in (0, 2):
                     key = f"dm{workers}_{'on' if on else 'off'}"
                     rates.setdefault(key, []).append(datamodule_rate(path, workers, batch_size))
             finally:
-                dataset.check_values = check
+                reader.check_values = check
     out = {key: max(values) for key, values in rates.items()}
-    from spherinator.data import ParquetIndex
+    from spherinator.data import ParquetIndex, Where
 
     index = ParquetIndex(path, ["data"])
-    layout = index.layouts["data"]
+    layout, where = index.layouts["data"], Where(index.files[0], 0)
     with pq.ParquetFile(index.files[0]) as pf:
-        array = layout.decode(pf.read_row_group(0, columns=["data"]).column(0), "bench")[:batch_size]
+        array = layout.decode(pf.read_row_group(0, columns=["data"]).column(0), where)[:batch_size]
     start, n = time.perf_counter(), 50
     for _ in range(n):
-        check(array, layout, "bench")
+        check(array, layout, where)
     out["check_ms"] = (time.perf_counter() - start) / n * 1e3
     return out
 
