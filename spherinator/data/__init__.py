@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 from spherinator.data.layout import ColumnLayout, DataError, Where
 from spherinator.data.plan import Segment, shard, split_rows
-from spherinator.data.reader import ParquetIndex, ParquetReader
+from spherinator.data.reader import ParquetIndex, ParquetReader, find_parquet_files
 from spherinator.data.transport import ParquetStream
 from spherinator.data.writer import ParquetWriter, write_dataset
 
@@ -33,6 +33,7 @@ __all__ = [
     "ParquetWriter",
     "Segment",
     "Where",
+    "find_parquet_files",
     "shard",
     "split_rows",
     "write_dataset",
