@@ -130,6 +130,13 @@ class SpherinatorCLI(LightningCLI):
         self._data_shape = resolve_config(config, model_from=getattr(self, "_model_from", None))
 
     def instantiate_trainer(self, **kwargs: Any) -> Any:
+        from spherinator.callbacks.progress import progress_bar_for_logs
+
+        # Progress into a file (a Slurm log) is one line per epoch, unless the config chose its bar.
+        section = self.config_init.get(f"{self.subcommand}.trainer" if self.subcommand else "trainer")
+        callbacks = progress_bar_for_logs({**(section or {}), **kwargs}, interactive=sys.stdout.isatty())
+        if callbacks is not None:
+            kwargs["callbacks"] = callbacks
         # The Trainer is built from the trainer: section directly, not by jsonargparse: what it refuses is the
         # config's fault (accelerator: gpux).
         try:

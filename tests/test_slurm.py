@@ -74,7 +74,7 @@ def submit(tmp_path: Path, config: Path, name: str, *args: str) -> Path:
 def test_sweep_2x2_is_one_array_with_four_complete_run_dirs(cluster, tmp_path, image_dataset, capsys):
     config = tiny_config(tmp_path, image_dataset, epochs=2)
     sweep = submit(
-        tmp_path, config, "grid", "--time", "10", "--parallelism", "2",
+        tmp_path, config, "grid", "--time", "10", "--parallelism", "2", "--trainer.enable_progress_bar", "true",
         "--sweep", "model.init_args.z_dim=3,4", "--sweep", "model.init_args.beta=1e-3,1e-2",
     )  # fmt: skip
     scripts = list((sweep / "submitit").glob("*_submission.sh"))
@@ -97,6 +97,30 @@ def test_sweep_2x2_is_one_array_with_four_complete_run_dirs(cluster, tmp_path, i
     main(["status", str(sweep)])
     table = capsys.readouterr().out.splitlines()
     assert sum(" COMPLETED " in line for line in table) == 4, table
+    main(["status", str(sweep), "--json"])
+    status = json.loads(capsys.readouterr().out)
+    assert status["note"] is None  # sacct answered
+    assert all(t["elapsed_s"] > 0 and t["requeues"] == 0 and t["error"] is None for t in status["tasks"]), status
+    # Progress in the Slurm log: one line per epoch, nothing redrawn in place
+    main(["logs", str(sweep), names[0]])
+    log = capsys.readouterr().out
+    assert "\r" not in log
+    assert [line.split(":")[0] for line in log.splitlines() if line.startswith("Epoch ")] == ["Epoch 0/1", "Epoch 1/1"]
+
+
+def test_a_task_that_dies_before_python_starts_says_why(cluster, tmp_path, image_dataset, capsys):
+    preset = tmp_path / "broken.yaml"  # the local preset, with a setup line that fails (a module that is not there)
+    preset.write_text("partition: debug\ncpus_per_task: 1\nsetup: ['ls /no/such/module || exit 3']\n")
+    config = tiny_config(tmp_path, image_dataset, epochs=1)
+    main(["-c", str(config), "--preset", str(preset), "--run-root", str(tmp_path / "runs"), "--name", "broken",
+          "--no-validate", "--time", "5"])  # fmt: skip
+    sweep = tmp_path / "runs" / "broken"
+    (row,) = wait_for(sweep, lambda rows: all(r.state == "FAILED" for r in rows), timeout=180)
+    assert row.summary_state is None  # the task never ran
+    assert row.error == "ls: cannot access '/no/such/module': No such file or directory", row
+    capsys.readouterr()
+    main(["logs", str(sweep), "--tail", "5"])
+    assert "ls: cannot access '/no/such/module'" in capsys.readouterr().out
 
 
 PROBE = '''
