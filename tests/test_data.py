@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import itertools
 import math
+import os
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -250,6 +251,27 @@ def _check_pass(batches, images: np.ndarray) -> None:
     data = torch.cat([b["data"] for b in batches])
     assert data.dtype == torch.float32
     torch.testing.assert_close(data, torch.from_numpy(images[ids.numpy()]).float() / 255)
+
+
+def _open_files(root: Path) -> list[str]:
+    """The files under ``root`` this process has open."""
+    fds = Path("/proc/self/fd")
+    return [t for t in (os.path.realpath(fd) for fd in fds.iterdir() if fd.exists()) if t.startswith(str(root))]
+
+
+def test_a_pass_stopped_early_leaves_no_file_open_and_no_reading_thread(uneven_dataset):
+    # row groups are read ahead in threads: stopping after two batches ends the reads under way and closes the files
+    import threading
+
+    dm = DataModule(uneven_dataset, columns=["data", "id"], return_dict=True, batch_size=4, val_fraction=0.0,
+                    shuffle=False)  # fmt: skip
+    batches = iter(dm.train_dataloader())  # reads 2 of the 15 row groups of 7 rows, and 2 more ahead
+    assert len(next(batches)["id"]) == len(next(batches)["id"]) == 4
+    assert _open_files(uneven_dataset) and any(t.name.startswith("spherinator-read") for t in threading.enumerate())
+    del batches
+    assert not _open_files(uneven_dataset)
+    for thread in threading.enumerate():
+        assert not thread.name.startswith("spherinator-read") or not thread.is_alive()
 
 
 @pytest.mark.parametrize("persistent", [True, False])

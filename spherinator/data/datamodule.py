@@ -64,8 +64,8 @@ class DataModule(pl.LightningDataModule):
         val_fraction: Fraction of rows held out for validation (0 disables validation).
         test_fraction: Fraction of rows held out for testing (0: no test split).
         seed: Seed of the split and of the shuffling.
-        shuffle_buffer: Rows mixed together when shuffling; memory holds about this many rows plus two row groups
-            (the one being cut into batches and the next, read ahead in a thread).
+        shuffle_buffer: Rows mixed together when shuffling; memory holds about this many rows plus three row groups
+            (the one being cut into batches and two read ahead in threads; one with workers, per worker).
         drop_last: Yield only full training batches.
         pin_memory: Pin batches in page-locked memory; None pins when CUDA is available.
         persistent_workers: Keep workers alive between epochs (only with ``num_workers > 0``).

@@ -2,18 +2,22 @@
 
 :class:`ParquetIndex` scans the footers of every ``.parquet`` file under a path (never the data) and works out each
 column's :class:`~spherinator.data.layout.ColumnLayout`. :class:`ParquetReader` yields the batches of one
-(rank, worker) in one epoch: it plans them (:mod:`spherinator.data.plan`), reads whole row groups (the next one in
-a thread while the current one is cut into batches), decodes and checks each column of a row group into one array,
+(rank, worker) in one epoch: it plans them (:mod:`spherinator.data.plan`), reads whole row groups (the next ones in
+threads while the current one is cut into batches), decodes and checks each column of a row group into one array,
 and mixes rows in a shuffle buffer. How batches become tensors and reach the model is
 :mod:`spherinator.data.transport`'s business.
 """
 
 from __future__ import annotations
 
+import collections
+import functools
+import itertools
 import math
+import threading
 import warnings
-from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TypeVar
 
@@ -26,6 +30,7 @@ from spherinator.data.layout import ColumnLayout, DataError, Where
 from spherinator.data.plan import Pass, Segment, pass_rng, rank_batch_sizes, rebatch, shard, unread_rows
 
 T = TypeVar("T")
+U = TypeVar("U")
 
 
 def find_parquet_files(path: str | Path) -> list[Path]:
@@ -197,8 +202,8 @@ class ParquetReader:
         segments: The rows of this split.
         batch_size: Rows per batch (the last batches of an epoch may be smaller unless ``drop_last``).
         shuffle: Seeded per-epoch order of row groups plus a shuffle buffer.
-        shuffle_buffer: Rows mixed together at a time (memory: this many rows plus two row groups, the one being
-            cut into batches and the one read ahead).
+        shuffle_buffer: Rows mixed together at a time (memory: this many rows plus the row group being cut into
+            batches and the ones read ahead).
         seed: Base seed; the order is a function of (seed, epoch, rank, worker).
         drop_last: Only full batches (the rows left over differ every epoch when shuffling).
         interleave: Deal a rank's batches to its workers in turn (which keeps the stream order through a
@@ -258,9 +263,10 @@ class ParquetReader:
         return self.num_batches(rank, world_size, sum(s.rows for s in rest))
 
     def batches(
-        self, epoch: int, rank: int = 0, world_size: int = 1, worker: int = 0, num_workers: int = 1
+        self, epoch: int, rank: int = 0, world_size: int = 1, worker: int = 0, num_workers: int = 1, ahead: int = 1
     ) -> Iterator[dict[str, np.ndarray]]:
-        """The batches of one (rank, worker) in one epoch."""
+        """The batches of one (rank, worker) in one epoch, reading up to ``ahead`` row groups in threads while the
+        consumer works on the batches before them."""
         rows, pass_index, new_order = self.segments, 0, self.shuffle
         if self.resume is not None and self.resume[0] == epoch:
             _, rows, pass_index = self.resume
@@ -280,34 +286,37 @@ class ParquetReader:
         )
         rng = pass_rng(self.seed, epoch, rank, worker, pass_index) if self.shuffle else None
         window = self.shuffle_buffer if self.shuffle else 0
-        return rebatch(read_ahead(self._read(segments)), sizes, window, rng)
+        return rebatch(self._read(segments, ahead), sizes, window, rng)
 
-    def _read(self, segments: Sequence[Segment]) -> Iterator[dict[str, np.ndarray]]:
-        """Decoded arrays of each segment, one row group read at a time."""
-        handles: dict[int, pq.ParquetFile] = {}
-        last: tuple[tuple[int, int], pa.Table] | None = None  # consecutive segments often share a row group
+    def _read(self, segments: Sequence[Segment], ahead: int) -> Iterator[dict[str, np.ndarray]]:
+        """Decoded arrays of each segment, in order; each row group is read once (consecutive segments often share
+        one), up to ``ahead`` of them at a time in threads: pyarrow releases the GIL while it reads and decompresses,
+        so reading overlaps with cutting, converting and training."""
+        reads = [list(group) for _, group in itertools.groupby(segments, key=lambda s: (s.file, s.group))]
+        handles = _Handles(self.files)
+        results = ordered_map(functools.partial(self._read_segments, handles), reads, ahead)
         try:
-            for seg in segments:
-                if last is None or last[0] != (seg.file, seg.group):
-                    last = ((seg.file, seg.group), self._read_group(handles, seg.file, seg.group))
-                table = last[1]
-                if seg.start or seg.stop != table.num_rows:
-                    table = table.slice(seg.start, seg.rows)
-                yield self._decode(table, Where(self.files[seg.file], seg.group), seg.start)
+            for chunks in results:
+                yield from chunks
         finally:  # also when the consumer stops early (limit_*_batches, an exception, a closed generator)
-            for handle in handles.values():
-                handle.close()
+            results.close()  # the reads under way end first
+            handles.close()
 
-    def _read_group(self, handles: dict[int, pq.ParquetFile], file: int, group: int) -> pa.Table:
-        """Row group ``group`` of file number ``file`` (``handles``: the files open, at most 8)."""
-        if file not in handles:
-            if len(handles) >= 8:
-                handles.pop(next(iter(handles))).close()
-            # No memory_map: mapped pages would count as resident memory growing with the data read.
-            handles[file] = pq.ParquetFile(self.files[file], page_checksum_verification=True)
+    def _read_segments(self, handles: _Handles, segments: list[Segment]) -> list[dict[str, np.ndarray]]:
+        """The decoded arrays of ``segments``, all of one row group, which is read once."""
+        file, group = segments[0].file, segments[0].group
+        table = self._read_group(handles.get(file), file, group)
+        where = Where(self.files[file], group)
+        return [
+            self._decode(table.slice(s.start, s.rows) if s.start or s.stop != table.num_rows else table, where, s.start)
+            for s in segments
+        ]
+
+    def _read_group(self, handle: pq.ParquetFile, file: int, group: int) -> pa.Table:
+        """Row group ``group`` of file number ``file`` (open as ``handle``)."""
         try:
             # one thread: pyarrow's pool splits the work by column and costs twice the time here (one column)
-            return handles[file].read_row_group(group, columns=list(self.layouts), use_threads=False)
+            return handle.read_row_group(group, columns=list(self.layouts), use_threads=False)
         except (pa.ArrowException, OSError) as err:
             raise DataError(
                 f"{Where(self.files[file], group)} cannot be read ({err}); the file is corrupt: re-write or remove it"
@@ -335,22 +344,53 @@ class ParquetReader:
         return arrays
 
 
-_END = object()
+class _Handles:
+    """The Parquet files a pass has open: each reading thread its own handles, at most 8 files each."""
+
+    def __init__(self, files: Sequence[Path]) -> None:
+        self.files = files
+        self._local = threading.local()
+        self._all: list[dict[int, pq.ParquetFile]] = []
+        self._lock = threading.Lock()
+
+    def get(self, file: int) -> pq.ParquetFile:
+        """File number ``file``, opened by this thread."""
+        handles = getattr(self._local, "handles", None)
+        if handles is None:
+            handles = self._local.handles = {}
+            with self._lock:
+                self._all.append(handles)
+        if file not in handles:
+            if len(handles) >= 8:
+                handles.pop(next(iter(handles))).close()
+            # No memory_map: mapped pages would count as resident memory growing with the data read.
+            handles[file] = pq.ParquetFile(self.files[file], page_checksum_verification=True)
+        return handles[file]
+
+    def close(self) -> None:
+        """Close every handle (once no thread reads any more)."""
+        with self._lock:
+            for handles in self._all:
+                for handle in handles.values():
+                    handle.close()
+                handles.clear()
 
 
-def read_ahead(items: Iterator[T]) -> Iterator[T]:
-    """``items``, each made in a thread while the consumer works on the one before: pyarrow releases the GIL while
-    it reads and decompresses a row group, so reading overlaps with cutting, converting and training. An error
-    raised making an item is raised here, in the consumer."""
-    with ThreadPoolExecutor(1, thread_name_prefix="spherinator-read") as pool:
-        future = pool.submit(next, items, _END)
+def ordered_map(fn: Callable[[T], U], items: Sequence[T], ahead: int) -> Iterator[U]:
+    """``fn(item)`` for each item, in order, computed in ``ahead`` threads up to ``ahead`` items before the one the
+    consumer takes. An error raised by ``fn`` is raised here, in the consumer; when the consumer stops, the calls
+    under way end before this returns."""
+    with ThreadPoolExecutor(max(1, ahead), thread_name_prefix="spherinator-read") as pool:
+        pending: collections.deque[Future[U]] = collections.deque()
+        todo = iter(items)
         try:
-            while (item := future.result()) is not _END:
-                future = pool.submit(next, items, _END)
-                yield item
-        finally:  # the consumer stopped or failed: let the read under way end, then close the files
-            future.cancel()
-            pool.shutdown(wait=True)
-            close = getattr(items, "close", None)
-            if close is not None:
-                close()
+            for item in itertools.islice(todo, max(1, ahead)):
+                pending.append(pool.submit(fn, item))
+            while pending:
+                result = pending.popleft().result()
+                for item in itertools.islice(todo, 1):
+                    pending.append(pool.submit(fn, item))
+                yield result
+        finally:
+            for future in pending:
+                future.cancel()

@@ -389,7 +389,9 @@ class ParquetStream(IterableDataset):
         rank, world = self.rank_world()
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        arrays = self.reader.batches(self.epoch, rank, world, worker, num_workers)
+        # Row groups read ahead in threads: two in the main process, so that reading keeps up with converting and
+        # training; one in a worker, which is itself one of several readers.
+        arrays = self.reader.batches(self.epoch, rank, world, worker, num_workers, ahead=2 if info is None else 1)
         batches = (self._finish(batch, info) for batch in arrays)
         return batches if info is None or self.handover is None else _errors_as_batches(batches)
 
