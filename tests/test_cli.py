@@ -78,8 +78,8 @@ def test_resume_continues_epoch_count(image_dataset, tmp_path):
     assert state["global_step"] > torch.load(ckpt, weights_only=False)["global_step"]
 
 
-def test_predict_writes_embeddings_with_ids(image_dataset, tmp_path):
-    data = data_yaml(tmp_path, image_dataset, columns=["data", "id"], return_dict=True)
+def _fit_and_predict(tmp_path: Path, data: str) -> pa.Table:
+    """``spherinator fit`` on the ``data`` overlay, then ``predict`` with the EmbeddingWriter: its table."""
     main(["fit", "-c", TINY, "-c", data])
     (ckpt,) = (only_version_dir(tmp_path) / "checkpoints").glob("*.ckpt")
     out = tmp_path / "emb.parquet"
@@ -90,7 +90,11 @@ def test_predict_writes_embeddings_with_ids(image_dataset, tmp_path):
             f"--trainer.callbacks.output_path={out}",
         ]
     )  # fmt: skip
-    table = pq.read_table(out)
+    return pq.read_table(out)
+
+
+def test_predict_writes_embeddings_with_ids(image_dataset, tmp_path):
+    table = _fit_and_predict(tmp_path, data_yaml(tmp_path, image_dataset, columns=["data", "id"], return_dict=True))
     assert sorted(table.column("id").to_pylist()) == list(range(96))  # every row once
     location = torch.tensor(table.column("location").to_pylist())
     assert location.shape == (96, 3)
@@ -104,17 +108,7 @@ def test_predict_writes_string_ids_as_a_string_column(tmp_path):
     images = rng.integers(0, 256, (40, 3, 32, 32), dtype=np.uint8)
     write_dataset(tmp_path / "named", [{"data": images, "name": names}], rows_per_file=20, rows_per_group=8)
     data = data_yaml(tmp_path, tmp_path / "named", columns=["data", "name"], return_dict=True, num_workers=2)
-    main(["fit", "-c", TINY, "-c", data, "--trainer.max_epochs", "1"])
-    (ckpt,) = (only_version_dir(tmp_path) / "checkpoints").glob("*.ckpt")
-    out = tmp_path / "emb.parquet"
-    main(
-        [
-            "predict", "-c", TINY, "-c", data, "--ckpt_path", str(ckpt),
-            "--trainer.callbacks+=spherinator.callbacks.EmbeddingWriter",
-            f"--trainer.callbacks.output_path={out}",
-        ]
-    )  # fmt: skip
-    table = pq.read_table(out)
+    table = _fit_and_predict(tmp_path, data)
     assert table.schema.field("name").type == pa.string()
     assert table.column("name").to_pylist() == names.tolist()  # predict keeps file order
 
