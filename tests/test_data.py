@@ -428,9 +428,9 @@ def test_shuffle_buffer_memory_stays_bounded(tmp_path):
 
     peak, original = [0], plan._take_rows
 
-    def spy(chunks, idx):  # the rows in the shuffle buffer when batches are drawn from it
+    def spy(chunks, *args):  # the rows in the shuffle buffer when batches are drawn from it
         peak[0] = max(peak[0], sum(len(next(iter(c.values()))) for c in chunks))
-        return original(chunks, idx)
+        return original(chunks, *args)
 
     plan._take_rows = spy
     try:
@@ -911,8 +911,8 @@ def test_a_resumed_epoch_reads_only_the_row_groups_holding_rows_not_yet_trained_
     groups = DataModule(uneven_dataset, val_fraction=0.0).index.groups  # (file, group, rows) in file order, ids too
     group_of = [(f, g) for f, g, rows in groups for _ in range(rows)]  # the row group of each id
     assert sorted(reads) == sorted({group_of[i] for i in rest[0]})  # each of those row groups once, no other
-    if not shuffle:  # the rows in file order: reading starts in the row group of row 64
-        assert reads[0] == group_of[64] and len(reads) == len({group_of[i] for i in range(64, 101)})
+    if not shuffle:  # the rows in file order: no row group before the one of row 64 is read (two read at a time)
+        assert min(reads) == group_of[64] and len(reads) == len({group_of[i] for i in range(64, 101)})
 
 
 def test_resuming_twice_in_one_epoch_with_other_sizes_trains_on_every_row_once(uneven_dataset, tmp_path):

@@ -12,7 +12,7 @@ Nothing here reads a file: :mod:`spherinator.data.reader` executes the plans.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -254,17 +254,22 @@ def _concat(chunks: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     return {n: np.concatenate([c[n] for c in chunks]) for n in chunks[0]}
 
 
-def _take_rows(chunks: list[dict[str, np.ndarray]], idx: np.ndarray) -> dict[str, np.ndarray]:
-    """``_concat(chunks)[idx]`` per column, without concatenating: each row is copied once, from its chunk."""
+def _take_rows(
+    chunks: list[dict[str, np.ndarray]], idx: np.ndarray, into: dict[str, np.ndarray] | None = None
+) -> dict[str, np.ndarray]:
+    """``_concat(chunks)[idx]`` per column, without concatenating: each row is copied once, from its chunk, into
+    ``into[column]`` where given (an array of ``len(idx)`` rows), else into a new array."""
+    into = into or {}
     if len(chunks) == 1:
-        return {n: a[idx] for n, a in chunks[0].items()}
+        # mode="clip": the rows are in range, and with the default mode numpy copies ``out`` through a buffer
+        return {n: np.take(a, idx, axis=0, out=into.get(n), mode="clip") for n, a in chunks[0].items()}
     starts = np.cumsum([0] + [_rows(c) for c in chunks[:-1]])
     which = np.searchsorted(starts, idx, side="right") - 1  # the chunk of each row
     local = idx - starts[which]
     picks = [(c, which == c) for c in np.unique(which)]
     out = {}
     for name, first in chunks[0].items():
-        column = np.empty((len(idx), *first.shape[1:]), dtype=first.dtype)
+        column = into[name] if name in into else np.empty((len(idx), *first.shape[1:]), dtype=first.dtype)
         for c, mask in picks:
             column[mask] = chunks[c][name][local[mask]]
         out[name] = column
@@ -272,14 +277,18 @@ def _take_rows(chunks: list[dict[str, np.ndarray]], idx: np.ndarray) -> dict[str
 
 
 def rebatch(
-    chunks: Iterator[dict[str, np.ndarray]], sizes: Sequence[int], window: int, rng: np.random.Generator | None
+    chunks: Iterator[dict[str, np.ndarray]],
+    sizes: Sequence[int],
+    window: int,
+    rng: np.random.Generator | None,
+    into: Callable[[int], dict[str, np.ndarray]] | None = None,
 ) -> Iterator[dict[str, np.ndarray]]:
     """Cut a stream of decoded chunks into batches of the given sizes.
 
     Without ``rng`` batches are slices of the chunks (no copy unless a batch spans two chunks). With ``rng``,
     chunks are buffered until at least ``window`` rows (and one batch) are there; every full batch is then drawn
-    from a random permutation of the buffer (rows copied straight from their chunks) and the few rows left over
-    join the next window.
+    from a random permutation of the buffer (rows copied straight from their chunks, into the arrays
+    ``into(rows)`` gives for some columns if it is given) and the few rows left over join the next window.
     """
     pending: list[dict[str, np.ndarray]] = []
     have, k = 0, 0
@@ -309,7 +318,7 @@ def rebatch(
         perm = rng.permutation(have)  # over the rows of ``pending`` in order
         pos = 0
         while k < len(sizes) and have - pos >= sizes[k]:
-            yield _take_rows(pending, perm[pos : pos + sizes[k]])
+            yield _take_rows(pending, perm[pos : pos + sizes[k]], into(sizes[k]) if into is not None else None)
             pos += sizes[k]
             k += 1
         rest = perm[pos:]

@@ -263,10 +263,18 @@ class ParquetReader:
         return self.num_batches(rank, world_size, sum(s.rows for s in rest))
 
     def batches(
-        self, epoch: int, rank: int = 0, world_size: int = 1, worker: int = 0, num_workers: int = 1, ahead: int = 1
+        self,
+        epoch: int,
+        rank: int = 0,
+        world_size: int = 1,
+        worker: int = 0,
+        num_workers: int = 1,
+        ahead: int = 1,
+        into: Callable[[int], dict[str, np.ndarray]] | None = None,
     ) -> Iterator[dict[str, np.ndarray]]:
         """The batches of one (rank, worker) in one epoch, reading up to ``ahead`` row groups in threads while the
-        consumer works on the batches before them."""
+        consumer works on the batches before them. ``into(rows)``: arrays of ``rows`` rows for some columns, which
+        a batch drawn from the shuffle buffer is gathered into (e.g. shared memory), instead of new arrays."""
         rows, pass_index, new_order = self.segments, 0, self.shuffle
         if self.resume is not None and self.resume[0] == epoch:
             _, rows, pass_index = self.resume
@@ -286,7 +294,7 @@ class ParquetReader:
         )
         rng = pass_rng(self.seed, epoch, rank, worker, pass_index) if self.shuffle else None
         window = self.shuffle_buffer if self.shuffle else 0
-        return rebatch(self._read(segments, ahead), sizes, window, rng)
+        return rebatch(self._read(segments, ahead), sizes, window, rng, into)
 
     def _read(self, segments: Sequence[Segment], ahead: int) -> Iterator[dict[str, np.ndarray]]:
         """Decoded arrays of each segment, in order; each row group is read once (consecutive segments often share

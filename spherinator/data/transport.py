@@ -25,6 +25,7 @@ least the DataLoader's ``prefetch_factor`` + 1 this does not happen, since a wor
 
 from __future__ import annotations
 
+import collections
 import copy
 import dataclasses
 import functools
@@ -201,11 +202,14 @@ class BatchSlots:
         return slot
 
     def write(self, name: str, worker: int, slot: int, array: np.ndarray) -> None:
-        """In a worker: copy the batch ``array`` of column ``name`` into its slot."""
-        self.buffers[name].numpy()[worker, slot, : len(array)] = array
+        """In a worker: copy the batch ``array`` of column ``name`` into its slot (unless it was gathered there)."""
+        slot_view = self.view(name, worker, slot, len(array))
+        if array.__array_interface__["data"][0] != slot_view.__array_interface__["data"][0]:
+            slot_view[...] = array
 
-    def read(self, name: str, worker: int, slot: int, rows: int) -> np.ndarray:
-        """In the main process: the first ``rows`` rows of a slot (a view; valid until the slot is freed)."""
+    def view(self, name: str, worker: int, slot: int, rows: int) -> np.ndarray:
+        """The first ``rows`` rows of a slot of column ``name``: in a worker to fill, in the main process to read
+        (valid until the slot is freed)."""
         return self.buffers[name].numpy()[worker, slot, :rows]
 
     def free(self, worker: int, slot: int) -> None:
@@ -253,7 +257,7 @@ class SlotBatch:
         batch = {}
         for name, tensor in self.columns.items():
             if tensor is None:
-                tensor = uint8_to_float(slots.read(name, self.worker, self.slot, self.rows), pin)
+                tensor = uint8_to_float(slots.view(name, self.worker, self.slot, self.rows), pin)
             batch[name] = tensor
         self._free(slots)
         return batch if self.return_dict else next(iter(batch.values()))
@@ -389,16 +393,31 @@ class ParquetStream(IterableDataset):
         rank, world = self.rank_world()
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        slots = self.handover.slots if info is not None and self.handover is not None else None
+        claimed: collections.deque[int | None] = collections.deque()  # the slots of batches gathered into them
+
+        def into_slot(rows: int) -> dict[str, np.ndarray]:
+            """A worker's shuffled batch is gathered straight into its slot (not copied there afterwards)."""
+            slot = slots.claim(worker)
+            claimed.append(slot)
+            return {} if slot is None else {name: slots.view(name, worker, slot, rows) for name in slots.buffers}
+
         # Row groups read ahead in threads: two in the main process, so that reading keeps up with converting and
         # training; one in a worker, which is itself one of several readers.
-        arrays = self.reader.batches(self.epoch, rank, world, worker, num_workers, ahead=2 if info is None else 1)
-        batches = (self._finish(batch, info) for batch in arrays)
+        ahead = 2 if info is None else 1
+        arrays = self.reader.batches(
+            self.epoch, rank, world, worker, num_workers, ahead, into_slot if slots is not None else None
+        )
+        batches = (self._finish(batch, info, claimed.popleft() if claimed else _CLAIM) for batch in arrays)
         return batches if info is None or self.handover is None else _errors_as_batches(batches)
 
-    def _finish(self, arrays: dict[str, np.ndarray], info: Any) -> Batch | SlotBatch:
+    def _finish(self, arrays: dict[str, np.ndarray], info: Any, slot: int | None | object) -> Batch | SlotBatch:
+        """The batch of ``arrays`` as it leaves this process; in a worker with slots, ``slot`` is the one the
+        reader gathered it into (None: none was free), or ``_CLAIM`` to claim one for it now."""
         handover = self.handover if info is not None else None
         slots = handover.slots if handover is not None else None
-        slot = slots.claim(info.id) if slots is not None else None
+        if slot is _CLAIM:
+            slot = slots.claim(info.id) if slots is not None else None
         try:
             batch = self._columns(arrays, info, handover, slot)
         except BaseException:
@@ -437,6 +456,9 @@ class ParquetStream(IterableDataset):
                 check_transformed(tensor, transform, name)
             batch[name] = tensor
         return batch
+
+
+_CLAIM = object()  # a batch not gathered into a slot: _finish claims one
 
 
 def _errors_as_batches(batches: Iterator[Any]) -> Iterator[Any]:
