@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 export HF_HUB_OFFLINE ?= 1
 export WANDB_MODE ?= offline
 
-.PHONY: venv constraints demo demo-data test test-fast lint format bench gpu-check clean-demo
+.PHONY: venv constraints demo demo-data test test-fast lint format bench gpu-check clean-demo aladin-lite
 
 venv: $(STAMP)
 
@@ -33,6 +33,14 @@ $(DEMO_DATA)/_SUCCESS: | $(STAMP)
 	touch $@
 
 demo-data: $(DEMO_DATA)/_SUCCESS
+
+# A local copy of Aladin Lite (npm) for atlas pages that work offline and for the browser tests:
+# spherinator atlas RUN --aladin-lite $(ALADIN_LITE)
+ALADIN_LITE := $(VENV)/aladin-lite/node_modules/aladin-lite/dist/aladin.js
+$(ALADIN_LITE):
+	npm install --prefix $(VENV)/aladin-lite --no-audit --no-fund --loglevel=error aladin-lite@3.8.2
+
+aladin-lite: $(ALADIN_LITE)
 
 demo: venv demo-data
 	$(BIN)/spherinator fit -c experiments/vae_cnn3.yaml -c experiments/demo.yaml

@@ -22,6 +22,7 @@ COMMANDS = {
     "predict": "write each row's place on the sphere to embeddings.parquet",
     "export": "write ONNX files of a checkpoint, checked against torch",
     "evaluate": "figures of the sphere a checkpoint learned, beside PCA",
+    "atlas": "a run's sphere as a HiPS and its data as a catalog, in Aladin Lite",
     "examples": "copy the example experiments that ship with spherinator",
 }
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
@@ -88,6 +89,10 @@ def main(args: list[str] | None = None) -> None:
         from spherinator.evaluate import main as evaluate_main
 
         evaluate_main(argv[1:])
+    elif argv[0] == "atlas":
+        from spherinator.atlas import main as atlas_main
+
+        atlas_main(argv[1:])
     elif argv[0] == "examples":
         examples(argv[1:])
     else:  # fit, validate, test, predict, and LightningCLI's own options (-c before the command, --print_config)

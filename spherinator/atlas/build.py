@@ -1,0 +1,273 @@
+"""``write_atlas``: a run's sphere as a HiPS, its data as a catalog, and the page that shows both.
+
+Layout of the atlas directory (default: ``<run dir>/atlas``)::
+
+    index.html          Aladin Lite: the HiPS with the catalog on top, a panel with the selected source
+    atlas.json          what was written, from what, with the timings
+    hips/               the HiPS (IVOA HiPS 1.0): properties, Moc.fits, Norder*/Dir*/Npix*.jpg, Norder3/Allsky.jpg
+    catalog.parquet     every row: row, the data's per-row columns, ra, dec, healpix, x, y, z, concentration
+    catalog.vot         VOTable of a seeded sample of rows (the layer the page draws)
+    thumbs/             input/<row>.png and decoded/<row>.png of the first sampled rows
+    aladin-lite/        a local copy of Aladin Lite, when one was given
+
+The atlas is written into a temporary directory beside it and moved into place at the end: an interrupted run
+leaves the previous atlas as it was.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from spherinator.atlas.catalog import add_row_columns, load_datamodule, write_catalog
+from spherinator.atlas.hips import ALLSKY_ORDER, write_hips
+from spherinator.atlas.model import AtlasError, SphereModel, open_model
+from spherinator.atlas.page import ATLAS_JSON, find_aladin_lite, place_aladin_lite, write_index
+from spherinator.atlas.render import TileRenderer, value_range
+from spherinator.atlas.sky import cell_centres, cells, unit_to_radec
+
+MAX_ORDER = 9  # 3.1 million tiles at order 9
+
+
+def default_out(path: str | Path) -> Path:
+    """Where an atlas of ``path`` goes by default: ``atlas/`` in the run directory (for a checkpoint, the run
+    directory holding ``checkpoints/``; for an ONNX directory, the directory above it)."""
+    path = Path(path)
+    if path.is_file():
+        run_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
+    elif (path / "decoder.onnx").is_file():
+        run_dir = path.parent
+    else:
+        run_dir = path
+    return run_dir / "atlas"
+
+
+def write_atlas(
+    path: str | Path,
+    data_args: list[str] | None = None,
+    out: str | Path | None = None,
+    max_order: int = 5,
+    tile_width: int | None = None,
+    tile_fit: str | None = None,
+    tile_format: str = "jpeg",
+    max_sources: int = 20000,
+    thumbnails: int = 1000,
+    aladin_lite: str | Path | None = None,
+    batch_size: int = 64,
+    device: str | None = None,
+    overwrite: bool = False,
+    seed: int = 0,
+    trust: bool = False,
+    progress: bool = True,
+    log: Any = print,
+) -> dict[str, Any]:
+    """Write the atlas of a run directory, a checkpoint or an ONNX export directory (see the module docstring).
+
+    Args:
+        path: Run directory, ``.ckpt`` file or ONNX export directory (:func:`~spherinator.atlas.model.open_model`).
+        data_args: ``-c`` files and ``--data.*`` overrides as for ``spherinator fit``; their ``data:`` section is
+            the data the catalog encodes. Empty: the run's ``config.yaml``.
+        out: Atlas directory; default ``<run dir>/atlas``.
+        max_order: Deepest HiPS order (12 * 4^k tiles at order k; order 6: 49,152).
+        tile_width: Tile width in pixels, a power of two; None: from the data (images: their size rounded up to a
+            power of two in [64, 512]; spectra: 256).
+        tile_fit: ``contain`` (default): each decoded picture whole inside its cell; ``fill``: covering the cell,
+            its corners cut off (for pictures with a centred object on a plain background).
+        tile_format: ``jpeg`` or ``png``.
+        max_sources: Rows in the VOTable (a seeded sample when the data have more); the Parquet file has all.
+        thumbnails: Sampled rows that get pictures of their input and of its decoding.
+        aladin_lite: Where the page loads Aladin Lite from: None (``$SPHERINATOR_ALADIN_LITE``, else the CDN), a
+            URL, or a local ``aladin.js`` / npm package directory to copy into the atlas.
+        batch_size: Cells decoded at once.
+        device: Torch device of a checkpoint's model (default: cuda if available).
+        overwrite: Replace an existing atlas at ``out``.
+        seed: Seed of the VOTable's row sample.
+        trust: Read a checkpoint holding pickled Python objects in full (see ``spherinator export``).
+        progress: Progress bars on stderr.
+        log: Called with one line per step (None: quiet).
+
+    Returns:
+        The contents of ``atlas.json``, plus ``path`` (the atlas directory).
+
+    Raises:
+        AtlasError: a bad setting, path, model or data config; raised before anything is written.
+    """
+    say = log or (lambda line: None)
+    if not 0 <= max_order <= MAX_ORDER:
+        raise AtlasError(f"--max-order {max_order} is out of range: give 0..{MAX_ORDER} ({cells(6):,} tiles at 6)")
+    if tile_format not in ("jpeg", "png"):
+        raise AtlasError(f"--tile-format {tile_format!r}: give jpeg or png")
+    for name, value, low in (("--max-sources", max_sources, 1), ("--thumbnails", thumbnails, 0),
+                             ("--batch-size", batch_size, 1)):  # fmt: skip
+        if value < low:
+            raise AtlasError(f"{name} {value} must be at least {low}")
+    out = Path(out) if out is not None else default_out(path)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise AtlasError(f"'{out}' already exists; pass --overwrite (overwrite=True) to replace it, or -o elsewhere")
+    aladin_source = find_aladin_lite(aladin_lite)
+    if tile_fit not in (None, "fill", "contain"):
+        raise AtlasError(f"--tile-fit {tile_fit!r}: give fill or contain")
+    model = open_model(path, device=device, trust=trust)
+    datamodule, notes = load_datamodule(list(data_args or []), model.config)
+    added, left_out = add_row_columns(datamodule)
+    notes += left_out
+    for note in notes:
+        say(f"atlas: {note}")
+    say(f"atlas: encoder {model.encoder_source}; decoder {model.decoder_source}")
+
+    # One value range for the whole atlas, from the decoder's outputs at the 768 cell centres of order 3.
+    probe = model.decode(cell_centres(ALLSKY_ORDER, np.arange(cells(ALLSKY_ORDER))).astype(np.float32))
+    renderer = TileRenderer(model.input_shape, width=tile_width, fit=tile_fit)
+    renderer.low, renderer.high = value_range(probe, renderer.kind)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        started = time.perf_counter()
+        catalog = write_catalog(model, datamodule, staging, renderer, max_order, max_sources, thumbnails, seed,
+                                progress)  # fmt: skip
+        catalog_seconds = time.perf_counter() - started
+        sample = catalog.pop("sample")
+        initial = _initial_view(np.asarray(catalog["mean_vector"]))
+        properties = {
+            "creator_did": f"ivo://spherinator/P/atlas/{_did_safe(model.name)}",
+            "obs_title": f"spherinator atlas: {model.name}",
+            "obs_description": f"The decoder of {model.model_class or 'a spherinator model'} ({model.decoder_source})"
+            " drawn at the centre of every HEALPix cell",
+            "hips_initial_ra": f"{initial['ra']:.4f}",
+            "hips_initial_dec": f"{initial['dec']:.4f}",
+            "hips_initial_fov": str(initial["fov"]),
+        }
+        hips = write_hips(model.decode, renderer, staging / "hips", max_order, tile_format, batch_size, properties,
+                          progress)  # fmt: skip
+        write_moc(staging / "hips" / "Moc.fits")
+        say(f"atlas: {hips['tiles']} tiles in {hips['seconds']:.1f} s ({hips['seconds_per_1k_tiles']:.2f} s per 1k "
+            f"tiles, {hips['decode_seconds']:.1f} s decoding); catalog of {catalog['rows']} rows in "
+            f"{catalog_seconds:.1f} s")  # fmt: skip
+        info = _describe(model, renderer, hips, catalog, sample, initial, max_order, added, notes)
+        info["catalog"]["seconds"] = round(catalog_seconds, 2)
+        url = place_aladin_lite(aladin_source, staging)
+        info["aladin_lite"] = url
+        write_index(staging, page_config(info), url)
+        (staging / ATLAS_JSON).write_text(json.dumps(info, indent=2) + "\n")
+        _publish(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    say(f"atlas: wrote {out} (view it: spherinator atlas serve {out})")
+    return {**info, "path": str(out)}
+
+
+def _did_safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-._~" else "_" for c in name) or "run"
+
+
+def _initial_view(mean: np.ndarray) -> dict[str, float]:
+    """Look at the mean direction of the data (if they lean to one side), the whole hemisphere in view."""
+    if np.linalg.norm(mean) < 0.05:
+        return {"ra": 0.0, "dec": 0.0, "fov": 180}
+    ra, dec = unit_to_radec(mean[None])
+    return {"ra": round(float(ra[0]), 4), "dec": round(float(dec[0]), 4), "fov": 180}
+
+
+def write_moc(path: Path) -> None:
+    """A MOC (IVOA MOC 1.1, FITS) of the whole sphere: every tile of the HiPS exists."""
+    from astropy.io import fits
+
+    uniq = fits.Column(name="UNIQ", format="K", array=4 + np.arange(12, dtype=np.int64))  # order 0: 4 * 4^0 + ipix
+    hdu = fits.BinTableHDU.from_columns([uniq])
+    for key, value in (("PIXTYPE", "HEALPIX"), ("ORDERING", "NUNIQ"), ("COORDSYS", "C"), ("MOCORDER", 0),
+                       ("MOCTOOL", "spherinator"), ("MOCDIM", "SPACE")):  # fmt: skip
+        hdu.header[key] = value
+    hdu.writeto(path, overwrite=True)
+
+
+def _describe(model: SphereModel, renderer: TileRenderer, hips: dict, catalog: dict, sample: np.ndarray,
+              initial: dict, max_order: int, added: list[str], notes: list[str]) -> dict[str, Any]:  # fmt: skip
+    from spherinator import __version__
+    from spherinator.metrics import coverage
+
+    cover = coverage(sample) if len(sample) else {}
+    card = [f"{catalog['rows']:,} rows"]
+    if cover:
+        card.append(f"coverage {cover['coverage']:.0%} of {cover['cells']} cells")
+    return {
+        "spherinator_version": __version__,
+        "created": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "name": model.name,
+        "model_class": model.model_class,
+        "input_shape": list(model.input_shape),
+        "z_dim": model.z_dim,
+        "kind": renderer.kind,
+        "checkpoint": str(model.checkpoint.resolve()) if model.checkpoint else None,
+        "onnx_dir": str(model.onnx_dir.resolve()) if model.onnx_dir else None,
+        "encoder": model.encoder_source,
+        "decoder": model.decoder_source,
+        "value_range": [renderer.low, renderer.high],
+        "hips": {"path": "hips", "max_order": max_order, **hips},
+        "catalog": {
+            "parquet": "catalog.parquet",
+            "votable": "catalog.vot",
+            "healpix_order": max_order,
+            "data_columns": added,
+            **catalog,
+        },  # fmt: skip
+        "coverage": cover,
+        "initial": initial,
+        "card": card,
+        "notes": notes,
+    }
+
+
+def page_config(info: dict[str, Any]) -> dict[str, Any]:
+    """What ``index.html`` shows, from the contents of ``atlas.json``."""
+    hips, catalog = info["hips"], info["catalog"]
+    shown = f"{catalog['sources']:,}" + (" (a seeded sample)" if catalog["sources"] < catalog["rows"] else "")
+    lo, hi = info["value_range"]
+    drawn = "black … white" if info["kind"] == "image" else "plot bottom … top"
+    shape = "x".join(map(str, info["input_shape"]))
+    facts = [
+        ["model", f"{info['model_class'].rsplit('.', 1)[-1] or 'model'}, input {shape}"],
+        ["weights", Path(info["checkpoint"] or info["onnx_dir"]).name],
+        ["rows", f"{catalog['rows']:,}"],
+        ["sources shown", shown],
+    ]  # fmt: skip
+    if info["coverage"]:
+        facts.append(["coverage", f"{info['coverage']['coverage']:.0%} of {info['coverage']['cells']} cells "
+                      f"(uniform: {info['coverage']['uniform_coverage']:.0%})"])  # fmt: skip
+    facts += [
+        ["HiPS", f"orders 0–{hips['max_order']}, {hips['tiles']:,} tiles of {hips['tile_width']} px"],
+        ["values", f"{lo:.3g} … {hi:.3g} → {drawn}"],
+        ["decoded by", "onnxruntime" if info["decoder"].endswith("(onnxruntime)") else "torch"],
+        ["written", info["created"].replace("T", " ").rstrip("Z") + " UTC"],
+    ]
+    return {
+        "title": f"atlas · {info['name']}",
+        "name": info["name"],
+        "hips": "hips",
+        "catalog": "catalog.vot",
+        "catalog_name": "data",
+        "ra": info["initial"]["ra"],
+        "dec": info["initial"]["dec"],
+        "fov": info["initial"]["fov"],
+        "facts": facts,
+    }
+
+
+def _publish(staging: Path, out: Path) -> None:
+    """Move ``staging`` to ``out``, replacing an older atlas there (moved aside first, removed last)."""
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+    os.replace(staging, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    out.chmod(0o755)  # mkdtemp made it private

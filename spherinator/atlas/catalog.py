@@ -1,0 +1,294 @@
+"""The catalog of an atlas: where every row of the data lands on the sphere, streamed batch by batch.
+
+``catalog.parquet`` holds every row: ``row`` (its position in the data, file order), the data's own per-row
+columns (``id``, labels, parameters, string names), ``ra``/``dec`` (degrees, see :mod:`spherinator.atlas.sky`),
+``healpix`` (NESTED index at the HiPS's deepest order), ``x``/``y``/``z`` (the unit vector) and, for a VAE encoded
+with its checkpoint, ``concentration`` (the Power Spherical scale). ``catalog.vot`` (VOTable, TABLEDATA) holds the
+same columns but x/y/z for a seeded sample of at most ``max_sources`` rows, the layer a browser draws; the first
+``thumbnails`` of them get small pictures of their input and of the decoder's output at their position
+(``thumbs/input/<row>.png``, ``thumbs/decoded/<row>.png``).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+import yaml
+from PIL import Image
+
+from spherinator.atlas.model import AtlasError, SphereModel
+from spherinator.atlas.render import TileRenderer
+from spherinator.atlas.sky import healpix_index, unit_to_radec
+
+# Columns the atlas computes; a data column of the same name is kept with a "data_" prefix.
+COMPUTED = ("row", "ra", "dec", "healpix", "x", "y", "z", "concentration", "thumbnail")
+DESCRIPTIONS = {
+    "row": "position of the row in the data (file order)",
+    "ra": "right ascension of the row's unit vector: atan2(y, x) in [0, 360)",
+    "dec": "declination of the row's unit vector: asin(z)",
+    "concentration": "Power Spherical concentration (scale) of the row's posterior",
+    "thumbnail": "picture of the row's input (thumbs/decoded/ holds the decoder's output at its position)",
+}
+
+
+def load_datamodule(cli_args: list[str], default_config: Path | None = None) -> tuple[Any, list[str]]:
+    """The data module of the ``data:`` sections of ``-c`` files and ``--data.*`` overrides, composed as
+    ``spherinator fit`` composes them; without any ``-c``, ``default_config`` (the run's config.yaml).
+
+    Other sections and overrides (``model``, ``trainer``, ...) are left out: the model comes from the run. Returns
+    the data module and notes about what was left out.
+    """
+    from jsonargparse import Namespace
+    from lightning.pytorch import LightningDataModule
+    from lightning.pytorch.cli import LightningArgumentParser
+
+    args: list[str] = []
+    notes: list[str] = []
+    configs: list[str] = []
+    i = 0
+    given = [a for a in cli_args if a in ("-c", "--config") or a.startswith("--config=")]
+    if not given:
+        if default_config is None:
+            raise AtlasError("no data config: give the data as for fit, e.g. -c experiments/vae_cnn3.yaml -c "
+                             "experiments/demo.yaml (a run directory with its config.yaml needs none)")  # fmt: skip
+        cli_args = ["-c", str(default_config), *cli_args]
+        notes.append(f"data from {default_config}")
+    while i < len(cli_args):
+        arg = cli_args[i]
+        if arg in ("-c", "--config") or arg.startswith("--config="):
+            value = arg.split("=", 1)[1] if "=" in arg else (cli_args[i + 1] if i + 1 < len(cli_args) else None)
+            i += 1 if "=" in arg else 2
+            if value is None:
+                raise AtlasError(f"{arg} needs a config file")
+            section = _data_section(value)
+            if section is not None:
+                args.append("--config=" + yaml.safe_dump({"data": section}, sort_keys=False))
+                configs.append(value)
+            continue
+        key = arg.split("=", 1)[0]
+        takes_value = "=" not in arg and i + 1 < len(cli_args) and not cli_args[i + 1].startswith("--")
+        if key == "--data" or key.startswith("--data."):
+            args += cli_args[i : i + 1 + takes_value]
+        else:
+            notes.append(f"left out {' '.join(cli_args[i : i + 1 + takes_value])} (the atlas reads only data)")
+        i += 1 + takes_value
+    if not configs and not any(a.startswith("--data") for a in args):
+        raise AtlasError(f"none of {', '.join(given or [str(default_config)])} has a data: section; add the data "
+                         "config, e.g. -c experiments/demo.yaml")  # fmt: skip
+    parser = LightningArgumentParser(exit_on_error=False, prog="spherinator atlas")
+    parser.add_lightning_class_args(LightningDataModule, "data", subclass_mode=True, required=True)
+    parser.add_argument("--config", action="config")
+    config = parser.parse_args(args)
+    instantiate = getattr(parser, "instantiate", None) or parser.instantiate_classes
+    data = instantiate(config).data
+    if isinstance(data, Namespace):
+        raise AtlasError("the data: section names no class_path; use e.g. class_path: spherinator.data.DataModule")
+    return data, notes
+
+
+def _data_section(value: str) -> Any:
+    try:
+        text = Path(value).read_text()
+    except OSError:
+        text = value  # config text given inline
+    try:
+        content = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise AtlasError(f"-c {value}: not valid YAML: {err}") from err
+    if not isinstance(content, dict):
+        raise AtlasError(f"-c {value}: not a config file (a YAML mapping of sections such as data:)")
+    return content.get("data")
+
+
+def add_row_columns(datamodule: Any) -> tuple[list[str], list[str]]:
+    """Make a spherinator DataModule return dicts holding every per-row scalar column of the files beside the model
+    input. Returns the columns added and notes about columns left out; other data modules are left as they are."""
+    from spherinator.data import Column, DataModule
+    from spherinator.data.dataset import find_parquet_files
+    from spherinator.data.layout import ColumnLayout, DataError
+
+    if not isinstance(datamodule, DataModule):
+        return [], [f"{type(datamodule).__name__} is not spherinator.data.DataModule: the catalog has no data columns"]
+    names = datamodule.column_names
+    schema = pq.read_schema(find_parquet_files(datamodule.path)[0])
+    added, notes = [], []
+    for field in schema:
+        if field.name in names[:1]:
+            continue
+        scalar = pa.types.is_integer(field.type) or pa.types.is_floating(field.type) or pa.types.is_boolean(field.type)
+        text = pa.types.is_string(field.type) or pa.types.is_large_string(field.type)
+        if not (scalar or text):
+            continue
+        try:
+            ColumnLayout.detect(field, schema.metadata, "")
+        except DataError:
+            notes.append(f"column {field.name!r} ({field.type}) left out: the loader cannot read it")
+            continue
+        added.append(field.name)
+    columns = list(datamodule.columns) if datamodule.columns is not None else [Column(names[0])]
+    have = {c.name for c in columns}
+    datamodule.columns = columns + [Column(name) for name in added if name not in have]
+    datamodule.return_dict = True
+    return added, notes
+
+
+def _batches(datamodule: Any) -> tuple[Iterator[Any], int | None, int | None]:
+    """The predict batches (every row once, file order), the row count and the batch count where known."""
+    datamodule.setup("predict")
+    rows = datamodule.split_rows("predict") if callable(getattr(datamodule, "split_rows", None)) else None
+    loader = datamodule.predict_dataloader()
+    batches = len(loader) if hasattr(loader, "__len__") else None
+    return iter(loader), rows, batches
+
+
+def _column_values(value: Any, n: int) -> np.ndarray | None:
+    """A per-row column of a batch as a 1-D numpy array, or None when it is not one value per row."""
+    if isinstance(value, torch.Tensor):
+        value = value.detach().cpu()
+        value = value.numpy() if value.dim() == 1 else None
+    elif isinstance(value, list | tuple):
+        value = np.asarray(value, dtype=object) if all(isinstance(v, str | bytes) for v in value) else None
+    elif isinstance(value, np.ndarray):
+        value = value if value.ndim == 1 else None
+    else:
+        return None
+    return value if value is not None and len(value) == n else None
+
+
+def write_catalog(
+    model: SphereModel,
+    datamodule: Any,
+    out: Path,
+    renderer: TileRenderer,
+    order: int,
+    max_sources: int = 20000,
+    thumbnails: int = 1000,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Encode every row of ``datamodule`` with ``model`` and write ``catalog.parquet``, ``catalog.vot`` and the
+    thumbnails under ``out`` (see the module docstring). Returns a summary: rows, sources, columns, the mean
+    position and the sampled positions' unit vectors (``sample``)."""
+    from tqdm import tqdm
+
+    batches, total, count = _batches(datamodule)
+    if total is not None and total > max_sources:
+        chosen = np.sort(np.random.default_rng(seed).choice(total, max_sources, replace=False))
+    else:
+        chosen = np.arange(max_sources)
+    thumbed = set(chosen[:thumbnails].tolist())
+    if thumbed:
+        (out / "thumbs" / "input").mkdir(parents=True, exist_ok=True)
+        (out / "thumbs" / "decoded").mkdir(parents=True, exist_ok=True)
+    writer: pq.ParquetWriter | None = None
+    kept: list[pa.Table] = []
+    start, mean = 0, np.zeros(3)
+    try:
+        for batch in tqdm(batches, total=count, desc="catalog", unit="batch", file=sys.stderr, disable=not progress):
+            table, location, x = _encode_batch(model, batch, start, order)
+            n = table.num_rows
+            mean += location.sum(axis=0)
+            rows = chosen[(chosen >= start) & (chosen < start + n)] - start
+            thumbs = [r for r in rows if start + r in thumbed]
+            if thumbs:
+                _write_thumbnails(model, renderer, out, x[thumbs], location[thumbs], [start + r for r in thumbs])
+            table = table.append_column("thumbnail", pa.array(
+                [f"thumbs/input/{start + r}.png" if start + r in thumbed else "" for r in range(n)]))  # fmt: skip
+            if writer is None:
+                writer = pq.ParquetWriter(out / "catalog.parquet", table.schema.remove(table.schema.names.index(
+                    "thumbnail")))  # fmt: skip
+            writer.write_table(table.drop_columns(["thumbnail"]))
+            if len(rows):
+                kept.append(table.take(pa.array(rows)))
+            start += n
+    finally:
+        if writer is not None:
+            writer.close()
+    if start == 0:
+        raise AtlasError("the data hold no rows; the catalog needs at least one")
+    sample = pa.concat_tables(kept)
+    write_votable(sample.drop_columns(["x", "y", "z"]), out / "catalog.vot", order)
+    vectors = np.stack([sample.column(c).to_numpy() for c in ("x", "y", "z")], axis=1)
+    return {
+        "rows": start,
+        "sources": sample.num_rows,
+        "thumbnails": len([r for r in chosen[:thumbnails] if r < start]),
+        "columns": [c for c in sample.column_names if c not in ("x", "y", "z")],
+        "mean_vector": (mean / start).tolist(),
+        "sample": vectors,
+    }
+
+
+def _encode_batch(model: SphereModel, batch: Any, start: int, order: int) -> tuple[pa.Table, np.ndarray, Any]:
+    """One batch as catalog columns; also its unit vectors (B, 3) and model inputs."""
+    from spherinator.models.autoencoder import model_input
+
+    x = model_input(batch)
+    n = len(x)
+    out = model.encode(batch)
+    location = np.asarray(out["location"], dtype=np.float64)
+    norm = np.linalg.norm(location, axis=1, keepdims=True)
+    unit = np.divide(location, norm, out=np.zeros_like(location), where=norm > 0)
+    ra, dec = unit_to_radec(unit)
+    columns: dict[str, Any] = {"row": pa.array(np.arange(start, start + n, dtype=np.int64))}
+    if isinstance(batch, dict):
+        for name, value in list(batch.items())[1:]:
+            values = _column_values(value, n)
+            if values is not None:
+                columns[f"data_{name}" if name in COMPUTED else name] = pa.array(values.tolist() if values.dtype
+                                                                               == object else values)  # fmt: skip
+    columns["ra"] = pa.array(ra)
+    columns["dec"] = pa.array(dec)
+    columns["healpix"] = pa.array(healpix_index(ra, dec, order).astype(np.int64))
+    for i, axis in enumerate("xyz"):
+        columns[axis] = pa.array(unit[:, i].astype(np.float32))
+    if "scale" in out:
+        columns["concentration"] = pa.array(np.asarray(out["scale"], dtype=np.float32).reshape(-1))
+    return pa.table(columns), unit.astype(np.float32), x
+
+
+def _write_thumbnails(model: SphereModel, renderer: TileRenderer, out: Path, x: Any, location: np.ndarray,
+                      rows: list[int]) -> None:  # fmt: skip
+    inputs = renderer.thumbnails(x.float().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x))
+    decoded = renderer.thumbnails(model.decode(location))
+    for row, a, b in zip(rows, inputs, decoded, strict=True):
+        Image.fromarray(a).save(out / "thumbs" / "input" / f"{row}.png")
+        Image.fromarray(b).save(out / "thumbs" / "decoded" / f"{row}.png")
+
+
+def write_votable(table: pa.Table, path: Path, order: int) -> None:
+    """``table`` as a VOTable (TABLEDATA, so every client reads it), with units and UCDs on the position columns."""
+    from astropy.io.votable import from_table
+    from astropy.table import Table
+
+    astro = Table({name: _astropy_column(table.column(name)) for name in table.column_names})
+    votable = from_table(astro)
+    resource = votable.get_first_table()
+    resource.name = "spherinator_atlas"
+    descriptions = {**DESCRIPTIONS, "healpix": f"NESTED HEALPix index at order {order} (nside {2**order})"}
+    for field in resource.fields:
+        if field.name in ("ra", "dec"):
+            field.unit = "deg"
+            field.ucd = f"pos.eq.{field.name};meta.main"
+        elif field.name == "row":
+            field.ucd = "meta.id;meta.main" if "id" not in table.column_names else "meta.number"
+        elif field.name == "id":
+            field.ucd = "meta.id;meta.main"
+        elif field.name == "healpix":
+            field.ucd = "pos.healpix"
+        if field.name in descriptions:
+            field.description = descriptions[field.name]
+    votable.to_xml(str(path), tabledata_format="tabledata")
+
+
+def _astropy_column(column: pa.ChunkedArray) -> np.ndarray:
+    if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
+        return np.asarray(["" if v is None else v for v in column.to_pylist()], dtype=str)
+    return column.to_numpy()

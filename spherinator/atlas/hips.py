@@ -1,0 +1,194 @@
+"""Write a HiPS (IVOA HiPS 1.0) of a decoded sphere: one tile per HEALPix cell, showing the decoder's output at
+the cell's centre, streamed to disk batch by batch (order 6 is 49,152 tiles; none are held in memory).
+
+Layout: ``properties``, ``NorderK/DirD/NpixN.{jpg,png}`` for K = 0..max_order (D = N // 10000 * 10000, NESTED
+HEALPix, 12 * 4^K tiles at order K), and ``Norder3/Allsky.{jpg,png}``: the 768 tiles of order 3 shrunk to 64 x 64
+(at most) and laid side by side, 27 to a row, in index order (drawn also when max_order is below 3: Aladin Lite
+asks for it).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from spherinator.atlas.render import TileRenderer
+from spherinator.atlas.sky import cell_centres, cells
+
+FORMATS = {"jpeg": "jpg", "png": "png"}
+ALLSKY_ORDER = 3
+ALLSKY_TILE = 64
+HIPS_VERSION = "1.4"  # the hips_version value of the HiPS 1.0 Recommendation
+
+
+def tile_path(root: Path, order: int, npix: int, extension: str) -> Path:
+    """``root/NorderK/DirD/NpixN.ext`` of tile ``npix`` at ``order`` (D = N // 10000 * 10000)."""
+    return Path(root) / f"Norder{order}" / f"Dir{npix // 10000 * 10000}" / f"Npix{npix}.{extension}"
+
+
+def allsky_layout(order: int) -> tuple[int, int]:
+    """(columns, rows) of the Allsky mosaic of ``order``: int(sqrt(tiles)) columns, as HiPS 1.0 says."""
+    n = cells(order)
+    columns = int(math.isqrt(n))
+    return columns, math.ceil(n / columns)
+
+
+def write_hips(
+    decode: Callable[[np.ndarray], np.ndarray],
+    renderer: TileRenderer,
+    out: Path,
+    max_order: int,
+    tile_format: str = "jpeg",
+    batch_size: int = 64,
+    properties: dict[str, str] | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Decode the centre of every cell at orders 0..``max_order`` and write its tile, the Allsky and the
+    ``properties`` under ``out``.
+
+    Args:
+        decode: (B, 3) float32 unit vectors -> (B, *shape) decoder outputs.
+        renderer: Draws the outputs as tiles.
+        out: The HiPS directory.
+        max_order: Deepest order (``hips_order``).
+        tile_format: ``jpeg`` or ``png``.
+        batch_size: Cells decoded at once.
+        properties: Extra or overriding ``properties`` keys (``obs_title``, ``creator_did``, ...).
+        progress: Show a progress bar (stderr).
+
+    Returns:
+        ``{"orders", "tiles", "tile_width", "format", "seconds", "seconds_per_1k_tiles", "decode_seconds"}``.
+    """
+    from tqdm import tqdm
+
+    if tile_format not in FORMATS:
+        raise ValueError(f"tile_format must be one of {sorted(FORMATS)}, got {tile_format!r}")
+    ext = FORMATS[tile_format]
+    out = Path(out)
+    width = int(renderer.width)
+    small = min(ALLSKY_TILE, width)
+    columns, rows = allsky_layout(ALLSKY_ORDER)
+    allsky = np.zeros((rows * small, columns * small, 3), dtype=np.uint8)
+    total = sum(cells(k) for k in range(max_order + 1))
+    drawn = sum(cells(k) for k in range(max(max_order, ALLSKY_ORDER) + 1))
+    start = time.perf_counter()
+    decode_seconds = 0.0
+    bar = tqdm(total=drawn, desc="HiPS tiles", unit="tile", file=sys.stderr, disable=not progress)
+    # Encoding and writing a batch's files overlaps with decoding the next batch (PIL releases the GIL).
+    with ThreadPoolExecutor(max_workers=2) as pool, bar:
+        pending: list[Any] = []
+        for order in range(max(max_order, ALLSKY_ORDER) + 1):
+            for d in range(0, cells(order) if order <= max_order else 0, 10000):
+                (out / f"Norder{order}" / f"Dir{d}").mkdir(parents=True, exist_ok=True)
+            for first in range(0, cells(order), batch_size):
+                pixels = np.arange(first, min(first + batch_size, cells(order)))
+                t0 = time.perf_counter()
+                decoded = decode(cell_centres(order, pixels).astype(np.float32))
+                decode_seconds += time.perf_counter() - t0
+                tiles = renderer.tiles(order, pixels, decoded)
+                if order == ALLSKY_ORDER:
+                    for npix, tile in zip(pixels, tiles, strict=True):
+                        r, c = divmod(int(npix), columns)
+                        allsky[r * small : (r + 1) * small, c * small : (c + 1) * small] = _shrink(tile, small)
+                for done in pending:
+                    done.result()
+                if order <= max_order:
+                    pending = [pool.submit(_save_tiles, out, order, pixels, tiles, ext)]
+                bar.update(len(pixels))
+        for done in pending:
+            done.result()
+    (out / f"Norder{ALLSKY_ORDER}").mkdir(parents=True, exist_ok=True)
+    _save(allsky, out / f"Norder{ALLSKY_ORDER}" / f"Allsky.{ext}")
+    seconds = time.perf_counter() - start
+    keys = hips_properties(max_order, width, tile_format, total, properties)
+    write_properties(out / "properties", keys)
+    return {
+        "orders": list(range(max_order + 1)),
+        "tiles": total,
+        "tile_width": width,
+        "format": tile_format,
+        "allsky": f"Norder{ALLSKY_ORDER}/Allsky.{ext}",
+        "seconds": round(seconds, 2),
+        "seconds_per_1k_tiles": round(1000 * seconds / drawn, 3),  # tiles drawn: the Allsky's too
+        "decode_seconds": round(decode_seconds, 2),
+    }
+
+
+def _shrink(tile: np.ndarray, size: int) -> np.ndarray:
+    if tile.shape[0] == size:
+        return tile
+    return np.asarray(Image.fromarray(tile).resize((size, size), Image.Resampling.BOX))
+
+
+def _save_tiles(root: Path, order: int, pixels: np.ndarray, tiles: np.ndarray, ext: str) -> None:
+    for npix, tile in zip(pixels, tiles, strict=True):
+        _save(tile, tile_path(root, order, int(npix), ext))
+
+
+def _save(picture: np.ndarray, path: Path) -> None:
+    image = Image.fromarray(picture)
+    if path.suffix == ".jpg":
+        image.save(path, quality=90)
+    else:
+        image.save(path, compress_level=3)
+
+
+def hips_properties(
+    max_order: int, width: int, tile_format: str, tiles: int, extra: dict[str, str] | None = None
+) -> dict[str, str]:
+    """The ``properties`` keys: the ones HiPS 1.0 requires, and the technical ones clients use."""
+    now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%MZ")
+    from spherinator import __version__
+
+    cell_deg = math.degrees(math.sqrt(4 * math.pi / cells(max_order)))
+    keys = {
+        "creator_did": "ivo://spherinator/P/atlas",
+        "obs_title": "spherinator atlas",
+        "obs_description": "The decoder of a spherinator model, drawn at the centre of every HEALPix cell",
+        "dataproduct_type": "image",
+        "dataproduct_subtype": "color",
+        "hips_version": HIPS_VERSION,
+        "hips_builder": f"spherinator {__version__}",
+        "hips_creation_date": now,
+        "hips_release_date": now,
+        "hips_status": "public master clonableOnce",
+        "hips_tile_format": tile_format,
+        "hips_tile_width": str(width),
+        "hips_order": str(max_order),
+        "hips_order_min": "0",
+        "hips_frame": "equatorial",
+        "hips_initial_ra": "0",
+        "hips_initial_dec": "0",
+        "hips_initial_fov": "180",
+        "hips_nb_tiles": str(tiles),
+        "hips_pixel_scale": f"{cell_deg / width:.6g}",
+        "hips_sampling": "bilinear",
+    }
+    keys.update(extra or {})
+    return keys
+
+
+def write_properties(path: Path, keys: dict[str, str]) -> None:
+    """``keyword = value`` lines (UTF-8, LF), keywords padded to one column as HiPS tools write them."""
+    lines = [f"{key:<20} = {' '.join(str(value).split())}" for key, value in keys.items()]
+    Path(path).write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def read_properties(path: Path) -> dict[str, str]:
+    """The keys of a HiPS ``properties`` file (comments and blank lines skipped)."""
+    keys = {}
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        if not line.strip() or line.startswith("#") or "=" not in line:
+            continue
+        key, value = line.split("=", 1)
+        keys[key.strip()] = value.strip()
+    return keys

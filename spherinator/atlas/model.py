@@ -1,0 +1,204 @@
+"""The encoder and decoder an atlas runs: from a run directory, a checkpoint or an ONNX export directory.
+
+A run directory (``spherinator fit``'s ``runs/<name>/version_N`` or a ``spherinator-submit`` task) decodes through
+its ``onnx/decoder.onnx`` with onnxruntime when it has one, and encodes with its checkpoint in torch, which also
+gives the VAE's concentration; a checkpoint alone runs both in torch; an ONNX export directory runs both in
+onnxruntime (no concentration: ``encoder.onnx`` outputs the location only).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from spherinator.shapes import ConfigError
+
+
+class AtlasError(ConfigError):
+    """Bad input to the atlas (a path, a model, a setting): its message names the value and the fix."""
+
+
+@dataclass
+class SphereModel:
+    """What the atlas needs of a trained model.
+
+    Attributes:
+        input_shape: Shape of one sample, e.g. (3, 128, 128).
+        z_dim: Latent size (3: the sphere S^2).
+        name: A short name for titles (the run directory's name).
+        checkpoint: The checkpoint encoding runs from, if any.
+        onnx_dir: The ONNX export directory decoding (and maybe encoding) runs from, if any.
+        config: The run's ``config.yaml`` (the data config used when no -c is given), if found.
+        model_class: Import path of the model class.
+        device: Torch device of the checkpoint's model.
+    """
+
+    input_shape: tuple[int, ...]
+    z_dim: int
+    name: str
+    checkpoint: Path | None = None
+    onnx_dir: Path | None = None
+    config: Path | None = None
+    model_class: str = ""
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    torch_model: Any = None
+    decoder_session: Any = None
+    encoder_session: Any = None
+
+    @property
+    def decoder_source(self) -> str:
+        if self.decoder_session is not None:
+            return f"{self.onnx_dir / 'decoder.onnx'} (onnxruntime)"
+        return f"{self.checkpoint} (torch, {self.device})"
+
+    @property
+    def encoder_source(self) -> str:
+        if self.torch_model is not None:
+            return f"{self.checkpoint} (torch, {self.device})"
+        return f"{self.onnx_dir / 'encoder.onnx'} (onnxruntime)"
+
+    def decode(self, z: np.ndarray) -> np.ndarray:
+        """(B, z_dim) float32 -> (B, *input_shape) float32 decoder outputs."""
+        z = np.ascontiguousarray(z, dtype=np.float32)
+        if self.decoder_session is not None:
+            (out,) = self.decoder_session.run(None, {"z": z})
+            return out
+        with torch.no_grad():
+            return self.torch_model.decode(torch.from_numpy(z).to(self.device)).float().cpu().numpy()
+
+    def encode(self, batch: Any) -> dict[str, np.ndarray]:
+        """A data batch (tensor or dict, model input first) -> ``location`` (B, z_dim) and, with a torch VAE,
+        ``scale`` (B,), the Power Spherical concentration."""
+        from spherinator.models.autoencoder import model_input
+
+        x = model_input(batch)
+        if self.torch_model is None:
+            (z,) = self.encoder_session.run(None, {"x": np.ascontiguousarray(x.numpy(), dtype=np.float32)})
+            return {"location": z}
+        with torch.no_grad():
+            out = self.torch_model.predict_step(x.to(self.device), 0)
+        if isinstance(out, torch.Tensor):
+            out = {"location": out}
+        return {k: v.float().cpu().numpy() for k, v in out.items() if k in ("location", "scale")}
+
+
+def open_model(path: str | Path, device: str | None = None, trust: bool = False) -> SphereModel:
+    """The model of a run directory, a ``.ckpt`` file or an ONNX export directory (see the module docstring).
+
+    Raises:
+        AtlasError: nothing usable at ``path``, a model whose latent is not 3-d, an unreadable checkpoint.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise AtlasError(f"'{path}' does not exist; give a run directory, a .ckpt file or an ONNX export directory")
+    target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    checkpoint = onnx_dir = config = None
+    if path.is_file():
+        if path.suffix != ".ckpt":
+            raise AtlasError(f"'{path}' is a file but not a .ckpt checkpoint; give a run directory, a .ckpt file or "
+                             "an ONNX export directory")  # fmt: skip
+        checkpoint = path
+        run_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
+    elif (path / "decoder.onnx").is_file():
+        onnx_dir, run_dir = path, None
+    else:
+        run_dir = path
+        if (path / "onnx" / "decoder.onnx").is_file():
+            onnx_dir = path / "onnx"
+        checkpoint = _run_checkpoint(path, onnx_dir)
+        if checkpoint is None and onnx_dir is None:
+            found = ", ".join(sorted(p.name for p in path.iterdir())[:8]) or "nothing"
+            raise AtlasError(
+                f"'{path}' holds no checkpoints/*.ckpt, onnx/decoder.onnx or decoder.onnx (found: {found}); give a "
+                "run directory (runs/<name>/version_<n>, a spherinator-submit task), a .ckpt file or an ONNX "
+                "export directory"
+            )
+    if run_dir is not None and (run_dir / "config.yaml").is_file():
+        config = run_dir / "config.yaml"
+    named = (run_dir or path).resolve()
+    name = f"{named.parent.name}/{named.name}" if re.fullmatch(r"version_\d+", named.name) else named.name
+    model = SphereModel(input_shape=(), z_dim=0, name=name, checkpoint=checkpoint, onnx_dir=onnx_dir, config=config,
+                        device=target)  # fmt: skip
+    if onnx_dir is not None:
+        _open_onnx(model, onnx_dir, encoder=checkpoint is None)
+    if checkpoint is not None:
+        _open_checkpoint(model, checkpoint, trust)
+    if model.z_dim != 3:
+        raise AtlasError(
+            f"{model.model_class or 'the model'} has a {model.z_dim}-d latent space; the atlas maps the sphere S^2, "
+            "so it needs z_dim 3 (train with --model.init_args.z_dim 3)"
+        )
+    return model
+
+
+def _run_checkpoint(run_dir: Path, onnx_dir: Path | None) -> Path | None:
+    """The checkpoint an ONNX export of the run came from if it is still there, else ``last.ckpt``, else the
+    newest ``checkpoints/*.ckpt``."""
+    if onnx_dir is not None:
+        try:
+            exported = Path(json.loads((onnx_dir / "export_report.json").read_text())["checkpoint"])
+        except (OSError, ValueError, KeyError, TypeError):
+            exported = None
+        if exported is not None and exported.is_file():
+            return exported
+    folder = run_dir / "checkpoints"
+    if (folder / "last.ckpt").is_file():
+        return folder / "last.ckpt"
+    found = [p for p in folder.glob("*.ckpt") if p.is_file()] if folder.is_dir() else []
+    return max(found, key=lambda p: p.stat().st_mtime) if found else None
+
+
+def _open_onnx(model: SphereModel, onnx_dir: Path, encoder: bool) -> None:
+    import onnxruntime as ort
+
+    def session(name: str) -> Any:
+        file = onnx_dir / f"{name}.onnx"
+        if not file.is_file():
+            raise AtlasError(f"'{onnx_dir}' has no {name}.onnx; export the model with 'spherinator export'")
+        try:
+            return ort.InferenceSession(str(file), providers=["CPUExecutionProvider"])
+        except Exception as err:
+            raise AtlasError(f"onnxruntime cannot load '{file}': {err}") from err
+
+    model.decoder_session = session("decoder")
+    meta = model.decoder_session.get_modelmeta().custom_metadata_map
+    inputs = model.decoder_session.get_inputs()
+    if [i.name for i in inputs] != ["z"]:
+        raise AtlasError(f"'{onnx_dir / 'decoder.onnx'}' takes {[i.name for i in inputs]}; a spherinator decoder "
+                         "takes one input 'z'")  # fmt: skip
+    try:
+        model.input_shape = tuple(json.loads(meta["input_shape"]))
+        model.z_dim = int(meta["z_dim"])
+    except (KeyError, ValueError) as err:
+        raise AtlasError(f"'{onnx_dir / 'decoder.onnx'}' lacks spherinator's input_shape/z_dim metadata; export it "
+                         "with 'spherinator export'") from err  # fmt: skip
+    model.model_class = meta.get("model_class", "")
+    if encoder:
+        model.encoder_session = session("encoder")
+
+
+def _open_checkpoint(model: SphereModel, checkpoint: Path, trust: bool) -> None:
+    from spherinator.export import ExportError, load_model
+
+    try:
+        loaded = load_model(checkpoint, config=model.config, trust=trust)
+    except ExportError as err:
+        raise AtlasError(str(err)) from err
+    net = loaded.model.to(model.device).eval()
+    if net.input_dim is None or net.z_dim is None:
+        raise AtlasError(f"{loaded.class_path} from '{checkpoint}' does not know its input shape or latent size; "
+                         "give the run directory (with its config.yaml) instead")  # fmt: skip
+    shape, z_dim = tuple(int(d) for d in net.input_dim), int(net.z_dim)
+    if model.decoder_session is not None and (shape, z_dim) != (model.input_shape, model.z_dim):
+        raise AtlasError(
+            f"'{checkpoint}' (input {list(shape)}, z_dim {z_dim}) is not the model of '{model.onnx_dir}' (input "
+            f"{list(model.input_shape)}, z_dim {model.z_dim}); export it again or give the ONNX directory alone"
+        )
+    model.input_shape, model.z_dim, model.model_class = shape, z_dim, loaded.class_path
+    model.torch_model = net

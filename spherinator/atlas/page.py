@@ -1,0 +1,125 @@
+"""The pages that show an atlas in Aladin Lite: ``index.html`` of one atlas and the sweep page of many.
+
+Aladin Lite (the ``aladin-lite`` npm package, an ES module) is loaded from the public CDN by default
+(:data:`ALADIN_LITE_CDN`); given a local copy (its ``aladin.js``, the package directory or a ``node_modules``
+holding it) the file is copied beside the page, which then works without internet.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from importlib.resources import files
+from pathlib import Path
+from typing import Any
+
+from spherinator.atlas.model import AtlasError
+
+ALADIN_LITE_VERSION = "3.8.2"
+ALADIN_LITE_CDN = f"https://cdn.jsdelivr.net/npm/aladin-lite@{ALADIN_LITE_VERSION}/dist/aladin.js"
+ALADIN_LITE_ENV = "SPHERINATOR_ALADIN_LITE"
+LOCAL_COPY = "aladin-lite/aladin.js"
+ATLAS_JSON = "atlas.json"
+SWEEP_PAGE = "atlas.html"
+LIVE_SKIES = 12  # spheres a sweep page starts at once (a browser keeps about 16 WebGL contexts)
+
+
+def find_aladin_lite(spec: str | Path | None) -> str | Path:
+    """What a page loads Aladin Lite from: a URL, or the local ``aladin.js`` file to copy beside it.
+
+    ``spec``: None (then ``$SPHERINATOR_ALADIN_LITE``, else the CDN), a URL, or a path to ``aladin.js``, to the
+    npm package directory or to a directory holding ``node_modules/aladin-lite``.
+    """
+    if spec is None:
+        spec = os.environ.get(ALADIN_LITE_ENV) or ALADIN_LITE_CDN
+    text = str(spec)
+    if text.startswith(("https://", "http://")):
+        return text
+    path = Path(text).expanduser()
+    for candidate in (path, path / "aladin.js", path / "dist" / "aladin.js",
+                      path / "node_modules" / "aladin-lite" / "dist" / "aladin.js"):  # fmt: skip
+        if candidate.is_file() and candidate.name == "aladin.js":
+            return candidate
+    raise AtlasError(
+        f"--aladin-lite {text}: no aladin.js there; give the file, the npm package directory (npm install "
+        f"aladin-lite@{ALADIN_LITE_VERSION}) or a URL (default: {ALADIN_LITE_CDN})"
+    )
+
+
+def place_aladin_lite(source: str | Path, out: Path) -> str:
+    """The import URL of Aladin Lite for pages in ``out``: ``source`` itself if it is a URL, else a copy of the
+    file at ``out/aladin-lite/aladin.js``."""
+    if isinstance(source, str):
+        return source
+    target = out / LOCAL_COPY
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(source, target)
+    return "./" + LOCAL_COPY
+
+
+def render_template(name: str, title: str, config: dict[str, Any], aladin_lite: str) -> str:
+    """A page template with its title, its JSON config and the Aladin Lite import URL filled in."""
+    import html
+
+    templates = files("spherinator.atlas").joinpath("templates")
+    text = templates.joinpath(name).read_text(encoding="utf-8")
+    sizing = templates.joinpath("sizing.js").read_text(encoding="utf-8").strip()
+    blob = json.dumps(config, indent=1).replace("</", "<\\/")  # cannot end the <script> element
+    return (
+        text.replace("__TITLE__", html.escape(title))
+        .replace("__ALADIN_LITE__", aladin_lite.replace('"', "%22"))
+        .replace("__SIZING_JS__", sizing)
+        .replace("__CONFIG__", blob)
+    )
+
+
+def write_index(out: Path, config: dict[str, Any], aladin_lite: str) -> Path:
+    """``out/index.html`` of one atlas (``config``: title, name, hips, catalog, ra, dec, fov, facts)."""
+    path = out / "index.html"
+    path.write_text(render_template("index.html", config["title"], config, aladin_lite), encoding="utf-8")
+    return path
+
+
+def write_sweep_page(root: str | Path, aladin_lite: str | Path | None = None, title: str | None = None) -> Path:
+    """``root/atlas.html``: the spheres of every atlas under ``root`` (``*/atlas/atlas.json``, e.g. the tasks of a
+    sweep) side by side, each linking to its own page. Written atomically; safe to call from several tasks.
+
+    Aladin Lite comes from ``aladin_lite`` (see :func:`find_aladin_lite`), else from the first atlas's local copy,
+    else from the CDN.
+
+    Raises:
+        AtlasError: ``root`` holds no atlas.
+    """
+    root = Path(root)
+    atlases = sorted(p.parent for p in root.glob(f"*/atlas/{ATLAS_JSON}"))
+    atlases += [p.parent for p in sorted(root.glob(f"*/{ATLAS_JSON}")) if p.parent not in atlases]
+    if not atlases:
+        raise AtlasError(f"no atlas under '{root}' (looked for */atlas/{ATLAS_JSON}); write them with "
+                         "'spherinator atlas RUN_DIR' first")  # fmt: skip
+    tasks, local = [], None
+    for atlas in atlases:
+        info = json.loads((atlas / ATLAS_JSON).read_text())
+        rel = atlas.relative_to(root).as_posix()
+        if local is None and (atlas / LOCAL_COPY).is_file():
+            local = f"./{rel}/{LOCAL_COPY}"
+        tasks.append({
+            "name": atlas.parent.name if atlas.name == "atlas" else atlas.name,
+            "page": f"{rel}/index.html",
+            "hips": f"{rel}/hips",
+            "catalog": f"{rel}/catalog.vot",
+            "ra": info["initial"]["ra"],
+            "dec": info["initial"]["dec"],
+            "facts": info.get("card", []),
+        })  # fmt: skip
+    if aladin_lite is not None:
+        url = place_aladin_lite(find_aladin_lite(aladin_lite), root)
+    else:
+        url = local or ALADIN_LITE_CDN
+    title = title or f"{root.resolve().name}: {len(tasks)} spheres"
+    config = {"title": title, "tasks": tasks, "live": LIVE_SKIES}
+    path = root / SWEEP_PAGE
+    tmp = path.with_name(f".{SWEEP_PAGE}.{os.getpid()}")
+    tmp.write_text(render_template("sweep.html", title, config, url), encoding="utf-8")
+    tmp.replace(path)
+    return path

@@ -1,0 +1,91 @@
+"""``spherinator atlas serve``: a static file server on 127.0.0.1 for atlas pages (browsers load ES modules,
+HiPS tiles and catalogs over HTTP, not from file://), and the SSH line that brings it to a laptop."""
+
+from __future__ import annotations
+
+import functools
+import getpass
+import os
+import socket
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+from spherinator.atlas.model import AtlasError
+from spherinator.atlas.page import SWEEP_PAGE
+
+
+class _Handler(SimpleHTTPRequestHandler):
+    """Static files with the types Aladin Lite needs (ES modules, WASM, VOTables); requests are kept in
+    ``server.requests`` and logged only when ``server.verbose``."""
+
+    extensions_map = {
+        **SimpleHTTPRequestHandler.extensions_map,
+        ".js": "text/javascript",
+        ".mjs": "text/javascript",
+        ".wasm": "application/wasm",
+        ".vot": "application/x-votable+xml",
+        ".json": "application/json",
+        ".fits": "application/fits",
+        "": "text/plain",  # HiPS 'properties'
+    }
+
+    def log_message(self, format: str, *args: object) -> None:
+        if getattr(self.server, "verbose", False):
+            super().log_message(format, *args)
+
+    def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
+        self.server.requests.append((self.path, int(code) if str(code).isdigit() else 0))  # type: ignore[attr-defined]
+        super().log_request(code, size)
+
+
+def make_server(directory: str | Path, port: int = 8000, host: str = "127.0.0.1",
+                verbose: bool = False) -> ThreadingHTTPServer:  # fmt: skip
+    """A server of ``directory`` on ``host:port`` (port 0: a free one), not yet serving: call ``serve_forever``.
+    ``server.requests`` lists the (path, status) of every request."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise AtlasError(f"'{directory}' is no directory; give an atlas directory (or a sweep's) to serve")
+    handler = functools.partial(_Handler, directory=str(directory))
+    try:
+        server = ThreadingHTTPServer((host, port), handler)
+    except OSError as err:
+        raise AtlasError(f"cannot listen on {host}:{port} ({err.strerror or err}); choose another --port") from err
+    server.daemon_threads = True
+    server.verbose = verbose  # type: ignore[attr-defined]
+    server.requests = []  # type: ignore[attr-defined]
+    return server
+
+
+def start_page(directory: Path) -> str:
+    """The page to open in a served directory: its index.html, else a sweep's atlas.html, else the listing."""
+    for name in ("index.html", SWEEP_PAGE):
+        if (directory / name).is_file():
+            return name if name != "index.html" else ""
+    return ""
+
+
+def tunnel_line(port: int) -> str:
+    """The ``ssh -L`` command that forwards ``localhost:port`` on a laptop to this server (through the login node
+    when this runs in a Slurm job on a compute node)."""
+    user, host = getpass.getuser(), socket.getfqdn()
+    target = f"{user}@{host}"
+    if os.environ.get("SLURM_JOB_ID"):
+        return f"ssh -N -L {port}:127.0.0.1:{port} -J {user}@<login-node> {target}"
+    return f"ssh -N -L {port}:127.0.0.1:{port} {target}"
+
+
+def serve(directory: str | Path, port: int = 8000, host: str = "127.0.0.1", verbose: bool = True) -> None:
+    """Serve ``directory`` until Ctrl-C, after printing its URL and the SSH port-forward line."""
+    directory = Path(directory)
+    server = make_server(directory, port, host, verbose)
+    port = server.server_address[1]
+    page = start_page(directory)
+    print(f"spherinator atlas: serving {directory.resolve()} at http://{host}:{port}/{page} (Ctrl-C stops)")
+    print(f"from your laptop: {tunnel_line(port)}")
+    print(f"  then open http://localhost:{port}/{page}")
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()

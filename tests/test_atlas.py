@@ -1,0 +1,466 @@
+"""The sphere atlas: HiPS validity, tile contents against the decoder, catalog positions, pages, server, CLI."""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+import urllib.request
+from pathlib import Path
+from threading import Thread
+
+import astropy.units as u
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+import yaml
+from astropy_healpix import healpix_to_lonlat
+from PIL import Image
+
+from spherinator.atlas import AtlasError, SphereModel, make_server, open_model, write_atlas, write_sweep_page
+from spherinator.atlas.catalog import add_row_columns, load_datamodule, write_catalog
+from spherinator.atlas.hips import allsky_layout, read_properties, tile_path, write_hips
+from spherinator.atlas.render import TileRenderer
+from spherinator.atlas.sky import healpix_index, tile_pixel_index, unit_to_radec
+from spherinator.cli import main
+from spherinator.data import DataModule
+from tests.conftest import write_fast_layout
+
+TINY = str(Path(__file__).parent / "configs" / "vae_tiny.yaml")
+REQUIRED = ["creator_did", "obs_title", "dataproduct_type", "hips_version", "hips_release_date", "hips_status",
+            "hips_tile_format", "hips_order", "hips_frame", "hips_tile_width"]  # fmt: skip
+
+
+def astropy_vectors(order: int, pixels, dx=None, dy=None) -> np.ndarray:
+    """Unit vectors of HEALPix (NESTED) positions, straight from astropy-healpix."""
+    lon, lat = healpix_to_lonlat(np.asarray(pixels), 2**order, dx=dx, dy=dy, order="nested")
+    lon, lat = lon.to_value(u.rad), lat.to_value(u.rad)
+    return np.stack([np.cos(lat) * np.cos(lon), np.cos(lat) * np.sin(lon), np.sin(lat)], axis=-1)
+
+
+def colour_of(z: np.ndarray) -> np.ndarray:
+    """The analytic decoder's colour of unit vectors (B, 3): (z + 1) / 2 in [0, 1]."""
+    return (np.asarray(z, dtype=np.float32) + 1) / 2
+
+
+def plain_decoder(z: np.ndarray) -> np.ndarray:
+    """(B, 3) -> (B, 3, 16, 16) images of one colour each, a function of the position."""
+    return np.broadcast_to(colour_of(z)[:, :, None, None], (len(z), 3, 16, 16)).copy()
+
+
+def compass_decoder(z: np.ndarray) -> np.ndarray:
+    """The same image everywhere: top half green, bottom half black; left half red, right half blue."""
+    image = np.zeros((3, 16, 16), dtype=np.float32)
+    image[1, :8, :] = 1.0
+    image[0, :, :8] = 1.0
+    image[2, :, 8:] = 1.0
+    return np.broadcast_to(image, (len(z), 3, 16, 16)).copy()
+
+
+# -- sky ------------------------------------------------------------------------------------------------------------
+
+
+def test_unit_vectors_map_to_ra_dec_and_back():
+    v = np.array([[1, 0, 0], [0, 1, 0], [0, 0, 1], [-1, -1, 0], [0, 0, -2.0]])
+    ra, dec = unit_to_radec(v)
+    np.testing.assert_allclose(ra, [0, 90, 0, 225, 0], atol=1e-9)
+    np.testing.assert_allclose(dec, [0, 0, 90, 0, -90], atol=1e-9)
+
+
+def test_tile_pixels_are_the_nested_sub_cells_of_the_tile():
+    # Tile pixel [row, col] of tile npix at order k is the sub-cell npix * w^2 + index[row, col] at order k + log2(w):
+    # its centre is where astropy puts offset (row + .5, col + .5) / w inside the tile's cell.
+    order, npix, w = 2, 37, 8
+    index = tile_pixel_index(w)
+    assert sorted(index.ravel()) == list(range(w * w))
+    rows, cols = np.mgrid[0:w, 0:w]
+    sub = astropy_vectors(order + 3, npix * w * w + index.ravel())
+    inside = astropy_vectors(order, np.full(w * w, npix), dx=(rows.ravel() + 0.5) / w, dy=(cols.ravel() + 0.5) / w)
+    np.testing.assert_allclose(sub, inside, atol=1e-9)
+
+
+# -- HiPS ------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def plain_hips(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("hips")
+    renderer = TileRenderer((3, 16, 16), width=16, fit="fill")  # a plain colour filling each cell
+    write_hips(plain_decoder, renderer, out, max_order=3, tile_format="png", progress=False)
+    return out
+
+
+def test_hips_has_the_required_properties_and_every_tile(plain_hips):
+    keys = read_properties(plain_hips / "properties")
+    assert [k for k in REQUIRED if k not in keys] == []
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\dZ", keys["hips_release_date"])
+    assert keys["creator_did"].startswith("ivo://")
+    assert (keys["hips_order"], keys["hips_tile_width"], keys["hips_tile_format"]) == ("3", "16", "png")
+    assert (keys["hips_frame"], keys["dataproduct_type"], keys["hips_version"]) == ("equatorial", "image", "1.4")
+    for order in range(4):
+        found = sorted(int(p.stem[4:]) for p in (plain_hips / f"Norder{order}").glob("Dir*/Npix*.png"))
+        assert found == list(range(12 * 4**order)), order
+        assert tile_path(plain_hips, order, 5, "png").is_file()
+    assert not (plain_hips / "Norder4").exists()
+
+
+@pytest.mark.parametrize("order", [0, 1, 2, 3])
+def test_each_tile_shows_the_decoder_at_its_cell_centre(plain_hips, order):
+    pixels = np.arange(12 * 4**order)
+    expected = colour_of(astropy_vectors(order, pixels))  # the decoder, called here at astropy's cell centres
+    tiles = np.stack([np.asarray(Image.open(tile_path(plain_hips, order, p, "png"))) for p in pixels]) / 255.0
+    np.testing.assert_allclose(tiles.mean(axis=(1, 2)), expected, atol=0.01)
+    # and each tile is its own cell's: no other cell's colour is as close
+    distance = np.abs(tiles.mean(axis=(1, 2))[:, None, :] - expected[None, :, :]).sum(-1)
+    assert (distance.argmin(axis=1) == pixels).all()
+
+
+def test_allsky_is_the_order_3_tiles_side_by_side(plain_hips):
+    allsky = np.asarray(Image.open(plain_hips / "Norder3" / "Allsky.png")).astype(float)
+    columns, rows = allsky_layout(3)
+    assert (columns, rows) == (27, 29)
+    assert allsky.shape == (rows * 16, columns * 16, 3)  # tiles of 16 px kept at 16 (at most 64)
+    for npix in (0, 26, 27, 400, 767):
+        r, c = divmod(npix, columns)
+        block = allsky[r * 16 : (r + 1) * 16, c * 16 : (c + 1) * 16]
+        tile = np.asarray(Image.open(tile_path(plain_hips, 3, npix, "png"))).astype(float)
+        np.testing.assert_array_equal(block, tile)
+    assert allsky[-16:, (768 % 27) * 16 :].max() == 0  # no tile beyond the last
+
+
+def test_images_appear_upright_with_east_on_the_left(tmp_path):
+    # Tile pixels whose sky position (from astropy) lies north of the cell centre show the image's top half (green),
+    # those east of it the image's left half (red): upright, not mirrored, as a sky viewer shows the sky.
+    renderer = TileRenderer((3, 16, 16), width=32, fit="fill")
+    write_hips(compass_decoder, renderer, tmp_path, max_order=2, tile_format="png", progress=False)
+    w, order = 32, 2
+    rows, cols = np.mgrid[0:w, 0:w]
+    checked = 0
+    for npix in (3, 70, 100, 150):
+        tile = np.asarray(Image.open(tile_path(tmp_path, order, npix, "png"))).astype(float) / 255
+        points = astropy_vectors(order, np.full(w * w, npix), dx=(rows.ravel() + 0.5) / w, dy=(cols.ravel() + 0.5) / w)
+        centre = astropy_vectors(order, [npix])[0]
+        east = np.array([-centre[1], centre[0], 0.0]) / np.hypot(centre[0], centre[1])
+        north = np.cross(centre, east)
+        e, n = (points @ east).reshape(w, w), (points @ north).reshape(w, w)
+        far = np.abs(n) > 0.3 * np.abs(n).max()
+        assert (tile[..., 1][far & (n > 0)] > 0.7).all() and (tile[..., 1][far & (n < 0)] < 0.3).all()
+        far = np.abs(e) > 0.3 * np.abs(e).max()
+        assert (tile[..., 0][far & (e > 0)] > 0.7).all() and (tile[..., 2][far & (e < 0)] > 0.7).all()
+        checked += far.sum()
+    assert checked > 1000
+
+
+def test_contain_shows_the_whole_picture_inside_the_cell(tmp_path):
+    renderer = TileRenderer((3, 16, 16), width=32)
+    assert renderer.fit == "contain"
+    write_hips(compass_decoder, renderer, tmp_path, max_order=1, tile_format="png", progress=False)
+    for npix in (5, 20, 40):
+        tile = np.asarray(Image.open(tile_path(tmp_path, 1, npix, "png"))).astype(int)
+        assert tile[[0, 0, -1, -1], [0, -1, 0, -1]].max() < 30  # the cell's corners: background
+        corners = {"red+green": [255, 255, 0], "blue+green": [0, 255, 255], "red": [255, 0, 0], "blue": [0, 0, 255]}
+        for colour in corners.values():  # every quadrant of the image is drawn
+            assert (np.abs(tile - colour).sum(-1) < 60).sum() > 20
+
+
+def test_spectra_are_drawn_as_line_plots():
+    renderer = TileRenderer((1, 64), low=0.0, high=1.0)
+    assert (renderer.kind, renderer.width) == ("spectrum", 256)
+    ramp = np.linspace(0, 1, 64, dtype=np.float32)[None, None]  # rising line
+    picture = renderer.thumbnails(ramp, size=128)[0].astype(float)  # (64, 128, 3)
+    line = picture.sum(-1) > 1.5 * 255  # the bright line
+    rows = [np.flatnonzero(line[:, x]).mean() for x in (10, 64, 117)]
+    assert rows[0] > rows[1] > rows[2]  # higher values are drawn higher up
+
+
+# -- a trained model: catalog, atlas, pages ----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def blobs(tmp_path_factory) -> Path:
+    """80 blobs (3x32x32 uint8) with an ``id``, a ``label`` and the blob's centre ``cx``."""
+    rng = np.random.default_rng(0)
+    n, size = 80, 32
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    cx, cy = rng.uniform(8, 24, (2, n)).astype(np.float32)
+    blob = np.exp(-((xx - cx[:, None, None]) ** 2 + (yy - cy[:, None, None]) ** 2) / 18.0)
+    images = (255 * blob[:, None] * rng.uniform(0.3, 1, (n, 3, 1, 1))).astype(np.uint8)
+    columns = {"data": images, "id": np.arange(100, 100 + n, dtype=np.int64), "label": (cx > 16).astype(np.int64),
+               "cx": cx}  # fmt: skip
+    return write_fast_layout(tmp_path_factory.mktemp("blobs"), columns)
+
+
+@pytest.fixture(scope="module")
+def run_dir(blobs, tmp_path_factory) -> Path:
+    """A ``spherinator fit`` run directory (config.yaml, checkpoints/) of a tiny VAE and its ONNX export."""
+    from spherinator import export_onnx
+
+    root = tmp_path_factory.mktemp("fit")
+    overlay = root / "data.yaml"
+    logger = {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+              "init_args": {"save_dir": str(root / "runs"), "name": "tiny"}}  # fmt: skip
+    overlay.write_text(yaml.safe_dump({
+        "data": {"class_path": "spherinator.data.DataModule",
+                 "init_args": {"path": str(blobs), "columns": ["data"], "batch_size": 16, "val_fraction": 0.2}},
+        "trainer": {"max_steps": 4, "logger": logger},
+    }))  # fmt: skip
+    main(["fit", "-c", TINY, "-c", str(overlay)])
+    run = root / "runs" / "tiny" / "version_0"
+    (checkpoint,) = run.glob("checkpoints/*.ckpt")
+    export_onnx(checkpoint, run / "onnx")
+    return run
+
+
+def test_the_catalog_places_a_row_at_its_unit_vector(tmp_path):
+    # The encoder stub returns each row's stored vector: cell centres of order 2 read straight from astropy.
+    pixels = np.array([0, 5, 77, 130, 191, 64, 100, 12])
+    vectors = astropy_vectors(2, pixels).astype(np.float32)
+    data = np.zeros((len(pixels), 1, 2, 2), dtype=np.float32)
+    data.reshape(len(pixels), 4)[:, :3] = vectors * 0.5  # any length: the catalog normalises
+    root = write_fast_layout(tmp_path / "data", {"data": data, "id": np.arange(len(pixels), dtype=np.int64) * 10},
+                             files=1, rows_per_group=4)  # fmt: skip
+
+    class Stub(torch.nn.Module):
+        def predict_step(self, x, batch_idx):
+            return {"location": x.flatten(1)[:, :3], "scale": torch.full((len(x),), 7.0)}
+
+        def decode(self, z):
+            return torch.from_numpy(plain_decoder(z.numpy())[:, :1, :2, :2])
+
+    model = SphereModel(input_shape=(1, 2, 2), z_dim=3, name="stub", torch_model=Stub())
+    datamodule = DataModule(root, columns=["data"], batch_size=3, val_fraction=0.0, shuffle=False)
+    added, _ = add_row_columns(datamodule)
+    assert added == ["id"]
+    renderer = TileRenderer((1, 2, 2), width=8)
+    summary = write_catalog(model, datamodule, tmp_path, renderer, order=2, max_sources=5, thumbnails=2,
+                            progress=False)  # fmt: skip
+    table = pq.read_table(tmp_path / "catalog.parquet").to_pydict()
+    lon, lat = healpix_to_lonlat(pixels, 4, order="nested")
+    np.testing.assert_allclose(table["ra"], lon.to_value(u.deg), atol=1e-4)
+    np.testing.assert_allclose(table["dec"], lat.to_value(u.deg), atol=1e-4)
+    assert table["healpix"] == pixels.tolist()
+    assert table["row"] == list(range(len(pixels))) and table["id"] == [10 * i for i in range(len(pixels))]
+    np.testing.assert_allclose(np.stack([table[a] for a in "xyz"], 1), vectors, atol=1e-6)
+    assert table["concentration"] == [7.0] * len(pixels)
+    assert (summary["rows"], summary["sources"], summary["thumbnails"]) == (8, 5, 2)
+    assert len(list((tmp_path / "thumbs" / "input").glob("*.png"))) == 2
+
+    from astropy.io.votable import parse_single_table
+
+    vot = parse_single_table(str(tmp_path / "catalog.vot"))
+    assert len(vot.array) == 5
+    ucds = {f.name: f.ucd for f in vot.fields}
+    assert ucds["ra"] == "pos.eq.ra;meta.main" and ucds["dec"] == "pos.eq.dec;meta.main"
+    for row in vot.array:  # the sample's rows are rows of the catalog
+        i = int(row["row"])
+        assert (int(row["id"]), int(row["healpix"])) == (10 * i, pixels[i])
+        assert abs(float(row["ra"]) - table["ra"][i]) < 1e-9
+
+
+def test_atlas_of_a_run_directory(run_dir, blobs, tmp_path, capsys):
+    out = tmp_path / "atlas"
+    info = write_atlas(run_dir, out=out, max_order=3, max_sources=50, thumbnails=5, progress=False)
+    assert info["path"] == str(out)
+    # the run's ONNX decoder draws the tiles, its checkpoint encodes (so the concentration is known)
+    assert info["decoder"].endswith("(onnxruntime)") and "(torch" in info["encoder"]
+    assert (info["hips"]["tiles"], info["catalog"]["rows"], info["catalog"]["sources"]) == (1020, 80, 50)
+    assert info["catalog"]["data_columns"] == ["id", "label", "cx"]
+    assert json.loads((out / "atlas.json").read_text())["hips"]["tiles"] == 1020
+    assert read_properties(out / "hips" / "properties")["hips_order"] == "3"
+    table = pq.read_table(out / "catalog.parquet")
+    assert table.num_rows == 80
+    assert set(table.column_names) >= {"row", "id", "label", "cx", "ra", "dec", "healpix", "concentration"}
+    np.testing.assert_array_equal(table["healpix"].to_numpy(), healpix_index(table["ra"].to_numpy(),
+                                                                             table["dec"].to_numpy(), 3))  # fmt: skip
+    page = (out / "index.html").read_text()
+    assert "cdn.jsdelivr.net/npm/aladin-lite@" in page  # the public CDN by default
+    assert '"catalog": "catalog.vot"' in page
+
+    # tile (order, npix) holds the decoder's image at the cell centre: its central pixels are the image's centre
+    model = open_model(run_dir)
+    decoded = model.decode(astropy_vectors(1, np.arange(48)).astype(np.float32))  # (48, 3, 32, 32)
+    tiles = np.stack([np.asarray(Image.open(tile_path(out / "hips", 1, p, "jpg"))) for p in range(48)]) / 255.0
+    np.testing.assert_allclose(tiles[:, 31:33, 31:33].mean(axis=(1, 2)), decoded[:, :, 15:17, 15:17].mean(axis=(2, 3)),
+                               atol=0.06)  # fmt: skip
+
+
+def test_atlas_from_the_onnx_directory_and_cli_errors(run_dir, blobs, tmp_path, capsys):
+    data = tmp_path / "data.yaml"
+    data.write_text(yaml.safe_dump({"data": {"class_path": "spherinator.data.DataModule",
+                                             "init_args": {"path": str(blobs), "batch_size": 32}}}))  # fmt: skip
+    out = tmp_path / "from_onnx"
+    main(["atlas", str(run_dir / "onnx"), "-c", str(data), "--data.init_args.batch_size", "8", "-o", str(out),
+          "--max-order", "1", "--thumbnails", "0"])  # fmt: skip
+    info = json.loads((out / "atlas.json").read_text())
+    assert info["encoder"].endswith("(onnxruntime)") and info["decoder"].endswith("(onnxruntime)")
+    assert "concentration" not in pq.read_schema(out / "catalog.parquet").names  # encoder.onnx gives no scale
+    assert info["hips"]["tiles"] == 60 and not (out / "thumbs").exists()
+    # below order 3 the Allsky of order 3 is drawn all the same (Aladin Lite asks for it), and no tile of order 3
+    assert [p.name for p in (out / "hips" / "Norder3").iterdir()] == ["Allsky.jpg"]
+    capsys.readouterr()
+
+    def error(*args: str) -> str:
+        with pytest.raises(SystemExit) as exit_info:
+            main(["atlas", *args])
+        assert exit_info.value.code == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1, lines
+        return lines[0]
+
+    assert "already exists; pass --overwrite" in error(str(run_dir / "onnx"), "-c", str(data), "-o", str(out))
+    assert "--max-order 12 is out of range" in error(str(run_dir), "--max-order", "12", "-o", str(tmp_path / "x"))
+    assert "does not exist" in error(str(tmp_path / "nothing"))
+    assert "no data config" in error(str(run_dir / "onnx"), "-o", str(tmp_path / "y"))
+    assert "--aladin-lite" in error(str(run_dir), "--aladin-lite", str(tmp_path), "-o", str(tmp_path / "z"))
+    assert not (tmp_path / "x").exists() and not (tmp_path / "z").exists()
+
+
+def test_load_datamodule_keeps_only_the_data_section(blobs, tmp_path):
+    config = tmp_path / "all.yaml"
+    config.write_text(yaml.safe_dump({"model": {"class_path": "nowhere.Model"}, "trainer": {"max_epochs": 3},
+                                      "data": {"class_path": "spherinator.data.DataModule",
+                                               "init_args": {"path": str(blobs), "batch_size": 4}}}))  # fmt: skip
+    datamodule, notes = load_datamodule(["-c", str(config), "--trainer.max_epochs", "5", "--data.init_args.batch_size",
+                                         "6"])  # fmt: skip
+    assert datamodule.batch_size == 6
+    assert notes == ["left out --trainer.max_epochs 5 (the atlas reads only data)"]
+    with pytest.raises(AtlasError, match="has a data: section"):
+        load_datamodule(["-c", TINY])
+
+
+def test_a_latent_space_other_than_s2_is_refused(tmp_path):
+    from spherinator.export import build_model
+
+    init_args = yaml.safe_load(Path(TINY).read_text())["model"]["init_args"]
+    init_args["z_dim"] = 4
+    init_args["encoder"]["init_args"]["input_dim"] = [3, 32, 32]
+    class_path = "spherinator.models.VariationalAutoencoder"
+    hyper_parameters = {"_class_path": class_path, **copy.deepcopy(init_args)}
+    model = build_model(class_path, init_args)
+    checkpoint = tmp_path / "z4.ckpt"
+    torch.save({"state_dict": model.state_dict(), "hyper_parameters": hyper_parameters}, checkpoint)
+    with pytest.raises(AtlasError, match="4-d latent space; the atlas maps the sphere S\\^2"):
+        open_model(checkpoint)
+    with pytest.raises(AtlasError, match="file but not a .ckpt"):
+        open_model(Path(TINY))
+
+
+def test_server_and_sweep_page(run_dir, tmp_path):
+    sweep = tmp_path / "sweep"
+    for task in ("z3_a", "z3_b"):
+        write_atlas(run_dir, out=sweep / task / "atlas", max_order=0, thumbnails=0, progress=False, log=None)
+    page = write_sweep_page(sweep)
+    assert page == sweep / "atlas.html"
+    text = page.read_text()
+    assert '"page": "z3_a/atlas/index.html"' in text and '"catalog": "z3_b/atlas/catalog.vot"' in text
+    with pytest.raises(AtlasError, match="no atlas under"):
+        write_sweep_page(tmp_path / "empty")
+
+    server = make_server(sweep, port=0)
+    Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        base = f"http://127.0.0.1:{server.server_address[1]}"
+        with urllib.request.urlopen(f"{base}/z3_a/atlas/hips/properties") as response:
+            assert "hips_order" in response.read().decode()
+        with urllib.request.urlopen(f"{base}/z3_a/atlas/catalog.vot") as response:
+            assert response.headers["Content-Type"].startswith("application/x-votable+xml")
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert server.server_address[0] == "127.0.0.1"
+    assert ("/z3_a/atlas/hips/properties", 200) in server.requests
+
+
+# -- in a real browser ----------------------------------------------------------------------------------------------
+
+ALADIN_LITE = Path(__file__).parents[1] / ".venv/aladin-lite/node_modules/aladin-lite/dist/aladin.js"
+MARKER = np.array([255, 176, 0])  # the catalog's colour, #ffb000
+
+
+def local_aladin_lite() -> Path:
+    """The local Aladin Lite (`make aladin-lite`, or $SPHERINATOR_ALADIN_LITE), or a skip saying what is missing."""
+    import os
+    import shutil
+
+    if shutil.which("chromium") is None:
+        pytest.skip("needs Debian's chromium (apt-get install chromium; .ci/run installs it)")
+    found = os.environ.get("SPHERINATOR_ALADIN_LITE") or ALADIN_LITE
+    if not Path(found).is_file():
+        pytest.skip(f"needs a local Aladin Lite at {found} (make aladin-lite: npm install aladin-lite)")
+    return Path(found)
+
+
+def open_in_chromium(url: str, tmp_path: Path, size: str = "1200,800") -> tuple[str, list[str], np.ndarray]:
+    """Load ``url`` in headless Chromium: (the DOM after the page's scripts ran, its console lines, a screenshot)."""
+    import subprocess
+
+    flags = ["chromium", "--headless", "--no-sandbox", "--enable-unsafe-swiftshader", "--virtual-time-budget=30000",
+             f"--window-size={size}", "--enable-logging=stderr", "--v=0"]  # fmt: skip
+    dom = subprocess.run([*flags, "--dump-dom", url], capture_output=True, text=True, timeout=240)
+    shot = tmp_path / "screenshot.png"
+    subprocess.run([*flags, f"--screenshot={shot}", url], capture_output=True, text=True, timeout=240)
+    console = [line for line in dom.stderr.splitlines() if "CONSOLE" in line and "GL Driver Message" not in line]
+    return dom.stdout, console, np.asarray(Image.open(shot).convert("RGB")).astype(int)
+
+
+def page_status(dom: str) -> dict[str, str]:
+    (tag,) = re.findall(r'<div id="atlas-status"[^>]*>', dom)
+    return dict(re.findall(r'data-([\w-]+)="([^"]*)"', tag))
+
+
+def console_errors(lines: list[str]) -> list[str]:
+    return [line for line in lines if re.search(r"error|uncaught|failed|refused|not found|404", line, re.I)]
+
+
+@pytest.mark.slow
+def test_the_page_shows_the_hips_and_the_catalog_in_chromium(run_dir, tmp_path):
+    aladin = local_aladin_lite()
+    out = tmp_path / "atlas"
+    write_atlas(run_dir, out=out, max_order=3, thumbnails=3, aladin_lite=aladin, progress=False, log=None)
+    assert 'import A from "./aladin-lite/aladin.js"' in (out / "index.html").read_text()
+    server = make_server(out, port=0)
+    Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        # zoomed in on the data's side of the sphere, so that tiles of order 2-3 are drawn, not the Allsky
+        info = json.loads((out / "atlas.json").read_text())
+        view = f"?ra={info['initial']['ra']}&dec={info['initial']['dec']}&fov=40"
+        dom, console, shot = open_in_chromium(f"http://127.0.0.1:{server.server_address[1]}/index.html{view}", tmp_path)
+    finally:
+        server.shutdown()
+        server.server_close()
+    status = page_status(dom)
+    assert "error" not in status, status["error"]
+    assert console_errors(console) == []
+    assert status.get("state") == "ready" and status.get("sources") == "80"  # every row of the VOTable
+    assert [(p, c) for p, c in server.requests if c != 200] == []
+    tiles = [p for p, _ in server.requests if re.search(r"/hips/Norder[23]/Dir0/Npix\d+\.jpg$", p)]
+    assert len(tiles) >= 4, server.requests
+    sky = shot[:, : shot.shape[1] - 330]  # left of the side panel
+    assert sky.std() > 10  # drawn tiles, not a blank canvas
+    marker = (np.abs(sky - MARKER).sum(-1) < 60).sum()
+    assert marker > 50  # the catalog's circles are drawn on top
+
+
+@pytest.mark.slow
+def test_the_sweep_page_shows_every_task_in_chromium(run_dir, tmp_path):
+    aladin = local_aladin_lite()
+    sweep = tmp_path / "sweep"
+    for task in ("beta=1e-3", "beta=1e-4"):
+        write_atlas(run_dir, out=sweep / task / "atlas", max_order=1, max_sources=30, thumbnails=0,
+                    aladin_lite=aladin, progress=False, log=None)  # fmt: skip
+    write_sweep_page(sweep)
+    server = make_server(sweep, port=0)
+    Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        dom, console, shot = open_in_chromium(f"http://127.0.0.1:{server.server_address[1]}/atlas.html", tmp_path)
+    finally:
+        server.shutdown()
+        server.server_close()
+    status = page_status(dom)
+    assert "error" not in status, status["error"]
+    assert console_errors(console) == []
+    assert (status.get("state"), status.get("sources")) == ("ready", "60")
+    assert dom.count('class="card"') == 2
+    assert [(p, c) for p, c in server.requests if c != 200] == []
+    assert (np.abs(shot - MARKER).sum(-1) < 60).sum() > 20
