@@ -179,15 +179,16 @@ def test_spectra_are_drawn_as_line_plots():
 
 @pytest.fixture(scope="module")
 def blobs(tmp_path_factory) -> Path:
-    """80 blobs (3x32x32 uint8) with an ``id``, a ``label`` and the blob's centre ``cx``."""
+    """80 blobs (3x32x32 uint8) with an ``id``, an object ``name``, a ``label`` and the blob's centre ``cx``."""
     rng = np.random.default_rng(0)
     n, size = 80, 32
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
     cx, cy = rng.uniform(8, 24, (2, n)).astype(np.float32)
     blob = np.exp(-((xx - cx[:, None, None]) ** 2 + (yy - cy[:, None, None]) ** 2) / 18.0)
     images = (255 * blob[:, None] * rng.uniform(0.3, 1, (n, 3, 1, 1))).astype(np.uint8)
-    columns = {"data": images, "id": np.arange(100, 100 + n, dtype=np.int64), "label": (cx > 16).astype(np.int64),
-               "cx": cx}  # fmt: skip
+    names = np.array([f"J{i:04d}+{i % 7:02d}" for i in range(100, 100 + n)])
+    columns = {"data": images, "id": np.arange(100, 100 + n, dtype=np.int64), "name": names,
+               "label": (cx > 16).astype(np.int64), "cx": cx}  # fmt: skip
     return write_fast_layout(tmp_path_factory.mktemp("blobs"), columns)
 
 
@@ -230,8 +231,7 @@ def test_the_catalog_places_a_row_at_its_unit_vector(tmp_path):
 
     model = SphereModel(input_shape=(1, 2, 2), z_dim=3, name="stub", torch_model=Stub())
     datamodule = DataModule(root, columns=["data"], batch_size=3, val_fraction=0.0, shuffle=False)
-    added, _ = add_row_columns(datamodule)
-    assert added == ["id"]
+    assert add_row_columns(datamodule) == ["id"]
     renderer = TileRenderer((1, 2, 2), width=8)
     summary = write_catalog(model, datamodule, tmp_path, renderer, order=2, max_sources=5, thumbnails=2,
                             progress=False)  # fmt: skip
@@ -265,12 +265,19 @@ def test_atlas_of_a_run_directory(run_dir, blobs, tmp_path, capsys):
     # the run's ONNX decoder draws the tiles, its checkpoint encodes (so the concentration is known)
     assert info["decoder"].endswith("(onnxruntime)") and "(torch" in info["encoder"]
     assert (info["hips"]["tiles"], info["catalog"]["rows"], info["catalog"]["sources"]) == (1020, 80, 50)
-    assert info["catalog"]["data_columns"] == ["id", "label", "cx"]
+    assert info["catalog"]["data_columns"] == ["id", "name", "label", "cx"]
     assert json.loads((out / "atlas.json").read_text())["hips"]["tiles"] == 1020
     assert read_properties(out / "hips" / "properties")["hips_order"] == "3"
     table = pq.read_table(out / "catalog.parquet")
     assert table.num_rows == 80
-    assert set(table.column_names) >= {"row", "id", "label", "cx", "ra", "dec", "healpix", "concentration"}
+    assert set(table.column_names) >= {"row", "id", "name", "label", "cx", "ra", "dec", "healpix", "concentration"}
+    # string ids (survey object names) stay with their rows, in the Parquet file and in the VOTable
+    ids, names = table["id"].to_pylist(), table["name"].to_pylist()
+    assert names == [f"J{i:04d}+{i % 7:02d}" for i in ids] and sorted(ids) == list(range(100, 180))
+    from astropy.io.votable import parse_single_table
+
+    vot = parse_single_table(str(out / "catalog.vot")).array
+    assert len(vot) == 50 and all(str(r["name"]) == f"J{int(r['id']):04d}+{int(r['id']) % 7:02d}" for r in vot)
     np.testing.assert_array_equal(table["healpix"].to_numpy(), healpix_index(table["ra"].to_numpy(),
                                                                              table["dec"].to_numpy(), 3))  # fmt: skip
     page = (out / "index.html").read_text()

@@ -117,8 +117,10 @@ def write_atlas(
         raise AtlasError(f"--tile-fit {tile_fit!r}: give fill or contain")
     model = open_model(path, device=device, trust=trust)
     datamodule, notes = load_datamodule(list(data_args or []), model.config)
-    added, left_out = add_row_columns(datamodule)
-    notes += left_out
+    added = add_row_columns(datamodule)
+    if not added and type(datamodule).__name__ != "DataModule":
+        notes.append(f"{type(datamodule).__name__} is not spherinator.data.DataModule: the catalog has the columns "
+                     "its batches carry")  # fmt: skip
     for note in notes:
         say(f"atlas: {note}")
     say(f"atlas: encoder {model.encoder_source}; decoder {model.decoder_source}")

@@ -107,36 +107,24 @@ def _data_section(value: str) -> Any:
     return content.get("data")
 
 
-def add_row_columns(datamodule: Any) -> tuple[list[str], list[str]]:
-    """Make a spherinator DataModule return dicts holding every per-row scalar column of the files beside the model
-    input. Returns the columns added and notes about columns left out; other data modules are left as they are."""
-    from spherinator.data import Column, DataModule
-    from spherinator.data.dataset import find_parquet_files
-    from spherinator.data.layout import ColumnLayout, DataError
+def add_row_columns(datamodule: Any) -> list[str]:
+    """Make a spherinator DataModule return dicts holding every per-row column of its files (numbers, booleans,
+    strings such as object names) beside the model input. Returns the columns added; other data modules are left
+    as they are (their batches' own per-row columns still reach the catalog)."""
+    from spherinator.data import Column, DataModule, find_parquet_files
 
     if not isinstance(datamodule, DataModule):
-        return [], [f"{type(datamodule).__name__} is not spherinator.data.DataModule: the catalog has no data columns"]
+        return []
     names = datamodule.column_names
     schema = pq.read_schema(find_parquet_files(datamodule.path)[0])
-    added, notes = [], []
-    for field in schema:
-        if field.name in names[:1]:
-            continue
-        scalar = pa.types.is_integer(field.type) or pa.types.is_floating(field.type) or pa.types.is_boolean(field.type)
-        text = pa.types.is_string(field.type) or pa.types.is_large_string(field.type)
-        if not (scalar or text):
-            continue
-        try:
-            ColumnLayout.detect(field, schema.metadata, "")
-        except DataError:
-            notes.append(f"column {field.name!r} ({field.type}) left out: the loader cannot read it")
-            continue
-        added.append(field.name)
+    kinds = (pa.types.is_integer, pa.types.is_floating, pa.types.is_boolean, pa.types.is_string,
+             pa.types.is_large_string)  # fmt: skip
+    added = [f.name for f in schema if f.name != names[0] and any(kind(f.type) for kind in kinds)]
     columns = list(datamodule.columns) if datamodule.columns is not None else [Column(names[0])]
     have = {c.name for c in columns}
     datamodule.columns = columns + [Column(name) for name in added if name not in have]
     datamodule.return_dict = True
-    return added, notes
+    return added
 
 
 def _batches(datamodule: Any) -> tuple[Iterator[Any], int | None, int | None]:
@@ -154,7 +142,7 @@ def _column_values(value: Any, n: int) -> np.ndarray | None:
         value = value.detach().cpu()
         value = value.numpy() if value.dim() == 1 else None
     elif isinstance(value, list | tuple):
-        value = np.asarray(value, dtype=object) if all(isinstance(v, str | bytes) for v in value) else None
+        value = np.asarray(value, dtype=object) if all(v is None or isinstance(v, str) for v in value) else None
     elif isinstance(value, np.ndarray):
         value = value if value.ndim == 1 else None
     else:
