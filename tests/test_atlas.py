@@ -471,3 +471,64 @@ def test_the_sweep_page_shows_every_task_in_chromium(run_dir, tmp_path):
     assert dom.count('class="card"') == 2
     assert [(p, c) for p, c in server.requests if c != 200] == []
     assert (np.abs(shot - MARKER).sum(-1) < 60).sum() > 20
+
+
+# -- HiPSter (astro-hipster) reads our ONNX exports ----------------------------------------------------------------
+
+
+def hipster_executable() -> Path:
+    """HiPSter's ``hipster`` command ($SPHERINATOR_HIPSTER, else on PATH), or a skip saying how to get it."""
+    import os
+    import shutil
+
+    found = os.environ.get("SPHERINATOR_HIPSTER") or shutil.which("hipster")
+    if not found or not Path(found).is_file():
+        pytest.skip("astro-hipster is not installed (it pulls onnxruntime-gpu, healpy, streamlit: pip install "
+                    "astro-hipster in a venv of its own and set SPHERINATOR_HIPSTER=<venv>/bin/hipster)")  # fmt: skip
+    return Path(found)
+
+
+@pytest.mark.slow
+def test_hipster_reads_our_onnx_export(run_dir, tmp_path):
+    import subprocess
+
+    hipster = hipster_executable()
+    onnx = run_dir / "onnx"
+    config = {
+        "root_path": str(tmp_path / "hipster"),
+        "html": {"url": "http://localhost:8083", "title": "spherinator export"},
+        "tasks": [{"class_path": "hipster.HiPSGenerator", "init_args": {
+            "decoder": {"class_path": "hipster.Inference",
+                        "init_args": {"model_path": str(onnx / "decoder.onnx"), "input_name": "z"}},
+            "image_maker": {"class_path": "hipster.ImagePlotter"}, "max_order": 1, "hips_path": "hips",
+            "hips_name": "tiny"}}],
+    }  # fmt: skip
+    (tmp_path / "hipster.yaml").write_text(yaml.safe_dump(config))
+    done = subprocess.run([str(hipster), "--config", str(tmp_path / "hipster.yaml")], capture_output=True, text=True,
+                          timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    for order in (0, 1):
+        assert len(list((tmp_path / "hipster" / "hips" / f"Norder{order}").glob("Dir0/Npix*.jpg"))) == 12 * 4**order
+
+    # HiPSter's Inference (its input names and its onnxruntime) gives what spherinator's encoder and decoder give
+    rng = np.random.default_rng(0)
+    z = astropy_vectors(2, np.arange(0, 192, 7)).astype(np.float32)
+    x = rng.random((5, 3, 32, 32), dtype=np.float32)
+    np.save(tmp_path / "z.npy", z)
+    np.save(tmp_path / "x.npy", x)
+    script = (
+        "import numpy as np, sys\n"
+        "from hipster import Inference\n"
+        "d = Inference(sys.argv[1] + '/decoder.onnx', input_name='z')\n"
+        "e = Inference(sys.argv[1] + '/encoder.onnx')\n"
+        "np.save(sys.argv[2] + '/x_hat.npy', d(np.load(sys.argv[2] + '/z.npy')))\n"
+        "np.save(sys.argv[2] + '/z_hat.npy', e(np.load(sys.argv[2] + '/x.npy')))\n"
+    )
+    done = subprocess.run([str(hipster.parent / "python"), "-c", script, str(onnx), str(tmp_path)],
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    model = open_model(run_dir, device="cpu")  # torch encoder from the checkpoint, onnxruntime decoder
+    np.testing.assert_allclose(np.load(tmp_path / "x_hat.npy"), model.decode(z), atol=1e-5)
+    with torch.no_grad():
+        expected = model.torch_model.encode(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(np.load(tmp_path / "z_hat.npy"), expected, atol=1e-4)

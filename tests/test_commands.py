@@ -76,7 +76,7 @@ def test_help_lists_every_command_on_one_line(capsys):
     listed = [line.split()[0] for line in out.splitlines() if line.startswith("  ") and not line.startswith("  -")]
     assert listed == list(COMMANDS)
     assert set(LIGHTNING_COMMANDS) == set(SpherinatorCLI.subcommands())  # the list keeps up with Lightning's
-    assert {"export", "evaluate"} <= set(COMMANDS)
+    assert {"export", "evaluate", "atlas"} <= set(COMMANDS)
     assert all(len(line) <= 100 for line in out.splitlines())
 
 

@@ -3,23 +3,35 @@
 ``spherinator atlas RUN -c data.yaml`` (or :func:`write_atlas`) writes ``RUN/atlas/``; ``spherinator atlas serve
 DIR`` serves it on 127.0.0.1; ``spherinator atlas sweep DIR`` (:func:`write_sweep_page`) puts a sweep's spheres side
 by side. See :mod:`spherinator.atlas.build` for the layout and :mod:`spherinator.atlas.sky` for the RA/Dec
-convention.
+convention. The heavy parts (torch, onnxruntime, astropy) load on first use: ``spherinator atlas --help`` is quick.
 """
 
-from spherinator.atlas.build import default_out, write_atlas
-from spherinator.atlas.cli import main
-from spherinator.atlas.model import AtlasError, SphereModel, open_model
-from spherinator.atlas.page import write_sweep_page
-from spherinator.atlas.serve import make_server, serve
+from importlib import import_module
 
-__all__ = [
-    "AtlasError",
-    "SphereModel",
-    "default_out",
-    "main",
-    "make_server",
-    "open_model",
-    "serve",
-    "write_atlas",
-    "write_sweep_page",
-]
+from spherinator.shapes import ConfigError
+
+MAX_ORDER = 9  # deepest HiPS order the atlas writes: 3.1 million tiles at order 9
+
+
+class AtlasError(ConfigError):
+    """Bad input to the atlas (a path, a model, a setting): its message names the value and the fix."""
+
+
+_LAZY = {
+    "SphereModel": "model",
+    "default_out": "build",
+    "main": "cli",
+    "make_server": "serve",
+    "open_model": "model",
+    "serve": "serve",
+    "write_atlas": "build",
+    "write_sweep_page": "page",
+}
+
+__all__ = ["MAX_ORDER", "AtlasError", *sorted(_LAZY)]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(import_module(f"spherinator.atlas.{_LAZY[name]}"), name)
+    raise AttributeError(f"module 'spherinator.atlas' has no attribute {name!r}")

@@ -27,14 +27,13 @@ from typing import Any
 
 import numpy as np
 
+from spherinator.atlas import MAX_ORDER, AtlasError
 from spherinator.atlas.catalog import add_row_columns, load_datamodule, write_catalog
 from spherinator.atlas.hips import ALLSKY_ORDER, write_hips
-from spherinator.atlas.model import AtlasError, SphereModel, open_model
+from spherinator.atlas.model import SphereModel, open_model
 from spherinator.atlas.page import ATLAS_JSON, find_aladin_lite, place_aladin_lite, write_index
 from spherinator.atlas.render import TileRenderer, value_range
 from spherinator.atlas.sky import cell_centres, cells, unit_to_radec
-
-MAX_ORDER = 9  # 3.1 million tiles at order 9
 
 
 def default_out(path: str | Path) -> Path:

@@ -23,7 +23,8 @@ import torch
 import yaml
 from PIL import Image
 
-from spherinator.atlas.model import AtlasError, SphereModel
+from spherinator.atlas import AtlasError
+from spherinator.atlas.model import SphereModel
 from spherinator.atlas.render import TileRenderer
 from spherinator.atlas.sky import healpix_index, unit_to_radec
 

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from spherinator.atlas.build import MAX_ORDER
+from spherinator.atlas import MAX_ORDER
 from spherinator.atlas.page import ALADIN_LITE_CDN, ALADIN_LITE_ENV
 
 USAGE = """spherinator atlas RUN [-c CONFIG ...] [--data.* VALUE ...] [options]
@@ -111,9 +111,8 @@ def split_data_args(argv: list[str]) -> tuple[list[str], list[str]]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point of ``spherinator atlas``; bad input ends in one line naming the value (exit status 2)."""
-    from spherinator.cli import one_line_errors
-
+    """Entry point of ``spherinator atlas``; bad input ends in one line naming the value (exit status 2). The
+    arguments are parsed before anything heavy is imported: ``--help`` answers at once."""
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["serve"]:
         parser = argparse.ArgumentParser(prog="spherinator atlas serve",
@@ -124,6 +123,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s)")
         args = parser.parse_args(argv[1:])
         from spherinator.atlas.serve import serve
+        from spherinator.cli import one_line_errors
 
         with one_line_errors("spherinator atlas serve", []):
             serve(args.dir, args.port, args.host)
@@ -136,6 +136,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.add_argument("--aladin-lite", "--aladin_lite", default=None, help="as for spherinator atlas")
         args = parser.parse_args(argv[1:])
         from spherinator.atlas.page import write_sweep_page
+        from spherinator.cli import one_line_errors
 
         with one_line_errors("spherinator atlas sweep", []):
             path = write_sweep_page(args.dir, args.aladin_lite)
@@ -144,6 +145,7 @@ def main(argv: list[str] | None = None) -> None:
     data_args, rest = split_data_args(argv)
     args = build_parser().parse_args(rest)
     from spherinator.atlas.build import write_atlas
+    from spherinator.cli import one_line_errors
 
     with one_line_errors("spherinator atlas", ["predict", *data_args]):
         write_atlas(

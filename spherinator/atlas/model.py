@@ -17,11 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from spherinator.shapes import ConfigError
-
-
-class AtlasError(ConfigError):
-    """Bad input to the atlas (a path, a model, a setting): its message names the value and the fix."""
+from spherinator.atlas import AtlasError
 
 
 @dataclass

@@ -14,7 +14,7 @@ from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
-from spherinator.atlas.model import AtlasError
+from spherinator.atlas import AtlasError
 
 ALADIN_LITE_VERSION = "3.8.2"
 ALADIN_LITE_CDN = f"https://cdn.jsdelivr.net/npm/aladin-lite@{ALADIN_LITE_VERSION}/dist/aladin.js"

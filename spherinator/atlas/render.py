@@ -14,8 +14,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from spherinator.atlas import AtlasError
 from spherinator.atlas.sky import tile_grid
-from spherinator.shapes import ConfigError
 
 # Plot colours of spectrum channels (RGB in [0, 1]), on a near-black background.
 LINE_COLOURS = np.array([[1.0, 0.78, 0.3], [0.35, 0.8, 1.0], [1.0, 0.42, 0.42], [0.55, 1.0, 0.5]], dtype=np.float32)
@@ -24,12 +24,12 @@ PLOT_FRAME = np.array([0.22, 0.25, 0.32], dtype=np.float32)
 
 
 def data_kind(shape: tuple[int, ...]) -> str:
-    """``"image"`` for (C, H, W) samples, ``"spectrum"`` for (L,) and (C, L); else a ConfigError."""
+    """``"image"`` for (C, H, W) samples, ``"spectrum"`` for (L,) and (C, L); else an AtlasError."""
     if len(shape) == 3:
         return "image"
     if len(shape) in (1, 2):
         return "spectrum"
-    raise ConfigError(
+    raise AtlasError(
         f"the atlas draws (C, H, W) images and (L,) or (C, L) spectra; this model's samples have shape {list(shape)}"
     )
 
@@ -80,12 +80,12 @@ class TileRenderer:
         if self.width is None:
             self.width = min(max(_power_of_two(max(self.shape[1:])), 64), 512) if self.kind == "image" else 256
         if self.width < 8 or self.width & (self.width - 1):
-            raise ConfigError(f"--tile-width {self.width} must be a power of two of at least 8 (HiPS tiles are)")
+            raise AtlasError(f"--tile-width {self.width} must be a power of two of at least 8 (HiPS tiles are)")
         # a spectrum is drawn on a plot twice as wide as high, inside the cell; an image covers the cell
         self.aspect = 2.0 if self.kind == "spectrum" else self.shape[2] / self.shape[1]
         self.fit = self.fit or "contain"
         if self.fit not in ("fill", "contain"):
-            raise ConfigError(f"--tile-fit {self.fit!r}: give fill or contain")
+            raise AtlasError(f"--tile-fit {self.fit!r}: give fill or contain")
 
     def pictures(self, decoded: np.ndarray, size: int | None = None) -> torch.Tensor:
         """(B, 3, h, w) float pictures in [0, 1] of decoded samples (B, *shape); ``size`` caps the longer side."""

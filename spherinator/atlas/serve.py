@@ -10,7 +10,7 @@ import socket
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-from spherinator.atlas.model import AtlasError
+from spherinator.atlas import AtlasError
 from spherinator.atlas.page import SWEEP_PAGE
 
 
