@@ -49,6 +49,8 @@ def test_wheel_carries_presets_experiments_and_license_but_no_tests(wheel):
     for experiment in (ROOT / "experiments").glob("*.yaml"):
         assert f"spherinator/_share/experiments/{experiment.name}" in names
     assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names), names
+    for template in (ROOT / "spherinator" / "atlas" / "templates").iterdir():  # the atlas's page templates
+        assert f"spherinator/atlas/templates/{template.name}" in names
     assert not [n for n in names if n.startswith(("tests/", "tools/", "slurm/", "experiments/"))]
 
 
