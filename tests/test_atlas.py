@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import re
+import shutil
 import urllib.request
 from pathlib import Path
 from threading import Thread
@@ -336,7 +337,8 @@ def test_load_datamodule_keeps_only_the_data_section(blobs, tmp_path):
         load_datamodule(["-c", TINY])
 
 
-def test_a_latent_space_other_than_s2_is_refused(tmp_path):
+def z4_checkpoint(directory: Path) -> tuple[Path, dict]:
+    """A checkpoint of the tiny VAE with a 4-d latent space."""
     from spherinator.export import build_model
 
     init_args = yaml.safe_load(Path(TINY).read_text())["model"]["init_args"]
@@ -345,12 +347,38 @@ def test_a_latent_space_other_than_s2_is_refused(tmp_path):
     class_path = "spherinator.models.VariationalAutoencoder"
     hyper_parameters = {"_class_path": class_path, **copy.deepcopy(init_args)}
     model = build_model(class_path, init_args)
-    checkpoint = tmp_path / "z4.ckpt"
+    checkpoint = directory / "z4.ckpt"
     torch.save({"state_dict": model.state_dict(), "hyper_parameters": hyper_parameters}, checkpoint)
+    return checkpoint, hyper_parameters
+
+
+def test_a_latent_space_other_than_s2_is_refused(tmp_path):
+    checkpoint, _ = z4_checkpoint(tmp_path)
     with pytest.raises(AtlasError, match="4-d latent space; the atlas maps the sphere S\\^2"):
         open_model(checkpoint)
     with pytest.raises(AtlasError, match="file but not a .ckpt"):
         open_model(Path(TINY))
+
+
+def test_a_finished_task_writes_its_atlas_and_the_sweep_page(run_dir, tmp_path):
+    from spherinator.submit.task import TrainingTask
+
+    task_dir = tmp_path / "sweep" / "z_dim=3"
+    shutil.copytree(run_dir, task_dir, ignore=shutil.ignore_patterns("atlas"))  # its export names its checkpoint
+    result = TrainingTask(task_dir, atlas_order=1)._atlas(task_dir)
+    assert result["written"] is True, result
+    assert (result["path"], result["max_order"], result["tiles"], result["rows"]) == (str(task_dir / "atlas"), 1, 60,
+                                                                                     80)  # fmt: skip
+    assert Path(result["page"]).is_file() and result["sweep_page"] == str(tmp_path / "sweep" / "atlas.html")
+    assert read_properties(task_dir / "atlas" / "hips" / "properties")["hips_order"] == "1"
+    # a model of another latent size has no sphere to draw: skipped, said why, nothing written
+    other = tmp_path / "sweep" / "z_dim=4"
+    other.mkdir()
+    checkpoint, _ = z4_checkpoint(other)
+    (other / "checkpoints").mkdir()
+    checkpoint.rename(other / "checkpoints" / "last.ckpt")
+    result = TrainingTask(other, atlas_order=1)._atlas(other)
+    assert result["written"] is False and "4-d latent space" in result["skipped"] and not (other / "atlas").exists()
 
 
 def test_server_and_sweep_page(run_dir, tmp_path):
@@ -388,7 +416,6 @@ MARKER = np.array([255, 176, 0])  # the catalog's colour, #ffb000
 def local_aladin_lite() -> Path:
     """The local Aladin Lite (`make aladin-lite`, or $SPHERINATOR_ALADIN_LITE), or a skip saying what is missing."""
     import os
-    import shutil
 
     if shutil.which("chromium") is None:
         pytest.skip("needs Debian's chromium (apt-get install chromium; .ci/run installs it)")
@@ -479,7 +506,6 @@ def test_the_sweep_page_shows_every_task_in_chromium(run_dir, tmp_path):
 def hipster_executable() -> Path:
     """HiPSter's ``hipster`` command ($SPHERINATOR_HIPSTER, else on PATH), or a skip saying how to get it."""
     import os
-    import shutil
 
     found = os.environ.get("SPHERINATOR_HIPSTER") or shutil.which("hipster")
     if not found or not Path(found).is_file():

@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 
 import spherinator
@@ -66,8 +68,10 @@ def completed(rows: list[dict]) -> bool:
     return all(r.state == "COMPLETED" and r.summary_state == "COMPLETED" for r in rows)
 
 
-def submit(tmp_path: Path, config: Path, name: str, *args: str) -> Path:
-    main(["-c", str(config), "--preset", "local", "--run-root", str(tmp_path / "runs"), "--name", name, *args])
+def submit(tmp_path: Path, config: Path, name: str, *args: str, atlas_order: int | None = None) -> Path:
+    """Submit a sweep; its tasks write no atlas unless ``atlas_order`` is given (the time-limit tests time training)."""
+    atlas = ["--no-atlas"] if atlas_order is None else ["--atlas-order", str(atlas_order)]
+    main(["-c", str(config), "--preset", "local", "--run-root", str(tmp_path / "runs"), "--name", name, *atlas, *args])
     return tmp_path / "runs" / name
 
 
@@ -75,7 +79,7 @@ def test_sweep_2x2_is_one_array_with_four_complete_run_dirs(cluster, tmp_path, i
     config = tiny_config(tmp_path, image_dataset, epochs=2)
     sweep = submit(
         tmp_path, config, "grid", "--time", "10", "--parallelism", "2", "--trainer.enable_progress_bar", "true",
-        "--sweep", "model.init_args.z_dim=3,4", "--sweep", "model.init_args.beta=1e-3,1e-2",
+        "--sweep", "model.init_args.z_dim=3,4", "--sweep", "model.init_args.beta=1e-3,1e-2", atlas_order=1,
     )  # fmt: skip
     scripts = list((sweep / "submitit").glob("*_submission.sh"))
     assert len(scripts) == 1 and "#SBATCH --array=0-3%2" in scripts[0].read_text()
@@ -93,14 +97,33 @@ def test_sweep_2x2_is_one_array_with_four_complete_run_dirs(cluster, tmp_path, i
         assert list(run.glob("events.out.tfevents.*")), "TensorBoard events belong directly in the run dir"
         assert list((run / "logs").glob("*_log.out"))
         assert f"z_dim: {name.split('_beta')[0].split('=')[1]}" in (run / "config.yaml").read_text()
+        # after the export, the task's atlas: a valid HiPS and the catalog of every row, which summary.json names
+        atlas = summary["atlas"]
+        if name.startswith("z_dim=4"):
+            assert atlas["written"] is False and "4-d latent space" in atlas["skipped"], atlas
+            continue
+        assert atlas["written"] is True and atlas["path"] == str(run / "atlas"), atlas
+        hips = Path(atlas["path"]) / "hips"
+        properties = dict(line.split("=", 1) for line in (hips / "properties").read_text().splitlines())
+        assert {k.strip() for k in properties} >= {"creator_did", "hips_release_date", "hips_order", "hips_frame"}
+        assert [len(list(hips.glob(f"Norder{k}/Dir0/Npix*.jpg"))) for k in (0, 1)] == [12, 48]
+        assert (hips / "Norder3" / "Allsky.jpg").is_file() and (Path(atlas["path"]) / "index.html").is_file()
+        assert pq.read_metadata(Path(atlas["path"]) / "catalog.parquet").num_rows == atlas["rows"] == 96
+    assert (sweep / "atlas.html").read_text().count('"page": "z_dim=3_beta=') == 2  # the spheres side by side
     capsys.readouterr()
     main(["status", str(sweep)])
     table = capsys.readouterr().out.splitlines()
     assert sum(" COMPLETED " in line for line in table) == 4, table
+    assert sum(bool(re.search(r"\satlas/(\s|$)", line)) for line in table) == 2, table
+    assert sum(bool(re.search(r"\sn/a(\s|$)", line)) for line in table) == 2, table
+    assert f"atlases: spherinator atlas serve {sweep}" in "\n".join(table)
     main(["status", str(sweep), "--json"])
     status = json.loads(capsys.readouterr().out)
     assert status["note"] is None  # sacct answered
     assert all(t["elapsed_s"] > 0 and t["requeues"] == 0 and t["error"] is None for t in status["tasks"]), status
+    assert sorted(str(t["atlas"]["path"]) for t in status["tasks"] if t["atlas"]["written"]) == [
+        str(sweep / n / "atlas") for n in names if n.startswith("z_dim=3")
+    ]
     # Progress in the Slurm log: one line per epoch, nothing redrawn in place
     main(["logs", str(sweep), names[0]])
     log = capsys.readouterr().out
@@ -152,7 +175,7 @@ def test_two_nodes_train_with_world_size_two_on_disjoint_data(cluster, tmp_path,
     config = tiny_config(tmp_path, image_dataset, epochs=1)
     main([
         "-c", str(config), "-c", str(overlay), "--preset", "local", "--nodes", "2", "--time", "10",
-        "--run-root", str(tmp_path / "runs"), "--name", "ddp",
+        "--run-root", str(tmp_path / "runs"), "--name", "ddp", "--atlas-order", "1",
     ])  # fmt: skip
     sweep = tmp_path / "runs" / "ddp"
     wait_for(sweep, completed, timeout=300)
@@ -162,6 +185,8 @@ def test_two_nodes_train_with_world_size_two_on_disjoint_data(cluster, tmp_path,
     ids0, ids1 = set(ranks[0]["ids"]), set(ranks[1]["ids"])
     assert ids0 and ids1 and not ids0 & ids1, (sorted(ids0), sorted(ids1))
     assert len(ranks[0]["ids"]) == len(ids0)  # no row twice within a rank either
+    atlas = RunSummary.read(sweep / "run").atlas  # rank 0 writes the atlas after a 2-node job
+    assert atlas["written"] is True and (sweep / "run" / "atlas" / "index.html").is_file(), atlas
 
 
 SLOW = """

@@ -332,6 +332,7 @@ def test_submit_writes_run_dirs_and_manifest_then_calls_the_executor_once(tmp_pa
     )
     sweep = tmp_path / "runs" / "s"
     assert [Path(t.run_dir).name for t in submitted] == ["z_dim=3", "z_dim=5"]
+    assert [t.atlas_order for t in submitted] == [launch.ATLAS_ORDER] * 2  # each task writes its atlas by default
     for name, z in (("z_dim=3", 3), ("z_dim=5", 5)):
         text = (sweep / name / "config.yaml").read_text()
         assert f"z_dim: {z}" in text and f"save_dir: {sweep / name}" in text
@@ -345,6 +346,22 @@ def test_submit_writes_run_dirs_and_manifest_then_calls_the_executor_once(tmp_pa
     # A second submission under the same name is refused (it would mix two sweeps in one TensorBoard dir).
     with pytest.raises(SystemExit):
         main(["-c", str(config), "--run-root", str(tmp_path / "runs"), "--name", "s"])
+
+
+def test_atlas_flags_reach_the_tasks_and_a_bad_order_is_refused_before_anything_is_queued(
+    tmp_path, image_dataset, monkeypatch, capsys, no_queue
+):
+    config = tiny_config(tmp_path, image_dataset)
+    with pytest.raises(SystemExit):
+        main(["-c", str(config), "--run-root", str(tmp_path / "runs"), "--name", "a", "--atlas-order", "12"])
+    assert "--atlas-order 12 is out of range: give 0..9 (or --no-atlas)" in capsys.readouterr().err
+    assert no_queue == [] and not (tmp_path / "runs" / "a").exists()
+    submitted: list = []
+    monkeypatch.setattr(launch, "_submit", lambda tasks, sweep_dir, manifest, resources, export, atlas_order=None: (
+        submitted.append((export, atlas_order)) or {"0": "1_0"}))  # fmt: skip
+    for name, flags in (("b", ["--no-atlas"]), ("c", ["--atlas-order", "2"]), ("d", ["--no-export"])):
+        main(["-c", str(config), "--run-root", str(tmp_path / "runs"), "--name", name, *flags])
+    assert submitted == [(True, None), (True, 2), (False, launch.ATLAS_ORDER)]
 
 
 def test_deepspeed_strategy_passes_the_check_and_constructs_on_cpu(tmp_path, image_dataset, capsys, no_queue):
@@ -837,7 +854,9 @@ def test_status_without_accounting_asks_squeue_and_shows_time_requeues_and_the_e
     main(["status", str(sweep)])
     captured = capfd.readouterr()  # sacct's own complaint (on file descriptor 2) is in the note, not beside it
     header, *lines = captured.out.splitlines()[1:]
-    assert header.split() == ["TASK", "JOB", "STATE", "EPOCH", "ELAPSED", "REQUEUES", "BEST", "SPHERE", "ONNX", "ERROR"]
+    assert header.split() == [
+        "TASK", "JOB", "STATE", "EPOCH", "ELAPSED", "REQUEUES", "BEST", "SPHERE", "ONNX", "ATLAS", "ERROR"
+    ]  # fmt: skip
     assert re.match(r"beta=1e-4\s+990000_0\s+RUNNING\s+7\s+0:1\d:\d\d\s+2\s", lines[0]), lines[0]
     assert lines[2].endswith("No such file or directory")
     (note,) = captured.err.splitlines()

@@ -17,6 +17,10 @@ class AtlasError(ConfigError):
     """Bad input to the atlas (a path, a model, a setting): its message names the value and the fix."""
 
 
+class NotASphereError(AtlasError):
+    """The model's latent space is not S^2 (z_dim other than 3): there is no sphere to draw."""
+
+
 _LAZY = {
     "SphereModel": "model",
     "default_out": "build",
@@ -28,7 +32,7 @@ _LAZY = {
     "write_sweep_page": "page",
 }
 
-__all__ = ["MAX_ORDER", "AtlasError", *sorted(_LAZY)]
+__all__ = ["MAX_ORDER", "AtlasError", "NotASphereError", *sorted(_LAZY)]
 
 
 def __getattr__(name: str):

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from spherinator.atlas import AtlasError
+from spherinator.atlas import AtlasError, NotASphereError
 
 
 @dataclass
@@ -126,7 +126,7 @@ def open_model(path: str | Path, device: str | None = None, trust: bool = False)
     if checkpoint is not None:
         _open_checkpoint(model, checkpoint, trust)
     if model.z_dim != 3:
-        raise AtlasError(
+        raise NotASphereError(
             f"{model.model_class or 'the model'} has a {model.z_dim}-d latent space; the atlas maps the sphere S^2, "
             "so it needs z_dim 3 (train with --model.init_args.z_dim 3)"
         )

@@ -32,6 +32,7 @@ from spherinator.submit.task import TrainingTask, code_hash, git_state
 
 CODE_DIR = "code"  # the sweep's copy of the spherinator package, which its tasks import
 SUBMITIT_DIR = "submitit"
+ATLAS_ORDER = 4  # each task's atlas: HiPS orders 0..4, 4,092 tiles
 
 USAGE = """\
 spherinator-submit -c CONFIG [-c CONFIG ...] [--key.path VALUE ...] [resources] [--sweep KEY=V1,V2 ...]
@@ -60,6 +61,9 @@ def _build_parser() -> argparse.ArgumentParser:
     group.add_argument("--resume", metavar="RUN_DIR", help="resubmit the unfinished tasks of a sweep")
     group.add_argument("--no-validate", action="store_true", help="skip building the model and a batch locally")
     group.add_argument("--no-export", action="store_true", help="no ONNX export after training")
+    group.add_argument("--no-atlas", action="store_true", help="no atlas (spherinator atlas) after the export")
+    group.add_argument("--atlas-order", type=int, default=ATLAS_ORDER, metavar="K",
+                       help=f"deepest HiPS order of each task's atlas (default: {ATLAS_ORDER})")  # fmt: skip
     res = parser.add_argument_group("Slurm resources (override the preset)")
     res.add_argument("--preset", help="site preset: a name (see $SPHERINATOR_PRESET_PATH) or a YAML file")
     res.add_argument("--nodes", type=int, help="nodes per task (trainer.num_nodes)")
@@ -77,6 +81,14 @@ def _build_parser() -> argparse.ArgumentParser:
     res.add_argument("--max-requeues", type=int, help="requeues after hitting the time limit (default 3)")
     res.add_argument("--signal-delay", type=int, dest="signal_delay_s", help="seconds before the limit to checkpoint")
     return parser
+
+
+def _atlas_order(order: int) -> int:
+    from spherinator.atlas import MAX_ORDER
+
+    if not 0 <= order <= MAX_ORDER:
+        raise SubmitError(f"--atlas-order {order} is out of range: give 0..{MAX_ORDER} (or --no-atlas)")
+    return order
 
 
 def _resources(ns: argparse.Namespace, base: dict[str, Any] | None = None) -> Resources:
@@ -178,8 +190,9 @@ def dry_run_text(folder: Path, resources: Resources, name: str, n_tasks: int) ->
 
 
 def _submit(
-    tasks: list[Task], sweep_dir: Path, manifest: dict[str, Any], resources: Resources, export: bool
-) -> dict[str, str]:
+    tasks: list[Task], sweep_dir: Path, manifest: dict[str, Any], resources: Resources, export: bool,
+    atlas_order: int | None = None,
+) -> dict[str, str]:  # fmt: skip
     """Queue ``tasks`` as one Slurm array; returns {task index: Slurm job id}."""
     from submitit.core.utils import FailedJobError
 
@@ -189,7 +202,9 @@ def _submit(
     try:
         with executor.batch():
             pending = [
-                executor.submit(TrainingTask(sweep_dir / t.name, manifest["cwd"], export, manifest["code_version"]))
+                executor.submit(
+                    TrainingTask(sweep_dir / t.name, manifest["cwd"], export, manifest["code_version"], atlas_order)
+                )
                 for t in tasks
             ]
     except FailedJobError as err:  # sbatch said no (an unknown partition, a limit of the site): nothing is queued
@@ -210,6 +225,7 @@ def submit(ns: argparse.Namespace, overrides: list[str]) -> int:
         if not Path(path).is_file():
             raise SubmitError(f"config '{path}' does not exist")
     resources = _resources(ns)
+    atlas_order = None if ns.no_atlas else _atlas_order(ns.atlas_order)
     tasks = expand_sweep(ns.sweep, ns.sweep_file)
     name = ns.name or f"{Path(ns.config[0]).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     if not re.fullmatch(r"[A-Za-z0-9._+=-]+", name) or set(name) == {"."}:
@@ -252,12 +268,13 @@ def submit(ns: argparse.Namespace, overrides: list[str]) -> int:
         "configs": configs,
         "overrides": overrides,
         "export": not ns.no_export,
+        "atlas_order": atlas_order,
         "tasks": [
             {"index": t.index, "name": t.name, "params": t.params, "launcher_changes": composed[t.index].changes}
             for t in tasks
         ],
     }
-    job_ids = _submit(tasks, sweep_dir, manifest, resources, export=not ns.no_export)
+    job_ids = _submit(tasks, sweep_dir, manifest, resources, export=not ns.no_export, atlas_order=atlas_order)
     array = sorted({j.split("_")[0] for j in job_ids.values()})
     print(f"submitted {len(tasks)} task(s) as Slurm job {', '.join(array)} -> {sweep_dir}")
     print(f"  spherinator-submit status {sweep_dir}")
@@ -289,6 +306,8 @@ class TaskStatus:
         best: The best (or final) metric.
         sphere: The last ``val_coverage`` and ``val_knn_accuracy`` (logged by ``SphereQuality``).
         onnx: Whether the ONNX export validated; None when there was none.
+        atlas: The atlas's result from summary.json (``written``, ``path``, ``error`` or ``skipped``); None when
+            there was none.
         error: The first line of what stopped the task: its exception, else the telling line of Slurm's stderr file
             (a task that died before Python started, a time limit, a cancel).
         run_dir: The task's run dir.
@@ -307,6 +326,7 @@ class TaskStatus:
     best: Best | None = None
     sphere: dict[str, float] = field(default_factory=dict)
     onnx: bool | None = None
+    atlas: dict[str, Any] | None = None
     error: str | None = None
     run_dir: str = ""
 
@@ -323,8 +343,17 @@ class TaskStatus:
             "best": f"{self.best.monitor}={self.best.value:.4g}" if self.best else "-",
             "sphere": " ".join(sphere) or "-",
             "onnx": "-" if self.onnx is None else ("yes" if self.onnx else "no"),
+            "atlas": _atlas_cell(self.atlas),
             "error": self.error or "",
         }
+
+
+def _atlas_cell(atlas: dict[str, Any] | None) -> str:
+    if not atlas:
+        return "-"
+    if atlas.get("written"):
+        return "atlas/"  # in the task's run dir
+    return "n/a" if atlas.get("skipped") else "failed"
 
 
 def _duration(seconds: float | None) -> str:
@@ -365,7 +394,8 @@ def task_rows(sweep_dir: Path, manifest: dict[str, Any]) -> tuple[list[TaskStatu
             summary_state=summary.state, epoch=summary.epoch, elapsed_s=summary.elapsed_s(running=state == "RUNNING"),
             attempts=summary.attempts, requeues=summary.requeues, best=summary.best,
             sphere={key: summary.metrics[key] for key, _, _ in _SPHERE_FIGURES if key in summary.metrics},
-            onnx=bool(onnx.get("validated")) if onnx else None, error=error, run_dir=str(run_dir),
+            onnx=bool(onnx.get("validated")) if onnx else None, atlas=summary.atlas, error=error,
+            run_dir=str(run_dir),
         ))  # fmt: skip
     return rows, note
 
@@ -388,6 +418,9 @@ def status(run_dir: str, as_json: bool = False) -> int:
         return 0
     print(f"sweep {manifest['name']} ({sweep_dir})")
     print_table(rows)
+    if any(r.atlas and r.atlas.get("written") for r in rows):
+        page = " (atlas.html: the spheres side by side)" if (sweep_dir / "atlas.html").is_file() else ""
+        print(f"atlases: spherinator atlas serve {sweep_dir}{page}")
     if note:
         print(f"note: {note}", file=sys.stderr)
     return 0
@@ -468,7 +501,8 @@ def resume(ns: argparse.Namespace) -> int:
         print(dry_run_text(sweep_dir / SUBMITIT_DIR, resources, manifest["name"], len(tasks)))
         print(f"dry run: would resume {', '.join(t.name for t in tasks)}", file=sys.stderr)
         return 0
-    job_ids = _submit(tasks, sweep_dir, manifest, resources, export=manifest.get("export", True))
+    job_ids = _submit(tasks, sweep_dir, manifest, resources, export=manifest.get("export", True),
+                      atlas_order=manifest.get("atlas_order"))  # fmt: skip
     print(f"resubmitted {len(tasks)} task(s) from their last checkpoints: {' '.join(job_ids.values())}")
     return 0
 

@@ -69,7 +69,7 @@ class RunSummary:
 
     Attributes:
         state: ``RUNNING``, ``REQUEUEING`` (checkpointed on Slurm's signal, requeued), ``TRAINED`` (training done,
-            export running), ``COMPLETED`` or ``FAILED``; None before the task first started.
+            export and atlas running), ``COMPLETED`` or ``FAILED``; None before the task first started.
         attempts: How often the task started (the first run, each requeue and each ``--resume``).
         requeues: How often it checkpointed and requeued itself on Slurm's signal (time limit, preemption).
         job_id: The Slurm job of the current (or last) attempt.
@@ -93,6 +93,8 @@ class RunSummary:
         error: ``Type: message`` of the exception that stopped the task.
         traceback: Its traceback.
         onnx: The ONNX export's result (``validated``, ``path``, ``error``, ...).
+        atlas: The atlas's result (``written``, ``path``, ``max_order``, ``tiles``, ``rows``, ``seconds``, ``error``
+            or ``skipped``; see ``spherinator atlas``); None when none was asked for.
     """
 
     state: str | None = None
@@ -119,6 +121,7 @@ class RunSummary:
     error: str | None = None
     traceback: str | None = None
     onnx: dict[str, Any] | None = None
+    atlas: dict[str, Any] | None = None
 
     # ---------------------------------------------------------------------------------------------- reading, writing
     @classmethod
@@ -195,8 +198,8 @@ class RunSummary:
         self.last_checkpoint = last_checkpoint
         return self
 
-    def completed(self, onnx: dict[str, Any] | None) -> RunSummary:
-        self.state, self.onnx = COMPLETED, onnx
+    def completed(self, onnx: dict[str, Any] | None, atlas: dict[str, Any] | None = None) -> RunSummary:
+        self.state, self.onnx, self.atlas = COMPLETED, onnx, atlas
         self.finished = self.attempt_ended = _now()
         return self
 

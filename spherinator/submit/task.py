@@ -1,4 +1,4 @@
-"""What runs inside each Slurm task: ``spherinator fit`` on the run dir's config, requeue on USR2, ONNX export.
+"""What runs inside each Slurm task: ``spherinator fit`` on the run dir's config, requeue on USR2, ONNX export, atlas.
 
 Importing this module costs neither torch nor Lightning (Submitit unpickles :class:`TrainingTask` in every task,
 and ``spherinator-submit`` imports it to submit); the task imports them when it runs. How a task checkpoints and
@@ -107,27 +107,41 @@ class TrainingTask:
         run_dir: The task's run dir holding the composed ``config.yaml``.
         cwd: Working directory of the submission (relative data paths in the config are relative to it).
         export: Export the best (else last) checkpoint to ``run_dir/onnx`` after training, and validate it.
+        atlas_order: After the export, write ``run_dir/atlas`` (``spherinator atlas``) with HiPS orders 0..this and
+            refresh the sweep's ``atlas.html``; None: no atlas.
         code_version: The code the task was submitted with (:func:`code_hash` of the sweep's code snapshot, then
             its git state): a task that would import other code refuses to run.
     """
 
     def __init__(
-        self, run_dir: str | Path, cwd: str | Path | None = None, export: bool = True, code_version: str | None = None
+        self,
+        run_dir: str | Path,
+        cwd: str | Path | None = None,
+        export: bool = True,
+        code_version: str | None = None,
+        atlas_order: int | None = None,
     ) -> None:
         self.run_dir = str(Path(run_dir).resolve())
         self.cwd = str(cwd or Path.cwd())
         self.export = export
         self.code_version = code_version
+        self.atlas_order = atlas_order
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> Any:
         """Called by Submitit on USR2 (rank 0): resubmit this task; it resumes from the newest checkpoint."""
         from submitit.helpers import DelayedSubmission
 
-        return DelayedSubmission(TrainingTask(self.run_dir, self.cwd, self.export, self._code_version))
+        return DelayedSubmission(
+            TrainingTask(self.run_dir, self.cwd, self.export, self._code_version, self._atlas_order)
+        )
 
     @property
     def _code_version(self) -> str | None:
         return getattr(self, "code_version", None)  # tasks pickled before code versions were recorded have none
+
+    @property
+    def _atlas_order(self) -> int | None:
+        return getattr(self, "atlas_order", None)  # tasks pickled before the atlas existed write none
 
     def _check_code(self) -> None:
         """Refuse to train with other code than the task was submitted with."""
@@ -185,7 +199,8 @@ class TrainingTask:
         summary.trained(trainer.current_epoch, trainer.global_step, logged_metrics(trainer), best, str(last or ""))
         summary.save(run_dir)
         onnx = self._export(run_dir, trainer, best.checkpoint if best else None) if self.export else None
-        done = RunSummary.read(run_dir).completed(onnx).save(run_dir)
+        atlas = self._atlas(run_dir) if self._atlas_order is not None else None
+        done = RunSummary.read(run_dir).completed(onnx, atlas).save(run_dir)
         ignore_signal_from_now_on()
         return done.to_dict() | {"run_dir": str(run_dir)}
 
@@ -213,3 +228,30 @@ class TrainingTask:
             "validated": bool(report.get("passed")),
             "graphs": sorted(report.get("graphs", {})),
         }
+
+    def _atlas(self, run_dir: Path) -> dict[str, Any]:
+        """Write ``run_dir/atlas`` from the run (its ONNX decoder, its checkpoint, its config's data) and refresh
+        the sweep's ``atlas.html``; failures are reported, not raised (the trained model is what the task is for)."""
+        from spherinator.atlas import NotASphereError, write_atlas, write_sweep_page
+
+        out = run_dir / "atlas"
+        try:
+            info = write_atlas(run_dir, out=out, max_order=self._atlas_order, overwrite=True, progress=False)
+        except NotASphereError as err:  # e.g. a sweep over z_dim: only z_dim 3 is a sphere to draw
+            return {"written": False, "path": None, "skipped": str(err)}
+        except Exception as err:
+            return {"written": False, "path": str(out), "error": f"{type(err).__name__}: {err}"}
+        result = {
+            "written": True,
+            "path": info["path"],
+            "page": str(Path(info["path"]) / "index.html"),
+            "max_order": info["hips"]["max_order"],
+            "tiles": info["hips"]["tiles"],
+            "rows": info["catalog"]["rows"],
+            "seconds": round(info["hips"]["seconds"] + info["catalog"]["seconds"], 1),
+        }
+        try:
+            result["sweep_page"] = str(write_sweep_page(run_dir.parent))
+        except Exception as err:
+            result["sweep_page_error"] = f"{type(err).__name__}: {err}"
+        return result
