@@ -335,6 +335,8 @@ def test_load_datamodule_keeps_only_the_data_section(blobs, tmp_path):
     assert notes == ["left out --trainer.max_epochs 5 (the atlas reads only data)"]
     with pytest.raises(AtlasError, match="has a data: section"):
         load_datamodule(["-c", TINY])
+    with pytest.raises(AtlasError, match="-c nowhere.yaml: no such file"):
+        load_datamodule(["-c", "nowhere.yaml"])
 
 
 def z4_checkpoint(directory: Path) -> tuple[Path, dict]:
@@ -438,13 +440,22 @@ def open_in_chromium(url: str, tmp_path: Path, size: str = "1200,800") -> tuple[
     return dom.stdout, console, np.asarray(Image.open(shot).convert("RGB")).astype(int)
 
 
-def page_status(dom: str) -> dict[str, str]:
+def browse(directory: Path, page: str, tmp_path: Path) -> tuple[dict[str, str], str, np.ndarray, list]:
+    """Serve ``directory`` and open ``page`` in Chromium: (the page's status, its DOM, a screenshot, the requests).
+    The page said no error, its console none, and every request was answered."""
+    server = make_server(directory, port=0)
+    Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        dom, console, shot = open_in_chromium(f"http://127.0.0.1:{server.server_address[1]}/{page}", tmp_path)
+    finally:
+        server.shutdown()
+        server.server_close()
     (tag,) = re.findall(r'<div id="atlas-status"[^>]*>', dom)
-    return dict(re.findall(r'data-([\w-]+)="([^"]*)"', tag))
-
-
-def console_errors(lines: list[str]) -> list[str]:
-    return [line for line in lines if re.search(r"error|uncaught|failed|refused|not found|404", line, re.I)]
+    status = dict(re.findall(r'data-([\w-]+)="([^"]*)"', tag))
+    assert "error" not in status, status["error"]
+    assert [line for line in console if re.search(r"error|uncaught|failed|refused|not found|404", line, re.I)] == []
+    assert [(p, c) for p, c in server.requests if c != 200] == []
+    return status, dom, shot, server.requests
 
 
 @pytest.mark.slow
@@ -453,23 +464,13 @@ def test_the_page_shows_the_hips_and_the_catalog_in_chromium(run_dir, tmp_path):
     out = tmp_path / "atlas"
     write_atlas(run_dir, out=out, max_order=3, thumbnails=3, aladin_lite=aladin, progress=False, log=None)
     assert 'import A from "./aladin-lite/aladin.js"' in (out / "index.html").read_text()
-    server = make_server(out, port=0)
-    Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        # zoomed in on the data's side of the sphere, so that tiles of order 2-3 are drawn, not the Allsky
-        info = json.loads((out / "atlas.json").read_text())
-        view = f"?ra={info['initial']['ra']}&dec={info['initial']['dec']}&fov=40"
-        dom, console, shot = open_in_chromium(f"http://127.0.0.1:{server.server_address[1]}/index.html{view}", tmp_path)
-    finally:
-        server.shutdown()
-        server.server_close()
-    status = page_status(dom)
-    assert "error" not in status, status["error"]
-    assert console_errors(console) == []
+    # zoomed in on row 1, so that tiles of order 2-3 are drawn (not the Allsky), with its source panel open
+    status, dom, shot, requests = browse(out, "index.html?row=1&fov=40", tmp_path)
     assert status.get("state") == "ready" and status.get("sources") == "80"  # every row of the VOTable
-    assert [(p, c) for p, c in server.requests if c != 200] == []
-    tiles = [p for p, _ in server.requests if re.search(r"/hips/Norder[23]/Dir0/Npix\d+\.jpg$", p)]
-    assert len(tiles) >= 4, server.requests
+    tiles = [p for p, _ in requests if re.search(r"/hips/Norder[23]/Dir0/Npix\d+\.jpg$", p)]
+    assert len(tiles) >= 4, requests
+    assert '<img src="thumbs/input/1.png"' in dom and '<img src="thumbs/decoded/1.png"' in dom
+    assert {"/thumbs/input/1.png", "/thumbs/decoded/1.png"} <= {p for p, _ in requests}
     sky = shot[:, : shot.shape[1] - 330]  # left of the side panel
     assert sky.std() > 10  # drawn tiles, not a blank canvas
     marker = (np.abs(sky - MARKER).sum(-1) < 60).sum()
@@ -484,19 +485,9 @@ def test_the_sweep_page_shows_every_task_in_chromium(run_dir, tmp_path):
         write_atlas(run_dir, out=sweep / task / "atlas", max_order=1, max_sources=30, thumbnails=0,
                     aladin_lite=aladin, progress=False, log=None)  # fmt: skip
     write_sweep_page(sweep)
-    server = make_server(sweep, port=0)
-    Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        dom, console, shot = open_in_chromium(f"http://127.0.0.1:{server.server_address[1]}/atlas.html", tmp_path)
-    finally:
-        server.shutdown()
-        server.server_close()
-    status = page_status(dom)
-    assert "error" not in status, status["error"]
-    assert console_errors(console) == []
+    status, dom, shot, _ = browse(sweep, "atlas.html", tmp_path)
     assert (status.get("state"), status.get("sources")) == ("ready", "60")
     assert dom.count('class="card"') == 2
-    assert [(p, c) for p, c in server.requests if c != 200] == []
     assert (np.abs(shot - MARKER).sum(-1) < 60).sum() > 20
 
 

@@ -95,10 +95,13 @@ def load_datamodule(cli_args: list[str], default_config: Path | None = None) -> 
 
 
 def _data_section(value: str) -> Any:
-    try:
+    """The ``data:`` section of a ``-c`` value: a YAML file, or YAML text given inline."""
+    if Path(value).is_file():
         text = Path(value).read_text()
-    except OSError:
-        text = value  # config text given inline
+    elif "\n" in value or ":" in value:
+        text = value
+    else:
+        raise AtlasError(f"-c {value}: no such file; give the data config as for fit, e.g. -c experiments/demo.yaml")
     try:
         content = yaml.safe_load(text)
     except yaml.YAMLError as err:

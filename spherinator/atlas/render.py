@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from spherinator.atlas import AtlasError
 from spherinator.atlas.sky import tile_grid
 
-# Plot colours of spectrum channels (RGB in [0, 1]), on a near-black background.
-LINE_COLOURS = np.array([[1.0, 0.78, 0.3], [0.35, 0.8, 1.0], [1.0, 0.42, 0.42], [0.55, 1.0, 0.5]], dtype=np.float32)
+# Plot colours of spectrum channels (RGB in [0, 1]), on a near-black background; not the catalog's gold.
+LINE_COLOURS = np.array([[0.35, 0.8, 1.0], [1.0, 0.42, 0.6], [0.55, 1.0, 0.5], [0.8, 0.6, 1.0]], dtype=np.float32)
 PLOT_BACKGROUND = np.array([0.02, 0.03, 0.06], dtype=np.float32)
 PLOT_FRAME = np.array([0.22, 0.25, 0.32], dtype=np.float32)
 
