@@ -316,9 +316,11 @@ def test_installed_package_provides_the_spherinator_command():
     """`pip install spherinator` gives the distribution and the `spherinator` command used throughout."""
     from importlib.metadata import distribution
 
+    from spherinator.commands import main as command_main
+
     dist = distribution("spherinator")
     (command,) = [ep for ep in dist.entry_points if ep.group == "console_scripts" and ep.name == "spherinator"]
-    assert command.load() is main
+    assert command.load() is command_main
 
 
 # ---- DataModule ---------------------------------------------------------------------------------------------------

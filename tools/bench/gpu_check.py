@@ -9,7 +9,8 @@ Each check is one row of the table it prints (and of ``--json``), measured side 
   data (``tools/make_dataset.py synthetic``, 2048 images of 3x128x128) with 8 loader workers: images per second
   over the training steps after a warm-up, the GPU's busy share while they ran (nvidia-smi), and the loader wait:
   the time between one step's end and the next one's start (the next batch and its copy to the GPU) as a share of
-  the step time. The loader starves the GPU when that share is above 5 %.
+  the step time. The loader starves the GPU when that share is above 5 % (judged on a GPU only: in the reduced CPU
+  mode the workers and the training share the same cores).
 - the loader alone: the demo DataModule with 8 workers and nothing else, against the images per second the bf16
   fit used.
 - DeepSpeed ZeRO stage 2 (``experiments/deepspeed.yaml``, bf16): one epoch; the loss stays finite and the weights
@@ -220,10 +221,12 @@ def fit(mode: Mode, data: Path, precision: str, *configs: Path, epochs: int | No
     return figures, cli
 
 
-def fit_row(name: str, figures: dict[str, Any]) -> Row:
+def fit_row(name: str, figures: dict[str, Any], on_gpu: bool) -> Row:
+    """Starving is judged on a GPU only: on the CPU the loader's workers and the training share the same cores, so
+    the wait measures how busy the machine is, not whether the loader keeps up."""
     busy = figures["gpu_busy_percent"]
     share = figures["loader_wait_share"]
-    starving = share > STARVING
+    starving = on_gpu and share > STARVING
     finite = figures["train_loss"] is not None and math.isfinite(figures["train_loss"])
     summary = (
         f"{figures['img_per_s']:,.0f} img/s over {figures['steps']} steps, GPU busy "
@@ -306,7 +309,7 @@ def deepspeed_stage2(mode: Mode, data: Path) -> Row:
     figures, cli = fit(mode, data, "bf16-mixed", DEEPSPEED, epochs=1)
     stage = cli.trainer.strategy.config["zero_optimization"]["stage"]
     figures["zero_stage"] = stage
-    row = fit_row("DeepSpeed ZeRO stage 2, bf16", figures)
+    row = fit_row("DeepSpeed ZeRO stage 2, bf16", figures, on_gpu=True)
     row.summary = f"stage {stage}: " + row.summary
     if stage != 2:
         row.verdict = "FAIL"
@@ -396,7 +399,7 @@ def run_checks(mode: Mode, root: Path, budget_s: float) -> list[Row]:
         for precision in ("bf16-mixed", "32"):
             figures, cli = fit(mode, state["data"], precision)
             state[precision] = figures
-            made.append(fit_row(f"demo fit, {precision}", figures))
+            made.append(fit_row(f"demo fit, {precision}", figures, on_gpu=mode.accelerator == "gpu"))
             if precision == "32":
                 state["checkpoint"] = cli.trainer.checkpoint_callback.last_model_path
         x = state["bf16-mixed"]["img_per_s"] / state["32"]["img_per_s"]
