@@ -85,6 +85,18 @@ def test_synthetic_galaxies_look_like_galaxies(tmp_path):
     assert rows["axis_ratio"].min() >= 0.25 and rows["axis_ratio"].max() <= 1.0
 
 
+def test_synthetic_photometry_columns_measure_the_images(tmp_path):
+    make_dataset.main(["synthetic", "--out", str(tmp_path), "--count", "60", "--size", "32", "--quiet"])
+    rows = _all_rows(tmp_path, ["data", "log_flux", "b_minus_r"])
+    light = rows["data"].double() - 0.02  # above the sky level (the noise averages out over the stamp)
+    measured_flux = torch.log10(light.sum((1, 2, 3)))
+    measured_colour = 2.5 * torch.log10(light[:, 0].sum((1, 2)) / light[:, 2].sum((1, 2)))
+    assert torch.corrcoef(torch.stack([measured_flux, rows["log_flux"].double()]))[0, 1] > 0.9  # sky noise clipped at 0
+    assert torch.corrcoef(torch.stack([measured_colour, rows["b_minus_r"].double()]))[0, 1] > 0.9
+    # pixel values in [0, 1] summed over 32x32 pixels and 3 bands
+    assert (measured_flux - rows["log_flux"]).abs().median() < 0.1
+
+
 def test_synthetic_is_seeded(tmp_path):
     for name, seed in (("a", "1"), ("b", "1"), ("c", "2")):
         make_dataset.main(

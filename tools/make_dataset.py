@@ -58,7 +58,10 @@ def synthetic_galaxies(count: int, size: int, rng: np.random.Generator) -> dict[
     """``count`` galaxy-like images ``(count, 3, size, size)`` uint8 plus their generating parameters.
 
     Each galaxy is a Sersic bulge plus an exponential disk sharing a centre, orientation and axis ratio, with its
-    own sizes, bulge fraction and colours, convolved with a Gaussian PSF, on a sky with Gaussian noise.
+    own sizes, bulge fraction and colours, convolved with a Gaussian PSF, on a sky with Gaussian noise. Besides the
+    generating parameters, ``log_flux`` (log10 of the total light of the noiseless image, pixel values in [0, 1]
+    summed over pixels and bands) and ``b_minus_r`` (the colour index 2.5 log10(F_R / F_B) of its R and B bands)
+    are what a photometric catalogue would list.
     """
     p = {
         "bulge_fraction": rng.beta(1.5, 2.5, count),
@@ -99,6 +102,10 @@ def synthetic_galaxies(count: int, size: int, rng: np.random.Generator) -> dict[
     light = _irfft2(_rfft2(light) * kernel[:, None], s=(size, size)).astype(np.float32)
 
     light *= p["brightness"][:, None, None, None] / light.max((1, 2, 3), keepdims=True).clip(1e-12)
+    # photometry of the noiseless image, as a catalogue would list it: total light and the B - R colour index
+    band_flux = light.sum((2, 3), dtype=np.float64).clip(1e-12)  # (B, 3): R, G, B
+    p["log_flux"] = np.log10(band_flux.sum(1)).astype(np.float32)
+    p["b_minus_r"] = (2.5 * np.log10(band_flux[:, 0] / band_flux[:, 2])).astype(np.float32)  # larger: redder
     light += 0.02 + rng.standard_normal(light.shape, dtype=np.float32) * p["noise"][:, None, None, None]
     images = np.clip(light * 255.0 + 0.5, 0, 255).astype(np.uint8)
     return {"data": images, **p}

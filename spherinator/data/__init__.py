@@ -21,8 +21,10 @@ from spherinator.data.writer import ParquetWriter, write_dataset
 
 if TYPE_CHECKING:
     from spherinator.data.datamodule import Column, DataModule
+    from spherinator.data.transforms import AlignByMoments
 
 __all__ = [
+    "AlignByMoments",
     "Column",
     "ColumnLayout",
     "DataError",
@@ -45,4 +47,8 @@ def __getattr__(name: str):
         from spherinator.data import datamodule
 
         return getattr(datamodule, name)
+    if name == "AlignByMoments":
+        from spherinator.data.transforms import AlignByMoments
+
+        return AlignByMoments
     raise AttributeError(f"module 'spherinator.data' has no attribute {name!r}")

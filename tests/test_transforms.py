@@ -1,0 +1,84 @@
+"""AlignByMoments on images whose centre and orientation are known."""
+
+import math
+
+import pytest
+import torch
+
+from spherinator.data import AlignByMoments
+
+
+def blob(size: int = 48, dx: float = 0.0, dy: float = 0.0, angle: float = 0.0, ratio: float = 0.4) -> torch.Tensor:
+    """An elliptical Gaussian (3, size, size) on a sky of 0.02, centred at (dx, dy) pixels from the stamp's centre,
+    its major axis at ``angle`` (radians, counter-clockwise from the x axis in array coordinates); the red band is
+    brighter on one side of the major axis' normal so that a half turn is told apart from a quarter turn."""
+    ys, xs = torch.meshgrid(torch.arange(size) - (size - 1) / 2, torch.arange(size) - (size - 1) / 2, indexing="ij")
+    u = (xs - dx) * math.cos(angle) + (ys - dy) * math.sin(angle)  # along the major axis
+    v = -(xs - dx) * math.sin(angle) + (ys - dy) * math.cos(angle)
+    light = torch.exp(-0.5 * ((u / 6.0) ** 2 + (v / (6.0 * ratio)) ** 2))
+    image = torch.stack([light * 0.9, light * 0.7, light * 0.5]) + 0.02
+    return image.float()
+
+
+def second_moments(image: torch.Tensor) -> tuple[float, float, float, float, float]:
+    light = (image.mean(0) - 0.02).clamp(min=0)
+    size = image.shape[-1]
+    ys, xs = torch.meshgrid(torch.arange(size) - (size - 1) / 2, torch.arange(size) - (size - 1) / 2, indexing="ij")
+    total = light.sum()
+    cx, cy = float((light * xs).sum() / total), float((light * ys).sum() / total)
+    mxx = float((light * (xs - cx) ** 2).sum() / total)
+    myy = float((light * (ys - cy) ** 2).sum() / total)
+    mxy = float((light * (xs - cx) * (ys - cy)).sum() / total)
+    return cx, cy, mxx, myy, mxy
+
+
+@pytest.mark.parametrize("dx, dy, angle", [(5.0, -3.0, 0.7), (-4.5, 2.0, 2.2), (0.0, 0.0, -1.2), (3.0, 3.0, 1.5)])
+def test_centres_and_turns_the_major_axis_horizontal(dx, dy, angle):
+    image = blob(dx=dx, dy=dy, angle=angle)
+    before = second_moments(image)
+    assert math.hypot(before[0], before[1]) > 1 or abs(before[4]) > 1  # off centre or tilted to begin with
+    cx, cy, mxx, myy, mxy = second_moments(AlignByMoments()(image))
+    assert abs(cx) < 0.3 and abs(cy) < 0.3
+    assert mxx > 4 * myy  # the major axis lies along x
+    assert abs(mxy) < 0.05 * mxx
+
+
+def test_the_same_object_anywhere_and_any_way_round_aligns_to_the_same_image():
+    images = torch.stack([blob(dx=dx, dy=dy, angle=a) for dx, dy, a in [(0, 0, 0.0), (4, -2, 0.9), (-3, 5, 2.6)]])
+    aligned = AlignByMoments()(images)
+    reference = aligned[0]
+    for other in aligned[1:]:
+        # the sign of the major axis is free: compare with the image and its half turn
+        error = min((other - reference).abs().max(), (other.flip(-1, -2) - reference).abs().max())
+        assert error < 0.03  # interpolation, on a peak of 0.9
+    unaligned_error = (images[1] - images[0]).abs().max()
+    assert unaligned_error > 0.3
+
+
+def test_options_batches_dtypes_and_empty_images():
+    image = blob(dx=4.0, dy=-2.0, angle=0.8)
+    centred_only = second_moments(AlignByMoments(rotate=False)(image))
+    assert abs(centred_only[0]) < 0.3 and abs(centred_only[1]) < 0.3
+    assert abs(centred_only[4]) > 1  # still tilted
+    turned_only = second_moments(AlignByMoments(centre=False)(image))
+    assert abs(turned_only[4]) < 0.05 * turned_only[2]
+    assert torch.equal(AlignByMoments(centre=False, rotate=False)(image), image)
+
+    batch = torch.stack([image, blob(angle=-0.5)])
+    one_by_one = torch.stack([AlignByMoments()(x) for x in batch])
+    assert torch.allclose(AlignByMoments()(batch), one_by_one, atol=1e-6)
+
+    as_uint8 = (image * 255).round().to(torch.uint8)
+    out = AlignByMoments()(as_uint8)
+    assert out.dtype == torch.uint8
+    assert (out.float() / 255 - AlignByMoments()(as_uint8.float() / 255)).abs().max() < 1.5 / 255
+
+    sky = torch.full((3, 16, 16), 0.02)
+    assert torch.allclose(AlignByMoments()(sky), sky, atol=1e-6)  # no light above the sky: left as it is
+
+
+def test_bad_arguments_are_named():
+    with pytest.raises(ValueError, match="threshold"):
+        AlignByMoments(threshold=-1)
+    with pytest.raises(ValueError, match=r"got shape \(16, 16\)"):
+        AlignByMoments()(torch.zeros(16, 16))
