@@ -107,3 +107,34 @@ def test_combined_loss_is_the_weighted_sum():
 def test_combined_loss_length_mismatch_is_an_error():
     with pytest.raises(ValueError, match=r"3 factors .* 2 losses \(MSELoss, L1Loss\)"):
         CombinedLoss([nn.MSELoss(), nn.L1Loss()], factors=[1.0, 0.1, 2.0])
+
+
+def test_colour_weighted_mse_is_mse_at_weight_one_and_weighs_colour_apart():
+    from spherinator.losses import ColourWeightedMSELoss
+
+    torch.manual_seed(0)
+    target = torch.rand(4, 3, 8, 8)
+    noisy = target + 0.1 * torch.randn_like(target)
+    assert torch.allclose(ColourWeightedMSELoss()(noisy, target), nn.MSELoss()(noisy, target), rtol=1e-5)
+
+    brighter = target + 0.1  # the same error in every band: luminance only
+    redder = target + 0.1 * torch.tensor([1.0, 0.0, -1.0])[:, None, None]  # no luminance change: colour only
+    for weight in (0.0, 1.0, 7.0):
+        loss = ColourWeightedMSELoss(colour_weight=weight)
+        assert torch.allclose(loss(brighter, target), torch.tensor(0.01), rtol=1e-4)
+        assert torch.allclose(loss(redder, target), torch.tensor(weight * 0.02 / 3), rtol=1e-4, atol=1e-9)
+
+    prediction = torch.rand(2, 3, 4, 4, requires_grad=True)
+    ColourWeightedMSELoss(colour_weight=5.0)(prediction, target[:2, :, :4, :4]).backward()
+    assert prediction.grad is not None and prediction.grad.abs().sum() > 0
+
+
+def test_colour_weighted_mse_refuses_bad_input():
+    from spherinator.losses import ColourWeightedMSELoss
+
+    with pytest.raises(ValueError, match="colour_weight"):
+        ColourWeightedMSELoss(colour_weight=-1.0)
+    with pytest.raises(ValueError, match="bands on dimension 1"):
+        ColourWeightedMSELoss()(torch.zeros(4, 5), torch.zeros(4, 5))
+    with pytest.raises(ValueError, match="differ"):
+        ColourWeightedMSELoss()(torch.zeros(1, 3, 4, 4), torch.zeros(1, 3, 4, 5))
