@@ -77,7 +77,9 @@ class AlignByMoments(nn.Module):
         if x.dim() == 3:
             return self.forward(x[None])[0]
         if x.dim() != 4:
-            raise ValueError(f"AlignByMoments takes images (C, H, W) or batches (B, C, H, W), got shape {tuple(x.shape)}")
+            raise ValueError(
+                f"AlignByMoments takes images (C, H, W) or batches (B, C, H, W), got shape {tuple(x.shape)}"
+            )
         if not (self.centre or self.rotate):
             return x
         height, width = x.shape[-2:]

@@ -38,8 +38,13 @@ def recipes(work: Path) -> dict[str, dict]:
             "data": ["synthetic", "--count", "2048", "--size", "128"],
             "columns": ["log_flux", "bulge_fraction", "b_minus_r", "axis_ratio", "disk_radius"],
             "label": None,
-            "targets": {"coverage": 0.6, "scale_p50": FLOOR_MARGIN, "log_flux": 0.9, "bulge_fraction": 0.5,
-                        "b_minus_r": 0.5},  # fmt: skip
+            "targets": {
+                "coverage": 0.6,
+                "scale_p50": FLOOR_MARGIN,
+                "log_flux": 0.9,
+                "bulge_fraction": 0.5,
+                "b_minus_r": 0.5,
+            },  # fmt: skip
         },
         "digits": {
             "configs": ["experiments/vae_digits.yaml"],
@@ -134,7 +139,8 @@ def print_table(name: str, results: list[dict], recipe: dict) -> bool:
     rows_used = results[0]["report"]["rows_used"]
     print(f"\n{name}: {' + '.join(recipe['configs'])}; {rows_used} rows; fit wall time {fit} s")
     for j, row in enumerate(lines):
-        print("  ".join(v.ljust(w) if c == 0 else v.rjust(w) for c, (v, w) in enumerate(zip(row, widths))).rstrip())
+        cells = (v.ljust(w) if c == 0 else v.rjust(w) for c, (v, w) in enumerate(zip(row, widths, strict=True)))
+        print("  ".join(cells).rstrip())
         if j == 0:
             print("  ".join("-" * w for w in widths))
     warned = [r["collapse_warning"] for r in results]
