@@ -7,6 +7,7 @@ import math
 import lightning.pytorch as pl
 import pytest
 import torch
+import torch.nn.functional as F
 import yaml
 from torch import nn
 from torch.utils.data import DataLoader
@@ -265,8 +266,9 @@ def test_autoencoder_gradients_reach_every_parameter():
 
 
 def test_batch_of_one_trains_through_1x1_batchnorm_without_touching_statistics():
-    model = vae_2d()  # the encoder's last BatchNorm sees (1, 8, 1, 1) for a batch of one
-    norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    model = vae_2d()  # the encoder's last BatchNorm sees (1, 8, 1, 1) for a batch of one, the centring (1, 4)
+    norms = [m for m in model.modules() if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d))]
+    assert any(isinstance(m, nn.BatchNorm1d) for m in norms)
     before = [m.running_mean.clone() for m in norms]
     loss = model.training_step(torch.rand(1, 3, 16, 16), 0)
     loss.backward()
@@ -274,6 +276,37 @@ def test_batch_of_one_trains_through_1x1_batchnorm_without_touching_statistics()
     assert all(m.training for m in norms)
     for m, b in zip(norms, before, strict=True):
         torch.testing.assert_close(m.running_mean, b)
+
+
+def test_a_fresh_vae_spreads_a_batch_over_the_sphere_where_the_uncentred_head_points_one_way():
+    """The KL to the uniform prior ignores the locations; the centring gives a batch the prior's mean (zero) from
+    the first step, where the bare linear head of positive (ReLU) features points the batch one way."""
+    torch.manual_seed(0)
+    model = vae_2d()
+    x = torch.rand(64, *model.input_dim)
+    location, _ = model.encoder(x)
+    uncentred = F.normalize(model.encoder.fc_location(model.encoder.encoder(x)), dim=-1)
+    assert uncentred.mean(0).norm() > 0.9  # one clump
+    assert location.mean(0).norm() < 0.3
+    model.eval()  # running statistics: each row's location no longer depends on the rest of its batch
+    with torch.no_grad():
+        torch.testing.assert_close(model.encode(x[:3]), model.encode(x)[:3])
+
+
+def test_a_state_dict_from_before_the_centring_loads_and_encodes_as_it_did():
+    torch.manual_seed(0)
+    old = vae_1d().eval()
+    state = {k: v for k, v in old.state_dict().items() if not k.startswith("encoder.centre.")}
+    model = vae_1d()
+    model.encoder.centre.running_mean.fill_(5.0)  # the loaded state decides, not these
+    model.load_state_dict(state)  # strict: the missing statistics are filled in
+    model.eval()
+    x = torch.rand(5, 1, 32)
+    with torch.no_grad():
+        before = F.normalize(old.encoder.fc_location(old.encoder.encoder(x)), dim=-1)
+        torch.testing.assert_close(model.encode(x), before)
+    with pytest.raises(RuntimeError, match="centre.running_var"):  # a state with the centring must be whole
+        vae_1d().load_state_dict({k: v for k, v in old.state_dict().items() if k != "encoder.centre.running_var"})
 
 
 def test_predict_step_returns_location_scale_and_id_columns():
