@@ -4,7 +4,9 @@ figures for PCA of the inputs onto S^2 and kNN on the raw inputs (see :mod:`sphe
 
 ``spherinator evaluate -c model.yaml -c data.yaml --ckpt_path last.ckpt --label-column label --columns a,b``
 composes the configs exactly as ``spherinator fit`` does (the model comes from the checkpoint), prints a table and
-writes ``sphere_report.json``.
+writes ``sphere_report.json`` and, beside it, pictures: the positions on a Mollweide map (``sphere_map.png``, and
+``sphere_map_<column>.png`` coloured by the label and each column), the decoder's images over the sphere
+(``sphere_decoded.png``, images on S^2) and eight rows beside their reconstructions (``reconstructions.png``).
 """
 
 from __future__ import annotations
@@ -228,9 +230,40 @@ def evaluate(
     ckpt = Path(ckpt_path)
     directory = out if out is not None else (ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent)
     directory.mkdir(parents=True, exist_ok=True)
+    report["pictures"] = write_pictures(model, rows, keep, directory)
     path = directory / REPORT_NAME
     path.write_text(json.dumps(report, indent=2) + "\n")
     return {**report, "path": str(path)}
+
+
+def write_pictures(model: Any, rows: dict[str, np.ndarray], columns: list[str], directory: Path) -> dict[str, str]:
+    """The pictures of the module docstring, written into ``directory``; {file name: path}."""
+    from PIL import Image
+
+    from spherinator.callbacks.latent_sphere import decoded_map, mollweide_map, sphere_grid
+    from spherinator.callbacks.log_reconstruction import reconstruction_picture
+
+    location = torch.from_numpy(rows["location"]).float()
+    pictures = {"sphere_map.png": mollweide_map(location)}
+    for column in columns:
+        values = np.asarray(rows[column])
+        if values.dtype.kind in "biuf":  # string ids colour nothing
+            pictures[f"sphere_map_{column}.png"] = mollweide_map(location, torch.from_numpy(values).double(), column)
+    device = next(model.parameters()).device
+    input_dim = tuple(model.input_dim) if model.input_dim is not None else None
+    with torch.no_grad():
+        if input_dim is not None and len(input_dim) in (2, 3):
+            x = torch.from_numpy(rows["inputs"][:8]).float().reshape(-1, *input_dim)
+            x_hat = model(x.to(device)).float().cpu()
+            pictures["reconstructions.png"] = reconstruction_picture(x, x_hat)
+        if location.shape[1] == 3 and input_dim is not None and len(input_dim) == 3:
+            points = sphere_grid()
+            pictures["sphere_decoded.png"] = decoded_map(points, model.decode(points.to(device)).float().cpu())
+    written = {}
+    for name, image in pictures.items():
+        Image.fromarray(image).save(directory / name)
+        written[name] = str(directory / name)
+    return written
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -249,4 +282,4 @@ def main(argv: list[str] | None = None) -> None:
     which = f"every row of the data ({splits})" if used == total else f"{used} of {total} rows (seed {args.seed})"
     print(f"sphere report of {args.ckpt_path}: {which}")
     print(format_report(report))
-    print(f"wrote {report['path']}")
+    print(f"wrote {report['path']} and {len(report['pictures'])} pictures: {', '.join(report['pictures'])}")

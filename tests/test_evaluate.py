@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from PIL import Image
 
 from spherinator.cli import main
 from tests.conftest import write_fast_layout
@@ -66,6 +67,15 @@ def test_evaluate_reports_the_sphere_beside_pca_and_raw_inputs(trained, tmp_path
     assert raw["knn_accuracy"]["label"] > 0.9 and raw["knn_r2"]["cx"] > 0.9  # the pixels tell where the blob is
     assert pca["knn_r2"]["cx"] > 0.5
     assert set(sphere["knn_r2"]) == {"cx", "id"} and isinstance(report["warnings"], list)
+    names = {"sphere_map.png", "sphere_map_label.png", "sphere_map_cx.png", "sphere_map_id.png",
+             "reconstructions.png", "sphere_decoded.png"}  # fmt: skip
+    assert set(report["pictures"]) == names and f"{len(names)} pictures" in out
+    for name in names:
+        with Image.open(tmp_path / name) as picture:
+            assert picture.format == "PNG" and picture.mode == "RGB"
+            assert picture.width > 200 and picture.height > 60 and len(set(picture.get_flattened_data())) > 10, name
+    with Image.open(tmp_path / "reconstructions.png") as grid:  # 8 originals above their 8 reconstructions
+        assert grid.size == (8 * (32 + 2) + 2, 2 * (32 + 2) + 2)
 
 
 def test_evaluate_samples_rows_and_writes_beside_the_checkpoint_by_default(trained, capsys):

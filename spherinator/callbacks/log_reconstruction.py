@@ -53,8 +53,13 @@ class LogReconstructionCallback(pl.Callback):
             return
         x = self._originals.float()
         x_hat = run_in_eval(pl_module, pl_module, x)
-        image = _image_grid(x, x_hat) if x.dim() == 4 else _line_plots(x, x_hat)
-        log_image(trainer, "reconstructions", image)
+        log_image(trainer, "reconstructions", reconstruction_picture(x, x_hat))
+
+
+def reconstruction_picture(x: torch.Tensor, x_hat: torch.Tensor) -> np.ndarray:
+    """Originals beside their reconstructions, (B, C, H, W) as an image grid, (B, C, L) as line plots; (H', W', 3)
+    uint8."""
+    return _image_grid(x, x_hat) if x.dim() == 4 else _line_plots(x, x_hat)
 
 
 def _image_grid(x: torch.Tensor, x_hat: torch.Tensor) -> np.ndarray:
