@@ -173,5 +173,13 @@ def test_callback_overlays_add_up(image_dataset, tmp_path):
     # differs from callback_best_model.yaml's: both kept
     assert [c.class_path.rsplit(".", 1)[1] for c in cli.config.trainer.callbacks] == [
         "KLAnnealing", "LogLatentSphere", "ModelCheckpoint",  # each overlay's callback, in order
-        "ModelCheckpoint", "LogReconstructionCallback", "SphereQuality",  # demo.yaml's
+        "ModelCheckpoint", "LogReconstructionCallback",  # demo.yaml's (its SphereQuality comes with vae_cnn3.yaml)
     ]  # fmt: skip
+
+
+@pytest.mark.parametrize("name", MODEL_YAMLS)
+def test_every_model_yaml_watches_its_sphere_while_it_trains(name):
+    """Each model file brings SphereQuality (coverage, concentration, KL per epoch, the collapse warning)."""
+    config = yaml.safe_load(Path(exp(name)).read_text())
+    paths = [callback["class_path"] for callback in config["trainer"]["callbacks"]]
+    assert "spherinator.callbacks.SphereQuality" in paths

@@ -119,10 +119,11 @@ def test_a_sweep_with_overrides_on_two_nodes_is_fit_with_the_swept_values(images
         assert (task_dict["trainer"]["num_nodes"], task_dict["trainer"]["strategy"]) == (2, "ddp")
         assert "trainer.num_nodes: 1 -> 2" in composed.changes
         assert "trainer.strategy: 'auto' -> 'ddp'" in composed.changes
-    # The callbacks of demo.yaml (appended across -c files) are all there, in order, plus the requeue callback.
+    # The callbacks of vae_cnn3.yaml and demo.yaml (appended across -c files) are all there, in order, plus the
+    # requeue callback.
     names = [cb["class_path"].rsplit(".", 1)[1] for cb in task_dict["trainer"]["callbacks"]]
     assert names == [
-        "ModelCheckpoint", "LogReconstructionCallback", "LogLatentSphere", "SphereQuality", "RequeueOnSignal"
+        "SphereQuality", "ModelCheckpoint", "LogReconstructionCallback", "LogLatentSphere", "RequeueOnSignal"
     ]  # fmt: skip
 
 

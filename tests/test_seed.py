@@ -408,7 +408,7 @@ def test_vae_snippet_with_seed_encoder_and_decoder_at_65(image_dataset, tmp_path
     last_block = vae.decoder.cnn[1]
     assert not any(isinstance(m, nn.ReLU) for m in last_block) and isinstance(last_block[-1], nn.BatchNorm2d)
     assert isinstance(vae.decoder.cnn[0][-1], nn.ReLU)
-    # VariationalEncoder: fc_location -> unit-norm location of size z_dim, fc_scale -> softplus + 1
+    # VariationalEncoder: fc_location -> centred per axis -> unit-norm location of size z_dim, fc_scale -> softplus + 1
     assert isinstance(vae.encoder, VariationalEncoder)
     assert (vae.encoder.fc_location.in_features, vae.encoder.fc_location.out_features) == (64, 3)
     assert (vae.encoder.fc_scale.in_features, vae.encoder.fc_scale.out_features) == (64, 1)
@@ -416,7 +416,7 @@ def test_vae_snippet_with_seed_encoder_and_decoder_at_65(image_dataset, tmp_path
     with torch.no_grad():
         location, scale = vae.encoder(x)
         h = backbone(x)
-        torch.testing.assert_close(location, F.normalize(vae.encoder.fc_location(h), dim=-1))
+        torch.testing.assert_close(location, F.normalize(vae.encoder.centre(vae.encoder.fc_location(h)), dim=-1))
         torch.testing.assert_close(scale, F.softplus(vae.encoder.fc_scale(h)).squeeze(-1) + 1)
         assert vae(x).shape == x.shape
     torch.testing.assert_close(location.norm(dim=1), torch.ones(2))  # z_dim 3: on the sphere S^2
@@ -960,6 +960,7 @@ def test_callback_files_chained_keep_both_callbacks():
     args = [a for n in files for a in ("-c", str(EXPERIMENTS / n))]
     callbacks = _ParseOnly(args=args, run=False).config.trainer.callbacks
     assert [cb.class_path for cb in callbacks] == [
+        "spherinator.callbacks.SphereQuality",  # vae_cnn3.yaml's own
         "spherinator.callbacks.LogReconstructionCallback", "lightning.pytorch.callbacks.ModelCheckpoint",
     ]  # fmt: skip
 
