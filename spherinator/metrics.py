@@ -19,7 +19,10 @@ SCALE_FLOOR = 1.0  # the encoder's concentration is softplus + 1
 # scale 2, 4.7 at scale 300, and telling one of 100 cells apart takes about ln 100 = 4.6 nats.
 FLOOR_MARGIN = 0.1  # a scale below floor + this counts as at the floor
 KL_NEAR_ZERO = 0.5  # nats per sample
-COVERAGE_FRACTION = 0.5  # coverage below this fraction of a uniform sample's is far below it
+# Coverage below this fraction of a uniform sample's is far below it. Healthy demo runs start in one region and
+# spread: their validation coverage stayed above 0.27 of uniform's from the second epoch on, where runs that never
+# spread sat at 0.1-0.2 of it (measured on the aligned demo, 10 runs).
+COVERAGE_FRACTION = 0.25
 CLUMP_RESULTANT = 0.8  # mean resultant length above this: one cap of about 10% of the sphere holds the points
 
 

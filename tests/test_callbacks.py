@@ -321,6 +321,31 @@ def test_sphere_quality_warns_once_on_a_collapsed_model_with_numbers_and_the_fix
     assert "val_knn_accuracy" in callback.figures  # (a few steps of training spread the clump a hair: kNN sees it)
 
 
+class _ScaleAtFloorFor(pl.Callback):
+    """Sets the concentration head before each validation: at its floor for the first ``epochs``, 51 after."""
+
+    def __init__(self, epochs: int) -> None:
+        self.epochs = epochs
+
+    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        with torch.no_grad():
+            pl_module.encoder.fc_scale.weight.zero_()
+            pl_module.encoder.fc_scale.bias.fill_(-30.0 if trainer.current_epoch < self.epochs else 50.0)
+
+
+@pytest.mark.parametrize(("floor_epochs", "warned"), [(2, False), (4, True)])
+def test_sphere_quality_waits_out_a_start_at_the_floor_and_warns_when_it_stays(tmp_path, recwarn, floor_epochs, warned):
+    """Healthy demo runs sat at the floor for their first two epochs; the default patience (3) lets them climb and
+    still tells a run that stays there after its third."""
+    data = DataLoader(_Rows(), batch_size=50)
+    run = trainer(tmp_path, [_ScaleAtFloorFor(floor_epochs), SphereQuality()], max_epochs=4, limit_train_batches=1)
+    run.fit(sphere_vae(False), data, data)
+    messages = sphere_warnings(recwarn)
+    assert len(messages) == int(warned), messages
+    if warned:
+        assert "after 3 validation epochs of 300 rows" in messages[0] and "is at its floor" in messages[0]
+
+
 def test_sphere_quality_logs_healthy_figures_without_a_warning(tmp_path, recwarn):
     data = DataLoader(_Rows(), batch_size=50)
     logger = TensorBoardLogger(tmp_path, name="tb", version=0)

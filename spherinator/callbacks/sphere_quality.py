@@ -64,11 +64,13 @@ class SphereQuality(pl.Callback):
         label_column: Per-row class label in the batch dict, for ``val_knn_accuracy``.
         k: Neighbours of the kNN classifier.
         nside: HEALPix resolution of the coverage (4: 192 cells).
-        patience: Validation epochs in a row with collapsed figures before the warning.
+        patience: Validation epochs in a row with collapsed figures before the warning. Healthy runs can start at
+            the floor: on the demo the median concentration sat at 1.0 for the first two epochs of runs that
+            reached 10-80 by the tenth, where a collapsed run stays there (3: warned after the third epoch).
     """
 
     def __init__(
-        self, max_samples: int = 5000, label_column: str | None = None, k: int = 5, nside: int = 4, patience: int = 2
+        self, max_samples: int = 5000, label_column: str | None = None, k: int = 5, nside: int = 4, patience: int = 3
     ) -> None:
         super().__init__()
         if max_samples < 10 or k < 1 or nside < 1 or patience < 1:
