@@ -12,7 +12,8 @@ onto S^2, and kNN on the raw inputs, with the targets of issue #12:
 
     python tools/bench/bench_sphere.py [--only demo|digits] [--epochs N] [--seeds 0,1] [--keep DIR]
 
-Everything is written to a temporary directory (``--keep DIR`` keeps runs, reports and pictures there).
+Everything is written to a temporary directory (``--keep DIR`` keeps runs, reports and the pictures ``spherinator
+evaluate`` draws there: the sphere coloured by each column, the decoded sphere, reconstructions).
 """
 
 from __future__ import annotations
@@ -165,6 +166,9 @@ def main() -> None:
                 continue
             results = [train_and_evaluate(name, recipe, work, seed, args.epochs) for seed in seeds]
             met &= print_table(name, results, recipe)
+            if args.keep:
+                pictures = results[0]["report"]["pictures"]
+                print(f"pictures ({', '.join(pictures)}): {Path(next(iter(pictures.values()))).parent}")
         print(f"\nall targets met: {'yes' if met else 'no'}")
 
 
