@@ -346,6 +346,29 @@ def test_sphere_quality_waits_out_a_start_at_the_floor_and_warns_when_it_stays(t
         assert "after 3 validation epochs of 300 rows" in messages[0] and "is at its floor" in messages[0]
 
 
+class _EquatorRows(_Rows):
+    """Rows on the equator of S^2 only: spread (no clump) but on a sixth of the cells."""
+
+    def __init__(self, n: int = 300) -> None:
+        super().__init__(n)
+        flat = self.images.view(n, -1)
+        flat[:, :3] = torch.nn.functional.normalize(flat[:, :3] * torch.tensor([1.0, 1.0, 0.0]), dim=1)
+
+
+@pytest.mark.parametrize(("epochs", "warned"), [(1, False), (2, True)])
+def test_sphere_quality_gives_a_mostly_empty_sphere_twice_the_patience(tmp_path, recwarn, epochs, warned):
+    data = DataLoader(_EquatorRows(), batch_size=50)
+    callback = SphereQuality(patience=1)
+    run = trainer(tmp_path, [_ScaleAtFloorFor(0), callback], max_epochs=epochs, limit_train_batches=1)
+    run.fit(sphere_vae(False), data, data)
+    assert callback.figures["val_coverage"] < 0.2 and callback.figures["val_resultant_length"] < 0.2
+    assert callback.figures["val_scale_p50"] == pytest.approx(51.0)  # healthy but for its coverage
+    messages = sphere_warnings(recwarn)
+    assert len(messages) == int(warned), messages
+    if warned:
+        assert "after 2 validation epochs of 300 rows" in messages[0] and "the sphere is mostly empty" in messages[0]
+
+
 def test_sphere_quality_logs_healthy_figures_without_a_warning(tmp_path, recwarn):
     data = DataLoader(_Rows(), batch_size=50)
     logger = TensorBoardLogger(tmp_path, name="tb", version=0)
