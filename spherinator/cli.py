@@ -240,7 +240,8 @@ def drop_repeated_callbacks(config: Namespace) -> None:
 
     Callbacks of ``-c`` files are appended (:func:`append_callbacks_across_configs`), so a run's saved
     ``config.yaml`` layered with the overlays it was made from would list each of their callbacks twice: two
-    ModelCheckpoints writing the same files. Callbacks that differ in any argument are all kept.
+    ModelCheckpoints writing the same files. Callbacks that differ in any argument are all kept, but for the
+    classes of :data:`ONE_PER_RUN`, of which the last one listed is kept.
     """
     callbacks = config.get("trainer.callbacks") if isinstance(config.get("trainer"), Namespace) else None
     if not isinstance(callbacks, list):
@@ -249,8 +250,30 @@ def drop_repeated_callbacks(config: Namespace) -> None:
     for callback in callbacks:
         if not any(callback == other for other in kept):
             kept.append(callback)
+    for class_path in ONE_PER_RUN:  # the later one replaces the earlier, said on stderr
+        listed = [c for c in kept if isinstance(c, Namespace) and c.get("class_path") == class_path]
+        for earlier in listed[:-1]:
+            kept.remove(earlier)
+            later_args, earlier_args = _init_args(listed[-1]), _init_args(earlier)
+            differ = [k for k in {**earlier_args, **later_args} if later_args.get(k) != earlier_args.get(k)]
+            print(
+                f"spherinator: trainer.callbacks lists {class_path.rsplit('.', 1)[-1]} more than once; the later one "
+                f"({', '.join(f'{k}: {later_args.get(k)}' for k in differ)}) replaces the earlier "
+                f"({', '.join(f'{k}: {earlier_args.get(k)}' for k in differ)})",
+                file=sys.stderr,
+            )
     if len(kept) < len(callbacks):
         config["trainer.callbacks"] = kept
+
+
+# Stateful callbacks whose state does not depend on their arguments: Lightning refuses two of them in one trainer
+# ("Found more than one stateful callback"), and every model file of experiments/ brings its own SphereQuality.
+ONE_PER_RUN = ("spherinator.callbacks.SphereQuality",)
+
+
+def _init_args(callback: Namespace) -> dict[str, Any]:
+    init_args = callback.get("init_args")
+    return init_args.as_dict() if isinstance(init_args, Namespace) else dict(init_args or {})
 
 
 def print_resolved_config(parser: LightningArgumentParser, config: Namespace, argv: list[str], flag: str) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -230,8 +231,9 @@ def evaluate(
     ckpt = Path(ckpt_path)
     directory = out if out is not None else (ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent)
     directory.mkdir(parents=True, exist_ok=True)
-    report["pictures"] = write_pictures(model, rows, keep, directory)
     path = directory / REPORT_NAME
+    path.write_text(json.dumps(report, indent=2) + "\n")  # first: a picture that fails loses no figure
+    report["pictures"] = write_pictures(model, rows, [c for c in keep if c in rows], directory)
     path.write_text(json.dumps(report, indent=2) + "\n")
     return {**report, "path": str(path)}
 
@@ -240,15 +242,14 @@ def write_pictures(model: Any, rows: dict[str, np.ndarray], columns: list[str], 
     """The pictures of the module docstring, written into ``directory``; {file name: path}."""
     from PIL import Image
 
-    from spherinator.callbacks.latent_sphere import decoded_map, mollweide_map, sphere_grid
+    from spherinator.callbacks.latent_sphere import decoded_map, mollweide_map, on_s2, sphere_grid
     from spherinator.callbacks.log_reconstruction import reconstruction_picture
 
     location = torch.from_numpy(rows["location"]).float()
     pictures = {"sphere_map.png": mollweide_map(location)}
     for column in columns:
-        values = np.asarray(rows[column])
-        if values.dtype.kind in "biuf":  # string ids colour nothing
-            pictures[f"sphere_map_{column}.png"] = mollweide_map(location, torch.from_numpy(values).double(), column)
+        values = torch.from_numpy(np.asarray(rows[column])).double()
+        pictures[f"sphere_map_{re.sub(r'[^A-Za-z0-9_.-]', '_', column)}.png"] = mollweide_map(location, values, column)
     device = next(model.parameters()).device
     input_dim = tuple(model.input_dim) if model.input_dim is not None else None
     with torch.no_grad():
@@ -256,9 +257,10 @@ def write_pictures(model: Any, rows: dict[str, np.ndarray], columns: list[str], 
             x = torch.from_numpy(rows["inputs"][:8]).float().reshape(-1, *input_dim)
             x_hat = model(x.to(device)).float().cpu()
             pictures["reconstructions.png"] = reconstruction_picture(x, x_hat)
-        if location.shape[1] == 3 and input_dim is not None and len(input_dim) == 3:
+        if on_s2(location) and input_dim is not None and len(input_dim) == 3:
             points = sphere_grid()
             pictures["sphere_decoded.png"] = decoded_map(points, model.decode(points.to(device)).float().cpu())
+    directory.mkdir(parents=True, exist_ok=True)
     written = {}
     for name, image in pictures.items():
         Image.fromarray(image).save(directory / name)

@@ -94,3 +94,27 @@ def test_evaluate_names_a_missing_column_in_one_line(trained, capsys):
     assert exit_.value.code == 2
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert error.startswith("spherinator evaluate: error:") and "'digit'" in error
+
+
+def test_pictures_follow_the_model_spectra_as_line_plots_and_no_decoded_sphere_off_s2(tmp_path):
+    """A 1-D VAE: line plots, a decoded sphere only for images; an Autoencoder's free 3-d code is not on S^2."""
+    import torch
+
+    from spherinator.evaluate import write_pictures
+    from spherinator.models import Autoencoder, UpsamplingDecoder2D
+    from tests.test_models import encoder_2d, vae_1d
+
+    torch.manual_seed(0)
+    for name, model, x in (
+        ("vae1d", vae_1d().eval(), torch.rand(12, 1, 32)),
+        ("ae", Autoencoder(encoder_2d(output_dim=3), UpsamplingDecoder2D(base_channels=8, seed_size=4)).eval(),
+         torch.rand(12, 3, 16, 16)),
+    ):  # fmt: skip
+        with torch.no_grad():
+            location = model.encode(x)
+        rows = {"location": location.numpy(), "inputs": x.flatten(1).numpy(), "flux/total": x.flatten(1).sum(1).numpy()}
+        written = write_pictures(model, rows, ["flux/total"], tmp_path / name)
+        assert set(written) == {"sphere_map.png", "sphere_map_flux_total.png", "reconstructions.png"}, name
+        for path in written.values():
+            with Image.open(path) as picture:
+                assert picture.format == "PNG" and picture.width > 100

@@ -12,6 +12,7 @@ import pytest
 import torch
 import yaml
 
+from spherinator.callbacks import SphereQuality
 from spherinator.cli import SpherinatorCLI, main
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
@@ -183,3 +184,21 @@ def test_every_model_yaml_watches_its_sphere_while_it_trains(name):
     config = yaml.safe_load(Path(exp(name)).read_text())
     paths = [callback["class_path"] for callback in config["trainer"]["callbacks"]]
     assert "spherinator.callbacks.SphereQuality" in paths
+
+
+def test_a_second_sphere_quality_replaces_the_model_files_one_and_says_so(image_dataset, tmp_path, capsys):
+    """vae_cnn3.yaml brings SphereQuality(); an overlay asking for the kNN figure brings another. Lightning refuses
+    two (its state has one key), so the later one is kept and stderr says which."""
+    files = []
+    for name, init_args in (("model.yaml", {}), ("knn.yaml", {"label_column": "label"})):  # as vae_cnn3.yaml's
+        files += ["-c", str(tmp_path / name)]
+        callback = {"class_path": "spherinator.callbacks.SphereQuality", "init_args": init_args}
+        (tmp_path / name).write_text(yaml.safe_dump({"trainer": {"callbacks": [callback]}}))
+    args = ["-c", TINY, *files]
+    cli = SpherinatorCLI(args=[*args, "-c", test_overlay(tmp_path, image_dataset)], run=False)
+    quality = [c for c in cli.trainer.callbacks if isinstance(c, SphereQuality)]
+    assert len(quality) == 1 and quality[0].label_column == "label"
+    err = capsys.readouterr().err
+    said = "lists SphereQuality more than once; the later one (label_column: label) replaces the earlier"
+    assert f"{said} (label_column: None)" in err
+    assert err.count("more than once") == 1

@@ -293,6 +293,38 @@ def test_a_fresh_vae_spreads_a_batch_over_the_sphere_where_the_uncentred_head_po
         torch.testing.assert_close(model.encode(x[:3]), model.encode(x)[:3])
 
 
+def test_a_training_batch_too_small_for_batch_statistics_is_centred_with_the_running_ones():
+    """Batch statistics of two rows would put them at antipodes whatever the images."""
+    torch.manual_seed(0)
+    model = vae_1d()
+    head = model.encoder
+    with torch.no_grad():
+        head.centre.running_mean.copy_(torch.tensor([0.1, -0.2, 0.3]))
+        head.centre.running_var.copy_(torch.tensor([2.0, 0.5, 1.0]))
+        x = torch.rand(2, 1, 32)
+        location, _ = head(x)
+        pre = head.fc_location(head.encoder(x))
+    expected = F.normalize(
+        (pre - head.centre.running_mean) / (head.centre.running_var + head.centre.eps).sqrt(), dim=-1
+    )
+    torch.testing.assert_close(location, expected)
+    assert (location[0] + location[1]).norm() > 1e-3  # not antipodal
+    torch.testing.assert_close(head.centre.running_mean, torch.tensor([0.1, -0.2, 0.3]))  # left as they were
+    assert (
+        head.min_batch == 8
+        and VariationalAutoencoder(encoder_1d(), decoder_1d(output_dim=None), z_dim=9).encoder.min_batch == 11
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+def test_the_sphere_head_runs_in_the_models_own_dtype(dtype):
+    """precision: bf16-true / 64-true cast the model, the centring's statistics with it."""
+    model = vae_1d().to(dtype)
+    for batch in (16, 2):  # batch statistics, running statistics
+        location, scale = model.encoder(torch.rand(batch, 1, 32, dtype=dtype))
+        assert location.dtype == scale.dtype == torch.float32 and torch.isfinite(location).all()
+
+
 def test_a_state_dict_from_before_the_centring_loads_and_encodes_as_it_did():
     torch.manual_seed(0)
     old = vae_1d().eval()

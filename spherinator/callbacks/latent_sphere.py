@@ -88,8 +88,7 @@ class LogLatentSphere(pl.Callback):
         if colors is not None and bool(colors.isnan().all()):
             colors = None
         log_image(trainer, "latent_sphere", mollweide_map(z, colors, self.color_column))
-        on_sphere = z.shape[1] == 3 and torch.allclose(z.norm(dim=-1), torch.ones(len(z)), atol=1e-3)
-        if self.decoded and on_sphere and callable(getattr(pl_module, "decode", None)):
+        if self.decoded and on_s2(z) and callable(getattr(pl_module, "decode", None)):
             points = sphere_grid()
             images = run_in_eval(pl_module, pl_module.decode, points)
             if images.dim() == 4:  # (N, C, H, W); spectra and cubes have no thumbnail
@@ -104,6 +103,12 @@ class LogLatentSphere(pl.Callback):
             self._color_missing = True
             rank_zero_warn(missing_column("LogLatentSphere", "color_column", self.color_column, batch))
         return torch.full((n,), float("nan"), dtype=torch.float64)
+
+
+def on_s2(z: torch.Tensor) -> bool:
+    """Whether latents (N, d) lie on the sphere S^2: d = 3 and unit norm (a VAE's locations, not an
+    Autoencoder's free code), so the decoder can be drawn over S^2."""
+    return z.shape[1] == 3 and torch.allclose(z.norm(dim=-1), torch.ones(len(z), dtype=z.dtype), atol=1e-3)
 
 
 def mollweide_map(z: torch.Tensor, colors: torch.Tensor | None = None, color_label: str | None = None) -> np.ndarray:

@@ -11,10 +11,10 @@ class VariationalEncoder(nn.Module):
     """Wraps a backbone encoder with two linear heads giving a Power Spherical posterior.
 
     ``fc_location`` maps the backbone output to a vector in R^z_dim, ``centre`` (a BatchNorm1d without affine
-    parameters) gives each of its axes mean 0 and variance 1 over the batch (running statistics in eval mode), and
-    its direction is the unit-norm location (B, z_dim). ``fc_scale`` maps the backbone output to a concentration
-    (B,) via softplus + 1 (so it never collapses to 0), clamped at ``max_scale``. Both are returned in float32
-    even under mixed precision, since the distribution needs it.
+    parameters) standardises each of its axes to mean 0 and variance 1 over the batch (running statistics in eval
+    mode), and its direction is the unit-norm location (B, z_dim). ``fc_scale`` maps the backbone output to a
+    concentration (B,) via softplus + 1 (so it never collapses to 0), clamped at ``max_scale``. Both are returned
+    in float32 even under mixed precision, since the distribution needs it.
 
     Why the centring: the KL to the uniform prior depends on the concentration only, so nothing in the loss moves
     the locations apart, and an encoder of positive (ReLU) features starts with every location in one direction.
@@ -22,8 +22,13 @@ class VariationalEncoder(nn.Module):
     length of 0.999 after the first epoch and 0.68 after the tenth, and all 2048 rows covered 13 % of the sphere's
     192 equal-area cells; with it, 62 %: the batch's mean is the uniform prior's (zero) from the first step on.
 
+    A training batch of fewer than ``max(8, z_dim + 2)`` rows (a last partial batch, a small per-device batch) is
+    centred with the running statistics instead: batch statistics of two rows would put them at antipodes, of
+    z_dim rows on one great circle, whatever the images.
+
     A state dict saved before the centring existed loads as it was: its missing running statistics are filled
-    with mean 0 and variance 1, which leaves every direction unchanged.
+    with mean 0 and variance 1, which leaves every direction unchanged (in eval mode; training on from it
+    centres as any model now does).
 
     Args:
         encoder: Backbone mapping (B, *input_dim) -> (B, encoder_out_dim).
@@ -38,6 +43,7 @@ class VariationalEncoder(nn.Module):
         self.fc_location = nn.Linear(encoder_out_dim, z_dim)
         self.fc_scale = nn.Linear(encoder_out_dim, 1)
         self.centre = nn.BatchNorm1d(z_dim, affine=False)
+        self.min_batch = max(8, z_dim + 2)
         self.register_load_state_dict_pre_hook(_identity_centre_for_older_state)
         self.max_scale = float(max_scale)
         self.input_dim: tuple[int, ...] | None = getattr(encoder, "input_dim", None)
@@ -45,7 +51,13 @@ class VariationalEncoder(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         h = self.encoder(x)  # (B, encoder_out_dim)
-        location = F.normalize(self.centre(self.fc_location(h).float()), dim=-1)  # (B, z_dim), unit norm
+        pre = self.fc_location(h)
+        pre = pre.to(self.centre.running_mean.dtype)  # the statistics' dtype: float32 under mixed precision
+        if self.centre.training and len(pre) < self.min_batch:  # too few rows for batch statistics
+            centred = F.batch_norm(pre, self.centre.running_mean, self.centre.running_var, eps=self.centre.eps)
+        else:
+            centred = self.centre(pre)
+        location = F.normalize(centred.float(), dim=-1)  # (B, z_dim), unit norm
         scale = (F.softplus(self.fc_scale(h).float()) + 1.0).clamp(max=self.max_scale).squeeze(-1)  # (B,)
         return location, scale
 
