@@ -21,14 +21,16 @@ class AlignByMoments(nn.Module):
     """Centre each image on its light and turn its major axis horizontal, from the image moments.
 
     The light of an image is the mean over its channels minus the sky level, which is the median of the stamp's
-    border pixels; pixels below ``threshold`` sigmas of the border's noise count as sky. The centroid (first
-    moments) of the light is moved to the stamp's centre and the image is rotated by the position angle of the
+    border pixels. The moments weigh each pixel by its light above ``threshold`` sigmas of the border's noise
+    (pixels below count as sky). The centroid (first moments) of the light is moved to the stamp's centre and the image is rotated by the position angle of the
     second moments, bilinearly, repeating the border where the stamp runs out. The light of a round object has no
     major axis: it keeps its orientation. The sign of the axis is a free choice (a galaxy turned by 180 degrees is
     the same galaxy), so aligned images may still differ by a half turn.
 
     Works on one image ``(C, H, W)`` or a batch ``(B, C, H, W)`` (a ``Column`` transform gets whole batches), in
-    the input's dtype and device.
+    the input's dtype and device. A 3-d input is one image: single-channel images stored as ``(H, W)`` arrive as
+    ``(B, H, W)`` batches and would be aligned as one, so store them as ``(1, H, W)``. An image with no pixel above
+    the threshold keeps its place and orientation; one of noise only is moved by its brightest noise.
 
     Args:
         centre: Shift the light's centroid to the centre of the stamp.

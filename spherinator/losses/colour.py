@@ -18,7 +18,8 @@ class ColourWeightedMSELoss(nn.Module):
     pixel values it moves: for galaxies that is size, brightness and shape first, while colour (the stellar
     population: red bulges, blue disks) changes every pixel by a small fraction of its light. ``colour_weight`` > 1
     asks the latent space to spend its few degrees of freedom on colour too. The loss stays a mean over the N values
-    of a sample, so a VAE's ``beta`` keeps its meaning (see the README).
+    of a sample: against a VAE's ``beta`` the luminance part is the Gaussian likelihood of pixel variance
+    beta * N / 2 (see the README), the colour part one of variance beta * N / (2 * colour_weight).
 
     Args:
         colour_weight: Weight of the colour part (band differences from the luminance) against the luminance part.
