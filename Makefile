@@ -66,6 +66,7 @@ bench: venv
 	$(BIN)/python tools/bench/bench_onnx.py
 	$(BIN)/python tools/bench/bench_startup.py
 	$(BIN)/python tools/bench/bench_atlas.py
+	$(BIN)/python tools/bench/bench_sphere.py
 
 # One CUDA GPU, under 8 minutes: the demo recipe in bf16-mixed and 32, DeepSpeed stage 2, pinned memory, ONNX
 # Runtime on CUDA (README "GPU check"). `python tools/bench/gpu_check.py --cpu` is the reduced mode CI runs.
