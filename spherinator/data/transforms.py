@@ -22,10 +22,11 @@ class AlignByMoments(nn.Module):
 
     The light of an image is the mean over its channels minus the sky level, which is the median of the stamp's
     border pixels. The moments weigh each pixel by its light above ``threshold`` sigmas of the border's noise
-    (pixels below count as sky). The centroid (first moments) of the light is moved to the stamp's centre and the image is rotated by the position angle of the
-    second moments, bilinearly, repeating the border where the stamp runs out. The light of a round object has no
-    major axis: it keeps its orientation. The sign of the axis is a free choice (a galaxy turned by 180 degrees is
-    the same galaxy), so aligned images may still differ by a half turn.
+    (pixels below count as sky). The centroid (first moments) of the light is moved to the stamp's centre and the
+    image is rotated by the position angle of the second moments, bilinearly, repeating the border where the stamp
+    runs out. The light of a round object has no major axis: it keeps its orientation. The sign of the axis is a
+    free choice (a galaxy turned by 180 degrees is the same galaxy), so aligned images may still differ by a half
+    turn.
 
     Works on one image ``(C, H, W)`` or a batch ``(B, C, H, W)`` (a ``Column`` transform gets whole batches), in
     the input's dtype and device. A 3-d input is one image: single-channel images stored as ``(H, W)`` arrive as
