@@ -181,8 +181,11 @@ def write_demo_data(mode: Mode, root: Path) -> Path:
     return out
 
 
-def build_cli(mode: Mode, data: Path, precision: str, *configs: Path, epochs: int | None = None) -> Any:
-    """The demo recipe (vae_cnn3 + demo data) as `spherinator fit` composes it, on this run's data and device."""
+def build_cli(
+    mode: Mode, data: Path, precision: str, *configs: Path, epochs: int | None = None, extra: tuple[str, ...] = ()
+) -> Any:
+    """The demo recipe (vae_cnn3 + demo data) as `spherinator fit` composes it, on this run's data and device;
+    ``extra``: more command-line arguments."""
     from spherinator.cli import SpherinatorCLI
 
     args = ["-c", str(MODEL), "-c", str(DEMO)]
@@ -196,7 +199,7 @@ def build_cli(mode: Mode, data: Path, precision: str, *configs: Path, epochs: in
     ]  # fmt: skip
     if mode.batch_size is not None:
         args += ["--data.init_args.batch_size", str(mode.batch_size)]
-    return SpherinatorCLI(args=args, run=False)
+    return SpherinatorCLI(args=[*args, *extra], run=False)
 
 
 def fit(mode: Mode, data: Path, precision: str, *configs: Path, epochs: int | None = None) -> tuple[dict, Any]:
@@ -250,13 +253,10 @@ def read_batches(mode: Mode, data: Path, pin_memory: bool | None, to_device: boo
     """Read ``mode.batches`` batches of the demo DataModule (after 3 warm-up batches); with ``to_device`` copy each
     to the GPU (non_blocking, synchronised at the end)."""
     import torch
-    import yaml
 
-    from spherinator.data import DataModule
-
-    demo = yaml.safe_load(DEMO.read_text())["data"]["init_args"]
-    demo = {**demo, "path": data, "num_workers": mode.workers, "pin_memory": pin_memory}
-    dm = DataModule(**{**demo, "batch_size": mode.batch_size or demo["batch_size"]})
+    # composed as the fit composes it (demo.yaml's column transforms included)
+    pin = "null" if pin_memory is None else str(pin_memory).lower()
+    dm = build_cli(mode, data, "32", extra=("--data.init_args.pin_memory", pin)).datamodule
     dm.setup("fit")
     device = torch.device("cuda") if to_device and torch.cuda.is_available() else None
     pinned, images, nbytes, start = [], 0, 0, 0.0
