@@ -396,6 +396,46 @@ def test_sphere_quality_says_how_to_get_a_missing_label_column(tmp_path):
 def test_sphere_quality_arguments_are_checked():
     with pytest.raises(ValueError, match="patience=0"):
         SphereQuality(patience=0)
+    with pytest.raises(ValueError, match="SphereQuality: nside 3 is not a power of two"):
+        SphereQuality(nside=3)  # it reported 1% coverage of a uniform sphere
+
+
+class _RedshiftRows(_Rows):
+    """A continuous per-row column of the position (a redshift), missing (NaN) in every tenth row."""
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        z = self.images[i].view(-1)[2]
+        redshift = torch.tensor(float("nan")) if i % 10 == 0 else 1.0 + z
+        return {"data": self.images[i], "redshift": redshift}
+
+
+def test_sphere_quality_scores_a_continuous_label_with_missing_values_and_the_fit_goes_on(tmp_path):
+    """A float label with NaNs stopped the fit after the first validation epoch with sklearn's traceback."""
+    data = DataLoader(_RedshiftRows(), batch_size=50)
+    callback = SphereQuality(label_column="redshift", patience=5)
+    run = trainer(tmp_path, [callback], max_epochs=2, limit_train_batches=1)
+    with pytest.warns(UserWarning) as recorded:
+        run.fit(sphere_vae(False), data, data)
+    assert run.state.finished and run.current_epoch == 2
+    assert callback.figures["val_knn_r2"] > 0.8 and "val_knn_accuracy" not in callback.figures
+    (message,) = sphere_warnings(recorded)  # once, not each epoch
+    assert "label_column 'redshift' has no value (NaN) in 30 of 300 validation rows" in message
+
+
+class _Constant(_Rows):
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"data": self.images[i], "label": torch.tensor(1.5)}
+
+
+def test_sphere_quality_skips_a_figure_it_cannot_compute_with_one_warning(tmp_path):
+    data = DataLoader(_Constant(), batch_size=50)
+    callback = SphereQuality(label_column="label", patience=5)
+    run = trainer(tmp_path, [callback], max_epochs=2, limit_train_batches=1)
+    with pytest.warns(UserWarning) as recorded:
+        run.fit(sphere_vae(False), data, data)
+    assert run.state.finished and "val_coverage" in callback.figures and "val_knn_r2" not in callback.figures
+    (message,) = sphere_warnings(recorded)
+    assert "SphereQuality: the kNN figure of 'label' skipped" in message and "value is 1.5 in all 300 rows" in message
 
 
 def test_latent_sphere_map_is_coloured_by_a_column(tmp_path):

@@ -6,10 +6,13 @@ import numpy as np
 import pytest
 
 from spherinator.metrics import (
+    UndefinedFigure,
     collapse_warnings,
     concentration,
     coverage,
+    is_continuous,
     knn_accuracy,
+    knn_label,
     knn_r2,
     pca_sphere,
     resultant_length,
@@ -148,3 +151,94 @@ def test_bad_shapes_are_refused_with_the_shape():
         coverage(np.ones((5, 2)))
     with pytest.raises(ValueError, match="labels has 3 rows but points has 5"):
         knn_accuracy(uniform(5), [0, 1, 0])
+
+
+@pytest.mark.parametrize("nside", [3, 0, 6, -4, 2.0, True])
+def test_nside_that_is_not_a_power_of_two_is_refused(nside):
+    """nside 3 counted 1% of a uniform sphere's cells as covered (and warned of a collapse): nested HEALPix needs a
+    power of two."""
+    with pytest.raises(ValueError, match=f"nside {nside!r} is not a power of two"):
+        coverage(uniform(3000), nside=nside)
+    with pytest.raises(ValueError, match="not a power of two"):
+        sphere_report(uniform(100), nside=nside)
+
+
+def test_coverage_of_a_uniform_sample_is_near_full_at_every_power_of_two():
+    for nside in (1, 2, 4, 8):
+        cover = coverage(uniform(20000), nside=nside)
+        assert cover["coverage"] > 0.99 and cover["cells"] == 12 * nside**2
+
+
+def test_figures_the_data_cannot_define_are_undefined_not_perfect():
+    points = uniform(200)
+    with pytest.raises(UndefinedFigure, match="value is 0.5 in all 200 rows"):
+        knn_r2(points, np.full(200, 0.5))  # was 1.0: a perfect score for a column that says nothing
+    with pytest.raises(UndefinedFigure, match="at least 4 rows with a finite value, got 0"):
+        knn_r2(points, np.full(200, np.nan))
+    with pytest.raises(UndefinedFigure, match="one class"):
+        knn_accuracy(points, np.ones(200, dtype=int))  # was 1.0
+    with pytest.raises(UndefinedFigure, match="no two rows alike"):
+        knn_accuracy(points, np.arange(200).astype(str))  # every label different: was sklearn's traceback
+    with pytest.raises(UndefinedFigure, match="1 labelled row"):
+        knn_accuracy(points[:1], [3])
+    with pytest.raises(ValueError, match="needs numbers, got values of dtype <U"):
+        knn_r2(points, np.array(["a", "b"] * 100))
+
+
+def test_knn_accuracy_leaves_out_rows_without_a_label():
+    points = uniform(600)
+    labels = np.where(points[:, 2] > 0, "north", "south").astype(object)
+    labels[::7] = None
+    assert knn_accuracy(points, labels) > 0.95
+    numeric = (points[:, 2] > 0).astype(float)
+    numeric[::5] = np.nan
+    assert knn_accuracy(points, numeric) > 0.95
+
+
+def test_points_without_a_direction_are_refused_with_the_row():
+    points = uniform(10)
+    points[4] = 0.0
+    with pytest.raises(ValueError, match=r"1 row\(s\) of length 0 or not finite \(first: row 4"):
+        coverage(points)
+    points[4] = np.nan
+    with pytest.raises(ValueError, match="first: row 4"):
+        resultant_length(points)
+
+
+def test_class_labels_and_quantities_are_told_apart_by_dtype_and_values():
+    assert not is_continuous(np.array([0, 1, 2, 1]))
+    assert not is_continuous(np.array([0.0, 1.0, np.nan, 1.0]))  # whole numbers, a value missing: classes
+    assert not is_continuous(np.array(["a", "b"])) and not is_continuous(np.array([True, False]))
+    assert is_continuous(np.array([0.1, 0.52, np.nan]))  # a redshift
+    assert is_continuous(np.arange(100))  # more whole values than MAX_CLASSES: a count, not a class
+    points = uniform(400)
+    assert knn_label(points, points[:, 2])[0] == "knn_r2"
+    assert knn_label(points, (points[:, 2] > 0).astype(int))[0] == "knn_accuracy"
+
+
+def test_sphere_report_scores_a_continuous_label_by_r2_and_reports_undefined_figures_with_the_reason():
+    points = uniform(300)
+    redshift = points[:, 2] + 1.5
+    redshift[:30] = np.nan  # missing, which the reader allows
+    report = sphere_report(
+        points, inputs=points, labels={"redshift": redshift}, columns={"flat": np.full(300, 2.0), "z": points[:, 2]}
+    )
+    sphere = report["sphere"]
+    assert sphere["knn_accuracy"] == {} and report["chance"] == {}
+    assert sphere["knn_r2"]["redshift"] > 0.95 and sphere["knn_r2"]["z"] > 0.95
+    assert sphere["knn_r2"]["flat"] is None and report["raw"]["knn_r2"]["flat"] is None
+    warnings = report["warnings"]
+    assert "'redshift' has no value in 30 of 300 rows; they are left out of its figures" in warnings
+    flat = [w for w in warnings if "'flat'" in w]
+    assert flat == ["kNN-10 R^2 of 'flat': kNN R^2 is undefined: the value is 2 in all 300 rows (nothing to predict)"]
+    import json
+
+    json.dumps(report, allow_nan=False)  # JSON, no NaN
+
+
+def test_sphere_report_of_labels_without_any_value_says_so():
+    points = uniform(50)
+    report = sphere_report(points, labels={"a": np.full(50, np.nan), "b": np.array([None] * 50, dtype=object)})
+    assert report["sphere"]["knn_r2"] == {"a": None, "b": None} and report["chance"] == {}
+    assert any("'a'" in w and "got 0" in w for w in report["warnings"])
+    assert any("'b'" in w and "needs numbers" in w for w in report["warnings"])

@@ -3,6 +3,7 @@ concentrated the posteriors are, how well a label can be told from the position;
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import lightning.pytorch as pl
@@ -53,7 +54,13 @@ class SphereQuality(pl.Callback):
     - ``val_scale_p10``, ``val_scale_p50``, ``val_scale_p90``, ``val_scale_at_floor``: the Power Spherical
       concentrations and the fraction of rows at their floor of 1 (VAE); ``val_kl_per_sample`` (nats);
     - ``val_knn_accuracy``: 5-fold cross-validated kNN accuracy of ``label_column`` from the positions, when the
-      data return dicts holding it (``data.init_args.return_dict: true``, ``columns: [data, label]``).
+      data return dicts holding it (``data.init_args.return_dict: true``, ``columns: [data, label]``); for a
+      column that is a quantity rather than class labels (a redshift: see :func:`spherinator.metrics.is_continuous`)
+      ``val_knn_r2``, the cross-validated kNN R^2, instead. Rows without a value (NaN) are left out, with a warning
+      saying how many.
+
+    A figure that cannot be computed (one class, a constant column, too few rows) is skipped with a warning, once
+    per figure: a watcher never stops the fit it watches.
 
     When :func:`spherinator.metrics.collapse_warnings` fires for ``patience`` validation epochs in a row (the
     posterior at its floor, a KL per sample near zero, one clump), or for twice as many on coverage alone (far
@@ -65,7 +72,7 @@ class SphereQuality(pl.Callback):
         max_samples: Validation rows used per epoch.
         label_column: Per-row class label in the batch dict, for ``val_knn_accuracy``.
         k: Neighbours of the kNN classifier.
-        nside: HEALPix resolution of the coverage (4: 192 cells).
+        nside: HEALPix resolution of the coverage, a power of two (4: 192 cells).
         patience: Validation epochs in a row with collapsed figures before the warning. Healthy runs can start at
             the floor: on the demo the median concentration sat at 1.0 for the first two epochs of runs that
             reached 10-80 by the tenth, where a collapsed run stays there (3: warned after the third epoch).
@@ -75,11 +82,15 @@ class SphereQuality(pl.Callback):
         self, max_samples: int = 5000, label_column: str | None = None, k: int = 5, nside: int = 4, patience: int = 3
     ) -> None:
         super().__init__()
-        if max_samples < 10 or k < 1 or nside < 1 or patience < 1:
+        if max_samples < 10 or k < 1 or patience < 1:
             raise ValueError(
-                f"SphereQuality: need max_samples >= 10, k >= 1, nside >= 1, patience >= 1; got max_samples="
-                f"{max_samples}, k={k}, nside={nside}, patience={patience}"
+                f"SphereQuality: need max_samples >= 10, k >= 1, patience >= 1; got max_samples={max_samples}, k={k}, "
+                f"patience={patience}"
             )
+        try:
+            metrics.check_nside(nside)
+        except ValueError as err:
+            raise ValueError(f"SphereQuality: {err}") from None
         self.max_samples = int(max_samples)
         self.label_column = label_column
         self.k = int(k)
@@ -91,6 +102,7 @@ class SphereQuality(pl.Callback):
         self.figures: dict[str, float] = {}  # the last epoch's figures
         self._rows: list[dict[str, torch.Tensor]] = []
         self._label_missing = False
+        self._said: set[str] = set()  # warnings given once per run
 
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._rows = []
@@ -135,18 +147,49 @@ class SphereQuality(pl.Callback):
         points = torch.nn.functional.normalize(location, dim=-1).numpy()
         figures: dict[str, float] = {}
         if points.shape[1] == 3:
-            cover = metrics.coverage(points, self.nside)
-            figures["val_coverage"] = cover["coverage"]
-            figures["val_coverage_uniform"] = cover["uniform_coverage"]
-        figures["val_resultant_length"] = metrics.resultant_length(points)
+            cover = self._guarded("val_coverage", lambda: metrics.coverage(points, self.nside))
+            if cover:
+                figures["val_coverage"] = cover["coverage"]
+                figures["val_coverage_uniform"] = cover["uniform_coverage"]
+        figures.update(self._guarded("val_resultant_length", lambda: metrics.resultant_length(points)))
         if "scale" in rows:
-            for name, value in metrics.concentration(rows["scale"].numpy()).items():
-                figures[f"val_scale_{name}"] = value
-            figures["val_kl_per_sample"] = float(kl_per_row(rows["location"], rows["scale"]).mean())
+            scale = rows["scale"].numpy()
+            concentration = self._guarded("val_scale", lambda: metrics.concentration(scale))
+            figures.update({f"val_scale_{name}": value for name, value in concentration.items()})
+            kl = self._guarded("val_kl_per_sample", lambda: float(kl_per_row(rows["location"], rows["scale"]).mean()))
+            figures.update(kl)
         labels = rows.get(self.label_column) if self.label_column else None
-        if labels is not None and len(np.unique(labels.numpy())) > 1 and len(labels) >= 10:
-            figures["val_knn_accuracy"] = metrics.knn_accuracy(points, labels.numpy(), k=self.k)
+        if labels is not None:
+            figures.update(self._guarded(f"the kNN figure of {self.label_column!r}", lambda: self._knn(points, labels)))
         return figures
+
+    def _knn(self, points: np.ndarray, labels: torch.Tensor) -> dict[str, float]:
+        """``val_knn_accuracy`` of class labels or ``val_knn_r2`` of a quantity, rows without a value left out."""
+        values = labels.numpy()
+        keep = metrics.present(values)
+        if not keep.all():
+            self._say_once(
+                "missing",
+                f"SphereQuality: label_column {self.label_column!r} has no value (NaN) in {int((~keep).sum())} of "
+                f"{len(values)} validation rows; they are left out of its figure",
+            )
+        name, value = metrics.knn_label(points[keep], values[keep], k=self.k)
+        return {f"val_{name}": value}
+
+    def _guarded(self, name: str, compute: Callable[[], Any]) -> dict[str, float]:
+        """``compute()`` as ``{name: value}`` (a dict result as it is); on any error a warning, once per figure, and
+        nothing: a figure must never stop the fit it watches (a Slurm task would end FAILED)."""
+        try:
+            value = compute()
+        except Exception as err:  # noqa: BLE001 - whatever a figure raises, the fit goes on without it
+            self._say_once(name, f"SphereQuality: {name} skipped ({type(err).__name__}: {err})")
+            return {}
+        return value if isinstance(value, dict) else {name: value}
+
+    def _say_once(self, key: str, message: str) -> None:
+        if key not in self._said:
+            self._said.add(key)
+            rank_zero_warn(message)
 
     def _check_collapse(
         self, rows: dict[str, torch.Tensor], figures: dict[str, float], pl_module: pl.LightningModule
@@ -158,7 +201,7 @@ class SphereQuality(pl.Callback):
         collapsed = metrics.collapse_warnings(
             scale=rows["scale"].numpy(),
             kl=figures.get("val_kl_per_sample"),
-            resultant_length=figures["val_resultant_length"],
+            resultant_length=figures.get("val_resultant_length"),
             beta=beta,
         )
         empty = metrics.collapse_warnings(
