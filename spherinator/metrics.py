@@ -377,15 +377,9 @@ def sphere_report(
         report["pca_sphere"] = _sphere_figures(pca_sphere(x, z.shape[1]), classes, quantities, x, nside, skipped)
         report["raw"] = {"dim": x.shape[1], **_knn_figures(x, classes, quantities, skipped)}
     report["chance"] = {name: _chance(y) for name, y in classes.items()}
-    report["warnings"] = collapse_warnings(
-        scale=scale,
-        kl=sphere.get("kl_per_sample"),
-        coverage=sphere.get("coverage"),
-        uniform_coverage=sphere.get("uniform_coverage"),
-        resultant_length=sphere["resultant_length"],
-        beta=beta,
-    )
-    report["warnings"] += notes + list(skipped.reasons)
+    collapsed = collapse_warnings(scale, sphere.get("kl_per_sample"), sphere.get("coverage"),
+                                  sphere.get("uniform_coverage"), sphere["resultant_length"], beta)  # fmt: skip
+    report["warnings"] = collapsed + notes + list(skipped.reasons)
     return report
 
 

@@ -203,7 +203,7 @@ def test_decoded_sphere_map_is_logged_for_image_models_on_s2_only(tmp_path):
 
 
 def test_decoded_map_draws_each_image_where_its_point_is():
-    from spherinator.callbacks.latent_sphere import decoded_map, sphere_grid
+    from spherinator.figures import decoded_map, sphere_grid
 
     points = sphere_grid()
     assert torch.allclose(points.norm(dim=1), torch.ones(len(points)))
@@ -439,7 +439,7 @@ def test_sphere_quality_skips_a_figure_it_cannot_compute_with_one_warning(tmp_pa
 
 
 def test_latent_sphere_map_is_coloured_by_a_column(tmp_path):
-    from spherinator.callbacks.latent_sphere import mollweide_map
+    from spherinator.figures import mollweide_map
 
     points = torch.nn.functional.normalize(torch.randn(2000, 3, generator=torch.Generator().manual_seed(0)), dim=1)
     plain = mollweide_map(points).astype(int)

@@ -6,17 +6,17 @@ from __future__ import annotations
 from typing import Any
 
 import lightning.pytorch as pl
-import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
-from matplotlib.figure import Figure
 
-from spherinator.callbacks._images import figure_to_array, log_image, run_in_eval
+from spherinator.callbacks._collect import ValidationCollector
+from spherinator.callbacks._images import log_image
 from spherinator.callbacks.sphere_quality import missing_column
+from spherinator.figures import decoded_map, mollweide_map, on_s2, run_in_eval, sphere_grid
 from spherinator.models.autoencoder import model_input
 
 
-class LogLatentSphere(pl.Callback):
+class LogLatentSphere(ValidationCollector):
     """Embeds up to ``max_samples`` validation samples with ``model.encode`` and logs a Mollweide map of them.
 
     The first three latent coordinates are renormalised onto S^2 (exact for z_dim = 3, a projection above, a
@@ -61,15 +61,7 @@ class LogLatentSphere(pl.Callback):
         self._latents = []
         self._colors = []
 
-    def on_validation_batch_end(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int = 0,
-    ) -> None:
+    def collect(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         have = sum(len(z) for z in self._latents)
         if have >= self.max_samples or not self._active(trainer):
             return
@@ -103,70 +95,3 @@ class LogLatentSphere(pl.Callback):
             self._color_missing = True
             rank_zero_warn(missing_column("LogLatentSphere", "color_column", self.color_column, batch))
         return torch.full((n,), float("nan"), dtype=torch.float64)
-
-
-def on_s2(z: torch.Tensor) -> bool:
-    """Whether latents (N, d) lie on the sphere S^2: d = 3 and unit norm (a VAE's locations, not an
-    Autoencoder's free code), so the decoder can be drawn over S^2."""
-    return z.shape[1] == 3 and torch.allclose(z.norm(dim=-1), torch.ones(len(z), dtype=z.dtype), atol=1e-3)
-
-
-def mollweide_map(z: torch.Tensor, colors: torch.Tensor | None = None, color_label: str | None = None) -> np.ndarray:
-    """Mollweide scatter of latent vectors (N, d), d >= 2, as an (H, W, 3) uint8 image; with ``colors`` (N,) the
-    points are coloured by them (a categorical palette for up to 20 integer values, else viridis), with a
-    colour bar named ``color_label``."""
-    xyz = torch.nn.functional.pad(z[:, :3], (0, max(0, 3 - z.shape[1])))  # (N, 3)
-    xyz = torch.nn.functional.normalize(xyz, dim=-1).numpy()
-    lon = np.arctan2(xyz[:, 1], xyz[:, 0])
-    lat = np.arcsin(np.clip(xyz[:, 2], -1.0, 1.0))
-    figure = Figure(figsize=(6, 3.4), dpi=100)
-    ax = figure.add_subplot(projection="mollweide")
-    if colors is None:
-        ax.scatter(lon, lat, s=4, alpha=0.6)
-    else:
-        values = colors.double().numpy()
-        whole = np.isfinite(values).all() and np.array_equal(values, np.round(values))
-        categorical = bool(whole) and len(np.unique(values)) <= 20
-        cmap = ("tab10" if len(np.unique(values)) <= 10 else "tab20") if categorical else "viridis"
-        points = ax.scatter(lon, lat, c=values, s=4, alpha=0.8, cmap=cmap, plotnonfinite=True)
-        bar = figure.colorbar(points, ax=ax, fraction=0.03, pad=0.02)
-        bar.ax.tick_params(labelsize=6)
-        bar.set_label(color_label or "", fontsize=7)
-    ax.grid(True, alpha=0.3)
-    ax.tick_params(labelsize=6)
-    title = "latent sphere" if z.shape[1] == 3 else f"latent sphere (first 3 of {z.shape[1]} dims)"
-    ax.set_title(f"{title}, {len(z)} samples", fontsize=9)
-    return figure_to_array(figure)
-
-
-def sphere_grid(rows: int = 7, equator: int = 16) -> torch.Tensor:
-    """Unit vectors (N, 3) on ``rows`` circles of latitude 180 / (rows + 1) degrees apart, points spaced about
-    equally along each (``equator`` on the equator, fewer towards the poles)."""
-    points = []
-    for lat in np.radians(np.linspace(-90.0, 90.0, rows + 2)[1:-1]):
-        n = max(1, round(equator * np.cos(lat)))
-        lon = np.radians((np.arange(n) + 0.5) / n * 360.0 - 180.0)
-        points.append(np.stack([np.cos(lat) * np.cos(lon), np.cos(lat) * np.sin(lon), np.full(n, np.sin(lat))], 1))
-    return torch.from_numpy(np.concatenate(points)).float()
-
-
-def decoded_map(points: torch.Tensor, images: torch.Tensor) -> np.ndarray:
-    """Mollweide map with ``images[i]`` (C, H, W) drawn at ``points[i]`` (unit vectors); (H, W, 3) uint8."""
-    from matplotlib.offsetbox import AnnotationBbox, OffsetImage
-
-    images = images[:, :3] if images.shape[1] >= 3 else images[:, :1].expand(-1, 3, -1, -1)
-    lo, hi = images.amin(), images.amax()
-    images = ((images - lo) / (hi - lo).clamp_min(1e-8)).permute(0, 2, 3, 1).numpy()  # one scale for all
-    lon = np.arctan2(points[:, 1].numpy(), points[:, 0].numpy())
-    lat = np.arcsin(np.clip(points[:, 2].numpy(), -1.0, 1.0))
-    figure = Figure(figsize=(9, 4.8), dpi=100)
-    ax = figure.add_subplot(projection="mollweide")
-    ax.set_facecolor("black")
-    ax.grid(True, alpha=0.25, color="white")
-    ax.tick_params(labelsize=6)
-    figure.subplots_adjust(left=0.03, right=0.97, bottom=0.03, top=0.92)
-    zoom = 46 / max(images.shape[1:3]) * 72 / figure.dpi  # thumbnails about 46 pixels across (zoom is in points)
-    for image, x, y in zip(images, lon, lat, strict=True):
-        ax.add_artist(AnnotationBbox(OffsetImage(image, zoom=zoom), (x, y), frameon=False, pad=0))
-    ax.set_title(f"decoded latent sphere: the decoder's image at {len(points)} points of S^2", fontsize=9)
-    return figure_to_array(figure)

@@ -13,6 +13,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch.distributions import kl_divergence
 
 from spherinator import metrics
+from spherinator.callbacks._collect import ValidationCollector
 from spherinator.distributions import HypersphericalUniform, PowerSpherical
 
 
@@ -43,7 +44,7 @@ def missing_column(owner: str, argument: str, column: str, batch: Any) -> str:
     )
 
 
-class SphereQuality(pl.Callback):
+class SphereQuality(ValidationCollector):
     """Logs figures of the validation latents each validation epoch and warns once when the sphere collapses.
 
     Up to ``max_samples`` validation rows are encoded (gathered from all ranks). Logged, for every logger:
@@ -107,15 +108,7 @@ class SphereQuality(pl.Callback):
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._rows = []
 
-    def on_validation_batch_end(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int = 0,
-    ) -> None:
+    def collect(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         have = sum(len(r["location"]) for r in self._rows)
         if trainer.sanity_checking or have >= self.max_samples:
             return
