@@ -636,3 +636,14 @@ def test_a_non_finite_posterior_is_named_instead_of_the_distributions_constraint
     expected = r"train batch 1 of epoch 0 \(step 1\): the encoder's posterior is not finite \(location nan"
     with pytest.raises(NonFiniteLossError, match=expected):
         trainer.fit(vae_1d(), DataLoader(data, batch_size=4))
+
+
+def test_a_diverged_step_outside_a_trainer_is_refused_with_the_plain_fix():
+    """The finiteness check reads the trainer through Lightning's public property, which raises when none is
+    attached: a module used on its own still gets its one-line NonFiniteLossError, without the learning rate."""
+    from spherinator.models.autoencoder import NonFiniteLossError
+
+    model = Autoencoder(encoder_1d(), decoder_1d())
+    model._check_finite("train", {"loss": torch.tensor(float("nan"))})
+    with pytest.raises(NonFiniteLossError, match=r"loss is nan.*\(optimizer.init_args.lr\), clip"):
+        model.on_before_optimizer_step(torch.optim.SGD(model.parameters(), lr=0.1))

@@ -69,8 +69,8 @@ class _ConsecutiveConvLayer(nn.Sequential):
         self.out_channels = list(out_channels)
 
 
-class ConsecutiveConv1DLayer(_ConsecutiveConvLayer):
-    """Consecutive ``LazyConv1d`` layers with optional norm, activation and pooling; input (B, C, L).
+def _stack_doc(conv: str, shape: str) -> str:
+    return f"""Consecutive ``{conv}`` layers with optional norm, activation and pooling; input {shape}.
 
     Args:
         kernel_size: Kernel size for all layers in this block.
@@ -82,6 +82,13 @@ class ConsecutiveConv1DLayer(_ConsecutiveConvLayer):
         pooling: Optional pooling module appended after each layer.
     """
 
+
+# The 1-D and 2-D stacks spell out their signatures: jsonargparse reads each class's own defaults (BatchNorm1d or
+# BatchNorm2d). A transposed stack differs from its plain one only in the convolution, so it inherits the signature.
+class ConsecutiveConv1DLayer(_ConsecutiveConvLayer):
+    __doc__ = _stack_doc("LazyConv1d", "(B, C, L)")
+    _conv: type[nn.Module] = nn.LazyConv1d
+
     def __init__(
         self,
         kernel_size: int = 3,
@@ -92,21 +99,12 @@ class ConsecutiveConv1DLayer(_ConsecutiveConvLayer):
         norm: type[nn.Module] | None = nn.BatchNorm1d,
         pooling: nn.Module | None = None,
     ) -> None:
-        super().__init__(nn.LazyConv1d, kernel_size, stride, padding, out_channels or [], activation, norm, pooling)
+        super().__init__(self._conv, kernel_size, stride, padding, out_channels or [], activation, norm, pooling)
 
 
 class ConsecutiveConv2DLayer(_ConsecutiveConvLayer):
-    """Consecutive ``LazyConv2d`` layers with optional norm, activation and pooling; input (B, C, H, W).
-
-    Args:
-        kernel_size: Kernel size for all layers in this block.
-        stride: Stride for all layers in this block.
-        padding: Padding for all layers in this block.
-        out_channels: Output channel counts; one layer per entry.
-        activation: Activation class (``None`` for none).
-        norm: Normalisation class, called with the channel count (``None`` for none).
-        pooling: Optional pooling module appended after each layer.
-    """
+    __doc__ = _stack_doc("LazyConv2d", "(B, C, H, W)")
+    _conv: type[nn.Module] = nn.LazyConv2d
 
     def __init__(
         self,
@@ -118,60 +116,14 @@ class ConsecutiveConv2DLayer(_ConsecutiveConvLayer):
         norm: type[nn.Module] | None = nn.BatchNorm2d,
         pooling: nn.Module | None = None,
     ) -> None:
-        super().__init__(nn.LazyConv2d, kernel_size, stride, padding, out_channels or [], activation, norm, pooling)
+        super().__init__(self._conv, kernel_size, stride, padding, out_channels or [], activation, norm, pooling)
 
 
-class ConsecutiveConvTranspose1DLayer(_ConsecutiveConvLayer):
-    """Consecutive ``LazyConvTranspose1d`` layers with optional norm, activation and pooling; input (B, C, L).
-
-    Args:
-        kernel_size: Kernel size for all layers in this block.
-        stride: Stride for all layers in this block.
-        padding: Padding for all layers in this block.
-        out_channels: Output channel counts; one layer per entry.
-        activation: Activation class (``None`` for none).
-        norm: Normalisation class, called with the channel count (``None`` for none).
-        pooling: Optional pooling module appended after each layer.
-    """
-
-    def __init__(
-        self,
-        kernel_size: int = 3,
-        stride: int = 1,
-        padding: int = 0,
-        out_channels: list[int] | None = None,
-        activation: type[nn.Module] | None = nn.ReLU,
-        norm: type[nn.Module] | None = nn.BatchNorm1d,
-        pooling: nn.Module | None = None,
-    ) -> None:
-        super().__init__(
-            nn.LazyConvTranspose1d, kernel_size, stride, padding, out_channels or [], activation, norm, pooling
-        )
+class ConsecutiveConvTranspose1DLayer(ConsecutiveConv1DLayer):
+    __doc__ = _stack_doc("LazyConvTranspose1d", "(B, C, L)")
+    _conv = nn.LazyConvTranspose1d
 
 
-class ConsecutiveConvTranspose2DLayer(_ConsecutiveConvLayer):
-    """Consecutive ``LazyConvTranspose2d`` layers with optional norm, activation and pooling; input (B, C, H, W).
-
-    Args:
-        kernel_size: Kernel size for all layers in this block.
-        stride: Stride for all layers in this block.
-        padding: Padding for all layers in this block.
-        out_channels: Output channel counts; one layer per entry.
-        activation: Activation class (``None`` for none).
-        norm: Normalisation class, called with the channel count (``None`` for none).
-        pooling: Optional pooling module appended after each layer.
-    """
-
-    def __init__(
-        self,
-        kernel_size: int = 3,
-        stride: int = 1,
-        padding: int = 0,
-        out_channels: list[int] | None = None,
-        activation: type[nn.Module] | None = nn.ReLU,
-        norm: type[nn.Module] | None = nn.BatchNorm2d,
-        pooling: nn.Module | None = None,
-    ) -> None:
-        super().__init__(
-            nn.LazyConvTranspose2d, kernel_size, stride, padding, out_channels or [], activation, norm, pooling
-        )
+class ConsecutiveConvTranspose2DLayer(ConsecutiveConv2DLayer):
+    __doc__ = _stack_doc("LazyConvTranspose2d", "(B, C, H, W)")
+    _conv = nn.LazyConvTranspose2d

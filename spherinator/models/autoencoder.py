@@ -163,11 +163,19 @@ class _AutoencoderBase(pl.LightningModule):
         values = [t.float().reshape(()) for t in terms.values()]
         grads = [p.grad for p in self.parameters() if p.grad is not None]
         # fp16 AMP skips steps with inf gradients by design (its GradScaler): there, check the loss only
-        scaler = getattr(self._trainer.precision_plugin, "scaler", None) if self._trainer is not None else None
+        trainer = self._attached()
+        scaler = getattr(trainer.precision_plugin, "scaler", None) if trainer is not None else None
         if grads and scaler is None:
             values.append(torch.nn.utils.get_total_norm(grads, math.inf).to(values[0]))  # max |g|: NaN/inf stay
         if not bool(torch.isfinite(torch.stack(values)).all()):
             raise NonFiniteLossError(self._diverged("train", terms))
+
+    def _attached(self) -> pl.Trainer | None:
+        """The trainer running this module, None outside one (Lightning's ``trainer`` property raises there)."""
+        try:
+            return self.trainer
+        except RuntimeError:
+            return None
 
     def _diverged(self, stage: str, terms: dict[str, torch.Tensor], what: str | None = None) -> str:
         """The one-line message (where, which term or gradient, what to try), remembered for on_save_checkpoint."""
@@ -192,8 +200,9 @@ class _AutoencoderBase(pl.LightningModule):
                 f"normalise them)"
             )
         lr = ""
-        if self._trainer is not None and self.trainer.optimizers:
-            lr = f", now {self.trainer.optimizers[0].param_groups[0]['lr']:g}"
+        trainer = self._attached()
+        if trainer is not None and trainer.optimizers:
+            lr = f", now {trainer.optimizers[0].param_groups[0]['lr']:g}"
         return (
             f"{where} (step {self.global_step}): {what}; the run stops before this step changes the weights. Lower "
             f"the learning rate (optimizer.init_args.lr{lr}), clip gradients (trainer.gradient_clip_val, e.g. 1.0), "

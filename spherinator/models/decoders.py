@@ -56,12 +56,13 @@ class _ConvolutionalDecoder(_LatentInputMixin, nn.Module):
 
     _spatial_dims: int
 
+    # The signature jsonargparse reads for both subclasses (they differ only in _spatial_dims and their docstring).
     def __init__(
         self,
-        input_dim: int | None,
-        output_dim: Sequence[int] | None,
-        cnn_input_dim: Sequence[int],
-        cnn_layers: list[nn.Module] | None,
+        input_dim: int | None = None,
+        output_dim: list[int] | None = None,
+        cnn_input_dim: list[int] | None = None,
+        cnn_layers: list[nn.Module] | None = None,
     ) -> None:
         super().__init__()
         name = type(self).__name__
@@ -100,48 +101,26 @@ class _ConvolutionalDecoder(_LatentInputMixin, nn.Module):
         return self.cnn(self.unflatten(self.fc(z)))  # (B, *reachable_dim)
 
 
-class ConvolutionalDecoder1D(_ConvolutionalDecoder):
-    """1-D transposed-convolution decoder: latent -> Linear -> reshape to cnn_input_dim [C, L] -> conv blocks.
+def _decoder_doc(dims: str, shape: str, layer: str) -> str:
+    return f"""{dims} transposed-convolution decoder: latent -> Linear -> reshape to cnn_input_dim {shape} -> conv
+    blocks.
 
     Args:
         input_dim: Latent size; None follows the model's z_dim.
-        output_dim: Target shape [C, L]; None takes the encoder's input_dim. Checked at construction.
-        cnn_input_dim: Shape [C, L] the linear projection is reshaped to.
-        cnn_layers: Transposed-convolution blocks (e.g. ``ConsecutiveConvTranspose1DLayer``).
+        output_dim: Target shape {shape}; None takes the encoder's input_dim. Checked at construction.
+        cnn_input_dim: Shape {shape} the linear projection is reshaped to.
+        cnn_layers: Transposed-convolution blocks (e.g. ``{layer}``).
     """
 
-    _spatial_dims = 1
 
-    def __init__(
-        self,
-        input_dim: int | None = None,
-        output_dim: list[int] | None = None,
-        cnn_input_dim: list[int] | None = None,
-        cnn_layers: list[nn.Module] | None = None,
-    ) -> None:
-        super().__init__(input_dim, output_dim, cnn_input_dim, cnn_layers)
+class ConvolutionalDecoder1D(_ConvolutionalDecoder):
+    __doc__ = _decoder_doc("1-D", "[C, L]", "ConsecutiveConvTranspose1DLayer")
+    _spatial_dims = 1
 
 
 class ConvolutionalDecoder2D(_ConvolutionalDecoder):
-    """2-D transposed-convolution decoder: latent -> Linear -> reshape to cnn_input_dim [C, H, W] -> conv blocks.
-
-    Args:
-        input_dim: Latent size; None follows the model's z_dim.
-        output_dim: Target shape [C, H, W]; None takes the encoder's input_dim. Checked at construction.
-        cnn_input_dim: Shape [C, H, W] the linear projection is reshaped to.
-        cnn_layers: Transposed-convolution blocks (e.g. ``ConsecutiveConvTranspose2DLayer``).
-    """
-
+    __doc__ = _decoder_doc("2-D", "[C, H, W]", "ConsecutiveConvTranspose2DLayer")
     _spatial_dims = 2
-
-    def __init__(
-        self,
-        input_dim: int | None = None,
-        output_dim: list[int] | None = None,
-        cnn_input_dim: list[int] | None = None,
-        cnn_layers: list[nn.Module] | None = None,
-    ) -> None:
-        super().__init__(input_dim, output_dim, cnn_input_dim, cnn_layers)
 
 
 class UpsamplingDecoder2D(_LatentInputMixin, nn.Module):

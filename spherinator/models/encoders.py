@@ -17,7 +17,10 @@ class _ConvolutionalEncoder(nn.Module):
 
     _spatial_dims: int  # 1 for (B, C, L), 2 for (B, C, H, W)
 
-    def __init__(self, input_dim: list[int] | None, output_dim: int, cnn_layers: list[nn.Module] | None) -> None:
+    # The signature jsonargparse reads for both subclasses (they differ only in _spatial_dims and their docstring).
+    def __init__(
+        self, input_dim: list[int] | None = None, output_dim: int = 64, cnn_layers: list[nn.Module] | None = None
+    ) -> None:
         super().__init__()
         name = type(self).__name__
         if int(output_dim) <= 0:
@@ -41,37 +44,22 @@ class _ConvolutionalEncoder(nn.Module):
         return self.fc(self.flatten(self.cnn(x)))  # (B, output_dim)
 
 
-class ConvolutionalEncoder1D(_ConvolutionalEncoder):
-    """1-D CNN encoder (e.g. spectra): ``ConsecutiveConv1DLayer`` blocks, flatten, lazy linear to output_dim.
+def _encoder_doc(dims: str, what: str, shape: str, layer: str) -> str:
+    return f"""{dims} CNN encoder ({what}): ``{layer}`` blocks, flatten, lazy linear to output_dim.
 
     Args:
-        input_dim: Sample shape [C, L]; None to infer it from the first batch (lazy layers stay unmaterialised
+        input_dim: Sample shape {shape}; None to infer it from the first batch (lazy layers stay unmaterialised
             until then, which DDP does not allow).
         output_dim: Size of the encoder output (the VAE's ``encoder_out_dim``).
-        cnn_layers: Convolution blocks applied in order (e.g. ``ConsecutiveConv1DLayer``).
+        cnn_layers: Convolution blocks applied in order (e.g. ``{layer}``).
     """
 
-    _spatial_dims = 1
 
-    def __init__(
-        self, input_dim: list[int] | None = None, output_dim: int = 64, cnn_layers: list[nn.Module] | None = None
-    ) -> None:
-        super().__init__(input_dim, output_dim, cnn_layers)
+class ConvolutionalEncoder1D(_ConvolutionalEncoder):
+    __doc__ = _encoder_doc("1-D", "e.g. spectra", "[C, L]", "ConsecutiveConv1DLayer")
+    _spatial_dims = 1
 
 
 class ConvolutionalEncoder2D(_ConvolutionalEncoder):
-    """2-D CNN encoder (images): ``ConsecutiveConv2DLayer`` blocks, flatten, lazy linear to output_dim.
-
-    Args:
-        input_dim: Sample shape [C, H, W]; None to infer it from the first batch (lazy layers stay
-            unmaterialised until then, which DDP does not allow).
-        output_dim: Size of the encoder output (the VAE's ``encoder_out_dim``).
-        cnn_layers: Convolution blocks applied in order (e.g. ``ConsecutiveConv2DLayer``).
-    """
-
+    __doc__ = _encoder_doc("2-D", "images", "[C, H, W]", "ConsecutiveConv2DLayer")
     _spatial_dims = 2
-
-    def __init__(
-        self, input_dim: list[int] | None = None, output_dim: int = 64, cnn_layers: list[nn.Module] | None = None
-    ) -> None:
-        super().__init__(input_dim, output_dim, cnn_layers)
