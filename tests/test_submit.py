@@ -13,9 +13,11 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 import spherinator.submit
 import spherinator.submit.launch as launch
+import spherinator.submit.monitor as monitor
 from spherinator.submit import Resources, SubmitError, expand_sweep, main, parse_sweep_arg, parse_time
 from spherinator.submit.resources import load_preset, parse_sbatch_extra
 
@@ -326,7 +328,7 @@ def test_submit_writes_run_dirs_and_manifest_then_calls_the_executor_once(tmp_pa
             return FakeJob(f"77_{len(submitted) - 1}")
 
     monkeypatch.setattr(launch, "_executor", lambda folder, resources, name: FakeExecutor())
-    monkeypatch.setattr(launch, "job_states", lambda folder, ids: ({i: "PENDING" for i in ids}, None))
+    monkeypatch.setattr(monitor, "job_states", lambda folder, ids: ({i: "PENDING" for i in ids}, None))
     main(
         ["-c", str(config), "--sweep", "model.init_args.z_dim=3,5", "--run-root", str(tmp_path / "runs"), "--name", "s"]
     )
@@ -337,7 +339,7 @@ def test_submit_writes_run_dirs_and_manifest_then_calls_the_executor_once(tmp_pa
         text = (sweep / name / "config.yaml").read_text()
         assert f"z_dim: {z}" in text and f"save_dir: {sweep / name}" in text
     _, manifest = launch.read_manifest(sweep / "z_dim=3")
-    assert manifest["submissions"][0]["jobs"] == {"0": "77_0", "1": "77_1"}
+    assert manifest.submissions[0].jobs == {"0": "77_0", "1": "77_1"}
     rows, _ = launch.task_rows(sweep, manifest)
     assert [(r.task, r.job, r.state) for r in rows] == [
         ("z_dim=3", "77_0", "PENDING"),
@@ -543,7 +545,7 @@ def test_sbatch_failure_is_reported_without_a_traceback(tmp_path, image_dataset,
 def test_resume_with_another_layout_is_refused(tmp_path, image_dataset, monkeypatch, capsys):
     executor = _FakeExecutor()
     monkeypatch.setattr(launch, "_executor", lambda folder, resources, name: executor)
-    monkeypatch.setattr(launch, "job_states", lambda folder, ids: ({i: "TIMEOUT" for i in ids}, None))
+    monkeypatch.setattr(monitor, "job_states", lambda folder, ids: ({i: "TIMEOUT" for i in ids}, None))
     config = tiny_config(tmp_path, image_dataset)
     sweep = tmp_path / "runs" / "s"
     main(["-c", str(config), "--run-root", str(tmp_path / "runs"), "--name", "s", "--no-validate"])
@@ -558,12 +560,12 @@ def test_resume_with_another_layout_is_refused(tmp_path, image_dataset, monkeypa
 def test_resume_honours_a_preset_given_with_it(tmp_path, image_dataset, monkeypatch):
     executor = _FakeExecutor()
     monkeypatch.setattr(launch, "_executor", lambda folder, resources, name: executor)
-    monkeypatch.setattr(launch, "job_states", lambda folder, ids: ({i: "TIMEOUT" for i in ids}, None))
+    monkeypatch.setattr(monitor, "job_states", lambda folder, ids: ({i: "TIMEOUT" for i in ids}, None))
     config = tiny_config(tmp_path, image_dataset)
     main(["-c", str(config), "--run-root", str(tmp_path / "runs"), "--name", "s", "--no-validate"])
     main(["--resume", str(tmp_path / "runs" / "s"), "--preset", "local"])
     _, manifest = launch.read_manifest(tmp_path / "runs" / "s")
-    assert manifest["submissions"][-1]["resources"]["partition"] == "debug"  # the preset, not the last submission
+    assert manifest.submissions[-1].resources["partition"] == "debug"  # the preset, not the last submission
 
 
 def test_status_of_a_missing_dir_says_it_does_not_exist(tmp_path, capsys):
@@ -804,7 +806,7 @@ def test_the_script_submitit_submits_has_what_the_dry_run_showed(tmp_path, image
     assert "#SBATCH --reservation=demo" in lines
     assert shown["python"] in script and shown["folder"] in script
     _, manifest = launch.read_manifest(tmp_path / "runs" / "dry")
-    assert manifest["submissions"][0]["jobs"] == {str(i): f"990000_{i}" for i in range(4)}
+    assert manifest.submissions[0].jobs == {str(i): f"990000_{i}" for i in range(4)}
 
 
 # ----------------------------------------------------------------------------------------------- status, logs, cancel
@@ -819,7 +821,7 @@ def three_task_sweep(tmp_path: Path, image_dataset: Path) -> Path:
     """A sweep of three tasks submitted (to the fake sbatch) as array 990000: task 0 runs (squeue lists it, its
     summary says 2 requeues and 10 minutes), task 1 completed and left the queue, task 2 died before Python started
     (no summary; Slurm's stderr file says why)."""
-    from spherinator.submit.records import RunSummary
+    from spherinator.submit.records import OnnxResult, RunSummary
 
     config = tiny_config(tmp_path, image_dataset)
     main(["-c", str(config), "--run-root", str(tmp_path / "runs"), "--name", "s", "--no-validate",
@@ -829,7 +831,7 @@ def three_task_sweep(tmp_path: Path, image_dataset: Path) -> Path:
     running.attempt_started = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(time.time() - 600))
     running.requeues, running.epoch = 2, 7
     running.save(sweep / "beta=1e-4")
-    done = RunSummary().start_attempt("990000_1", "node2", None, None, None).completed({"validated": True})
+    done = RunSummary().start_attempt("990000_1", "node2", None, None, None).completed(OnnxResult(validated=True))
     done.save(sweep / "beta=1e-3")
     (sweep / "submitit" / "990000_2_0_log.err").write_text(DIED_BEFORE_PYTHON)
     (sweep / "submitit" / "990000_2_0_log.out").write_text("")
@@ -927,7 +929,6 @@ def test_wandb_runs_are_named_by_task_and_grouped_by_sweep(tmp_path, image_datas
         composed = compose_task(
             [str(config), str(overlay)], [], task, Resources(), tmp_path / "zbeta" / task.name, "zbeta", validate=False
         )
-        import yaml
 
         loggers.append(yaml.safe_load(composed.text)["trainer"]["logger"]["init_args"])
     # the names were cut at the last '-': both tasks were 'zbeta-beta=1e'
@@ -947,9 +948,13 @@ def test_a_tasks_swept_values_reach_tensorboards_hparams_tab(tmp_path, image_dat
     monkeypatch.chdir(tmp_path)
     params = {"model.init_args.beta": "1e-3", "optimizer.init_args.lr": "0.01", "data.init_args.batch_size": "16",
               "model.init_args.encoder.init_args.norm": "null"}  # fmt: skip
-    manifest = {"name": "s", "tasks": [{"index": 0, "name": "run", "params": params}]}
-    (tmp_path / "sweep.json").write_text(json.dumps(manifest))  # the run dir tmp_path/run is this sweep's task
     args = run_config(tmp_path, image_dataset, epochs=1)
+    # The swept values as spherinator-submit writes them into the task's config: RequeueOnSignal's `swept`.
+    run_yaml = Path(args[-1])
+    config = yaml.safe_load(run_yaml.read_text())
+    (requeue,) = [cb for cb in config["trainer"]["callbacks"] if cb["class_path"].endswith("RequeueOnSignal")]
+    requeue["init_args"] = {"swept": params}
+    run_yaml.write_text(yaml.safe_dump(config))
     SpherinatorCLI(args=["fit", *args, *[t for k, v in params.items() if k != "model.init_args.encoder.init_args.norm"
                                          for t in (f"--{k}", v)]])  # fmt: skip
     events = EventAccumulator(str(tmp_path / "run"))
