@@ -219,7 +219,8 @@ def compose_task(
     It is the ``spherinator fit`` config of ``-c configs`` + ``overrides`` + the swept values, with the Trainer
     sized to ``resources``, loggers and checkpoints in ``run_dir`` (W&B runs grouped by the name of the ``sweep``),
     ``last.ckpt`` saved, Lightning's SLURM auto-requeue off and :class:`RequeueOnSignal` added (with the swept
-    values, which it logs as hyperparameters). Those additions are listed in ``changes``; nothing else differs from what ``spherinator fit`` trains.
+    values, which it logs as hyperparameters). Those additions are listed in ``changes``; nothing else differs from
+    what ``spherinator fit`` trains.
 
     Raises:
         SubmitError: naming the task, its swept values and the parser's / model's complaint.
