@@ -471,8 +471,6 @@ def find_sweep(run_dir: str | Path) -> Path:
     path = Path(run_dir)
     if not path.exists():
         raise SubmitError(f"'{run_dir}' does not exist; pass a sweep dir made by spherinator-submit (RUN_ROOT/NAME)")
-    if not path.is_dir():
-        raise SubmitError(f"'{run_dir}' is a file; pass a sweep dir made by spherinator-submit (RUN_ROOT/NAME)")
     for candidate in (path, path.parent):
         if (candidate / MANIFEST_NAME).exists():
             return candidate.resolve()
