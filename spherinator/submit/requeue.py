@@ -284,7 +284,9 @@ def _mark_validation_unfinished(checkpoint: dict[str, Any]) -> None:
     Lightning resumes a checkpoint whose validation progress says "started a batch, not processed it" by going back
     to that validation (its mid-evaluation restart); with none of the batches counted as done it starts from the
     first. Any other progress there makes the resumed run skip the validation. The progress is Lightning's loop
-    state (``loops.fit_loop``, the same layout in all of lightning 2.6, the range pyproject allows).
+    state (``loops.fit_loop``, the same layout in all of lightning 2.6, the range pyproject allows). Lightning has no
+    public way to say "run this validation again" (Trainer, callbacks and ``on_save_checkpoint`` offer none, and the
+    loops' progress objects are internal as well), so this one place edits the saved loop state.
     """
     progress = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_loop.val_loop.batch_progress")
     if progress is None:
