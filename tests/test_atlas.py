@@ -363,11 +363,13 @@ def test_a_latent_space_other_than_s2_is_refused(tmp_path):
 
 
 def test_a_finished_task_writes_its_atlas_and_the_sweep_page(run_dir, tmp_path):
+    from dataclasses import asdict
+
     from spherinator.submit.task import TrainingTask
 
     task_dir = tmp_path / "sweep" / "z_dim=3"
     shutil.copytree(run_dir, task_dir, ignore=shutil.ignore_patterns("atlas"))  # its export names its checkpoint
-    result = TrainingTask(task_dir, atlas_order=1)._atlas(task_dir)
+    result = asdict(TrainingTask(task_dir, atlas_order=1)._atlas(task_dir))  # an AtlasResult
     assert result["written"] is True, result
     assert (result["path"], result["max_order"], result["tiles"], result["rows"]) == (str(task_dir / "atlas"), 1, 60,
                                                                                      80)  # fmt: skip
@@ -379,7 +381,7 @@ def test_a_finished_task_writes_its_atlas_and_the_sweep_page(run_dir, tmp_path):
     checkpoint, _ = z4_checkpoint(other)
     (other / "checkpoints").mkdir()
     checkpoint.rename(other / "checkpoints" / "last.ckpt")
-    result = TrainingTask(other, atlas_order=1)._atlas(other)
+    result = asdict(TrainingTask(other, atlas_order=1)._atlas(other))
     assert result["written"] is False and "4-d latent space" in result["skipped"] and not (other / "atlas").exists()
 
 

@@ -166,3 +166,16 @@ def test_print_config_agrees_with_the_task_except_for_sizes_it_leaves_to_inferen
             assert composed.get(key) is not None or any(k.startswith(f"{key}[") for k in composed), key
         else:
             assert key in composed and composed[key] == value, (key, value, composed.get(key))
+
+
+def test_a_swept_tasks_values_are_in_its_config_for_requeue_on_signal_and_listed(images128, tmp_path):
+    """The swept values reach the task through its config.yaml (RequeueOnSignal's ``swept``, which logs them), not
+    the sweep's manifest; they are listed among the launcher's additions, and the model is still fit's."""
+    args = ["-c", exp("vae_cnn3.yaml"), "-c", exp("demo.yaml"), "-c", test_overlay(tmp_path, images128)]
+    (task,) = expand_sweep(["model.init_args.beta=1e-3"], None)
+    assert_parity(tmp_path, args, task)
+    composed, task_dict, _ = task_config(tmp_path, args, task)
+    (requeue,) = [cb for cb in task_dict["trainer"]["callbacks"] if cb["class_path"].endswith("RequeueOnSignal")]
+    assert requeue["init_args"]["swept"] == {"model.init_args.beta": 0.001}
+    assert any(line.startswith(f"trainer.callbacks[{len(task_dict['trainer']['callbacks']) - 1}].init_args.swept.")
+               for line in composed.changes)  # fmt: skip

@@ -186,7 +186,7 @@ def test_two_nodes_train_with_world_size_two_on_disjoint_data(cluster, tmp_path,
     assert ids0 and ids1 and not ids0 & ids1, (sorted(ids0), sorted(ids1))
     assert len(ranks[0]["ids"]) == len(ids0)  # no row twice within a rank either
     atlas = RunSummary.read(sweep / "run").atlas  # rank 0 writes the atlas after a 2-node job
-    assert atlas["written"] is True and (sweep / "run" / "atlas" / "index.html").is_file(), atlas
+    assert atlas.written is True and (sweep / "run" / "atlas" / "index.html").is_file(), atlas
 
 
 SLOW = """
@@ -285,7 +285,7 @@ def test_a_signal_during_a_long_validation_requeues_from_inside_it(cluster, tmp_
         assert time.monotonic() < deadline, "the first attempt never reached epoch 1's validation"
         time.sleep(1)
     _, manifest = launch.read_manifest(sweep)
-    (job,) = manifest["submissions"][0]["jobs"].values()
+    (job,) = manifest.submissions[0].jobs.values()
     subprocess.run(["scancel", "--signal=USR2", job], check=True, timeout=30)  # as Slurm's --signal does
     wait_for(sweep, completed, timeout=400)
     summary = RunSummary.read(run)
@@ -317,11 +317,11 @@ def test_a_queued_task_runs_the_code_it_was_submitted_with(cluster, tmp_path, im
     init = checkout / "spherinator" / "__init__.py"
     init.write_text(init.read_text() + "\nraise RuntimeError('the edited checkout was imported')\n")
     _, manifest = launch.read_manifest(sweep)
-    (job,) = manifest["submissions"][0]["jobs"].values()
+    (job,) = manifest.submissions[0].jobs.values()
     subprocess.run(["scontrol", "release", job], check=True, timeout=30)
     wait_for(sweep, completed, timeout=300)
     summary = RunSummary.read(sweep / "run")
-    assert summary.code_version == manifest["code_version"]
+    assert summary.code_version == manifest.code_version
     assert summary.code_version.split()[0] == task.code_hash(sweep / "code" / "spherinator")
 
 
@@ -339,7 +339,7 @@ def test_resume_continues_a_cancelled_sweep_from_its_checkpoints(cluster, tmp_pa
     main(["--resume", str(sweep)])
     wait_for(sweep, completed, timeout=420)
     _, manifest = launch.read_manifest(sweep)
-    assert len(manifest["submissions"]) == 2
+    assert len(manifest.submissions) == 2
     for name in stopped_at:
         summary = json.loads((sweep / name / "summary.json").read_text())
         assert summary["epoch"] == epochs and summary["attempts"] == 2

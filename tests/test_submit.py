@@ -13,9 +13,11 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 import spherinator.submit
 import spherinator.submit.launch as launch
+import spherinator.submit.monitor as monitor
 from spherinator.submit import Resources, SubmitError, expand_sweep, main, parse_sweep_arg, parse_time
 from spherinator.submit.resources import load_preset, parse_sbatch_extra
 
@@ -326,7 +328,7 @@ def test_submit_writes_run_dirs_and_manifest_then_calls_the_executor_once(tmp_pa
             return FakeJob(f"77_{len(submitted) - 1}")
 
     monkeypatch.setattr(launch, "_executor", lambda folder, resources, name: FakeExecutor())
-    monkeypatch.setattr(launch, "job_states", lambda folder, ids: ({i: "PENDING" for i in ids}, None))
+    monkeypatch.setattr(monitor, "job_states", lambda folder, ids: ({i: "PENDING" for i in ids}, None))
     main(
         ["-c", str(config), "--sweep", "model.init_args.z_dim=3,5", "--run-root", str(tmp_path / "runs"), "--name", "s"]
     )
@@ -337,7 +339,7 @@ def test_submit_writes_run_dirs_and_manifest_then_calls_the_executor_once(tmp_pa
         text = (sweep / name / "config.yaml").read_text()
         assert f"z_dim: {z}" in text and f"save_dir: {sweep / name}" in text
     _, manifest = launch.read_manifest(sweep / "z_dim=3")
-    assert manifest["submissions"][0]["jobs"] == {"0": "77_0", "1": "77_1"}
+    assert manifest.submissions[0].jobs == {"0": "77_0", "1": "77_1"}
     rows, _ = launch.task_rows(sweep, manifest)
     assert [(r.task, r.job, r.state) for r in rows] == [
         ("z_dim=3", "77_0", "PENDING"),
@@ -543,7 +545,7 @@ def test_sbatch_failure_is_reported_without_a_traceback(tmp_path, image_dataset,
 def test_resume_with_another_layout_is_refused(tmp_path, image_dataset, monkeypatch, capsys):
     executor = _FakeExecutor()
     monkeypatch.setattr(launch, "_executor", lambda folder, resources, name: executor)
-    monkeypatch.setattr(launch, "job_states", lambda folder, ids: ({i: "TIMEOUT" for i in ids}, None))
+    monkeypatch.setattr(monitor, "job_states", lambda folder, ids: ({i: "TIMEOUT" for i in ids}, None))
     config = tiny_config(tmp_path, image_dataset)
     sweep = tmp_path / "runs" / "s"
     main(["-c", str(config), "--run-root", str(tmp_path / "runs"), "--name", "s", "--no-validate"])
@@ -558,12 +560,12 @@ def test_resume_with_another_layout_is_refused(tmp_path, image_dataset, monkeypa
 def test_resume_honours_a_preset_given_with_it(tmp_path, image_dataset, monkeypatch):
     executor = _FakeExecutor()
     monkeypatch.setattr(launch, "_executor", lambda folder, resources, name: executor)
-    monkeypatch.setattr(launch, "job_states", lambda folder, ids: ({i: "TIMEOUT" for i in ids}, None))
+    monkeypatch.setattr(monitor, "job_states", lambda folder, ids: ({i: "TIMEOUT" for i in ids}, None))
     config = tiny_config(tmp_path, image_dataset)
     main(["-c", str(config), "--run-root", str(tmp_path / "runs"), "--name", "s", "--no-validate"])
     main(["--resume", str(tmp_path / "runs" / "s"), "--preset", "local"])
     _, manifest = launch.read_manifest(tmp_path / "runs" / "s")
-    assert manifest["submissions"][-1]["resources"]["partition"] == "debug"  # the preset, not the last submission
+    assert manifest.submissions[-1].resources["partition"] == "debug"  # the preset, not the last submission
 
 
 def test_status_of_a_missing_dir_says_it_does_not_exist(tmp_path, capsys):
@@ -804,7 +806,7 @@ def test_the_script_submitit_submits_has_what_the_dry_run_showed(tmp_path, image
     assert "#SBATCH --reservation=demo" in lines
     assert shown["python"] in script and shown["folder"] in script
     _, manifest = launch.read_manifest(tmp_path / "runs" / "dry")
-    assert manifest["submissions"][0]["jobs"] == {str(i): f"990000_{i}" for i in range(4)}
+    assert manifest.submissions[0].jobs == {str(i): f"990000_{i}" for i in range(4)}
 
 
 # ----------------------------------------------------------------------------------------------- status, logs, cancel
@@ -819,7 +821,7 @@ def three_task_sweep(tmp_path: Path, image_dataset: Path) -> Path:
     """A sweep of three tasks submitted (to the fake sbatch) as array 990000: task 0 runs (squeue lists it, its
     summary says 2 requeues and 10 minutes), task 1 completed and left the queue, task 2 died before Python started
     (no summary; Slurm's stderr file says why)."""
-    from spherinator.submit.records import RunSummary
+    from spherinator.submit.records import OnnxResult, RunSummary
 
     config = tiny_config(tmp_path, image_dataset)
     main(["-c", str(config), "--run-root", str(tmp_path / "runs"), "--name", "s", "--no-validate",
@@ -829,7 +831,7 @@ def three_task_sweep(tmp_path: Path, image_dataset: Path) -> Path:
     running.attempt_started = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(time.time() - 600))
     running.requeues, running.epoch = 2, 7
     running.save(sweep / "beta=1e-4")
-    done = RunSummary().start_attempt("990000_1", "node2", None, None, None).completed({"validated": True})
+    done = RunSummary().start_attempt("990000_1", "node2", None, None, None).completed(OnnxResult(validated=True))
     done.save(sweep / "beta=1e-3")
     (sweep / "submitit" / "990000_2_0_log.err").write_text(DIED_BEFORE_PYTHON)
     (sweep / "submitit" / "990000_2_0_log.out").write_text("")
@@ -887,6 +889,179 @@ def test_cancel_cancels_only_the_tasks_still_queued_or_running(tmp_path, image_d
     assert "cancelled 1 task(s): 990000_0" in capsys.readouterr().out
 
 
+# A sweep as the code before typed records wrote it (sweep.json by hand): status must still read it.
+OLD_MANIFEST = {
+    "name": "old", "cwd": "/tmp", "configs": ["/tmp/tiny.yaml"], "overrides": [], "export": True, "atlas_order": 4,
+    "tasks": [{"index": 0, "name": "beta=1e-3", "params": {"model.init_args.beta": "1e-3"},
+               "launcher_changes": ["trainer.num_nodes: 1 -> 1"]}],
+    "code_version": "sha256:0123456789abcdef",
+    "submissions": [{"time": "2026-01-01T00:00:00", "jobs": {"0": "990000_0"}, "resources": {"time": 60}}],
+}  # fmt: skip
+OLD_SUMMARY = {
+    "state": "COMPLETED", "attempts": 1, "requeues": 0, "job_id": "990000_0", "host": "node1",
+    "started": "2026-01-01T00:00:00", "attempt_started": "2026-01-01T00:00:00", "earlier_attempts_s": 0.0,
+    "attempt_ended": "2026-01-01T00:10:00", "epoch": 3, "global_step": 12, "metrics": {"val_loss": 0.5},
+    "best": {"monitor": "val_loss", "value": 0.5, "checkpoint": "x.ckpt", "kind": "monitored"},
+    "onnx": {"checkpoint": "x.ckpt", "path": "onnx", "validated": True, "graphs": ["decoder", "encoder"]},
+    "atlas": {"written": False, "path": None, "skipped": "a 4-d latent space is no sphere"},
+}  # fmt: skip
+
+
+def old_sweep(tmp_path: Path, summary: dict | None = None, manifest: dict | None = None) -> Path:
+    """A sweep dir of one task as the code before typed records left it, with the given summary.json."""
+    sweep = tmp_path / "runs" / "old"
+    (sweep / "beta=1e-3").mkdir(parents=True)
+    (sweep / "sweep.json").write_text(json.dumps(manifest or OLD_MANIFEST, indent=2))
+    (sweep / "beta=1e-3" / "summary.json").write_text(json.dumps(summary or OLD_SUMMARY, indent=2))
+    return sweep
+
+
+def one_error_line(capsys: pytest.CaptureFixture, *args: str) -> str:
+    """Run ``spherinator-submit ARGS``; it must exit 2 with one line ``spherinator-submit: error: ...``."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(list(args))
+    assert exit_info.value.code == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("spherinator-submit: error: "), line
+    return line
+
+
+def test_a_sweep_written_by_the_old_code_still_shows_its_status(tmp_path, capsys, fake_slurm):
+    sweep = old_sweep(tmp_path)
+    main(["status", str(sweep), "--json"])
+    (row,) = json.loads(capsys.readouterr().out)["tasks"]
+    assert (row["state"], row["epoch"], row["onnx"], row["best"]["value"]) == ("COMPLETED", 3, True, 0.5)
+    assert row["atlas"]["skipped"] == "a 4-d latent space is no sphere" and row["params"] == {
+        "model.init_args.beta": "1e-3"
+    }
+    main(["status", str(sweep / "beta=1e-3")])
+    assert re.search(r"beta=1e-3\s+990000_0\s+COMPLETED\s+3\s.*val_loss=0.5\s.*yes\s+n/a", capsys.readouterr().out)
+
+
+@pytest.mark.parametrize("command", [["status"], ["status", "--json"], ["cancel"], ["logs"], ["--resume"]])
+def test_a_cut_short_sweep_json_is_one_line_naming_the_file(tmp_path, capsys, fake_slurm, no_queue, command):
+    sweep = old_sweep(tmp_path)
+    text = (sweep / "sweep.json").read_text()
+    (sweep / "sweep.json").write_text(text[: len(text) // 2])
+    line = one_error_line(capsys, *command[:1], str(sweep), *command[1:])
+    assert f"'{sweep / 'sweep.json'}' is not valid JSON" in line and "cut short" in line
+
+
+@pytest.mark.parametrize(
+    ("edit", "key"),
+    [
+        (lambda m: m["tasks"][0].update(params=["beta"]), "'tasks[0].params' is [\"beta\"], not dict[str, str]"),
+        (lambda m: m["tasks"][0].pop("name"), "has no 'tasks[0].name'"),
+        (lambda m: m.update(tasks={"0": "beta"}), "'tasks' is"),
+        (lambda m: m["submissions"][0].update(jobs={"0": 990000}), "'submissions[0].jobs' is"),
+        (lambda m: m["tasks"][0].update(name="../../etc"), "'tasks[0].name' '../../etc' is not a task's dir name"),
+        (lambda m: m["submissions"][0].update(jobs={"0": "--me"}), "'submissions[0].jobs' holds '--me'"),
+    ],
+)
+def test_a_hand_edited_sweep_json_names_the_bad_key(tmp_path, capsys, fake_slurm, no_queue, edit, key):
+    manifest = json.loads(json.dumps(OLD_MANIFEST))
+    edit(manifest)
+    sweep = old_sweep(tmp_path, manifest=manifest)
+    for command in ("status", "cancel"):
+        line = one_error_line(capsys, command, str(sweep))
+        assert str(sweep / "sweep.json") in line and key in line, line
+    assert not (fake_slurm / "scancel.txt").exists()
+
+
+def test_a_sweep_json_that_is_a_list_or_a_dir_is_one_line(tmp_path, capsys, fake_slurm):
+    sweep = old_sweep(tmp_path)
+    (sweep / "sweep.json").write_text("[1, 2]\n")
+    assert "its content is list, not a mapping" in one_error_line(capsys, "status", str(sweep))
+    (sweep / "sweep.json").unlink()
+    (sweep / "sweep.json").mkdir()
+    assert "cannot be read" in one_error_line(capsys, "status", str(sweep))
+
+
+def test_resume_with_resources_the_manifest_cannot_hold_is_one_line(tmp_path, capsys, fake_slurm, no_queue):
+    manifest = json.loads(json.dumps(OLD_MANIFEST))
+    manifest["submissions"][0]["resources"] = {"time": 60, "gpus": 4}
+    sweep = old_sweep(tmp_path, summary={"state": "FAILED"}, manifest=manifest)
+    assert "hold an unknown key 'gpus'" in one_error_line(capsys, "--resume", str(sweep))
+    manifest["submissions"][0]["resources"] = {"time": 0}
+    (sweep / "sweep.json").write_text(json.dumps(manifest))
+    line = one_error_line(capsys, "--resume", str(sweep))
+    assert "the last submission's resources are not valid" in line and "time" in line
+
+
+def test_a_nan_or_null_best_value_shows_and_status_json_stays_json(tmp_path, capfd, fake_slurm):
+    """A diverged run records NaN: the table says nan, --json says null (NaN is no JSON), a null is read back."""
+    for value in (float("nan"), None):
+        summary = json.loads(json.dumps(OLD_SUMMARY))
+        summary["best"]["value"] = value
+        summary["metrics"] = {"val_loss": value, "val_coverage": value}
+        sweep = old_sweep(tmp_path / str(value), summary=summary)
+        main(["status", str(sweep)])
+        out = capfd.readouterr().out
+        assert "val_loss=nan" in out and "coverage nan" in out, out
+        main(["status", str(sweep), "--json"])
+
+        def refuse(constant: str) -> None:
+            raise AssertionError(f"status --json printed {constant}, which is not JSON")
+
+        (row,) = json.loads(capfd.readouterr().out, parse_constant=refuse)["tasks"]
+        assert row["best"]["value"] is None and row["sphere"] == {"val_coverage": None}
+
+
+def test_a_summary_json_a_task_writes_is_strict_json(tmp_path):
+    from spherinator.submit.records import Best, RunSummary
+
+    summary = RunSummary().progress(1, 4, {"val_loss": float("nan"), "train_loss": 1.0}, Best("val_loss", float("inf")))
+    summary.save(tmp_path)
+    content = json.loads((tmp_path / "summary.json").read_text(), parse_constant=lambda c: pytest.fail(c))
+    assert content["metrics"] == {"val_loss": None, "train_loss": 1.0} and content["best"]["value"] is None
+    assert RunSummary.load(tmp_path).best == Best("val_loss", None)
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        ("[1, 2]", "its content is list, not a mapping"),
+        ('{"state": "RUNNING", "best": {"monitor": "val_loss", "value": "low"}}', "'best.value' is \"low\""),
+        ('{"state": "RUNNING", "best": "val_loss"}', "'best' is \"val_loss\", not"),
+        ('{"state": "RUNNING", "earlier_attempts_s": "ten"}', "'earlier_attempts_s' is \"ten\""),
+        ('{"state": "RUNNING", "epoch": 7, "onnx": true}', "'onnx' is true"),
+        ('{"state": "COMPLETED", "atlas": {"written": "yes"}}', "'atlas.written' is \"yes\", not bool"),
+        ('{"state": "RUNN', "is not valid JSON"),
+    ],
+)
+def test_a_damaged_summary_json_is_named_in_its_row_and_the_others_still_show(
+    tmp_path, image_dataset, capfd, fake_slurm, content, expected
+):
+    sweep = three_task_sweep(tmp_path, image_dataset)
+    (sweep / "beta=1e-3" / "summary.json").write_text(content)
+    (fake_slurm / "squeue.txt").write_text("990000_0|RUNNING\n")
+    capfd.readouterr()
+    main(["status", str(sweep), "--json"])
+    rows = {t["task"]: t for t in json.loads(capfd.readouterr().out)["tasks"]}
+    assert str(sweep / "beta=1e-3" / "summary.json") in rows["beta=1e-3"]["error"]
+    assert expected in rows["beta=1e-3"]["error"], rows["beta=1e-3"]["error"]
+    assert rows["beta=1e-4"]["epoch"] == 7 and rows["beta=1e-4"]["error"] is None
+    main(["cancel", str(sweep)])  # the task with the damaged summary does not stop the others' cancel
+    assert (fake_slurm / "scancel.txt").read_text().split() == ["990000_0"]
+
+
+def test_logs_of_a_log_file_that_cannot_be_read_says_so(tmp_path, image_dataset, capsys, fake_slurm):
+    sweep = three_task_sweep(tmp_path, image_dataset)
+    (sweep / "submitit" / "990000_2_0_log.out").unlink()
+    (sweep / "submitit" / "990000_2_0_log.out").mkdir()  # something else where Slurm's log file should be
+    capsys.readouterr()
+    main(["logs", str(sweep), "beta=1e-2"])
+    out = capsys.readouterr().out
+    assert "(cannot be read: Is a directory)" in out and DIED_BEFORE_PYTHON in out
+
+
+def test_status_of_a_file_or_a_dir_without_a_sweep_names_it(tmp_path, capsys):
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "plain" / "notes.txt").write_text("x")
+    for given in (tmp_path / "plain", tmp_path / "plain" / "notes.txt"):
+        assert f"'{given}' holds no sweep.json" in one_error_line(capsys, "status", str(given))
+
+
 STARTUP_PROBE = """
 import sys
 from spherinator.submit import main
@@ -927,7 +1102,6 @@ def test_wandb_runs_are_named_by_task_and_grouped_by_sweep(tmp_path, image_datas
         composed = compose_task(
             [str(config), str(overlay)], [], task, Resources(), tmp_path / "zbeta" / task.name, "zbeta", validate=False
         )
-        import yaml
 
         loggers.append(yaml.safe_load(composed.text)["trainer"]["logger"]["init_args"])
     # the names were cut at the last '-': both tasks were 'zbeta-beta=1e'
@@ -947,9 +1121,13 @@ def test_a_tasks_swept_values_reach_tensorboards_hparams_tab(tmp_path, image_dat
     monkeypatch.chdir(tmp_path)
     params = {"model.init_args.beta": "1e-3", "optimizer.init_args.lr": "0.01", "data.init_args.batch_size": "16",
               "model.init_args.encoder.init_args.norm": "null"}  # fmt: skip
-    manifest = {"name": "s", "tasks": [{"index": 0, "name": "run", "params": params}]}
-    (tmp_path / "sweep.json").write_text(json.dumps(manifest))  # the run dir tmp_path/run is this sweep's task
     args = run_config(tmp_path, image_dataset, epochs=1)
+    # The swept values as spherinator-submit writes them into the task's config: RequeueOnSignal's `swept`.
+    run_yaml = Path(args[-1])
+    config = yaml.safe_load(run_yaml.read_text())
+    (requeue,) = [cb for cb in config["trainer"]["callbacks"] if cb["class_path"].endswith("RequeueOnSignal")]
+    requeue["init_args"] = {"swept": params}
+    run_yaml.write_text(yaml.safe_dump(config))
     SpherinatorCLI(args=["fit", *args, *[t for k, v in params.items() if k != "model.init_args.encoder.init_args.norm"
                                          for t in (f"--{k}", v)]])  # fmt: skip
     events = EventAccumulator(str(tmp_path / "run"))

@@ -12,14 +12,17 @@ from typing import Any
 
 from spherinator.submit.compose import compose_task
 from spherinator.submit.launch import main, sbatch_parameters, task_rows
-from spherinator.submit.records import Best, RunSummary, read_manifest
+from spherinator.submit.records import AtlasResult, Best, Manifest, OnnxResult, RunSummary, read_manifest
 from spherinator.submit.resources import Resources, load_preset, parse_time
 from spherinator.submit.slurm import job_states
 from spherinator.submit.sweep import SubmitError, Task, expand_sweep, parse_sweep_arg
 from spherinator.submit.task import TrainingTask, newest_checkpoint
 
 __all__ = [
+    "AtlasResult",
     "Best",
+    "Manifest",
+    "OnnxResult",
     "RequeueOnSignal",
     "Resources",
     "RunSummary",

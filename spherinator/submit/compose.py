@@ -104,8 +104,9 @@ def _namespace(class_path: str, **init_args: Any) -> Any:
     return Namespace(class_path=class_path, init_args=Namespace(**init_args))
 
 
-def _add_run_callbacks(config: Any) -> None:
-    """Checkpoints with ``last.ckpt`` (resume points) and the requeue-on-signal callback."""
+def _add_run_callbacks(config: Any, swept: dict[str, str]) -> None:
+    """Checkpoints with ``last.ckpt`` (resume points) and the requeue-on-signal callback, which gets the task's
+    ``swept`` values (it logs them as hyperparameters)."""
     callbacks = _as_list(config.trainer.get("callbacks"))
     checkpoints = [cb for cb in callbacks if _class_name(cb.get("class_path")) == "ModelCheckpoint"]
     if checkpoints:
@@ -113,8 +114,11 @@ def _add_run_callbacks(config: Any) -> None:
             checkpoints[0].init_args.save_last = True
     else:
         callbacks.append(_namespace(CHECKPOINT_CALLBACK, save_last=True))
-    if not any(cb.get("class_path") == REQUEUE_CALLBACK for cb in callbacks):
-        callbacks.append(_namespace(REQUEUE_CALLBACK))
+    requeue = [cb for cb in callbacks if cb.get("class_path") == REQUEUE_CALLBACK]
+    if not requeue:
+        callbacks.append(_namespace(REQUEUE_CALLBACK, **({"swept": dict(swept)} if swept else {})))
+    elif swept:
+        requeue[0].init_args.swept = dict(swept)
     config.trainer.callbacks = callbacks
 
 
@@ -214,8 +218,9 @@ def compose_task(
 
     It is the ``spherinator fit`` config of ``-c configs`` + ``overrides`` + the swept values, with the Trainer
     sized to ``resources``, loggers and checkpoints in ``run_dir`` (W&B runs grouped by the name of the ``sweep``),
-    ``last.ckpt`` saved, Lightning's SLURM auto-requeue off and :class:`RequeueOnSignal` added. Those additions are
-    listed in ``changes``; nothing else differs from what ``spherinator fit`` trains.
+    ``last.ckpt`` saved, Lightning's SLURM auto-requeue off and :class:`RequeueOnSignal` added (with the swept
+    values, which it logs as hyperparameters). Those additions are listed in ``changes``; nothing else differs from
+    what ``spherinator fit`` trains.
 
     Raises:
         SubmitError: naming the task, its swept values and the parser's / model's complaint.
@@ -230,7 +235,7 @@ def compose_task(
         for key, value in resources.trainer_settings(config.trainer.get("strategy")).items():
             config.trainer[key] = value
         _pin_loggers(config, run_dir, sweep)
-        _add_run_callbacks(config)
+        _add_run_callbacks(config, task.params)
         if validate:
             check_config(parser, config)
         _add_slurm_environment(config)

@@ -3,35 +3,43 @@
 from __future__ import annotations
 
 import argparse
-import json
+import dataclasses
 import re
 import shlex
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from spherinator.submit.compose import compose_task
+from spherinator.submit.compose import ComposedTask, compose_task
+from spherinator.submit.monitor import (
+    NOT_SUBMITTED,
+    SUBMITIT_DIR,
+    TaskStatus,
+    cancel,
+    logs,
+    print_table,
+    status,
+    task_rows,
+)
 from spherinator.submit.records import (
     COMPLETED,
-    FAILED,
     MANIFEST_NAME,
-    Best,
-    RunSummary,
+    Manifest,
+    ManifestTask,
+    Submission,
     read_manifest,
     write_manifest,
 )
 from spherinator.submit.resources import Resources, check_script_path, load_preset, parse_sbatch_extra, parse_time
-from spherinator.submit.slurm import ENDED, FINAL, UNKNOWN, cancel_jobs, error_line, job_states, log_paths, tail
+from spherinator.submit.slurm import FINAL
 from spherinator.submit.sweep import SubmitError, Task, expand_sweep
 from spherinator.submit.task import TrainingTask, code_hash, git_state
 
 CODE_DIR = "code"  # the sweep's copy of the spherinator package, which its tasks import
-SUBMITIT_DIR = "submitit"
 ATLAS_ORDER = 4  # each task's atlas: HiPS orders 0..4, 4,092 tiles
 
 USAGE = """\
@@ -190,20 +198,20 @@ def dry_run_text(folder: Path, resources: Resources, name: str, n_tasks: int) ->
 
 
 def _submit(
-    tasks: list[Task], sweep_dir: Path, manifest: dict[str, Any], resources: Resources, export: bool,
+    tasks: list[Task], sweep_dir: Path, manifest: Manifest, resources: Resources, export: bool,
     atlas_order: int | None = None,
 ) -> dict[str, str]:  # fmt: skip
-    """Queue ``tasks`` as one Slurm array; returns {task index: Slurm job id}."""
+    """Queue ``tasks`` as one Slurm array, record the submission in the manifest; returns {task index: job id}."""
     from submitit.core.utils import FailedJobError
 
-    code, manifest["code_version"] = code_snapshot(sweep_dir, manifest.get("code_version"))
-    print(f"tasks import spherinator {manifest['code_version']} from {code}", file=sys.stderr)
-    executor = _executor(sweep_dir / SUBMITIT_DIR, resources, manifest["name"])
+    code, manifest.code_version = code_snapshot(sweep_dir, manifest.code_version)
+    print(f"tasks import spherinator {manifest.code_version} from {code}", file=sys.stderr)
+    executor = _executor(sweep_dir / SUBMITIT_DIR, resources, manifest.name)
     try:
         with executor.batch():
             pending = [
                 executor.submit(
-                    TrainingTask(sweep_dir / t.name, manifest["cwd"], export, manifest["code_version"], atlas_order)
+                    TrainingTask(sweep_dir / t.name, manifest.cwd, export, manifest.code_version, atlas_order)
                 )
                 for t in tasks
             ]
@@ -211,11 +219,31 @@ def _submit(
         message = " ".join(str(err).split())
         raise SubmitError(f"sbatch refused the job, nothing was queued: {message}") from err
     job_ids = {str(t.index): job.job_id for t, job in zip(tasks, pending, strict=True)}
-    manifest.setdefault("submissions", []).append(
-        {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "jobs": job_ids, "resources": resources.to_dict()}
-    )
+    manifest.submissions.append(Submission(time.strftime("%Y-%m-%dT%H:%M:%S"), job_ids, resources.to_dict()))
     write_manifest(sweep_dir, manifest)
     return job_ids
+
+
+def _sweep_dir(ns: argparse.Namespace) -> tuple[str, Path]:
+    """The sweep's name and dir, checked: a new sweep, a name that stays inside the run root."""
+    name = ns.name or f"{Path(ns.config[0]).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if not re.fullmatch(r"[A-Za-z0-9._+=-]+", name) or set(name) == {"."}:
+        raise SubmitError(f"--name {name!r} may only hold letters, digits and . _ + = - (and not be only dots)")
+    sweep_dir = (Path(ns.run_root) / name).resolve()
+    check_script_path(sweep_dir, f"--run-root {ns.run_root!r} gives the sweep dir")  # its logs' path is in the script
+    if (sweep_dir / MANIFEST_NAME).exists() and not ns.dry_run:
+        raise SubmitError(f"sweep '{sweep_dir}' exists; use --resume {sweep_dir} or another --name")
+    return name, sweep_dir
+
+
+def _print_dry_run(tasks: list[Task], composed: dict[int, ComposedTask], sweep_dir: Path, resources: Resources,
+                   name: str) -> None:  # fmt: skip
+    print(f"# Slurm: one array of {len(tasks)} task(s), submitted through Submitit with these settings")
+    print(dry_run_text(sweep_dir / SUBMITIT_DIR, resources, name, len(tasks)))
+    for task in tasks:
+        print(f"# task {task.index}: {sweep_dir / task.name}/config.yaml")
+        print(composed[task.index].text)
+    print(f"dry run: nothing submitted ({len(tasks)} tasks)", file=sys.stderr)
 
 
 def submit(ns: argparse.Namespace, overrides: list[str]) -> int:
@@ -227,14 +255,7 @@ def submit(ns: argparse.Namespace, overrides: list[str]) -> int:
     resources = _resources(ns)
     atlas_order = None if ns.no_atlas else _atlas_order(ns.atlas_order)
     tasks = expand_sweep(ns.sweep, ns.sweep_file)
-    name = ns.name or f"{Path(ns.config[0]).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
-    if not re.fullmatch(r"[A-Za-z0-9._+=-]+", name) or set(name) == {"."}:
-        raise SubmitError(f"--name {name!r} may only hold letters, digits and . _ + = - (and not be only dots)")
-    sweep_dir = (Path(ns.run_root) / name).resolve()
-    check_script_path(sweep_dir, f"--run-root {ns.run_root!r} gives the sweep dir")  # its logs' path is in the script
-    if (sweep_dir / MANIFEST_NAME).exists() and not ns.dry_run:
-        raise SubmitError(f"sweep '{sweep_dir}' exists; use --resume {sweep_dir} or another --name")
-
+    name, sweep_dir = _sweep_dir(ns)
     configs = [str(Path(p).resolve()) for p in ns.config]
     composed = {}
     for task in tasks:  # everything is checked before anything is written or queued
@@ -244,36 +265,22 @@ def submit(ns: argparse.Namespace, overrides: list[str]) -> int:
         )  # fmt: skip
         print(f"checked task {task.index} {task.name}", file=sys.stderr)
     # What a task runs beyond `spherinator fit` of the same files: said once, before anything is queued.
-    first = composed[tasks[0].index]
     print(f"the launcher sets, on top of `spherinator fit` of these files ({tasks[0].name}):", file=sys.stderr)
-    for line in first.changes:
+    for line in composed[tasks[0].index].changes:
         print(f"  {line}", file=sys.stderr)
-
     if ns.dry_run:
-        print(f"# Slurm: one array of {len(tasks)} task(s), submitted through Submitit with these settings")
-        print(dry_run_text(sweep_dir / SUBMITIT_DIR, resources, name, len(tasks)))
-        for task in tasks:
-            print(f"# task {task.index}: {sweep_dir / task.name}/config.yaml")
-            print(composed[task.index].text)
-        print(f"dry run: nothing submitted ({len(tasks)} tasks)", file=sys.stderr)
+        _print_dry_run(tasks, composed, sweep_dir, resources, name)
         return 0
 
     for task in tasks:
         run_dir = sweep_dir / task.name
         (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(composed[task.index].text)
-    manifest = {
-        "name": name,
-        "cwd": str(Path.cwd()),
-        "configs": configs,
-        "overrides": overrides,
-        "export": not ns.no_export,
-        "atlas_order": atlas_order,
-        "tasks": [
-            {"index": t.index, "name": t.name, "params": t.params, "launcher_changes": composed[t.index].changes}
-            for t in tasks
-        ],
-    }
+    manifest = Manifest(
+        tasks=[ManifestTask(t.index, t.name, t.params, composed[t.index].changes) for t in tasks],
+        name=name, cwd=str(Path.cwd()), configs=configs, overrides=overrides, export=not ns.no_export,
+        atlas_order=atlas_order,
+    )  # fmt: skip
     job_ids = _submit(tasks, sweep_dir, manifest, resources, export=not ns.no_export, atlas_order=atlas_order)
     array = sorted({j.split("_")[0] for j in job_ids.values()})
     print(f"submitted {len(tasks)} task(s) as Slurm job {', '.join(array)} -> {sweep_dir}")
@@ -282,200 +289,25 @@ def submit(ns: argparse.Namespace, overrides: list[str]) -> int:
     return 0
 
 
-# --------------------------------------------------------------------------------------------------- status
-NOT_SUBMITTED = "NOT SUBMITTED"
-_SPHERE_FIGURES = (("val_coverage", "coverage", ".0%"), ("val_knn_accuracy", "knn", ".3f"))
-
-
-@dataclass
-class TaskStatus:
-    """One task of a sweep as ``spherinator-submit status`` shows it.
-
-    Attributes:
-        index: Position in the sweep.
-        task: The task's name (its run dir's).
-        params: Its swept values.
-        job: Its latest Slurm job id; None before it was submitted.
-        state: Slurm's state of that job (``PENDING``, ``RUNNING``, ``COMPLETED``, ...); where Slurm forgot the job
-            (``ENDED``, ``UNKNOWN``), the task's own final word when it said one (``COMPLETED``/``FAILED``).
-        summary_state: The state the task recorded in its summary.json.
-        epoch: Epochs done.
-        elapsed_s: Wall time run over all attempts.
-        attempts: Runs started (first run, requeues, resumes).
-        requeues: Requeues on Slurm's signal.
-        best: The best (or final) metric.
-        sphere: The last ``val_coverage`` and ``val_knn_accuracy`` (logged by ``SphereQuality``).
-        onnx: Whether the ONNX export validated; None when there was none.
-        atlas: The atlas's result from summary.json (``written``, ``path``, ``error`` or ``skipped``); None when
-            there was none.
-        error: The first line of what stopped the task: its exception, else the telling line of Slurm's stderr file
-            (a task that died before Python started, a time limit, a cancel).
-        run_dir: The task's run dir.
-    """
-
-    index: int
-    task: str
-    params: dict[str, str]
-    job: str | None
-    state: str
-    summary_state: str | None = None
-    epoch: int | None = None
-    elapsed_s: float | None = None
-    attempts: int = 0
-    requeues: int = 0
-    best: Best | None = None
-    sphere: dict[str, float] = field(default_factory=dict)
-    onnx: bool | None = None
-    atlas: dict[str, Any] | None = None
-    error: str | None = None
-    run_dir: str = ""
-
-    def cells(self) -> dict[str, str]:
-        """The table's text for each column."""
-        sphere = [f"{name} {self.sphere[key]:{spec}}" for key, name, spec in _SPHERE_FIGURES if key in self.sphere]
-        return {
-            "task": self.task,
-            "job": self.job or "-",
-            "state": self.state,
-            "epoch": "-" if self.epoch is None else str(self.epoch),
-            "elapsed": _duration(self.elapsed_s),
-            "requeues": str(self.requeues),
-            "best": f"{self.best.monitor}={self.best.value:.4g}" if self.best else "-",
-            "sphere": " ".join(sphere) or "-",
-            "onnx": "-" if self.onnx is None else ("yes" if self.onnx else "no"),
-            "atlas": _atlas_cell(self.atlas),
-            "error": self.error or "",
-        }
-
-
-def _atlas_cell(atlas: dict[str, Any] | None) -> str:
-    if not atlas:
-        return "-"
-    if atlas.get("written"):
-        return "atlas/"  # in the task's run dir
-    return "n/a" if atlas.get("skipped") else "failed"
-
-
-def _duration(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    minutes, secs = divmod(int(round(seconds)), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}:{minutes:02d}:{secs:02d}"
-
-
-def latest_jobs(manifest: dict[str, Any]) -> dict[str, str]:
-    """{task index: its latest Slurm job id} over all submissions of the sweep."""
-    latest: dict[str, str] = {}
-    for submission in manifest.get("submissions", []):
-        latest.update(submission["jobs"])
-    return latest
-
-
-def task_rows(sweep_dir: Path, manifest: dict[str, Any]) -> tuple[list[TaskStatus], str | None]:
-    """One :class:`TaskStatus` per task, and a line on where Slurm's states came from when sacct could not say."""
-    latest = latest_jobs(manifest)
-    folder = sweep_dir / SUBMITIT_DIR
-    states, note = job_states(folder, sorted(set(latest.values())))
-    rows = []
-    for task in manifest["tasks"]:
-        run_dir = sweep_dir / task["name"]
-        summary = RunSummary.read(run_dir)
-        job = latest.get(str(task["index"]))
-        state = NOT_SUBMITTED if job is None else states.get(job, UNKNOWN)
-        if state in (ENDED, UNKNOWN) and summary.state in (COMPLETED, FAILED):
-            state = summary.state  # Slurm forgot the job; the task said how it ended
-        error = summary.error_line if summary.state == FAILED else None
-        if error is None and job is not None and state in FINAL and state != COMPLETED:
-            error = error_line(log_paths(folder, job)[1])
-        onnx = summary.onnx
-        rows.append(TaskStatus(
-            index=task["index"], task=task["name"], params=task["params"], job=job, state=state,
-            summary_state=summary.state, epoch=summary.epoch, elapsed_s=summary.elapsed_s(running=state == "RUNNING"),
-            attempts=summary.attempts, requeues=summary.requeues, best=summary.best,
-            sphere={key: summary.metrics[key] for key, _, _ in _SPHERE_FIGURES if key in summary.metrics},
-            onnx=bool(onnx.get("validated")) if onnx else None, atlas=summary.atlas, error=error,
-            run_dir=str(run_dir),
-        ))  # fmt: skip
-    return rows, note
-
-
-def print_table(rows: list[TaskStatus]) -> None:
-    cells = [row.cells() for row in rows]
-    columns = [c for c in TaskStatus(0, "", {}, None, "").cells() if c != "error" or any(r["error"] for r in cells)]
-    widths = [max(len(c), *(len(row[c]) for row in cells)) for c in columns]
-    print("  ".join(c.upper().ljust(w) for c, w in zip(columns, widths, strict=True)).rstrip())
-    for row in cells:
-        print("  ".join(row[c].ljust(w) for c, w in zip(columns, widths, strict=True)).rstrip())
-
-
-def status(run_dir: str, as_json: bool = False) -> int:
-    sweep_dir, manifest = read_manifest(run_dir)
-    rows, note = task_rows(sweep_dir, manifest)
-    if as_json:
-        content = {"sweep": manifest["name"], "dir": str(sweep_dir), "note": note, "tasks": [asdict(r) for r in rows]}
-        print(json.dumps(content, indent=2))
-        return 0
-    print(f"sweep {manifest['name']} ({sweep_dir})")
-    print_table(rows)
-    if any(r.atlas and r.atlas.get("written") for r in rows):
-        page = " (atlas.html: the spheres side by side)" if (sweep_dir / "atlas.html").is_file() else ""
-        print(f"atlases: spherinator atlas serve {sweep_dir}{page}")
-    if note:
-        print(f"note: {note}", file=sys.stderr)
-    return 0
-
-
-def cancel(run_dir: str) -> int:
-    sweep_dir, manifest = read_manifest(run_dir)
-    rows, _ = task_rows(sweep_dir, manifest)
-    active = [r.job for r in rows if r.job is not None and r.state not in FINAL]
-    if not active:
-        print(f"nothing to cancel in {sweep_dir}: no task is pending or running")
-        return 0
-    cancel_jobs(sweep_dir / SUBMITIT_DIR, active)
-    print(f"cancelled {len(active)} task(s): {' '.join(active)}")
-    return 0
-
-
-def logs(run_dir: str, task: str | None = None, lines: int | None = None) -> int:
-    """Print Slurm's stdout and stderr files of a task's latest job (rank 0), or their last ``lines`` lines."""
-    sweep_dir, manifest = read_manifest(run_dir)
-    tasks = manifest["tasks"]
-    names = [t["name"] for t in tasks]
-    given = Path(run_dir).resolve()
-    if task is None and given != sweep_dir and given.name in names:
-        task = given.name  # a task's run dir was given
-    if task is None:
-        if len(tasks) != 1:
-            raise SubmitError(
-                f"sweep {manifest['name']} has {len(tasks)} tasks; name one: spherinator-submit logs {run_dir} TASK "
-                f"(one of: {', '.join(names)})"
-            )
-        task = names[0]
-    chosen = next((t for t in tasks if task in (t["name"], str(t["index"]))), None)
-    if chosen is None:
-        raise SubmitError(f"sweep {manifest['name']} has no task {task!r}; tasks: {', '.join(names)}")
-    job = latest_jobs(manifest).get(str(chosen["index"]))
-    if job is None:
-        raise SubmitError(f"task {chosen['name']} was never submitted: it has no Slurm logs")
-    for path in log_paths(sweep_dir / SUBMITIT_DIR, job):
-        print(f"==> {path} <==", flush=True)
-        if path.is_file():
-            sys.stdout.writelines(tail(path, lines))
-        else:
-            print(f"(not written yet: job {job} has not started)")
-    return 0
+def _recorded_resources(sweep_dir: Path, recorded: dict[str, Any]) -> Resources:
+    """The resources the sweep's last submission asked for, as its manifest records them."""
+    where = f"'{sweep_dir / MANIFEST_NAME}': the last submission's resources"
+    unknown = sorted(set(recorded) - {f.name for f in dataclasses.fields(Resources)})
+    if unknown:
+        raise SubmitError(f"{where} hold an unknown key '{unknown[0]}'; restore the file from a backup")
+    try:
+        return Resources(**recorded)
+    except SubmitError as err:
+        raise SubmitError(f"{where} are not valid: {err}") from err
 
 
 def resume(ns: argparse.Namespace) -> int:
     sweep_dir, manifest = read_manifest(ns.resume)
     check_script_path(sweep_dir, "the sweep dir")
-    submissions = manifest.get("submissions") or []
-    base = dict(submissions[-1]["resources"]) if submissions else {}
+    base = manifest.submissions[-1].resources if manifest.submissions else {}
+    before = _recorded_resources(sweep_dir, base) if base else None
     resources = _resources(ns, base)
     # Each task's config.yaml was composed for its world size (trainer.num_nodes/devices/accelerator).
-    before = Resources(**base) if base else None
     if before is not None:
         changed = [
             f"{key} {getattr(before, key)} -> {getattr(resources, key)}"
@@ -498,11 +330,10 @@ def resume(ns: argparse.Namespace) -> int:
         return 0
     tasks = [Task(index=r.index, name=r.task, params=r.params) for r in todo]
     if ns.dry_run:
-        print(dry_run_text(sweep_dir / SUBMITIT_DIR, resources, manifest["name"], len(tasks)))
+        print(dry_run_text(sweep_dir / SUBMITIT_DIR, resources, manifest.name, len(tasks)))
         print(f"dry run: would resume {', '.join(t.name for t in tasks)}", file=sys.stderr)
         return 0
-    job_ids = _submit(tasks, sweep_dir, manifest, resources, export=manifest.get("export", True),
-                      atlas_order=manifest.get("atlas_order"))  # fmt: skip
+    job_ids = _submit(tasks, sweep_dir, manifest, resources, export=manifest.export, atlas_order=manifest.atlas_order)
     print(f"resubmitted {len(tasks)} task(s) from their last checkpoints: {' '.join(job_ids.values())}")
     return 0
 
@@ -548,4 +379,8 @@ def main(args: list[str] | None = None) -> None:
         raise SystemExit(rc)
 
 
-__all__ = ["TaskStatus", "code_snapshot", "dry_run_text", "main", "sbatch_parameters", "task_rows"]
+# status, logs and cancel live in spherinator.submit.monitor; their names stay importable from here.
+__all__ = [
+    "NOT_SUBMITTED", "TaskStatus", "cancel", "code_snapshot", "dry_run_text", "logs", "main", "print_table",
+    "read_manifest", "sbatch_parameters", "status", "task_rows",
+]  # fmt: skip

@@ -1,18 +1,26 @@
-"""What a sweep keeps on disk: ``sweep.json`` (its manifest) and each task's ``summary.json``.
+"""What a sweep keeps on disk, typed: ``sweep.json`` (:class:`Manifest`) and each task's ``summary.json``
+(:class:`RunSummary`, with its :class:`OnnxResult` and :class:`AtlasResult`).
 
-Both are written atomically (temp file + rename: a reader never sees half a file). Reading them needs neither torch
-nor Lightning, so that ``spherinator-submit status`` starts at once.
+This module is the one place that reads and writes them. Both are written atomically (temp file + rename: a reader
+never sees half a file) as strict JSON (a NaN metric is written as null); reading checks every known key's type, so a
+cut-short or hand-edited file is one :class:`SubmitError` naming the file and the key. Keys a file holds that this
+version does not know (from a newer one) are left out. Reading needs neither torch nor Lightning, so that
+``spherinator-submit status`` starts at once.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
+import re
 import time
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from spherinator.submit.sweep import SubmitError
 
@@ -37,10 +45,101 @@ def _seconds(stamp: str | None) -> float | None:
         return None
 
 
+def finite(content: Any) -> Any:
+    """``content`` with every NaN or infinite float replaced by None: JSON has no NaN (``json.dumps`` writes a bare
+    ``NaN`` that strict readers such as ``jq`` refuse), and a metric that is not a number has no value to show."""
+    if isinstance(content, float) and not math.isfinite(content):
+        return None
+    if isinstance(content, dict):
+        return {key: finite(value) for key, value in content.items()}
+    if isinstance(content, list | tuple):
+        return [finite(value) for value in content]
+    return content
+
+
 def _write_json(path: Path, content: Any) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    tmp.write_text(json.dumps(content, indent=2, default=str) + "\n")
+    tmp.write_text(json.dumps(finite(content), indent=2, default=str, allow_nan=False) + "\n")
     tmp.replace(path)
+
+
+def _read_json(path: Path) -> Any:
+    """The JSON content of ``path``; a file that cannot be read or parsed is a SubmitError naming it."""
+    try:
+        return json.loads(path.read_text())
+    except OSError as err:
+        raise SubmitError(f"'{path}' cannot be read ({err.strerror or err}); check its permissions") from err
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise SubmitError(
+            f"'{path}' is not valid JSON ({err}): it was cut short or edited by hand; restore it from a backup"
+        ) from err
+
+
+# ---------------------------------------------------------------------------------------------- typed reading
+Record = TypeVar("Record")
+
+
+def _type_name(hint: Any) -> str:
+    return getattr(hint, "__name__", None) if typing.get_origin(hint) is None else str(hint).replace("typing.", "")
+
+
+def _conforms(value: Any, hint: Any) -> bool:
+    """Whether a JSON value fits a field's type hint (the types records use: scalars, None, unions, dicts, lists)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_conforms(value, arg) for arg in args)
+    if hint is type(None):
+        return value is None
+    if hint in (int, float):  # JSON does not tell 1 from 1.0; a bool is not a number here
+        return isinstance(value, int | float if hint is float else int) and not isinstance(value, bool)
+    if origin is dict:
+        return isinstance(value, dict) and all(_conforms(item, args[1]) for item in value.values())
+    if origin is list:
+        return isinstance(value, list) and all(_conforms(item, args[0]) for item in value)
+    return isinstance(value, hint)
+
+
+def _record_type(hint: Any) -> type | None:
+    """The record class in a hint such as ``Best | None``, if any."""
+    candidates = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    return next((c for c in candidates if dataclasses.is_dataclass(c)), None)
+
+
+def _value(hint: Any, value: Any, where: Path, key: str) -> Any:
+    record = _record_type(hint)
+    if record is not None and isinstance(value, dict):
+        return from_json(record, value, where, f"{key}.")
+    item = typing.get_args(hint)[0] if typing.get_origin(hint) is list else None
+    if item is not None and dataclasses.is_dataclass(item) and isinstance(value, list):
+        return [_value(item, element, where, f"{key}[{i}]") for i, element in enumerate(value)]
+    if not _conforms(value, hint):
+        raise SubmitError(
+            f"'{where}': '{key}' is {json.dumps(value)[:60]}, not {_type_name(hint)}: the file was edited by hand or "
+            "written by other code; restore it from a backup"
+        )
+    return value
+
+
+def from_json(cls: type[Record], content: Any, where: Path, prefix: str = "") -> Record:
+    """A record (a dataclass of this module) from its JSON form, every key checked against its field's type.
+
+    Raises:
+        SubmitError: naming ``where`` (the file) and the key that is missing or of the wrong type.
+    """
+    if not isinstance(content, dict):
+        what = f"'{prefix.rstrip('.')}'" if prefix else "its content"
+        raise SubmitError(f"'{where}': {what} is {type(content).__name__}, not a mapping; restore it from a backup")
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for spec in dataclasses.fields(cls):
+        key = f"{prefix}{spec.name}"
+        if spec.name in content:
+            values[spec.name] = _value(hints[spec.name], content[spec.name], where, key)
+        elif spec.default is dataclasses.MISSING and spec.default_factory is dataclasses.MISSING:
+            raise SubmitError(f"'{where}' has no '{key}': it was cut short or edited by hand; restore it from a backup")
+    return cls(**values)
 
 
 @dataclass
@@ -49,15 +148,67 @@ class Best:
 
     Attributes:
         monitor: The metric (``val_loss``).
-        value: Its value.
+        value: Its value; None where it is not a number (a diverged run's NaN).
         checkpoint: The checkpoint holding that model; None for a final value without a checkpoint of its own.
         kind: ``monitored`` (the ModelCheckpoint's best) or ``final`` (the metric at the end of training).
     """
 
     monitor: str
-    value: float
+    value: float | None
     checkpoint: str | None = None
     kind: str = "monitored"
+
+
+@dataclass
+class OnnxResult:
+    """How a task's ONNX export ended (``summary.json``'s ``onnx``).
+
+    Attributes:
+        validated: Whether the export passed its validation against the checkpoint.
+        checkpoint: The checkpoint exported.
+        path: The export's directory (``RUN/onnx``).
+        graphs: The graphs written (``encoder``, ``decoder``, ...), for an export that passed.
+        error: Why it failed.
+        report: The validation's report, for an export that failed its validation.
+    """
+
+    validated: bool = False
+    checkpoint: str | None = None
+    path: str | None = None
+    graphs: list[str] | None = None
+    error: str | None = None
+    report: dict[str, Any] | None = None
+
+
+@dataclass
+class AtlasResult:
+    """How a task's atlas (``spherinator atlas``) ended (``summary.json``'s ``atlas``).
+
+    Attributes:
+        written: Whether the atlas was written.
+        path: Its directory (``RUN/atlas``); None for one skipped.
+        skipped: Why none was drawn (the latent space is no sphere).
+        error: Why it failed.
+        page: Its ``index.html``.
+        max_order: Its deepest HiPS order.
+        tiles: HiPS tiles written.
+        rows: Catalog rows written.
+        seconds: Time it took.
+        sweep_page: The sweep's ``atlas.html``, refreshed after it.
+        sweep_page_error: Why that page could not be refreshed.
+    """
+
+    written: bool = False
+    path: str | None = None
+    skipped: str | None = None
+    error: str | None = None
+    page: str | None = None
+    max_order: int | None = None
+    tiles: int | None = None
+    rows: int | None = None
+    seconds: float | None = None
+    sweep_page: str | None = None
+    sweep_page_error: str | None = None
 
 
 @dataclass
@@ -92,9 +243,8 @@ class RunSummary:
         code_version: The spherinator code the task runs (``sha256:...`` of its sweep's snapshot).
         error: ``Type: message`` of the exception that stopped the task.
         traceback: Its traceback.
-        onnx: The ONNX export's result (``validated``, ``path``, ``error``, ...).
-        atlas: The atlas's result (``written``, ``path``, ``max_order``, ``tiles``, ``rows``, ``seconds``, ``error``
-            or ``skipped``; see ``spherinator atlas``); None when none was asked for.
+        onnx: The ONNX export's result; None when none was asked for.
+        atlas: The atlas's result; None when none was asked for.
     """
 
     state: str | None = None
@@ -110,7 +260,7 @@ class RunSummary:
     finished: str | None = None
     epoch: int | None = None
     global_step: int | None = None
-    metrics: dict[str, float] = field(default_factory=dict)
+    metrics: dict[str, float | None] = field(default_factory=dict)
     best: Best | None = None
     resumed_from: str | None = None
     damaged_checkpoint: str | None = None
@@ -120,28 +270,30 @@ class RunSummary:
     code_version: str | None = None
     error: str | None = None
     traceback: str | None = None
-    onnx: dict[str, Any] | None = None
-    atlas: dict[str, Any] | None = None
+    onnx: OnnxResult | None = None
+    atlas: AtlasResult | None = None
 
     # ---------------------------------------------------------------------------------------------- reading, writing
     @classmethod
-    def from_dict(cls, content: dict[str, Any]) -> RunSummary:
-        """A summary from its JSON form; keys it does not know (from another version) are left out."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        values = {k: v for k, v in content.items() if k in known}
-        best = values.get("best")
-        values["best"] = Best(**best) if isinstance(best, dict) and {"monitor", "value"} <= best.keys() else None
-        return cls(**values)
+    def load(cls, run_dir: str | Path) -> RunSummary:
+        """``run_dir/summary.json``, checked; an empty summary when there is none (the task has not started).
+
+        Raises:
+            SubmitError: the file cannot be read, is not JSON, or a key holds a value of the wrong type.
+        """
+        path = Path(run_dir) / SUMMARY_NAME
+        if not path.exists():
+            return cls()
+        return from_json(cls, _read_json(path), path)
 
     @classmethod
     def read(cls, run_dir: str | Path) -> RunSummary:
-        """``run_dir/summary.json``; an empty summary when there is none (the task has not started) or it is not
-        readable."""
+        """As :meth:`load`, but an empty summary for a file that is not readable: what a task updates (a damaged
+        summary.json must not stop the training it describes; the task writes it anew)."""
         try:
-            content = json.loads((Path(run_dir) / SUMMARY_NAME).read_text())
-        except (OSError, json.JSONDecodeError):
+            return cls.load(run_dir)
+        except SubmitError:
             return cls()
-        return cls.from_dict(content) if isinstance(content, dict) else cls()
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -198,7 +350,7 @@ class RunSummary:
         self.last_checkpoint = last_checkpoint
         return self
 
-    def completed(self, onnx: dict[str, Any] | None, atlas: dict[str, Any] | None = None) -> RunSummary:
+    def completed(self, onnx: OnnxResult | None, atlas: AtlasResult | None = None) -> RunSummary:
         self.state, self.onnx, self.atlas = COMPLETED, onnx, atlas
         self.finished = self.attempt_ended = _now()
         return self
@@ -219,16 +371,118 @@ class RunSummary:
 
 
 # -------------------------------------------------------------------------------------------------- the manifest
-def write_manifest(sweep_dir: Path, manifest: dict[str, Any]) -> None:
-    _write_json(Path(sweep_dir) / MANIFEST_NAME, manifest)
+@dataclass
+class ManifestTask:
+    """One task of a sweep as its manifest records it.
+
+    Attributes:
+        index: Its position in the Slurm array.
+        name: Its run dir's name in the sweep dir.
+        params: Its swept keys and values, as given on the command line.
+        launcher_changes: What the launcher set on top of ``spherinator fit`` of the same files.
+    """
+
+    index: int
+    name: str
+    params: dict[str, str] = field(default_factory=dict)
+    launcher_changes: list[str] = field(default_factory=list)
 
 
-def read_manifest(run_dir: str | Path) -> tuple[Path, dict[str, Any]]:
-    """The sweep dir and manifest for ``run_dir`` (a sweep dir, or one task's run dir inside it)."""
+@dataclass
+class Submission:
+    """One ``sbatch`` of (some of) a sweep's tasks: the first submission or a ``--resume``.
+
+    Attributes:
+        time: When it was submitted.
+        jobs: {task index: Slurm job id}.
+        resources: The :class:`~spherinator.submit.resources.Resources` it asked for, as a mapping.
+    """
+
+    time: str
+    jobs: dict[str, str]
+    resources: dict[str, Any] = field(default_factory=dict)
+
+
+# What a task name and a Slurm job id may look like: a hand-edited manifest must not point status outside the sweep
+# dir, nor pass options to scancel.
+_TASK_NAME = re.compile(r"[A-Za-z0-9._+=-]+")
+_JOB_ID = re.compile(r"\d+(?:_\d+)?")
+
+
+@dataclass
+class Manifest:
+    """A sweep's ``sweep.json``: what was submitted, from where, and the Slurm jobs of each submission.
+
+    Attributes:
+        tasks: The sweep's tasks.
+        name: The sweep's name (its dir's).
+        cwd: The working directory of the submission.
+        configs: The ``-c`` files, absolute.
+        overrides: The command line's overrides.
+        export: Whether the tasks export their model to ONNX.
+        atlas_order: The deepest HiPS order of each task's atlas; None: no atlas.
+        code_version: The code the tasks run (the sweep's code snapshot).
+        submissions: Every submission, the first one first.
+    """
+
+    tasks: list[ManifestTask]
+    name: str = ""
+    cwd: str = ""
+    configs: list[str] = field(default_factory=list)
+    overrides: list[str] = field(default_factory=list)
+    export: bool = True
+    atlas_order: int | None = None
+    code_version: str | None = None
+    submissions: list[Submission] = field(default_factory=list)
+
+    def latest_jobs(self) -> dict[str, str]:
+        """{task index: its latest Slurm job id} over all submissions of the sweep."""
+        latest: dict[str, str] = {}
+        for submission in self.submissions:
+            latest.update(submission.jobs)
+        return latest
+
+    def check(self, where: Path) -> Manifest:
+        """Refuse task names that are not plain dir names and job ids that are not Slurm's (a hand-edited file)."""
+        for i, task in enumerate(self.tasks):
+            if not _TASK_NAME.fullmatch(task.name) or set(task.name) == {"."}:
+                raise SubmitError(f"'{where}': 'tasks[{i}].name' {task.name!r} is not a task's dir name; restore it")
+        for i, submission in enumerate(self.submissions):
+            bad = next((job for job in submission.jobs.values() if not _JOB_ID.fullmatch(job)), None)
+            if bad is not None:
+                raise SubmitError(f"'{where}': 'submissions[{i}].jobs' holds {bad!r}, not a Slurm job id; restore it")
+        return self
+
+    @classmethod
+    def from_dict(cls, content: Any, where: Path) -> Manifest:
+        """A manifest from its JSON form (``where`` names the file in errors), checked."""
+        return from_json(cls, content, where).check(where)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def write_manifest(sweep_dir: Path, manifest: Manifest) -> None:
+    _write_json(Path(sweep_dir) / MANIFEST_NAME, manifest.to_dict())
+
+
+def find_sweep(run_dir: str | Path) -> Path:
+    """The sweep dir of ``run_dir`` (a sweep dir, or one task's run dir inside it), resolved."""
     path = Path(run_dir)
     if not path.exists():
         raise SubmitError(f"'{run_dir}' does not exist; pass a sweep dir made by spherinator-submit (RUN_ROOT/NAME)")
     for candidate in (path, path.parent):
-        if (candidate / MANIFEST_NAME).is_file():
-            return candidate.resolve(), json.loads((candidate / MANIFEST_NAME).read_text())
+        if (candidate / MANIFEST_NAME).exists():
+            return candidate.resolve()
     raise SubmitError(f"'{run_dir}' holds no {MANIFEST_NAME}; pass a sweep dir made by spherinator-submit")
+
+
+def read_manifest(run_dir: str | Path) -> tuple[Path, Manifest]:
+    """The sweep dir and manifest for ``run_dir`` (a sweep dir, or one task's run dir inside it).
+
+    Raises:
+        SubmitError: there is no sweep there, or its sweep.json cannot be read, is not JSON or has a bad key.
+    """
+    sweep_dir = find_sweep(run_dir)
+    path = sweep_dir / MANIFEST_NAME
+    return sweep_dir, Manifest.from_dict(_read_json(path), path)

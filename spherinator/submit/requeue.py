@@ -12,6 +12,7 @@ resumes from the newest checkpoint into the same run dir and the same TensorBoar
 
 from __future__ import annotations
 
+import json
 import signal
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,8 +24,8 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 
-from spherinator.submit.records import Best, RunSummary, read_manifest
-from spherinator.submit.sweep import SubmitError, short_keys
+from spherinator.submit.records import Best, RunSummary
+from spherinator.submit.sweep import short_keys
 
 REQUEUE_CKPT = "requeue.ckpt"
 
@@ -104,22 +105,20 @@ def best_model(trainer: Trainer) -> Best | None:
     return None
 
 
-def swept_hparams(run_dir: Path) -> dict[str, Any]:
-    """The swept values of the task in ``run_dir`` by their short names (``beta``, ``lr``), as the sweep's manifest
-    has them; {} for a run that is no sweep's task."""
-    try:
-        _, manifest = read_manifest(run_dir)
-    except (SubmitError, OSError, ValueError):
-        return {}
-    task = next((t for t in manifest.get("tasks", []) if t.get("name") == run_dir.name), None)
-    if task is None or not task.get("params"):
-        return {}
-    names = short_keys(list(task["params"]))
-    return {names[key]: _number(text) for key, text in task["params"].items()}
+def swept_hparams(swept: dict[str, Any]) -> dict[str, Any]:
+    """The swept values of a task by their short names (``beta``, ``lr``), as the HParams tab compares them."""
+    names = short_keys(list(swept))
+    return {names[key]: _number(value) for key, value in swept.items()}
 
 
-def _number(text: str) -> int | float | str:
-    """A swept value as the HParams tab compares it: ``16`` and ``1e-3`` as numbers, anything else as given."""
+def _number(value: Any) -> int | float | str:
+    """A swept value as the HParams tab compares it: ``16`` and ``1e-3`` as numbers, anything else as text.
+
+    The values come as the command line gave them (strings) or as the task's config.yaml reads them back (YAML
+    makes ``1e-3`` a number there)."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return value
+    text = value if isinstance(value, str) else json.dumps(value)
     for kind in (int, float):
         try:
             return kind(text)
@@ -169,10 +168,14 @@ class RequeueOnSignal(Callback):
         check_in_validation: Also act on the signal between validation batches. Under DDP every rank must then run
             the same number of validation batches (Lightning's DistributedSampler and spherinator's DataModule
             do); set False for a data module that does not.
+        swept: The task's swept config keys and values as given on the command line
+            (``{"model.init_args.beta": "1e-3"}``); ``spherinator-submit`` writes them into each task's config.
+            None or {}: no sweep, no hyperparameters logged.
     """
 
-    def __init__(self, check_in_validation: bool = True) -> None:
+    def __init__(self, check_in_validation: bool = True, swept: dict[str, Any] | None = None) -> None:
         self.check_in_validation = check_in_validation
+        self.swept = dict(swept or {})
         self.signal = REQUEUE_SIGNAL
         self._stop = False  # some rank got the signal (agreed by all ranks)
         self._saved = False  # requeue.ckpt written after a training batch: leave at the next safe point
@@ -186,10 +189,8 @@ class RequeueOnSignal(Callback):
         self._validation_cut = state_dict.get("validation_cut")
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if trainer.is_global_zero:
-            hparams = swept_hparams(Path(trainer.default_root_dir))
-            if hparams:
-                log_swept_hparams(trainer, hparams)
+        if trainer.is_global_zero and self.swept:
+            log_swept_hparams(trainer, swept_hparams(self.swept))
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.signal.training = True
@@ -283,7 +284,9 @@ def _mark_validation_unfinished(checkpoint: dict[str, Any]) -> None:
     Lightning resumes a checkpoint whose validation progress says "started a batch, not processed it" by going back
     to that validation (its mid-evaluation restart); with none of the batches counted as done it starts from the
     first. Any other progress there makes the resumed run skip the validation. The progress is Lightning's loop
-    state (``loops.fit_loop``, the same layout in all of lightning 2.6, the range pyproject allows).
+    state (``loops.fit_loop``, the same layout in all of lightning 2.6, the range pyproject allows). Lightning has no
+    public way to say "run this validation again" (Trainer, callbacks and ``on_save_checkpoint`` offer none, and the
+    loops' progress objects are internal as well), so this one place edits the saved loop state.
     """
     progress = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_loop.val_loop.batch_progress")
     if progress is None:

@@ -16,7 +16,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from spherinator.submit.records import RunSummary
+from spherinator.submit.records import AtlasResult, OnnxResult, RunSummary
 
 
 def newest_checkpoint(run_dir: Path) -> Path | None:
@@ -204,7 +204,7 @@ class TrainingTask:
         ignore_signal_from_now_on()
         return done.to_dict() | {"run_dir": str(run_dir)}
 
-    def _export(self, run_dir: Path, trainer: Any, best: str | None) -> dict[str, Any]:
+    def _export(self, run_dir: Path, trainer: Any, best: str | None) -> OnnxResult:
         """Export the ``best`` (else last) checkpoint to ONNX and validate it; failures are reported, not raised."""
         from spherinator.export import ExportError, ValidationError, export_onnx
 
@@ -213,23 +213,18 @@ class TrainingTask:
             last = Path(trainer.checkpoint_callback.last_model_path) if trainer.checkpoint_callback else None
             ckpt = last if last is not None and last.is_file() else newest_checkpoint(run_dir)
         if ckpt is None:
-            return {"validated": False, "error": f"no checkpoint under {run_dir / 'checkpoints'} to export"}
+            return OnnxResult(validated=False, error=f"no checkpoint under {run_dir / 'checkpoints'} to export")
         out = run_dir / "onnx"
         try:
             report = export_onnx(ckpt, out, config=run_dir / "config.yaml", overwrite=True)
         except ValidationError as err:
-            return {"checkpoint": str(ckpt), "path": str(out), "validated": False, "error": str(err),
-                    "report": err.report}  # fmt: skip
+            return OnnxResult(False, str(ckpt), str(out), error=str(err), report=err.report)
         except ExportError as err:
-            return {"checkpoint": str(ckpt), "path": str(out), "validated": False, "error": str(err)}
-        return {
-            "checkpoint": str(ckpt),
-            "path": str(out),
-            "validated": bool(report.get("passed")),
-            "graphs": sorted(report.get("graphs", {})),
-        }
+            return OnnxResult(False, str(ckpt), str(out), error=str(err))
+        graphs = sorted(report.get("graphs", {}))
+        return OnnxResult(bool(report.get("passed")), str(ckpt), str(out), graphs=graphs)
 
-    def _atlas(self, run_dir: Path) -> dict[str, Any]:
+    def _atlas(self, run_dir: Path) -> AtlasResult:
         """Write ``run_dir/atlas`` from the run (its ONNX decoder, its checkpoint, its config's data) and refresh
         the sweep's ``atlas.html``; failures are reported, not raised (the trained model is what the task is for)."""
         from spherinator.atlas import NotASphereError, write_atlas, write_sweep_page
@@ -238,20 +233,20 @@ class TrainingTask:
         try:
             info = write_atlas(run_dir, out=out, max_order=self._atlas_order, overwrite=True, progress=False)
         except NotASphereError as err:  # e.g. a sweep over z_dim: only z_dim 3 is a sphere to draw
-            return {"written": False, "path": None, "skipped": str(err)}
+            return AtlasResult(written=False, path=None, skipped=str(err))
         except Exception as err:
-            return {"written": False, "path": str(out), "error": f"{type(err).__name__}: {err}"}
-        result = {
-            "written": True,
-            "path": info["path"],
-            "page": str(Path(info["path"]) / "index.html"),
-            "max_order": info["hips"]["max_order"],
-            "tiles": info["hips"]["tiles"],
-            "rows": info["catalog"]["rows"],
-            "seconds": round(info["hips"]["seconds"] + info["catalog"]["seconds"], 1),
-        }
+            return AtlasResult(written=False, path=str(out), error=f"{type(err).__name__}: {err}")
+        result = AtlasResult(
+            written=True,
+            path=info["path"],
+            page=str(Path(info["path"]) / "index.html"),
+            max_order=info["hips"]["max_order"],
+            tiles=info["hips"]["tiles"],
+            rows=info["catalog"]["rows"],
+            seconds=round(info["hips"]["seconds"] + info["catalog"]["seconds"], 1),
+        )
         try:
-            result["sweep_page"] = str(write_sweep_page(run_dir.parent))
+            result.sweep_page = str(write_sweep_page(run_dir.parent))
         except Exception as err:
-            result["sweep_page_error"] = f"{type(err).__name__}: {err}"
+            result.sweep_page_error = f"{type(err).__name__}: {err}"
         return result
