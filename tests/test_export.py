@@ -308,7 +308,7 @@ def test_checkpoint_with_code_is_refused_unless_trusted(tmp_path, capsys):
     # a full unpickle runs the file's code before any check could refuse it: the export must not do one
     with pytest.raises(SystemExit) as exit_info:
         main(["export", str(crafted), "-o", str(tmp_path / "onnx")])
-    assert exit_info.value.code == 1
+    assert exit_info.value.code == 2  # a user error, as in every other command
     (line,) = capsys.readouterr().err.splitlines()
     assert "--trust-checkpoint" in line and "built in Python stores its encoder/decoder modules" in line
     assert not marker.exists()
@@ -402,7 +402,7 @@ def test_validation_failure_names_graph_and_worst_difference(tmp_path, capsys):
             ["export", str(ckpt), "-c", str(config), "-o", str(tmp_path / "onnx"), "--batch_sizes", "1", "7",
              "--trust-checkpoint"]
         )  # fmt: skip
-    assert exit_info.value.code == 1
+    assert exit_info.value.code == 2  # a user error, as in every other command
     captured = capsys.readouterr()
     assert "encoder.onnx: exported in" in captured.out and "DIFFERS from torch" in captured.out
     message = captured.err
