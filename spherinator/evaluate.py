@@ -209,10 +209,7 @@ def evaluate(
     from spherinator.shapes import ConfigError
 
     columns = [c for c in columns or [] if c]
-    if max_rows < 10:
-        raise ConfigError(f"--max-rows {max_rows} is too few to judge a sphere by; give at least 10 (default 5000)")
-    if not 0 <= seed < 2**63:
-        raise ConfigError(f"--seed {seed} is out of range; give a seed from 0 to 2**63 - 1 (default 0)")
+    _check_options(max_rows, seed)
     keep = ([label_column] if label_column else []) + [c for c in columns if c != label_column]
     model, datamodule = load(cli_args, ckpt_path, keep)
     target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -252,6 +249,15 @@ def evaluate(
             "with free space"
         ) from err
     return {**report, "path": str(path)}
+
+
+def _check_options(max_rows: int, seed: int) -> None:
+    from spherinator.shapes import ConfigError
+
+    if max_rows < 10:
+        raise ConfigError(f"--max-rows {max_rows} is too few to judge a sphere by; give at least 10 (default 5000)")
+    if not 0 <= seed < 2**63:
+        raise ConfigError(f"--seed {seed} is out of range; give a seed from 0 to 2**63 - 1 (default 0)")
 
 
 def _write_atomically(path: Path, text: str) -> None:
