@@ -136,7 +136,9 @@ def read_info(path: str | Path) -> CheckpointInfo:
     try:
         content = _require_lightning(path, _read(path))
     except pickle.UnpicklingError as err:
-        raise DamagedCheckpointError(f"checkpoint {path} cannot be read weights-only ({_short(err)})") from err
+        refused = "Weights only load" in str(err)
+        why = "it names Python objects, not only tensors and settings" if refused else _short(err)
+        raise DamagedCheckpointError(f"checkpoint {path} cannot be read weights-only ({why})") from err
     hparams = dict(content.get("hyper_parameters") or {})
     class_path = hparams.pop("_class_path", "")
     hparams.pop("_instantiator", None)

@@ -113,8 +113,8 @@ class SpherinatorCLI(LightningCLI):
             read_info(chosen)  # what LightningCLI is about to do: a weights-only load
         except DamagedCheckpointError as err:
             raise ConfigError(
-                f"--ckpt_path {str(chosen)!r} holds pickled Python objects besides weights and settings ({err}); "
-                "spherinator reads checkpoints weights-only: give one that `spherinator fit` wrote"
+                f"--ckpt_path {str(chosen)!r} cannot be read as a Lightning checkpoint ({err}); give a checkpoint "
+                "that `spherinator fit` wrote (runs/<name>/version_<n>/checkpoints/last.ckpt)"
             ) from err
         section.ckpt_path = str(chosen)
         self._model_from = str(chosen)
