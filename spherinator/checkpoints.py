@@ -66,8 +66,10 @@ def _read(path: Path) -> Any:
         raise DamagedCheckpointError(f"checkpoint {path} cannot be read ({_short(err)})") from err
 
 
-def _require_lightning(path: Path, content: Any) -> dict[str, Any]:
-    if not isinstance(content, dict) or LIGHTNING_VERSION_KEY not in content:
+def _require_lightning(path: Path, content: Any, version: bool = True) -> dict[str, Any]:
+    """``content`` if it is a Lightning checkpoint with weights (``version``: one Lightning can restore a run from,
+    which names the Lightning version that wrote it)."""
+    if not isinstance(content, dict) or (version and LIGHTNING_VERSION_KEY not in content):
         held = ", ".join(repr(k) for k in list(content)[:6]) if isinstance(content, dict) else type(content).__name__
         raise CheckpointError(
             f"{path} is not a Lightning checkpoint: it holds {held} but no {LIGHTNING_VERSION_KEY!r} (a plain "
@@ -112,6 +114,7 @@ class CheckpointInfo:
         class_path: The model's ``class_path`` in its hyper-parameters ("" if none).
         hparams: The other hyper-parameters.
         shapes: ``state_dict`` key -> tensor shape.
+        resumable: It names the Lightning version that wrote it (Lightning restores a run only from such a file).
     """
 
     path: Path
@@ -119,6 +122,7 @@ class CheckpointInfo:
     class_path: str
     hparams: dict[str, Any]
     shapes: dict[str, tuple[int, ...]]
+    resumable: bool = True
 
     def same_model(self, other: CheckpointInfo) -> bool:
         """Both hold weights of one model: the same class path, keys and shapes."""
@@ -130,11 +134,12 @@ def read_info(path: str | Path) -> CheckpointInfo:
 
     Raises:
         DamagedCheckpointError: the file does not load, or holds objects torch will not load weights-only.
-        CheckpointError: no Lightning checkpoint, or one without a ``state_dict``.
+        CheckpointError: no dict with a ``state_dict`` (a file without the Lightning version passes, as
+            ``resumable=False``: it can be exported or drawn, not resumed).
     """
     path = Path(path)
     try:
-        content = _require_lightning(path, _read(path))
+        content = _require_lightning(path, _read(path), version=False)
     except pickle.UnpicklingError as err:
         refused = "Weights only load" in str(err)
         why = "it names Python objects, not only tensors and settings" if refused else _short(err)
@@ -145,7 +150,8 @@ def read_info(path: str | Path) -> CheckpointInfo:
     state = content["state_dict"]
     shapes = {str(k): tuple(v.shape) for k, v in state.items() if isinstance(v, torch.Tensor)}
     step = content.get("global_step")
-    return CheckpointInfo(path, step if isinstance(step, int) else -1, str(class_path), hparams, shapes)
+    step = step if isinstance(step, int) else -1
+    return CheckpointInfo(path, step, str(class_path), hparams, shapes, LIGHTNING_VERSION_KEY in content)
 
 
 def run_dir_of(path: str | Path) -> Path:
@@ -187,7 +193,9 @@ def _intact_beside(path: Path, reference: CheckpointInfo | None = None) -> list[
     ``reference``'s when given, else the model the newest of them holds), the highest step first."""
     if path.parent.name != "checkpoints":
         return []  # a folder of checkpoints of several runs: a neighbour may be another model
-    others = [info for info in checkpoints_by_step(path.parent) if info.path.resolve() != path.resolve()]
+    others = [
+        info for info in checkpoints_by_step(path.parent) if info.resumable and info.path.resolve() != path.resolve()
+    ]
     reference = reference or (others[0] if others else None)
     return [info for info in others if reference is not None and info.same_model(reference)]
 

@@ -99,7 +99,7 @@ def resume_point(run_dir: str | Path) -> tuple[Path | None, Path | None]:
     files = [p for p in folder.glob("*.ckpt") if p.is_file() and p.name.startswith(RESUMABLE)]
     if not files:
         return None, None
-    intact = checkpoints_by_step(folder, RESUMABLE)
+    intact = [info for info in checkpoints_by_step(folder, RESUMABLE) if info.resumable]
     loaded = {info.path for info in intact}
     newest_intact = max((p.stat().st_mtime for p in loaded), default=float("-inf"))
     damaged = [p for p in files if p not in loaded and p.stat().st_mtime >= newest_intact]
