@@ -12,11 +12,10 @@ picks the newest checkpoint beside it that loads, and says so.
 
 from __future__ import annotations
 
-import itertools
 import os
 import pickle
 import warnings
-from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -51,61 +50,168 @@ def _load_quietly(path: Path, mmap: bool) -> Any:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
 
 
-def check_checkpoint(path: str | Path) -> None:
-    """Raise if ``path`` is no Lightning checkpoint that loads.
-
-    Cheap for the usual files: a zip checkpoint is memory-mapped, so its tensors are not read.
-
-    Raises:
-        DamagedCheckpointError: the file does not load (truncated, empty, not a torch file).
-        CheckpointError: it loads but is no Lightning checkpoint (a plain ``torch.save({...})``).
-    """
-    path = Path(path)
+def _read(path: Path) -> Any:
+    """``path`` loaded weights-only; a zip checkpoint is memory-mapped, so its tensors are not read."""
     try:
         try:
-            content = _load_quietly(path, mmap=True)
+            return _load_quietly(path, mmap=True)
         except RuntimeError as err:
             if "mmap can only be used" not in str(err):
                 raise
-            content = _load_quietly(path, mmap=False)  # not a zip file: legacy format, or no torch file at all
-    except pickle.UnpicklingError as err:
-        if "Weights only load failed" in str(err):
-            return  # a pickle with classes torch will not load by default: intact; Lightning decides how to load it
+            return _load_quietly(path, mmap=False)  # not a zip file: legacy format, or no torch file at all
+    except pickle.UnpicklingError:
+        raise  # a weights-only refusal or a broken pickle: the callers tell them apart
+    # KeyError/IndexError/AttributeError: the weights-only unpickler meeting bytes that are no pickle (a text file)
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError, AttributeError, TypeError) as err:
         raise DamagedCheckpointError(f"checkpoint {path} cannot be read ({_short(err)})") from err
-    except (RuntimeError, EOFError, OSError, ValueError) as err:
-        raise DamagedCheckpointError(f"checkpoint {path} cannot be read ({_short(err)})") from err
-    if not isinstance(content, dict) or LIGHTNING_VERSION_KEY not in content:
+
+
+def _require_lightning(path: Path, content: Any, version: bool = True) -> dict[str, Any]:
+    """``content`` if it is a Lightning checkpoint with weights (``version``: one Lightning can restore a run from,
+    which names the Lightning version that wrote it)."""
+    if not isinstance(content, dict) or (version and LIGHTNING_VERSION_KEY not in content):
         held = ", ".join(repr(k) for k in list(content)[:6]) if isinstance(content, dict) else type(content).__name__
         raise CheckpointError(
             f"{path} is not a Lightning checkpoint: it holds {held} but no {LIGHTNING_VERSION_KEY!r} (a plain "
             "torch.save file?); give a checkpoint that `spherinator fit` wrote (runs/<name>/.../checkpoints/*.ckpt)"
         )
+    if not isinstance(content.get("state_dict"), dict):
+        raise CheckpointError(
+            f"{path} is a Lightning checkpoint without model weights (no 'state_dict'); give a checkpoint that "
+            "`spherinator fit` wrote with its weights (not save_weights_only=False's trainer state alone)"
+        )
+    return content
 
 
-def _intact_beside(path: Path) -> Iterator[Path]:
-    """The other ``*.ckpt`` files in ``path``'s directory that load, newest first (each checked when asked for)."""
-    others = sorted(
-        (p for p in path.parent.glob("*.ckpt") if p.is_file() and p.resolve() != path.resolve()),
-        key=lambda p: p.stat().st_mtime,
-        reverse=True,
-    )
-    for other in others:
+def check_checkpoint(path: str | Path) -> None:
+    """Raise if ``path`` is no Lightning checkpoint that loads.
+
+    Cheap for the usual files: a zip checkpoint is memory-mapped, so its tensors are not read. A file that torch
+    refuses to read weights-only (a model built in Python pickles its modules) passes: Lightning decides how to load
+    it.
+
+    Raises:
+        DamagedCheckpointError: the file does not load (truncated, empty, not a torch file).
+        CheckpointError: it loads but is no Lightning checkpoint (a plain ``torch.save({...})``, no ``state_dict``).
+    """
+    path = Path(path)
+    try:
+        content = _read(path)
+    except pickle.UnpicklingError as err:
+        if "Weights only load failed" in str(err):
+            return
+        raise DamagedCheckpointError(f"checkpoint {path} cannot be read ({_short(err)})") from err
+    _require_lightning(path, content)
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """What a checkpoint that loads weights-only holds: enough to tell which model and how far it got.
+
+    Attributes:
+        path: The file.
+        step: The global step it was saved at (-1 if it does not say).
+        class_path: The model's ``class_path`` in its hyper-parameters ("" if none).
+        hparams: The other hyper-parameters.
+        shapes: ``state_dict`` key -> tensor shape.
+        resumable: It names the Lightning version that wrote it (Lightning restores a run only from such a file).
+    """
+
+    path: Path
+    step: int
+    class_path: str
+    hparams: dict[str, Any]
+    shapes: dict[str, tuple[int, ...]]
+    resumable: bool = True
+
+    def same_model(self, other: CheckpointInfo) -> bool:
+        """Both hold weights of one model: the same class path, keys and shapes."""
+        return self.class_path == other.class_path and self.shapes == other.shapes
+
+
+def read_info(path: str | Path) -> CheckpointInfo:
+    """The :class:`CheckpointInfo` of ``path``, which must load weights-only (no pickled code) and hold weights.
+
+    Raises:
+        DamagedCheckpointError: the file does not load, or holds objects torch will not load weights-only.
+        CheckpointError: no dict with a ``state_dict`` (a file without the Lightning version passes, as
+            ``resumable=False``: it can be exported or drawn, not resumed).
+    """
+    path = Path(path)
+    try:
+        content = _require_lightning(path, _read(path), version=False)
+    except pickle.UnpicklingError as err:
+        refused = "Weights only load" in str(err)
+        why = "it names Python objects, not only tensors and settings" if refused else _short(err)
+        raise DamagedCheckpointError(f"checkpoint {path} cannot be read weights-only ({why})") from err
+    hparams = dict(content.get("hyper_parameters") or {})
+    class_path = hparams.pop("_class_path", "")
+    hparams.pop("_instantiator", None)
+    state = content["state_dict"]
+    shapes = {str(k): tuple(v.shape) for k, v in state.items() if isinstance(v, torch.Tensor)}
+    step = content.get("global_step")
+    step = step if isinstance(step, int) else -1
+    return CheckpointInfo(path, step, str(class_path), hparams, shapes, LIGHTNING_VERSION_KEY in content)
+
+
+def run_dir_of(path: str | Path) -> Path:
+    """The run directory of a checkpoint (the directory holding its ``checkpoints/``), of an ONNX export directory
+    (the directory above it) or of a run directory (itself)."""
+    path = Path(path)
+    if path.is_file():
+        return path.parent.parent if path.parent.name == "checkpoints" else path.parent
+    if (path / "decoder.onnx").is_file():
+        return path.parent
+    return path
+
+
+def checkpoints_by_step(folder: str | Path, names: tuple[str, ...] = ()) -> list[CheckpointInfo]:
+    """The checkpoints in ``folder`` that load weights-only, the one at the highest global step first (files written
+    at the same step: the newer file first). ``names``: only files whose name starts with one of them."""
+    found = []
+    for path in Path(folder).glob("*.ckpt") if Path(folder).is_dir() else []:
+        if not path.is_file() or (names and not path.name.startswith(names)):
+            continue
         try:
-            check_checkpoint(other)
+            found.append((read_info(path), path.stat().st_mtime))
         except CheckpointError:
             continue
-        yield other
+    # the step a file holds orders them (a copy resets mtimes); mtime only breaks ties (last.ckpt beside epoch=N)
+    found.sort(key=lambda item: (item[0].step, item[1]), reverse=True)
+    return [info for info, _ in found]
 
 
-def resume_checkpoint(path: str | Path, fallback: bool = True) -> tuple[Path, str | None]:
-    """The checkpoint to load for ``path``: itself if it loads, else (``fallback``) the newest one beside it that does.
+def newest_checkpoint(folder: str | Path, names: tuple[str, ...] = ()) -> Path | None:
+    """The checkpoint in ``folder`` at the highest global step that loads, or None (see :func:`checkpoints_by_step`)."""
+    ordered = checkpoints_by_step(folder, names)
+    return ordered[0].path if ordered else None
+
+
+def _intact_beside(path: Path, reference: CheckpointInfo | None = None) -> list[CheckpointInfo]:
+    """The other checkpoints of ``path``'s run that a resume may take instead: only in the run's own
+    ``checkpoints/`` directory, only files that load weights-only and hold weights of one model (the
+    ``reference``'s when given, else the model the newest of them holds), the highest step first."""
+    if path.parent.name != "checkpoints":
+        return []  # a folder of checkpoints of several runs: a neighbour may be another model
+    others = [
+        info for info in checkpoints_by_step(path.parent) if info.resumable and info.path.resolve() != path.resolve()
+    ]
+    reference = reference or (others[0] if others else None)
+    return [info for info in others if reference is not None and info.same_model(reference)]
+
+
+def resume_checkpoint(
+    path: str | Path, fallback: bool = True, reference: CheckpointInfo | None = None
+) -> tuple[Path, str | None]:
+    """The checkpoint to load for ``path``: itself if it loads, else (``fallback``) the intact one of the same run
+    and model at the highest step (:func:`_intact_beside`).
 
     Returns:
         The path to load, and the warning to show when it is not ``path`` (None otherwise).
 
     Raises:
-        CheckpointError: ``path`` is no Lightning checkpoint; or it is damaged and no intact checkpoint is beside it
-            (or ``fallback`` is False: the message then names the intact ones).
+        CheckpointError: ``path`` is no Lightning checkpoint; or it is damaged and no intact checkpoint of its run
+            is beside it (or ``fallback`` is False: the message then names the intact ones).
     """
     path = Path(path)
     try:
@@ -113,19 +219,21 @@ def resume_checkpoint(path: str | Path, fallback: bool = True) -> tuple[Path, st
         return path, None
     except DamagedCheckpointError as err:
         damaged = err
+    intact = _intact_beside(path, reference)
+    if fallback and intact:
+        other = intact[0].path
+        return other, (
+            f"{damaged}; resuming from {other} instead, the intact checkpoint of this run at the highest step "
+            f"({intact[0].step}; training since that checkpoint is done again)"
+        )
     if fallback:
-        other = next(_intact_beside(path), None)
-        if other is not None:
-            return other, (
-                f"{damaged}; resuming from {other} instead, the newest intact checkpoint beside it "
-                f"(training since that checkpoint is done again)"
-            )
+        where = "" if path.parent.name == "checkpoints" else " (only a run's own checkpoints/ folder is searched)"
         raise CheckpointError(
-            f"{damaged}, and no intact checkpoint is beside it: it was cut short while being written, or is no "
+            f"{damaged}, and no intact checkpoint is beside it{where}: it was cut short while being written, or is no "
             "checkpoint; start without --ckpt_path, or give another checkpoint"
         ) from damaged
-    intact = list(itertools.islice(_intact_beside(path), 3))
-    hint = f"intact ones beside it: {', '.join(p.name for p in intact)}" if intact else "none beside it loads"
+    names = ", ".join(info.path.name for info in intact[:3])
+    hint = f"intact ones beside it: {names}" if intact else "none beside it loads"
     raise CheckpointError(f"{damaged}: it was cut short while being written, or is no checkpoint; {hint}") from damaged
 
 
@@ -209,8 +317,13 @@ def install_atomic_checkpoint_io(trainer: Any) -> None:
 __all__ = [
     "AtomicCheckpointIO",
     "CheckpointError",
+    "CheckpointInfo",
     "DamagedCheckpointError",
     "check_checkpoint",
+    "checkpoints_by_step",
+    "newest_checkpoint",
+    "read_info",
+    "run_dir_of",
     "install_atomic_checkpoint_io",
     "resume_checkpoint",
 ]

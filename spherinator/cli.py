@@ -29,7 +29,14 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-from spherinator.checkpoints import install_atomic_checkpoint_io, resume_checkpoint
+from spherinator.checkpoints import (
+    DamagedCheckpointError,
+    install_atomic_checkpoint_io,
+    read_info,
+    resume_checkpoint,
+    run_dir_of,
+)
+from spherinator.checkpoints import newest_checkpoint as newest_checkpoint_in
 from spherinator.data.layout import DataError
 from spherinator.shapes import ConfigError, check_model_matches_data, resolve_config
 
@@ -75,37 +82,50 @@ class SpherinatorCLI(LightningCLI):
             print_resolved_config(parser, config, argv, printing[-1])  # exits
         drop_repeated_callbacks(config[config.subcommand] if config.get("subcommand") else config)
         self.config = config
+        self._check_ckpt_path()
 
-    def _parse_ckpt_path(self) -> None:
-        # LightningCLI lets the checkpoint's model hyperparameters replace the model settings of the command line
-        # and config files. That is right for resuming, but silent; say which given values were replaced.
+    def _check_ckpt_path(self) -> None:
+        """Check ``--ckpt_path`` before Lightning reads the checkpoint's hyper-parameters from it, and rewrite it
+        where a damaged file is resumed past: ``fit`` takes the intact checkpoint of the same run at the highest
+        step; validate/test/predict stop, naming the intact ones (:func:`~spherinator.checkpoints.resume_checkpoint`).
+
+        Called at the end of :meth:`parse_arguments`: LightningCLI loads the file right after it, weights-only, and
+        lets the checkpoint's model hyperparameters replace those given (:meth:`_warn_replaced_model` says which).
+        """
         subcommand = self.config.get("subcommand")
-        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
-        given = self.config[subcommand].get("model") if subcommand else None
-        given = given.clone() if given is not None else None
-        named = ckpt_path in _LIGHTNING_CKPT_NAMES or "://" in str(ckpt_path)
-        is_file = bool(ckpt_path) and Path(ckpt_path).is_file()
-        if ckpt_path and not named and not is_file:
+        section = self.config[subcommand] if subcommand else None
+        ckpt_path = section.get("ckpt_path") if section is not None else None
+        if not ckpt_path:
+            return
+        model = section.get("model")
+        self._given_model = model.clone() if isinstance(model, Namespace) else None
+        if ckpt_path in _LIGHTNING_CKPT_NAMES or "://" in str(ckpt_path):
+            return  # Lightning looks the checkpoint up itself (a damaged one is loaded past by AtomicCheckpointIO)
+        if not Path(ckpt_path).is_file():
             raise ConfigError(
                 f"--ckpt_path {ckpt_path!r} is no file; give a checkpoint such as "
                 f"runs/<name>/version_<n>/checkpoints/last.ckpt"
             )
-        if is_file:  # a damaged checkpoint: fit resumes from the newest intact one beside it; others stop here
-            ckpt_path, warning = resume_checkpoint(ckpt_path, fallback=subcommand == "fit")
-            if warning:
-                rank_zero_warn(warning)
-            ckpt_path = self.config[subcommand].ckpt_path = str(ckpt_path)
+        chosen, warning = resume_checkpoint(ckpt_path, fallback=subcommand == "fit")
+        if warning:
+            rank_zero_warn(warning)
         try:
-            super()._parse_ckpt_path()
-        except Exception as err:
+            read_info(chosen)  # what LightningCLI is about to do: a weights-only load
+        except DamagedCheckpointError as err:
             raise ConfigError(
-                f"--ckpt_path {ckpt_path!r} cannot be read as a Lightning checkpoint ({type(err).__name__}: {err})"
+                f"--ckpt_path {str(chosen)!r} cannot be read as a Lightning checkpoint ({err}); give a checkpoint "
+                "that `spherinator fit` wrote (runs/<name>/version_<n>/checkpoints/last.ckpt)"
             ) from err
-        if is_file:
-            self._model_from = ckpt_path
-        if given is None:
+        section.ckpt_path = str(chosen)
+        self._model_from = str(chosen)
+
+    def _warn_replaced_model(self) -> None:
+        """Say which given model settings the checkpoint's hyperparameters replaced (right for resuming, but
+        silent in LightningCLI)."""
+        given = getattr(self, "_given_model", None)
+        used = self.config[self.subcommand].get("model") if self.subcommand else None
+        if given is None or used is None:
             return
-        used = self.config[subcommand].get("model")
         replaced = [
             f"model.{key}: {value!r} -> {used[key]!r}"
             for key, value in given.items()
@@ -124,6 +144,7 @@ class SpherinatorCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
+        self._warn_replaced_model()
         if self.subcommand in _EVALUATING and not config.get("ckpt_path"):
             raise ConfigError(_no_checkpoint_message(self.subcommand, config))
         check_optimizer(config)
@@ -164,7 +185,7 @@ class SpherinatorCLI(LightningCLI):
 def _no_checkpoint_message(subcommand: str, config: Namespace) -> str:
     newest = newest_checkpoint(config)
     if newest is not None:
-        example = f"{newest} (the newest checkpoint under {newest.parents[2]})"
+        example = f"{newest} (the newest checkpoint under {run_dir_of(newest).parent})"
     else:
         example = "runs/<name>/version_<n>/checkpoints/last.ckpt (what spherinator fit wrote)"
     return (
@@ -174,7 +195,8 @@ def _no_checkpoint_message(subcommand: str, config: Namespace) -> str:
 
 
 def newest_checkpoint(config: Namespace) -> Path | None:
-    """The newest ``*.ckpt`` under the log directory of the config's logger (``save_dir/name``), if any."""
+    """The newest checkpoint of the latest run under the log directory of the config's logger (``save_dir/name``):
+    of the run whose ``checkpoints/`` changed last, the one at the highest step that loads, if any."""
     loggers = config.get("trainer.logger")
     found: list[Path] = []
     for logger in loggers if isinstance(loggers, list) else [loggers]:
@@ -182,8 +204,12 @@ def newest_checkpoint(config: Namespace) -> Path | None:
         if not isinstance(args, Namespace) or not args.get("save_dir"):
             continue
         root = Path(args.save_dir) / str(args.get("name") or "")
-        found += [p for p in root.glob("*/checkpoints/*.ckpt") if p.is_file()]
-    return max(found, key=lambda p: p.stat().st_mtime) if found else None
+        found += [p for p in root.glob("*/checkpoints") if p.is_dir()]
+    for folder in sorted(found, key=lambda p: p.stat().st_mtime, reverse=True):
+        newest = newest_checkpoint_in(folder)
+        if newest is not None:
+            return newest
+    return None
 
 
 def check_optimizer(config: Namespace) -> None:

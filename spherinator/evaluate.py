@@ -52,34 +52,40 @@ def build_parser() -> argparse.ArgumentParser:
 
 def load(cli_args: list[str], ckpt_path: str, extra_columns: list[str]) -> tuple[Any, Any]:
     """The checkpoint's model (weights loaded, eval mode) and the configs' datamodule, composed as ``spherinator
-    predict`` composes them; the datamodule returns dicts holding ``extra_columns``."""
-    from spherinator.cli import SpherinatorCLI
-    from spherinator.data import Column, DataModule
+    fit`` composes them (:func:`spherinator.runs.build`); the datamodule returns dicts holding ``extra_columns``."""
+    from spherinator.runs import build
     from spherinator.shapes import ConfigError
 
-    class _BuildOnly(SpherinatorCLI):
-        def _run_subcommand(self, subcommand: str) -> None:
-            pass  # parse, build model and data; run nothing
+    if not Path(ckpt_path).is_file():
+        what = "names no file" if not Path(ckpt_path).exists() else "is a directory"
+        raise ConfigError(
+            f"--ckpt_path {ckpt_path!r} {what}; evaluate needs the checkpoint file, e.g. "
+            "runs/<name>/version_<n>/checkpoints/last.ckpt"
+        )
+    model, datamodule = build(cli_args, ckpt_path, extra_columns)
+    check_columns(datamodule, extra_columns)
+    return model, datamodule
 
-    cli = _BuildOnly(
-        args=["predict", *cli_args, "--ckpt_path", ckpt_path],
-        parser_kwargs={"exit_on_error": False},
-        save_config_callback=None,
-    )
-    model, datamodule = cli.model, cli.datamodule
-    if extra_columns:
-        if not isinstance(datamodule, DataModule):
-            raise ConfigError(
-                f"--label-column/--columns need the data to be spherinator.data.DataModule, got "
-                f"{type(datamodule).__name__}; leave them out or use DataModule"
-            )
-        if datamodule.columns is not None:
-            have = [c.name for c in datamodule.columns]
-            datamodule.columns += [Column(name) for name in extra_columns if name not in have]
-        datamodule.return_dict = True
-    state = torch.load(ckpt_path, map_location="cpu", weights_only=True)["state_dict"]
-    model.load_state_dict(state)
-    return model.eval(), datamodule
+
+def check_columns(datamodule: Any, names: list[str]) -> None:
+    """Refuse, before anything is encoded, a column the data lacks or one that holds no numbers."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from spherinator.data import find_parquet_files
+    from spherinator.shapes import ConfigError
+
+    if not names or not hasattr(datamodule, "path"):
+        return
+    schema = pq.read_schema(find_parquet_files(datamodule.path)[0])
+    for name in names:
+        if name not in schema.names:
+            raise ConfigError(f"column {name!r} is not in the data under {datamodule.path} (found: "
+                              f"{', '.join(repr(n) for n in schema.names)}); give one of those")  # fmt: skip
+        kind = schema.field(name).type
+        if not (pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_boolean(kind)):
+            raise ConfigError(f"column {name!r} holds {kind}, not numbers: --label-column and --columns take "
+                              "numeric per-row columns (a class label as an integer)")  # fmt: skip
 
 
 def encode(
@@ -99,10 +105,9 @@ def encode(
     # A spherinator DataModule knows its row count up front, so the sample is drawn from all rows; for other data
     # the first max_rows rows are used.
     known = datamodule.split_rows("predict") if callable(getattr(datamodule, "split_rows", None)) else None
+    chosen = None  # the first max_rows rows (no index array of max_rows entries: it may be huge)
     if known is not None and known > max_rows:
         chosen = np.sort(np.random.default_rng(seed).choice(known, max_rows, replace=False))
-    else:
-        chosen = np.arange(max_rows)
     loader = datamodule.predict_dataloader()
     parts: dict[str, list[np.ndarray]] = {}
     start = 0
@@ -111,7 +116,10 @@ def encode(
     for batch_idx, batch in enumerate(tqdm(loader, total=batches, desc="encode", unit="batch", file=sys.stderr)):
         x = model_input(batch)
         n = len(x)
-        rows = chosen[(chosen >= start) & (chosen < start + n)] - start
+        if chosen is None:
+            rows = np.arange(min(n, max(0, max_rows - start)))
+        else:
+            rows = chosen[(chosen >= start) & (chosen < start + n)] - start
         start += n
         if len(rows) == 0:
             continue
@@ -197,11 +205,11 @@ def evaluate(
     :func:`spherinator.metrics.sphere_report` against the PCA->S^2 baseline, write it to ``out/sphere_report.json``
     and return it (with ``path``)."""
     from spherinator.metrics import sphere_report
+    from spherinator.runs import run_dir_of
     from spherinator.shapes import ConfigError
 
     columns = [c for c in columns or [] if c]
-    if max_rows < 10:
-        raise ConfigError(f"--max-rows {max_rows} is too few to judge a sphere by; give at least 10 (default 5000)")
+    _check_options(max_rows, seed)
     keep = ([label_column] if label_column else []) + [c for c in columns if c != label_column]
     model, datamodule = load(cli_args, ckpt_path, keep)
     target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -228,14 +236,38 @@ def evaluate(
         "beta": beta,
         **report,
     }
-    ckpt = Path(ckpt_path)
-    directory = out if out is not None else (ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent)
-    directory.mkdir(parents=True, exist_ok=True)
+    directory = out if out is not None else run_dir_of(ckpt_path)
     path = directory / REPORT_NAME
-    path.write_text(json.dumps(report, indent=2) + "\n")  # first: a picture that fails loses no figure
-    report["pictures"] = write_pictures(model, rows, [c for c in keep if c in rows], directory)
-    path.write_text(json.dumps(report, indent=2) + "\n")
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        _write_atomically(path, json.dumps(report, indent=2) + "\n")  # first: a picture that fails loses no figure
+        report["pictures"] = write_pictures(model, rows, [c for c in keep if c in rows], directory)
+        _write_atomically(path, json.dumps(report, indent=2) + "\n")
+    except OSError as err:
+        raise ConfigError(
+            f"cannot write the report into {directory} ({err.strerror or err}); give --out a writable directory "
+            "with free space"
+        ) from err
     return {**report, "path": str(path)}
+
+
+def _check_options(max_rows: int, seed: int) -> None:
+    from spherinator.shapes import ConfigError
+
+    if max_rows < 10:
+        raise ConfigError(f"--max-rows {max_rows} is too few to judge a sphere by; give at least 10 (default 5000)")
+    if not 0 <= seed < 2**63:
+        raise ConfigError(f"--seed {seed} is out of range; give a seed from 0 to 2**63 - 1 (default 0)")
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    """``text`` into ``path`` through a temporary file beside it: a full disk leaves the old file or none."""
+    partial = path.with_name(f".{path.name}.partial")
+    try:
+        partial.write_text(text)
+        partial.replace(path)
+    finally:
+        partial.unlink(missing_ok=True)
 
 
 def write_pictures(model: Any, rows: dict[str, np.ndarray], columns: list[str], directory: Path) -> dict[str, str]:
@@ -263,7 +295,12 @@ def write_pictures(model: Any, rows: dict[str, np.ndarray], columns: list[str], 
     directory.mkdir(parents=True, exist_ok=True)
     written = {}
     for name, image in pictures.items():
-        Image.fromarray(image).save(directory / name)
+        partial = directory / f".{name}.partial"
+        try:  # a full disk leaves no cut-short picture under its name
+            Image.fromarray(image).save(partial, format="PNG")
+            partial.replace(directory / name)
+        finally:
+            partial.unlink(missing_ok=True)
         written[name] = str(directory / name)
     return written
 

@@ -27,6 +27,16 @@ def write_fast_layout(root: Path, arrays: dict[str, np.ndarray], *, files: int =
     return root
 
 
+def gaussian_blobs(n: int, size: int = 32, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.random.Generator]:
+    """``n`` round Gaussian blobs (N, size, size) in [0, 1] at random centres in [8, 24), their x centres ``cx``
+    (N,), and the generator they were drawn from (to draw more per-row values from)."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    cx, cy = rng.uniform(8, 24, (2, n)).astype(np.float32)
+    blob = np.exp(-((xx - cx[:, None, None]) ** 2 + (yy - cy[:, None, None]) ** 2) / 18.0)
+    return blob, cx, rng
+
+
 @pytest.fixture(scope="session")
 def image_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """96 rows of 3x32x32 uint8 images (smooth blobs, so a model can learn them) plus an ``id`` column."""

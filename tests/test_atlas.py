@@ -26,7 +26,7 @@ from spherinator.atlas.render import TileRenderer
 from spherinator.atlas.sky import healpix_index, tile_pixel_index, unit_to_radec
 from spherinator.cli import main
 from spherinator.data import DataModule
-from tests.conftest import write_fast_layout
+from tests.conftest import gaussian_blobs, write_fast_layout
 
 TINY = str(Path(__file__).parent / "configs" / "vae_tiny.yaml")
 REQUIRED = ["creator_did", "obs_title", "dataproduct_type", "hips_version", "hips_release_date", "hips_status",
@@ -181,11 +181,8 @@ def test_spectra_are_drawn_as_line_plots():
 @pytest.fixture(scope="module")
 def blobs(tmp_path_factory) -> Path:
     """80 blobs (3x32x32 uint8) with an ``id``, an object ``name``, a ``label`` and the blob's centre ``cx``."""
-    rng = np.random.default_rng(0)
-    n, size = 80, 32
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
-    cx, cy = rng.uniform(8, 24, (2, n)).astype(np.float32)
-    blob = np.exp(-((xx - cx[:, None, None]) ** 2 + (yy - cy[:, None, None]) ** 2) / 18.0)
+    n = 80
+    blob, cx, rng = gaussian_blobs(n)
     images = (255 * blob[:, None] * rng.uniform(0.3, 1, (n, 3, 1, 1))).astype(np.uint8)
     names = np.array([f"J{i:04d}+{i % 7:02d}" for i in range(100, 100 + n)])
     columns = {"data": images, "id": np.arange(100, 100 + n, dtype=np.int64), "name": names,

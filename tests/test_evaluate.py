@@ -11,7 +11,7 @@ import yaml
 from PIL import Image
 
 from spherinator.cli import main
-from tests.conftest import write_fast_layout
+from tests.conftest import gaussian_blobs, write_fast_layout
 
 TINY = str(Path(__file__).parent / "configs" / "vae_tiny.yaml")
 
@@ -19,13 +19,12 @@ TINY = str(Path(__file__).parent / "configs" / "vae_tiny.yaml")
 @pytest.fixture(scope="module")
 def labelled(tmp_path_factory) -> Path:
     """120 blobs (3x32x32 uint8) with their centre ``cx`` as a column and ``label`` = left / right half."""
-    rng = np.random.default_rng(0)
-    n, size = 120, 32
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
-    cx, cy = rng.uniform(8, 24, (2, n)).astype(np.float32)
-    blob = np.exp(-((xx - cx[:, None, None]) ** 2 + (yy - cy[:, None, None]) ** 2) / 18.0)
+    n = 120
+    blob, cx, _ = gaussian_blobs(n)
     images = np.repeat((255 * blob[:, None]).astype(np.uint8), 3, axis=1)
-    columns = {"data": images, "label": (cx > 16).astype(np.int64), "cx": cx, "id": np.arange(n, dtype=np.int64)}
+    names = np.array([f"J{i:04d}" for i in range(n)])
+    columns = {"data": images, "label": (cx > 16).astype(np.int64), "cx": cx, "id": np.arange(n, dtype=np.int64),
+               "name": names}  # fmt: skip
     return write_fast_layout(tmp_path_factory.mktemp("labelled"), columns)
 
 
@@ -118,3 +117,39 @@ def test_pictures_follow_the_model_spectra_as_line_plots_and_no_decoded_sphere_o
         for path in written.values():
             with Image.open(path) as picture:
                 assert picture.format == "PNG" and picture.width > 100
+
+
+@pytest.mark.parametrize(
+    "extra, named",
+    [
+        (["--columns", "name"], "column 'name' holds string, not numbers"),
+        (["--columns", "nowhere"], "column 'nowhere' not in parquet files"),
+        (["--seed", "-1"], "--seed -1 is out of range"),
+        (["--ckpt_path", "last"], "--ckpt_path 'last' names no file"),
+    ],
+)
+def test_bad_evaluate_arguments_are_one_line_before_anything_is_encoded(trained, tmp_path, capsys, extra, named):
+    checkpoint, overlay = trained
+    args = ["evaluate", "-c", TINY, "-c", str(overlay), "--ckpt_path", str(checkpoint), "--out", str(tmp_path)]
+    with pytest.raises(SystemExit) as exit_:
+        main([*args, *extra])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "encode" not in err, err
+    (line,) = err.strip().splitlines()
+    assert line.startswith("spherinator evaluate: error:") and named in line, line
+    assert not list(tmp_path.iterdir())
+
+
+def test_evaluate_takes_a_huge_max_rows_as_all_rows_and_an_unwritable_out_is_one_line(trained, tmp_path, capsys):
+    checkpoint, overlay = trained
+    args = ["evaluate", "-c", TINY, "-c", str(overlay), "--ckpt_path", str(checkpoint)]
+    main([*args, "--max-rows", str(10**10), "--out", str(tmp_path / "report")])  # no index array of 10**10 rows
+    assert "every row of the data" in capsys.readouterr().out
+    blocker = tmp_path / "file"
+    blocker.write_text("a file where a directory should be")
+    with pytest.raises(SystemExit) as exit_:
+        main([*args, "--out", str(blocker / "report")])
+    assert exit_.value.code == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()[-1:]
+    assert "cannot write the report into" in line and "--out" in line, line

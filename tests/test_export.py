@@ -308,7 +308,7 @@ def test_checkpoint_with_code_is_refused_unless_trusted(tmp_path, capsys):
     # a full unpickle runs the file's code before any check could refuse it: the export must not do one
     with pytest.raises(SystemExit) as exit_info:
         main(["export", str(crafted), "-o", str(tmp_path / "onnx")])
-    assert exit_info.value.code == 1
+    assert exit_info.value.code == 2  # a user error, as in every other command
     (line,) = capsys.readouterr().err.splitlines()
     assert "--trust-checkpoint" in line and "built in Python stores its encoder/decoder modules" in line
     assert not marker.exists()
@@ -402,7 +402,7 @@ def test_validation_failure_names_graph_and_worst_difference(tmp_path, capsys):
             ["export", str(ckpt), "-c", str(config), "-o", str(tmp_path / "onnx"), "--batch_sizes", "1", "7",
              "--trust-checkpoint"]
         )  # fmt: skip
-    assert exit_info.value.code == 1
+    assert exit_info.value.code == 2  # a user error, as in every other command
     captured = capsys.readouterr()
     assert "encoder.onnx: exported in" in captured.out and "DIFFERS from torch" in captured.out
     message = captured.err
@@ -429,3 +429,44 @@ def test_a_model_that_cannot_be_built_says_why():
         build_model(
             "spherinator.models.VariationalAutoencoder", {"encoder": encoder, "decoder": decoder, "z_dim": 1}, "a test"
         )
+
+
+def test_a_checkpoint_from_before_the_centred_head_exports(cli_run, tmp_path):
+    ckpt, _ = cli_run
+    content = torch.load(ckpt, map_location="cpu", weights_only=True)
+    content["state_dict"] = {k: v for k, v in content["state_dict"].items() if ".centre." not in k}
+    older = tmp_path / "older.ckpt"
+    torch.save(content, older)
+    report = export_onnx(older, tmp_path / "onnx", batch_sizes=[2])  # load_from_checkpoint accepts it: so does export
+    assert report["passed"] and (tmp_path / "onnx" / "encoder.onnx").is_file()
+
+
+class BlockedModule:
+    """Pickles to ``os.getcwd()``: a module torch 2.14 refuses as 'blocked', not as an unsupported global."""
+
+    def __reduce__(self):
+        import os
+
+        return os.getcwd, ()
+
+
+def test_a_pickle_naming_a_blocked_module_is_refused_as_such_and_read_when_trusted(tmp_path):
+    crafted = tmp_path / "blocked.ckpt"
+    torch.save({"state_dict": {}, "hyper_parameters": {"encoder": BlockedModule()}}, crafted)
+    with pytest.raises(ExportError, match=r"stores '(posix|nt|os)\.getcwd' beyond tensors .*--trust-checkpoint"):
+        export_onnx(crafted, tmp_path / "onnx")
+    # trusted, the file is read in full and the export goes on to its next check
+    with pytest.raises(ExportError, match="match 0 spherinator model classes"):
+        export_onnx(crafted, tmp_path / "onnx", trust=True)
+    assert not (tmp_path / "onnx").exists()
+
+
+def test_a_full_or_read_only_disk_is_one_line_exit_2(cli_run, tmp_path, capsys):
+    ckpt, _ = cli_run
+    blocker = tmp_path / "file"
+    blocker.write_text("a file where a directory should be")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["export", str(ckpt), "-o", str(blocker / "onnx"), "--no-validate"])
+    assert exit_info.value.code == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith("spherinator export: error: ") and "cannot write" in line

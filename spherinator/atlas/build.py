@@ -34,19 +34,14 @@ from spherinator.atlas.model import SphereModel, open_model
 from spherinator.atlas.page import ATLAS_JSON, find_aladin_lite, place_aladin_lite, write_index
 from spherinator.atlas.render import TileRenderer, value_range
 from spherinator.atlas.sky import cell_centres, cells, unit_to_radec
+from spherinator.runs import run_dir_of
 
 
 def default_out(path: str | Path) -> Path:
     """Where an atlas of ``path`` goes by default: ``atlas/`` in the run directory (for a checkpoint, the run
-    directory holding ``checkpoints/``; for an ONNX directory, the directory above it)."""
-    path = Path(path)
-    if path.is_file():
-        run_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
-    elif (path / "decoder.onnx").is_file():
-        run_dir = path.parent
-    else:
-        run_dir = path
-    return run_dir / "atlas"
+    directory holding ``checkpoints/``; for an ONNX directory, the directory above it; see
+    :func:`spherinator.runs.run_dir_of`)."""
+    return run_dir_of(path) / "atlas"
 
 
 def write_atlas(

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from spherinator.atlas import AtlasError, NotASphereError
+from spherinator.runs import open_run
 
 
 @dataclass
@@ -93,30 +94,19 @@ def open_model(path: str | Path, device: str | None = None, trust: bool = False)
     path = Path(path)
     if not path.exists():
         raise AtlasError(f"'{path}' does not exist; give a run directory, a .ckpt file or an ONNX export directory")
+    if path.is_file() and path.suffix != ".ckpt":
+        raise AtlasError(f"'{path}' is a file but not a .ckpt checkpoint; give a run directory, a .ckpt file or an "
+                         "ONNX export directory")  # fmt: skip
     target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    checkpoint = onnx_dir = config = None
-    if path.is_file():
-        if path.suffix != ".ckpt":
-            raise AtlasError(f"'{path}' is a file but not a .ckpt checkpoint; give a run directory, a .ckpt file or "
-                             "an ONNX export directory")  # fmt: skip
-        checkpoint = path
-        run_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
-    elif (path / "decoder.onnx").is_file():
-        onnx_dir, run_dir = path, None
-    else:
-        run_dir = path
-        if (path / "onnx" / "decoder.onnx").is_file():
-            onnx_dir = path / "onnx"
-        checkpoint = _run_checkpoint(path, onnx_dir)
-        if checkpoint is None and onnx_dir is None:
-            found = ", ".join(sorted(p.name for p in path.iterdir())[:8]) or "nothing"
-            raise AtlasError(
-                f"'{path}' holds no checkpoints/*.ckpt, onnx/decoder.onnx or decoder.onnx (found: {found}); give a "
-                "run directory (runs/<name>/version_<n>, a spherinator-submit task), a .ckpt file or an ONNX "
-                "export directory"
-            )
-    if run_dir is not None and (run_dir / "config.yaml").is_file():
-        config = run_dir / "config.yaml"
+    run = open_run(path)
+    run_dir, checkpoint, onnx_dir, config = run.run_dir, run.checkpoint, run.onnx_dir, run.config
+    if checkpoint is None and onnx_dir is None:
+        found = ", ".join(sorted(p.name for p in path.iterdir())[:8]) or "nothing"
+        raise AtlasError(
+            f"'{path}' holds no checkpoints/*.ckpt that loads, onnx/decoder.onnx or decoder.onnx (found: {found}); "
+            "give a run directory (runs/<name>/version_<n>, a spherinator-submit task), a .ckpt file or an ONNX "
+            "export directory"
+        )
     named = (run_dir or path).resolve()
     name = f"{named.parent.name}/{named.name}" if re.fullmatch(r"version_\d+", named.name) else named.name
     model = SphereModel(input_shape=(), z_dim=0, name=name, checkpoint=checkpoint, onnx_dir=onnx_dir, config=config,
@@ -131,23 +121,6 @@ def open_model(path: str | Path, device: str | None = None, trust: bool = False)
             "so it needs z_dim 3 (train with --model.init_args.z_dim 3)"
         )
     return model
-
-
-def _run_checkpoint(run_dir: Path, onnx_dir: Path | None) -> Path | None:
-    """The checkpoint an ONNX export of the run came from if it is still there, else ``last.ckpt``, else the
-    newest ``checkpoints/*.ckpt``."""
-    if onnx_dir is not None:
-        try:
-            exported = Path(json.loads((onnx_dir / "export_report.json").read_text())["checkpoint"])
-        except (OSError, ValueError, KeyError, TypeError):
-            exported = None
-        if exported is not None and exported.is_file():
-            return exported
-    folder = run_dir / "checkpoints"
-    if (folder / "last.ckpt").is_file():
-        return folder / "last.ckpt"
-    found = [p for p in folder.glob("*.ckpt") if p.is_file()] if folder.is_dir() else []
-    return max(found, key=lambda p: p.stat().st_mtime) if found else None
 
 
 def _open_onnx(model: SphereModel, onnx_dir: Path, encoder: bool) -> None:

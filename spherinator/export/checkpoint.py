@@ -93,18 +93,10 @@ def _read_checkpoint(path: Path, trust: bool) -> dict[str, Any]:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        refusal = re.search(r"WeightsUnpickler error:(.*?)(?:Check the documentation|$)", str(err), flags=re.DOTALL)
-        if refusal is None:  # not torch's weights-only refusal: a broken file
+        if "Weights only load failed" not in str(err):  # not torch's weights-only refusal: a broken file
             raise ExportError(_not_a_checkpoint(path, err)) from err
-        reason = " ".join(refusal.group(1).split())
         if not trust:
-            found = re.search(r"Unsupported global: GLOBAL (\S+)", reason)
-            if found is not None:
-                raise ExportError(_untrusted_message(path, found.group(1))) from err
-            raise ExportError(
-                f"'{path}' is not a PyTorch checkpoint that torch can read weights-only ({_first_sentence(reason)}); "
-                "pass a .ckpt file saved by 'spherinator fit' or Trainer.save_checkpoint"
-            ) from err
+            raise ExportError(_refusal_message(path, str(err))) from err
         try:
             ckpt = torch.load(path, map_location="cpu", weights_only=False)  # the caller trusts this file
         except Exception as err2:
@@ -118,6 +110,28 @@ def _read_checkpoint(path: Path, trust: bool) -> dict[str, Any]:
             ".ckpt file saved by 'spherinator fit' or Trainer.save_checkpoint"
         )
     return ckpt
+
+
+# How torch names the Python object a weights-only load refused: an unknown global, or one of a module it blocks
+# outright (os, sys, posix: torch 2.14 words these "unsupported GLOBAL posix.system whose module posix is blocked").
+_REFUSED_GLOBAL = (
+    re.compile(r"Unsupported global: GLOBAL (\S+)"),
+    re.compile(r"unsupported GLOBAL (\S+) whose module \S+ is blocked", flags=re.IGNORECASE),
+)
+
+
+def _refusal_message(path: Path, text: str) -> str:
+    """Why torch's weights-only load refused ``path`` (its message ``text``), and what to do, in one line."""
+    for pattern in _REFUSED_GLOBAL:
+        found = pattern.search(text)
+        if found is not None:
+            return _untrusted_message(path, found.group(1).rstrip("."))
+    refusal = re.search(r"WeightsUnpickler error:(.*?)(?:Check the documentation|$)", text, flags=re.DOTALL)
+    reason = " ".join((refusal.group(1) if refusal else text).split())
+    return (
+        f"'{path}' is not a PyTorch checkpoint that torch can read weights-only ({_first_sentence(reason)}); pass a "
+        ".ckpt file saved by 'spherinator fit' or Trainer.save_checkpoint, or --trust-checkpoint if you trust it"
+    )
 
 
 def _not_a_checkpoint(path: Path, err: BaseException) -> str:
@@ -213,9 +227,9 @@ def _instantiate_python_hparams(hparams: dict[str, Any], ckpt_path: Path) -> tup
 
 
 def _load_weights(model: nn.Module, state_dict: dict[str, torch.Tensor], ckpt_path: Path, source: str) -> None:
+    """Load ``state_dict`` strictly; a mismatch is one line naming the keys. Missing and unexpected keys are those
+    left after the model's load hooks, which fill in keys of older checkpoints (the centred sphere head)."""
     expected = model.state_dict()
-    missing = sorted(set(expected) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(expected))
     mismatched = [
         f"{k} {tuple(state_dict[k].shape)} vs {tuple(v.shape)}"
         for k, v in expected.items()
@@ -223,6 +237,10 @@ def _load_weights(model: nn.Module, state_dict: dict[str, torch.Tensor], ckpt_pa
         and not isinstance(v, nn.parameter.UninitializedParameter)
         and tuple(v.shape) != tuple(state_dict[k].shape)
     ]
+    missing = unexpected = []
+    if not mismatched:
+        keys = model.load_state_dict(dict(state_dict), strict=False)
+        missing, unexpected = sorted(keys.missing_keys), sorted(keys.unexpected_keys)
     if missing or unexpected or mismatched:
         parts = []
         for label, items in (
@@ -237,7 +255,6 @@ def _load_weights(model: nn.Module, state_dict: dict[str, torch.Tensor], ckpt_pa
             f"checkpoint '{ckpt_path}' does not match the model built from {source}: {'; '.join(parts)}. "
             "Pass the config.yaml saved with this checkpoint's run, or no config to use the checkpoint's own"
         )
-    model.load_state_dict(state_dict, strict=True)
 
 
 def _check_model_contract(model: nn.Module, class_path: str) -> None:

@@ -41,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Run ``spherinator export``; prints one line per graph and exits non-zero on any error."""
+    """Run ``spherinator export``; prints one line per graph; a bad input ends in one line and exit status 2."""
     args = build_parser().parse_args(argv)
     try:
         report = export_onnx(
@@ -59,7 +59,15 @@ def main(argv: list[str] | None = None) -> None:
         )
     except ExportError as err:
         print(f"spherinator export: error: {err}", file=sys.stderr)
-        raise SystemExit(1) from None
+        raise SystemExit(2) from None  # a user error, as in every other command
+    except OSError as err:  # a full or read-only disk while writing: the staged files are gone, nothing published
+        where = err.filename or args.export_path
+        print(
+            f"spherinator export: error: cannot write the export to {where} ({err.strerror or err}); free space or "
+            "give -o a writable directory",
+            file=sys.stderr,
+        )
+        raise SystemExit(2) from None
     print(
         f"wrote {', '.join(g['file'] for g in report['graphs'].values())} and export_report.json to {args.export_path}"
     )

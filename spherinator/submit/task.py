@@ -20,23 +20,24 @@ from spherinator.submit.records import AtlasResult, OnnxResult, RunSummary
 
 
 def newest_checkpoint(run_dir: Path) -> Path | None:
-    """The checkpoint to resume from: the newer of ``requeue.ckpt`` (saved on a signal) and ``last.ckpt``."""
-    candidates = [p for p in (Path(run_dir) / "checkpoints").glob("*.ckpt") if p.name.startswith(("requeue", "last"))]
-    return max(candidates, key=lambda p: p.stat().st_mtime) if candidates else None
+    """The checkpoint to resume from: of ``requeue.ckpt`` (saved on a signal) and ``last.ckpt``, the one that loads
+    at the higher global step (:func:`spherinator.runs.newest_checkpoint`)."""
+    from spherinator.runs import RESUMABLE
+    from spherinator.runs import newest_checkpoint as newest
+
+    return newest(Path(run_dir) / "checkpoints", RESUMABLE)
 
 
 def resume_point(run_dir: Path) -> tuple[Path | None, str | None]:
     """The checkpoint to resume from and, when the newest one is damaged, that one's path (a kill while it was
-    written, from before checkpoints were written atomically): the newest intact checkpoint beside it is used."""
-    from spherinator.checkpoints import resume_checkpoint
+    written, from before checkpoints were written atomically): the intact one of the run at the highest step is
+    used (:func:`spherinator.runs.resume_point`)."""
+    from spherinator.runs import resume_point as point
 
-    newest = newest_checkpoint(run_dir)
-    if newest is None:
-        return None, None
-    chosen, warning = resume_checkpoint(newest)
-    if warning:
-        print(f"warning: {warning}", file=sys.stderr)
-    return chosen, str(newest) if chosen != newest else None
+    chosen, damaged = point(run_dir)
+    if damaged is not None:
+        print(f"warning: {damaged} does not load; resuming from {chosen}", file=sys.stderr)
+    return chosen, str(damaged) if damaged is not None else None
 
 
 def _link_logs(run_dir: Path) -> None:
