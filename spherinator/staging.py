@@ -16,7 +16,6 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-
 # A disk that is full, read-only or not ours: the user's to fix. Other OSErrors (a missing input) pass unchanged.
 DISK_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EFBIG}
 DISK_WORDS = ("No space left", "Read-only file system", "Permission denied", "Disk quota")

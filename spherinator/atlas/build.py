@@ -153,8 +153,10 @@ def check_export_passed(model: SphereModel) -> None:
     except (OSError, ValueError, AttributeError):
         return  # an export without a (readable) report: nothing says it failed
     if passed is False:
-        raise AtlasError(f"'{model.onnx_dir}' failed its validation ({report}: onnxruntime differs from torch); "
-                         "export the checkpoint again (spherinator export --overwrite) or give the .ckpt instead")  # fmt: skip
+        raise AtlasError(
+            f"'{model.onnx_dir}' failed its validation ({report}: onnxruntime differs from torch); export the "
+            "checkpoint again (spherinator export --overwrite) or give the .ckpt instead"
+        )
 
 
 def _write_contents(model: SphereModel, datamodule: Any, renderer: TileRenderer, staging: Path,

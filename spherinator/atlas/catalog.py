@@ -271,8 +271,8 @@ def write_catalog(
                 writer = pq.ParquetWriter(out / "catalog.parquet", table.schema)
             writer.write_table(table)
             if len(rows):
-                kept.append(table.take(pa.array(rows)).append_column("thumbnail", pa.array(
-                    [f"thumbs/input/{start + r}.png" if sample.has_thumbnail(start + int(r)) else "" for r in rows])))  # fmt: skip
+                shown = [f"thumbs/input/{start + r}.png" if sample.has_thumbnail(start + int(r)) else "" for r in rows]
+                kept.append(table.take(pa.array(rows)).append_column("thumbnail", pa.array(shown, pa.string())))
             start += n
     finally:
         if writer is not None:
