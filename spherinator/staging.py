@@ -26,31 +26,32 @@ def is_disk_error(err: OSError) -> bool:
     return err.errno in DISK_ERRNOS or any(word in str(err) for word in DISK_WORDS)
 
 
-def _disk_error(error: type[Exception], dest: Path, err: OSError) -> Exception:
-    return error(f"cannot write '{dest}' ({err.strerror or err}); nothing was replaced: free space or choose a "
-                 "place you can write")  # fmt: skip
+def _disk_error(error: type[Exception], dest: Path, err: OSError, what: str) -> Exception:
+    return error(f"cannot write the {what} under '{dest.parent}' ({err.strerror or err}); nothing was replaced: "
+                 "free space, or give a directory you can write")  # fmt: skip
 
 
 @contextmanager
-def staged_dir(dest: str | Path, error: type[Exception] = OSError) -> Iterator[Path]:
+def staged_dir(dest: str | Path, error: type[Exception] = OSError, what: str = "files") -> Iterator[Path]:
     """A new private directory beside ``dest`` (``.<name>.partial-*``), removed when the block ends; publish it
     inside the block with :func:`replace_dir` or :func:`move_files`.
 
     Raises:
-        error: the directory cannot be made, or the block fails with an ``OSError`` (full or read-only disk).
+        error: the directory cannot be made, or the block fails with an ``OSError`` of the disk (full, read-only);
+            the message says ``cannot write the <what> under <dest's parent>``.
     """
     dest = Path(dest)
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.partial-", dir=dest.parent))
     except OSError as err:
-        raise _disk_error(error, dest, err) from err
+        raise _disk_error(error, dest, err, what) from err
     try:
         yield staging
     except OSError as err:
         if isinstance(err, error) or not is_disk_error(err):
             raise
-        raise _disk_error(error, dest, err) from err
+        raise _disk_error(error, dest, err, what) from err
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
@@ -87,7 +88,7 @@ def move_files(staging: Path, dest: Path, replaces: Iterable[str] = ()) -> None:
 
 
 @contextmanager
-def staged_file(dest: str | Path, error: type[Exception] = OSError) -> Iterator[Path]:
+def staged_file(dest: str | Path, error: type[Exception] = OSError, what: str = "file") -> Iterator[Path]:
     """A temporary path beside ``dest`` to write; renamed to ``dest`` when the block ends without error, removed
     otherwise.
 
@@ -102,6 +103,6 @@ def staged_file(dest: str | Path, error: type[Exception] = OSError) -> Iterator[
     except OSError as err:
         if isinstance(err, error) or not is_disk_error(err):
             raise
-        raise _disk_error(error, dest, err) from err
+        raise _disk_error(error, dest, err, what) from err
     finally:
         tmp.unlink(missing_ok=True)

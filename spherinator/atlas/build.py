@@ -133,7 +133,7 @@ def build_atlas(
     probe = model.decode(cell_centres(ALLSKY_ORDER, np.arange(cells(ALLSKY_ORDER))).astype(np.float32))
     renderer = TileRenderer(model.input_shape, width=options.tile_width, fit=options.tile_fit)
     renderer.low, renderer.high = value_range(probe, renderer.kind)
-    with staged_dir(out, AtlasError) as staging:
+    with staged_dir(out, AtlasError, "atlas") as staging:
         info = _write_contents(model, datamodule, renderer, staging, options, say, added, notes)
         info["aladin_lite"] = place_aladin_lite(aladin_source, staging)
         write_index(staging, page_config(info), info["aladin_lite"])

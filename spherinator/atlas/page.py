@@ -150,6 +150,6 @@ def write_sweep_page(
     title = title or f"{root.resolve().name}: {len(tasks)} spheres"
     config = {"title": title, "tasks": tasks, "live": LIVE_SKIES}
     path = root / SWEEP_PAGE
-    with staged_file(path, AtlasError) as tmp:
+    with staged_file(path, AtlasError, "sweep page") as tmp:
         tmp.write_text(render_template("sweep.html", title, config, url), encoding="utf-8")
     return path
