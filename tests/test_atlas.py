@@ -727,3 +727,22 @@ def test_a_sweep_page_leaves_out_a_damaged_atlas(tmp_path, capsys):
     assert '"page": "good/atlas/index.html"' in page and "torn/atlas" not in page
     (sweep / "good" / "atlas" / "atlas.json").write_text("")
     assert "no readable atlas" in atlas_error(capsys, "sweep", str(sweep))
+
+
+def test_a_full_disk_ends_in_one_line_and_keeps_the_old_atlas(run_dir, tmp_path, capsys, monkeypatch):
+    import errno
+
+    import spherinator.atlas.hips as hips
+
+    out = tmp_path / "atlas"
+    write_atlas(run_dir, out=out, max_order=0, thumbnails=0, progress=False, log=None)
+    before = (out / "atlas.json").read_text()
+
+    def full(picture, path):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(hips, "_save", full)
+    line = atlas_error(capsys, str(run_dir), "-o", str(out), "--overwrite", "--max-order", "0", "--thumbnails", "0")
+    assert "cannot write the atlas under" in line and "No space left on device" in line
+    assert (out / "atlas.json").read_text() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["atlas"]  # no staging directory left behind

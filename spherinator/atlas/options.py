@@ -10,8 +10,8 @@ from typing import Any
 
 from spherinator.atlas import MAX_ORDER, AtlasError
 from spherinator.atlas.page import ATLAS_JSON
+from spherinator.atlas.render import MAX_TILE_WIDTH
 
-MAX_TILE_WIDTH = 1024  # 4 MiB of RGB per tile; HiPS tools use 64..512
 MAX_SOURCES = 10_000_000  # the VOTable is TABLEDATA text read by a browser: ~1 GB there
 MAX_THUMBNAILS = 1_000_000
 MAX_BATCH_SIZE = 65_536
