@@ -746,3 +746,18 @@ def test_a_full_disk_ends_in_one_line_and_keeps_the_old_atlas(run_dir, tmp_path,
     assert "cannot write the atlas under" in line and "No space left on device" in line
     assert (out / "atlas.json").read_text() == before
     assert [p.name for p in tmp_path.iterdir()] == ["atlas"]  # no staging directory left behind
+
+
+def test_data_of_another_shape_than_the_model_is_named(tmp_path):
+    data = np.zeros((4, 1, 2, 2), dtype=np.float32)
+    root = write_fast_layout(tmp_path / "data", {"data": data}, files=1)
+
+    class Stub(torch.nn.Module):
+        def predict_step(self, x, batch_idx):
+            return {"location": torch.ones(len(x), 3)}
+
+    model = SphereModel(input_shape=(3, 32, 32), z_dim=3, name="stub", torch_model=Stub())
+    datamodule = DataModule(root, columns=["data"], batch_size=4, val_fraction=0.0, shuffle=False)
+    with pytest.raises(AtlasError, match=r"model takes inputs of shape \(3, 32, 32\) but the data's samples have "
+                       r"shape \(1, 2, 2\)"):  # fmt: skip
+        write_catalog(model, datamodule, tmp_path, TileRenderer((3, 32, 32)), order=1, thumbnails=0, progress=False)
