@@ -184,11 +184,14 @@ class FileColumns:
         self._rows = 0
 
     def _read(self) -> Iterator[pa.RecordBatch]:
+        """The columns batch by batch, decoded to plain values (files may encode them with other dictionaries)."""
         for file in self._files:
-            yield from pq.ParquetFile(file).iter_batches(columns=self.names)
+            for batch in pq.ParquetFile(file).iter_batches(columns=self.names):
+                decoded = [batch.column(name).dictionary_decode() for name in self.names]
+                yield pa.RecordBatch.from_arrays(decoded, names=self.names)
 
     def take(self, n: int) -> dict[str, pa.Array]:
-        """The next ``n`` rows of each column (decoded to plain strings: the catalog's files are read anywhere)."""
+        """The next ``n`` rows of each column."""
         if not self.names:
             return {}
         while self._rows < n:
@@ -201,7 +204,7 @@ class FileColumns:
         rest = table.slice(n)
         self._held, self._rows = rest.to_batches(), rest.num_rows
         head = table.slice(0, n)
-        return {name: head.column(name).combine_chunks().dictionary_decode() for name in self.names}
+        return {name: head.column(name).combine_chunks() for name in self.names}
 
 
 class _Sample:
