@@ -429,3 +429,19 @@ def test_a_model_that_cannot_be_built_says_why():
         build_model(
             "spherinator.models.VariationalAutoencoder", {"encoder": encoder, "decoder": decoder, "z_dim": 1}, "a test"
         )
+
+
+def test_export_options_are_checked_on_construction():
+    from spherinator.export.onnx_export import ExportOptions
+
+    assert ExportOptions().batch_sizes == (1, 7, 64)
+    cases = [
+        ({"opset": 17}, "opset 17 is not supported"),
+        ({"batch_sizes": ()}, "batch_sizes []"),
+        ({"atol": -1.0}, "tolerances must be >= 0"),
+        ({"trace_batch_size": 0}, "trace_batch_size 0"),
+    ]
+    for kwargs, words in cases:
+        with pytest.raises(ExportError) as info:
+            ExportOptions(**kwargs)
+        assert words in str(info.value)
