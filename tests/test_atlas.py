@@ -548,3 +548,221 @@ def test_hipster_reads_our_onnx_export(run_dir, tmp_path):
     with torch.no_grad():
         expected = model.torch_model.encode(torch.from_numpy(x)).numpy()
     np.testing.assert_allclose(np.load(tmp_path / "z_hat.npy"), expected, atol=1e-4)
+
+
+# -- what --overwrite may replace, and what the catalog keeps (issue 19) -------------------------------------------
+
+
+def atlas_error(capsys, *args: str) -> str:
+    """The one line ``spherinator atlas ARGS`` ends with (exit status 2)."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["atlas", *args])
+    assert exit_info.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+def test_overwrite_replaces_only_an_atlas(run_dir, blobs, tmp_path, capsys, monkeypatch):
+    before = sorted(p.relative_to(run_dir) for p in run_dir.rglob("*") if "atlas" not in p.parts)
+    # -o RUN (one missing /atlas) replaced the run directory: its checkpoints and events were gone
+    assert "which the atlas is drawn from" in atlas_error(capsys, str(run_dir), "-o", str(run_dir), "--overwrite")
+    assert "which the atlas is drawn from" in atlas_error(capsys, str(run_dir / "onnx"), "-o", str(run_dir / "onnx"),
+                                                          "--overwrite")  # fmt: skip
+    ckpt = next(run_dir.glob("checkpoints/*.ckpt"))
+    assert "which the atlas is drawn from" in atlas_error(capsys, str(ckpt), "-o", str(run_dir.parent), "--overwrite")
+    # a user's directory is not an atlas: kept, even with an atlas.json planted in a directory around the run
+    mywork = tmp_path / "mywork"
+    (mywork / "notes").mkdir(parents=True)
+    (mywork / "notes" / "thesis.tex").write_text("years of work")
+    assert "is not an atlas" in atlas_error(capsys, str(run_dir), "-o", str(mywork), "--overwrite")
+    (run_dir.parent / "atlas.json").write_text("{}")
+    try:
+        assert "drawn from" in atlas_error(capsys, str(run_dir), "-o", str(run_dir.parent), "--overwrite")
+    finally:
+        (run_dir.parent / "atlas.json").unlink()
+    (tmp_path / "file.txt").write_text("mine")
+    assert "is a file" in atlas_error(capsys, str(run_dir), "-o", str(tmp_path / "file.txt"), "--overwrite")
+    monkeypatch.chdir(mywork)
+    assert "current directory" in atlas_error(capsys, str(run_dir), "-o", ".", "--overwrite")
+    assert "current directory" in atlas_error(capsys, str(run_dir), "-o", str(tmp_path), "--overwrite")
+    # inside the data, its catalog.parquet would join the dataset the next fit reads
+    assert "inside the data directory" in atlas_error(capsys, str(run_dir), "-o", str(blobs / "atlas"))
+    assert not (blobs / "atlas").exists()
+    assert sorted(p.relative_to(run_dir) for p in run_dir.rglob("*") if "atlas" not in p.parts) == before
+    assert (mywork / "notes" / "thesis.tex").read_text() == "years of work"
+    assert (tmp_path / "file.txt").read_text() == "mine"
+
+
+def test_an_export_that_failed_its_validation_is_refused(run_dir, tmp_path, capsys):
+    onnx = tmp_path / "onnx"
+    shutil.copytree(run_dir / "onnx", onnx)
+    report = json.loads((onnx / "export_report.json").read_text())
+    (onnx / "export_report.json").write_text(json.dumps({**report, "passed": False}))
+    line = atlas_error(capsys, str(onnx), "-c", TINY, "-o", str(tmp_path / "atlas"))
+    assert "failed its validation" in line and str(onnx) in line
+    assert not (tmp_path / "atlas").exists()
+
+
+def test_the_catalog_keeps_categoricals_and_clashing_columns(tmp_path):
+    import pyarrow as pa
+
+    n = 6
+    data = np.zeros((n, 1, 2, 2), dtype=np.float32)
+    data[:, 0, 0, 0] = 1.0
+    root = write_fast_layout(tmp_path / "data", {"data": data, "id": np.arange(n, dtype=np.int64)}, files=1,
+                             rows_per_group=4)  # fmt: skip
+    (file,) = root.rglob("*.parquet")
+    table = pq.read_table(file)
+    kinds = pa.array(["galaxy", "star", "qso", "star", "galaxy", "star"]).dictionary_encode()  # a pandas categorical
+    table = table.append_column("kind", kinds).append_column("row", pa.array([10 * i for i in range(n)]))
+    table = table.append_column("data_row", pa.array([100 + i for i in range(n)]))
+    pq.write_table(table, file, row_group_size=4)
+
+    class Stub(torch.nn.Module):
+        def predict_step(self, x, batch_idx):
+            return {"location": x.flatten(1)[:, :3] + 0.1}
+
+        def decode(self, z):
+            return torch.from_numpy(plain_decoder(z.numpy())[:, :1, :2, :2])
+
+    model = SphereModel(input_shape=(1, 2, 2), z_dim=3, name="stub", torch_model=Stub())
+    datamodule = DataModule(root, columns=["data"], batch_size=4, val_fraction=0.0, shuffle=False)
+    add_row_columns(datamodule)
+    summary = write_catalog(model, datamodule, tmp_path, TileRenderer((1, 2, 2), width=8), order=1, max_sources=4,
+                            thumbnails=0, progress=False)  # fmt: skip
+    catalog = pq.read_table(tmp_path / "catalog.parquet").to_pydict()
+    assert catalog["kind"] == ["galaxy", "star", "qso", "star", "galaxy", "star"]
+    assert catalog["row"] == list(range(n))  # the atlas's own
+    assert catalog["data_row"] == [100 + i for i in range(n)]  # the data's data_row, not overwritten
+    assert catalog["data_row_2"] == [10 * i for i in range(n)]  # the data's row, renamed without loss
+    assert summary["notes"] == ["data columns named like the atlas's own are in the catalog renamed: 'row' as "
+                                "'data_row_2'"]  # fmt: skip
+    assert "kind" in summary["columns"]
+
+
+def test_atlas_options_name_the_bad_value(tmp_path):
+    from spherinator.atlas.options import AtlasOptions
+
+    for kwargs, words in [
+        ({"seed": -1}, "--seed -1 is out of range: give 0.."),
+        ({"max_sources": 10**10}, "--max-sources 10,000,000,000 is out of range"),
+        ({"max_sources": 1e10}, "--max-sources 10000000000.0 must be a whole number"),
+        ({"tile_width": 16384}, "--tile-width 16,384 is out of range: give 8..1,024"),
+        ({"tile_width": 48}, "--tile-width 48 must be a power of two"),
+        ({"max_order": 12}, "--max-order 12 is out of range"),
+        ({"thumbnails": -1}, "--thumbnails -1 is out of range"),
+        ({"tile_format": "gif"}, "--tile-format 'gif'"),
+    ]:
+        with pytest.raises(AtlasError) as info:
+            AtlasOptions(**kwargs)
+        assert words in str(info.value), (kwargs, str(info.value))
+    # a huge --max-sources over a small data set: the first rows, no arange of 10^7
+    from spherinator.atlas.catalog import _Sample
+
+    sample = _Sample(None, 10**7, 3, 0)
+    assert sample.chosen is None and sample.rows(0, 5).tolist() == [0, 1, 2, 3, 4] and sample.thumbnail_count(5) == 3
+
+
+def test_serve_gives_only_regular_files_under_its_directory(tmp_path, capsys):
+    import os
+    import urllib.error
+
+    root = tmp_path / "atlas"
+    (root / "hips" / "Norder0").mkdir(parents=True)
+    (root / "index.html").write_text("<p>atlas</p>")
+    (root / "hips" / "properties").write_text("hips_order = 0\n")
+    (tmp_path / "secret.txt").write_text("not yours")
+    os.symlink("/etc", root / "etc")
+    os.symlink(tmp_path / "secret.txt", root / "secret.txt")
+    os.symlink(root / "hips" / "properties", root / "props")  # a link inside the directory is fine
+    server = make_server(root, port=0)
+    Thread(target=server.serve_forever, daemon=True).start()
+
+    def status(path: str) -> tuple[int, str]:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{server.server_address[1]}{path}") as response:
+                return response.status, response.read().decode()
+        except urllib.error.HTTPError as err:
+            return err.code, ""
+
+    try:
+        assert status("/") == (200, "<p>atlas</p>")
+        assert status("/props") == (200, "hips_order = 0\n")
+        for path in ("/etc/passwd", "/etc/", "/secret.txt", "/hips/", "/hips/Norder0/", "/../secret.txt",
+                     "/%2e%2e/secret.txt"):  # fmt: skip
+            assert status(path)[0] == 404, path
+    finally:
+        server.shutdown()
+        server.server_close()
+    for port in ("99999", "-1"):
+        assert "is not a TCP port" in atlas_error(capsys, "serve", str(root), "--port", port)
+
+
+def test_aladin_lite_url_and_names_cannot_end_the_script(tmp_path):
+    from spherinator.atlas.page import render_template
+
+    evil = "</script><script>alert(1)</script><!--"
+    page = render_template("index.html", evil, {"title": evil, "name": evil}, f'https://x.org/a.js"; {evil}')
+    template = (Path(__file__).parents[1] / "spherinator/atlas/templates/index.html").read_text()
+    assert page.count("</script>") == template.count("</script>") and "<!--" not in page
+    (line,) = [x for x in page.splitlines() if x.startswith("import A from")]
+    assert json.loads(line[len("import A from ") : -1]) == f'https://x.org/a.js"; {evil}'  # one JS string, intact
+    config = re.search(r'<script type="application/json" id="atlas-config">(.*?)</script>', page, re.S).group(1)
+    assert json.loads(config)["name"] == evil
+
+
+def test_a_sweep_page_leaves_out_a_damaged_atlas(tmp_path, capsys):
+    sweep = tmp_path / "sweep"
+    for task, text in (("good", json.dumps({"initial": {"ra": 10.0, "dec": 5.0}, "card": ["80 rows"]})),
+                       ("torn", '{"initial": {"ra": 1'), ("odd", "[1, 2]")):  # fmt: skip
+        (sweep / task / "atlas").mkdir(parents=True)
+        (sweep / task / "atlas" / "atlas.json").write_text(text)
+    main(["atlas", "sweep", str(sweep)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and all("left out" in line and "atlas.json cannot be read" in line for line in err), err
+    page = (sweep / "atlas.html").read_text()
+    assert '"page": "good/atlas/index.html"' in page and "torn/atlas" not in page
+    (sweep / "good" / "atlas" / "atlas.json").write_text("")
+    assert "no readable atlas" in atlas_error(capsys, "sweep", str(sweep))
+
+
+def test_a_full_disk_ends_in_one_line_and_keeps_the_old_atlas(run_dir, tmp_path, capsys, monkeypatch):
+    import errno
+
+    import spherinator.atlas.hips as hips
+
+    out = tmp_path / "atlas"
+    write_atlas(run_dir, out=out, max_order=0, thumbnails=0, progress=False, log=None)
+    before = (out / "atlas.json").read_text()
+
+    def full(picture, path):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(hips, "_save", full)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["atlas", str(run_dir), "-o", str(out), "--overwrite", "--max-order", "0", "--thumbnails", "0"])
+    assert exit_info.value.code == 2
+    lines = [
+        line for line in capsys.readouterr().err.splitlines() if "%|" not in line and line.strip()
+    ]  # past the progress bars
+    assert len(lines) == 1 and "cannot write the atlas under" in lines[0] and "No space left on device" in lines[0]
+    assert (out / "atlas.json").read_text() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["atlas"]  # no staging directory left behind
+
+
+def test_data_of_another_shape_than_the_model_is_named(tmp_path):
+    data = np.zeros((4, 1, 2, 2), dtype=np.float32)
+    root = write_fast_layout(tmp_path / "data", {"data": data}, files=1)
+
+    class Stub(torch.nn.Module):
+        def predict_step(self, x, batch_idx):
+            return {"location": torch.ones(len(x), 3)}
+
+    model = SphereModel(input_shape=(3, 32, 32), z_dim=3, name="stub", torch_model=Stub())
+    datamodule = DataModule(root, columns=["data"], batch_size=4, val_fraction=0.0, shuffle=False)
+    with pytest.raises(AtlasError, match=r"model takes inputs of shape \(3, 32, 32\) but the data's samples have "
+                       r"shape \(1, 2, 2\)"):  # fmt: skip
+        write_catalog(model, datamodule, tmp_path, TileRenderer((3, 32, 32)), order=1, thumbnails=0, progress=False)

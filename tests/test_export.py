@@ -470,3 +470,19 @@ def test_a_full_or_read_only_disk_is_one_line_exit_2(cli_run, tmp_path, capsys):
     assert exit_info.value.code == 2
     (line,) = capsys.readouterr().err.splitlines()
     assert line.startswith("spherinator export: error: ") and "cannot write" in line
+
+
+def test_export_options_are_checked_on_construction():
+    from spherinator.export.onnx_export import ExportOptions
+
+    assert ExportOptions().batch_sizes == (1, 7, 64)
+    cases = [
+        ({"opset": 17}, "opset 17 is not supported"),
+        ({"batch_sizes": ()}, "batch_sizes []"),
+        ({"atol": -1.0}, "tolerances must be >= 0"),
+        ({"trace_batch_size": 0}, "trace_batch_size 0"),
+    ]
+    for kwargs, words in cases:
+        with pytest.raises(ExportError) as info:
+            ExportOptions(**kwargs)
+        assert words in str(info.value)

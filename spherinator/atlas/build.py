@@ -11,15 +11,13 @@ Layout of the atlas directory (default: ``<run dir>/atlas``)::
     aladin-lite/        a local copy of Aladin Lite, when one was given
 
 The atlas is written into a temporary directory beside it and moved into place at the end: an interrupted run
-leaves the previous atlas as it was.
+leaves the previous atlas as it was. ``--overwrite`` replaces only an atlas (a directory holding ``atlas.json``),
+never the model's files, the data or a directory around them.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -27,14 +25,17 @@ from typing import Any
 
 import numpy as np
 
-from spherinator.atlas import MAX_ORDER, AtlasError
+from spherinator.atlas import AtlasError
 from spherinator.atlas.catalog import add_row_columns, load_datamodule, write_catalog
 from spherinator.atlas.hips import ALLSKY_ORDER, write_hips
 from spherinator.atlas.model import SphereModel, open_model
+from spherinator.atlas.options import AtlasOptions, check_data_path, check_out
 from spherinator.atlas.page import ATLAS_JSON, find_aladin_lite, place_aladin_lite, write_index
 from spherinator.atlas.render import TileRenderer, value_range
 from spherinator.atlas.sky import cell_centres, cells, unit_to_radec
+from spherinator.export.onnx_export import REPORT_NAME
 from spherinator.runs import run_dir_of
+from spherinator.staging import replace_dir, staged_dir
 
 
 def default_out(path: str | Path) -> Path:
@@ -71,8 +72,8 @@ def write_atlas(
             the data the catalog encodes. Empty: the run's ``config.yaml``.
         out: Atlas directory; default ``<run dir>/atlas``.
         max_order: Deepest HiPS order (12 * 4^k tiles at order k; order 6: 49,152).
-        tile_width: Tile width in pixels, a power of two; None: from the data (images: their size rounded up to a
-            power of two in [64, 512]; spectra: 256).
+        tile_width: Tile width in pixels, a power of two up to 1024; None: from the data (images: their size
+            rounded up to a power of two in [64, 512]; spectra: 256).
         tile_fit: ``contain`` (default): each decoded picture whole inside its cell; ``fill``: covering the cell,
             its corners cut off (for pictures with a centred object on a plain background).
         tile_format: ``jpeg`` or ``png``.
@@ -82,7 +83,7 @@ def write_atlas(
             URL, or a local ``aladin.js`` / npm package directory to copy into the atlas.
         batch_size: Cells decoded at once.
         device: Torch device of a checkpoint's model (default: cuda if available).
-        overwrite: Replace an existing atlas at ``out``.
+        overwrite: Replace an existing atlas at ``out`` (only an atlas: a directory holding ``atlas.json``).
         seed: Seed of the VOTable's row sample.
         trust: Read a checkpoint holding pickled Python objects in full (see ``spherinator export``).
         progress: Progress bars on stderr.
@@ -92,25 +93,29 @@ def write_atlas(
         The contents of ``atlas.json``, plus ``path`` (the atlas directory).
 
     Raises:
-        AtlasError: a bad setting, path, model or data config; raised before anything is written.
+        AtlasError: a bad setting, path, model or data config; raised before anything is written. Also a full or
+            read-only disk (nothing is published then).
     """
+    options = AtlasOptions(out=out, max_order=max_order, tile_width=tile_width, tile_fit=tile_fit,
+                           tile_format=tile_format, max_sources=max_sources, thumbnails=thumbnails,
+                           aladin_lite=aladin_lite, batch_size=batch_size, device=device, overwrite=overwrite,
+                           seed=seed, trust=trust, progress=progress)  # fmt: skip
+    return build_atlas(path, options, data_args, log)
+
+
+def build_atlas(
+    path: str | Path, options: AtlasOptions, data_args: list[str] | None = None, log: Any = print
+) -> dict[str, Any]:
+    """:func:`write_atlas` with its settings in one checked object: open, check, stage, write, publish."""
     say = log or (lambda line: None)
-    if not 0 <= max_order <= MAX_ORDER:
-        raise AtlasError(f"--max-order {max_order} is out of range: give 0..{MAX_ORDER} ({cells(6):,} tiles at 6)")
-    if tile_format not in ("jpeg", "png"):
-        raise AtlasError(f"--tile-format {tile_format!r}: give jpeg or png")
-    for name, value, low in (("--max-sources", max_sources, 1), ("--thumbnails", thumbnails, 0),
-                             ("--batch-size", batch_size, 1)):  # fmt: skip
-        if value < low:
-            raise AtlasError(f"{name} {value} must be at least {low}")
-    out = Path(out) if out is not None else default_out(path)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise AtlasError(f"'{out}' already exists; pass --overwrite (overwrite=True) to replace it, or -o elsewhere")
-    aladin_source = find_aladin_lite(aladin_lite)
-    if tile_fit not in (None, "fill", "contain"):
-        raise AtlasError(f"--tile-fit {tile_fit!r}: give fill or contain")
-    model = open_model(path, device=device, trust=trust)
+    out = Path(options.out) if options.out is not None else default_out(path)
+    check_out(out, options.overwrite, [Path(path)])  # before anything is read: a bad -o answers at once
+    aladin_source = find_aladin_lite(options.aladin_lite)
+    model = open_model(path, device=options.device, trust=options.trust)
+    check_out(out, options.overwrite, [p for p in (model.checkpoint, model.onnx_dir, model.config) if p])
+    check_export_passed(model)
     datamodule, notes = load_datamodule(list(data_args or []), model.config)
+    check_data_path(out, datamodule)
     added = add_row_columns(datamodule)
     if not added and type(datamodule).__name__ != "DataModule":
         notes.append(f"{type(datamodule).__name__} is not spherinator.data.DataModule: the catalog has the columns "
@@ -121,44 +126,65 @@ def write_atlas(
 
     # One value range for the whole atlas, from the decoder's outputs at the 768 cell centres of order 3.
     probe = model.decode(cell_centres(ALLSKY_ORDER, np.arange(cells(ALLSKY_ORDER))).astype(np.float32))
-    renderer = TileRenderer(model.input_shape, width=tile_width, fit=tile_fit)
+    renderer = TileRenderer(model.input_shape, width=options.tile_width, fit=options.tile_fit)
     renderer.low, renderer.high = value_range(probe, renderer.kind)
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
-        started = time.perf_counter()
-        catalog = write_catalog(model, datamodule, staging, renderer, max_order, max_sources, thumbnails, seed,
-                                progress)  # fmt: skip
-        catalog_seconds = time.perf_counter() - started
-        sample = catalog.pop("sample")
-        initial = _initial_view(np.asarray(catalog["mean_vector"]))
-        properties = {
-            "creator_did": f"ivo://spherinator/P/atlas/{_did_safe(model.name)}",
-            "obs_title": f"spherinator atlas: {model.name}",
-            "obs_description": f"The decoder of {model.model_class or 'a spherinator model'} ({model.decoder_source})"
-            " drawn at the centre of every HEALPix cell",
-            "hips_initial_ra": f"{initial['ra']:.4f}",
-            "hips_initial_dec": f"{initial['dec']:.4f}",
-            "hips_initial_fov": str(initial["fov"]),
-        }
-        hips = write_hips(model.decode, renderer, staging / "hips", max_order, tile_format, batch_size, properties,
-                          progress)  # fmt: skip
-        write_moc(staging / "hips" / "Moc.fits")
-        say(f"atlas: {hips['tiles']} tiles in {hips['seconds']:.1f} s ({hips['seconds_per_1k_tiles']:.2f} s per 1k "
-            f"tiles, {hips['decode_seconds']:.1f} s decoding); catalog of {catalog['rows']} rows in "
-            f"{catalog_seconds:.1f} s")  # fmt: skip
-        info = _describe(model, renderer, hips, catalog, sample, initial, max_order, added, notes)
-        info["catalog"]["seconds"] = round(catalog_seconds, 2)
-        url = place_aladin_lite(aladin_source, staging)
-        info["aladin_lite"] = url
-        write_index(staging, page_config(info), url)
+    with staged_dir(out, AtlasError, "atlas") as staging:
+        info = _write_contents(model, datamodule, renderer, staging, options, say, added, notes)
+        info["aladin_lite"] = place_aladin_lite(aladin_source, staging)
+        write_index(staging, page_config(info), info["aladin_lite"])
         (staging / ATLAS_JSON).write_text(json.dumps(info, indent=2) + "\n")
-        _publish(staging, out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        replace_dir(staging, out)
     say(f"atlas: wrote {out} (view it: spherinator atlas serve {out})")
     return {**info, "path": str(out)}
+
+
+def check_export_passed(model: SphereModel) -> None:
+    """Refuse an ONNX export whose own ``export_report.json`` says onnxruntime disagreed with torch."""
+    if model.onnx_dir is None:
+        return
+    report = model.onnx_dir / REPORT_NAME
+    try:
+        passed = json.loads(report.read_text()).get("passed")
+    except (OSError, ValueError, AttributeError):
+        return  # an export without a (readable) report: nothing says it failed
+    if passed is False:
+        raise AtlasError(
+            f"'{model.onnx_dir}' failed its validation ({report}: onnxruntime differs from torch); export the "
+            "checkpoint again (spherinator export --overwrite) or give the .ckpt instead"
+        )
+
+
+def _write_contents(model: SphereModel, datamodule: Any, renderer: TileRenderer, staging: Path,
+                    options: AtlasOptions, say: Any, added: list[str], notes: list[str]) -> dict[str, Any]:  # fmt: skip
+    """The catalog, the HiPS and its MOC under ``staging``; returns ``atlas.json``'s contents less the page's
+    (``added``: the data columns the catalog carries; ``notes``: what was said about the data)."""
+    started = time.perf_counter()
+    catalog = write_catalog(model, datamodule, staging, renderer, options.max_order, options.max_sources,
+                            options.thumbnails, options.seed, options.progress)  # fmt: skip
+    catalog_seconds = time.perf_counter() - started
+    sample = catalog.pop("sample")
+    initial = _initial_view(np.asarray(catalog["mean_vector"]))
+    properties = {
+        "creator_did": f"ivo://spherinator/P/atlas/{_did_safe(model.name)}",
+        "obs_title": f"spherinator atlas: {model.name}",
+        "obs_description": f"The decoder of {model.model_class or 'a spherinator model'} ({model.decoder_source})"
+        " drawn at the centre of every HEALPix cell",
+        "hips_initial_ra": f"{initial['ra']:.4f}",
+        "hips_initial_dec": f"{initial['dec']:.4f}",
+        "hips_initial_fov": str(initial["fov"]),
+    }
+    hips = write_hips(model.decode, renderer, staging / "hips", options.max_order, options.tile_format,
+                      options.batch_size, properties, options.progress)  # fmt: skip
+    write_moc(staging / "hips" / "Moc.fits")
+    say(f"atlas: {hips['tiles']} tiles in {hips['seconds']:.1f} s ({hips['seconds_per_1k_tiles']:.2f} s per 1k "
+        f"tiles, {hips['decode_seconds']:.1f} s decoding); catalog of {catalog['rows']} rows in "
+        f"{catalog_seconds:.1f} s")  # fmt: skip
+    for note in catalog.get("notes", []):
+        say(f"atlas: {note}")
+    notes = notes + catalog.pop("notes", [])
+    info = _describe(model, renderer, hips, catalog, sample, initial, options.max_order, added, notes)
+    info["catalog"]["seconds"] = round(catalog_seconds, 2)
+    return info
 
 
 def _did_safe(name: str) -> str:
@@ -255,15 +281,3 @@ def page_config(info: dict[str, Any]) -> dict[str, Any]:
         "fov": info["initial"]["fov"],
         "facts": facts,
     }
-
-
-def _publish(staging: Path, out: Path) -> None:
-    """Move ``staging`` to ``out``, replacing an older atlas there (moved aside first, removed last)."""
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-    os.replace(staging, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-    out.chmod(0o755)  # mkdtemp made it private

@@ -28,7 +28,7 @@ from spherinator.atlas.model import SphereModel
 from spherinator.atlas.render import TileRenderer
 from spherinator.atlas.sky import healpix_index, unit_to_radec
 
-# Columns the atlas computes; a data column of the same name is kept with a "data_" prefix.
+# Columns the atlas computes; a data column of the same name is kept renamed (see _CatalogNames).
 COMPUTED = ("row", "ra", "dec", "healpix", "x", "y", "z", "concentration", "thumbnail")
 DESCRIPTIONS = {
     "row": "position of the row in the data (file order)",
@@ -154,6 +154,87 @@ def _column_values(value: Any, n: int) -> np.ndarray | None:
     return value if value is not None and len(value) == n else None
 
 
+def is_row_column(type_: pa.DataType) -> bool:
+    """Whether a Parquet column of this type holds one catalog value per row: numbers, booleans, strings, and
+    dictionary-encoded ones (pandas categoricals, e.g. object names or classes)."""
+    if pa.types.is_dictionary(type_):
+        return is_row_column(type_.value_type)
+    kinds = (pa.types.is_integer, pa.types.is_floating, pa.types.is_boolean, pa.types.is_string,
+             pa.types.is_large_string)  # fmt: skip
+    return any(kind(type_) for kind in kinds)
+
+
+class FileColumns:
+    """Per-row columns read straight from a spherinator DataModule's Parquet files, in file order (the order of
+    its predict batches), for the columns its batches cannot carry: dictionary-encoded ones (pandas categoricals).
+    """
+
+    def __init__(self, datamodule: Any, carried: set[str]) -> None:
+        from spherinator.data import DataModule, find_parquet_files
+
+        self.names: list[str] = []
+        self._files: list[Path] = []
+        if isinstance(datamodule, DataModule):
+            self._files = find_parquet_files(datamodule.path)
+            schema = pq.read_schema(self._files[0])
+            self.names = [f.name for f in schema if f.name not in carried and pa.types.is_dictionary(f.type)
+                          and is_row_column(f.type)]  # fmt: skip
+        self._stream = self._read() if self.names else iter(())
+        self._held: list[pa.RecordBatch] = []
+        self._rows = 0
+
+    def _read(self) -> Iterator[pa.RecordBatch]:
+        """The columns batch by batch, decoded to plain values (files may encode them with other dictionaries)."""
+        for file in self._files:
+            for batch in pq.ParquetFile(file).iter_batches(columns=self.names):
+                decoded = [batch.column(name).dictionary_decode() for name in self.names]
+                yield pa.RecordBatch.from_arrays(decoded, names=self.names)
+
+    def take(self, n: int) -> dict[str, pa.Array]:
+        """The next ``n`` rows of each column."""
+        if not self.names:
+            return {}
+        while self._rows < n:
+            batch = next(self._stream, None)
+            if batch is None:
+                raise AtlasError(f"the data's files hold fewer rows than its batches ({self.names[0]!r} ran out)")
+            self._held.append(batch)
+            self._rows += batch.num_rows
+        table = pa.Table.from_batches(self._held)
+        rest = table.slice(n)
+        self._held, self._rows = rest.to_batches(), rest.num_rows
+        head = table.slice(0, n)
+        return {name: head.column(name).combine_chunks() for name in self.names}
+
+
+class _Sample:
+    """The rows of the VOTable: a seeded sample of ``size`` of ``total`` rows, or the first ``size`` rows when the
+    data have no more (or do not tell their count); the first ``thumbnails`` of them get pictures."""
+
+    def __init__(self, total: int | None, size: int, thumbnails: int, seed: int) -> None:
+        self.size, self.thumbnails = size, thumbnails
+        self.chosen: np.ndarray | None = None  # None: the first ``size`` rows (no arange of ``size``: it may be huge)
+        if total is not None and total > size:
+            self.chosen = np.sort(np.random.default_rng(seed).choice(total, size, replace=False))
+            self.thumbed = set(self.chosen[:thumbnails].tolist())
+
+    def rows(self, start: int, n: int) -> np.ndarray:
+        """Positions within the batch of rows ``start .. start + n - 1`` that are in the sample."""
+        if self.chosen is None:
+            return np.arange(max(0, min(n, self.size - start)))
+        return self.chosen[(self.chosen >= start) & (self.chosen < start + n)] - start
+
+    def has_thumbnail(self, row: int) -> bool:
+        if self.chosen is None:
+            return row < min(self.thumbnails, self.size)
+        return row in self.thumbed
+
+    def thumbnail_count(self, rows: int) -> int:
+        if self.chosen is None:
+            return min(self.thumbnails, self.size, rows)
+        return int((self.chosen[: self.thumbnails] < rows).sum())
+
+
 def write_catalog(
     model: SphereModel,
     datamodule: Any,
@@ -167,75 +248,114 @@ def write_catalog(
 ) -> dict[str, Any]:
     """Encode every row of ``datamodule`` with ``model`` and write ``catalog.parquet``, ``catalog.vot`` and the
     thumbnails under ``out`` (see the module docstring). Returns a summary: rows, sources, columns, the mean
-    position and the sampled positions' unit vectors (``sample``)."""
+    position, the sampled positions' unit vectors (``sample``) and ``notes`` (data columns renamed)."""
     from tqdm import tqdm
 
     batches, total, count = _batches(datamodule)
-    if total is not None and total > max_sources:
-        chosen = np.sort(np.random.default_rng(seed).choice(total, max_sources, replace=False))
-    else:
-        chosen = np.arange(max_sources)
-    thumbed = set(chosen[:thumbnails].tolist())
-    if thumbed:
+    sample = _Sample(total, max_sources, thumbnails, seed)
+    if thumbnails:
         (out / "thumbs" / "input").mkdir(parents=True, exist_ok=True)
         (out / "thumbs" / "decoded").mkdir(parents=True, exist_ok=True)
+    names = _CatalogNames()
+    files = FileColumns(datamodule, set(getattr(datamodule, "column_names", None) or []))
     writer: pq.ParquetWriter | None = None
     kept: list[pa.Table] = []
     start, mean = 0, np.zeros(3)
     try:
         for batch in tqdm(batches, total=count, desc="catalog", unit="batch", file=sys.stderr, disable=not progress):
-            table, location, x = _encode_batch(model, batch, start, order)
+            table, location, x = _encode_batch(model, batch, start, order, names, files)
             n = table.num_rows
             mean += location.sum(axis=0)
-            rows = chosen[(chosen >= start) & (chosen < start + n)] - start
-            thumbs = [r for r in rows if start + r in thumbed]
+            rows = sample.rows(start, n)
+            thumbs = [int(r) for r in rows if sample.has_thumbnail(start + int(r))]
             if thumbs:
                 _write_thumbnails(model, renderer, out, x[thumbs], location[thumbs], [start + r for r in thumbs])
-            table = table.append_column("thumbnail", pa.array(
-                [f"thumbs/input/{start + r}.png" if start + r in thumbed else "" for r in range(n)]))  # fmt: skip
             if writer is None:
-                writer = pq.ParquetWriter(out / "catalog.parquet", table.schema.remove(table.schema.names.index(
-                    "thumbnail")))  # fmt: skip
-            writer.write_table(table.drop_columns(["thumbnail"]))
+                writer = pq.ParquetWriter(out / "catalog.parquet", table.schema)
+            writer.write_table(table)
             if len(rows):
-                kept.append(table.take(pa.array(rows)))
+                shown = [f"thumbs/input/{start + r}.png" if sample.has_thumbnail(start + int(r)) else "" for r in rows]
+                kept.append(table.take(pa.array(rows)).append_column("thumbnail", pa.array(shown, pa.string())))
             start += n
     finally:
         if writer is not None:
             writer.close()
     if start == 0:
         raise AtlasError("the data hold no rows; the catalog needs at least one")
-    sample = pa.concat_tables(kept)
+    return _finish_catalog(pa.concat_tables(kept), out, order, start, mean, sample.thumbnail_count(start), names)
+
+
+def _finish_catalog(sample: pa.Table, out: Path, order: int, rows: int, mean: np.ndarray, thumbnails: int,
+                    names: _CatalogNames) -> dict[str, Any]:  # fmt: skip
+    """Write the VOTable of the sampled rows; the summary :func:`write_catalog` returns."""
     write_votable(sample.drop_columns(["x", "y", "z"]), out / "catalog.vot", order)
     vectors = np.stack([sample.column(c).to_numpy() for c in ("x", "y", "z")], axis=1)
     return {
-        "rows": start,
+        "rows": rows,
         "sources": sample.num_rows,
-        "thumbnails": len([r for r in chosen[:thumbnails] if r < start]),
+        "thumbnails": thumbnails,
         "columns": [c for c in sample.column_names if c not in ("x", "y", "z")],
-        "mean_vector": (mean / start).tolist(),
+        "mean_vector": (mean / rows).tolist(),
         "sample": vectors,
+        "notes": names.notes(),
     }
 
 
-def _encode_batch(model: SphereModel, batch: Any, start: int, order: int) -> tuple[pa.Table, np.ndarray, Any]:
+class _CatalogNames:
+    """The catalog name of each data column: its own, unless the atlas computes one of that name (``row``, ``ra``,
+    ...); then ``data_<name>``, or ``data_<name>_2``, ... while that is taken by the data too. Every data column is
+    kept, with its values."""
+
+    def __init__(self) -> None:
+        self.renamed: dict[str, str] = {}
+        self._data: list[str] | None = None
+
+    def map(self, data_names: list[str]) -> dict[str, str]:
+        """Catalog names of the data columns ``data_names`` (fixed by the first batch)."""
+        if self._data is None:
+            self._data = list(data_names)
+            taken = set(COMPUTED) | set(data_names)
+            for name in data_names:
+                if name in COMPUTED:
+                    new, k = f"data_{name}", 2
+                    while new in taken:
+                        new, k = f"data_{name}_{k}", k + 1
+                    taken.add(new)
+                    self.renamed[name] = new
+        return {name: self.renamed.get(name, name) for name in data_names}
+
+    def notes(self) -> list[str]:
+        if not self.renamed:
+            return []
+        pairs = ", ".join(f"{old!r} as {new!r}" for old, new in self.renamed.items())
+        return [f"data columns named like the atlas's own are in the catalog renamed: {pairs}"]
+
+
+def _encode_batch(model: SphereModel, batch: Any, start: int, order: int, names: _CatalogNames,
+                  files: FileColumns) -> tuple[pa.Table, np.ndarray, Any]:  # fmt: skip
     """One batch as catalog columns; also its unit vectors (B, 3) and model inputs."""
     from spherinator.models.autoencoder import model_input
 
     x = model_input(batch)
     n = len(x)
+    if tuple(x.shape[1:]) != tuple(model.input_shape):
+        raise AtlasError(f"the model takes inputs of shape {tuple(model.input_shape)} but the data's samples have "
+                         f"shape {tuple(x.shape[1:])}: give the data the model was trained on (-c / --data.*), or "
+                         "resize them with a transform in data.init_args.columns")  # fmt: skip
     out = model.encode(batch)
     location = np.asarray(out["location"], dtype=np.float64)
     norm = np.linalg.norm(location, axis=1, keepdims=True)
     unit = np.divide(location, norm, out=np.zeros_like(location), where=norm > 0)
     ra, dec = unit_to_radec(unit)
-    columns: dict[str, Any] = {"row": pa.array(np.arange(start, start + n, dtype=np.int64))}
+    data: dict[str, Any] = {}
     if isinstance(batch, dict):
         for name, value in list(batch.items())[1:]:
             values = _column_values(value, n)
             if values is not None:
-                columns[f"data_{name}" if name in COMPUTED else name] = pa.array(values.tolist() if values.dtype
-                                                                               == object else values)  # fmt: skip
+                data[name] = pa.array(values.tolist() if values.dtype == object else values)
+    data.update(files.take(n))
+    columns: dict[str, Any] = {"row": pa.array(np.arange(start, start + n, dtype=np.int64))}
+    columns.update({new: data[name] for name, new in names.map(list(data)).items() if name in data})
     columns["ra"] = pa.array(ra)
     columns["dec"] = pa.array(dec)
     columns["healpix"] = pa.array(healpix_index(ra, dec, order).astype(np.int64))

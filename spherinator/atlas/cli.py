@@ -139,7 +139,9 @@ def main(argv: list[str] | None = None) -> None:
         from spherinator.cli import one_line_errors
 
         with one_line_errors("spherinator atlas sweep", []):
-            path = write_sweep_page(args.dir, args.aladin_lite)
+            path = write_sweep_page(
+                args.dir, args.aladin_lite, log=lambda line: print(f"spherinator atlas sweep: {line}", file=sys.stderr)
+            )
         print(f"wrote {path} (view it: spherinator atlas serve {args.dir})")
         return
     data_args, rest = split_data_args(argv)

@@ -68,19 +68,41 @@ def write_hips(
     Returns:
         ``{"orders", "tiles", "tile_width", "format", "seconds", "seconds_per_1k_tiles", "decode_seconds"}``.
     """
-    from tqdm import tqdm
-
     if tile_format not in FORMATS:
         raise ValueError(f"tile_format must be one of {sorted(FORMATS)}, got {tile_format!r}")
     ext = FORMATS[tile_format]
     out = Path(out)
     width = int(renderer.width)
-    small = min(ALLSKY_TILE, width)
-    columns, rows = allsky_layout(ALLSKY_ORDER)
-    allsky = np.zeros((rows * small, columns * small, 3), dtype=np.uint8)
     total = sum(cells(k) for k in range(max_order + 1))
     drawn = sum(cells(k) for k in range(max(max_order, ALLSKY_ORDER) + 1))
     start = time.perf_counter()
+    allsky, decode_seconds = _draw_tiles(decode, renderer, out, max_order, ext, batch_size, drawn, progress)
+    (out / f"Norder{ALLSKY_ORDER}").mkdir(parents=True, exist_ok=True)
+    _save(allsky, out / f"Norder{ALLSKY_ORDER}" / f"Allsky.{ext}")
+    seconds = time.perf_counter() - start
+    keys = hips_properties(max_order, width, tile_format, total, properties)
+    write_properties(out / "properties", keys)
+    return {
+        "orders": list(range(max_order + 1)),
+        "tiles": total,
+        "tile_width": width,
+        "format": tile_format,
+        "allsky": f"Norder{ALLSKY_ORDER}/Allsky.{ext}",
+        "seconds": round(seconds, 2),
+        "seconds_per_1k_tiles": round(1000 * seconds / drawn, 3),  # tiles drawn: the Allsky's too
+        "decode_seconds": round(decode_seconds, 2),
+    }
+
+
+def _draw_tiles(decode: Callable[[np.ndarray], np.ndarray], renderer: TileRenderer, out: Path, max_order: int,
+                ext: str, batch_size: int, drawn: int, progress: bool) -> tuple[np.ndarray, float]:  # fmt: skip
+    """Decode and write the tiles of orders 0..``max_order`` (and draw order 3 for the Allsky in any case).
+    Returns the Allsky mosaic and the seconds spent decoding."""
+    from tqdm import tqdm
+
+    small = min(ALLSKY_TILE, int(renderer.width))
+    columns, rows = allsky_layout(ALLSKY_ORDER)
+    allsky = np.zeros((rows * small, columns * small, 3), dtype=np.uint8)
     decode_seconds = 0.0
     bar = tqdm(total=drawn, desc="HiPS tiles", unit="tile", file=sys.stderr, disable=not progress)
     # Encoding and writing a batch's files overlaps with decoding the next batch (PIL releases the GIL).
@@ -106,21 +128,7 @@ def write_hips(
                 bar.update(len(pixels))
         for done in pending:
             done.result()
-    (out / f"Norder{ALLSKY_ORDER}").mkdir(parents=True, exist_ok=True)
-    _save(allsky, out / f"Norder{ALLSKY_ORDER}" / f"Allsky.{ext}")
-    seconds = time.perf_counter() - start
-    keys = hips_properties(max_order, width, tile_format, total, properties)
-    write_properties(out / "properties", keys)
-    return {
-        "orders": list(range(max_order + 1)),
-        "tiles": total,
-        "tile_width": width,
-        "format": tile_format,
-        "allsky": f"Norder{ALLSKY_ORDER}/Allsky.{ext}",
-        "seconds": round(seconds, 2),
-        "seconds_per_1k_tiles": round(1000 * seconds / drawn, 3),  # tiles drawn: the Allsky's too
-        "decode_seconds": round(decode_seconds, 2),
-    }
+    return allsky, decode_seconds
 
 
 def _shrink(tile: np.ndarray, size: int) -> np.ndarray:

@@ -10,11 +10,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable
 from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
 from spherinator.atlas import AtlasError
+from spherinator.staging import staged_file
 
 ALADIN_LITE_VERSION = "3.8.2"
 ALADIN_LITE_CDN = f"https://cdn.jsdelivr.net/npm/aladin-lite@{ALADIN_LITE_VERSION}/dist/aladin.js"
@@ -58,6 +60,25 @@ def place_aladin_lite(source: str | Path, out: Path) -> str:
     return "./" + LOCAL_COPY
 
 
+def _sweep_card(atlas: Path, root: Path) -> dict[str, Any] | str:
+    """The sweep page's card of one atlas, from its ``atlas.json``; a line saying why not when that is damaged."""
+    try:
+        info = json.loads((atlas / ATLAS_JSON).read_text())
+        ra, dec, card = float(info["initial"]["ra"]), float(info["initial"]["dec"]), info.get("card", [])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        return f"left out {atlas}: its {ATLAS_JSON} cannot be read ({type(err).__name__}: {err}); write it again"
+    rel = atlas.relative_to(root).as_posix()
+    return {
+        "name": atlas.parent.name if atlas.name == "atlas" else atlas.name,
+        "page": f"{rel}/index.html",
+        "hips": f"{rel}/hips",
+        "catalog": f"{rel}/catalog.vot",
+        "ra": ra,
+        "dec": dec,
+        "facts": card if isinstance(card, list) else [],
+    }
+
+
 def render_template(name: str, title: str, config: dict[str, Any], aladin_lite: str) -> str:
     """A page template with its title, its JSON config and the Aladin Lite import URL filled in."""
     import html
@@ -65,13 +86,20 @@ def render_template(name: str, title: str, config: dict[str, Any], aladin_lite: 
     templates = files("spherinator.atlas").joinpath("templates")
     text = templates.joinpath(name).read_text(encoding="utf-8")
     sizing = templates.joinpath("sizing.js").read_text(encoding="utf-8").strip()
-    blob = json.dumps(config, indent=1).replace("</", "<\\/")  # cannot end the <script> element
     return (
         text.replace("__TITLE__", html.escape(title))
-        .replace("__ALADIN_LITE__", aladin_lite.replace('"', "%22"))
+        .replace('"__ALADIN_LITE__"', script_json(aladin_lite))
         .replace("__SIZING_JS__", sizing)
-        .replace("__CONFIG__", blob)
+        .replace("__CONFIG__", script_json(config, indent=1))
     )
+
+
+def script_json(value: Any, indent: int | None = None) -> str:
+    """``value`` as JSON that can stand inside a ``<script>`` element, as a JS literal or a JSON block: ``<``,
+    ``>`` and ``&`` escaped as ``\\u003c`` ..., so no value (a URL, a run's name) can end the element or open a
+    comment there; ``ensure_ascii`` escapes the line separators JavaScript strings may not hold."""
+    text = json.dumps(value, indent=indent, ensure_ascii=True)
+    return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
 
 
 def write_index(out: Path, config: dict[str, Any], aladin_lite: str) -> Path:
@@ -81,15 +109,20 @@ def write_index(out: Path, config: dict[str, Any], aladin_lite: str) -> Path:
     return path
 
 
-def write_sweep_page(root: str | Path, aladin_lite: str | Path | None = None, title: str | None = None) -> Path:
+def write_sweep_page(
+    root: str | Path,
+    aladin_lite: str | Path | None = None,
+    title: str | None = None,
+    log: Callable[[str], None] | None = None,
+) -> Path:
     """``root/atlas.html``: the spheres of every atlas under ``root`` (``*/atlas/atlas.json``, e.g. the tasks of a
     sweep) side by side, each linking to its own page. Written atomically; safe to call from several tasks.
 
     Aladin Lite comes from ``aladin_lite`` (see :func:`find_aladin_lite`), else from the first atlas's local copy,
-    else from the CDN.
+    else from the CDN. An atlas whose ``atlas.json`` cannot be read is left out, said in one line to ``log``.
 
     Raises:
-        AtlasError: ``root`` holds no atlas.
+        AtlasError: ``root`` holds no (readable) atlas.
     """
     root = Path(root)
     atlases = sorted(p.parent for p in root.glob(f"*/atlas/{ATLAS_JSON}"))
@@ -97,21 +130,19 @@ def write_sweep_page(root: str | Path, aladin_lite: str | Path | None = None, ti
     if not atlases:
         raise AtlasError(f"no atlas under '{root}' (looked for */atlas/{ATLAS_JSON}); write them with "
                          "'spherinator atlas RUN_DIR' first")  # fmt: skip
-    tasks, local = [], None
+    tasks, local, damaged = [], None, []
     for atlas in atlases:
-        info = json.loads((atlas / ATLAS_JSON).read_text())
-        rel = atlas.relative_to(root).as_posix()
+        task = _sweep_card(atlas, root)
+        if isinstance(task, str):
+            damaged.append(task)
+            continue
+        tasks.append(task)
         if local is None and (atlas / LOCAL_COPY).is_file():
-            local = f"./{rel}/{LOCAL_COPY}"
-        tasks.append({
-            "name": atlas.parent.name if atlas.name == "atlas" else atlas.name,
-            "page": f"{rel}/index.html",
-            "hips": f"{rel}/hips",
-            "catalog": f"{rel}/catalog.vot",
-            "ra": info["initial"]["ra"],
-            "dec": info["initial"]["dec"],
-            "facts": info.get("card", []),
-        })  # fmt: skip
+            local = f"./{atlas.relative_to(root).as_posix()}/{LOCAL_COPY}"
+    if not tasks:
+        raise AtlasError(f"no readable atlas under '{root}': {damaged[0]} (and {len(damaged) - 1} more)")
+    for line in damaged if log is not None else []:
+        log(line)
     if aladin_lite is not None:
         url = place_aladin_lite(find_aladin_lite(aladin_lite), root)
     else:
@@ -119,7 +150,6 @@ def write_sweep_page(root: str | Path, aladin_lite: str | Path | None = None, ti
     title = title or f"{root.resolve().name}: {len(tasks)} spheres"
     config = {"title": title, "tasks": tasks, "live": LIVE_SKIES}
     path = root / SWEEP_PAGE
-    tmp = path.with_name(f".{SWEEP_PAGE}.{os.getpid()}")
-    tmp.write_text(render_template("sweep.html", title, config, url), encoding="utf-8")
-    tmp.replace(path)
+    with staged_file(path, AtlasError, "sweep page") as tmp:
+        tmp.write_text(render_template("sweep.html", title, config, url), encoding="utf-8")
     return path

@@ -21,6 +21,7 @@ from spherinator.atlas.sky import tile_grid
 LINE_COLOURS = np.array([[0.35, 0.8, 1.0], [1.0, 0.42, 0.6], [0.55, 1.0, 0.5], [0.8, 0.6, 1.0]], dtype=np.float32)
 PLOT_BACKGROUND = np.array([0.02, 0.03, 0.06], dtype=np.float32)
 PLOT_FRAME = np.array([0.22, 0.25, 0.32], dtype=np.float32)
+MAX_TILE_WIDTH = 1024  # 3 MiB of RGB per tile; HiPS tools use 64..512 (16384 would be 768 MiB, 2 GiB as floats)
 
 
 def data_kind(shape: tuple[int, ...]) -> str:
@@ -79,8 +80,10 @@ class TileRenderer:
         self.kind = data_kind(self.shape)
         if self.width is None:
             self.width = min(max(_power_of_two(max(self.shape[1:])), 64), 512) if self.kind == "image" else 256
-        if self.width < 8 or self.width & (self.width - 1):
-            raise AtlasError(f"--tile-width {self.width} must be a power of two of at least 8 (HiPS tiles are)")
+        if self.width < 8 or self.width > MAX_TILE_WIDTH or self.width & (self.width - 1):
+            raise AtlasError(
+                f"--tile-width {self.width} must be a power of two in 8..{MAX_TILE_WIDTH} (HiPS tiles are)"
+            )
         # a spectrum is drawn on a plot twice as wide as high, inside the cell; an image covers the cell
         self.aspect = 2.0 if self.kind == "spectrum" else self.shape[2] / self.shape[1]
         self.fit = self.fit or "contain"

@@ -1,5 +1,6 @@
 """``spherinator atlas serve``: a static file server on 127.0.0.1 for atlas pages (browsers load ES modules,
-HiPS tiles and catalogs over HTTP, not from file://), and the SSH line that brings it to a laptop."""
+HiPS tiles and catalogs over HTTP, not from file://), and the SSH line that brings it to a laptop. It serves only
+regular files under its directory (a link leading outside answers 404) and lists no directory."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import functools
 import getpass
 import os
 import socket
+from http import HTTPStatus
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -29,6 +31,30 @@ class _Handler(SimpleHTTPRequestHandler):
         "": "text/plain",  # HiPS 'properties'
     }
 
+    def send_head(self):  # noqa: ANN201 (http.server's own signature)
+        """Only regular files under the served directory (links followed, then checked), a directory's index.html;
+        no listings, nothing a link leads to outside."""
+        if self._served() is None:
+            self.send_error(HTTPStatus.NOT_FOUND, "File not found")
+            return None
+        return super().send_head()
+
+    def _served(self) -> Path | None:
+        """The file a request names, resolved, if it is a regular file under the served directory."""
+        path = Path(self.translate_path(self.path))
+        if path.is_dir():
+            path = path / "index.html"
+        root = Path(self.directory).resolve()
+        try:
+            real = path.resolve(strict=True)
+        except (OSError, RuntimeError):  # missing, or a loop of links
+            return None
+        return real if real.is_relative_to(root) and real.is_file() else None
+
+    def list_directory(self, path: str | os.PathLike[str]) -> None:
+        self.send_error(HTTPStatus.NOT_FOUND, "No listings")
+        return None
+
     def log_message(self, format: str, *args: object) -> None:
         if getattr(self.server, "verbose", False):
             super().log_message(format, *args)
@@ -45,11 +71,14 @@ def make_server(directory: str | Path, port: int = 8000, host: str = "127.0.0.1"
     directory = Path(directory)
     if not directory.is_dir():
         raise AtlasError(f"'{directory}' is no directory; give an atlas directory (or a sweep's) to serve")
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+        raise AtlasError(f"--port {port} is not a TCP port: give 1..65535 (0: a free one)")
     handler = functools.partial(_Handler, directory=str(directory))
     try:
         server = ThreadingHTTPServer((host, port), handler)
-    except OSError as err:
-        raise AtlasError(f"cannot listen on {host}:{port} ({err.strerror or err}); choose another --port") from err
+    except (OSError, OverflowError) as err:
+        reason = getattr(err, "strerror", None) or err
+        raise AtlasError(f"cannot listen on {host}:{port} ({reason}); choose another --port or --host") from err
     server.daemon_threads = True
     server.verbose = verbose  # type: ignore[attr-defined]
     server.requests = []  # type: ignore[attr-defined]
@@ -57,7 +86,8 @@ def make_server(directory: str | Path, port: int = 8000, host: str = "127.0.0.1"
 
 
 def start_page(directory: Path) -> str:
-    """The page to open in a served directory: its index.html, else a sweep's atlas.html, else the listing."""
+    """The page to open in a served directory: its index.html, else a sweep's atlas.html (else the directory,
+    which answers 404: no listings)."""
     for name in ("index.html", SWEEP_PAGE):
         if (directory / name).is_file():
             return name if name != "index.html" else ""

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
 import platform
 import re
-import shutil
-import tempfile
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +16,7 @@ import torch
 from torch import nn
 
 from spherinator.export.checkpoint import ExportError, load_model
+from spherinator.staging import move_files, staged_dir
 
 GRAPHS = ("encoder", "decoder", "reconstruction")
 REPORT_NAME = "export_report.json"
@@ -116,10 +115,50 @@ def export_onnx(
             that cannot be exported.
         ValidationError: onnxruntime and torch disagree beyond the tolerances (files and report are written).
     """
-    _check_arguments(opset, batch_sizes, atol, rtol, trace_batch_size)
+    options = ExportOptions(opset=opset, validate=validate, batch_sizes=tuple(batch_sizes), atol=atol, rtol=rtol,
+                            overwrite=overwrite, trace_batch_size=trace_batch_size, trust=trust)  # fmt: skip
+    return export_model(checkpoint, export_path, options, config=config, progress=progress)
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    """How :func:`export_onnx` exports and validates; a bad value raises :class:`ExportError` naming it.
+
+    Attributes:
+        opset: ONNX opset, 18 up to the newest onnx knows.
+        validate: Compare onnxruntime with torch.
+        batch_sizes: Batch sizes to validate at, each >= 1.
+        atol: Absolute tolerance, >= 0.
+        rtol: Relative tolerance, >= 0.
+        overwrite: Replace the export files in an existing directory (other files are kept).
+        trace_batch_size: Batch size of the tracing example, >= 1.
+        trust: Read a checkpoint holding pickled Python objects in full.
+    """
+
+    opset: int = MIN_OPSET
+    validate: bool = True
+    batch_sizes: tuple[int, ...] = (1, 7, 64)
+    atol: float = 1e-5
+    rtol: float = 1e-3
+    overwrite: bool = False
+    trace_batch_size: int = 2
+    trust: bool = False
+
+    def __post_init__(self) -> None:
+        _check_arguments(self.opset, self.batch_sizes, self.atol, self.rtol, self.trace_batch_size)
+
+
+def export_model(
+    checkpoint: str | Path,
+    export_path: str | Path,
+    options: ExportOptions,
+    config: str | Path | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """:func:`export_onnx` with its settings in one checked object: load, stage, export each graph, publish."""
     export_path = Path(export_path)
-    _check_export_path(export_path, overwrite)
-    loaded = load_model(checkpoint, config, trust=trust)
+    _check_export_path(export_path, options.overwrite)
+    loaded = load_model(checkpoint, config, trust=options.trust)
     model = loaded.model
     if model.input_dim is None or model.z_dim is None:
         raise ExportError(
@@ -127,70 +166,74 @@ def export_onnx(
             f"or latent size (z_dim={model.z_dim}); set the encoder's input_dim (and output_dim) in the model, or "
             "pass the config.yaml of a 'spherinator fit' run, which fills them from the data"
         )
-    z_dim = int(model.z_dim)
-    input_shape = tuple(int(d) for d in model.input_dim)
-
-    report: dict[str, Any] = {
-        "checkpoint": str(Path(checkpoint).resolve()),
-        "config": str(Path(config).resolve()) if config is not None else None,
-        "model_class": loaded.class_path,
-        "z_dim": z_dim,
-        "input_shape": list(input_shape),
-        "opset": opset,
-        "versions": _versions(),
-        "validation": {"enabled": validate, "batch_sizes": list(batch_sizes), "atol": atol, "rtol": rtol},
-        "graphs": {},
-    }
+    report = _new_report(checkpoint, config, loaded.class_path, model, options)
     metadata = {
         "model_class": loaded.class_path,
-        "z_dim": str(z_dim),
-        "input_shape": json.dumps(list(input_shape)),
+        "z_dim": str(report["z_dim"]),
+        "input_shape": json.dumps(report["input_shape"]),
         "spherinator_version": report["versions"]["spherinator"],
         "training_config": loaded.training_config,
     }
-
-    try:
-        export_path.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{export_path.name}.", dir=export_path.parent))
-    except OSError as err:
-        raise ExportError(
-            f"cannot write the export under '{export_path.parent}' ({err.strerror or err}); give an export_path in "
-            "a directory you can write"
-        ) from err
-    try:
-        failures = []
+    failures = []
+    with staged_dir(export_path, ExportError, "export") as staging:
         for graph in GRAPHS:
-            module, input_name, output_name = _graph_module(graph, model)
-            example = _example_input(graph, model, input_shape, trace_batch_size, seed=0)
-            file = staging / f"{graph}.onnx"
-            start = time.perf_counter()
-            _export_graph(module, graph, input_name, output_name, example, file, opset, {**metadata, "graph": graph})
-            entry: dict[str, Any] = {
-                "file": f"{graph}.onnx",
-                "input": input_name,
-                "output": output_name,
-                "export_seconds": round(time.perf_counter() - start, 3),
-                "size_bytes": _size_with_sidecars(file),
-            }
-            if validate:
-                entry["validation"] = validate_graph(
-                    file, lambda b, g=graph: _example_input(g, model, input_shape, b, seed=b), module,
-                    input_name, batch_sizes, atol, rtol,
-                )  # fmt: skip
-                if not entry["validation"]["passed"]:
-                    failures.append((graph, entry["validation"]))
+            entry = _export_one(graph, model, staging, options, {**metadata, "graph": graph})
+            if options.validate and not entry["validation"]["passed"]:
+                failures.append((graph, entry["validation"]))
             report["graphs"][graph] = entry
             if progress is not None:
                 progress(_progress_line(entry))
-        report["passed"] = not failures if validate else None
+        report["passed"] = not failures if options.validate else None
         (staging / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
-        _publish(staging, export_path)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-
+        move_files(staging, export_path, replaces=[f"{graph}.onnx*" for graph in GRAPHS])
     if failures:
-        raise ValidationError(_failure_message(failures, export_path / REPORT_NAME, atol, rtol), report)
+        raise ValidationError(_failure_message(failures, export_path / REPORT_NAME, options.atol, options.rtol), report)
     return report
+
+
+def _new_report(checkpoint: str | Path, config: str | Path | None, class_path: str, model: nn.Module,
+                options: ExportOptions) -> dict[str, Any]:  # fmt: skip
+    """The export report before any graph is exported."""
+    return {
+        "checkpoint": str(Path(checkpoint).resolve()),
+        "config": str(Path(config).resolve()) if config is not None else None,
+        "model_class": class_path,
+        "z_dim": int(model.z_dim),
+        "input_shape": [int(d) for d in model.input_dim],
+        "opset": options.opset,
+        "versions": _versions(),
+        "validation": {
+            "enabled": options.validate,
+            "batch_sizes": list(options.batch_sizes),
+            "atol": options.atol,
+            "rtol": options.rtol,
+        },  # fmt: skip
+        "graphs": {},
+    }
+
+
+def _export_one(graph: str, model: nn.Module, staging: Path, options: ExportOptions,
+                metadata: dict[str, str]) -> dict[str, Any]:  # fmt: skip
+    """Export one graph into ``staging`` and validate it (if asked): its entry of the report."""
+    input_shape = tuple(int(d) for d in model.input_dim)
+    module, input_name, output_name = _graph_module(graph, model)
+    example = _example_input(graph, model, input_shape, options.trace_batch_size, seed=0)
+    file = staging / f"{graph}.onnx"
+    start = time.perf_counter()
+    _export_graph(module, graph, input_name, output_name, example, file, options.opset, metadata)
+    entry: dict[str, Any] = {
+        "file": f"{graph}.onnx",
+        "input": input_name,
+        "output": output_name,
+        "export_seconds": round(time.perf_counter() - start, 3),
+        "size_bytes": _size_with_sidecars(file),
+    }
+    if options.validate:
+        entry["validation"] = validate_graph(
+            file, lambda b: _example_input(graph, model, input_shape, b, seed=b), module, input_name,
+            options.batch_sizes, options.atol, options.rtol,
+        )  # fmt: skip
+    return entry
 
 
 def validate_graph(
@@ -379,16 +422,6 @@ def _check_export_path(export_path: Path, overwrite: bool) -> None:
             f"export_path '{export_path}' already exists and is not empty (contains: {shown}); pass overwrite=True "
             "(--overwrite) to replace the export files, or choose a new directory"
         )
-
-
-def _publish(staging: Path, export_path: Path) -> None:
-    """Move the staged files into ``export_path``, replacing older export files there (others are kept)."""
-    export_path.mkdir(parents=True, exist_ok=True)
-    for graph in GRAPHS:
-        for old in export_path.glob(f"{graph}.onnx*"):
-            old.unlink()
-    for file in staging.iterdir():
-        os.replace(file, export_path / file.name)
 
 
 def _size_with_sidecars(file: Path) -> int:

@@ -1,0 +1,108 @@
+"""Write beside the destination under a temporary name, publish by rename: an interrupted or failed write (a kill,
+a full or read-only disk) leaves the destination as it was and no half-written files behind.
+
+``staged_dir`` stages a directory (published whole by :func:`replace_dir`, or file by file by :func:`move_files`);
+``staged_file`` stages one file and publishes it when the block ends without error. A disk error while staging or
+publishing is raised as the caller's error class, in one line naming the destination.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+# A disk that is full, read-only or not ours: the user's to fix. Other OSErrors (a missing input) pass unchanged.
+DISK_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EFBIG}
+DISK_WORDS = ("No space left", "Read-only file system", "Permission denied", "Disk quota")
+
+
+def is_disk_error(err: OSError) -> bool:
+    """Whether ``err`` says the disk cannot take the write (pyarrow's errors carry no errno, only the words)."""
+    return err.errno in DISK_ERRNOS or any(word in str(err) for word in DISK_WORDS)
+
+
+def _disk_error(error: type[Exception], dest: Path, err: OSError, what: str) -> Exception:
+    return error(f"cannot write the {what} under '{dest.parent}' ({err.strerror or err}); nothing was replaced: "
+                 "free space, or give a directory you can write")  # fmt: skip
+
+
+@contextmanager
+def staged_dir(dest: str | Path, error: type[Exception] = OSError, what: str = "files") -> Iterator[Path]:
+    """A new private directory beside ``dest`` (``.<name>.partial-*``), removed when the block ends; publish it
+    inside the block with :func:`replace_dir` or :func:`move_files`.
+
+    Raises:
+        error: the directory cannot be made, or the block fails with an ``OSError`` of the disk (full, read-only);
+            the message says ``cannot write the <what> under <dest's parent>``.
+    """
+    dest = Path(dest)
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.partial-", dir=dest.parent))
+    except OSError as err:
+        raise _disk_error(error, dest, err, what) from err
+    try:
+        yield staging
+    except OSError as err:
+        if isinstance(err, error) or not is_disk_error(err):
+            raise
+        raise _disk_error(error, dest, err, what) from err
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def replace_dir(staging: Path, dest: Path) -> None:
+    """Put ``staging`` at ``dest``: an older ``dest`` is moved aside first and removed only after the rename."""
+    old = None
+    if dest.exists() or dest.is_symlink():
+        old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
+        os.replace(dest, old)
+    try:
+        os.replace(staging, dest)
+    except OSError:
+        if old is not None:
+            os.replace(old, dest)  # put the old one back
+        raise
+    if old is not None:
+        if old.is_symlink():
+            old.unlink()
+        else:
+            shutil.rmtree(old, ignore_errors=True)
+    dest.chmod(0o755)  # mkdtemp made it private
+
+
+def move_files(staging: Path, dest: Path, replaces: Iterable[str] = ()) -> None:
+    """Move the files of ``staging`` into the directory ``dest`` (made if missing), after removing the files there
+    matching the glob patterns ``replaces`` (older versions of what is moved in); other files of ``dest`` stay."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for pattern in replaces:
+        for old in dest.glob(pattern):
+            old.unlink()
+    for file in sorted(staging.iterdir()):
+        os.replace(file, dest / file.name)
+
+
+@contextmanager
+def staged_file(dest: str | Path, error: type[Exception] = OSError, what: str = "file") -> Iterator[Path]:
+    """A temporary path beside ``dest`` to write; renamed to ``dest`` when the block ends without error, removed
+    otherwise.
+
+    Raises:
+        error: the file cannot be written or renamed (full or read-only disk).
+    """
+    dest = Path(dest)
+    tmp = dest.with_name(f".{dest.name}.partial-{os.getpid()}")
+    try:
+        yield tmp
+        os.replace(tmp, dest)
+    except OSError as err:
+        if isinstance(err, error) or not is_disk_error(err):
+            raise
+        raise _disk_error(error, dest, err, what) from err
+    finally:
+        tmp.unlink(missing_ok=True)
