@@ -424,19 +424,19 @@ def test_shuffle_buffer_memory_stays_bounded(tmp_path):
     write_dataset(tmp_path, [{"data": _images(2000, (4, 32, 32))}], rows_per_group=50)
     dm = DataModule(tmp_path, batch_size=20, shuffle_buffer=100, val_fraction=0.0)
     ds = dm.dataset("train")
-    import spherinator.data.plan as plan
+    import spherinator.data.batching as batching
 
-    peak, original = [0], plan._take_rows
+    peak, original = [0], batching._take_rows
 
     def spy(chunks, *args):  # the rows in the shuffle buffer when batches are drawn from it
         peak[0] = max(peak[0], sum(len(next(iter(c.values()))) for c in chunks))
         return original(chunks, *args)
 
-    plan._take_rows = spy
+    batching._take_rows = spy
     try:
         assert sum(len(b) for b in ds) == 2000
     finally:
-        plan._take_rows = original
+        batching._take_rows = original
     assert 100 <= peak[0] <= 100 + 50 + 20
 
 
