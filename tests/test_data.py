@@ -1048,3 +1048,63 @@ def test_predict_writes_string_ids_into_the_embeddings_in_row_order(named_datase
     assert table.column("name").to_pylist() == [_name(i) for i in range(45)]
     assert table.column("id").to_pylist() == list(range(45))
     assert table.column("location").to_pylist()[0] != table.column("location").to_pylist()[1]
+
+
+# -- per-row columns keep their stored dtype (issue 19) ----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def catalogue_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """24 images with float64 MJDs, a float64 beyond float32, float32 fluxes and int64 ids beyond 2**53."""
+    n = 24
+    columns = {
+        "data": _images(n),
+        "mjd": 59000.123456 + np.arange(n, dtype=np.float64),
+        "huge": np.full(n, 1e300),
+        "flux": np.linspace(0, 1, n, dtype=np.float32),
+        "id": np.arange(n, dtype=np.int64) + 2**60 + 1,
+    }
+    root = tmp_path_factory.mktemp("catalogue")
+    write_dataset(root, [columns], rows_per_group=8)
+    return root
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_per_row_columns_keep_their_stored_dtype(catalogue_dataset, workers):
+    # (before: float64 became float32: MJD 59000.123456 read 59000.125 and 1e300 became inf)
+    dm = DataModule(catalogue_dataset, columns=["data", "mjd", "huge", "flux", "id"], return_dict=True,
+                    batch_size=24, num_workers=workers, shuffle=False)  # fmt: skip
+    batch = next(iter(dm.predict_dataloader()))
+    assert batch["mjd"].dtype == torch.float64 and batch["mjd"][0].item() == 59000.123456
+    assert batch["huge"].dtype == torch.float64 and (batch["huge"] == 1e300).all()
+    assert batch["flux"].dtype == torch.float32
+    assert batch["id"].dtype == torch.int64 and batch["id"][0].item() == 2**60 + 1
+    assert batch["data"].dtype == torch.float32  # the model input is still cast
+
+
+def test_predict_writes_per_row_columns_in_their_stored_dtype(catalogue_dataset, tmp_path):
+    from spherinator.callbacks import EmbeddingWriter
+
+    dm = DataModule(catalogue_dataset, columns=["data", "mjd", "huge", "id"], return_dict=True, batch_size=8)
+    out = tmp_path / "embeddings.parquet"
+    trainer = pl.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False,
+                         callbacks=[EmbeddingWriter(out)])  # fmt: skip
+    trainer.predict(_tiny_vae(), dm, return_predictions=False)
+    table = pq.read_table(out)
+    assert table.schema.field("mjd").type == pa.float64() and table.schema.field("huge").type == pa.float64()
+    assert table.column("mjd").to_pylist() == (59000.123456 + np.arange(24)).tolist()
+    assert table.column("huge").to_pylist() == [1e300] * 24
+    assert table.column("id").to_pylist() == list(range(2**60 + 1, 2**60 + 25))
+    assert table.schema.field("location").type.value_type == pa.float32()
+
+
+def _tiny_vae():
+    from spherinator.models import (
+        ConsecutiveConv2DLayer,
+        ConvolutionalEncoder2D,
+        UpsamplingDecoder2D,
+        VariationalAutoencoder,
+    )
+
+    encoder = ConvolutionalEncoder2D([3, 8, 8], 8, [ConsecutiveConv2DLayer(4, 2, 1, [4, 8])])
+    return VariationalAutoencoder(encoder, UpsamplingDecoder2D(base_channels=8, seed_size=4), z_dim=3)

@@ -60,7 +60,10 @@ class EmbeddingWriter(BasePredictionWriter):
             if isinstance(value, list):  # per-row strings such as object names
                 columns[name] = pa.array(value, type=pa.string())
                 continue
-            array = value.detach().float().cpu().numpy() if value.is_floating_point() else value.cpu().numpy()
+            value = value.detach().cpu()
+            if value.is_floating_point() and value.dtype not in (torch.float32, torch.float64):
+                value = value.float()  # bfloat16/float16 model outputs; per-row float64 columns stay exact
+            array = value.numpy()
             if array.ndim == 1:
                 columns[name] = pa.array(array)
             else:  # (B, D) vectors: one fixed-size list per row

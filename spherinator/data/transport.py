@@ -64,13 +64,22 @@ def shared_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     return torch.empty(0, dtype=dtype).set_(torch.UntypedStorage._new_shared(nbytes), 0, shape)
 
 
+_FLOATS = {2: torch.float16, 4: torch.float32, 8: torch.float64}  # numpy float itemsize -> torch dtype
+
+
 def to_tensor(array: np.ndarray, layout: ColumnLayout, shared: bool = False) -> torch.Tensor | list[str]:
     """The tensor the model sees: arrays of uint8 scaled to float32 in [0, 1], other arrays as float32;
-    integer/boolean scalars as int64, floating scalars as float32. Always a new tensor (never a view of Arrow
-    memory); in shared memory with ``shared``. A string column becomes a list of ``str``."""
+    integer/boolean scalars as int64, floating scalars in their stored dtype (a float64 MJD or RA stays exact).
+    Always a new tensor (never a view of Arrow memory); in shared memory with ``shared``. A string column becomes a
+    list of ``str``."""
     if layout.kind == "string":
         return array.tolist()
-    dtype = torch.float32 if layout.is_tensor or array.dtype.kind == "f" else torch.int64
+    if layout.is_tensor:
+        dtype = torch.float32
+    elif array.dtype.kind == "f":
+        dtype = _FLOATS[array.dtype.itemsize]
+    else:
+        dtype = torch.int64
     out = shared_empty(array.shape, dtype) if shared else torch.empty(array.shape, dtype=dtype)
     if array.dtype == np.uint8 and layout.is_tensor:
         return _scale_into(array, out)
