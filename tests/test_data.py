@@ -1108,3 +1108,46 @@ def _tiny_vae():
 
     encoder = ConvolutionalEncoder2D([3, 8, 8], 8, [ConsecutiveConv2DLayer(4, 2, 1, [4, 8])])
     return VariationalAutoencoder(encoder, UpsamplingDecoder2D(base_channels=8, seed_size=4), z_dim=3)
+
+
+_PREDICT_SCRIPT = """
+import sys, time
+from pathlib import Path
+import lightning.pytorch as pl
+from spherinator.callbacks import EmbeddingWriter
+from spherinator.data import DataModule
+from tests.test_data import _tiny_vae
+
+class Slow(pl.Callback):
+    def on_predict_batch_end(self, *args):
+        Path(sys.argv[2]).touch()  # a batch is written: the parent may send the signal
+        time.sleep(0.2)
+
+dm = DataModule(sys.argv[1], columns=["data", "id"], return_dict=True, batch_size=2)
+trainer = pl.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False,
+                     callbacks=[EmbeddingWriter(sys.argv[3]), Slow()])
+trainer.predict(_tiny_vae(), dm, return_predictions=False)
+"""
+
+
+def test_predict_stops_on_sigterm_and_leaves_no_torn_embeddings(uneven_dataset, tmp_path):
+    # (before: predict went on after SIGTERM, and a kill left embeddings.parquet without a footer at its final name)
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out, started = tmp_path / "embeddings.parquet", tmp_path / "started"
+    pq.write_table(pa.table({"id": [7]}), out)  # an earlier run's whole file
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    args = [sys.executable, "-c", _PREDICT_SCRIPT, str(uneven_dataset), str(started), str(out)]
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 60
+    while not started.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, proc.communicate()[0]
+    proc.send_signal(signal.SIGTERM)
+    output = proc.communicate(timeout=60)[0]
+    assert proc.returncode == 143, output
+    assert pq.read_table(out).column("id").to_pylist() == [7]  # untouched
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["embeddings.parquet", "started"]  # no partial file left
