@@ -1130,6 +1130,7 @@ trainer.predict(_tiny_vae(), dm, return_predictions=False)
 """
 
 
+@pytest.mark.slow  # a subprocess that imports torch and Lightning: 30 s on a busy 2-core machine
 def test_predict_stops_on_sigterm_and_leaves_no_torn_embeddings(uneven_dataset, tmp_path):
     # (before: predict went on after SIGTERM, and a kill left embeddings.parquet without a footer at its final name)
     import signal

@@ -163,6 +163,23 @@ class DataModule(pl.LightningDataModule):
         for name in strings:
             if self._column(name).transform is not None:
                 raise DataError(f"column {name!r} holds strings, which a transform cannot take; remove its `transform`")
+        for name in index.layouts:
+            self._check_sample_layout(index, name)
+
+    def _check_sample_layout(self, index: ParquetIndex, name: str) -> None:
+        """A transform that names the dimensions of one sample (``sample_layout``, e.g. AlignByMoments' (C, H, W))
+        gets samples of that many: with others it would silently treat a batch as one sample."""
+        transform = self._column(name).transform
+        layout = getattr(transform, "sample_layout", None)
+        if layout is None or index.layouts[name].kind == "string":
+            return
+        shape = index.row_shape(name)[0]
+        if len(shape) != len(layout):
+            raise DataError(
+                f"column {name!r} holds samples of shape {tuple(shape)}, but its transform {type(transform).__name__} "
+                f"takes samples ({', '.join(layout)}); store them so (e.g. grey images (H, W) as (1, H, W)) or remove "
+                f"the transform"
+            )
 
     @property
     def column_names(self) -> list[str]:
