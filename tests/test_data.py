@@ -29,18 +29,14 @@ def _images(n: int = 40, shape: tuple[int, ...] = (3, 8, 8), seed: int = 0) -> n
     return np.random.default_rng(seed).integers(0, 256, (n, *shape), dtype=np.uint8)
 
 
+def _id_module(path: Path, **kwargs) -> DataModule:
+    """A DataModule of ``path``'s data and id columns, batches as dicts, no validation split (unless ``kwargs``)."""
+    return DataModule(path, **{"columns": ["data", "id"], "return_dict": True, "val_fraction": 0.0, **kwargs})
+
+
 def _worker_loader(path: Path, batch_size: int, persistent: bool = True):
     """The train loader of ``path``'s data and id columns, 2 workers, no validation split."""
-    dm = DataModule(
-        path,
-        columns=["data", "id"],
-        return_dict=True,
-        batch_size=batch_size,
-        num_workers=2,
-        val_fraction=0.0,
-        persistent_workers=persistent,
-    )
-    return dm.train_dataloader()
+    return _id_module(path, batch_size=batch_size, num_workers=2, persistent_workers=persistent).train_dataloader()
 
 
 @pytest.fixture(scope="module")
@@ -60,15 +56,7 @@ def uneven_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     [(1, 1, 8, False), (2, 3, 8, False), (3, 2, 5, False), (4, 1, 16, False), (2, 2, 8, True), (3, 1, 1, False)],
 )
 def test_every_row_once_per_epoch_across_ranks_and_workers(uneven_dataset, world, workers, batch, drop_last):
-    dm = DataModule(
-        uneven_dataset,
-        columns=["data", "id"],
-        return_dict=True,
-        batch_size=batch,
-        val_fraction=0.0,
-        drop_last=drop_last,
-        shuffle_buffer=20,
-    )
+    dm = _id_module(uneven_dataset, batch_size=batch, drop_last=drop_last, shuffle_buffer=20)
     seen, counts = [], []
     for rank in range(world):
         ds = dm.dataset("train", rank=rank, world_size=world)
@@ -1152,3 +1140,57 @@ def test_predict_stops_on_sigterm_and_leaves_no_torn_embeddings(uneven_dataset, 
     assert proc.returncode == 143, output
     assert pq.read_table(out).column("id").to_pylist() == [7]  # untouched
     assert sorted(p.name for p in tmp_path.iterdir()) == ["embeddings.parquet", "started"]  # no partial file left
+
+
+# -- odd Parquet inputs (issue 19) -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_file_deleted_between_epochs_is_named(tmp_path, workers):
+    # (before: FileNotFoundError's traceback, from a DataLoader worker wrapped in another)
+    write_dataset(tmp_path, [{"data": _images(40), "id": np.arange(40)}], rows_per_file=20, rows_per_group=10)
+    dm = _id_module(tmp_path, batch_size=10, num_workers=workers, persistent_workers=False)
+    loader = dm.train_dataloader()
+    assert sorted(_ids(loader)) == list(range(40))
+    gone = sorted(tmp_path.glob("*.parquet"))[1]
+    gone.unlink()
+    with pytest.raises(DataError, match=rf"{gone}.* is gone .*deleted or moved"):
+        list(loader)
+
+
+def test_dictionary_encoded_columns_read_as_their_values(tmp_path):
+    # (pandas categoricals: object names as dictionary<string>, labels as dictionary<int>; before: refused or left out)
+    names = pa.array([f"obj{i % 3}" for i in range(12)]).dictionary_encode()
+    labels = pa.array([i % 2 for i in range(12)], type=pa.int16()).dictionary_encode()
+    table = pa.table({"data": pa.array(list(_images(12, (4,))), type=pa.list_(pa.uint8(), 4)), "name": names,
+                      "label": labels})  # fmt: skip
+    pq.write_table(table, tmp_path / "cat.parquet")
+    dm = DataModule(tmp_path, columns=["data", "name", "label"], return_dict=True, batch_size=12, val_fraction=0.0)
+    batch = next(iter(dm.predict_dataloader()))
+    assert batch["name"] == [f"obj{i % 3}" for i in range(12)]
+    assert batch["label"].dtype == torch.int64 and batch["label"].tolist() == [i % 2 for i in range(12)]
+    assert DataModule(tmp_path).column_names == ["data", "label"]  # not named: the strings are left out, as plain ones
+
+
+def test_nulls_in_a_floating_per_row_column_are_missing_values_and_elsewhere_named(tmp_path):
+    # a catalogue's missing redshift may be a null as well as a NaN; a null id has no such reading
+    data = pa.array(list(_images(6, (4,))), type=pa.list_(pa.uint8(), 4))
+    table = pa.table({"data": data, "z": pa.array([0.1, None, 0.3, None, 0.5, 0.6]), "id": [0, 1, None, 3, 4, 5]})
+    pq.write_table(table, tmp_path / "nulls.parquet")
+    dm = DataModule(tmp_path, columns=["data", "z"], return_dict=True, batch_size=6, val_fraction=0.0)
+    z = next(iter(dm.predict_dataloader()))["z"]
+    assert (
+        z.dtype == torch.float64 and torch.isnan(z[[1, 3]]).all() and z[[0, 2, 4, 5]].tolist() == [0.1, 0.3, 0.5, 0.6]
+    )
+    message = _error(tmp_path, columns=["data", "id"], return_dict=True, batch_size=6, val_fraction=0.0)
+    assert "column 'id' has 1 null rows (first: row 2)" in message
+
+
+def test_an_empty_or_truncated_file_is_named(tmp_path):
+    write_dataset(tmp_path, [{"data": _images(8)}])
+    (tmp_path / "empty.parquet").write_bytes(b"")
+    assert "empty.parquet is not a readable Parquet file" in _error(tmp_path)
+    (tmp_path / "empty.parquet").unlink()
+    whole = sorted(tmp_path.glob("*.parquet"))[0]
+    (tmp_path / "torn.parquet").write_bytes(whole.read_bytes()[:-20])  # a copy cut short: no footer
+    assert "torn.parquet is not a readable Parquet file" in _error(tmp_path)

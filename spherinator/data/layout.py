@@ -135,6 +135,8 @@ class ColumnLayout:
         """Whether a column of this Arrow type can become a tensor in some layout."""
         if isinstance(type_, pa.FixedShapeTensorType):
             return True
+        if pa.types.is_dictionary(type_):  # e.g. pandas categoricals: what counts is the values' type
+            return ColumnLayout.supports(type_.value_type)
         if pa.types.is_struct(type_):
             return type_.get_field_index("bytes") >= 0
         if _is_list(type_):
@@ -152,6 +154,8 @@ class ColumnLayout:
     def detect(cls, field: pa.Field, metadata: dict[bytes, bytes] | None, where: Where) -> ColumnLayout:
         """Work out the layout of ``field`` from its type and the schema metadata of the file at ``where``."""
         name, type_ = field.name, field.type
+        if pa.types.is_dictionary(type_):  # pandas categoricals (object names, labels): read as their values
+            type_ = type_.value_type
         metadata = metadata or {}
         raw_shape, raw_dtype = metadata.get(shape_key(name)), metadata.get(dtype_key(name))
         shape = parse_shape(raw_shape, name, where) if raw_shape is not None else None
@@ -230,6 +234,11 @@ class ColumnLayout:
         return self._decode_array(column, where, first_row)
 
     def _decode_array(self, arr: pa.Array, where: Where, first_row: int = 0) -> np.ndarray:
+        if pa.types.is_dictionary(arr.type):
+            arr = arr.dictionary_decode()
+        if arr.null_count and self.kind == "scalar" and pa.types.is_floating(arr.type):
+            # a missing catalogue value (a redshift) may be a null as well as a NaN: both read as NaN
+            return arr.to_numpy(zero_copy_only=False)
         if arr.null_count:
             first = first_row + int(np.flatnonzero(~np.asarray(arr.is_valid()))[0])
             raise DataError(

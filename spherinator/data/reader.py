@@ -359,8 +359,19 @@ class _Handles:
         if file not in handles:
             if len(handles) >= 8:
                 handles.pop(next(iter(handles))).close()
-            # No memory_map: mapped pages would count as resident memory growing with the data read.
-            handles[file] = pq.ParquetFile(self.files[file], page_checksum_verification=True)
+            path = self.files[file]
+            try:
+                # No memory_map: mapped pages would count as resident memory growing with the data read.
+                handles[file] = pq.ParquetFile(path, page_checksum_verification=True)
+            except FileNotFoundError as err:
+                raise DataError(
+                    f"{path} was scanned when the run started but is gone now (deleted or moved during the run); put "
+                    f"it back, or start the run again so that the dataset is scanned anew"
+                ) from err
+            except (pa.ArrowException, OSError) as err:
+                raise DataError(
+                    f"{path} cannot be opened ({err}); the file changed during the run: re-write it"
+                ) from err
         return handles[file]
 
     def close(self) -> None:
