@@ -18,7 +18,7 @@ from PIL import Image
 
 from spherinator.data import Column, DataError, DataModule, Segment, shard, write_dataset
 from spherinator.data.plan import rank_batch_sizes, split_rows
-from tests.conftest import write_fast_layout
+from tests.conftest import quiet_trainer, write_fast_layout
 
 
 def _ids(batches) -> list[int]:
@@ -99,18 +99,9 @@ def test_shard_plans_cover_rows_once_for_many_configurations():
         for rank in range(world):
             nb = 0
             for worker in range(workers):
-                segs, batch_sizes = shard(
-                    segments,
-                    batch_size=batch,
-                    epoch=1,
-                    seed=5,
-                    shuffle=True,
-                    rank=rank,
-                    world_size=world,
-                    worker=worker,
-                    num_workers=workers,
-                    interleave=interleave,
-                )
+                where = {"rank": rank, "world_size": world, "worker": worker, "num_workers": workers}
+                segs, batch_sizes = shard(segments, batch_size=batch, epoch=1, seed=5, shuffle=True, **where,
+                                          interleave=interleave)  # fmt: skip
                 assert sum(s.rows for s in segs) == sum(batch_sizes)
                 assert all(1 <= b <= batch for b in batch_sizes)
                 rows += [(s.group, r) for s in segs for r in range(s.start, s.stop)]
@@ -191,14 +182,7 @@ class _RecordIds(pl.LightningModule):
 def test_trainer_epochs_see_every_training_row_in_a_new_order(uneven_dataset, recwarn):
     model = _RecordIds()
     dm = DataModule(uneven_dataset, columns=["data", "id"], return_dict=True, batch_size=16, val_fraction=0.1)
-    trainer = pl.Trainer(
-        max_epochs=2,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-    )
+    trainer = quiet_trainer(max_epochs=2, num_sanity_val_steps=0)
     trainer.fit(model, dm)
     assert sorted(model.seen[0]) == sorted(model.seen[1])
     assert len(model.seen[0]) == dm.split_rows("train") == 91
@@ -212,9 +196,7 @@ def test_no_validation_split_runs_without_validation(image_dataset):
     model = _RecordIds()
     model.layer = torch.nn.Linear(3 * 32 * 32, 1)
     dm = DataModule(image_dataset, columns=["data", "id"], return_dict=True, batch_size=32, val_fraction=0.0)
-    trainer = pl.Trainer(
-        max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False
-    )
+    trainer = quiet_trainer(max_epochs=1)
     trainer.fit(model, dm)
     assert len(model.seen[0]) == 96 and model.val_rows == 0
 
@@ -844,15 +826,8 @@ def _fit_ids(path: Path, ckpt: Path | None = None, *, save: tuple[int, Path] | N
     """Train the id-recording module on ``path`` (no validation); the ids each epoch trained on, and the trainer."""
     model = _RecordIds()
     dm = DataModule(path, columns=["data", "id"], return_dict=True, val_fraction=0.0, **data)
-    trainer = pl.Trainer(
-        max_epochs=max_epochs,
-        max_steps=max_steps,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[_SaveAfter(*save)] if save else [],
-    )
+    callbacks = [_SaveAfter(*save)] if save else []
+    trainer = quiet_trainer(max_epochs=max_epochs, max_steps=max_steps, callbacks=callbacks)
     trainer.fit(model, dm, ckpt_path=ckpt)
     return model.seen, trainer
 
@@ -1028,8 +1003,7 @@ def test_predict_writes_string_ids_into_the_embeddings_in_row_order(named_datase
     dm = DataModule(named_dataset, columns=["data", "name", "id"], return_dict=True, batch_size=8,
                     num_workers=workers)  # fmt: skip
     out = tmp_path / "embeddings.parquet"
-    trainer = pl.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False,
-                         callbacks=[EmbeddingWriter(out)])  # fmt: skip
+    trainer = quiet_trainer(callbacks=[EmbeddingWriter(out)])
     trainer.predict(model, dm, return_predictions=False)
     table = pq.read_table(out)
     assert table.schema.field("name").type == pa.string()
@@ -1075,8 +1049,7 @@ def test_predict_writes_per_row_columns_in_their_stored_dtype(catalogue_dataset,
 
     dm = DataModule(catalogue_dataset, columns=["data", "mjd", "huge", "id"], return_dict=True, batch_size=8)
     out = tmp_path / "embeddings.parquet"
-    trainer = pl.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False,
-                         callbacks=[EmbeddingWriter(out)])  # fmt: skip
+    trainer = quiet_trainer(callbacks=[EmbeddingWriter(out)])
     trainer.predict(_tiny_vae(), dm, return_predictions=False)
     table = pq.read_table(out)
     assert table.schema.field("mjd").type == pa.float64() and table.schema.field("huge").type == pa.float64()

@@ -46,8 +46,9 @@ class DataModule(pl.LightningDataModule):
     by one (rank, worker), every rank yields the same number of batches, and with ``shuffle`` the order is a
     seeded function of (``seed``, epoch): row groups in a new random order every epoch, rows mixed in a shuffle
     buffer of ``shuffle_buffer`` rows. Array columns of uint8 become float32 in [0, 1], other arrays float32;
-    integer scalar columns (e.g. ``id``) become int64, floating ones keep their stored dtype (float64 MJDs, RA/Dec). String columns (e.g. object names), when named in ``columns``,
-    come as a list of ``str`` per batch (with ``return_dict``; never the first column).
+    integer scalar columns (e.g. ``id``) become int64, floating ones keep their stored dtype (float64 MJDs, RA/Dec
+    stay exact). String columns (e.g. object names), when named in ``columns``, come as a list of ``str`` per batch
+    (with ``return_dict``; never the first column).
 
     Tensor storage understood: the fast layout (``fixed_size_binary`` raw bytes with ``<col>_shape`` and
     ``<col>_dtype`` metadata, see :mod:`spherinator.data.writer`), list / fixed-size-list columns with

@@ -165,25 +165,7 @@ class ColumnLayout:
             return cls(name, "tensor", tuple(type_.shape), np.dtype(type_.value_type.to_pandas_dtype()))
 
         if pa.types.is_fixed_size_binary(type_) or pa.types.is_binary(type_) or pa.types.is_large_binary(type_):
-            fixed = pa.types.is_fixed_size_binary(type_)
-            if shape is None and dtype is None and not fixed:
-                return cls(name, "encoded", None, None)
-            missing = [k.decode() for k, v in ((shape_key(name), shape), (dtype_key(name), dtype)) if v is None]
-            if missing:
-                raise DataError(
-                    f"{where}: column {name!r} stores raw array bytes ({type_}) but the schema metadata lacks "
-                    f"{' and '.join(missing)}; every row group needs both to be read. Re-write the file with "
-                    f"spherinator.data.writer (or tools/make_dataset.py convert), which records them"
-                )
-            if fixed:
-                expected = math.prod(shape) * dtype.itemsize
-                if type_.byte_width != expected:
-                    raise DataError(
-                        f"{where}: column {name!r} holds {type_.byte_width} bytes per row in every row group, but "
-                        f"shape {shape} of {dtype} needs {expected}; fix the {name}_shape/{name}_dtype metadata "
-                        f"or re-write the column"
-                    )
-            return cls(name, "raw", shape, dtype)
+            return cls._detect_bytes(name, type_, shape, dtype, where)
 
         if _is_list(type_):
             leaf = _numeric_leaf(type_)
@@ -215,6 +197,31 @@ class ColumnLayout:
             f"{where}: column {name!r} has type {type_}, which spherinator cannot turn into a tensor; "
             f"drop it from `columns` or store it as numbers, strings, lists of numbers or raw array bytes"
         )
+
+    @classmethod
+    def _detect_bytes(
+        cls, name: str, type_: pa.DataType, shape: tuple[int, ...] | None, dtype: np.dtype | None, where: Where
+    ) -> ColumnLayout:
+        """A binary column: encoded images, or raw array bytes described by shape and dtype metadata."""
+        fixed = pa.types.is_fixed_size_binary(type_)
+        if shape is None and dtype is None and not fixed:
+            return cls(name, "encoded", None, None)
+        missing = [k.decode() for k, v in ((shape_key(name), shape), (dtype_key(name), dtype)) if v is None]
+        if missing:
+            raise DataError(
+                f"{where}: column {name!r} stores raw array bytes ({type_}) but the schema metadata lacks "
+                f"{' and '.join(missing)}; every row group needs both to be read. Re-write the file with "
+                f"spherinator.data.writer (or tools/make_dataset.py convert), which records them"
+            )
+        if fixed:
+            expected = math.prod(shape) * dtype.itemsize
+            if type_.byte_width != expected:
+                raise DataError(
+                    f"{where}: column {name!r} holds {type_.byte_width} bytes per row in every row group, but "
+                    f"shape {shape} of {dtype} needs {expected}; fix the {name}_shape/{name}_dtype metadata "
+                    f"or re-write the column"
+                )
+        return cls(name, "raw", shape, dtype)
 
     # -- decoding ------------------------------------------------------------------------------------------------
 

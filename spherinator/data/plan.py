@@ -146,16 +146,8 @@ def pass_plan(
     its batch sizes. The reader reads by it and :func:`unread_rows` replays it: one function, so that a resume cannot
     drift from what was read. Unshuffled, a rank's batches are dealt to its workers in turn, which keeps the file
     order through a DataLoader; shuffled, each worker reads one contiguous span (fewer row groups read twice)."""
-    return shard(
-        order,
-        batch_size=batch_size,
-        rank=rank,
-        world_size=world_size,
-        worker=worker,
-        num_workers=num_workers,
-        drop_last=drop_last,
-        interleave=not shuffle,
-    )
+    where = {"rank": rank, "world_size": world_size, "worker": worker, "num_workers": num_workers}
+    return shard(order, batch_size=batch_size, **where, drop_last=drop_last, interleave=not shuffle)
 
 
 def epoch_order(segments: Sequence[Segment], epoch: int, seed: int, shuffle: bool) -> list[Segment]:

@@ -30,8 +30,9 @@ class AlignByMoments(nn.Module):
 
     Works on one image ``(C, H, W)`` or a batch ``(B, C, H, W)`` (a ``Column`` transform gets whole batches), in
     the input's dtype and device. A 3-d input is one image: as a column transform, a column of other than
-    ``(C, H, W)`` samples (grey images stored as ``(H, W)``, spectra) is refused; store grey images as ``(1, H, W)``. An image with no pixel above
-    the threshold keeps its place and orientation; one of noise only is moved by its brightest noise.
+    ``(C, H, W)`` samples (grey images stored as ``(H, W)``, spectra) is refused; store grey images as
+    ``(1, H, W)``. An image with no pixel above the threshold keeps its place and orientation; one of noise only is
+    moved by its brightest noise.
 
     Args:
         centre: Shift the light's centroid to the centre of the stamp.
