@@ -1167,3 +1167,25 @@ def test_an_empty_or_truncated_file_is_named(tmp_path):
     whole = sorted(tmp_path.glob("*.parquet"))[0]
     (tmp_path / "torn.parquet").write_bytes(whole.read_bytes()[:-20])  # a copy cut short: no footer
     assert "torn.parquet is not a readable Parquet file" in _error(tmp_path)
+
+
+def test_a_failed_predict_leaves_a_whole_file_of_the_rows_before_and_an_unwritable_place_is_named(tmp_path):
+    from spherinator.callbacks import EmbeddingWriter
+    from spherinator.shapes import ConfigError
+
+    images = _images(24, (3, 8, 8))
+    write_dataset(tmp_path / "data", [{"data": images, "id": np.arange(24)}], rows_per_group=8)
+    bad = tmp_path / "bad"
+    floats = images.astype(np.float32)
+    floats[20, 0, 0, 0] = np.nan  # in the last row group: two batches are written first
+    write_dataset(bad, [{"data": floats, "id": np.arange(24)}], rows_per_group=8)
+    out = tmp_path / "out" / "embeddings.parquet"
+    dm = _id_module(bad, batch_size=8)
+    with pytest.raises(DataError, match="row 4 holds nan"):
+        quiet_trainer(callbacks=[EmbeddingWriter(out)]).predict(_tiny_vae(), dm, return_predictions=False)
+    assert pq.read_table(out).column("id").to_pylist() == list(range(16))  # closed: the rows before the failure
+    assert [p.name for p in out.parent.iterdir()] == ["embeddings.parquet"]  # no partial file left
+    (tmp_path / "a-file").write_text("")
+    writer = EmbeddingWriter(tmp_path / "a-file" / "embeddings.parquet")
+    with pytest.raises(ConfigError, match=r"cannot write the embeddings to .*a-file/embeddings.parquet"):
+        quiet_trainer(callbacks=[writer]).predict(_tiny_vae(), _id_module(tmp_path / "data"), return_predictions=False)

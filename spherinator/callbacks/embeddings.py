@@ -14,6 +14,8 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from spherinator.shapes import ConfigError
+
 # The exit status of a process ended by SIGTERM (128 + 15), which Slurm's scancel and time limit send.
 SIGTERM_EXIT = 143
 
@@ -27,9 +29,10 @@ class EmbeddingWriter(BasePredictionWriter):
     ``embeddings.parquet`` on a single process, ``embeddings-rank{r}.parquet`` under DDP.
 
     The file is written under a staged name in the same directory (``.embeddings.parquet.partial``) and renamed to
-    its final name once every batch is in: a killed or failed predict never leaves a torn file at the final name
-    (nor replaces a whole one of an earlier run), and its partial file is removed. On SIGTERM (Slurm's ``scancel`` or
-    time limit) the prediction stops after the batch being written and the process exits with status 143.
+    its final name once closed: a killed predict never leaves a torn file at the final name. When a batch fails, the
+    rows before it are closed and take the final name. On SIGTERM (Slurm's ``scancel`` or time limit) the prediction
+    stops after the batch being written, the partial file is removed (an earlier run's file stays as it was) and the
+    process exits with status 143.
 
     Args:
         output_path: File (or directory, then ``embeddings.parquet`` inside) to write; defaults to the trainer's
@@ -81,14 +84,20 @@ class EmbeddingWriter(BasePredictionWriter):
                 flat = pa.array(np.ascontiguousarray(array).reshape(-1))
                 columns[name] = pa.FixedSizeListArray.from_arrays(flat, int(np.prod(array.shape[1:])))
         table = pa.table(columns)
-        if self._writer is None:
-            self.written_path = self._path(trainer)
-            self.written_path.parent.mkdir(parents=True, exist_ok=True)
-            # not *.parquet: a dataset reader passing over the directory never takes a partial file for data
-            self._staged = self.written_path.with_name(f".{self.written_path.name}.partial")
-            self._writer = pq.ParquetWriter(self._staged, table.schema)
-            self.rows = 0  # a new file: count this run's rows only
-        self._writer.write_table(table)
+        try:
+            if self._writer is None:
+                self.written_path = self._path(trainer)
+                self.written_path.parent.mkdir(parents=True, exist_ok=True)
+                # not *.parquet: a dataset reader passing over the directory never takes a partial file for data
+                self._staged = self.written_path.with_name(f".{self.written_path.name}.partial")
+                self._writer = pq.ParquetWriter(self._staged, table.schema)
+                self.rows = 0  # a new file: count this run's rows only
+            self._writer.write_table(table)
+        except OSError as err:  # a read-only or full disk, a file where a directory should be
+            raise ConfigError(
+                f"cannot write the embeddings to {self.written_path} ({err.strerror or err}); give a writable "
+                f"place with free space (EmbeddingWriter's output_path, or --trainer.default_root_dir)"
+            ) from err
         self.rows += table.num_rows
         if trainer.received_sigterm:  # Lightning's predict loop notes a SIGTERM but goes on: stop here
             raise SIGTERMException(SIGTERM_EXIT)
@@ -102,10 +111,13 @@ class EmbeddingWriter(BasePredictionWriter):
             print(f"spherinator: wrote {self.rows} embeddings to {self.written_path}")
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
-        # the rows written so far are not all embeddings: nothing takes the final name, the partial file goes
+        # An error in a batch: the rows before it, closed (footer written), take the final name. SIGTERM (a
+        # cancelled or timed-out job, which may be requeued): the partial file goes, an earlier whole one stays.
         if self._writer is not None:
             self._writer.close()
             self._writer = None
-        if self._staged is not None:
+        if self._staged is not None and isinstance(exception, SIGTERMException):
             self._staged.unlink(missing_ok=True)
-            self._staged = None
+        elif self._staged is not None:
+            os.replace(self._staged, self.written_path)
+        self._staged = None
