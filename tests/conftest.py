@@ -10,7 +10,9 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
+from typing import Any
 
+import lightning.pytorch as pl
 import numpy as np
 import pytest
 
@@ -18,6 +20,12 @@ from spherinator.data.writer import write_dataset
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
+
+
+def quiet_trainer(**kwargs: Any) -> pl.Trainer:
+    """A CPU Trainer without logger, checkpointing, progress bar or model summary; ``kwargs`` add or override."""
+    options = {"accelerator": "cpu", "logger": False, "enable_checkpointing": False, "enable_progress_bar": False}
+    return pl.Trainer(**{**options, "enable_model_summary": False, **kwargs})
 
 
 def write_fast_layout(root: Path, arrays: dict[str, np.ndarray], *, files: int = 2, rows_per_group: int = 16) -> Path:

@@ -24,6 +24,7 @@ from spherinator.models import (
     UpsamplingDecoder2D,
     VariationalAutoencoder,
 )
+from tests.conftest import quiet_trainer
 
 
 def vae_2d() -> VariationalAutoencoder:
@@ -40,19 +41,8 @@ def vae_1d() -> VariationalAutoencoder:
 
 
 def trainer(tmp_path, callbacks, logger=False, **kwargs) -> pl.Trainer:
-    options = dict(
-        accelerator="cpu",
-        max_epochs=1,
-        logger=logger,
-        callbacks=callbacks,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        default_root_dir=tmp_path,
-        log_every_n_steps=1,
-    )
-    return pl.Trainer(**{**options, **kwargs})
+    options = dict(max_epochs=1, logger=logger, callbacks=callbacks, num_sanity_val_steps=0, log_every_n_steps=1)
+    return quiet_trainer(**{**options, "default_root_dir": tmp_path, **kwargs})
 
 
 def tensorboard_images(log_dir) -> dict[str, list[np.ndarray]]:

@@ -18,7 +18,7 @@ from PIL import Image
 
 from spherinator.data import Column, DataError, DataModule, Segment, shard, write_dataset
 from spherinator.data.plan import rank_batch_sizes, split_rows
-from tests.conftest import write_fast_layout
+from tests.conftest import quiet_trainer, write_fast_layout
 
 
 def _ids(batches) -> list[int]:
@@ -29,18 +29,14 @@ def _images(n: int = 40, shape: tuple[int, ...] = (3, 8, 8), seed: int = 0) -> n
     return np.random.default_rng(seed).integers(0, 256, (n, *shape), dtype=np.uint8)
 
 
+def _id_module(path: Path, **kwargs) -> DataModule:
+    """A DataModule of ``path``'s data and id columns, batches as dicts, no validation split (unless ``kwargs``)."""
+    return DataModule(path, **{"columns": ["data", "id"], "return_dict": True, "val_fraction": 0.0, **kwargs})
+
+
 def _worker_loader(path: Path, batch_size: int, persistent: bool = True):
     """The train loader of ``path``'s data and id columns, 2 workers, no validation split."""
-    dm = DataModule(
-        path,
-        columns=["data", "id"],
-        return_dict=True,
-        batch_size=batch_size,
-        num_workers=2,
-        val_fraction=0.0,
-        persistent_workers=persistent,
-    )
-    return dm.train_dataloader()
+    return _id_module(path, batch_size=batch_size, num_workers=2, persistent_workers=persistent).train_dataloader()
 
 
 @pytest.fixture(scope="module")
@@ -60,15 +56,7 @@ def uneven_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     [(1, 1, 8, False), (2, 3, 8, False), (3, 2, 5, False), (4, 1, 16, False), (2, 2, 8, True), (3, 1, 1, False)],
 )
 def test_every_row_once_per_epoch_across_ranks_and_workers(uneven_dataset, world, workers, batch, drop_last):
-    dm = DataModule(
-        uneven_dataset,
-        columns=["data", "id"],
-        return_dict=True,
-        batch_size=batch,
-        val_fraction=0.0,
-        drop_last=drop_last,
-        shuffle_buffer=20,
-    )
+    dm = _id_module(uneven_dataset, batch_size=batch, drop_last=drop_last, shuffle_buffer=20)
     seen, counts = [], []
     for rank in range(world):
         ds = dm.dataset("train", rank=rank, world_size=world)
@@ -111,18 +99,9 @@ def test_shard_plans_cover_rows_once_for_many_configurations():
         for rank in range(world):
             nb = 0
             for worker in range(workers):
-                segs, batch_sizes = shard(
-                    segments,
-                    batch_size=batch,
-                    epoch=1,
-                    seed=5,
-                    shuffle=True,
-                    rank=rank,
-                    world_size=world,
-                    worker=worker,
-                    num_workers=workers,
-                    interleave=interleave,
-                )
+                where = {"rank": rank, "world_size": world, "worker": worker, "num_workers": workers}
+                segs, batch_sizes = shard(segments, batch_size=batch, epoch=1, seed=5, shuffle=True, **where,
+                                          interleave=interleave)  # fmt: skip
                 assert sum(s.rows for s in segs) == sum(batch_sizes)
                 assert all(1 <= b <= batch for b in batch_sizes)
                 rows += [(s.group, r) for s in segs for r in range(s.start, s.stop)]
@@ -203,14 +182,7 @@ class _RecordIds(pl.LightningModule):
 def test_trainer_epochs_see_every_training_row_in_a_new_order(uneven_dataset, recwarn):
     model = _RecordIds()
     dm = DataModule(uneven_dataset, columns=["data", "id"], return_dict=True, batch_size=16, val_fraction=0.1)
-    trainer = pl.Trainer(
-        max_epochs=2,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-    )
+    trainer = quiet_trainer(max_epochs=2, num_sanity_val_steps=0)
     trainer.fit(model, dm)
     assert sorted(model.seen[0]) == sorted(model.seen[1])
     assert len(model.seen[0]) == dm.split_rows("train") == 91
@@ -224,9 +196,7 @@ def test_no_validation_split_runs_without_validation(image_dataset):
     model = _RecordIds()
     model.layer = torch.nn.Linear(3 * 32 * 32, 1)
     dm = DataModule(image_dataset, columns=["data", "id"], return_dict=True, batch_size=32, val_fraction=0.0)
-    trainer = pl.Trainer(
-        max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False
-    )
+    trainer = quiet_trainer(max_epochs=1)
     trainer.fit(model, dm)
     assert len(model.seen[0]) == 96 and model.val_rows == 0
 
@@ -424,19 +394,19 @@ def test_shuffle_buffer_memory_stays_bounded(tmp_path):
     write_dataset(tmp_path, [{"data": _images(2000, (4, 32, 32))}], rows_per_group=50)
     dm = DataModule(tmp_path, batch_size=20, shuffle_buffer=100, val_fraction=0.0)
     ds = dm.dataset("train")
-    import spherinator.data.plan as plan
+    import spherinator.data.batching as batching
 
-    peak, original = [0], plan._take_rows
+    peak, original = [0], batching._take_rows
 
     def spy(chunks, *args):  # the rows in the shuffle buffer when batches are drawn from it
         peak[0] = max(peak[0], sum(len(next(iter(c.values()))) for c in chunks))
         return original(chunks, *args)
 
-    plan._take_rows = spy
+    batching._take_rows = spy
     try:
         assert sum(len(b) for b in ds) == 2000
     finally:
-        plan._take_rows = original
+        batching._take_rows = original
     assert 100 <= peak[0] <= 100 + 50 + 20
 
 
@@ -856,15 +826,8 @@ def _fit_ids(path: Path, ckpt: Path | None = None, *, save: tuple[int, Path] | N
     """Train the id-recording module on ``path`` (no validation); the ids each epoch trained on, and the trainer."""
     model = _RecordIds()
     dm = DataModule(path, columns=["data", "id"], return_dict=True, val_fraction=0.0, **data)
-    trainer = pl.Trainer(
-        max_epochs=max_epochs,
-        max_steps=max_steps,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[_SaveAfter(*save)] if save else [],
-    )
+    callbacks = [_SaveAfter(*save)] if save else []
+    trainer = quiet_trainer(max_epochs=max_epochs, max_steps=max_steps, callbacks=callbacks)
     trainer.fit(model, dm, ckpt_path=ckpt)
     return model.seen, trainer
 
@@ -1040,11 +1003,189 @@ def test_predict_writes_string_ids_into_the_embeddings_in_row_order(named_datase
     dm = DataModule(named_dataset, columns=["data", "name", "id"], return_dict=True, batch_size=8,
                     num_workers=workers)  # fmt: skip
     out = tmp_path / "embeddings.parquet"
-    trainer = pl.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False,
-                         callbacks=[EmbeddingWriter(out)])  # fmt: skip
+    trainer = quiet_trainer(callbacks=[EmbeddingWriter(out)])
     trainer.predict(model, dm, return_predictions=False)
     table = pq.read_table(out)
     assert table.schema.field("name").type == pa.string()
     assert table.column("name").to_pylist() == [_name(i) for i in range(45)]
     assert table.column("id").to_pylist() == list(range(45))
     assert table.column("location").to_pylist()[0] != table.column("location").to_pylist()[1]
+
+
+# -- per-row columns keep their stored dtype (issue 19) ----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def catalogue_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """24 images with float64 MJDs, a float64 beyond float32, float32 fluxes and int64 ids beyond 2**53."""
+    n = 24
+    columns = {
+        "data": _images(n),
+        "mjd": 59000.123456 + np.arange(n, dtype=np.float64),
+        "huge": np.full(n, 1e300),
+        "flux": np.linspace(0, 1, n, dtype=np.float32),
+        "id": np.arange(n, dtype=np.int64) + 2**60 + 1,
+    }
+    root = tmp_path_factory.mktemp("catalogue")
+    write_dataset(root, [columns], rows_per_group=8)
+    return root
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_per_row_columns_keep_their_stored_dtype(catalogue_dataset, workers):
+    # (before: float64 became float32: MJD 59000.123456 read 59000.125 and 1e300 became inf)
+    dm = DataModule(catalogue_dataset, columns=["data", "mjd", "huge", "flux", "id"], return_dict=True,
+                    batch_size=24, num_workers=workers, shuffle=False)  # fmt: skip
+    batch = next(iter(dm.predict_dataloader()))
+    assert batch["mjd"].dtype == torch.float64 and batch["mjd"][0].item() == 59000.123456
+    assert batch["huge"].dtype == torch.float64 and (batch["huge"] == 1e300).all()
+    assert batch["flux"].dtype == torch.float32
+    assert batch["id"].dtype == torch.int64 and batch["id"][0].item() == 2**60 + 1
+    assert batch["data"].dtype == torch.float32  # the model input is still cast
+
+
+def test_predict_writes_per_row_columns_in_their_stored_dtype(catalogue_dataset, tmp_path):
+    from spherinator.callbacks import EmbeddingWriter
+
+    dm = DataModule(catalogue_dataset, columns=["data", "mjd", "huge", "id"], return_dict=True, batch_size=8)
+    out = tmp_path / "embeddings.parquet"
+    trainer = quiet_trainer(callbacks=[EmbeddingWriter(out)])
+    trainer.predict(_tiny_vae(), dm, return_predictions=False)
+    table = pq.read_table(out)
+    assert table.schema.field("mjd").type == pa.float64() and table.schema.field("huge").type == pa.float64()
+    assert table.column("mjd").to_pylist() == (59000.123456 + np.arange(24)).tolist()
+    assert table.column("huge").to_pylist() == [1e300] * 24
+    assert table.column("id").to_pylist() == list(range(2**60 + 1, 2**60 + 25))
+    assert table.schema.field("location").type.value_type == pa.float32()
+
+
+def _tiny_vae():
+    from spherinator.models import (
+        ConsecutiveConv2DLayer,
+        ConvolutionalEncoder2D,
+        UpsamplingDecoder2D,
+        VariationalAutoencoder,
+    )
+
+    encoder = ConvolutionalEncoder2D([3, 8, 8], 8, [ConsecutiveConv2DLayer(4, 2, 1, [4, 8])])
+    return VariationalAutoencoder(encoder, UpsamplingDecoder2D(base_channels=8, seed_size=4), z_dim=3)
+
+
+_PREDICT_SCRIPT = """
+import sys, time
+from pathlib import Path
+import lightning.pytorch as pl
+from spherinator.callbacks import EmbeddingWriter
+from spherinator.data import DataModule
+from tests.test_data import _tiny_vae
+
+class Slow(pl.Callback):
+    def on_predict_batch_end(self, *args):
+        Path(sys.argv[2]).touch()  # a batch is written: the parent may send the signal
+        time.sleep(0.2)
+
+dm = DataModule(sys.argv[1], columns=["data", "id"], return_dict=True, batch_size=2)
+trainer = pl.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False,
+                     callbacks=[EmbeddingWriter(sys.argv[3]), Slow()])
+trainer.predict(_tiny_vae(), dm, return_predictions=False)
+"""
+
+
+@pytest.mark.slow  # a subprocess that imports torch and Lightning: 30 s on a busy 2-core machine
+def test_predict_stops_on_sigterm_and_leaves_no_torn_embeddings(uneven_dataset, tmp_path):
+    # (before: predict went on after SIGTERM, and a kill left embeddings.parquet without a footer at its final name)
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out, started = tmp_path / "embeddings.parquet", tmp_path / "started"
+    pq.write_table(pa.table({"id": [7]}), out)  # an earlier run's whole file
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    args = [sys.executable, "-c", _PREDICT_SCRIPT, str(uneven_dataset), str(started), str(out)]
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 60
+    while not started.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, proc.communicate()[0]
+    proc.send_signal(signal.SIGTERM)
+    output = proc.communicate(timeout=60)[0]
+    assert proc.returncode == 143, output
+    assert pq.read_table(out).column("id").to_pylist() == [7]  # untouched
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["embeddings.parquet", "started"]  # no partial file left
+
+
+# -- odd Parquet inputs (issue 19) -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_file_deleted_between_epochs_is_named(tmp_path, workers):
+    # (before: FileNotFoundError's traceback, from a DataLoader worker wrapped in another)
+    write_dataset(tmp_path, [{"data": _images(40), "id": np.arange(40)}], rows_per_file=20, rows_per_group=10)
+    dm = _id_module(tmp_path, batch_size=10, num_workers=workers, persistent_workers=False)
+    loader = dm.train_dataloader()
+    assert sorted(_ids(loader)) == list(range(40))
+    gone = sorted(tmp_path.glob("*.parquet"))[1]
+    gone.unlink()
+    with pytest.raises(DataError, match=rf"{gone}.* is gone .*deleted or moved"):
+        list(loader)
+
+
+def test_dictionary_encoded_columns_read_as_their_values(tmp_path):
+    # (pandas categoricals: object names as dictionary<string>, labels as dictionary<int>; before: refused or left out)
+    names = pa.array([f"obj{i % 3}" for i in range(12)]).dictionary_encode()
+    labels = pa.array([i % 2 for i in range(12)], type=pa.int16()).dictionary_encode()
+    table = pa.table({"data": pa.array(list(_images(12, (4,))), type=pa.list_(pa.uint8(), 4)), "name": names,
+                      "label": labels})  # fmt: skip
+    pq.write_table(table, tmp_path / "cat.parquet")
+    dm = DataModule(tmp_path, columns=["data", "name", "label"], return_dict=True, batch_size=12, val_fraction=0.0)
+    batch = next(iter(dm.predict_dataloader()))
+    assert batch["name"] == [f"obj{i % 3}" for i in range(12)]
+    assert batch["label"].dtype == torch.int64 and batch["label"].tolist() == [i % 2 for i in range(12)]
+    assert DataModule(tmp_path).column_names == ["data", "label"]  # not named: the strings are left out, as plain ones
+
+
+def test_nulls_in_a_floating_per_row_column_are_missing_values_and_elsewhere_named(tmp_path):
+    # a catalogue's missing redshift may be a null as well as a NaN; a null id has no such reading
+    data = pa.array(list(_images(6, (4,))), type=pa.list_(pa.uint8(), 4))
+    table = pa.table({"data": data, "z": pa.array([0.1, None, 0.3, None, 0.5, 0.6]), "id": [0, 1, None, 3, 4, 5]})
+    pq.write_table(table, tmp_path / "nulls.parquet")
+    dm = DataModule(tmp_path, columns=["data", "z"], return_dict=True, batch_size=6, val_fraction=0.0)
+    z = next(iter(dm.predict_dataloader()))["z"]
+    assert (
+        z.dtype == torch.float64 and torch.isnan(z[[1, 3]]).all() and z[[0, 2, 4, 5]].tolist() == [0.1, 0.3, 0.5, 0.6]
+    )
+    message = _error(tmp_path, columns=["data", "id"], return_dict=True, batch_size=6, val_fraction=0.0)
+    assert "column 'id' has 1 null rows (first: row 2)" in message
+
+
+def test_an_empty_or_truncated_file_is_named(tmp_path):
+    write_dataset(tmp_path, [{"data": _images(8)}])
+    (tmp_path / "empty.parquet").write_bytes(b"")
+    assert "empty.parquet is not a readable Parquet file" in _error(tmp_path)
+    (tmp_path / "empty.parquet").unlink()
+    whole = sorted(tmp_path.glob("*.parquet"))[0]
+    (tmp_path / "torn.parquet").write_bytes(whole.read_bytes()[:-20])  # a copy cut short: no footer
+    assert "torn.parquet is not a readable Parquet file" in _error(tmp_path)
+
+
+def test_a_failed_predict_leaves_a_whole_file_of_the_rows_before_and_an_unwritable_place_is_named(tmp_path):
+    from spherinator.callbacks import EmbeddingWriter
+    from spherinator.shapes import ConfigError
+
+    images = _images(24, (3, 8, 8))
+    write_dataset(tmp_path / "data", [{"data": images, "id": np.arange(24)}], rows_per_group=8)
+    bad = tmp_path / "bad"
+    floats = images.astype(np.float32)
+    floats[20, 0, 0, 0] = np.nan  # in the last row group: two batches are written first
+    write_dataset(bad, [{"data": floats, "id": np.arange(24)}], rows_per_group=8)
+    out = tmp_path / "out" / "embeddings.parquet"
+    dm = _id_module(bad, batch_size=8)
+    with pytest.raises(DataError, match="row 4 holds nan"):
+        quiet_trainer(callbacks=[EmbeddingWriter(out)]).predict(_tiny_vae(), dm, return_predictions=False)
+    assert pq.read_table(out).column("id").to_pylist() == list(range(16))  # closed: the rows before the failure
+    assert [p.name for p in out.parent.iterdir()] == ["embeddings.parquet"]  # no partial file left
+    (tmp_path / "a-file").write_text("")
+    writer = EmbeddingWriter(tmp_path / "a-file" / "embeddings.parquet")
+    with pytest.raises(ConfigError, match=r"cannot write the embeddings to .*a-file/embeddings.parquet"):
+        quiet_trainer(callbacks=[writer]).predict(_tiny_vae(), _id_module(tmp_path / "data"), return_predictions=False)

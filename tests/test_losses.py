@@ -138,3 +138,14 @@ def test_colour_weighted_mse_refuses_bad_input():
         ColourWeightedMSELoss()(torch.zeros(4, 5), torch.zeros(4, 5))
     with pytest.raises(ValueError, match="differ"):
         ColourWeightedMSELoss()(torch.zeros(1, 3, 4, 4), torch.zeros(1, 3, 4, 5))
+
+
+def test_colour_weighted_mse_refuses_one_band_naming_the_shape_and_what_to_use():
+    # (before: on one band it was plain MSE without a word)
+    from spherinator.losses import ColourWeightedMSELoss
+    from spherinator.shapes import ConfigError
+
+    with pytest.raises(ConfigError, match=r"one band \(shape \(2, 1, 4, 4\)\).*use torch.nn.MSELoss"):
+        ColourWeightedMSELoss(colour_weight=4.0)(torch.zeros(2, 1, 4, 4), torch.zeros(2, 1, 4, 4))
+    with pytest.raises(ConfigError, match="one band"):
+        ColourWeightedMSELoss()(torch.zeros(2, 1, 64), torch.zeros(2, 1, 64))  # spectra of one band too

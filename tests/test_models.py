@@ -26,6 +26,7 @@ from spherinator.models import (
     UpsamplingDecoder2D,
     VariationalAutoencoder,
 )
+from tests.conftest import quiet_trainer
 
 
 def encoder_1d(input_dim: list[int] | None = (1, 32), output_dim: int = 8) -> ConvolutionalEncoder1D:
@@ -353,16 +354,7 @@ def test_predict_step_returns_location_scale_and_id_columns():
 
 
 def _trainer(tmp_path, **kwargs) -> pl.Trainer:
-    defaults = dict(
-        accelerator="cpu",
-        max_steps=2,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-    )
-    return pl.Trainer(**{**defaults, **kwargs})
+    return quiet_trainer(**{"max_steps": 2, "default_root_dir": tmp_path, **kwargs})
 
 
 @pytest.mark.parametrize("cls", [VariationalAutoencoder, Autoencoder])

@@ -82,3 +82,23 @@ def test_bad_arguments_are_named():
         AlignByMoments(threshold=-1)
     with pytest.raises(ValueError, match=r"got shape \(16, 16\)"):
         AlignByMoments()(torch.zeros(16, 16))
+
+
+@pytest.mark.parametrize("shape", [(24, 24), (2, 64)])
+def test_a_column_it_cannot_align_is_refused_with_its_shape(tmp_path, shape):
+    # (before: a batch (B, H, W) of grey images or (B, C, L) of spectra was aligned as one (C, H, W) image)
+    import numpy as np
+
+    from spherinator.data import Column, DataError, DataModule, write_dataset
+
+    write_dataset(tmp_path, [{"data": np.random.default_rng(0).random((8, *shape), dtype=np.float32)}])
+    for per_sample in (False, True):
+        column = Column("data", transform=AlignByMoments(), per_sample=per_sample)
+        dm = DataModule(tmp_path, columns=[column], batch_size=4, val_fraction=0.0)
+        with pytest.raises(DataError, match=rf"column 'data' holds samples of shape \({shape[0]}, {shape[1]}\), but "
+                                            r"its transform AlignByMoments takes samples \(C, H, W\)"):  # fmt: skip
+            dm.setup()
+    grey = tmp_path / "grey"
+    write_dataset(grey, [{"data": np.zeros((8, 1, 24, 24), dtype=np.float32)}])
+    dm = DataModule(grey, columns=[Column("data", transform=AlignByMoments())], batch_size=4, val_fraction=0.0)
+    assert next(iter(dm.train_dataloader())).shape == (4, 1, 24, 24)  # (1, H, W) is fine

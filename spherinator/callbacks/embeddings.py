@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,12 @@ import pyarrow.parquet as pq
 import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+from spherinator.shapes import ConfigError
+
+# The exit status of a process ended by SIGTERM (128 + 15), which Slurm's scancel and time limit send.
+SIGTERM_EXIT = 143
 
 
 class EmbeddingWriter(BasePredictionWriter):
@@ -20,6 +27,12 @@ class EmbeddingWriter(BasePredictionWriter):
     ``id`` (B,), or lists of ``str`` (object names). Vectors become fixed-size list columns; scalars plain columns;
     strings string columns. One file per rank:
     ``embeddings.parquet`` on a single process, ``embeddings-rank{r}.parquet`` under DDP.
+
+    The file is written under a staged name in the same directory (``.embeddings.parquet.partial``) and renamed to
+    its final name once closed: a killed predict never leaves a torn file at the final name. When a batch fails, the
+    rows before it are closed and take the final name. On SIGTERM (Slurm's ``scancel`` or time limit) the prediction
+    stops after the batch being written, the partial file is removed (an earlier run's file stays as it was) and the
+    process exits with status 143.
 
     Args:
         output_path: File (or directory, then ``embeddings.parquet`` inside) to write; defaults to the trainer's
@@ -31,6 +44,7 @@ class EmbeddingWriter(BasePredictionWriter):
         self.output_path = Path(output_path) if output_path is not None else None
         self._writer: pq.ParquetWriter | None = None
         self.written_path: Path | None = None
+        self._staged: Path | None = None
         self.rows = 0
 
     def _path(self, trainer: Trainer) -> Path:
@@ -60,29 +74,50 @@ class EmbeddingWriter(BasePredictionWriter):
             if isinstance(value, list):  # per-row strings such as object names
                 columns[name] = pa.array(value, type=pa.string())
                 continue
-            array = value.detach().float().cpu().numpy() if value.is_floating_point() else value.cpu().numpy()
+            value = value.detach().cpu()
+            if value.is_floating_point() and value.dtype not in (torch.float32, torch.float64):
+                value = value.float()  # bfloat16/float16 model outputs; per-row float64 columns stay exact
+            array = value.numpy()
             if array.ndim == 1:
                 columns[name] = pa.array(array)
             else:  # (B, D) vectors: one fixed-size list per row
                 flat = pa.array(np.ascontiguousarray(array).reshape(-1))
                 columns[name] = pa.FixedSizeListArray.from_arrays(flat, int(np.prod(array.shape[1:])))
         table = pa.table(columns)
-        if self._writer is None:
-            self.written_path = self._path(trainer)
-            self.written_path.parent.mkdir(parents=True, exist_ok=True)
-            self._writer = pq.ParquetWriter(self.written_path, table.schema)
-            self.rows = 0  # a new file: count this run's rows only
-        self._writer.write_table(table)
+        try:
+            if self._writer is None:
+                self.written_path = self._path(trainer)
+                self.written_path.parent.mkdir(parents=True, exist_ok=True)
+                # not *.parquet: a dataset reader passing over the directory never takes a partial file for data
+                self._staged = self.written_path.with_name(f".{self.written_path.name}.partial")
+                self._writer = pq.ParquetWriter(self._staged, table.schema)
+                self.rows = 0  # a new file: count this run's rows only
+            self._writer.write_table(table)
+        except OSError as err:  # a read-only or full disk, a file where a directory should be
+            raise ConfigError(
+                f"cannot write the embeddings to {self.written_path} ({err.strerror or err}); give a writable "
+                f"place with free space (EmbeddingWriter's output_path, or --trainer.default_root_dir)"
+            ) from err
         self.rows += table.num_rows
+        if trainer.received_sigterm:  # Lightning's predict loop notes a SIGTERM but goes on: stop here
+            raise SIGTERMException(SIGTERM_EXIT)
 
     def on_predict_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self._writer is not None:
             self._writer.close()
             self._writer = None
+            os.replace(self._staged, self.written_path)  # whole (footer written) before it takes the final name
+            self._staged = None
             print(f"spherinator: wrote {self.rows} embeddings to {self.written_path}")
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
-        # close the file so that the rows written so far form a readable Parquet file (footer written)
+        # An error in a batch: the rows before it, closed (footer written), take the final name. SIGTERM (a
+        # cancelled or timed-out job, which may be requeued): the partial file goes, an earlier whole one stays.
         if self._writer is not None:
             self._writer.close()
             self._writer = None
+        if self._staged is not None and isinstance(exception, SIGTERMException):
+            self._staged.unlink(missing_ok=True)
+        elif self._staged is not None:
+            os.replace(self._staged, self.written_path)
+        self._staged = None

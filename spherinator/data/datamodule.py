@@ -46,8 +46,9 @@ class DataModule(pl.LightningDataModule):
     by one (rank, worker), every rank yields the same number of batches, and with ``shuffle`` the order is a
     seeded function of (``seed``, epoch): row groups in a new random order every epoch, rows mixed in a shuffle
     buffer of ``shuffle_buffer`` rows. Array columns of uint8 become float32 in [0, 1], other arrays float32;
-    integer scalar columns (e.g. ``id``) stay int64. String columns (e.g. object names), when named in ``columns``,
-    come as a list of ``str`` per batch (with ``return_dict``; never the first column).
+    integer scalar columns (e.g. ``id``) become int64, floating ones keep their stored dtype (float64 MJDs, RA/Dec
+    stay exact). String columns (e.g. object names), when named in ``columns``, come as a list of ``str`` per batch
+    (with ``return_dict``; never the first column).
 
     Tensor storage understood: the fast layout (``fixed_size_binary`` raw bytes with ``<col>_shape`` and
     ``<col>_dtype`` metadata, see :mod:`spherinator.data.writer`), list / fixed-size-list columns with
@@ -122,7 +123,7 @@ class DataModule(pl.LightningDataModule):
         self.prefetch_factor = prefetch_factor
         self._index: ParquetIndex | None = None
         self._splits: dict[str, list[Segment]] = {}
-        self._passes = itertools.count()
+        self._passes = itertools.count()  # passes made without a trainer: the epoch of each
         # Lightning warns about every IterableDataset with __len__ that its length may be wrong with workers.
         # Here it is exact: every (rank, worker) reads its own rows and each rank yields len() batches (tested).
         warnings.filterwarnings("ignore", message="Your `IterableDataset` has `__len__` defined", category=UserWarning)
@@ -163,6 +164,23 @@ class DataModule(pl.LightningDataModule):
         for name in strings:
             if self._column(name).transform is not None:
                 raise DataError(f"column {name!r} holds strings, which a transform cannot take; remove its `transform`")
+        for name in index.layouts:
+            self._check_sample_layout(index, name)
+
+    def _check_sample_layout(self, index: ParquetIndex, name: str) -> None:
+        """A transform that names the dimensions of one sample (``sample_layout``, e.g. AlignByMoments' (C, H, W))
+        gets samples of that many: with others it would silently treat a batch as one sample."""
+        transform = self._column(name).transform
+        layout = getattr(transform, "sample_layout", None)
+        if layout is None or index.layouts[name].kind == "string":
+            return
+        shape = index.row_shape(name)[0]
+        if len(shape) != len(layout):
+            raise DataError(
+                f"column {name!r} holds samples of shape {tuple(shape)}, but its transform {type(transform).__name__} "
+                f"takes samples ({', '.join(layout)}); store them so (e.g. grey images (H, W) as (1, H, W)) or remove "
+                f"the transform"
+            )
 
     @property
     def column_names(self) -> list[str]:
@@ -266,19 +284,7 @@ class DataModule(pl.LightningDataModule):
         kwargs = dict(batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory, **workers)
         if split != "train":
             return Loader(self.dataset(split), **kwargs)
-        return Loader(self.dataset(split), epoch_fn=self._epoch, progress_fn=self._batch_progress, **kwargs)
-
-    def _batch_progress(self) -> Any:
-        """The trainer's count of the current epoch's training batches (None without a trainer)."""
-        if self.trainer is None:
-            return None
-        return self.trainer.fit_loop.epoch_loop.batch_progress
-
-    def _epoch(self) -> int:
-        """The trainer's epoch when attached, else the number of passes made so far."""
-        if self.trainer is not None:
-            return self.trainer.current_epoch
-        return next(self._passes)
+        return Loader(self.dataset(split), progress=_TrainerProgress(self), **kwargs)
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled (if ``shuffle``), sharded training batches."""
@@ -300,6 +306,40 @@ class DataModule(pl.LightningDataModule):
     def predict_dataloader(self) -> DataLoader:
         """Every row once, in file order, no shuffle (all rows, whatever the splits)."""
         return self._loader("predict")
+
+
+class _TrainerProgress:
+    """The training loader's :class:`~spherinator.data.transport.TrainProgress`: the one place where spherinator.data
+    looks at the trainer's count of an epoch's batches.
+
+    Lightning restores that count from a checkpoint and ends the epoch when it reaches the loader's length; it has
+    no public way to learn that a resumed epoch has another number of batches left (other batch size, workers or
+    ranks), so :meth:`count_from` moves the count of the current epoch (and the run's total with it).
+    """
+
+    def __init__(self, datamodule: DataModule) -> None:
+        self.datamodule = datamodule
+
+    def epoch(self) -> int:
+        trainer = self.datamodule.trainer
+        return trainer.current_epoch if trainer is not None else next(self.datamodule._passes)
+
+    def batches_done(self) -> int | None:
+        # ``processed``, not ``completed``: a checkpoint saved in ``on_train_batch_end`` (as the requeue callback does)
+        # holds the optimizer step of its batch, while ``completed`` counts that batch only after the hook.
+        progress = self._progress()
+        return progress.current.processed if progress is not None else None
+
+    def count_from(self, batches: int) -> None:
+        progress = self._progress()
+        shift = batches - progress.current.processed
+        for counter in (progress.current, progress.total):
+            for field in ("ready", "started", "processed", "completed"):
+                setattr(counter, field, getattr(counter, field) + shift)
+
+    def _progress(self) -> Any:
+        trainer = self.datamodule.trainer
+        return trainer.fit_loop.epoch_loop.batch_progress if trainer is not None else None
 
 
 __all__ = ["Column", "DataModule"]

@@ -135,6 +135,8 @@ class ColumnLayout:
         """Whether a column of this Arrow type can become a tensor in some layout."""
         if isinstance(type_, pa.FixedShapeTensorType):
             return True
+        if pa.types.is_dictionary(type_):  # e.g. pandas categoricals: what counts is the values' type
+            return ColumnLayout.supports(type_.value_type)
         if pa.types.is_struct(type_):
             return type_.get_field_index("bytes") >= 0
         if _is_list(type_):
@@ -152,6 +154,8 @@ class ColumnLayout:
     def detect(cls, field: pa.Field, metadata: dict[bytes, bytes] | None, where: Where) -> ColumnLayout:
         """Work out the layout of ``field`` from its type and the schema metadata of the file at ``where``."""
         name, type_ = field.name, field.type
+        if pa.types.is_dictionary(type_):  # pandas categoricals (object names, labels): read as their values
+            type_ = type_.value_type
         metadata = metadata or {}
         raw_shape, raw_dtype = metadata.get(shape_key(name)), metadata.get(dtype_key(name))
         shape = parse_shape(raw_shape, name, where) if raw_shape is not None else None
@@ -161,25 +165,7 @@ class ColumnLayout:
             return cls(name, "tensor", tuple(type_.shape), np.dtype(type_.value_type.to_pandas_dtype()))
 
         if pa.types.is_fixed_size_binary(type_) or pa.types.is_binary(type_) or pa.types.is_large_binary(type_):
-            fixed = pa.types.is_fixed_size_binary(type_)
-            if shape is None and dtype is None and not fixed:
-                return cls(name, "encoded", None, None)
-            missing = [k.decode() for k, v in ((shape_key(name), shape), (dtype_key(name), dtype)) if v is None]
-            if missing:
-                raise DataError(
-                    f"{where}: column {name!r} stores raw array bytes ({type_}) but the schema metadata lacks "
-                    f"{' and '.join(missing)}; every row group needs both to be read. Re-write the file with "
-                    f"spherinator.data.writer (or tools/make_dataset.py convert), which records them"
-                )
-            if fixed:
-                expected = math.prod(shape) * dtype.itemsize
-                if type_.byte_width != expected:
-                    raise DataError(
-                        f"{where}: column {name!r} holds {type_.byte_width} bytes per row in every row group, but "
-                        f"shape {shape} of {dtype} needs {expected}; fix the {name}_shape/{name}_dtype metadata "
-                        f"or re-write the column"
-                    )
-            return cls(name, "raw", shape, dtype)
+            return cls._detect_bytes(name, type_, shape, dtype, where)
 
         if _is_list(type_):
             leaf = _numeric_leaf(type_)
@@ -212,6 +198,31 @@ class ColumnLayout:
             f"drop it from `columns` or store it as numbers, strings, lists of numbers or raw array bytes"
         )
 
+    @classmethod
+    def _detect_bytes(
+        cls, name: str, type_: pa.DataType, shape: tuple[int, ...] | None, dtype: np.dtype | None, where: Where
+    ) -> ColumnLayout:
+        """A binary column: encoded images, or raw array bytes described by shape and dtype metadata."""
+        fixed = pa.types.is_fixed_size_binary(type_)
+        if shape is None and dtype is None and not fixed:
+            return cls(name, "encoded", None, None)
+        missing = [k.decode() for k, v in ((shape_key(name), shape), (dtype_key(name), dtype)) if v is None]
+        if missing:
+            raise DataError(
+                f"{where}: column {name!r} stores raw array bytes ({type_}) but the schema metadata lacks "
+                f"{' and '.join(missing)}; every row group needs both to be read. Re-write the file with "
+                f"spherinator.data.writer (or tools/make_dataset.py convert), which records them"
+            )
+        if fixed:
+            expected = math.prod(shape) * dtype.itemsize
+            if type_.byte_width != expected:
+                raise DataError(
+                    f"{where}: column {name!r} holds {type_.byte_width} bytes per row in every row group, but "
+                    f"shape {shape} of {dtype} needs {expected}; fix the {name}_shape/{name}_dtype metadata "
+                    f"or re-write the column"
+                )
+        return cls(name, "raw", shape, dtype)
+
     # -- decoding ------------------------------------------------------------------------------------------------
 
     def decode(self, column: pa.ChunkedArray | pa.Array, where: Where, first_row: int = 0) -> np.ndarray:
@@ -230,6 +241,11 @@ class ColumnLayout:
         return self._decode_array(column, where, first_row)
 
     def _decode_array(self, arr: pa.Array, where: Where, first_row: int = 0) -> np.ndarray:
+        if pa.types.is_dictionary(arr.type):
+            arr = arr.dictionary_decode()
+        if arr.null_count and self.kind == "scalar" and pa.types.is_floating(arr.type):
+            # a missing catalogue value (a redshift) may be a null as well as a NaN: both read as NaN
+            return arr.to_numpy(zero_copy_only=False)
         if arr.null_count:
             first = first_row + int(np.flatnonzero(~np.asarray(arr.is_valid()))[0])
             raise DataError(

@@ -2,20 +2,23 @@
 
 :func:`split_rows` cuts the rows of a dataset into train/val/test :class:`Segment` lists. :func:`shard` plans one
 epoch for one (rank, worker): which rows it reads and the sizes of the batches it yields, such that every row is
-read exactly once per epoch and every rank yields the same number of batches. :func:`rebatch` cuts a stream of
-decoded chunks into those batches, mixing rows in a shuffle buffer. :func:`unread_rows` replays all of it on row
-numbers alone to tell which rows of an epoch a loader had not handed out (a run resumed mid-epoch).
+read exactly once per epoch and every rank yields the same number of batches; :func:`pass_plan` is the one way a
+pass over an epoch's rows is sharded, for the reader and for :func:`unread_rows`, which replays a pass on row
+numbers alone (with the reader's own :func:`~spherinator.data.batching.rebatch`) to tell which rows of an epoch a
+loader had not handed out (a run resumed mid-epoch).
 
-Nothing here reads a file: :mod:`spherinator.data.reader` executes the plans.
+Nothing here reads a file or touches memory it did not allocate: :mod:`spherinator.data.reader` executes the plans.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+
+from spherinator.data.batching import rebatch
 
 
 @dataclass(frozen=True)
@@ -128,6 +131,25 @@ def shard(
     return _take(order, ends, start, sum(sizes)), sizes
 
 
+def pass_plan(
+    order: Sequence[Segment],
+    batch_size: int,
+    rank: int,
+    world_size: int,
+    worker: int,
+    num_workers: int,
+    *,
+    drop_last: bool,
+    shuffle: bool,
+) -> tuple[list[Segment], list[int]]:
+    """The segments one (rank, worker) reads in one pass over ``order`` (segments already in the pass's order) and
+    its batch sizes. The reader reads by it and :func:`unread_rows` replays it: one function, so that a resume cannot
+    drift from what was read. Unshuffled, a rank's batches are dealt to its workers in turn, which keeps the file
+    order through a DataLoader; shuffled, each worker reads one contiguous span (fewer row groups read twice)."""
+    where = {"rank": rank, "world_size": world_size, "worker": worker, "num_workers": num_workers}
+    return shard(order, batch_size=batch_size, **where, drop_last=drop_last, interleave=not shuffle)
+
+
 def epoch_order(segments: Sequence[Segment], epoch: int, seed: int, shuffle: bool) -> list[Segment]:
     """The segments in the order an epoch reads them: a seeded permutation per epoch with ``shuffle``."""
     order = list(segments)
@@ -213,15 +235,8 @@ def unread_rows(
         window = step.shuffle_buffer if shuffle else 0
         for rank in range(step.world_size):
             plans = [
-                shard(
-                    order,
-                    batch_size=step.batch_size,
-                    rank=rank,
-                    world_size=step.world_size,
-                    worker=w,
-                    num_workers=workers,
-                    drop_last=drop_last,
-                    interleave=not shuffle,
+                pass_plan(
+                    order, step.batch_size, rank, step.world_size, w, workers, drop_last=drop_last, shuffle=shuffle
                 )
                 for w in range(workers)
             ]
@@ -242,85 +257,3 @@ def unread_rows(
             ]
         order = rest
     return order
-
-
-def _rows(chunk: dict[str, np.ndarray]) -> int:
-    return len(next(iter(chunk.values())))
-
-
-def _concat(chunks: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    if len(chunks) == 1:
-        return chunks[0]
-    return {n: np.concatenate([c[n] for c in chunks]) for n in chunks[0]}
-
-
-def _take_rows(
-    chunks: list[dict[str, np.ndarray]], idx: np.ndarray, into: dict[str, np.ndarray] | None = None
-) -> dict[str, np.ndarray]:
-    """``_concat(chunks)[idx]`` per column, without concatenating: each row is copied once, from its chunk, into
-    ``into[column]`` where given (an array of ``len(idx)`` rows), else into a new array."""
-    into = into or {}
-    if len(chunks) == 1:
-        # mode="clip": the rows are in range, and with the default mode numpy copies ``out`` through a buffer
-        return {n: np.take(a, idx, axis=0, out=into.get(n), mode="clip") for n, a in chunks[0].items()}
-    starts = np.cumsum([0] + [_rows(c) for c in chunks[:-1]])
-    which = np.searchsorted(starts, idx, side="right") - 1  # the chunk of each row
-    local = idx - starts[which]
-    picks = [(c, which == c) for c in np.unique(which)]
-    out = {}
-    for name, first in chunks[0].items():
-        column = into[name] if name in into else np.empty((len(idx), *first.shape[1:]), dtype=first.dtype)
-        for c, mask in picks:
-            column[mask] = chunks[c][name][local[mask]]
-        out[name] = column
-    return out
-
-
-def rebatch(
-    chunks: Iterator[dict[str, np.ndarray]],
-    sizes: Sequence[int],
-    window: int,
-    rng: np.random.Generator | None,
-    into: Callable[[int], dict[str, np.ndarray]] | None = None,
-) -> Iterator[dict[str, np.ndarray]]:
-    """Cut a stream of decoded chunks into batches of the given sizes.
-
-    Without ``rng`` batches are slices of the chunks (no copy unless a batch spans two chunks). With ``rng``,
-    chunks are buffered until at least ``window`` rows (and one batch) are there; every full batch is then drawn
-    from a random permutation of the buffer (rows copied straight from their chunks, into the arrays
-    ``into(rows)`` gives for some columns if it is given) and the few rows left over join the next window.
-    """
-    pending: list[dict[str, np.ndarray]] = []
-    have, k = 0, 0
-    while k < len(sizes):
-        need = max(window, sizes[k]) if rng is not None else sizes[k]
-        while have < need:
-            chunk = next(chunks, None)
-            if chunk is None:
-                break
-            if _rows(chunk):
-                pending.append(chunk)
-                have += _rows(chunk)
-        if have < sizes[k]:
-            return  # fewer rows than planned: the files changed while reading
-        if rng is None:
-            if _rows(pending[0]) < sizes[k]:  # the batch spans chunks
-                pending = [_concat(pending)]
-            head, size = pending[0], sizes[k]
-            yield {n: a[:size] for n, a in head.items()}
-            if _rows(head) == size:
-                pending.pop(0)
-            else:
-                pending[0] = {n: a[size:] for n, a in head.items()}
-            have -= size
-            k += 1
-            continue
-        perm = rng.permutation(have)  # over the rows of ``pending`` in order
-        pos = 0
-        while k < len(sizes) and have - pos >= sizes[k]:
-            yield _take_rows(pending, perm[pos : pos + sizes[k]], into(sizes[k]) if into is not None else None)
-            pos += sizes[k]
-            k += 1
-        rest = perm[pos:]
-        pending = [_take_rows(pending, rest)] if rest.size else []
-        have = rest.size

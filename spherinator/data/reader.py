@@ -26,8 +26,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from spherinator.data.batching import rebatch
 from spherinator.data.layout import ColumnLayout, DataError, Where
-from spherinator.data.plan import Pass, Segment, pass_rng, rank_batch_sizes, rebatch, shard, unread_rows
+from spherinator.data.plan import Pass, Segment, epoch_order, pass_plan, pass_rng, rank_batch_sizes, unread_rows
 
 T = TypeVar("T")
 U = TypeVar("U")
@@ -206,8 +207,6 @@ class ParquetReader:
             batches and the ones read ahead).
         seed: Base seed; the order is a function of (seed, epoch, rank, worker).
         drop_last: Only full batches (the rows left over differ every epoch when shuffling).
-        interleave: Deal a rank's batches to its workers in turn (which keeps the stream order through a
-            DataLoader); default: when not shuffling.
     """
 
     def __init__(
@@ -220,7 +219,6 @@ class ParquetReader:
         shuffle_buffer: int = 1024,
         seed: int = 0,
         drop_last: bool = False,
-        interleave: bool | None = None,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size} must be >= 1")
@@ -232,7 +230,6 @@ class ParquetReader:
         self.shuffle_buffer = shuffle_buffer
         self.seed = seed
         self.drop_last = drop_last
-        self.interleave = not shuffle if interleave is None else interleave
         # (epoch, the rows its earlier passes left, pass number): set by resume_after, read when that epoch starts
         self.resume: tuple[int, list[Segment], int] | None = None
         # Columns whose per-row shape the schema does not tell: every batch must match the first row's.
@@ -279,19 +276,10 @@ class ParquetReader:
         if self.resume is not None and self.resume[0] == epoch:
             _, rows, pass_index = self.resume
             new_order = False  # the rows left keep the epoch's order
-        segments, sizes = shard(
-            rows,
-            batch_size=self.batch_size,
-            epoch=epoch,
-            seed=self.seed,
-            shuffle=new_order,
-            rank=rank,
-            world_size=world_size,
-            worker=worker,
-            num_workers=num_workers,
-            drop_last=self.drop_last,
-            interleave=self.interleave,
-        )
+        order = epoch_order(rows, epoch, self.seed, new_order)
+        plan = pass_plan(order, self.batch_size, rank, world_size, worker, num_workers, drop_last=self.drop_last,
+                         shuffle=self.shuffle)  # fmt: skip
+        segments, sizes = plan
         rng = pass_rng(self.seed, epoch, rank, worker, pass_index) if self.shuffle else None
         window = self.shuffle_buffer if self.shuffle else 0
         return rebatch(self._read(segments, ahead), sizes, window, rng, into)
@@ -371,8 +359,19 @@ class _Handles:
         if file not in handles:
             if len(handles) >= 8:
                 handles.pop(next(iter(handles))).close()
-            # No memory_map: mapped pages would count as resident memory growing with the data read.
-            handles[file] = pq.ParquetFile(self.files[file], page_checksum_verification=True)
+            path = self.files[file]
+            try:
+                # No memory_map: mapped pages would count as resident memory growing with the data read.
+                handles[file] = pq.ParquetFile(path, page_checksum_verification=True)
+            except FileNotFoundError as err:
+                raise DataError(
+                    f"{path} was scanned when the run started but is gone now (deleted or moved during the run); put "
+                    f"it back, or start the run again so that the dataset is scanned anew"
+                ) from err
+            except (pa.ArrowException, OSError) as err:
+                raise DataError(
+                    f"{path} cannot be opened ({err}); the file changed during the run: re-write it"
+                ) from err
         return handles[file]
 
     def close(self) -> None:

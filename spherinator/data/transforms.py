@@ -29,15 +29,20 @@ class AlignByMoments(nn.Module):
     turn.
 
     Works on one image ``(C, H, W)`` or a batch ``(B, C, H, W)`` (a ``Column`` transform gets whole batches), in
-    the input's dtype and device. A 3-d input is one image: single-channel images stored as ``(H, W)`` arrive as
-    ``(B, H, W)`` batches and would be aligned as one, so store them as ``(1, H, W)``. An image with no pixel above
-    the threshold keeps its place and orientation; one of noise only is moved by its brightest noise.
+    the input's dtype and device. A 3-d input is one image: as a column transform, a column of other than
+    ``(C, H, W)`` samples (grey images stored as ``(H, W)``, spectra) is refused; store grey images as
+    ``(1, H, W)``. An image with no pixel above the threshold keeps its place and orientation; one of noise only is
+    moved by its brightest noise.
 
     Args:
         centre: Shift the light's centroid to the centre of the stamp.
         rotate: Turn the major axis of the light horizontal.
         threshold: Pixels brighter than the sky by this many sigmas of the border's noise carry the moments.
     """
+
+    # One sample's dimensions: a DataModule refuses a column whose samples have others (a batch of (H, W) grey
+    # images or (C, L) spectra would be aligned as one image).
+    sample_layout = ("C", "H", "W")
 
     def __init__(self, centre: bool = True, rotate: bool = True, threshold: float = 2.0) -> None:
         super().__init__()

@@ -36,7 +36,7 @@ import os
 import warnings
 import weakref
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -64,13 +64,22 @@ def shared_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     return torch.empty(0, dtype=dtype).set_(torch.UntypedStorage._new_shared(nbytes), 0, shape)
 
 
+_FLOATS = {2: torch.float16, 4: torch.float32, 8: torch.float64}  # numpy float itemsize -> torch dtype
+
+
 def to_tensor(array: np.ndarray, layout: ColumnLayout, shared: bool = False) -> torch.Tensor | list[str]:
     """The tensor the model sees: arrays of uint8 scaled to float32 in [0, 1], other arrays as float32;
-    integer/boolean scalars as int64, floating scalars as float32. Always a new tensor (never a view of Arrow
-    memory); in shared memory with ``shared``. A string column becomes a list of ``str``."""
+    integer/boolean scalars as int64, floating scalars in their stored dtype (a float64 MJD or RA stays exact).
+    Always a new tensor (never a view of Arrow memory); in shared memory with ``shared``. A string column becomes a
+    list of ``str``."""
     if layout.kind == "string":
         return array.tolist()
-    dtype = torch.float32 if layout.is_tensor or array.dtype.kind == "f" else torch.int64
+    if layout.is_tensor:
+        dtype = torch.float32
+    elif array.dtype.kind == "f":
+        dtype = _FLOATS[array.dtype.itemsize]
+    else:
+        dtype = torch.int64
     out = shared_empty(array.shape, dtype) if shared else torch.empty(array.shape, dtype=dtype)
     if array.dtype == np.uint8 and layout.is_tensor:
         return _scale_into(array, out)
@@ -468,6 +477,21 @@ def _errors_as_batches(batches: Iterator[Any]) -> Iterator[Any]:
         yield WorkerError(str(err))
 
 
+class TrainProgress(Protocol):
+    """Where the run a training :class:`Loader` feeds stands, as plain integers (the DataModule, at Lightning's
+    edge, answers)."""
+
+    def epoch(self) -> int:
+        """The epoch the next pass reads."""
+
+    def batches_done(self) -> int | None:
+        """Batches of the current epoch trained on so far (in a checkpoint: including the one it was saved after);
+        None outside a fit."""
+
+    def count_from(self, batches: int) -> None:
+        """Count the current epoch's batches from ``batches`` on: a resumed epoch's batches left end it there."""
+
+
 class Loader(DataLoader):
     """A DataLoader over a :class:`ParquetStream` that tells it the epoch before every pass (persistent workers
     see it too: the epoch lives in shared memory). With workers, it iterates a copy of the stream that sends uint8
@@ -475,22 +499,15 @@ class Loader(DataLoader):
     the workers; columns of a fixed shape come through shared buffers allocated once (:class:`BatchSlots`) instead
     of a new shared-memory segment per batch.
 
-    A training loader (``progress_fn``: the trainer's batch progress of the epoch) is resumable: its state says how
-    its passes over the current epoch cut the rows into batches and how many batches they handed out, and a loader
-    restored from it reads the rows not yet handed out, in batches of its own size (see :meth:`load_state_dict`)."""
+    A training loader (given ``progress``) is resumable: its state says how its passes over the current epoch cut
+    the rows into batches and how many batches they handed out, and a loader restored from it reads the rows not yet
+    handed out, in batches of its own size (see :meth:`load_state_dict`). It learns the run's position from
+    ``progress`` as plain integers and never looks at the trainer itself."""
 
-    def __init__(
-        self,
-        dataset: ParquetStream,
-        *,
-        epoch_fn: Callable[[], int] | None = None,
-        progress_fn: Callable[[], Any] | None = None,
-        **kwargs: Any,
-    ) -> None:
+    def __init__(self, dataset: ParquetStream, *, progress: TrainProgress | None = None, **kwargs: Any) -> None:
         self.handover = Handover() if kwargs.get("num_workers", 0) > 0 else None
         super().__init__(dataset.handed_over(self.handover) if self.handover else dataset, **kwargs)
-        self.epoch_fn = epoch_fn
-        self.progress_fn = progress_fn
+        self.progress = progress
         self._to_resume: tuple[int, list[Pass] | None] | None = None
         # the passes over epoch _passes_epoch before the current one, which began at batch _first_batch of it
         self._passes: list[Pass] = []
@@ -558,28 +575,21 @@ class Loader(DataLoader):
         reader = self.dataset.reader
         return {"rows": reader.num_rows, "seed": reader.seed, "shuffle": reader.shuffle, "drop_last": reader.drop_last}
 
-    def _batches_done(self) -> int:
-        """Training batches of the current epoch already trained on (Lightning's count).
-
-        ``processed``, not ``completed``: a checkpoint saved in ``on_train_batch_end`` (as the requeue callback does)
-        holds the optimizer step of its batch, while ``completed`` counts that batch only after the hook.
-        """
-        return self.progress_fn().current.processed
-
     def state_dict(self) -> dict[str, Any]:
         epoch = self.dataset.epoch
-        if self.progress_fn is None or self.progress_fn() is None:
+        done = self.progress.batches_done() if self.progress is not None else None
+        if done is None:
             return {"epoch": epoch}
         earlier = self._passes if self._passes_epoch == epoch else []
         first = self._first_batch if self._passes_epoch == epoch else 0
-        current = self._pass(self._batches_done() - first)
+        current = self._pass(done - first)
         return {"epoch": epoch, "passes": [dataclasses.asdict(p) for p in [*earlier, current]], **self._order()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Resume in the epoch the state was saved in: the next pass reads the rows its passes had not handed out,
         in batches of this loader's size, with its workers (any batch size, worker or rank count). A state of an
         older spherinator (``{"epoch"}`` only) counted batches of this loader's batch size."""
-        if self.progress_fn is None:
+        if self.progress is None:
             return
         passes = None  # an older state: its batches are counted by the trainer
         if "passes" in state:
@@ -595,26 +605,23 @@ class Loader(DataLoader):
         self._to_resume = (state["epoch"], passes)
 
     def _resume(self, epoch: int, passes: list[Pass] | None) -> None:
-        progress = self.progress_fn()
-        if progress is None or epoch != self.dataset.epoch:
+        done = self.progress.batches_done()
+        if done is None or epoch != self.dataset.epoch:
             return
         if passes is None:
-            passes = [self._pass(self._batches_done())]
+            passes = [self._pass(done)]
         if not sum(p.batches for p in passes):
             return
         left = self.dataset.resume_after(epoch, passes)
-        # Lightning counts this epoch's batches from the ones done up to len(self): start its count where the
+        # The trainer counts this epoch's batches from the ones done up to len(self): its count must go on where the
         # batches left end the epoch (with another batch size they are not len(self) - done).
-        first = len(self) - left if left else self._batches_done()
-        shift = first - self._batches_done()
-        for counter in (progress.current, progress.total):
-            for field in ("ready", "started", "processed", "completed"):
-                setattr(counter, field, getattr(counter, field) + shift)
+        first = len(self) - left if left else done
+        self.progress.count_from(first)
         self._passes, self._passes_epoch, self._first_batch = passes, epoch, first
 
     def __iter__(self) -> Iterator[Any]:
-        if self.epoch_fn is not None:
-            self.dataset.set_epoch(self.epoch_fn())
+        if self.progress is not None:
+            self.dataset.set_epoch(self.progress.epoch())
         epoch = self.dataset.epoch
         if self._to_resume is not None:
             resume, self._to_resume = self._to_resume, None

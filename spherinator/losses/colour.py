@@ -7,6 +7,8 @@ import math
 import torch
 from torch import nn
 
+from spherinator.shapes import ConfigError
+
 
 class ColourWeightedMSELoss(nn.Module):
     """MSE of multi-band images split into a luminance and a colour part, the colour part weighted by
@@ -20,6 +22,8 @@ class ColourWeightedMSELoss(nn.Module):
     asks the latent space to spend its few degrees of freedom on colour too. The loss stays a mean over the N values
     of a sample: against a VAE's ``beta`` the luminance part is the Gaussian likelihood of pixel variance
     beta * N / 2 (see the README), the colour part one of variance beta * N / (2 * colour_weight).
+
+    Images of one band have no colour: the loss refuses them (use ``torch.nn.MSELoss``, which it would equal).
 
     Args:
         colour_weight: Weight of the colour part (band differences from the luminance) against the luminance part.
@@ -42,6 +46,11 @@ class ColourWeightedMSELoss(nn.Module):
         if prediction.dim() < 3:
             raise ValueError(
                 f"ColourWeightedMSELoss needs bands on dimension 1 of (B, C, ...), got shape {tuple(prediction.shape)}"
+            )
+        if prediction.shape[1] == 1:
+            raise ConfigError(
+                f"ColourWeightedMSELoss weighs the colour between bands apart, but the images have one band (shape "
+                f"{tuple(prediction.shape)}): it would be plain MSE; use torch.nn.MSELoss as the model's loss"
             )
         error = prediction - target  # (B, C, ...)
         luminance = error.mean(dim=1, keepdim=True)  # (B, 1, ...)
