@@ -12,7 +12,8 @@ import shutil
 import sys
 from pathlib import Path
 
-from spherinator import __version__
+from spherinator.errors import LIGHTNING_COMMANDS  # noqa: F401 (re-exported)
+from spherinator.version import __version__
 
 # One line each, in the order `spherinator --help` lists them. The first four are LightningCLI's.
 COMMANDS = {
@@ -25,7 +26,6 @@ COMMANDS = {
     "atlas": "a run's sphere as a HiPS and its data as a catalog, in Aladin Lite",
     "examples": "copy the example experiments that ship with spherinator",
 }
-LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -96,7 +96,7 @@ def main(args: list[str] | None = None) -> None:
     elif argv[0] == "examples":
         examples(argv[1:])
     else:  # fit, validate, test, predict, and LightningCLI's own options (-c before the command, --print_config)
-        from spherinator.cli import lightning_main
+        from spherinator.cli import main as lightning_main
 
         lightning_main(argv)
 

@@ -12,8 +12,8 @@ import pytest
 import yaml
 
 from spherinator import __version__
-from spherinator.cli import SpherinatorCLI, main
-from spherinator.commands import COMMANDS, LIGHTNING_COMMANDS
+from spherinator.cli import SpherinatorCLI
+from spherinator.commands import COMMANDS, LIGHTNING_COMMANDS, main
 
 CONFIGS = Path(__file__).parent / "configs"
 TINY = str(CONFIGS / "vae_tiny.yaml")
