@@ -109,7 +109,7 @@ def use_strict_yaml() -> str:
         yaml_load = get_loader("yaml")
 
         def strict_load(value: str, path: str | Path = "") -> Any:
-            check_yaml(value, f"-c {path}" if path else "the config given")
+            check_yaml(value, f"-c {path}" if path else "the YAML given")
             return yaml_load(value)
 
         set_loader(YAML_MODE, strict_load, exceptions=(yaml.YAMLError,))

@@ -3,7 +3,7 @@
 Every user-error class of spherinator is defined here (the modules that raise them re-export their names):
 :class:`ConfigError` (a config that cannot describe one model), :class:`DataError` (a dataset that cannot be read as
 asked), :class:`CheckpointError` and :class:`DamagedCheckpointError`, :class:`ExportError` and
-:class:`ValidationError`, :class:`SubmitError`, :class:`AtlasError` and :class:`NotASphereError`,
+:class:`ValidationError`, :class:`OutputError`, :class:`SubmitError`, :class:`AtlasError` and :class:`NotASphereError`,
 :class:`NonFiniteLossError`. Their messages name the bad value and the fix.
 
 :func:`one_line_errors` wraps a command: a user error ends in one line and :data:`USER_ERROR_EXIT`, any other error
@@ -63,6 +63,10 @@ class ValidationError(ExportError):
         self.report = report
 
 
+class OutputError(ValueError):
+    """A place to write to that cannot take the output: a link out of it, a file where a folder goes, no space."""
+
+
 class SubmitError(ValueError):
     """A submission that cannot go on; the message names the task, the value and what to do."""
 
@@ -83,7 +87,7 @@ class NonFiniteLossError(ConfigError):
 
 
 # Bad input by definition, whatever raised it.
-USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, DataError, ExportError, SubmitError)
+USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, DataError, ExportError, OutputError, SubmitError)
 
 
 def _misconfiguration() -> tuple[type[BaseException], ...]:
