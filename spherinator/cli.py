@@ -16,8 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from jsonargparse import Namespace
-from lightning.pytorch import LightningDataModule, LightningModule
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch import LightningDataModule, LightningModule, Trainer
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
@@ -45,6 +46,29 @@ DEFAULT_LOGGER = {
 }
 
 
+class RunConfigCallback(SaveConfigCallback):
+    """Lightning's SaveConfigCallback, but with W&B as the (first) logger the run's ``config.yaml`` goes into the W&B
+    run's own files folder, which W&B attaches to the run: Lightning would write it to the logger's ``save_dir``,
+    shared by every run there (each overwriting the one before) and not part of any W&B run."""
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self.save_to_log_dir = not _logs_to_wandb(trainer)
+        super().setup(trainer, pl_module, stage)
+
+    def save_config(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if not _logs_to_wandb(trainer):
+            return
+        run = trainer.loggers[0].experiment  # rank zero only: its W&B run
+        path = Path(run.dir) / self.config_filename  # files in the run's folder are uploaded with it (also offline)
+        self.parser.save(self.config, str(path), skip_unset=False, overwrite=True, multifile=self.multifile)
+        run.save(str(path), base_path=run.dir, policy="now")
+
+
+def _logs_to_wandb(trainer: Trainer) -> bool:
+    # Trainer.log_dir is the first logger's; W&B's is its save_dir, which every run shares.
+    return bool(trainer.loggers) and isinstance(trainer.loggers[0], WandbLogger)
+
+
 class SpherinatorCLI(LightningCLI):
     """LightningCLI for spherinator models and data.
 
@@ -60,6 +84,7 @@ class SpherinatorCLI(LightningCLI):
         kwargs.setdefault("subclass_mode_model", True)
         kwargs.setdefault("subclass_mode_data", True)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        kwargs.setdefault("save_config_callback", RunConfigCallback)
         trainer_defaults = {"logger": DEFAULT_LOGGER, **kwargs.pop("trainer_defaults", {})}
         super().__init__(
             LightningModule, LightningDataModule, args=args, run=run, trainer_defaults=trainer_defaults, **kwargs

@@ -825,6 +825,24 @@ def test_complete_cnn_example_with_wandb_and_best_model(wandb_offline, image_dat
     assert kept.name.endswith(f"-train_loss={checkpoint.best_model_score:.2f}.ckpt")  # the lowest train_loss
 
 
+def test_wandb_run_keeps_its_own_config_yaml(wandb_offline, image_dataset, tmp_path, monkeypatch):
+    # Lightning wrote config.yaml to the logger's save_dir, shared by every run there (the second run's replaced
+    # the first's) and part of no W&B run: each run's config goes into its own W&B files folder.
+    monkeypatch.chdir(tmp_path)
+    data = write(tmp_path / "data.yaml", data_config(image_dataset, None, batch_size=8, num_workers=0))
+    args = ["fit", "-c", TINY, "-c", data, "-c", str(EXPERIMENTS / "wandb.yaml"), "-c", write(tmp_path / "t.yaml",
+            test_trainer()), "--trainer.logger.init_args.save_dir", str(tmp_path / "logs")]  # fmt: skip
+    runs = []
+    for z_dim in (3, 4):
+        cli = SpherinatorCLI(args=[*args, "--model.init_args.z_dim", str(z_dim)])
+        runs.append(Path(cli.trainer.logger.experiment.dir))
+        cli.trainer.logger.experiment.finish()
+    assert runs[0] != runs[1]
+    for run, z_dim in zip(runs, (3, 4), strict=True):
+        assert load((run / "config.yaml").read_text())["model"]["init_args"]["z_dim"] == z_dim
+    assert not (tmp_path / "logs" / "config.yaml").exists()
+
+
 def test_complete_vit_example_logs_reconstructions_to_wandb(wandb_offline, tiny_vit, image_dataset, tmp_path):
     """spherinator fit -c vae_vit.yaml -c illustris_small.yaml -c wandb.yaml -c callback_log_reconstructions.yaml"""
     from PIL import Image
