@@ -1,7 +1,10 @@
-"""``spherinator fit|validate|test|predict``: LightningCLI with layered YAML, shape inference and embedding output.
+"""``spherinator fit|validate|test|predict``: the LightningCLI subclass :class:`SpherinatorCLI` and :func:`main`.
 
-``spherinator fit -c a.yaml -c b.yaml --model.init_args.z_dim 16`` trains; :mod:`spherinator.commands` dispatches
-the other commands (``export``, ``evaluate``) and answers ``--help`` and ``--version`` without importing this module.
+``spherinator fit -c a.yaml -c b.yaml --model.init_args.z_dim 16`` trains. How ``-c`` files are read and layered
+and how ``--print_config`` prints is :mod:`spherinator.config`; how bad input becomes one line is
+:mod:`spherinator.errors`. The ``spherinator`` command itself is :mod:`spherinator.commands`: it runs the other
+commands (``export``, ``evaluate``, ``atlas``, ``examples``), answers ``--help`` and ``--version`` without importing
+this module, and hands the Lightning commands to :func:`main`.
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ import math
 import re
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import yaml
 from jsonargparse import Namespace, get_loader, set_loader
@@ -220,7 +220,7 @@ def check_optimizer(config: Namespace) -> None:
 PRINT_CONFIG = re.compile(r"--print_config(=.*)?")
 
 
-def print_resolved_config(parser: Any, config: Namespace, argv: list[str], flag: str) -> None:
+def print_resolved_config(parser: Any, config: Namespace, argv: list[str], flag: str) -> NoReturn:
     """``--print_config`` of the config that runs: with the sizes :func:`resolve_config` infers (the data's sample
     shape among them) and repeated callbacks dropped, printed by jsonargparse as usual.
 
@@ -242,7 +242,7 @@ def print_resolved_config(parser: Any, config: Namespace, argv: list[str], flag:
     raise AssertionError("jsonargparse did not exit after --print_config")
 
 
-def print_incomplete_config(parser: Any, argv: list[str], missing: BaseException) -> None:
+def print_incomplete_config(parser: Any, argv: list[str], missing: BaseException) -> NoReturn:
     """``--print_config`` of a config that cannot run yet (``missing``: why, e.g. no ``data:`` section): printed as
     jsonargparse prints it, which is before it checks for what is required; the sizes the data would decide are
     null, and stderr says why."""
