@@ -72,7 +72,7 @@ def examples(argv: list[str]) -> None:
 def _check_example_targets(target: Path, dests: list[Path]) -> None:
     """Refuse, before anything is written, a ``target`` folder or file in it that would send the copy elsewhere: a
     link that points nowhere (writing through it would make a file outside ``target``), a folder where a file goes."""
-    for path in [target, *dests]:
+    for path in [target.parent, target, *dests]:
         if path.is_symlink() and not path.exists():
             raise OutputError(
                 f"{path} is a link to {os.readlink(path)}, which does not exist: spherinator examples writes no file "

@@ -16,6 +16,7 @@ import json
 import math
 import re
 import sys
+from argparse import ArgumentError
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -54,6 +55,8 @@ def check_yaml(text: str, source: str) -> None:
             pending += [(item, f"{where}[{i}]") for i, item in enumerate(node.value)]
         elif isinstance(node, yaml.ScalarNode) and node.tag == _INT_TAG and _OCTAL.fullmatch(node.value):
             as_octal, as_decimal = yaml.safe_load(node.value), int(node.value.replace("_", ""))
+            if as_octal == as_decimal:  # 0, 07: the same number either way
+                continue
             raise ConfigError(
                 f"{source} line {node.start_mark.line + 1}: {where or 'the value'}: {node.value} has a leading zero, "
                 f"which YAML reads as the octal number {as_octal} (the command line reads {as_decimal}): write "
@@ -242,12 +245,14 @@ def print_resolved_config(parser: Any, config: Namespace, argv: list[str], flag:
     raise AssertionError("jsonargparse did not exit after --print_config")
 
 
-def print_incomplete_config(parser: Any, argv: list[str], missing: BaseException) -> NoReturn:
+def print_incomplete_config(parser: Any, argv: list[str], missing: ArgumentError) -> NoReturn:
     """``--print_config`` of a config that cannot run yet (``missing``: why, e.g. no ``data:`` section): printed as
     jsonargparse prints it, which is before it checks for what is required; the sizes the data would decide are
     null, and stderr says why."""
     try:
         parser.parse_args(argv)  # prints and exits, or raises what else is wrong
+    except ArgumentError:
+        raise missing from None  # a wrong value, not a missing one: the first parse's error says it best
     except SystemExit as done:
         if done.code == 0:
             reason = " ".join(str(missing).split())

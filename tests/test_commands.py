@@ -286,3 +286,8 @@ def test_the_shared_loader_reads_a_file_as_the_cli_does(tmp_path):
     assert load_config_file(write(tmp_path / "d.yaml", "base: &b {x: 1}\nrun:\n  <<: *b\n  y: 2\n")) == {
         "base": {"x": 1}, "run": {"x": 1, "y": 2}
     }  # fmt: skip
+
+
+def test_print_config_with_a_wrong_value_names_it_as_without_the_flag(capsys):
+    err = one_error_line(capsys, ["fit", "-c", TINY, "--model.init_args.z_dim", "abc", "--print_config"])
+    assert "error: model.init_args.z_dim: Expected an int. Got value: abc" in err
