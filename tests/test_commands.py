@@ -276,13 +276,13 @@ def test_the_shared_loader_reads_a_file_as_the_cli_does(tmp_path):
     from spherinator.config import load_config_file
     from spherinator.errors import ConfigError
 
-    assert load_config_file(write(tmp_path / "a.yaml", "a: {b: 0x10, c: '010', d: 0, e: 0.5}\n")) == {
-        "a": {"b": 16, "c": "010", "d": 0, "e": 0.5}
+    assert load_config_file(write(tmp_path / "a.yaml", "a: {b: 0x10, c: '010', d: 0, e: 0.5, f: 07}\n")) == {
+        "a": {"b": 16, "c": "010", "d": 0, "e": 0.5, "f": 7}
     }
     with pytest.raises(ConfigError, match=r"a\.b is given twice \(lines 1 and 1\)"):
         load_config_file(write(tmp_path / "b.yaml", "a: {b: 1, b: 2}\n"))
-    with pytest.raises(ConfigError, match=r"sweep.yaml line 3: x\[1\]: -07 has a leading zero"):
-        load_config_file(write(tmp_path / "c.yaml", "x:\n- 1\n- -07\n"), source="sweep.yaml")
+    with pytest.raises(ConfigError, match=r"sweep.yaml line 3: x\[1\]: -010 has a leading zero"):
+        load_config_file(write(tmp_path / "c.yaml", "x:\n- 1\n- -010\n"), source="sweep.yaml")
     assert load_config_file(write(tmp_path / "d.yaml", "base: &b {x: 1}\nrun:\n  <<: *b\n  y: 2\n")) == {
         "base": {"x": 1}, "run": {"x": 1, "y": 2}
     }  # fmt: skip
