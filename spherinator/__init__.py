@@ -1,11 +1,6 @@
 """spherinator: autoencoders with a spherical latent space, trained on HPC clusters."""
 
-from importlib.metadata import PackageNotFoundError, version
-
-try:
-    __version__ = version("spherinator")
-except PackageNotFoundError:  # running from a source tree that is not installed
-    __version__ = "0.0.0+unknown"
+from spherinator.version import __version__
 
 __all__ = ["__version__", "export_onnx"]
 

@@ -24,18 +24,10 @@ from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_warn
 
-from spherinator.shapes import ConfigError
+from spherinator.errors import CheckpointError, DamagedCheckpointError  # noqa: F401 (re-exported)
 
 # The key Lightning needs to restore a checkpoint (it migrates checkpoints by their version).
 LIGHTNING_VERSION_KEY = "pytorch-lightning_version"
-
-
-class CheckpointError(ConfigError):
-    """A checkpoint that cannot be resumed from: damaged, or not written by Lightning."""
-
-
-class DamagedCheckpointError(CheckpointError):
-    """A checkpoint file that does not load (cut short while it was written, or no checkpoint at all)."""
 
 
 def _short(err: BaseException) -> str:

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import os
 import shutil
 import sys
 from pathlib import Path
 
-from spherinator import __version__
+from spherinator.errors import LIGHTNING_COMMANDS, OutputError, one_line_errors  # noqa: F401 (re-exported)
+from spherinator.version import __version__
 
 # One line each, in the order `spherinator --help` lists them. The first four are LightningCLI's.
 COMMANDS = {
@@ -25,7 +27,6 @@ COMMANDS = {
     "atlas": "a run's sphere as a HiPS and its data as a catalog, in Aladin Lite",
     "examples": "copy the example experiments that ship with spherinator",
 }
-LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,17 +54,46 @@ def examples(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="spherinator examples", description=COMMANDS["examples"])
     parser.add_argument("dir", nargs="?", default=".", type=Path, help="where experiments/ goes (default: here)")
     target = parser.parse_args(argv).dir / "experiments"
-    target.mkdir(parents=True, exist_ok=True)
-    kept = []
-    for source in sorted(experiments_dir().glob("*.yaml")):
-        dest = target / source.name
-        if dest.exists() and dest.read_bytes() != source.read_bytes():
-            kept.append(dest.name)
-        elif not dest.exists():
-            shutil.copyfile(source, dest)
+    with one_line_errors("spherinator examples", []):
+        sources = sorted(experiments_dir().glob("*.yaml"))
+        _check_example_targets(target, [target / source.name for source in sources])
+        kept = []
+        for source in sources:
+            dest = target / source.name
+            if dest.exists() and dest.read_bytes() != source.read_bytes():
+                kept.append(dest.name)
+            elif not dest.exists():
+                _copy(source, dest)
     print(f"example experiments in {target}")
     if kept:
         print(f"left as they were (they differ from the shipped ones): {', '.join(kept)}", file=sys.stderr)
+
+
+def _check_example_targets(target: Path, dests: list[Path]) -> None:
+    """Refuse, before anything is written, a ``target`` folder or file in it that would send the copy elsewhere: a
+    link that points nowhere (writing through it would make a file outside ``target``), a folder where a file goes."""
+    for path in [target.parent, target, *dests]:
+        if path.is_symlink() and not path.exists():
+            raise OutputError(
+                f"{path} is a link to {os.readlink(path)}, which does not exist: spherinator examples writes no file "
+                "through it (it would land outside the folder); remove the link or give another DIR"
+            )
+    if target.exists() and not target.is_dir():
+        raise OutputError(f"{target} is a file, not a folder: give a DIR without a file named experiments in it")
+    for dest in dests:
+        if dest.exists() and not dest.is_file():
+            raise OutputError(f"{dest} is no file: move it away to get the shipped {dest.name}")
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise OutputError(f"cannot make the folder {target} ({err.strerror}): give a DIR you can write to") from err
+
+
+def _copy(source: Path, dest: Path) -> None:
+    try:
+        shutil.copyfile(source, dest)
+    except OSError as err:
+        raise OutputError(f"cannot write {dest} ({err.strerror}): give a DIR you can write to") from err
 
 
 def main(args: list[str] | None = None) -> None:
@@ -96,7 +126,7 @@ def main(args: list[str] | None = None) -> None:
     elif argv[0] == "examples":
         examples(argv[1:])
     else:  # fit, validate, test, predict, and LightningCLI's own options (-c before the command, --print_config)
-        from spherinator.cli import lightning_main
+        from spherinator.cli import main as lightning_main
 
         lightning_main(argv)
 

@@ -308,7 +308,7 @@ def write_pictures(model: Any, rows: dict[str, np.ndarray], columns: list[str], 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of ``spherinator evaluate``: a table on the terminal, ``sphere_report.json`` on disk; bad input
     ends in one line naming the value and the fix (exit status 2)."""
-    from spherinator.cli import one_line_errors
+    from spherinator.errors import one_line_errors
 
     args, rest = build_parser().parse_known_args(sys.argv[1:] if argv is None else argv)
     columns = [c.strip() for c in args.columns.split(",")]

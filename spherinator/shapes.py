@@ -14,9 +14,7 @@ from typing import Any
 
 from jsonargparse import Namespace
 
-
-class ConfigError(ValueError):
-    """A configuration that cannot describe one consistent model."""
+from spherinator.errors import ConfigError
 
 
 def _get(ns: Any, key: str) -> Any:

@@ -116,3 +116,14 @@ def _finish_wandb_run():
         if getattr(wandb, "run", None) is not None:
             wandb.finish()
         wandb.teardown()
+
+
+# Slurm tests wait on the queue (a requeued job restarts only after slurmctld's next pass): twice the per-test
+# timeout of pyproject.toml, unless a test sets its own.
+SLURM_TIMEOUT_S = 1800
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.get_closest_marker("slurm") is not None and item.get_closest_marker("timeout") is None:
+            item.add_marker(pytest.mark.timeout(SLURM_TIMEOUT_S))

@@ -24,7 +24,7 @@ from spherinator.atlas.catalog import add_row_columns, load_datamodule, write_ca
 from spherinator.atlas.hips import allsky_layout, read_properties, tile_path, write_hips
 from spherinator.atlas.render import TileRenderer
 from spherinator.atlas.sky import healpix_index, tile_pixel_index, unit_to_radec
-from spherinator.cli import main
+from spherinator.commands import main
 from spherinator.data import DataModule
 from tests.conftest import gaussian_blobs, write_fast_layout
 

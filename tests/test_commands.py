@@ -12,8 +12,8 @@ import pytest
 import yaml
 
 from spherinator import __version__
-from spherinator.cli import SpherinatorCLI, main
-from spherinator.commands import COMMANDS, LIGHTNING_COMMANDS
+from spherinator.cli import SpherinatorCLI
+from spherinator.commands import COMMANDS, LIGHTNING_COMMANDS, main
 
 CONFIGS = Path(__file__).parent / "configs"
 TINY = str(CONFIGS / "vae_tiny.yaml")
@@ -106,6 +106,32 @@ def test_examples_copies_the_shipped_experiments_and_leaves_edited_ones_alone(tm
     assert "demo.yaml" in capsys.readouterr().err
 
 
+def test_examples_refuses_to_write_through_a_link_out_of_dir(tmp_path, capsys):
+    outside = tmp_path / "outside" / "demo.yaml"  # where the dangling link points: not inside DIR
+    (tmp_path / "dir" / "experiments").mkdir(parents=True)
+    (tmp_path / "dir" / "experiments" / "demo.yaml").symlink_to(outside)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["examples", str(tmp_path / "dir")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "demo.yaml is a link to" in err and str(outside) in err
+    assert not outside.exists() and not (tmp_path / "outside").exists()
+    assert list((tmp_path / "dir" / "experiments").iterdir()) == [tmp_path / "dir" / "experiments" / "demo.yaml"]
+
+
+def test_examples_where_a_file_or_folder_is_in_the_way_is_one_line(tmp_path, capsys):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "experiments").write_text("not a folder")
+    (tmp_path / "b" / "experiments" / "demo.yaml").mkdir(parents=True)
+    for where in ("a", "b"):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["examples", str(tmp_path / where)])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and err.startswith("spherinator examples: error: "), err
+    assert (tmp_path / "a" / "experiments").read_text() == "not a folder"
+
+
 # ---------------------------------------------------------------------------------------------- --print_config
 
 
@@ -139,6 +165,15 @@ def test_print_config_without_the_data_prints_the_rest_and_says_why(tmp_path, ca
     assert model["encoder"]["init_args"]["input_dim"] is None
     assert model["decoder"]["init_args"]["input_dim"] == 3 and model["encoder_out_dim"] == 16
     assert "sizes taken from the data are left null" in err and "absent" in err
+
+
+def test_print_config_without_a_data_section_prints_the_model_with_its_sizes_left_null(tmp_path, capsys):
+    # no data: section at all: "required: fit.data" stopped --print_config, which had printed such a config
+    printed, err = print_config(capsys, ["fit", "-c", TINY, "--model.init_args.z_dim", "16"])
+    model = printed["model"]["init_args"]
+    assert model["z_dim"] == 16 and model["encoder"]["init_args"]["input_dim"] is None
+    assert printed["data"] is None
+    assert "fit.data" in err and "null" in err
 
 
 # ---------------------------------------------------------------------------------------- callbacks layered
@@ -178,3 +213,81 @@ def test_callbacks_that_differ_in_an_argument_are_all_kept(image_dataset, tmp_pa
     added = "--trainer.callbacks+=spherinator.callbacks.KLAnnealing"
     cli = SpherinatorCLI(args=["-c", TINY, "-c", data, "-c", val, added, added], run=False)
     assert callback_names(cli) == ["ModelCheckpoint", "KLAnnealing"]
+
+
+# ------------------------------------------------------------------------------------------ YAML read strictly
+
+
+def write(path: Path, text: str) -> str:
+    path.write_text(text)
+    return str(path)
+
+
+def one_error_line(capsys, args: list[str]) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("spherinator: error: "), err
+    return err
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "lines"),
+    [
+        ("trainer:\n  max_epochs: 1\nmodel: {}\ntrainer:\n  max_epochs: 2\n", "trainer", "lines 1 and 4"),
+        ("trainer:\n  max_epochs: 1\n  logger: false\n  max_epochs: 2\n", "trainer.max_epochs", "lines 2 and 4"),
+        (
+            "trainer:\n  callbacks:\n  - class_path: a\n    init_args: {monitor: x, monitor: y}\n",
+            "trainer.callbacks[0].init_args.monitor",
+            "lines 4 and 4",
+        ),
+    ],
+)
+def test_a_key_given_twice_in_a_config_file_is_refused(tmp_path, capsys, text, key, lines):
+    config = write(tmp_path / "twice.yaml", text)
+    err = one_error_line(capsys, ["fit", "-c", TINY, "-c", config, "--print_config"])
+    assert f"-c {config}: {key} is given twice ({lines})" in err
+
+
+def test_a_key_given_twice_in_a_file_named_by_an_option_is_refused(tmp_path, capsys):
+    data = write(tmp_path / "data.yaml", "class_path: spherinator.data.DataModule\ninit_args:\n  path: x\n"
+                                         "  batch_size: 4\n  batch_size: 8\n")  # fmt: skip
+    err = one_error_line(capsys, ["fit", "-c", TINY, "--data", data, "--print_config"])
+    assert "init_args.batch_size is given twice (lines 4 and 5)" in err
+
+
+def test_an_integer_with_a_leading_zero_in_a_config_file_is_refused(tmp_path, capsys):
+    # YAML 1.1 reads 010 as the octal 8 where the command line reads 10: neither is taken silently
+    config = write(tmp_path / "octal.yaml", "model:\n  init_args:\n    z_dim: 010\n")
+    err = one_error_line(capsys, ["fit", "-c", TINY, "-c", config, "--print_config"])
+    assert f"-c {config} line 3: model.init_args.z_dim: 010 has a leading zero" in err
+    assert "octal number 8" in err and "reads 10" in err
+
+
+def test_numbers_that_read_alike_everywhere_are_taken(tmp_path, capsys):
+    config = write(tmp_path / "fine.yaml", "model:\n  init_args:\n    z_dim: 10\ntrainer: {max_epochs: 0, "
+                                           "logger: false}\n")  # fmt: skip
+    printed, _ = print_config(capsys, ["fit", "-c", TINY, "-c", config])
+    assert printed["model"]["init_args"]["z_dim"] == 10 and printed["trainer"]["max_epochs"] == 0
+
+
+def test_the_shared_loader_reads_a_file_as_the_cli_does(tmp_path):
+    from spherinator.config import load_config_file
+    from spherinator.errors import ConfigError
+
+    assert load_config_file(write(tmp_path / "a.yaml", "a: {b: 0x10, c: '010', d: 0, e: 0.5, f: 07}\n")) == {
+        "a": {"b": 16, "c": "010", "d": 0, "e": 0.5, "f": 7}
+    }
+    with pytest.raises(ConfigError, match=r"a\.b is given twice \(lines 1 and 1\)"):
+        load_config_file(write(tmp_path / "b.yaml", "a: {b: 1, b: 2}\n"))
+    with pytest.raises(ConfigError, match=r"sweep.yaml line 3: x\[1\]: -010 has a leading zero"):
+        load_config_file(write(tmp_path / "c.yaml", "x:\n- 1\n- -010\n"), source="sweep.yaml")
+    assert load_config_file(write(tmp_path / "d.yaml", "base: &b {x: 1}\nrun:\n  <<: *b\n  y: 2\n")) == {
+        "base": {"x": 1}, "run": {"x": 1, "y": 2}
+    }  # fmt: skip
+
+
+def test_print_config_with_a_wrong_value_names_it_as_without_the_flag(capsys):
+    err = one_error_line(capsys, ["fit", "-c", TINY, "--model.init_args.z_dim", "abc", "--print_config"])
+    assert "error: model.init_args.z_dim: Expected an int. Got value: abc" in err

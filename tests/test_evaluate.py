@@ -10,7 +10,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from spherinator.cli import main
+from spherinator.commands import main
 from tests.conftest import gaussian_blobs, write_fast_layout
 
 TINY = str(Path(__file__).parent / "configs" / "vae_tiny.yaml")

@@ -14,7 +14,7 @@ import torch
 import yaml
 
 import spherinator
-from spherinator.cli import main
+from spherinator.commands import main
 from spherinator.export import ExportError, ValidationError, export_onnx
 from spherinator.models import (
     Autoencoder,

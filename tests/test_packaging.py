@@ -180,3 +180,47 @@ def test_citation_file_is_cff_1_2_and_agrees_with_the_package():
     assert cff["title"] == PYPROJECT["name"]
     assert cff["version"] == PYPROJECT["version"]
     assert cff["license"] == PYPROJECT["license"]
+
+
+# ------------------------------------------------------------------------------------------- the module graph
+
+
+def spherinator_imports() -> dict[str, set[str]]:
+    """Each spherinator module and the spherinator modules it imports anywhere in it (also inside functions)."""
+    import ast
+
+    package = ROOT / "spherinator"
+    modules = {}
+    for path in package.rglob("*.py"):
+        name = ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+        modules[name] = path
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        base = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        targets: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                targets |= {alias.name for alias in node.names}
+            elif isinstance(node, ast.ImportFrom):
+                parts = base.split(".")[: len(base.split(".")) - node.level + 1] if node.level else []
+                module = ".".join([*parts, node.module] if node.module else parts)
+                targets |= {module, *(f"{module}.{alias.name}" for alias in node.names)}
+        graph[name] = {t for t in targets if t in modules and t != name}
+    return graph
+
+
+def test_no_import_cycle_among_spherinator_modules():
+    graph = spherinator_imports()
+    assert {"spherinator.cli", "spherinator.commands", "spherinator.errors"} <= set(graph)
+    cycles = []
+    for start in graph:  # a module that reaches itself again
+        seen, stack = set(), list(graph[start])
+        while stack:
+            module = stack.pop()
+            if module == start:
+                cycles.append(start)
+                break
+            if module not in seen:
+                seen.add(module)
+                stack += graph[module]
+    assert cycles == [], f"these modules import themselves through others: {sorted(cycles)}"

@@ -3,6 +3,7 @@ and leaves a progress bar the config names, or turns off, as it is."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -89,3 +90,13 @@ def test_validate_and_predict_on_their_own_write_one_line_each(tmp_path, image_d
     lines = capsys.readouterr().out.splitlines()
     assert [line.split(":")[0] for line in lines] == ["Validation", "Predicting"], lines
     assert lines[0].startswith("Validation: 2/2 batches in 0:") and "val_loss " in lines[0], lines
+
+
+def test_max_steps_reports_the_batches_of_the_epoch_not_of_nothing(tmp_path, image_dataset, capsys):
+    # --trainer.max_steps with max_epochs left out (-1): the epoch line read "Epoch 0: 1/0 batches"
+    args = ["-c", TINY, "-c", overlay(tmp_path, image_dataset, epochs=-1, max_steps=2)]
+    cli = SpherinatorCLI(args=args, run=False)
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("Epoch ")]
+    assert lines and all("/0 batches" not in line for line in lines), lines
+    assert re.match(r"Epoch 0 \(step 2/2\): 2/[1-9][0-9]* batches in ", lines[-1]), lines

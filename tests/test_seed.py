@@ -1,4 +1,4 @@
-"""The user documentation (/work/shared/seed, "Spherinator: Model Training") works as written.
+"""The user documentation ("Spherinator: Model Training", the file :data:`SEED_DOC`) works as written.
 
 Every YAML snippet of the document is copied below verbatim and fed through the real code path (jsonargparse and
 ``spherinator fit``) on CPU against tiny local data. A test changes only what cannot run here and says so: cluster
@@ -42,6 +42,18 @@ from spherinator.models import (
 ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENTS = ROOT / "experiments"
 TINY = str(Path(__file__).parent / "configs" / "vae_tiny.yaml")
+
+# The user documentation, by its file name: it is kept beside the project, not in this repository.
+SEED_DOC = "000_47631038dedf7531.txt"
+
+
+def find_seed_doc() -> Path | None:
+    """:data:`SEED_DOC` in ``$SPHERINATOR_SEED_DIR``, else in a ``docs/``, ``seed/`` or ``shared/seed/`` folder of
+    the checkout or a folder above it; None where there is none."""
+    folders = [Path(os.environ["SPHERINATOR_SEED_DIR"])] if os.environ.get("SPHERINATOR_SEED_DIR") else []
+    folders += [base / sub for base in (ROOT, *ROOT.parents) for sub in ("docs", "seed", "shared/seed")]
+    return next((folder / SEED_DOC for folder in folders if (folder / SEED_DOC).is_file()), None)
+
 
 # ---- the seed's snippets, verbatim ------------------------------------------------------------------------------
 
@@ -310,6 +322,16 @@ def assert_trained(cli: SpherinatorCLI, before: dict[str, torch.Tensor] | None =
     if before is not None:
         after = params(cli.model)
         assert any(not torch.equal(before[k], after[k]) for k in before), "no weight changed in a training step"
+
+
+def test_the_snippets_are_the_documentations_own_text():
+    doc = find_seed_doc()
+    if doc is None:
+        pytest.skip(f"the documentation {SEED_DOC} is not here: set SPHERINATOR_SEED_DIR to the folder that holds it")
+    text = doc.read_text()
+    snippets = {name: value for name, value in globals().items() if name.endswith("_SNIPPET")}
+    assert len(snippets) == 15
+    assert [name for name, snippet in snippets.items() if snippet not in text] == []
 
 
 def test_installed_package_provides_the_spherinator_command():
@@ -823,6 +845,24 @@ def test_complete_cnn_example_with_wandb_and_best_model(wandb_offline, image_dat
     (kept,) = tmp_path.rglob("*.ckpt")  # save_top_k 1 over two epochs
     assert re.fullmatch(r"epoch=[01]-train_loss=\d+\.\d\d\.ckpt", kept.name), kept.name
     assert kept.name.endswith(f"-train_loss={checkpoint.best_model_score:.2f}.ckpt")  # the lowest train_loss
+
+
+def test_wandb_run_keeps_its_own_config_yaml(wandb_offline, image_dataset, tmp_path, monkeypatch):
+    # Lightning wrote config.yaml to the logger's save_dir, shared by every run there (the second run's replaced
+    # the first's) and part of no W&B run: each run's config goes into its own W&B files folder.
+    monkeypatch.chdir(tmp_path)
+    data = write(tmp_path / "data.yaml", data_config(image_dataset, None, batch_size=8, num_workers=0))
+    args = ["fit", "-c", TINY, "-c", data, "-c", str(EXPERIMENTS / "wandb.yaml"), "-c", write(tmp_path / "t.yaml",
+            test_trainer()), "--trainer.logger.init_args.save_dir", str(tmp_path / "logs")]  # fmt: skip
+    runs = []
+    for z_dim in (3, 4):
+        cli = SpherinatorCLI(args=[*args, "--model.init_args.z_dim", str(z_dim)])
+        runs.append(Path(cli.trainer.logger.experiment.dir))
+        cli.trainer.logger.experiment.finish()
+    assert runs[0] != runs[1]
+    for run, z_dim in zip(runs, (3, 4), strict=True):
+        assert load((run / "config.yaml").read_text())["model"]["init_args"]["z_dim"] == z_dim
+    assert not (tmp_path / "logs" / "config.yaml").exists()
 
 
 def test_complete_vit_example_logs_reconstructions_to_wandb(wandb_offline, tiny_vit, image_dataset, tmp_path):

@@ -8,17 +8,9 @@ convention. The heavy parts (torch, onnxruntime, astropy) load on first use: ``s
 
 from importlib import import_module
 
-from spherinator.shapes import ConfigError
+from spherinator.errors import AtlasError, NotASphereError  # noqa: F401 (re-exported)
 
 MAX_ORDER = 9  # deepest HiPS order the atlas writes: 3.1 million tiles at order 9
-
-
-class AtlasError(ConfigError):
-    """Bad input to the atlas (a path, a model, a setting): its message names the value and the fix."""
-
-
-class NotASphereError(AtlasError):
-    """The model's latent space is not S^2 (z_dim other than 3): there is no sphere to draw."""
 
 
 _LAZY = {

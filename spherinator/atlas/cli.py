@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s)")
         args = parser.parse_args(argv[1:])
         from spherinator.atlas.serve import serve
-        from spherinator.cli import one_line_errors
+        from spherinator.errors import one_line_errors
 
         with one_line_errors("spherinator atlas serve", []):
             serve(args.dir, args.port, args.host)
@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.add_argument("--aladin-lite", "--aladin_lite", default=None, help="as for spherinator atlas")
         args = parser.parse_args(argv[1:])
         from spherinator.atlas.page import write_sweep_page
-        from spherinator.cli import one_line_errors
+        from spherinator.errors import one_line_errors
 
         with one_line_errors("spherinator atlas sweep", []):
             path = write_sweep_page(
@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> None:
     data_args, rest = split_data_args(argv)
     args = build_parser().parse_args(rest)
     from spherinator.atlas.build import write_atlas
-    from spherinator.cli import one_line_errors
+    from spherinator.errors import one_line_errors
 
     with one_line_errors("spherinator atlas", ["predict", *data_args]):
         write_atlas(

@@ -38,6 +38,7 @@ class LineProgressBar(ProgressBar):
         self._enabled = True
         self._start = self._last = 0.0
         self._batches = 0
+        self._total = math.inf
 
     def disable(self) -> None:
         self._enabled = False
@@ -55,23 +56,35 @@ class LineProgressBar(ProgressBar):
         sys.stdout.write(f"{text}{'; ' + shown if shown else ''}\n")
         sys.stdout.flush()
 
-    def _begin(self) -> None:
+    def _begin(self, total: float) -> None:
         self._start = self._last = time.monotonic()
         self._batches = 0
+        self._total = total
 
-    def _done(self, what: str, total: float) -> str:
+    def _done(self, what: str) -> str:
         elapsed = time.monotonic() - self._start
-        of = f"/{int(total)}" if math.isfinite(total) else ""
+        of = f"/{int(self._total)}" if math.isfinite(self._total) else ""
         rate = f", {self._batches / elapsed:.3g} batches/s" if elapsed > 0 else ""
         return f"{what}: {self._batches}{of} batches in {_duration(elapsed)}{rate}"
 
     def _epoch(self, trainer: Trainer) -> str:
         last = f"/{trainer.max_epochs - 1}" if trainer.max_epochs is not None and trainer.max_epochs > 0 else ""
-        return f"Epoch {trainer.current_epoch}{last}"
+        # Under max_steps the run ends at a step, maybe within an epoch: say where it stands.
+        steps = f" (step {trainer.global_step}/{trainer.max_steps})" if trainer.max_steps > 0 else ""
+        return f"Epoch {trainer.current_epoch}{last}{steps}"
+
+    def _to_go(self, trainer: Trainer, now: float) -> str:
+        left = self._total - self._batches
+        if trainer.max_steps > 0:
+            left = min(left, trainer.max_steps - trainer.global_step)
+        if not (math.isfinite(left) and left > 0):
+            return ""
+        return f", about {_duration(left * (now - self._start) / self._batches)} to go"
 
     # ---- training
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._begin()
+        # The number of batches is taken now: when max_steps ends the run, Lightning has reset it by the epoch's end.
+        self._begin(self.total_train_batches)
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:  # fmt: skip
@@ -80,56 +93,54 @@ class LineProgressBar(ProgressBar):
         if not self._enabled or self.every_s is None or now - self._last < self.every_s:
             return
         self._last = now
-        text = self._done(self._epoch(trainer), self.total_train_batches)
-        total = self.total_train_batches
-        if math.isfinite(total) and self._batches < total:
-            text += f", about {_duration((total - self._batches) * (now - self._start) / self._batches)} to go"
-        self._write(text, trainer, pl_module)
+        self._write(self._done(self._epoch(trainer)) + self._to_go(trainer, now), trainer, pl_module)
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self._enabled:
-            self._write(self._done(self._epoch(trainer), self.total_train_batches), trainer, pl_module)
+            self._write(self._done(self._epoch(trainer)), trainer, pl_module)
 
-    # ---- validate / test / predict on their own
+    # ---- validate / test / predict on their own (a validation within fit is part of its epoch)
     def _eval_start(self, trainer: Trainer) -> None:
         if trainer.state.fn != "fit":
-            self._begin()
+            self._begin(math.inf)
 
-    def _eval_batch(self) -> None:
-        self._batches += 1
+    def _eval_batch(self, trainer: Trainer) -> None:
+        if trainer.state.fn != "fit":
+            self._batches += 1
 
-    def _eval_end(self, trainer: Trainer, pl_module: LightningModule, what: str, total: Any) -> None:
-        if self._enabled and trainer.state.fn != "fit" and not trainer.sanity_checking:
-            total = sum(total) if isinstance(total, list) else total
-            self._write(self._done(what, total), trainer, pl_module)
+    def _eval_end(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if not self._enabled or trainer.state.fn == "fit" or trainer.sanity_checking:
+            return
+        total = getattr(trainer, f"num_{'val' if stage == 'validation' else stage}_batches")
+        self._total = sum(total) if isinstance(total, list) else total
+        self._write(self._done(getattr(self, f"{stage}_description")), trainer, pl_module)
 
     def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._eval_start(trainer)
 
     def on_validation_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
-        if trainer.state.fn != "fit":
-            self._eval_batch()
+        self._eval_batch(trainer)
 
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._eval_end(trainer, pl_module, self.validation_description, trainer.num_val_batches)
+        self._eval_end(trainer, pl_module, "validation")
 
     def on_test_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._eval_start(trainer)
 
     def on_test_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
-        self._eval_batch()
+        self._eval_batch(trainer)
 
     def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._eval_end(trainer, pl_module, self.test_description, trainer.num_test_batches)
+        self._eval_end(trainer, pl_module, "test")
 
     def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._eval_start(trainer)
 
     def on_predict_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
-        self._eval_batch()
+        self._eval_batch(trainer)
 
     def on_predict_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._eval_end(trainer, pl_module, self.predict_description, trainer.num_predict_batches)
+        self._eval_end(trainer, pl_module, "predict")
 
 
 def progress_bar_for_logs(trainer_config: dict[str, Any], interactive: bool) -> list[Any] | None:

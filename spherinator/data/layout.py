@@ -30,12 +30,10 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from spherinator.errors import DataError  # noqa: F401 (re-exported)
+
 SHAPE_SUFFIX = "_shape"
 DTYPE_SUFFIX = "_dtype"
-
-
-class DataError(ValueError):
-    """A dataset that cannot be read as asked; the message names the value and the fix."""
 
 
 @dataclass(frozen=True)

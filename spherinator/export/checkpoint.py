@@ -13,9 +13,7 @@ import torch
 import yaml
 from torch import nn
 
-
-class ExportError(RuntimeError):
-    """An export that cannot go on: a bad input file, a mismatch, or a graph that cannot be exported."""
+from spherinator.errors import ExportError  # noqa: F401 (re-exported)
 
 
 @dataclass

@@ -15,24 +15,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from spherinator.errors import ValidationError  # noqa: F401 (re-exported)
 from spherinator.export.checkpoint import ExportError, load_model
 from spherinator.staging import move_files, staged_dir
 
 GRAPHS = ("encoder", "decoder", "reconstruction")
 REPORT_NAME = "export_report.json"
 MIN_OPSET = 18
-
-
-class ValidationError(ExportError):
-    """onnxruntime disagrees with torch on an exported graph; the files and the JSON report were still written.
-
-    Attributes:
-        report: The export report (also at ``export_path/export_report.json``).
-    """
-
-    def __init__(self, message: str, report: dict[str, Any]) -> None:
-        super().__init__(message)
-        self.report = report
 
 
 class _Encode(nn.Module):
@@ -465,10 +454,10 @@ def _versions() -> dict[str, str]:
     import onnx
     import onnxruntime
 
-    import spherinator
+    from spherinator.version import __version__
 
     return {
-        "spherinator": spherinator.__version__,
+        "spherinator": __version__,
         "torch": torch.__version__,
         "onnx": onnx.__version__,
         "onnxruntime": onnxruntime.__version__,

@@ -14,17 +14,9 @@ from torch import nn
 from torch.distributions import kl_divergence
 
 from spherinator.distributions import HypersphericalUniform, PowerSpherical
+from spherinator.errors import NonFiniteLossError  # noqa: F401 (re-exported)
 from spherinator.models._shapes import dry_forward, param_device_dtype
 from spherinator.models.variational_encoder import VariationalEncoder
-from spherinator.shapes import ConfigError
-
-
-class NonFiniteLossError(ConfigError):
-    """Training or evaluation reached a NaN/inf loss or gradient; the run stops before the weights take it.
-
-    A ConfigError (the CLI prints it as one line): the usual cause is a learning rate too high for the model, the
-    other one data of extreme size (NaN/inf in the data are refused when they are read)."""
-
 
 _TERMS = {"loss": "reconstruction loss", "recon": "reconstruction loss", "kl": "KL term"}
 

@@ -11,9 +11,7 @@ from typing import Any
 
 import yaml
 
-
-class SubmitError(ValueError):
-    """A submission that cannot go on; the message names the task, the value and what to do."""
+from spherinator.errors import SubmitError  # noqa: F401 (re-exported)
 
 
 @dataclass
