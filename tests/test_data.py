@@ -849,7 +849,10 @@ def test_resuming_mid_epoch_with_another_batch_size_trains_on_every_row_once(une
     assert len(first[0]) == 5 * before["batch_size"]
     assert sorted(first[0] + rest[0]) == list(range(101))  # every row of the epoch once
     assert sorted(rest[1]) == list(range(101))  # and the next epoch is whole again
-    assert trainer.fit_loop.epoch_loop.batch_progress.total.completed == 2 * math.ceil(101 / after["batch_size"])
+    # one optimizer step per batch trained on: 5 before, the rows left in batches of the new size, a whole epoch
+    left = math.ceil((101 - 5 * before["batch_size"]) / after["batch_size"])
+    assert trainer.global_step == 5 + left + math.ceil(101 / after["batch_size"]) and trainer.current_epoch == 2
+    assert trainer.reload_dataloaders_every_n_epochs == 0  # the trainer's setting as it was
 
 
 @pytest.mark.parametrize("shuffle", [False, True])
