@@ -901,6 +901,23 @@ def test_a_loader_state_of_an_older_spherinator_resumes_by_its_batch_count(uneve
     assert sorted(first[0] + rest[0]) == list(range(101))
 
 
+@pytest.mark.parametrize("batch_size", [8, 16])
+def test_a_checkpoint_holding_only_the_loaders_position_resumes_with_its_sizes(uneven_dataset, tmp_path, batch_size):
+    # (a checkpoint of spherinator before the DataModule kept the position: Lightning loads the loader's copy after
+    # it has taken the epoch's length, so only the sizes it was saved with end the epoch there)
+    ckpt = tmp_path / "mid.ckpt"
+    first, _ = _fit_ids(uneven_dataset, save=(5, ckpt), max_steps=5, batch_size=8)
+    state = torch.load(ckpt, weights_only=False)
+    del state[DataModule.__qualname__]
+    torch.save(state, ckpt)
+    if batch_size != 8:
+        with pytest.raises(DataError, match="middle of epoch 0 with batch_size 8, num_workers 0 on 1 rank"):
+            _fit_ids(uneven_dataset, ckpt, batch_size=batch_size)
+        return
+    rest, trainer = _fit_ids(uneven_dataset, ckpt, batch_size=batch_size)
+    assert sorted(first[0] + rest[0]) == list(range(101)) and trainer.global_step == 13
+
+
 def test_resuming_mid_epoch_on_another_split_or_seed_is_refused(uneven_dataset, tmp_path):
     ckpt = tmp_path / "mid.ckpt"
     _fit_ids(uneven_dataset, save=(5, ckpt), max_steps=5, batch_size=8)
