@@ -298,9 +298,11 @@ class DataModule(pl.LightningDataModule):
         if state is not None and self.trainer is not None and state.get("epoch") == self.trainer.current_epoch:
             loader.resume(state)
             if len(loader) != loader.epoch_batches:
-                # Lightning takes an epoch's length (it ends the epoch and runs validation by it) when it loads the
-                # training loader. A resumed epoch has another (batches before + left, in batches of the new size),
-                # so the loader is loaded again for the next epoch, which has the whole length.
+                # Lightning takes the epoch's length once per loading of the training loader (FitLoop.setup_data:
+                # num_training_batches, which ends an epoch, and val_check_batch, which runs validation). A resumed
+                # epoch has another length (batches before + left, in batches of the new size), so the loader is
+                # loaded again for the next epoch, which has the whole length; reload_dataloaders_every_n_epochs is
+                # the public switch for that, given back as it was by the next train_dataloader() or teardown().
                 self._user_reload = self.trainer.reload_dataloaders_every_n_epochs
                 self.trainer.reload_dataloaders_every_n_epochs = 1
         return loader
