@@ -849,7 +849,10 @@ def test_resuming_mid_epoch_with_another_batch_size_trains_on_every_row_once(une
     assert len(first[0]) == 5 * before["batch_size"]
     assert sorted(first[0] + rest[0]) == list(range(101))  # every row of the epoch once
     assert sorted(rest[1]) == list(range(101))  # and the next epoch is whole again
-    assert trainer.fit_loop.epoch_loop.batch_progress.total.completed == 2 * math.ceil(101 / after["batch_size"])
+    # one optimizer step per batch trained on: 5 before, the rows left in batches of the new size, a whole epoch
+    left = math.ceil((101 - 5 * before["batch_size"]) / after["batch_size"])
+    assert trainer.global_step == 5 + left + math.ceil(101 / after["batch_size"]) and trainer.current_epoch == 2
+    assert trainer.reload_dataloaders_every_n_epochs == 0  # the trainer's setting as it was
 
 
 @pytest.mark.parametrize("shuffle", [False, True])
@@ -896,6 +899,23 @@ def test_a_loader_state_of_an_older_spherinator_resumes_by_its_batch_count(uneve
     torch.save(state, ckpt)
     rest, _ = _fit_ids(uneven_dataset, ckpt, batch_size=8)
     assert sorted(first[0] + rest[0]) == list(range(101))
+
+
+@pytest.mark.parametrize("batch_size", [8, 16])
+def test_a_checkpoint_holding_only_the_loaders_position_resumes_with_its_sizes(uneven_dataset, tmp_path, batch_size):
+    # (a checkpoint of spherinator before the DataModule kept the position: Lightning loads the loader's copy after
+    # it has taken the epoch's length, so only the sizes it was saved with end the epoch there)
+    ckpt = tmp_path / "mid.ckpt"
+    first, _ = _fit_ids(uneven_dataset, save=(5, ckpt), max_steps=5, batch_size=8)
+    state = torch.load(ckpt, weights_only=False)
+    del state[DataModule.__qualname__]
+    torch.save(state, ckpt)
+    if batch_size != 8:
+        with pytest.raises(DataError, match="middle of epoch 0 with batch_size 8, num_workers 0 on 1 rank"):
+            _fit_ids(uneven_dataset, ckpt, batch_size=batch_size)
+        return
+    rest, trainer = _fit_ids(uneven_dataset, ckpt, batch_size=batch_size)
+    assert sorted(first[0] + rest[0]) == list(range(101)) and trainer.global_step == 13
 
 
 def test_resuming_mid_epoch_on_another_split_or_seed_is_refused(uneven_dataset, tmp_path):

@@ -124,6 +124,9 @@ class DataModule(pl.LightningDataModule):
         self._index: ParquetIndex | None = None
         self._splits: dict[str, list[Segment]] = {}
         self._passes = itertools.count()  # passes made without a trainer: the epoch of each
+        self._train_loader: Loader | None = None  # the one whose position a checkpoint saves
+        self._to_resume: dict[str, Any] | None = None  # its position in a checkpoint being loaded
+        self._user_reload: int | None = None  # the trainer's reload_dataloaders_every_n_epochs while a resume lasts
         # Lightning warns about every IterableDataset with __len__ that its length may be wrong with workers.
         # Here it is exact: every (rank, worker) reads its own rows and each rank yields len() batches (tested).
         warnings.filterwarnings("ignore", message="Your `IterableDataset` has `__len__` defined", category=UserWarning)
@@ -287,8 +290,43 @@ class DataModule(pl.LightningDataModule):
         return Loader(self.dataset(split), progress=_TrainerProgress(self), **kwargs)
 
     def train_dataloader(self) -> DataLoader:
-        """Shuffled (if ``shuffle``), sharded training batches."""
-        return self._loader("train")
+        """Shuffled (if ``shuffle``), sharded training batches; after a checkpoint saved in the middle of an epoch,
+        the rows that epoch had not handed out first (see :meth:`load_state_dict`)."""
+        self._restore_reload()
+        loader = self._train_loader = self._loader("train")
+        state, self._to_resume = self._to_resume, None
+        if state is not None and self.trainer is not None and state.get("epoch") == self.trainer.current_epoch:
+            loader.resume(state)
+            if len(loader) != loader.epoch_batches:
+                # Lightning takes the epoch's length once per loading of the training loader (FitLoop.setup_data:
+                # num_training_batches, which ends an epoch, and val_check_batch, which runs validation). A resumed
+                # epoch has another length (batches before + left, in batches of the new size), so the loader is
+                # loaded again for the next epoch, which has the whole length; reload_dataloaders_every_n_epochs is
+                # the public switch for that, given back as it was by the next train_dataloader() or teardown().
+                self._user_reload = self.trainer.reload_dataloaders_every_n_epochs
+                self.trainer.reload_dataloaders_every_n_epochs = 1
+        return loader
+
+    def _restore_reload(self) -> None:
+        if self._user_reload is not None and self.trainer is not None:
+            self.trainer.reload_dataloaders_every_n_epochs = self._user_reload
+        self._user_reload = None
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where training stands in the current epoch: the training loader's position (which rows it handed out,
+        see :class:`~spherinator.data.transport.Loader`); Lightning saves it in checkpoints."""
+        if self._train_loader is None or self._train_loader.progress is None:
+            return {}
+        return {"train_loader": self._train_loader.state_dict()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Take the training loader's position from a checkpoint: Lightning restores the DataModule before it asks for
+        the training loader, which then resumes the epoch there with its own length."""
+        self._to_resume = state_dict.get("train_loader")
+
+    def teardown(self, stage: str) -> None:
+        """Gives the trainer back its ``reload_dataloaders_every_n_epochs`` if a resumed epoch was the last."""
+        self._restore_reload()
 
     def val_dataloader(self) -> DataLoader | list:
         """Validation batches in file order; an empty list (no validation) when ``val_fraction`` is 0."""
@@ -309,13 +347,8 @@ class DataModule(pl.LightningDataModule):
 
 
 class _TrainerProgress:
-    """The training loader's :class:`~spherinator.data.transport.TrainProgress`: the one place where spherinator.data
-    looks at the trainer's count of an epoch's batches.
-
-    Lightning restores that count from a checkpoint and ends the epoch when it reaches the loader's length; it has
-    no public way to learn that a resumed epoch has another number of batches left (other batch size, workers or
-    ranks), so :meth:`count_from` moves the count of the current epoch (and the run's total with it).
-    """
+    """The training loader's :class:`~spherinator.data.transport.TrainProgress`: the epoch, the trainer's or (without
+    one) the number of passes made."""
 
     def __init__(self, datamodule: DataModule) -> None:
         self.datamodule = datamodule
@@ -323,23 +356,6 @@ class _TrainerProgress:
     def epoch(self) -> int:
         trainer = self.datamodule.trainer
         return trainer.current_epoch if trainer is not None else next(self.datamodule._passes)
-
-    def batches_done(self) -> int | None:
-        # ``processed``, not ``completed``: a checkpoint saved in ``on_train_batch_end`` (as the requeue callback does)
-        # holds the optimizer step of its batch, while ``completed`` counts that batch only after the hook.
-        progress = self._progress()
-        return progress.current.processed if progress is not None else None
-
-    def count_from(self, batches: int) -> None:
-        progress = self._progress()
-        shift = batches - progress.current.processed
-        for counter in (progress.current, progress.total):
-            for field in ("ready", "started", "processed", "completed"):
-                setattr(counter, field, getattr(counter, field) + shift)
-
-    def _progress(self) -> Any:
-        trainer = self.datamodule.trainer
-        return trainer.fit_loop.epoch_loop.batch_progress if trainer is not None else None
 
 
 __all__ = ["Column", "DataModule"]

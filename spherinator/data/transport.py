@@ -478,18 +478,11 @@ def _errors_as_batches(batches: Iterator[Any]) -> Iterator[Any]:
 
 
 class TrainProgress(Protocol):
-    """Where the run a training :class:`Loader` feeds stands, as plain integers (the DataModule, at Lightning's
+    """Where the run a training :class:`Loader` feeds stands, as a plain integer (the DataModule, at Lightning's
     edge, answers)."""
 
     def epoch(self) -> int:
         """The epoch the next pass reads."""
-
-    def batches_done(self) -> int | None:
-        """Batches of the current epoch trained on so far (in a checkpoint: including the one it was saved after);
-        None outside a fit."""
-
-    def count_from(self, batches: int) -> None:
-        """Count the current epoch's batches from ``batches`` on: a resumed epoch's batches left end it there."""
 
 
 class Loader(DataLoader):
@@ -500,19 +493,20 @@ class Loader(DataLoader):
     of a new shared-memory segment per batch.
 
     A training loader (given ``progress``) is resumable: its state says how its passes over the current epoch cut
-    the rows into batches and how many batches they handed out, and a loader restored from it reads the rows not yet
-    handed out, in batches of its own size (see :meth:`load_state_dict`). It learns the run's position from
-    ``progress`` as plain integers and never looks at the trainer itself."""
+    the rows into batches and how many batches they handed out (counted here), and a loader restored from it reads
+    the rows not yet handed out, in batches of its own size (see :meth:`load_state_dict`). It learns the epoch from
+    ``progress`` as a plain integer and never looks at the trainer itself."""
 
     def __init__(self, dataset: ParquetStream, *, progress: TrainProgress | None = None, **kwargs: Any) -> None:
         self.handover = Handover() if kwargs.get("num_workers", 0) > 0 else None
         super().__init__(dataset.handed_over(self.handover) if self.handover else dataset, **kwargs)
         self.progress = progress
-        self._to_resume: tuple[int, list[Pass] | None] | None = None
-        # the passes over epoch _passes_epoch before the current one, which began at batch _first_batch of it
+        # the passes over epoch _passes_epoch before the current one; the current one handed out _handed batches
         self._passes: list[Pass] = []
         self._passes_epoch: int | None = None
-        self._first_batch = 0
+        self._handed = 0
+        self._resumed_len: int | None = None  # len(self) while the resumed epoch lasts: batches before + left
+        self._loaded = False  # a state was loaded: a second one (Lightning's copy of the same) is not applied
         # the batch is pinned here, after the pin-memory thread: that one sees uint8 tensors or slot names
         self._pin = self.pin_memory and torch.cuda.is_available()
         self._warned = False
@@ -577,58 +571,85 @@ class Loader(DataLoader):
 
     def state_dict(self) -> dict[str, Any]:
         epoch = self.dataset.epoch
-        done = self.progress.batches_done() if self.progress is not None else None
-        if done is None:
+        if self.progress is None:
             return {"epoch": epoch}
         earlier = self._passes if self._passes_epoch == epoch else []
-        first = self._first_batch if self._passes_epoch == epoch else 0
-        current = self._pass(done - first)
+        current = self._pass(self._handed)
         return {"epoch": epoch, "passes": [dataclasses.asdict(p) for p in [*earlier, current]], **self._order()}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Resume in the epoch the state was saved in: the next pass reads the rows its passes had not handed out,
-        in batches of this loader's size, with its workers (any batch size, worker or rank count). A state of an
-        older spherinator (``{"epoch"}`` only) counted batches of this loader's batch size."""
-        if self.progress is None:
+    def resume(self, state: dict[str, Any]) -> None:
+        """Resume in the epoch ``state`` (a :meth:`state_dict`) was saved in: that epoch's next pass reads the rows
+        its passes had not handed out, in batches of this loader's size, with its workers (any batch size, worker or
+        rank count), and until that epoch ends ``len(self)`` is the batches handed out before plus those left. The
+        DataModule calls it with its copy of the state, before Lightning takes the length."""
+        if self.progress is None or self._loaded:
             return
-        passes = None  # an older state: its batches are counted by the trainer
-        if "passes" in state:
-            changed = [f"{k} {state[k]} -> {v}" for k, v in self._order().items() if state[k] != v]
-            if changed:  # raised here, before Lightning starts the epoch's iterator
-                raise DataError(
-                    f"the checkpoint was saved in the middle of epoch {state['epoch']} of a run with another train "
-                    f"split or order ({', '.join(changed).replace('rows', 'train rows')}), so the rows left of that "
-                    f"epoch are unknown; resume with that run's data, seed, val/test fractions, shuffle and "
-                    f"drop_last, or from a checkpoint saved at the end of an epoch"
-                )
-            passes = [Pass(**p) for p in state["passes"]]
-        self._to_resume = (state["epoch"], passes)
+        self._loaded = True
+        if "passes" not in state:  # older still: the count of batches done lay in Lightning's loop state only
+            warnings.warn(
+                f"the checkpoint's loader state (of a spherinator older than 2026-12-01) does not say which rows epoch "
+                f"{state['epoch']} had trained on; that epoch reads its rows from the start (some twice, others not)",
+                stacklevel=2,
+            )
+            return
+        self._check_order(state)
+        passes = [Pass(**p) for p in state["passes"]]
+        left = self.dataset.resume_after(state["epoch"], passes)
+        if left:  # else saved after the epoch's last batch: nothing to resume
+            self._passes, self._passes_epoch, self._handed = passes, state["epoch"], 0
+            self._resumed_len = sum(p.batches for p in passes) + left
 
-    def _resume(self, epoch: int, passes: list[Pass] | None) -> None:
-        done = self.progress.batches_done()
-        if done is None or epoch != self.dataset.epoch:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Lightning's copy of the state: applied only when the DataModule had none (a checkpoint of an older
+        spherinator). Lightning loads it after it has taken the length (``FitLoop.setup_data``), so the resumed
+        epoch must end at that length: with the batch size, worker and rank count the state was saved with."""
+        if self._loaded:
             return
-        if passes is None:
-            passes = [self._pass(done)]
-        if not sum(p.batches for p in passes):
+        self.resume(state)
+        if self._resumed_len is None or self._resumed_len == self.epoch_batches:
+            self._resumed_len = None
             return
-        left = self.dataset.resume_after(epoch, passes)
-        # The trainer counts this epoch's batches from the ones done up to len(self): its count must go on where the
-        # batches left end the epoch (with another batch size they are not len(self) - done).
-        first = len(self) - left if left else done
-        self.progress.count_from(first)
-        self._passes, self._passes_epoch, self._first_batch = passes, epoch, first
+        last = self._passes[-1]
+        raise DataError(
+            f"the checkpoint (of an older spherinator) was saved in the middle of epoch {state['epoch']} with "
+            f"batch_size {last.batch_size}, num_workers {last.num_workers} on {last.world_size} rank(s); resume it "
+            f"with those, or from a checkpoint saved at the end of an epoch"
+        )
+
+    def _check_order(self, state: dict[str, Any]) -> None:
+        changed = [f"{k} {state[k]} -> {v}" for k, v in self._order().items() if state[k] != v]
+        if changed:  # raised here, before Lightning starts the epoch's iterator
+            raise DataError(
+                f"the checkpoint was saved in the middle of epoch {state['epoch']} of a run with another train "
+                f"split or order ({', '.join(changed).replace('rows', 'train rows')}), so the rows left of that "
+                f"epoch are unknown; resume with that run's data, seed, val/test fractions, shuffle and "
+                f"drop_last, or from a checkpoint saved at the end of an epoch"
+            )
+
+    def __len__(self) -> int:
+        """Batches of this rank per epoch; in a resumed epoch, those handed out before the checkpoint plus those
+        left (Lightning, which restored its count of the first, ends the epoch when its count reaches this)."""
+        return self._resumed_len if self._resumed_len is not None else super().__len__()
+
+    @property
+    def epoch_batches(self) -> int:
+        """Batches of a whole epoch (``len(self)`` but in a resumed epoch)."""
+        return super().__len__()
+
+    def _count(self, batch: Any) -> Any:
+        self._handed += 1
+        return batch
 
     def __iter__(self) -> Iterator[Any]:
         if self.progress is not None:
             self.dataset.set_epoch(self.progress.epoch())
         epoch = self.dataset.epoch
-        if self._to_resume is not None:
-            resume, self._to_resume = self._to_resume, None
-            self._resume(*resume)
-        elif self._passes_epoch != epoch:
+        if self._passes_epoch != epoch:  # a new epoch (not the one resumed): whole, from its first row
             self.dataset.resume_after(epoch, None)
-            self._passes, self._passes_epoch, self._first_batch = [], None, 0
+            self._passes, self._passes_epoch, self._resumed_len = [], None, None
+        self._handed = 0
         slots = self._slots_for_pass()
         batches = super().__iter__()
-        return map(functools.partial(self._receive, slots), batches) if self.handover is not None else batches
+        if self.handover is not None:
+            batches = map(functools.partial(self._receive, slots), batches)
+        return map(self._count, batches) if self.progress is not None else batches
