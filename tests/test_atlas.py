@@ -642,6 +642,56 @@ def test_the_catalog_keeps_categoricals_and_clashing_columns(tmp_path):
     assert "kind" in summary["columns"]
 
 
+def test_the_catalog_keeps_columns_the_training_reader_refuses(tmp_path):
+    # Nulls, uint64 ids, float16 and int8 columns, a column one file lacks: the model never reads them, so the
+    # atlas takes them as stored (the reader refused nulls and uint64; the VOTable writer crashed on float16).
+    import pyarrow as pa
+    from astropy.io.votable import parse_single_table
+
+    n = 6
+    data = np.zeros((n, 1, 2, 2), dtype=np.float32)
+    data[:, 0, 0, 0] = 1.0
+    root = write_fast_layout(tmp_path / "data", {"data": data}, files=2, rows_per_group=2)
+    first, second = sorted(root.rglob("*.parquet"))
+    table = pq.read_table(first)
+    k = table.num_rows
+    extra = {"redshift": pa.array([None, 0.5, 1.5][:k], pa.float64()), "name": pa.array(["a", None, "c"][:k]),
+             "kind": pa.array(["x", None, "y"][:k]).dictionary_encode(), "flag": pa.array([True, None, False][:k]),
+             "source_id": pa.array([2**64 - 1, 7, 8][:k], pa.uint64()), "mag": pa.array([1.5, 2.5, 3.5][:k],
+             pa.float16()), "tiny": pa.array([-1, 2, 3][:k], pa.int8()), "stamp": pa.array([[1.0]] * k)}  # fmt: skip
+    for name, values in extra.items():
+        table = table.append_column(name, values)
+    pq.write_table(table, first, row_group_size=2)
+    later = pq.read_table(second)
+    pq.write_table(later.append_column("tiny", pa.array([5] * later.num_rows, pa.int64())), second)
+
+    class Stub(torch.nn.Module):
+        def predict_step(self, x, batch_idx):
+            return {"location": x.flatten(1)[:, :3]}
+
+        def decode(self, z):
+            return torch.from_numpy(plain_decoder(z.numpy())[:, :1, :2, :2])
+
+    model = SphereModel(input_shape=(1, 2, 2), z_dim=3, name="stub", torch_model=Stub())
+    datamodule = DataModule(root, columns=["data"], batch_size=4, val_fraction=0.0, shuffle=False)
+    assert add_row_columns(datamodule) == ["redshift", "name", "kind", "flag", "source_id", "mag", "tiny"]
+    summary = write_catalog(model, datamodule, tmp_path, TileRenderer((1, 2, 2), width=8), order=1, max_sources=n,
+                            thumbnails=0, progress=False)  # fmt: skip
+    catalog = pq.read_table(tmp_path / "catalog.parquet")
+    rest = [None] * (n - k)  # the second file has none of these columns (but tiny)
+    assert catalog["redshift"].to_pylist() == [None, 0.5, 1.5][:k] + rest
+    assert catalog["name"].to_pylist() == ["a", None, "c"][:k] + rest
+    assert catalog["kind"].to_pylist() == ["x", None, "y"][:k] + rest
+    assert catalog["flag"].to_pylist() == [True, None, False][:k] + rest
+    assert catalog["source_id"].to_pylist() == [2**64 - 1, 7, 8][:k] + rest
+    assert catalog.schema.field("source_id").type == pa.uint64() and catalog.schema.field("mag").type == pa.float16()
+    assert catalog["tiny"].to_pylist() == [-1, 2, 3][:k] + [5] * (n - k)
+    assert "stamp" not in catalog.column_names and any("stamp" in note for note in summary["notes"])
+    vot = parse_single_table(str(tmp_path / "catalog.vot")).array
+    assert str(vot["source_id"][0]) == str(2**64 - 1) and float(vot["mag"][1]) == 2.5
+    assert vot["redshift"].mask[0] and float(vot["redshift"][1]) == 0.5 and vot["flag"].mask[1]
+
+
 def test_atlas_options_name_the_bad_value(tmp_path):
     from spherinator.atlas.options import AtlasOptions
 
