@@ -715,6 +715,25 @@ def test_atlas_options_name_the_bad_value(tmp_path):
     assert sample.chosen is None and sample.rows(0, 5).tolist() == [0, 1, 2, 3, 4] and sample.thumbnail_count(5) == 3
 
 
+def test_a_bad_device_or_an_out_that_cannot_be_made_is_one_line(run_dir, tmp_path, capsys):
+    import os
+
+    from spherinator.atlas.model import torch_device
+    from spherinator.atlas.options import check_out
+
+    for device, words in (("nonsense", "is not a torch device"), ("cuda:99", "CUDA device")):
+        with pytest.raises(AtlasError, match=words):
+            torch_device(device)
+    assert "is not a torch device" in atlas_error(capsys, str(run_dir), "-o", str(tmp_path / "a"), "--device", "x")
+    (tmp_path / "file").write_text("mine")
+    with pytest.raises(AtlasError, match="is a file, so no directory can be made there"):
+        check_out(tmp_path / "file" / "atlas" / "deeper", False, [])
+    os.symlink(tmp_path / "nowhere", tmp_path / "dangling")
+    with pytest.raises(AtlasError, match="is a link to nothing"):
+        check_out(tmp_path / "dangling", True, [])
+    assert not (tmp_path / "a").exists() and not (tmp_path / "nowhere").exists()
+
+
 def test_serve_gives_only_regular_files_under_its_directory(tmp_path, capsys):
     import os
     import urllib.error

@@ -97,7 +97,7 @@ def open_model(path: str | Path, device: str | None = None, trust: bool = False)
     if path.is_file() and path.suffix != ".ckpt":
         raise AtlasError(f"'{path}' is a file but not a .ckpt checkpoint; give a run directory, a .ckpt file or an "
                          "ONNX export directory")  # fmt: skip
-    target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    target = torch_device(device)
     run = open_run(path)
     run_dir, checkpoint, onnx_dir, config = run.run_dir, run.checkpoint, run.onnx_dir, run.config
     if checkpoint is None and onnx_dir is None:
@@ -121,6 +121,26 @@ def open_model(path: str | Path, device: str | None = None, trust: bool = False)
             "so it needs z_dim 3 (train with --model.init_args.z_dim 3)"
         )
     return model
+
+
+def torch_device(device: str | None) -> torch.device:
+    """The torch device ``device`` names (None: cuda if available, else cpu).
+
+    Raises:
+        AtlasError: not a device name, or a CUDA device this machine does not have.
+    """
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        target = torch.device(device)
+    except (RuntimeError, ValueError, TypeError) as err:
+        raise AtlasError(f"--device {device!r} is not a torch device; give cpu, cuda or cuda:N") from err
+    if target.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (target.index or 0) >= count:
+            raise AtlasError(f"--device {device}: this machine has {count} CUDA device(s); give cpu"
+                             + (f" or cuda:0..{count - 1}" if count else ""))  # fmt: skip
+    return target
 
 
 def _open_onnx(model: SphereModel, onnx_dir: Path, encoder: bool) -> None:
