@@ -605,6 +605,37 @@ def test_an_export_that_failed_its_validation_is_refused(run_dir, tmp_path, caps
     assert not (tmp_path / "atlas").exists()
 
 
+def test_onnx_graphs_unlike_their_metadata_and_repeated_keys_are_one_line(run_dir, tmp_path, capsys):
+    import onnx
+    from onnx import TensorProto, helper
+
+    def identity(name: str, meta: dict[str, str]) -> onnx.ModelProto:
+        """A graph passing its one input through: not the export of any spherinator model."""
+        graph = helper.make_graph([helper.make_node("Identity", [name], ["out"])], "g",
+                                  [helper.make_tensor_value_info(name, TensorProto.FLOAT, ["b", 3])],
+                                  [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["b", 3])])  # fmt: skip
+        model = helper.make_model(graph)
+        for key, value in meta.items():
+            entry = model.metadata_props.add()
+            entry.key, entry.value = key, value
+        return model
+
+    meta = {"input_shape": "[3, 32, 32]", "z_dim": "3"}
+    for graph, name, words in (("decoder", "z", r"gives shape \(3,\) per sample where its export metadata say "
+                                r"\(3, 32, 32\)"), ("encoder", "z", r"takes \['z'\]; spherinator's encoder takes "
+                                r"one input 'x'")):  # fmt: skip
+        onnx_dir = tmp_path / graph
+        shutil.copytree(run_dir / "onnx", onnx_dir)
+        onnx.save(identity(name, meta), onnx_dir / f"{graph}.onnx")
+        with pytest.raises(AtlasError, match=words):  # was a traceback from the renderer / onnxruntime
+            open_model(onnx_dir)
+    twice = tmp_path / "data.yaml"
+    twice.write_text("data:\n  class_path: spherinator.data.DataModule\ndata:\n  class_path: x.Y\n")
+    line = atlas_error(capsys, str(run_dir / "onnx"), "-c", str(twice), "-o", str(tmp_path / "atlas"))
+    assert line.startswith("spherinator atlas: error: ") and "data is given twice (lines 1 and 3)" in line
+    assert not (tmp_path / "atlas").exists()
+
+
 def test_the_catalog_keeps_categoricals_and_clashing_columns(tmp_path):
     import pyarrow as pa
 

@@ -28,6 +28,7 @@ from spherinator.atlas import AtlasError
 from spherinator.atlas.model import SphereModel
 from spherinator.atlas.render import TileRenderer
 from spherinator.atlas.sky import healpix_index, unit_to_radec
+from spherinator.errors import ConfigError
 
 # Columns the atlas computes; a data column of the same name is kept renamed (see _CatalogNames).
 COMPUTED = ("row", "ra", "dec", "healpix", "x", "y", "z", "concentration", "thumbnail")
@@ -103,10 +104,12 @@ def _data_section(value: str) -> Any:
         text = value
     else:
         raise AtlasError(f"-c {value}: no such file; give the data config as for fit, e.g. -c experiments/demo.yaml")
-    try:
-        content = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        raise AtlasError(f"-c {value}: not valid YAML: {err}") from err
+    from spherinator.config import load_yaml
+
+    try:  # as fit reads it: a key given twice or a number with a leading zero is refused
+        content = load_yaml(text, f"-c {value}")
+    except ConfigError as err:
+        raise AtlasError(str(err)) from err
     if not isinstance(content, dict):
         raise AtlasError(f"-c {value}: not a config file (a YAML mapping of sections such as data:)")
     return content.get("data")
