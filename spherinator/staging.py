@@ -101,7 +101,7 @@ def staged_file(dest: str | Path, error: type[Exception] = OSError, what: str = 
         yield tmp
         os.replace(tmp, dest)
     except OSError as err:
-        if isinstance(err, error) or not is_disk_error(err):
+        if isinstance(err, error) or not (is_disk_error(err) or err.errno in (errno.EISDIR, errno.ENOTDIR)):
             raise
         raise _disk_error(error, dest, err, what) from err
     finally:

@@ -723,6 +723,40 @@ def test_the_catalog_keeps_columns_the_training_reader_refuses(tmp_path):
     assert vot["redshift"].mask[0] and float(vot["redshift"][1]) == 0.5 and vot["flag"].mask[1]
 
 
+def test_rows_without_a_direction_are_nan_not_ra_0_dec_0(tmp_path, capsys):
+    # A dead Autoencoder code (all zeros) or a NaN latent was placed at (ra, dec) = (0, 0), healpix 304 at order 3
+    data = np.zeros((4, 1, 2, 2), dtype=np.float32)
+    data[:, 0, 0, 0] = [1.0, 0.0, 2.0, 1.0]
+    root = write_fast_layout(tmp_path / "data", {"data": data}, files=1)
+
+    class Stub(torch.nn.Module):
+        def predict_step(self, x, batch_idx):
+            location = x.flatten(1)[:, :3].clone()
+            location[location[:, 0] == 2.0] = float("nan")  # a diverged encoder
+            return {"location": location}
+
+        def decode(self, z):
+            return torch.from_numpy(plain_decoder(z.numpy())[:, :1, :2, :2])
+
+    model = SphereModel(input_shape=(1, 2, 2), z_dim=3, name="stub", torch_model=Stub())
+    datamodule = DataModule(root, columns=["data"], batch_size=4, val_fraction=0.0, shuffle=False)
+    summary = write_catalog(model, datamodule, tmp_path, TileRenderer((1, 2, 2), width=8), order=3, thumbnails=0,
+                            progress=False)  # fmt: skip
+    catalog = pq.read_table(tmp_path / "catalog.parquet").to_pydict()
+    assert [np.isnan(v) for v in catalog["ra"]] == [False, True, True, False]
+    assert [np.isnan(v) for v in catalog["dec"]] == [False, True, True, False]
+    assert catalog["healpix"][1:3] == [-1, -1] and summary["mean_vector"] == [0.5, 0.0, 0.0]
+    assert "2 of 4 rows have a zero or non-finite latent vector" in summary["notes"][-1]
+    # an atlas.json whose initial view is NaN would put NaN into the sweep page's JSON, which then shows nothing
+    sweep = tmp_path / "sweep"
+    for task, ra in (("good", 10.0), ("nan", float("nan"))):
+        (sweep / task / "atlas").mkdir(parents=True)
+        (sweep / task / "atlas" / "atlas.json").write_text(json.dumps({"initial": {"ra": ra, "dec": 5.0}}))
+    main(["atlas", "sweep", str(sweep)])
+    assert "nan/atlas: its atlas.json cannot be read" in capsys.readouterr().err
+    assert "NaN" not in (sweep / "atlas.html").read_text()
+
+
 def test_atlas_options_name_the_bad_value(tmp_path):
     from spherinator.atlas.options import AtlasOptions
 

@@ -51,3 +51,13 @@ def test_a_staged_file_is_published_whole_or_not_at_all(tmp_path):
     with staged_file(dest) as tmp:
         tmp.write_text("new")
     assert [p.name for p in tmp_path.iterdir()] == ["page.html"] and dest.read_text() == "new"
+
+
+def test_a_directory_in_the_way_of_a_staged_file_is_the_callers_error(tmp_path):
+    from spherinator.errors import AtlasError
+
+    (tmp_path / "page.html").mkdir()  # was an IsADirectoryError traceback from os.replace
+    words = r"cannot write the page under '.*' \(Is a directory\); nothing was replaced"
+    with pytest.raises(AtlasError, match=words), staged_file(tmp_path / "page.html", AtlasError, "page") as tmp:
+        tmp.write_text("new")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["page.html"] and (tmp_path / "page.html").is_dir()

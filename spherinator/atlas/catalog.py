@@ -300,12 +300,13 @@ def write_catalog(
     files = FileColumns(datamodule, set(getattr(datamodule, "column_names", None) or []))
     writer: pq.ParquetWriter | None = None
     kept: list[pa.Table] = []
-    start, mean = 0, np.zeros(3)
+    start, mean, undirected = 0, np.zeros(3), 0
     try:
         for batch in tqdm(batches, total=count, desc="catalog", unit="batch", file=sys.stderr, disable=not progress):
             table, location, x = _encode_batch(model, batch, start, order, names, files)
             n = table.num_rows
-            mean += location.sum(axis=0)
+            mean += np.nansum(location, axis=0)
+            undirected += int(np.isnan(location[:, 0]).sum())
             rows = sample.rows(start, n)
             thumbs = [int(r) for r in rows if sample.has_thumbnail(start + int(r))]
             if thumbs:
@@ -323,6 +324,9 @@ def write_catalog(
     if start == 0:
         raise AtlasError("the data hold no rows; the catalog needs at least one")
     notes = names.notes() + files.notes()
+    if undirected:
+        notes.append(f"{undirected} of {start} rows have a zero or non-finite latent vector, so no place on the "
+                     "sphere: their ra, dec, x, y, z are NaN and healpix is -1")  # fmt: skip
     return _finish_catalog(pa.concat_tables(kept), out, order, start, mean, sample.thumbnail_count(start), notes)
 
 
@@ -331,6 +335,7 @@ def _finish_catalog(sample: pa.Table, out: Path, order: int, rows: int, mean: np
     """Write the VOTable of the sampled rows; the summary :func:`write_catalog` returns."""
     write_votable(sample.drop_columns(["x", "y", "z"]), out / "catalog.vot", order)
     vectors = np.stack([sample.column(c).to_numpy() for c in ("x", "y", "z")], axis=1)
+    vectors = vectors[np.isfinite(vectors).all(axis=1)]  # rows without a place on the sphere cover nothing
     return {
         "rows": rows,
         "sources": sample.num_rows,
@@ -386,8 +391,10 @@ def _encode_batch(model: SphereModel, batch: Any, start: int, order: int, names:
     out = model.encode(batch)
     location = np.asarray(out["location"], dtype=np.float64)
     norm = np.linalg.norm(location, axis=1, keepdims=True)
-    unit = np.divide(location, norm, out=np.zeros_like(location), where=norm > 0)
+    # A zero or non-finite latent has no direction: NaN, not the point (ra, dec) = (0, 0), and healpix -1.
+    unit = np.divide(location, norm, out=np.full_like(location, np.nan), where=(norm > 0) & np.isfinite(norm))
     ra, dec = unit_to_radec(unit)
+    dec[np.isnan(unit[:, 0])] = np.nan
     data: dict[str, Any] = {}
     if isinstance(batch, dict):
         for name, value in list(batch.items())[1:]:
