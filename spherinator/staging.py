@@ -3,7 +3,9 @@ a full or read-only disk) leaves the destination as it was and no half-written f
 
 ``staged_dir`` stages a directory (published whole by :func:`replace_dir`, or file by file by :func:`move_files`);
 ``staged_file`` stages one file and publishes it when the block ends without error. A disk error while staging or
-publishing is raised as the caller's error class, in one line naming the destination.
+publishing is raised as the caller's error class, in one line naming the destination. :func:`exit_on_sigterm` lets
+a SIGTERM (Slurm's ``scancel`` and time limit, ``kill``) end a command through these blocks, so that they remove
+what they staged.
 """
 
 from __future__ import annotations
@@ -11,7 +13,9 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import signal
 import tempfile
+import threading
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,6 +23,26 @@ from pathlib import Path
 # A disk that is full, read-only or not ours: the user's to fix. Other OSErrors (a missing input) pass unchanged.
 DISK_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EFBIG}
 DISK_WORDS = ("No space left", "Read-only file system", "Permission denied", "Disk quota")
+SIGTERM_EXIT = 143  # 128 + 15: the status of a process ended by SIGTERM
+
+
+@contextmanager
+def exit_on_sigterm() -> Iterator[None]:
+    """Within the block, SIGTERM raises ``SystemExit(143)`` (Python's default ends the process at once, leaving
+    staged files behind); the previous handler is restored after. Only in the main thread, where handlers can be
+    set; elsewhere the block runs unchanged."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, frame: object) -> None:
+        raise SystemExit(SIGTERM_EXIT)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def is_disk_error(err: OSError) -> bool:
@@ -101,7 +125,7 @@ def staged_file(dest: str | Path, error: type[Exception] = OSError, what: str = 
         yield tmp
         os.replace(tmp, dest)
     except OSError as err:
-        if isinstance(err, error) or not is_disk_error(err):
+        if isinstance(err, error) or not (is_disk_error(err) or err.errno in (errno.EISDIR, errno.ENOTDIR)):
             raise
         raise _disk_error(error, dest, err, what) from err
     finally:

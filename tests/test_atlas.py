@@ -605,6 +605,37 @@ def test_an_export_that_failed_its_validation_is_refused(run_dir, tmp_path, caps
     assert not (tmp_path / "atlas").exists()
 
 
+def test_onnx_graphs_unlike_their_metadata_and_repeated_keys_are_one_line(run_dir, tmp_path, capsys):
+    import onnx
+    from onnx import TensorProto, helper
+
+    def identity(name: str, meta: dict[str, str]) -> onnx.ModelProto:
+        """A graph passing its one input through: not the export of any spherinator model."""
+        graph = helper.make_graph([helper.make_node("Identity", [name], ["out"])], "g",
+                                  [helper.make_tensor_value_info(name, TensorProto.FLOAT, ["b", 3])],
+                                  [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["b", 3])])  # fmt: skip
+        model = helper.make_model(graph)
+        for key, value in meta.items():
+            entry = model.metadata_props.add()
+            entry.key, entry.value = key, value
+        return model
+
+    meta = {"input_shape": "[3, 32, 32]", "z_dim": "3"}
+    for graph, name, words in (("decoder", "z", r"gives shape \(3,\) per sample where its export metadata say "
+                                r"\(3, 32, 32\)"), ("encoder", "z", r"takes \['z'\]; spherinator's encoder takes "
+                                r"one input 'x'")):  # fmt: skip
+        onnx_dir = tmp_path / graph
+        shutil.copytree(run_dir / "onnx", onnx_dir)
+        onnx.save(identity(name, meta), onnx_dir / f"{graph}.onnx")
+        with pytest.raises(AtlasError, match=words):  # was a traceback from the renderer / onnxruntime
+            open_model(onnx_dir)
+    twice = tmp_path / "data.yaml"
+    twice.write_text("data:\n  class_path: spherinator.data.DataModule\ndata:\n  class_path: x.Y\n")
+    line = atlas_error(capsys, str(run_dir / "onnx"), "-c", str(twice), "-o", str(tmp_path / "atlas"))
+    assert line.startswith("spherinator atlas: error: ") and "data is given twice (lines 1 and 3)" in line
+    assert not (tmp_path / "atlas").exists()
+
+
 def test_the_catalog_keeps_categoricals_and_clashing_columns(tmp_path):
     import pyarrow as pa
 
@@ -642,6 +673,90 @@ def test_the_catalog_keeps_categoricals_and_clashing_columns(tmp_path):
     assert "kind" in summary["columns"]
 
 
+def test_the_catalog_keeps_columns_the_training_reader_refuses(tmp_path):
+    # Nulls, uint64 ids, float16 and int8 columns, a column one file lacks: the model never reads them, so the
+    # atlas takes them as stored (the reader refused nulls and uint64; the VOTable writer crashed on float16).
+    import pyarrow as pa
+    from astropy.io.votable import parse_single_table
+
+    n = 6
+    data = np.zeros((n, 1, 2, 2), dtype=np.float32)
+    data[:, 0, 0, 0] = 1.0
+    root = write_fast_layout(tmp_path / "data", {"data": data}, files=2, rows_per_group=2)
+    first, second = sorted(root.rglob("*.parquet"))
+    table = pq.read_table(first)
+    k = table.num_rows
+    extra = {"redshift": pa.array([None, 0.5, 1.5][:k], pa.float64()), "name": pa.array(["a", None, "c"][:k]),
+             "kind": pa.array(["x", None, "y"][:k]).dictionary_encode(), "flag": pa.array([True, None, False][:k]),
+             "source_id": pa.array([2**64 - 1, 7, 8][:k], pa.uint64()), "mag": pa.array([1.5, 2.5, 3.5][:k],
+             pa.float16()), "tiny": pa.array([-1, 2, 3][:k], pa.int8()), "stamp": pa.array([[1.0]] * k)}  # fmt: skip
+    for name, values in extra.items():
+        table = table.append_column(name, values)
+    pq.write_table(table, first, row_group_size=2)
+    later = pq.read_table(second)
+    pq.write_table(later.append_column("tiny", pa.array([5] * later.num_rows, pa.int64())), second)
+
+    class Stub(torch.nn.Module):
+        def predict_step(self, x, batch_idx):
+            return {"location": x.flatten(1)[:, :3]}
+
+        def decode(self, z):
+            return torch.from_numpy(plain_decoder(z.numpy())[:, :1, :2, :2])
+
+    model = SphereModel(input_shape=(1, 2, 2), z_dim=3, name="stub", torch_model=Stub())
+    datamodule = DataModule(root, columns=["data"], batch_size=4, val_fraction=0.0, shuffle=False)
+    assert add_row_columns(datamodule) == ["redshift", "name", "kind", "flag", "source_id", "mag", "tiny"]
+    summary = write_catalog(model, datamodule, tmp_path, TileRenderer((1, 2, 2), width=8), order=1, max_sources=n,
+                            thumbnails=0, progress=False)  # fmt: skip
+    catalog = pq.read_table(tmp_path / "catalog.parquet")
+    rest = [None] * (n - k)  # the second file has none of these columns (but tiny)
+    assert catalog["redshift"].to_pylist() == [None, 0.5, 1.5][:k] + rest
+    assert catalog["name"].to_pylist() == ["a", None, "c"][:k] + rest
+    assert catalog["kind"].to_pylist() == ["x", None, "y"][:k] + rest
+    assert catalog["flag"].to_pylist() == [True, None, False][:k] + rest
+    assert catalog["source_id"].to_pylist() == [2**64 - 1, 7, 8][:k] + rest
+    assert catalog.schema.field("source_id").type == pa.uint64() and catalog.schema.field("mag").type == pa.float16()
+    assert catalog["tiny"].to_pylist() == [-1, 2, 3][:k] + [5] * (n - k)
+    assert "stamp" not in catalog.column_names and any("stamp" in note for note in summary["notes"])
+    vot = parse_single_table(str(tmp_path / "catalog.vot")).array
+    assert str(vot["source_id"][0]) == str(2**64 - 1) and float(vot["mag"][1]) == 2.5
+    assert vot["redshift"].mask[0] and float(vot["redshift"][1]) == 0.5 and vot["flag"].mask[1]
+
+
+def test_rows_without_a_direction_are_nan_not_ra_0_dec_0(tmp_path, capsys):
+    # A dead Autoencoder code (all zeros) or a NaN latent was placed at (ra, dec) = (0, 0), healpix 304 at order 3
+    data = np.zeros((4, 1, 2, 2), dtype=np.float32)
+    data[:, 0, 0, 0] = [1.0, 0.0, 2.0, 1.0]
+    root = write_fast_layout(tmp_path / "data", {"data": data}, files=1)
+
+    class Stub(torch.nn.Module):
+        def predict_step(self, x, batch_idx):
+            location = x.flatten(1)[:, :3].clone()
+            location[location[:, 0] == 2.0] = float("nan")  # a diverged encoder
+            return {"location": location}
+
+        def decode(self, z):
+            return torch.from_numpy(plain_decoder(z.numpy())[:, :1, :2, :2])
+
+    model = SphereModel(input_shape=(1, 2, 2), z_dim=3, name="stub", torch_model=Stub())
+    datamodule = DataModule(root, columns=["data"], batch_size=4, val_fraction=0.0, shuffle=False)
+    summary = write_catalog(model, datamodule, tmp_path, TileRenderer((1, 2, 2), width=8), order=3, thumbnails=0,
+                            progress=False)  # fmt: skip
+    catalog = pq.read_table(tmp_path / "catalog.parquet").to_pydict()
+    assert [np.isnan(v) for v in catalog["ra"]] == [False, True, True, False]
+    assert [np.isnan(v) for v in catalog["dec"]] == [False, True, True, False]
+    assert catalog["healpix"][1:3] == [-1, -1] and summary["mean_vector"] == [0.5, 0.0, 0.0]
+    assert "2 of 4 rows have a zero or non-finite latent vector" in summary["notes"][-1]
+    # an atlas.json whose initial view is NaN would put NaN into the sweep page's JSON, which then shows nothing
+    sweep = tmp_path / "sweep"
+    for task, ra in (("good", 10.0), ("nan", float("nan"))):
+        (sweep / task / "atlas").mkdir(parents=True)
+        (sweep / task / "atlas" / "atlas.json").write_text(json.dumps({"initial": {"ra": ra, "dec": 5.0}}))
+    main(["atlas", "sweep", str(sweep)])
+    assert "nan/atlas: its atlas.json cannot be read" in capsys.readouterr().err
+    assert "NaN" not in (sweep / "atlas.html").read_text()
+
+
 def test_atlas_options_name_the_bad_value(tmp_path):
     from spherinator.atlas.options import AtlasOptions
 
@@ -663,6 +778,25 @@ def test_atlas_options_name_the_bad_value(tmp_path):
 
     sample = _Sample(None, 10**7, 3, 0)
     assert sample.chosen is None and sample.rows(0, 5).tolist() == [0, 1, 2, 3, 4] and sample.thumbnail_count(5) == 3
+
+
+def test_a_bad_device_or_an_out_that_cannot_be_made_is_one_line(run_dir, tmp_path, capsys):
+    import os
+
+    from spherinator.atlas.model import torch_device
+    from spherinator.atlas.options import check_out
+
+    for device, words in (("nonsense", "is not a torch device"), ("cuda:99", "CUDA device")):
+        with pytest.raises(AtlasError, match=words):
+            torch_device(device)
+    assert "is not a torch device" in atlas_error(capsys, str(run_dir), "-o", str(tmp_path / "a"), "--device", "x")
+    (tmp_path / "file").write_text("mine")
+    with pytest.raises(AtlasError, match="is a file, so no directory can be made there"):
+        check_out(tmp_path / "file" / "atlas" / "deeper", False, [])
+    os.symlink(tmp_path / "nowhere", tmp_path / "dangling")
+    with pytest.raises(AtlasError, match="is a link to nothing"):
+        check_out(tmp_path / "dangling", True, [])
+    assert not (tmp_path / "a").exists() and not (tmp_path / "nowhere").exists()
 
 
 def test_serve_gives_only_regular_files_under_its_directory(tmp_path, capsys):

@@ -486,3 +486,39 @@ def test_export_options_are_checked_on_construction():
         with pytest.raises(ExportError) as info:
             ExportOptions(**kwargs)
         assert words in str(info.value)
+
+
+def test_hostile_values_paths_and_checkpoints_are_one_line(vae_checkpoint, tmp_path):
+    import os
+
+    from spherinator.export.onnx_export import ExportOptions
+
+    for kwargs, words in [
+        ({"atol": float("nan")}, "tolerances must be >= 0 and finite (got atol=nan"),  # NaN passed every check
+        ({"rtol": float("inf")}, "tolerances must be >= 0 and finite"),  # inf accepts any difference
+        ({"batch_sizes": (10**9,)}, "batch_sizes [1000000000] must be"),  # a 12 TB allocation, then a traceback
+    ]:
+        with pytest.raises(ExportError) as info:
+            ExportOptions(**kwargs)
+        assert words in str(info.value)
+    with pytest.raises(ExportError, match=r"a batch of 30,000 inputs of shape \(3, 32, 32\) is 0\.3 GiB"):
+        export_onnx(vae_checkpoint, tmp_path / "big", batch_sizes=[1, 30000], trust=True)
+    os.symlink(tmp_path / "nowhere", tmp_path / "dangling")
+    with pytest.raises(ExportError, match=r"'.*dangling' is a link to nothing"):
+        export_onnx(vae_checkpoint, tmp_path / "dangling", trust=True)
+    (tmp_path / "file").write_text("mine")
+    with pytest.raises(ExportError, match=r"'.*file' is a file, not a directory"):
+        export_onnx(vae_checkpoint, tmp_path / "file" / "onnx", trust=True)
+    for key, value, words in (("state_dict", "weights", "its 'state_dict' is a str"),
+                              ("hyper_parameters", ["z_dim", 3], "its 'hyper_parameters' is a list")):  # fmt: skip
+        odd = tmp_path / f"{key}.ckpt"
+        torch.save({"state_dict": {"w": torch.ones(1)}, key: value}, odd)
+        with pytest.raises(ExportError, match=words):
+            export_onnx(odd, tmp_path / "onnx")
+    twice = tmp_path / "config.yaml"
+    twice.write_text(f"model:\n  class_path: {VariationalAutoencoder.__module__}.X\nmodel:\n  class_path: a.B\n")
+    with pytest.raises(ExportError, match=r"model is given twice \(lines 1 and 3\)"):
+        export_onnx(vae_checkpoint, tmp_path / "onnx", config=twice, trust=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml", "dangling", "file", "hyper_parameters.ckpt",
+                                                          "state_dict.ckpt"]  # fmt: skip
+    assert (tmp_path / "file").read_text() == "mine"

@@ -51,3 +51,30 @@ def test_a_staged_file_is_published_whole_or_not_at_all(tmp_path):
     with staged_file(dest) as tmp:
         tmp.write_text("new")
     assert [p.name for p in tmp_path.iterdir()] == ["page.html"] and dest.read_text() == "new"
+
+
+def test_a_directory_in_the_way_of_a_staged_file_is_the_callers_error(tmp_path):
+    from spherinator.errors import AtlasError
+
+    (tmp_path / "page.html").mkdir()  # was an IsADirectoryError traceback from os.replace
+    words = r"cannot write the page under '.*' \(Is a directory\); nothing was replaced"
+    with pytest.raises(AtlasError, match=words), staged_file(tmp_path / "page.html", AtlasError, "page") as tmp:
+        tmp.write_text("new")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["page.html"] and (tmp_path / "page.html").is_dir()
+
+
+def test_sigterm_ends_the_block_and_removes_what_was_staged(tmp_path):
+    import os
+    import signal
+    import time
+
+    from spherinator.staging import exit_on_sigterm
+
+    previous = signal.getsignal(signal.SIGTERM)
+    # Python's default SIGTERM ended the process at once: `scancel` left .out.partial-* (a whole HiPS) behind
+    with pytest.raises(SystemExit) as info, exit_on_sigterm(), staged_dir(tmp_path / "out") as staging:
+        (staging / "half.txt").write_text("half")
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler runs at the next bytecode: this sleep is cut short
+    assert info.value.code == 143 and list(tmp_path.iterdir()) == []
+    assert signal.getsignal(signal.SIGTERM) is previous

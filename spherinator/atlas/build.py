@@ -193,7 +193,7 @@ def _did_safe(name: str) -> str:
 
 def _initial_view(mean: np.ndarray) -> dict[str, float]:
     """Look at the mean direction of the data (if they lean to one side), the whole hemisphere in view."""
-    if np.linalg.norm(mean) < 0.05:
+    if not np.all(np.isfinite(mean)) or np.linalg.norm(mean) < 0.05:
         return {"ra": 0.0, "dec": 0.0, "fov": 180}
     ra, dec = unit_to_radec(mean[None])
     return {"ra": round(float(ra[0]), 4), "dec": round(float(dec[0]), 4), "fov": 180}

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 import yaml
@@ -27,6 +28,7 @@ from spherinator.atlas import AtlasError
 from spherinator.atlas.model import SphereModel
 from spherinator.atlas.render import TileRenderer
 from spherinator.atlas.sky import healpix_index, unit_to_radec
+from spherinator.errors import ConfigError
 
 # Columns the atlas computes; a data column of the same name is kept renamed (see _CatalogNames).
 COMPUTED = ("row", "ra", "dec", "healpix", "x", "y", "z", "concentration", "thumbnail")
@@ -102,33 +104,36 @@ def _data_section(value: str) -> Any:
         text = value
     else:
         raise AtlasError(f"-c {value}: no such file; give the data config as for fit, e.g. -c experiments/demo.yaml")
-    try:
-        content = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        raise AtlasError(f"-c {value}: not valid YAML: {err}") from err
+    from spherinator.config import load_yaml
+
+    try:  # as fit reads it: a key given twice or a number with a leading zero is refused
+        content = load_yaml(text, f"-c {value}")
+    except ConfigError as err:
+        raise AtlasError(str(err)) from err
     if not isinstance(content, dict):
         raise AtlasError(f"-c {value}: not a config file (a YAML mapping of sections such as data:)")
     return content.get("data")
 
 
 def add_row_columns(datamodule: Any) -> list[str]:
-    """Make a spherinator DataModule return dicts holding every per-row column of its files (numbers, booleans,
-    strings such as object names) beside the model input. Returns the columns added; other data modules are left
-    as they are (their batches' own per-row columns still reach the catalog)."""
+    """Make a spherinator DataModule return dicts, and name the per-row columns of its files (numbers, booleans,
+    strings such as object names, dictionary-encoded ones) that the catalog carries beside the model input. Returns
+    those names; other data modules are left as they are (their batches' own per-row columns still reach the
+    catalog).
+
+    The columns the DataModule does not load already are read straight from the files (:class:`FileColumns`), not
+    through the training reader: a catalog column keeps its stored type and its nulls, which the model never sees.
+    """
     from spherinator.data import Column, DataModule, find_parquet_files
 
     if not isinstance(datamodule, DataModule):
         return []
     names = datamodule.column_names
     schema = pq.read_schema(find_parquet_files(datamodule.path)[0])
-    kinds = (pa.types.is_integer, pa.types.is_floating, pa.types.is_boolean, pa.types.is_string,
-             pa.types.is_large_string)  # fmt: skip
-    added = [f.name for f in schema if f.name != names[0] and any(kind(f.type) for kind in kinds)]
-    columns = list(datamodule.columns) if datamodule.columns is not None else [Column(names[0])]
-    have = {c.name for c in columns}
-    datamodule.columns = columns + [Column(name) for name in added if name not in have]
+    if datamodule.columns is None:  # every tensor column: the model input is the one the catalog needs loaded
+        datamodule.columns = [Column(names[0])]
     datamodule.return_dict = True
-    return added
+    return [f.name for f in schema if f.name != names[0] and is_row_column(f.type)]
 
 
 def _batches(datamodule: Any) -> tuple[Iterator[Any], int | None, int | None]:
@@ -166,29 +171,63 @@ def is_row_column(type_: pa.DataType) -> bool:
 
 class FileColumns:
     """Per-row columns read straight from a spherinator DataModule's Parquet files, in file order (the order of
-    its predict batches), for the columns its batches cannot carry: dictionary-encoded ones (pandas categoricals).
+    its predict batches): every one its batches do not carry. Each keeps the type it has in the first file
+    (dictionaries decoded) and its nulls; a file without the column gives nulls.
     """
 
     def __init__(self, datamodule: Any, carried: set[str]) -> None:
         from spherinator.data import DataModule, find_parquet_files
 
-        self.names: list[str] = []
+        self.types: dict[str, pa.DataType] = {}
+        self.left_out: list[str] = []
         self._files: list[Path] = []
         if isinstance(datamodule, DataModule):
             self._files = find_parquet_files(datamodule.path)
-            schema = pq.read_schema(self._files[0])
-            self.names = [f.name for f in schema if f.name not in carried and pa.types.is_dictionary(f.type)
-                          and is_row_column(f.type)]  # fmt: skip
+            for f in pq.read_schema(self._files[0]):
+                if f.name in carried:
+                    continue
+                if is_row_column(f.type):
+                    self.types[f.name] = f.type.value_type if pa.types.is_dictionary(f.type) else f.type
+                else:
+                    self.left_out.append(f"{f.name} ({f.type})")
+        self.names = list(self.types)
         self._stream = self._read() if self.names else iter(())
         self._held: list[pa.RecordBatch] = []
         self._rows = 0
 
     def _read(self) -> Iterator[pa.RecordBatch]:
-        """The columns batch by batch, decoded to plain values (files may encode them with other dictionaries)."""
+        """The columns batch by batch, decoded to plain values of the first file's types."""
         for file in self._files:
-            for batch in pq.ParquetFile(file).iter_batches(columns=self.names):
-                decoded = [batch.column(name).dictionary_decode() for name in self.names]
-                yield pa.RecordBatch.from_arrays(decoded, names=self.names)
+            parquet = pq.ParquetFile(file)
+            present = [name for name in self.names if name in parquet.schema_arrow.names]
+            if not present:  # no batches to read the row count from
+                yield self._batch(file, {}, parquet.metadata.num_rows)
+                continue
+            for batch in parquet.iter_batches(columns=present):
+                yield self._batch(file, {name: batch.column(name) for name in present}, batch.num_rows)
+
+    def _batch(self, file: Path, columns: dict[str, pa.Array], rows: int) -> pa.RecordBatch:
+        arrays = []
+        for name, type_ in self.types.items():
+            column = columns.get(name)
+            if column is None:
+                column = pa.nulls(rows, type_)
+            if pa.types.is_dictionary(column.type):  # files may encode a column with other dictionaries
+                column = column.dictionary_decode()
+            if column.type != type_:
+                try:
+                    column = column.cast(type_)
+                except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as err:
+                    raise AtlasError(f"column {name!r} is {column.type} in '{file}' but {type_} in "
+                                     f"'{self._files[0]}' ({err}); give every file the same type") from err  # fmt: skip
+            arrays.append(column)
+        return pa.RecordBatch.from_arrays(arrays, names=self.names)
+
+    def notes(self) -> list[str]:
+        """What the catalog left out of the data, in one line."""
+        if not self.left_out:
+            return []
+        return [f"left out of the catalog (not one number, boolean or string per row): {', '.join(self.left_out)}"]
 
     def take(self, n: int) -> dict[str, pa.Array]:
         """The next ``n`` rows of each column."""
@@ -248,7 +287,8 @@ def write_catalog(
 ) -> dict[str, Any]:
     """Encode every row of ``datamodule`` with ``model`` and write ``catalog.parquet``, ``catalog.vot`` and the
     thumbnails under ``out`` (see the module docstring). Returns a summary: rows, sources, columns, the mean
-    position, the sampled positions' unit vectors (``sample``) and ``notes`` (data columns renamed)."""
+    position, the sampled positions' unit vectors (``sample``) and ``notes`` (data columns renamed or left
+    out)."""
     from tqdm import tqdm
 
     batches, total, count = _batches(datamodule)
@@ -260,12 +300,13 @@ def write_catalog(
     files = FileColumns(datamodule, set(getattr(datamodule, "column_names", None) or []))
     writer: pq.ParquetWriter | None = None
     kept: list[pa.Table] = []
-    start, mean = 0, np.zeros(3)
+    start, mean, undirected = 0, np.zeros(3), 0
     try:
         for batch in tqdm(batches, total=count, desc="catalog", unit="batch", file=sys.stderr, disable=not progress):
             table, location, x = _encode_batch(model, batch, start, order, names, files)
             n = table.num_rows
-            mean += location.sum(axis=0)
+            mean += np.nansum(location, axis=0)
+            undirected += int(np.isnan(location[:, 0]).sum())
             rows = sample.rows(start, n)
             thumbs = [int(r) for r in rows if sample.has_thumbnail(start + int(r))]
             if thumbs:
@@ -282,14 +323,19 @@ def write_catalog(
             writer.close()
     if start == 0:
         raise AtlasError("the data hold no rows; the catalog needs at least one")
-    return _finish_catalog(pa.concat_tables(kept), out, order, start, mean, sample.thumbnail_count(start), names)
+    notes = names.notes() + files.notes()
+    if undirected:
+        notes.append(f"{undirected} of {start} rows have a zero or non-finite latent vector, so no place on the "
+                     "sphere: their ra, dec, x, y, z are NaN and healpix is -1")  # fmt: skip
+    return _finish_catalog(pa.concat_tables(kept), out, order, start, mean, sample.thumbnail_count(start), notes)
 
 
 def _finish_catalog(sample: pa.Table, out: Path, order: int, rows: int, mean: np.ndarray, thumbnails: int,
-                    names: _CatalogNames) -> dict[str, Any]:  # fmt: skip
+                    notes: list[str]) -> dict[str, Any]:  # fmt: skip
     """Write the VOTable of the sampled rows; the summary :func:`write_catalog` returns."""
     write_votable(sample.drop_columns(["x", "y", "z"]), out / "catalog.vot", order)
     vectors = np.stack([sample.column(c).to_numpy() for c in ("x", "y", "z")], axis=1)
+    vectors = vectors[np.isfinite(vectors).all(axis=1)]  # rows without a place on the sphere cover nothing
     return {
         "rows": rows,
         "sources": sample.num_rows,
@@ -297,7 +343,7 @@ def _finish_catalog(sample: pa.Table, out: Path, order: int, rows: int, mean: np
         "columns": [c for c in sample.column_names if c not in ("x", "y", "z")],
         "mean_vector": (mean / rows).tolist(),
         "sample": vectors,
-        "notes": names.notes(),
+        "notes": notes,
     }
 
 
@@ -345,8 +391,10 @@ def _encode_batch(model: SphereModel, batch: Any, start: int, order: int, names:
     out = model.encode(batch)
     location = np.asarray(out["location"], dtype=np.float64)
     norm = np.linalg.norm(location, axis=1, keepdims=True)
-    unit = np.divide(location, norm, out=np.zeros_like(location), where=norm > 0)
+    # A zero or non-finite latent has no direction: NaN, not the point (ra, dec) = (0, 0), and healpix -1.
+    unit = np.divide(location, norm, out=np.full_like(location, np.nan), where=(norm > 0) & np.isfinite(norm))
     ra, dec = unit_to_radec(unit)
+    dec[np.isnan(unit[:, 0])] = np.nan
     data: dict[str, Any] = {}
     if isinstance(batch, dict):
         for name, value in list(batch.items())[1:]:
@@ -400,7 +448,26 @@ def write_votable(table: pa.Table, path: Path, order: int) -> None:
     votable.to_xml(str(path), tabledata_format="tabledata")
 
 
+# Types a VOTable cannot hold, widened to one it can (astropy writes no int8, uint16/32/64 or float16).
+_WIDER = {pa.int8(): pa.int16(), pa.uint16(): pa.int32(), pa.uint32(): pa.int64(), pa.float16(): pa.float32()}
+
+
 def _astropy_column(column: pa.ChunkedArray) -> np.ndarray:
+    """A catalog column as astropy takes it for a VOTable: nulls masked (written as empty cells), types widened
+    where a VOTable has no such type; uint64 values beyond int64 are written as their decimal text."""
+    column = column.combine_chunks()
+    if pa.types.is_dictionary(column.type):
+        column = column.dictionary_decode()
+    if pa.types.is_uint64(column.type):
+        fits = (pc.max(column).as_py() or 0) < 2**63
+        column = column.cast(pa.int64() if fits else pa.string())
+    column = column.cast(_WIDER.get(column.type, column.type))
+    mask = column.is_null().to_numpy(zero_copy_only=False)
     if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
-        return np.asarray(["" if v is None else v for v in column.to_pylist()], dtype=str)
-    return column.to_numpy()
+        values = np.asarray(["" if v is None else v for v in column.to_pylist()], dtype=str)
+    elif mask.any():
+        values = column.fill_null(pa.scalar(False if pa.types.is_boolean(column.type) else 0, column.type))
+        values = values.to_numpy(zero_copy_only=False)
+    else:
+        return column.to_numpy(zero_copy_only=False)
+    return np.ma.MaskedArray(values, mask=mask) if mask.any() else values

@@ -148,8 +148,9 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(rest)
     from spherinator.atlas.build import write_atlas
     from spherinator.errors import one_line_errors
+    from spherinator.staging import exit_on_sigterm
 
-    with one_line_errors("spherinator atlas", ["predict", *data_args]):
+    with exit_on_sigterm(), one_line_errors("spherinator atlas", ["predict", *data_args]):
         write_atlas(
             args.run,
             data_args,

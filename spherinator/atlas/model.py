@@ -97,7 +97,7 @@ def open_model(path: str | Path, device: str | None = None, trust: bool = False)
     if path.is_file() and path.suffix != ".ckpt":
         raise AtlasError(f"'{path}' is a file but not a .ckpt checkpoint; give a run directory, a .ckpt file or an "
                          "ONNX export directory")  # fmt: skip
-    target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    target = torch_device(device)
     run = open_run(path)
     run_dir, checkpoint, onnx_dir, config = run.run_dir, run.checkpoint, run.onnx_dir, run.config
     if checkpoint is None and onnx_dir is None:
@@ -121,6 +121,26 @@ def open_model(path: str | Path, device: str | None = None, trust: bool = False)
             "so it needs z_dim 3 (train with --model.init_args.z_dim 3)"
         )
     return model
+
+
+def torch_device(device: str | None) -> torch.device:
+    """The torch device ``device`` names (None: cuda if available, else cpu).
+
+    Raises:
+        AtlasError: not a device name, or a CUDA device this machine does not have.
+    """
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        target = torch.device(device)
+    except (RuntimeError, ValueError, TypeError) as err:
+        raise AtlasError(f"--device {device!r} is not a torch device; give cpu, cuda or cuda:N") from err
+    if target.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (target.index or 0) >= count:
+            raise AtlasError(f"--device {device}: this machine has {count} CUDA device(s); give cpu"
+                             + (f" or cuda:0..{count - 1}" if count else ""))  # fmt: skip
+    return target
 
 
 def _open_onnx(model: SphereModel, onnx_dir: Path, encoder: bool) -> None:
@@ -148,8 +168,29 @@ def _open_onnx(model: SphereModel, onnx_dir: Path, encoder: bool) -> None:
         raise AtlasError(f"'{onnx_dir / 'decoder.onnx'}' lacks spherinator's input_shape/z_dim metadata; export it "
                          "with 'spherinator export'") from err  # fmt: skip
     model.model_class = meta.get("model_class", "")
+    _try_graph(onnx_dir / "decoder.onnx", model.decoder_session, "z", (model.z_dim,), model.input_shape)
     if encoder:
         model.encoder_session = session("encoder")
+        _try_graph(onnx_dir / "encoder.onnx", model.encoder_session, "x", model.input_shape, (model.z_dim,))
+
+
+def _try_graph(file: Path, session: Any, name: str, takes: tuple[int, ...], gives: tuple[int, ...]) -> None:
+    """Run ``session`` once on zeros of shape (1, *takes) and check that it takes one input ``name`` and gives
+    (1, *gives): a graph that is not the export of this model (its metadata say otherwise) is named here, not
+    met as a traceback while drawing."""
+    inputs = [i.name for i in session.get_inputs()]
+    if inputs != [name]:
+        raise AtlasError(f"'{file}' takes {inputs}; spherinator's {file.stem} takes one input {name!r}; export the "
+                         "model with 'spherinator export'")  # fmt: skip
+    try:
+        (out,) = session.run(None, {name: np.zeros((1, *takes), dtype=np.float32)})
+    except Exception as err:  # onnxruntime's own error classes: a graph that does not fit its metadata
+        reason = " ".join(str(err).split())[:300]
+        raise AtlasError(f"'{file}' fails on {name} of shape {(1, *takes)} (the shape its export metadata give): "
+                         f"{reason}; export the model again with 'spherinator export'") from err  # fmt: skip
+    if tuple(np.shape(out)) != (1, *gives):
+        raise AtlasError(f"'{file}' gives shape {tuple(np.shape(out))[1:]} per sample where its export metadata "
+                         f"say {gives}; export the model again with 'spherinator export'")  # fmt: skip
 
 
 def _open_checkpoint(model: SphereModel, checkpoint: Path, trust: bool) -> None:

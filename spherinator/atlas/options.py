@@ -103,7 +103,13 @@ def check_out(out: Path, overwrite: bool, sources: list[Path]) -> None:
         if _inside(source, out):
             raise AtlasError(f"-o {out} holds '{source}', which the atlas is drawn from; give a directory of its own, "
                              "e.g. -o <run dir>/atlas (the default)")  # fmt: skip
-    if not out.exists() and not out.is_symlink():
+    if out.is_symlink() and not out.exists():
+        raise AtlasError(f"-o {out} is a link to nothing ({os.readlink(out)}); give a directory of its own")
+    if not out.exists():
+        above = next(parent for parent in out.absolute().parents if parent.exists())
+        if not above.is_dir():
+            raise AtlasError(f"-o {out}: '{above}' is a file, so no directory can be made there; give a directory "
+                             "of its own")  # fmt: skip
         return
     if not out.is_dir():
         raise AtlasError(f"-o {out} is a file, not an atlas directory; give a directory of its own (-o elsewhere)")

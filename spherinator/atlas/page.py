@@ -8,6 +8,7 @@ holding it) the file is copied beside the page, which then works without interne
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 from collections.abc import Callable
@@ -65,6 +66,8 @@ def _sweep_card(atlas: Path, root: Path) -> dict[str, Any] | str:
     try:
         info = json.loads((atlas / ATLAS_JSON).read_text())
         ra, dec, card = float(info["initial"]["ra"]), float(info["initial"]["dec"]), info.get("card", [])
+        if not (math.isfinite(ra) and math.isfinite(dec)):  # NaN in the page's JSON would blank every sphere
+            raise ValueError(f"initial ra/dec {ra}, {dec} are not finite")
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
         return f"left out {atlas}: its {ATLAS_JSON} cannot be read ({type(err).__name__}: {err}); write it again"
     rel = atlas.relative_to(root).as_posix()

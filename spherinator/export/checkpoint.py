@@ -13,7 +13,7 @@ import torch
 import yaml
 from torch import nn
 
-from spherinator.errors import ExportError  # noqa: F401 (re-exported)
+from spherinator.errors import ConfigError, ExportError  # noqa: F401 (ExportError re-exported)
 
 
 @dataclass
@@ -107,6 +107,14 @@ def _read_checkpoint(path: Path, trust: bool) -> dict[str, Any]:
             f"'{path}' is a torch file but not a Lightning checkpoint (no 'state_dict'; found: {found}); pass a "
             ".ckpt file saved by 'spherinator fit' or Trainer.save_checkpoint"
         )
+    state, hparams = ckpt["state_dict"], ckpt.get("hyper_parameters")
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ExportError(f"'{path}' is not a Lightning checkpoint: its 'state_dict' is a {type(state).__name__}, not "
+                          "a mapping of names to tensors; pass a .ckpt file saved by 'spherinator fit'")  # fmt: skip
+    if hparams is not None and not isinstance(hparams, dict):
+        raise ExportError(f"'{path}' is not a Lightning checkpoint: its 'hyper_parameters' is a "
+                          f"{type(hparams).__name__}, not a mapping; pass a .ckpt file saved by "
+                          "'spherinator fit'")  # fmt: skip
     return ckpt
 
 
@@ -156,11 +164,15 @@ def _first_sentence(text: str) -> str:
 def _read_config(path: Path) -> tuple[str, dict[str, Any], str]:
     if not path.is_file():
         raise ExportError(f"config '{path}' does not exist; pass the config.yaml saved in the run's log directory")
-    text = path.read_text()
+    from spherinator.config import load_yaml
+
     try:
-        cfg = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        raise ExportError(f"config '{path}' is not valid YAML: {_first_line(err)}") from err
+        text = path.read_text()
+        cfg = load_yaml(text, f"config '{path}'")  # as fit reads it: a key given twice is refused
+    except UnicodeDecodeError as err:
+        raise ExportError(f"config '{path}' is not a text file ({err}); pass the run's config.yaml") from err
+    except ConfigError as err:
+        raise ExportError(_first_line(err)) from err
     model_cfg = cfg.get("model") if isinstance(cfg, dict) else None
     if not isinstance(model_cfg, dict) or "class_path" not in model_cfg:
         found = sorted(cfg) if isinstance(cfg, dict) else type(cfg).__name__

@@ -7,6 +7,7 @@ import sys
 
 from spherinator.export.checkpoint import ExportError
 from spherinator.export.onnx_export import MIN_OPSET, export_onnx
+from spherinator.staging import exit_on_sigterm
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,19 +45,8 @@ def main(argv: list[str] | None = None) -> None:
     """Run ``spherinator export``; prints one line per graph; a bad input ends in one line and exit status 2."""
     args = build_parser().parse_args(argv)
     try:
-        report = export_onnx(
-            args.checkpoint,
-            args.export_path,
-            config=args.config,
-            opset=args.opset,
-            validate=args.validate,
-            batch_sizes=args.batch_sizes,
-            atol=args.atol,
-            rtol=args.rtol,
-            overwrite=args.overwrite,
-            progress=print,
-            trust=args.trust,
-        )
+        with exit_on_sigterm():  # a kill (scancel) removes the staged files on its way out
+            report = _export(args)
     except ExportError as err:
         print(f"spherinator export: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None  # a user error, as in every other command
@@ -70,4 +60,21 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(2) from None
     print(
         f"wrote {', '.join(g['file'] for g in report['graphs'].values())} and export_report.json to {args.export_path}"
+    )
+
+
+def _export(args: argparse.Namespace) -> dict:
+    """:func:`export_onnx` with the parsed command line."""
+    return export_onnx(
+        args.checkpoint,
+        args.export_path,
+        config=args.config,
+        opset=args.opset,
+        validate=args.validate,
+        batch_sizes=args.batch_sizes,
+        atol=args.atol,
+        rtol=args.rtol,
+        overwrite=args.overwrite,
+        progress=print,
+        trust=args.trust,
     )

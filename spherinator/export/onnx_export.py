@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import math
+import os
 import platform
 import re
 import time
@@ -22,6 +24,10 @@ from spherinator.staging import move_files, staged_dir
 GRAPHS = ("encoder", "decoder", "reconstruction")
 REPORT_NAME = "export_report.json"
 MIN_OPSET = 18
+MAX_BATCH_SIZE = 65_536
+# Validation inputs are float32 tensors of batch * prod(input shape) elements: 2^26 is 256 MiB (the outputs and
+# the model's activations take as much again, several times).
+MAX_VALIDATION_ELEMENTS = 2**26
 
 
 class _Encode(nn.Module):
@@ -155,6 +161,11 @@ def export_model(
             f"or latent size (z_dim={model.z_dim}); set the encoder's input_dim (and output_dim) in the model, or "
             "pass the config.yaml of a 'spherinator fit' run, which fills them from the data"
         )
+    elements = max(options.batch_sizes) * math.prod(int(d) for d in model.input_dim)
+    if options.validate and elements > MAX_VALIDATION_ELEMENTS:
+        raise ExportError(f"batch_sizes {list(options.batch_sizes)}: a batch of {max(options.batch_sizes):,} "
+                          f"inputs of shape {tuple(model.input_dim)} is {elements * 4 / 2**30:.1f} GiB; validate at "
+                          "smaller batch sizes, e.g. --batch_sizes 1 7 64")  # fmt: skip
     report = _new_report(checkpoint, config, loaded.class_path, model, options)
     metadata = {
         "model_class": loaded.class_path,
@@ -391,16 +402,24 @@ def _check_arguments(opset: int, batch_sizes: Sequence[int], atol: float, rtol: 
             f"opset {opset} is not supported: choose {MIN_OPSET}..{newest} (below {MIN_OPSET} the torch exporter "
             "cannot convert graphs with normalize; the default is 18)"
         )
-    if not batch_sizes or any(int(b) < 1 for b in batch_sizes):
-        raise ExportError(f"batch_sizes {list(batch_sizes)} must be a non-empty list of positive integers")
-    if atol < 0 or rtol < 0:
-        raise ExportError(f"tolerances must be >= 0 (got atol={atol}, rtol={rtol})")
+    if not batch_sizes or any(not 1 <= int(b) <= MAX_BATCH_SIZE for b in batch_sizes):
+        raise ExportError(f"batch_sizes {list(batch_sizes)} must be a non-empty list of positive integers up to "
+                          f"{MAX_BATCH_SIZE:,}")  # fmt: skip
+    if not (0 <= atol < math.inf and 0 <= rtol < math.inf):  # NaN fails every comparison; inf checks nothing
+        raise ExportError(f"tolerances must be >= 0 and finite (got atol={atol}, rtol={rtol})")
     if trace_batch_size < 1:
         raise ExportError(f"trace_batch_size {trace_batch_size} must be >= 1")
 
 
 def _check_export_path(export_path: Path, overwrite: bool) -> None:
+    if export_path.is_symlink() and not export_path.exists():
+        raise ExportError(f"export_path '{export_path}' is a link to nothing ({os.readlink(export_path)}); pass a "
+                          "directory to write the ONNX files into")  # fmt: skip
     if not export_path.exists():
+        above = next(parent for parent in export_path.absolute().parents if parent.exists())
+        if not above.is_dir():
+            raise ExportError(f"cannot write the export under '{export_path.parent}': '{above}' is a file, not a "
+                              "directory; give a directory you can write")  # fmt: skip
         return
     if not export_path.is_dir():
         raise ExportError(f"export_path '{export_path}' is a file; pass a directory to write the ONNX files into")
