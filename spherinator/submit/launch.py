@@ -328,6 +328,9 @@ def resume(ns: argparse.Namespace) -> int:
     if not todo:
         print(f"all {len(rows)} task(s) of {sweep_dir} completed; nothing to resume")
         return 0
+    blocked = next((r for r in todo if Path(r.run_dir).exists() and not Path(r.run_dir).is_dir()), None)
+    if blocked is not None:  # the task would fail on the cluster, after its wait in the queue
+        raise SubmitError(f"'{blocked.run_dir}' is a file, where task {blocked.task}'s run dir goes; move it away")
     tasks = [Task(index=r.index, name=r.task, params=r.params) for r in todo]
     if ns.dry_run:
         print(dry_run_text(sweep_dir / SUBMITIT_DIR, resources, manifest.name, len(tasks)))
