@@ -31,6 +31,7 @@ from spherinator.submit.records import (
     Manifest,
     ManifestTask,
     Submission,
+    find_sweep,
     read_manifest,
     write_manifest,
 )
@@ -302,8 +303,8 @@ def _recorded_resources(sweep_dir: Path, recorded: dict[str, Any]) -> Resources:
 
 
 def resume(ns: argparse.Namespace) -> int:
+    check_script_path(find_sweep(ns.resume), "the sweep dir")  # first: the errors about its files name it
     sweep_dir, manifest = read_manifest(ns.resume)
-    check_script_path(sweep_dir, "the sweep dir")
     base = manifest.submissions[-1].resources if manifest.submissions else {}
     before = _recorded_resources(sweep_dir, base) if base else None
     resources = _resources(ns, base)
