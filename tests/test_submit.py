@@ -1228,3 +1228,25 @@ def test_swept_values_of_one_number_and_a_line_break_are_refused():
     with pytest.raises(SubmitError, match=r"holds the control character '\\n'"):
         expand_sweep(["model.init_args.beta=1\n2,3"])
     assert len(expand_sweep(["model.init_args.beta=1e-3,1e-2", "model.init_args.norm=nan,inf"])) == 4
+
+
+def test_a_run_root_that_is_a_file_or_a_file_in_a_run_dirs_place_is_one_line(tmp_path, image_dataset, capsys,
+                                                                             fake_slurm):  # fmt: skip
+    # (before: NotADirectoryError's traceback when the run dirs were made; the dry run said all was well)
+    config = tiny_config(tmp_path, image_dataset)
+    (tmp_path / "afile").write_text("x")
+    for dry in (["--dry-run"], []):
+        line = one_error_line(capsys, "-c", str(config), "--run-root", str(tmp_path / "afile"), "--name", "s",
+                              "--no-validate", *dry)  # fmt: skip
+        assert f"--run-root '{tmp_path / 'afile'}': '{tmp_path / 'afile'}' is a file" in line
+    (tmp_path / "runs" / "s").mkdir(parents=True)
+    (tmp_path / "runs" / "s" / "run").write_text("x")  # where the task's run dir goes
+    with pytest.raises(SystemExit) as exit_info:  # after the tasks were composed (their progress lines)
+        main(["-c", str(config), "--run-root", str(tmp_path / "runs"), "--name", "s", "--no-validate"])
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert (
+        exit_info.value.code == 2
+        and f"cannot write the run dirs in '{tmp_path / 'runs' / 's'}'" in line
+        and "nothing was queued" in line
+    )
+    assert not list((fake_slurm / "scripts").iterdir())
