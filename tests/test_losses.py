@@ -149,3 +149,14 @@ def test_colour_weighted_mse_refuses_one_band_naming_the_shape_and_what_to_use()
         ColourWeightedMSELoss(colour_weight=4.0)(torch.zeros(2, 1, 4, 4), torch.zeros(2, 1, 4, 4))
     with pytest.raises(ConfigError, match="one band"):
         ColourWeightedMSELoss()(torch.zeros(2, 1, 64), torch.zeros(2, 1, 64))  # spectra of one band too
+
+
+def test_colour_weighted_mse_on_shapes_it_cannot_take_is_a_user_error():
+    # (before: a ValueError, which `spherinator fit` shows as a traceback from the first training step)
+    from spherinator.errors import ConfigError
+    from spherinator.losses import ColourWeightedMSELoss
+
+    with pytest.raises(ConfigError, match=r"bands on dimension 1 of \(B, C, ...\), got shape \(4, 5\)"):
+        ColourWeightedMSELoss()(torch.zeros(4, 5), torch.zeros(4, 5))
+    with pytest.raises(ConfigError, match=r"prediction \(1, 3, 4, 4\) and target \(1, 3, 4, 5\) differ"):
+        ColourWeightedMSELoss()(torch.zeros(1, 3, 4, 4), torch.zeros(1, 3, 4, 5))

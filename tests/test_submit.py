@@ -7,6 +7,7 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -1143,3 +1144,109 @@ def test_a_tasks_swept_values_reach_tensorboards_hparams_tab(tmp_path, image_dat
         16,
     )
     assert "val_loss" in events.Tags()["scalars"]  # the metric the HParams tab shows beside them
+
+
+@pytest.mark.parametrize(
+    ("edit", "expected"),
+    [
+        (lambda m: m.update(tasks=[]), "'tasks' is empty"),  # (before: status's TypeError traceback)
+        (lambda m: m["tasks"].append(dict(m["tasks"][0], index=1)), "have the same name 'beta=1e-3'"),
+        (lambda m: m["tasks"].append(dict(m["tasks"][0], name="b")), "have the same index 0"),
+        (lambda m: m["tasks"][0].update(index=-5), "'tasks[0].index' is -5"),
+    ],
+)
+def test_a_sweep_json_without_tasks_or_with_one_task_twice_is_one_line(tmp_path, capsys, fake_slurm, no_queue, edit,
+                                                                        expected):  # fmt: skip
+    # (before: two tasks of one name were both resumed into one run dir, two of one index shared one Slurm job)
+    manifest = json.loads(json.dumps(OLD_MANIFEST))
+    edit(manifest)
+    sweep = old_sweep(tmp_path, summary={"state": "FAILED"}, manifest=manifest)
+    for command in (["status"], ["cancel"], ["--resume"]):
+        assert expected in one_error_line(capsys, command[0], str(sweep))
+
+
+@pytest.mark.parametrize("written", ["Infinity", "NaN", "1e400", "-Infinity"])
+def test_a_summary_with_an_infinite_time_shows_no_time_not_a_traceback(tmp_path, capsys, fake_slurm, written):
+    # (before: OverflowError / ValueError from int(round(inf)) in the table)
+    text = json.dumps(OLD_SUMMARY).replace('"earlier_attempts_s": 0.0', f'"earlier_attempts_s": {written}')
+    sweep = old_sweep(tmp_path)
+    (sweep / "beta=1e-3" / "summary.json").write_text(text)
+    main(["status", str(sweep)])
+    assert re.search(r"beta=1e-3\s+990000_0\s+COMPLETED\s+3\s+-\s", capsys.readouterr().out)
+
+
+def test_json_nested_too_deep_is_one_line(tmp_path, capsys, fake_slurm):
+    # (before: RecursionError's traceback)
+    sweep = old_sweep(tmp_path)
+    (sweep / "sweep.json").write_text("[" * 100_000 + "]" * 100_000)
+    assert "nests its values too deep" in one_error_line(capsys, "status", str(sweep))
+
+
+def test_logs_tail_beyond_any_file_shows_the_whole_file(tmp_path, capsys, fake_slurm):
+    # (before: OverflowError: Python int too large to convert to C ssize_t)
+    sweep = old_sweep(tmp_path)
+    (sweep / "submitit").mkdir()
+    (sweep / "submitit" / "990000_0_0_log.err").write_text("one\ntwo\n")
+    main(["logs", str(sweep), "--tail", str(10**20)])
+    assert "one\ntwo\n" in capsys.readouterr().out
+
+
+def test_a_file_in_place_of_a_tasks_run_dir_is_named_and_not_resumed(tmp_path, capsys, fake_slurm, no_queue):
+    # (before: the task showed as never started and --resume queued it, to fail on the cluster)
+    sweep = old_sweep(tmp_path, summary={"state": "FAILED"})
+    shutil.rmtree(sweep / "beta=1e-3")
+    (sweep / "beta=1e-3").write_text("not a dir")
+    main(["status", str(sweep), "--json"])
+    (row,) = json.loads(capsys.readouterr().out)["tasks"]
+    assert row["error"] == f"'{sweep / 'beta=1e-3'}' is a file, where the task's run dir goes; move it away"
+    assert "is a file, where task beta=1e-3's run dir goes" in one_error_line(capsys, "--resume", str(sweep))
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (
+            "model.init_args.beta: [1]\nmodel.init_args.beta: [2]\n",
+            "model.init_args.beta is given twice (lines 1 and 2)",
+        ),
+        ("model.init_args.z_dim: [010, 3]\n", "010 has a leading zero, which YAML reads as the octal number 8"),
+        ("- {}\n- {}\n", "tasks 0 and 1 of the sweep set the same values"),
+        ("- {model.init_args.beta: 0.001}\n- {model.beta: 1.0e-3}\n", "tasks 0 and 1 of the sweep set the same values"),
+    ],
+)
+def test_a_sweep_file_is_read_as_strictly_as_a_config_and_gives_each_task_once(tmp_path, text, expected):
+    # (before: the second key won without a word, 010 became 8, and identical tasks were queued)
+    path = tmp_path / "sweep.yaml"
+    path.write_text(text)
+    with pytest.raises(SubmitError, match=re.escape(expected)):
+        expand_sweep(sweep_file=path)
+
+
+def test_swept_values_of_one_number_and_a_line_break_are_refused():
+    with pytest.raises(SubmitError, match="sweeps 1e-3 and 0.001, one number, which makes identical tasks"):
+        expand_sweep(["model.init_args.beta=1e-3,0.001"])
+    with pytest.raises(SubmitError, match=r"holds the control character '\\n'"):
+        expand_sweep(["model.init_args.beta=1\n2,3"])
+    assert len(expand_sweep(["model.init_args.beta=1e-3,1e-2", "model.init_args.norm=nan,inf"])) == 4
+
+
+def test_a_run_root_that_is_a_file_or_a_file_in_a_run_dirs_place_is_one_line(tmp_path, image_dataset, capsys,
+                                                                             fake_slurm):  # fmt: skip
+    # (before: NotADirectoryError's traceback when the run dirs were made; the dry run said all was well)
+    config = tiny_config(tmp_path, image_dataset)
+    (tmp_path / "afile").write_text("x")
+    for dry in (["--dry-run"], []):
+        line = one_error_line(capsys, "-c", str(config), "--run-root", str(tmp_path / "afile"), "--name", "s",
+                              "--no-validate", *dry)  # fmt: skip
+        assert f"--run-root '{tmp_path / 'afile'}': '{tmp_path / 'afile'}' is a file" in line
+    (tmp_path / "runs" / "s").mkdir(parents=True)
+    (tmp_path / "runs" / "s" / "run").write_text("x")  # where the task's run dir goes
+    with pytest.raises(SystemExit) as exit_info:  # after the tasks were composed (their progress lines)
+        main(["-c", str(config), "--run-root", str(tmp_path / "runs"), "--name", "s", "--no-validate"])
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert (
+        exit_info.value.code == 2
+        and f"cannot write the run dirs in '{tmp_path / 'runs' / 's'}'" in line
+        and "nothing was queued" in line
+    )
+    assert not list((fake_slurm / "scripts").iterdir())

@@ -102,3 +102,21 @@ def test_a_column_it_cannot_align_is_refused_with_its_shape(tmp_path, shape):
     write_dataset(grey, [{"data": np.zeros((8, 1, 24, 24), dtype=np.float32)}])
     dm = DataModule(grey, columns=[Column("data", transform=AlignByMoments())], batch_size=4, val_fraction=0.0)
     assert next(iter(dm.train_dataloader())).shape == (4, 1, 24, 24)  # (1, H, W) is fine
+
+
+@pytest.mark.parametrize("scale", [1e36, 1e-38])
+def test_alignment_does_not_depend_on_the_images_scale(scale):
+    # (before: at 1e36 the squared offsets overflowed float32: a finite but wrongly moved image, 3e38 made NaN)
+    images = torch.stack([blob(dx=5.0, dy=-3.0, angle=0.7), blob(dx=-4.0, angle=-0.3)])  # (2, 1, 48, 48)
+    align = AlignByMoments()
+    expected = align(images)
+    scaled = align(images * scale)
+    assert torch.isfinite(scaled).all()
+    torch.testing.assert_close(scaled / scale, expected, atol=1e-4, rtol=1e-4)
+    unit, top = images / images.amax(), 0.99 * torch.finfo(torch.float32).max  # the largest values a column may hold
+    torch.testing.assert_close(align(unit * top) / top, align(unit), atol=1e-4, rtol=1e-4)
+
+
+def test_an_empty_batch_is_returned_as_it_is():
+    # (before: affine_grid's ValueError "Expected non-zero, positive output size")
+    assert AlignByMoments()(torch.zeros(0, 3, 8, 8)).shape == (0, 3, 8, 8)

@@ -14,6 +14,7 @@ import collections
 import functools
 import itertools
 import math
+import os
 import threading
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -43,7 +44,14 @@ def find_parquet_files(path: str | Path) -> list[Path]:
         if root.suffix != ".parquet":
             raise DataError(f"data path {str(path)!r} is not a .parquet file; give a directory or a .parquet file")
         return [root]
-    files = sorted(p for p in root.rglob("*.parquet") if p.is_file())
+    found = list(root.rglob("*.parquet"))
+    broken = next((p for p in sorted(found) if p.is_symlink() and not p.exists()), None)
+    if broken is not None:  # a part of the dataset on a file system that is not mounted: not a smaller dataset
+        raise DataError(
+            f"{broken} is a link to {os.readlink(broken)!r}, which does not exist; mount or restore what it points "
+            f"to, or remove the link from {str(path)!r}"
+        )
+    files = sorted(p for p in found if p.is_file())
     if not files:
         raise DataError(
             f"no .parquet files under {str(path)!r}; write a dataset there first, e.g. "
@@ -234,6 +242,10 @@ class ParquetReader:
         self.resume: tuple[int, list[Segment], int] | None = None
         # Columns whose per-row shape the schema does not tell: every batch must match the first row's.
         self.row_shapes = {name: index.row_shape(name) for name, layout in self.layouts.items() if layout.shape is None}
+        # The rows of each row group of each file as scanned: a file re-written during the run is told by them.
+        self.scanned: dict[int, list[int]] = collections.defaultdict(list)
+        for file, _, rows in index.groups:
+            self.scanned[file].append(rows)
 
     @property
     def num_rows(self) -> int:
@@ -289,7 +301,7 @@ class ParquetReader:
         one), up to ``ahead`` of them at a time in threads: pyarrow releases the GIL while it reads and decompresses,
         so reading overlaps with cutting, converting and training."""
         reads = [list(group) for _, group in itertools.groupby(segments, key=lambda s: (s.file, s.group))]
-        handles = _Handles(self.files)
+        handles = _Handles(self.files, self._check_unchanged)
         results = ordered_map(functools.partial(self._read_segments, handles), reads, ahead)
         try:
             for chunks in results:
@@ -307,6 +319,31 @@ class ParquetReader:
             self._decode(table.slice(s.start, s.rows) if s.start or s.stop != table.num_rows else table, where, s.start)
             for s in segments
         ]
+
+    def _check_unchanged(self, file: int, handle: pq.ParquetFile) -> None:
+        """A DataError when file number ``file`` (just opened as ``handle``) is not the file scanned when the run
+        started: other row groups or rows (the plan's segments would read other rows, or fewer, without a word), or
+        another layout of a column read."""
+        path, meta = self.files[file], handle.metadata
+        rows = [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
+        changed = None
+        if rows != self.scanned.get(file, []):
+            changed = f"it holds {sum(rows)} rows in {len(rows)} row groups, not the {sum(self.scanned.get(file, []))} "
+            changed += f"rows in {len(self.scanned.get(file, []))} row groups scanned"
+        else:
+            schema = handle.schema_arrow
+            for name, layout in self.layouts.items():
+                if name not in schema.names:
+                    changed = f"it has no column {name!r} any more"
+                elif ColumnLayout.detect(schema.field(name), schema.metadata, Where(path)) != layout:
+                    changed = f"its column {name!r} is stored another way now"
+                if changed:
+                    break
+        if changed:
+            raise DataError(
+                f"{path} was re-written during the run: {changed}; start the run again so that the dataset is "
+                f"scanned anew (and leave the files alone while it reads them)"
+            )
 
     def _read_group(self, handle: pq.ParquetFile, file: int, group: int) -> pa.Table:
         """Row group ``group`` of file number ``file`` (open as ``handle``)."""
@@ -343,8 +380,9 @@ class ParquetReader:
 class _Handles:
     """The Parquet files a pass has open: each reading thread its own handles, at most 8 files each."""
 
-    def __init__(self, files: Sequence[Path]) -> None:
+    def __init__(self, files: Sequence[Path], check: Callable[[int, pq.ParquetFile], None] | None = None) -> None:
         self.files = files
+        self.check = check  # called on each file opened: raises when it is not the file scanned
         self._local = threading.local()
         self._all: list[dict[int, pq.ParquetFile]] = []
         self._lock = threading.Lock()
@@ -372,6 +410,12 @@ class _Handles:
                 raise DataError(
                     f"{path} cannot be opened ({err}); the file changed during the run: re-write it"
                 ) from err
+            if self.check is not None:
+                try:
+                    self.check(file, handles[file])
+                except DataError:
+                    handles.pop(file).close()
+                    raise
         return handles[file]
 
     def close(self) -> None:

@@ -58,7 +58,11 @@ class AlignByMoments(nn.Module):
     def moments(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Centroid ``(cx, cy)`` in pixels from the stamp's centre and the major axis' angle from the x axis (radians,
         counter-clockwise in array coordinates) of each image of a batch ``(B, C, H, W)``; each ``(B,)``."""
-        light = x.float().mean(1)  # (B, H, W)
+        # Moments do not change with the images' scale: taken on each image divided by its largest value, they
+        # neither overflow float32 (values near 3e38, whose squared offsets summed are inf) nor underflow it.
+        x = x.float()
+        scale = x.abs().amax(dim=(1, 2, 3), keepdim=True)  # (B, 1, 1, 1)
+        light = (x / torch.where(scale > 0, scale, torch.ones_like(scale))).mean(1)  # (B, H, W)
         border = torch.cat([light[:, 0], light[:, -1], light[:, 1:-1, 0], light[:, 1:-1, -1]], dim=1)  # (B, P)
         sky = border.median(dim=1).values  # (B,)
         noise = (border - sky[:, None]).abs().median(dim=1).values * _MAD_TO_SIGMA
@@ -88,7 +92,7 @@ class AlignByMoments(nn.Module):
             raise ValueError(
                 f"AlignByMoments takes images (C, H, W) or batches (B, C, H, W), got shape {tuple(x.shape)}"
             )
-        if not (self.centre or self.rotate):
+        if not (self.centre or self.rotate) or not len(x):  # nothing to move, or no image
             return x
         height, width = x.shape[-2:]
         if height < 3 or width < 3:

@@ -39,12 +39,14 @@ class ColourWeightedMSELoss(nn.Module):
         return f"colour_weight={self.colour_weight:g}"
 
     def forward(self, prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        # ConfigError, not ValueError: a model of other outputs or of vectors cannot train with this loss, which
+        # `spherinator fit` says in one line instead of a traceback from the first training step
         if prediction.shape != target.shape:
-            raise ValueError(
+            raise ConfigError(
                 f"ColourWeightedMSELoss: prediction {tuple(prediction.shape)} and target {tuple(target.shape)} differ"
             )
         if prediction.dim() < 3:
-            raise ValueError(
+            raise ConfigError(
                 f"ColourWeightedMSELoss needs bands on dimension 1 of (B, C, ...), got shape {tuple(prediction.shape)}"
             )
         if prediction.shape[1] == 1:

@@ -31,6 +31,7 @@ from spherinator.submit.records import (
     Manifest,
     ManifestTask,
     Submission,
+    find_sweep,
     read_manifest,
     write_manifest,
 )
@@ -231,6 +232,9 @@ def _sweep_dir(ns: argparse.Namespace) -> tuple[str, Path]:
         raise SubmitError(f"--name {name!r} may only hold letters, digits and . _ + = - (and not be only dots)")
     sweep_dir = (Path(ns.run_root) / name).resolve()
     check_script_path(sweep_dir, f"--run-root {ns.run_root!r} gives the sweep dir")  # its logs' path is in the script
+    existing = next(p for p in (sweep_dir, *sweep_dir.parents) if p.exists())
+    if not existing.is_dir():  # found before anything is composed, not as a traceback when the run dirs are made
+        raise SubmitError(f"--run-root {ns.run_root!r}: '{existing}' is a file; give a directory (or a new path)")
     if (sweep_dir / MANIFEST_NAME).exists() and not ns.dry_run:
         raise SubmitError(f"sweep '{sweep_dir}' exists; use --resume {sweep_dir} or another --name")
     return name, sweep_dir
@@ -272,10 +276,13 @@ def submit(ns: argparse.Namespace, overrides: list[str]) -> int:
         _print_dry_run(tasks, composed, sweep_dir, resources, name)
         return 0
 
-    for task in tasks:
-        run_dir = sweep_dir / task.name
-        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(composed[task.index].text)
+    try:
+        for task in tasks:
+            run_dir = sweep_dir / task.name
+            (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+            (run_dir / "config.yaml").write_text(composed[task.index].text)
+    except OSError as err:  # a read-only or full disk: nothing is queued
+        raise SubmitError(f"cannot write the run dirs in '{sweep_dir}' ({err}); nothing was queued") from err
     manifest = Manifest(
         tasks=[ManifestTask(t.index, t.name, t.params, composed[t.index].changes) for t in tasks],
         name=name, cwd=str(Path.cwd()), configs=configs, overrides=overrides, export=not ns.no_export,
@@ -302,8 +309,8 @@ def _recorded_resources(sweep_dir: Path, recorded: dict[str, Any]) -> Resources:
 
 
 def resume(ns: argparse.Namespace) -> int:
+    check_script_path(find_sweep(ns.resume), "the sweep dir")  # first: the errors about its files name it
     sweep_dir, manifest = read_manifest(ns.resume)
-    check_script_path(sweep_dir, "the sweep dir")
     base = manifest.submissions[-1].resources if manifest.submissions else {}
     before = _recorded_resources(sweep_dir, base) if base else None
     resources = _resources(ns, base)
@@ -328,6 +335,9 @@ def resume(ns: argparse.Namespace) -> int:
     if not todo:
         print(f"all {len(rows)} task(s) of {sweep_dir} completed; nothing to resume")
         return 0
+    blocked = next((r for r in todo if Path(r.run_dir).exists() and not Path(r.run_dir).is_dir()), None)
+    if blocked is not None:  # the task would fail on the cluster, after its wait in the queue
+        raise SubmitError(f"'{blocked.run_dir}' is a file, where task {blocked.task}'s run dir goes; move it away")
     tasks = [Task(index=r.index, name=r.task, params=r.params) for r in todo]
     if ns.dry_run:
         print(dry_run_text(sweep_dir / SUBMITIT_DIR, resources, manifest.name, len(tasks)))

@@ -7,6 +7,7 @@ Reads only what a sweep keeps on disk (:mod:`spherinator.submit.records`) and as
 from __future__ import annotations
 
 import json
+import math
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -104,7 +105,7 @@ def _atlas_cell(atlas: AtlasResult | None) -> str:
 
 
 def _duration(seconds: float | None) -> str:
-    if seconds is None:
+    if seconds is None or not math.isfinite(seconds):  # a hand-edited summary's Infinity or NaN
         return "-"
     minutes, secs = divmod(int(round(seconds)), 60)
     hours, minutes = divmod(minutes, 60)
@@ -113,6 +114,8 @@ def _duration(seconds: float | None) -> str:
 
 def _summary(run_dir: Path) -> tuple[RunSummary, str | None]:
     """The task's summary and, for one that cannot be read, why (shown in its row: the other tasks still show)."""
+    if run_dir.exists() and not run_dir.is_dir():
+        return RunSummary(), f"'{run_dir}' is a file, where the task's run dir goes; move it away"
     try:
         return RunSummary.load(run_dir), None
     except SubmitError as err:

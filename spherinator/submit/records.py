@@ -73,6 +73,8 @@ def _read_json(path: Path) -> Any:
         raise SubmitError(
             f"'{path}' is not valid JSON ({err}): it was cut short or edited by hand; restore it from a backup"
         ) from err
+    except RecursionError as err:  # brackets nested thousands deep: no file spherinator-submit writes
+        raise SubmitError(f"'{path}' nests its values too deep to be read; restore it from a backup") from err
 
 
 # ---------------------------------------------------------------------------------------------- typed reading
@@ -443,10 +445,24 @@ class Manifest:
         return latest
 
     def check(self, where: Path) -> Manifest:
-        """Refuse task names that are not plain dir names and job ids that are not Slurm's (a hand-edited file)."""
+        """Refuse task names that are not plain dir names and job ids that are not Slurm's, no tasks, and tasks that
+        share a name (one run dir) or an index (one Slurm job) (a hand-edited file)."""
+        if not self.tasks:
+            raise SubmitError(f"'{where}': 'tasks' is empty, and every sweep has a task; restore it from a backup")
+        names: dict[str, int] = {}
+        indices: dict[int, int] = {}
         for i, task in enumerate(self.tasks):
             if not _TASK_NAME.fullmatch(task.name) or set(task.name) == {"."}:
                 raise SubmitError(f"'{where}': 'tasks[{i}].name' {task.name!r} is not a task's dir name; restore it")
+            if task.index < 0:
+                raise SubmitError(f"'{where}': 'tasks[{i}].index' is {task.index}, not a place in a Slurm array")
+            for key, seen, what in ((task.name, names, "name"), (task.index, indices, "index")):
+                if key in seen:
+                    raise SubmitError(
+                        f"'{where}': 'tasks[{seen[key]}]' and 'tasks[{i}]' have the same {what} {key!r}; restore the "
+                        "file from a backup"
+                    )
+                seen[key] = i
         for i, submission in enumerate(self.submissions):
             bad = next((job for job in submission.jobs.values() if not _JOB_ID.fullmatch(job)), None)
             if bad is not None:

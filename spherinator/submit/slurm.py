@@ -13,6 +13,7 @@ import logging
 import os
 import re
 import subprocess
+import sys
 import tempfile
 from collections import deque
 from collections.abc import Iterator
@@ -116,7 +117,9 @@ def log_paths(folder: str | Path, job_id: str) -> tuple[Path, Path]:
 def tail(path: Path, lines: int | None) -> list[str]:
     """The last ``lines`` lines of ``path`` (all for None) without holding the whole file."""
     with path.open(errors="replace") as handle:
-        return list(deque(handle, maxlen=lines)) if lines is not None else handle.readlines()
+        if lines is None or lines >= sys.maxsize:  # more lines than any file holds (deque takes no more)
+            return handle.readlines()
+        return list(deque(handle, maxlen=lines))
 
 
 # A line that says what went wrong: Python's "SomeError: ...", Slurm's "error:", a shell's "No such file".

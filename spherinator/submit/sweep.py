@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import collections
 import itertools
 import json
+import math
 import re
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,6 +61,9 @@ def parse_sweep_arg(arg: str) -> tuple[str, list[str]]:
     """One ``--sweep`` flag: ``model.init_args.z_dim=3,8,16`` -> ``("model.init_args.z_dim", ["3", "8", "16"])``."""
     key, sep, values_text = arg.partition("=")
     key = key.strip().removeprefix("--")
+    control = next((c for c in arg if unicodedata.category(c) == "Cc"), None)
+    if control is not None:  # a line break pasted into the flag: no key or value holds one
+        raise SubmitError(f"--sweep {arg!r} holds the control character {control!r}; remove it")
     if not sep or not key or not values_text.strip():
         raise SubmitError(f"--sweep '{arg}' is not KEY=V1,V2,...; write e.g. --sweep model.init_args.z_dim=3,8,16")
     values = _split_values(values_text)
@@ -85,8 +91,17 @@ def load_sweep_file(path: str | Path) -> list[dict[str, str]]:
     path = Path(path)
     if not path.is_file():
         raise SubmitError(f"sweep file '{path}' does not exist; pass a YAML file of 'key: [values]'")
+    from spherinator.config import check_yaml  # here: status, logs and cancel import this module, not jsonargparse
+    from spherinator.errors import ConfigError
+
     try:
-        content = yaml.safe_load(path.read_text())
+        text = path.read_text()
+        check_yaml(text, f"sweep file '{path}'")  # a key given twice, 010 read as 8: as -c files are read
+        content = yaml.safe_load(text)
+    except ConfigError as err:
+        raise SubmitError(str(err)) from err
+    except UnicodeDecodeError as err:
+        raise SubmitError(f"sweep file '{path}' is not a text file ({err}); pass a YAML file") from err
     except yaml.YAMLError as err:
         where = getattr(err, "problem_mark", None)
         at = f" (line {where.line + 1}, column {where.column + 1})" if where is not None else ""
@@ -114,11 +129,23 @@ def _same_key(key: str) -> str:
     return ".".join(p for p in key.split(".") if p != "init_args")
 
 
+def _same_value(value: str) -> Any:
+    """What a value sets, for telling identical tasks: ``1e-3`` and ``0.001`` are one number."""
+    try:
+        number = float(value)
+    except ValueError:
+        return value
+    return number if math.isfinite(number) else value
+
+
 def _grid(axes: list[tuple[str, list[str]]]) -> list[dict[str, str]]:
     for key, values in axes:
-        repeated = sorted({v for v in values if values.count(v) > 1})
-        if repeated:
-            raise SubmitError(f"'{key}' sweeps {repeated[0]} twice, which makes identical tasks; list each value once")
+        seen: dict[Any, str] = {}
+        for value in values:
+            same = seen.setdefault(_same_value(value), value)
+            if same != value or values.count(value) > 1:
+                twice = f"{value} twice" if same == value else f"{same} and {value}, one number,"
+                raise SubmitError(f"'{key}' sweeps {twice} which makes identical tasks; list each value once")
     keys = [key for key, _ in axes]
     same = [_same_key(key) for key in keys]
     if len(set(same)) != len(same):
@@ -140,6 +167,15 @@ def expand_sweep(sweep_args: list[str] | None = None, sweep_file: str | Path | N
         if clash:
             raise SubmitError(f"'{clash[0]}' is swept both in the sweep file and by --sweep; keep one")
         param_sets.append({**file_params, **flag_params})
+    seen: dict[tuple, int] = {}
+    for i, params in enumerate(param_sets):  # a sweep file's list may give one task twice
+        key = tuple(sorted((_same_key(k), _same_value(v)) for k, v in params.items()))
+        if key in seen:
+            raise SubmitError(
+                f"tasks {seen[key]} and {i} of the sweep set the same values ({params or 'none'}), which makes "
+                "identical tasks; give each task once"
+            )
+        seen[key] = i
     names = task_names(param_sets)
     pairs = zip(names, param_sets, strict=True)
     return [Task(index=i, name=name, params=params) for i, (name, params) in enumerate(pairs)]
@@ -173,8 +209,9 @@ def task_names(param_sets: list[dict[str, str]]) -> list[str]:
         names.append("_".join(parts) if parts else "run")
     unique: list[str] = []
     taken = set(names)
+    counts = collections.Counter(names)  # not names.count(): a grid of thousands of tasks would take minutes
     for i, name in enumerate(names):
-        if names.count(name) > 1:
+        if counts[name] > 1:
             candidate, n = f"{name}_{i}", 0
             while candidate in taken:  # a value may itself look like a suffix
                 n += 1
