@@ -24,7 +24,12 @@ from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_warn
 
-from spherinator.errors import CheckpointError, DamagedCheckpointError  # noqa: F401 (re-exported)
+from spherinator.errors import (  # noqa: F401 (CheckpointError, DamagedCheckpointError: re-exported)
+    CheckpointError,
+    DamagedCheckpointError,
+    OutputError,
+    disk_error,
+)
 
 # The key Lightning needs to restore a checkpoint (it migrates checkpoints by their version).
 LIGHTNING_VERSION_KEY = "pytorch-lightning_version"
@@ -256,8 +261,13 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(partial, target)
-        except BaseException:
+        except BaseException as err:
             partial.unlink(missing_ok=True)
+            if (isinstance(err, RuntimeError) and _short_write(err)) or disk_error(err) is not None:
+                raise OutputError(
+                    f"cannot write the checkpoint {target} ({_short(err)}); the previous one is kept: free space, or "
+                    "log to a directory you can write"
+                ) from err
             raise
         _fsync_dir(target.parent)
 
@@ -269,6 +279,13 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 rank_zero_warn(warning)
             path = str(chosen)
         return super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
+
+
+def _short_write(err: RuntimeError) -> bool:
+    """Whether torch's zip writer failed on a write the disk did not take (it raises RuntimeError, not OSError:
+    ``unexpected pos 26560 vs 26456`` on a full disk)."""
+    text = str(err)
+    return "PytorchStreamWriter" in text or "unexpected pos" in text or "file write failed" in text
 
 
 def _is_local(path: Any) -> bool:

@@ -10,6 +10,7 @@ this module, and hands the Lightning commands to :func:`main`.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import inspect
 import math
 import sys
@@ -22,7 +23,7 @@ from jsonargparse import Namespace
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from spherinator.checkpoints import (
@@ -139,7 +140,9 @@ class SpherinatorCLI(LightningCLI):
             return
         model = section.get("model")
         self._given_model = model.clone() if isinstance(model, Namespace) else None
-        if ckpt_path in _LIGHTNING_CKPT_NAMES or "://" in str(ckpt_path):
+        if ckpt_path in _LIGHTNING_CKPT_NAMES:
+            ckpt_path = _named_checkpoint(str(ckpt_path), subcommand, section)
+        if ckpt_path is None or "://" in str(ckpt_path):
             return  # Lightning looks the checkpoint up itself (a damaged one is loaded past by AtomicCheckpointIO)
         if not Path(ckpt_path).is_file():
             raise ConfigError(
@@ -220,6 +223,62 @@ class SpherinatorCLI(LightningCLI):
 
         if not any(isinstance(cb, EmbeddingWriter) for cb in self.trainer.callbacks):
             self.trainer.callbacks.append(EmbeddingWriter())
+
+
+def _named_checkpoint(name: str, subcommand: str, config: Namespace) -> Path | None:
+    """The file ``--ckpt_path last|best|hpc|registry`` names, or None where Lightning is left to look it up.
+
+    Lightning looks ``last`` up in the ModelCheckpoint's folder of the new run (a new ``version_N``, empty), so it
+    never finds the run before: validate/test/predict would run a randomly initialised model and fit start afresh,
+    each after a warning. ``last`` is therefore the newest checkpoint of the latest run under the logger's folder
+    (:func:`newest_checkpoint`); ``best`` is known only inside the fit that saved it.
+
+    Raises:
+        ConfigError: no checkpoint of that name is there (for ``fit --ckpt_path last`` Lightning starts afresh).
+    """
+    newest = newest_checkpoint(config)
+    example = f"{newest}" if newest is not None else "runs/<name>/version_<n>/checkpoints/<file>.ckpt"
+    if name == "last":
+        if _fixed_checkpoint_dir(config):
+            return None  # a ModelCheckpoint with its own dirpath: Lightning finds last.ckpt there
+        if newest is not None:
+            rank_zero_info(f"--ckpt_path last: {newest} (the newest checkpoint of the latest run)")
+            return newest
+        if subcommand == "fit":
+            return None  # Lightning starts a new run, with its warning: `last` may be set before the first fit
+        raise ConfigError(
+            f"--ckpt_path last: no checkpoint found under the logger's folder; {subcommand} would run a randomly "
+            "initialised model: give the checkpoint file, e.g. runs/<name>/version_<n>/checkpoints/<file>.ckpt"
+        )
+    if name == "best":
+        raise ConfigError(
+            "--ckpt_path best names the best checkpoint of a fit run in this same command, which a new command has "
+            f"not: give the checkpoint file, e.g. --ckpt_path {example}"
+        )
+    if name == "hpc":
+        root = Path(config.get("trainer.default_root_dir") or ".")
+        if not any(root.glob("hpc_ckpt_*.ckpt")):
+            raise ConfigError(
+                f"--ckpt_path hpc: no hpc_ckpt_<n>.ckpt in {root} (Lightning's Slurm requeue checkpoints); give the "
+                f"checkpoint file, e.g. --ckpt_path {example}"
+            )
+        return None
+    if importlib.util.find_spec("litmodels") is None:
+        raise ConfigError(
+            f"--ckpt_path {name} needs the litmodels package (Lightning's model registry), which is not installed; "
+            f"give the checkpoint file, e.g. --ckpt_path {example}"
+        )
+    return None
+
+
+def _fixed_checkpoint_dir(config: Namespace) -> bool:
+    """Whether a ModelCheckpoint of the config writes into a folder of its own (``dirpath``), not the run's."""
+    callbacks = config.get("trainer.callbacks") or []
+    for callback in callbacks if isinstance(callbacks, list) else [callbacks]:
+        if isinstance(callback, Namespace) and "ModelCheckpoint" in str(callback.get("class_path")):
+            if callback.get("init_args.dirpath"):
+                return True
+    return False
 
 
 def _no_checkpoint_message(subcommand: str, config: Namespace) -> str:

@@ -13,6 +13,7 @@ is a bug and keeps its traceback. This module imports nothing heavy (``spherinat
 from __future__ import annotations
 
 import difflib
+import errno
 import importlib
 import inspect
 import os
@@ -86,6 +87,28 @@ class NonFiniteLossError(ConfigError):
     other one data of extreme size (NaN/inf in the data are refused when they are read)."""
 
 
+# An OSError of the place written to, not of the code: a full, read-only or foreign disk, a file where a folder goes
+# (a log directory `runs` that is a file). Its message names the path: the user's to fix, in one line.
+DISK_ERRNOS = {
+    errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EFBIG, errno.ENOTDIR, errno.EEXIST,
+    errno.EISDIR,
+}  # fmt: skip
+
+
+def disk_error(err: BaseException) -> OutputError | None:
+    """An :class:`OutputError` for an ``OSError`` of the disk that names its path (see :data:`DISK_ERRNOS`), else
+    None."""
+    if not isinstance(err, OSError) or err.errno not in DISK_ERRNOS:
+        return None
+    if not err.filename and err.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return None  # which path? (a write to a full disk needs none to be clear)
+    where = f" {err.filename}" if err.filename else ""
+    return OutputError(
+        f"cannot write{where} ({err.strerror or err}): free space, or give a directory you can write (where a "
+        "folder goes, no file of that name)"
+    )
+
+
 # Bad input by definition, whatever raised it.
 USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, DataError, ExportError, OutputError, SubmitError)
 
@@ -112,6 +135,8 @@ def user_error(err: BaseException | None) -> BaseException | None:
         seen.add(id(err))
         if isinstance(err, known):
             return err
+        if (disk := disk_error(err)) is not None:
+            return disk
         frames = traceback.extract_tb(err.__traceback__)
         in_jsonargparse = bool(frames) and f"{os.sep}jsonargparse{os.sep}" in frames[-1].filename
         if wrapped and not in_jsonargparse and isinstance(err, ValueError | TypeError | OSError):

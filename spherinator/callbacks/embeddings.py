@@ -14,7 +14,7 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from spherinator.shapes import ConfigError
+from spherinator.errors import ConfigError, OutputError
 
 # The exit status of a process ended by SIGTERM (128 + 15), which Slurm's scancel and time limit send.
 SIGTERM_EXIT = 143
@@ -87,6 +87,7 @@ class EmbeddingWriter(BasePredictionWriter):
         try:
             if self._writer is None:
                 self.written_path = self._path(trainer)
+                _refuse_inside_data(trainer, self.written_path)
                 self.written_path.parent.mkdir(parents=True, exist_ok=True)
                 # not *.parquet: a dataset reader passing over the directory never takes a partial file for data
                 self._staged = self.written_path.with_name(f".{self.written_path.name}.partial")
@@ -94,30 +95,63 @@ class EmbeddingWriter(BasePredictionWriter):
                 self.rows = 0  # a new file: count this run's rows only
             self._writer.write_table(table)
         except OSError as err:  # a read-only or full disk, a file where a directory should be
-            raise ConfigError(
-                f"cannot write the embeddings to {self.written_path} ({err.strerror or err}); give a writable "
-                f"place with free space (EmbeddingWriter's output_path, or --trainer.default_root_dir)"
-            ) from err
+            raise self._cannot_write(err) from err
         self.rows += table.num_rows
         if trainer.received_sigterm:  # Lightning's predict loop notes a SIGTERM but goes on: stop here
             raise SIGTERMException(SIGTERM_EXIT)
 
+    def _cannot_write(self, err: OSError) -> ConfigError:
+        return ConfigError(
+            f"cannot write the embeddings to {self.written_path} ({err.strerror or err}); give a writable "
+            f"place with free space (EmbeddingWriter's output_path, or --trainer.default_root_dir)"
+        )
+
+    def _close(self) -> bool:
+        """Close the staged file (its footer written); False where that fails (a full disk): it is then torn."""
+        writer, self._writer = self._writer, None
+        try:
+            if writer is not None:
+                writer.close()
+            return True
+        except OSError:
+            return False
+
     def on_predict_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self._writer is not None:
-            self._writer.close()
-            self._writer = None
-            os.replace(self._staged, self.written_path)  # whole (footer written) before it takes the final name
-            self._staged = None
+            staged, self._staged = self._staged, None
+            try:
+                self._writer.close()
+                self._writer = None
+                os.replace(staged, self.written_path)  # whole (footer written) before it takes the final name
+            except OSError as err:
+                self._writer = None
+                staged.unlink(missing_ok=True)
+                raise self._cannot_write(err) from err
             print(f"spherinator: wrote {self.rows} embeddings to {self.written_path}")
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         # An error in a batch: the rows before it, closed (footer written), take the final name. SIGTERM (a
-        # cancelled or timed-out job, which may be requeued): the partial file goes, an earlier whole one stays.
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
-        if self._staged is not None and isinstance(exception, SIGTERMException):
-            self._staged.unlink(missing_ok=True)
-        elif self._staged is not None:
-            os.replace(self._staged, self.written_path)
-        self._staged = None
+        # cancelled or timed-out job, which may be requeued) or a write that failed (a full disk: the file may be
+        # torn): the partial file goes, an earlier whole one stays.
+        staged, self._staged = self._staged, None
+        closed = self._close()
+        if staged is None:
+            return
+        failed_write = isinstance(exception.__cause__, OSError) or isinstance(exception, OSError | OutputError)
+        if closed and not (failed_write or isinstance(exception, SIGTERMException)):
+            os.replace(staged, self.written_path)
+        else:
+            staged.unlink(missing_ok=True)
+
+
+def _refuse_inside_data(trainer: Trainer, path: Path) -> None:
+    """Refuse to write ``path`` into the data directory being read: the next fit would read it as data."""
+    data = getattr(trainer.datamodule, "path", None) if trainer.datamodule is not None else None
+    if not isinstance(data, str | Path) or not Path(data).is_dir():
+        return
+    root = Path(data).resolve()
+    if path.resolve().is_relative_to(root):
+        raise OutputError(
+            f"the embeddings would go to {path}, inside the data directory {data} being read (the next fit would "
+            "read them as data); give another --trainer.default_root_dir or EmbeddingWriter output_path"
+        )
