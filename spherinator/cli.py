@@ -275,9 +275,9 @@ def _fixed_checkpoint_dir(config: Namespace) -> bool:
     """Whether a ModelCheckpoint of the config writes into a folder of its own (``dirpath``), not the run's."""
     callbacks = config.get("trainer.callbacks") or []
     for callback in callbacks if isinstance(callbacks, list) else [callbacks]:
-        if isinstance(callback, Namespace) and "ModelCheckpoint" in str(callback.get("class_path")):
-            if callback.get("init_args.dirpath"):
-                return True
+        named = isinstance(callback, Namespace) and "ModelCheckpoint" in str(callback.get("class_path"))
+        if named and callback.get("init_args.dirpath"):
+            return True
     return False
 
 
