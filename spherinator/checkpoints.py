@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_warn
@@ -193,8 +194,33 @@ def _intact_beside(path: Path, reference: CheckpointInfo | None = None) -> list[
     others = [
         info for info in checkpoints_by_step(path.parent) if info.resumable and info.path.resolve() != path.resolve()
     ]
+    run_hparams = _run_hparams(path.parent.parent) if reference is None else None
+    if run_hparams is not None:  # the run's own model, as its logger wrote it down: a copied-in file is no match
+        others = [info for info in others if _plain(info.hparams) == run_hparams]
     reference = reference or (others[0] if others else None)
     return [info for info in others if reference is not None and info.same_model(reference)]
+
+
+def _run_hparams(run_dir: Path) -> dict[str, Any] | None:
+    """The model hyper-parameters a run's logger wrote at its start (``hparams.yaml``), as :func:`read_info` gives
+    them; None where there is no such plain YAML file."""
+    try:
+        hparams = yaml.safe_load((run_dir / "hparams.yaml").read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return None
+    if not isinstance(hparams, dict) or not hparams:
+        return None
+    hparams = {k: v for k, v in hparams.items() if k not in ("_class_path", "_instantiator")}
+    return _plain(hparams)
+
+
+def _plain(value: Any) -> Any:
+    """``value`` with tuples as lists (a checkpoint keeps tuples, YAML reads lists)."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
 
 
 def resume_checkpoint(

@@ -275,8 +275,8 @@ def _fixed_checkpoint_dir(config: Namespace) -> bool:
     """Whether a ModelCheckpoint of the config writes into a folder of its own (``dirpath``), not the run's."""
     callbacks = config.get("trainer.callbacks") or []
     for callback in callbacks if isinstance(callbacks, list) else [callbacks]:
-        is_checkpoint = isinstance(callback, Namespace) and "ModelCheckpoint" in str(callback.get("class_path"))
-        if is_checkpoint and callback.get("init_args.dirpath"):
+        named = isinstance(callback, Namespace) and "ModelCheckpoint" in str(callback.get("class_path"))
+        if named and callback.get("init_args.dirpath"):
             return True
     return False
 

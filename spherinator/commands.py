@@ -90,10 +90,15 @@ def _check_example_targets(target: Path, dests: list[Path]) -> None:
 
 
 def _copy(source: Path, dest: Path) -> None:
+    """Copy under a temporary name and rename: a full disk leaves no cut-short file that a rerun would keep."""
+    partial = dest.with_name(f".{dest.name}.partial")
     try:
-        shutil.copyfile(source, dest)
+        shutil.copyfile(source, partial)
+        os.replace(partial, dest)
     except OSError as err:
         raise OutputError(f"cannot write {dest} ({err.strerror}): give a DIR you can write to") from err
+    finally:
+        partial.unlink(missing_ok=True)
 
 
 def main(args: list[str] | None = None) -> None:

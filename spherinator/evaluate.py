@@ -208,11 +208,11 @@ def evaluate(
     from spherinator.runs import run_dir_of
     from spherinator.shapes import ConfigError
 
-    columns = [c for c in columns or [] if c]
+    columns = list(dict.fromkeys(c for c in columns or [] if c))  # a column named twice is scored once
     _check_options(max_rows, seed)
+    target = _device(device)
     keep = ([label_column] if label_column else []) + [c for c in columns if c != label_column]
     model, datamodule = load(cli_args, ckpt_path, keep)
-    target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     rows, total = encode(model, datamodule, keep, max_rows, seed, target)
     if "location" not in rows or len(rows["location"]) < 10:
         raise ConfigError(f"the data hold {total} rows; a sphere report needs at least 10")
@@ -258,6 +258,24 @@ def _check_options(max_rows: int, seed: int) -> None:
         raise ConfigError(f"--max-rows {max_rows} is too few to judge a sphere by; give at least 10 (default 5000)")
     if not 0 <= seed < 2**63:
         raise ConfigError(f"--seed {seed} is out of range; give a seed from 0 to 2**63 - 1 (default 0)")
+
+
+def _device(name: str | None) -> torch.device:
+    """The torch device ``--device`` names (default: cuda if available), refused in one line where there is none."""
+    from spherinator.shapes import ConfigError
+
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError) as err:
+        raise ConfigError(f"--device {name!r} is no torch device ({err}); give cpu, cuda or cuda:<n>") from err
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        raise ConfigError(
+            f"--device {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s); give cpu, or leave "
+            "--device out"
+        )
+    return device
 
 
 def _write_atomically(path: Path, text: str) -> None:

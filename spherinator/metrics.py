@@ -196,6 +196,10 @@ def knn_r2(points: ArrayLike, values: ArrayLike, k: int = 10, folds: int = 5, se
     y = _rows(values, len(x), "values")
     if y.dtype.kind not in "biuf":
         raise ValueError(f"kNN R^2 needs numbers, got values of dtype {y.dtype}; score class labels by knn_accuracy")
+    if y.dtype.kind in "iu" and len(y) and np.all(y == y[0]):
+        raise UndefinedFigure(f"kNN R^2 is undefined: the value is {y[0]} in all {len(y)} rows (nothing to predict)")
+    if y.dtype.kind in "iu" and len(y) and int(y.max()) - int(y.min()) < 2**63:
+        y = y - y.min()  # as offsets: float64 holds 2**60 + 1 (an id) as 2**60, and every row would look alike
     y = y.astype(np.float64)
     keep = np.isfinite(y)
     x, y = x[keep], y[keep]

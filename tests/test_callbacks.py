@@ -250,6 +250,48 @@ def test_embedding_writer_counts_each_run_and_closes_its_file_on_an_exception(tm
     assert pq.read_table(tmp_path / "emb.parquet").num_rows == 8  # the rows before the failure, in a closed file
 
 
+def test_a_failed_write_of_the_embeddings_keeps_the_earlier_file_and_the_data_directory_is_refused(
+    tmp_path, monkeypatch
+):
+    # a full disk while writing: the torn partial file (no footer) was renamed over the earlier whole one
+    import pyarrow.parquet as pq
+
+    from spherinator.callbacks import EmbeddingWriter
+    from spherinator.errors import ConfigError, OutputError
+
+    torch.manual_seed(0)
+    encoder = ConvolutionalEncoder2D([3, 16, 16], 8, [ConsecutiveConv2DLayer(4, 2, 1, [4, 8])])
+    model = _FailingVAE(encoder, UpsamplingDecoder2D(base_channels=8, seed_size=4), z_dim=3)
+    loader = DataLoader(torch.rand(10, 3, 16, 16), batch_size=4)
+    out = tmp_path / "emb.parquet"
+    trainer(tmp_path, [EmbeddingWriter(out)]).predict(model, loader, return_predictions=False)
+    before = out.read_bytes()
+    calls = []
+
+    def full_disk(self, table, *args, **kwargs):
+        calls.append(1)
+        if len(calls) > 1:
+            raise OSError(28, "No space left on device")
+        return original(self, table, *args, **kwargs)
+
+    original = pq.ParquetWriter.write_table
+    monkeypatch.setattr(pq.ParquetWriter, "write_table", full_disk)
+    with pytest.raises(ConfigError, match="No space left on device"):
+        trainer(tmp_path, [EmbeddingWriter(out)]).predict(model, loader, return_predictions=False)
+    assert out.read_bytes() == before and [p.name for p in tmp_path.iterdir() if p.suffix != ".yaml"] == [out.name]
+    monkeypatch.undo()
+
+    class _Data(pl.LightningDataModule):
+        path = tmp_path
+
+        def predict_dataloader(self):
+            return loader
+
+    with pytest.raises(OutputError, match="inside the data directory"):
+        trainer(tmp_path, [EmbeddingWriter(tmp_path / "sub")]).predict(model, datamodule=_Data())
+    assert not (tmp_path / "sub").exists()
+
+
 # ---- SphereQuality ------------------------------------------------------------------------------------------------
 
 

@@ -230,6 +230,39 @@ def test_resume_checkpoint_without_an_intact_one_beside_it_says_so(tmp_path):
         resume_checkpoint(tmp_path / "last.ckpt")
 
 
+def test_a_full_disk_while_saving_is_one_line_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    # torch's zip writer reports a short write as RuntimeError ("unexpected pos"): a 60-line traceback
+    from spherinator.errors import OutputError
+
+    target = tmp_path / "last.ckpt"
+    AtomicCheckpointIO().save_checkpoint(small_checkpoint(3), target)
+    before = target.read_bytes()
+
+    def full(*args, **kwargs):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 26560 vs 26456")
+
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(OutputError, match="cannot write the checkpoint .*last.ckpt .*unexpected pos"):
+        AtomicCheckpointIO().save_checkpoint(small_checkpoint(4), target)
+    assert target.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
+
+
+def test_the_fallback_passes_over_a_checkpoint_of_another_model_copied_into_the_run(tmp_path):
+    # a z_dim 8 checkpoint copied into the run's checkpoints/ at a higher step was resumed as "this run's"
+    folder = tmp_path / "run" / "checkpoints"
+    folder.mkdir(parents=True)
+    (tmp_path / "run" / "hparams.yaml").write_text(yaml.safe_dump({"_instantiator": "x", "z_dim": 3, "dims": [1, 2]}))
+    for name, step, z_dim, n in [("own.ckpt", 6, 3, 3), ("foreign.ckpt", 100, 8, 3)]:
+        hparams = {"_class_path": "spherinator.models.VariationalAutoencoder", "z_dim": z_dim, "dims": (1, 2)}
+        torch.save({**small_checkpoint(n), "global_step": step, "hyper_parameters": hparams}, folder / name)
+    (folder / "last.ckpt").write_bytes(b"PK\x03\x04 cut")
+    chosen, warning = resume_checkpoint(folder / "last.ckpt")
+    assert chosen == folder / "own.ckpt" and "(6;" in warning
+    (folder / "own.ckpt").unlink()
+    with pytest.raises(CheckpointError, match="no intact checkpoint is beside it"):
+        resume_checkpoint(folder / "last.ckpt")
+
+
 # ---- the code a queued or requeued task runs -------------------------------------------------------------------
 
 FIND_SPHERINATOR = "import importlib.util; print(importlib.util.find_spec('spherinator').origin)"

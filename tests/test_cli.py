@@ -370,3 +370,38 @@ def test_a_hyperparameter_out_of_range_is_a_one_line_error(image_dataset, tmp_pa
     one_line_error(capsys, ["fit", "-c", TINY, "-c", data_yaml(tmp_path, image_dataset), *override], says)
     # beta nan != nan had read as a value that the (absent) checkpoint replaced
     assert not [w for w in recwarn if "checkpoint's model hyperparameters" in str(w.message)]
+
+
+@pytest.mark.parametrize("subcommand", ["validate", "predict"])
+def test_ckpt_path_last_is_the_newest_checkpoint_of_the_latest_run_or_refused(
+    image_dataset, tmp_path, capsys, subcommand
+):
+    # Lightning looks `last` up in the new run's empty folder: validate/predict ran a random model and exited 0
+    data = data_yaml(tmp_path, image_dataset)
+    args = [subcommand, "-c", TINY, "-c", data, "--ckpt_path", "last"]
+    one_line_error(capsys, args, "--ckpt_path last: no checkpoint found", "randomly initialised")
+    one_line_error(capsys, [subcommand, "-c", TINY, "-c", data, "--ckpt_path", "best"], "--ckpt_path best names")
+    one_line_error(capsys, [subcommand, "-c", TINY, "-c", data, "--ckpt_path", "hpc"], "no hpc_ckpt_<n>.ckpt")
+    ckpt = fitted_checkpoint(tmp_path, data)
+    cli = SpherinatorCLI(args=args, parser_kwargs={"exit_on_error": False})
+    assert Path(cli.config[subcommand].ckpt_path).resolve() == ckpt.resolve()
+
+
+def test_a_log_directory_that_is_a_file_is_one_line_naming_it(image_dataset, tmp_path, capsys):
+    (tmp_path / "runs").write_text("not a folder")
+    args = ["fit", "-c", TINY, "-c", data_yaml(tmp_path, image_dataset), "--trainer.max_steps", "1"]
+    one_line_error(capsys, args, "runs/spherinator (Not a directory)")
+    assert (tmp_path / "runs").read_text() == "not a folder"
+
+
+def test_a_disk_error_is_one_line_and_other_os_errors_keep_their_traceback(capsys):
+    import errno
+
+    from spherinator.errors import one_line_errors
+
+    with pytest.raises(SystemExit) as exit_info, one_line_errors("spherinator", []):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.count("\n") == 1
+    with pytest.raises(FileNotFoundError), one_line_errors("spherinator", []):
+        raise FileNotFoundError(errno.ENOENT, "No such file or directory", "spherinator/missing_module_file.py")

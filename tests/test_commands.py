@@ -291,3 +291,25 @@ def test_the_shared_loader_reads_a_file_as_the_cli_does(tmp_path):
 def test_print_config_with_a_wrong_value_names_it_as_without_the_flag(capsys):
     err = one_error_line(capsys, ["fit", "-c", TINY, "--model.init_args.z_dim", "abc", "--print_config"])
     assert "error: model.init_args.z_dim: Expected an int. Got value: abc" in err
+
+
+def test_examples_on_a_full_disk_leave_no_cut_short_file_that_a_rerun_would_keep(tmp_path, monkeypatch, capsys):
+    # shutil.copyfile on a full disk left an empty wandb.yaml, which the rerun then kept as "edited"
+    import shutil
+
+    original = shutil.copyfile
+
+    def full_after_one(source, dest, *args, **kwargs):
+        if list(Path(dest).parent.glob("*.yaml")):
+            Path(dest).write_text("")  # what a full disk leaves: the file made, nothing in it
+            raise OSError(28, "No space left on device")
+        return original(source, dest, *args, **kwargs)
+
+    monkeypatch.setattr(shutil, "copyfile", full_after_one)
+    with pytest.raises(SystemExit):
+        main(["examples", str(tmp_path)])
+    assert "No space left on device" in capsys.readouterr().err
+    assert [p.name for p in (tmp_path / "experiments").iterdir()] == ["ae_cnn3.yaml"]
+    monkeypatch.undo()
+    main(["examples", str(tmp_path)])
+    assert "left as they were" not in capsys.readouterr().err

@@ -126,6 +126,8 @@ def test_pictures_follow_the_model_spectra_as_line_plots_and_no_decoded_sphere_o
         (["--columns", "nowhere"], "column 'nowhere' not in parquet files"),
         (["--seed", "-1"], "--seed -1 is out of range"),
         (["--ckpt_path", "last"], "--ckpt_path 'last' names no file"),
+        (["--device", "bogus"], "--device 'bogus' is no torch device"),
+        (["--device", "cuda:99"], "--device 'cuda:99': this machine has"),
     ],
 )
 def test_bad_evaluate_arguments_are_one_line_before_anything_is_encoded(trained, tmp_path, capsys, extra, named):
@@ -153,3 +155,12 @@ def test_evaluate_takes_a_huge_max_rows_as_all_rows_and_an_unwritable_out_is_one
     assert exit_.value.code == 2
     (line,) = capsys.readouterr().err.strip().splitlines()[-1:]
     assert "cannot write the report into" in line and "--out" in line, line
+
+
+def test_a_column_named_twice_is_scored_once(trained, tmp_path):
+    # --columns cx,cx stacked the column twice: a ValueError traceback ("240 rows but points has 120")
+    from spherinator.evaluate import evaluate
+
+    checkpoint, overlay = trained
+    report = evaluate(["-c", TINY, "-c", str(overlay)], str(checkpoint), "label", ["cx", "cx", "label"], tmp_path)
+    assert set(report["sphere"]["knn_r2"]) == {"cx", "label"} and set(report["sphere"]["knn_accuracy"]) == {"label"}

@@ -242,3 +242,14 @@ def test_sphere_report_of_labels_without_any_value_says_so():
     assert report["sphere"]["knn_r2"] == {"a": None, "b": None} and report["chance"] == {}
     assert any("'a'" in w and "got 0" in w for w in report["warnings"])
     assert any("'b'" in w and "needs numbers" in w for w in report["warnings"])
+
+
+def test_knn_r2_of_large_integer_ids_is_not_taken_for_a_constant():
+    # float64 holds 2**60 + i as 2**60: the column read as one value in every row, R^2 "undefined"
+    rng = np.random.default_rng(3)
+    points = rng.normal(size=(200, 3))
+    points /= np.linalg.norm(points, axis=1, keepdims=True)
+    ids = (2**60 + np.arange(200)).astype(np.int64)
+    assert knn_r2(points, ids) == pytest.approx(knn_r2(points, np.arange(200)))
+    with pytest.raises(UndefinedFigure, match="the value is 1152921504606846976 in all 200 rows"):
+        knn_r2(points, np.full(200, 2**60, dtype=np.int64))
