@@ -303,15 +303,9 @@ def test_atlas_from_the_onnx_directory_and_cli_errors(run_dir, blobs, tmp_path, 
     assert info["hips"]["tiles"] == 60 and not (out / "thumbs").exists()
     # below order 3 the Allsky of order 3 is drawn all the same (Aladin Lite asks for it), and no tile of order 3
     assert [p.name for p in (out / "hips" / "Norder3").iterdir()] == ["Allsky.jpg"]
-    capsys.readouterr()
 
     def error(*args: str) -> str:
-        with pytest.raises(SystemExit) as exit_info:
-            main(["atlas", *args])
-        assert exit_info.value.code == 2
-        lines = capsys.readouterr().err.strip().splitlines()
-        assert len(lines) == 1, lines
-        return lines[0]
+        return atlas_error(capsys, *args)
 
     assert "already exists; pass --overwrite" in error(str(run_dir / "onnx"), "-c", str(data), "-o", str(out))
     assert "--max-order 12 is out of range" in error(str(run_dir), "--max-order", "12", "-o", str(tmp_path / "x"))
