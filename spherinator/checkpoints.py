@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -140,7 +141,12 @@ def read_info(path: str | Path) -> CheckpointInfo:
         content = _require_lightning(path, _read(path), version=False)
     except pickle.UnpicklingError as err:
         refused = "Weights only load" in str(err)
-        why = "it names Python objects, not only tensors and settings" if refused else _short(err)
+        # torch cannot tell bytes that are no pickle from one naming code: its reason ("Unsupported operand 76")
+        reason = re.search(r"WeightsUnpickler error:\s*(.+?)\s*(?:\n|$)", str(err))
+        why = _short(err)
+        if refused:
+            said = f"torch: {reason.group(1)}; " if reason else ""
+            why = f"{said}no checkpoint, or one naming Python objects, not only tensors and settings"
         raise DamagedCheckpointError(f"checkpoint {path} cannot be read weights-only ({why})") from err
     hparams = dict(content.get("hyper_parameters") or {})
     class_path = hparams.pop("_class_path", "")

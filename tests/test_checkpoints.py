@@ -292,3 +292,12 @@ def test_a_task_refuses_to_run_other_code_than_it_was_submitted_with(tmp_path, m
     summary = RunSummary.read(run)
     assert summary.state == "FAILED" and "submit the sweep again" in summary.error, summary
     assert job.checkpoint().function.code_version == job.code_version  # a requeue keeps the version
+
+
+def test_random_bytes_are_not_described_as_a_checkpoint_naming_python_objects(tmp_path):
+    # the weights-only refusal of bytes that are no pickle read "it names Python objects" alone
+    from spherinator.checkpoints import DamagedCheckpointError, read_info
+
+    (tmp_path / "noise.ckpt").write_bytes(bytes([0x80, 0x02, 0x4C, 0x00, 0x17]) + os.urandom(64))
+    with pytest.raises(DamagedCheckpointError, match=r"\(torch: Unsupported operand \d+; no checkpoint, or one nam"):
+        read_info(tmp_path / "noise.ckpt")
