@@ -89,10 +89,10 @@ class NonFiniteLossError(ConfigError):
 
 # An OSError of the place written to, not of the code: a full, read-only or foreign disk, a file where a folder goes
 # (a log directory `runs` that is a file). Its message names the path: the user's to fix, in one line.
-DISK_ERRNOS = {
-    errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EFBIG, errno.ENOTDIR, errno.EEXIST,
-    errno.EISDIR,
-}  # fmt: skip
+# The disk cannot take the write: full, read-only, no permission, over quota or file size.
+NO_ROOM_ERRNOS = frozenset({errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EFBIG})
+# ... or a file or folder stands where the other is written.
+DISK_ERRNOS = NO_ROOM_ERRNOS | {errno.ENOTDIR, errno.EEXIST, errno.EISDIR}
 
 
 def disk_error(err: BaseException) -> OutputError | None:

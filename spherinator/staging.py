@@ -20,8 +20,9 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from spherinator.errors import NO_ROOM_ERRNOS
+
 # A disk that is full, read-only or not ours: the user's to fix. Other OSErrors (a missing input) pass unchanged.
-DISK_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EFBIG}
 DISK_WORDS = ("No space left", "Read-only file system", "Permission denied", "Disk quota")
 SIGTERM_EXIT = 143  # 128 + 15: the status of a process ended by SIGTERM
 
@@ -47,7 +48,7 @@ def exit_on_sigterm() -> Iterator[None]:
 
 def is_disk_error(err: OSError) -> bool:
     """Whether ``err`` says the disk cannot take the write (pyarrow's errors carry no errno, only the words)."""
-    return err.errno in DISK_ERRNOS or any(word in str(err) for word in DISK_WORDS)
+    return err.errno in NO_ROOM_ERRNOS or any(word in str(err) for word in DISK_WORDS)
 
 
 def _disk_error(error: type[Exception], dest: Path, err: OSError, what: str) -> Exception:
