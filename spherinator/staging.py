@@ -27,6 +27,28 @@ DISK_WORDS = ("No space left", "Read-only file system", "Permission denied", "Di
 SIGTERM_EXIT = 143  # 128 + 15: the status of a process ended by SIGTERM
 
 
+def output_dir_contents(path: Path, name: str, error: type[Exception], fix: str) -> list[str]:
+    """The names in an output directory ``path`` (empty when it does not exist yet), refusing a path that cannot be
+    one: a link to nothing, a file, or a place under a file.
+
+    Args:
+        path: The directory a command is about to write.
+        name: How messages name it (``"-o atlas"``, ``"export_path 'out'"``).
+        error: The command's error class, raised with one line.
+        fix: What to give instead, ending each message.
+    """
+    if path.is_symlink() and not path.exists():
+        raise error(f"{name} is a link to nothing ({os.readlink(path)}); {fix}")
+    if not path.exists():
+        above = next(parent for parent in path.absolute().parents if parent.exists())
+        if not above.is_dir():
+            raise error(f"{name}: '{above}' is a file, so no directory can be made there; {fix}")
+        return []
+    if not path.is_dir():
+        raise error(f"{name} is a file, not a directory; {fix}")
+    return sorted(p.name for p in path.iterdir())
+
+
 @contextmanager
 def exit_on_sigterm() -> Iterator[None]:
     """Within the block, SIGTERM raises ``SystemExit(143)`` (Python's default ends the process at once, leaving

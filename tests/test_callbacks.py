@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import re
+from typing import Any
 
 import lightning.pytorch as pl
 import numpy as np
@@ -335,6 +336,16 @@ class _Rows(torch.utils.data.Dataset):
         return {"data": self.images[i], "label": self.label[i]}
 
 
+def fit_with_label(tmp_path, rows, label: str) -> tuple[pl.Trainer, SphereQuality, Any]:
+    """Two epochs of a healthy sphere under ``SphereQuality(label_column=label)``, recording the warnings."""
+    data = DataLoader(rows, batch_size=50)
+    callback = SphereQuality(label_column=label, patience=5)
+    run = trainer(tmp_path, [callback], max_epochs=2, limit_train_batches=1)
+    with pytest.warns(UserWarning) as recorded:
+        run.fit(sphere_vae(False), data, data)
+    return run, callback, recorded
+
+
 def sphere_warnings(recorded) -> list[str]:
     return [str(w.message) for w in recorded if "SphereQuality" in str(w.message)]
 
@@ -443,11 +454,7 @@ class _RedshiftRows(_Rows):
 
 def test_sphere_quality_scores_a_continuous_label_with_missing_values_and_the_fit_goes_on(tmp_path):
     """A float label with NaNs stopped the fit after the first validation epoch with sklearn's traceback."""
-    data = DataLoader(_RedshiftRows(), batch_size=50)
-    callback = SphereQuality(label_column="redshift", patience=5)
-    run = trainer(tmp_path, [callback], max_epochs=2, limit_train_batches=1)
-    with pytest.warns(UserWarning) as recorded:
-        run.fit(sphere_vae(False), data, data)
+    run, callback, recorded = fit_with_label(tmp_path, _RedshiftRows(), "redshift")
     assert run.state.finished and run.current_epoch == 2
     assert callback.figures["val_knn_r2"] > 0.8 and "val_knn_accuracy" not in callback.figures
     (message,) = sphere_warnings(recorded)  # once, not each epoch
@@ -460,11 +467,7 @@ class _Constant(_Rows):
 
 
 def test_sphere_quality_skips_a_figure_it_cannot_compute_with_one_warning(tmp_path):
-    data = DataLoader(_Constant(), batch_size=50)
-    callback = SphereQuality(label_column="label", patience=5)
-    run = trainer(tmp_path, [callback], max_epochs=2, limit_train_batches=1)
-    with pytest.warns(UserWarning) as recorded:
-        run.fit(sphere_vae(False), data, data)
+    run, callback, recorded = fit_with_label(tmp_path, _Constant(), "label")
     assert run.state.finished and "val_coverage" in callback.figures and "val_knn_r2" not in callback.figures
     (message,) = sphere_warnings(recorded)
     assert "SphereQuality: the kNN figure of 'label' skipped" in message and "value is 1.5 in all 300 rows" in message

@@ -507,7 +507,7 @@ def test_hostile_values_paths_and_checkpoints_are_one_line(vae_checkpoint, tmp_p
     with pytest.raises(ExportError, match=r"'.*dangling' is a link to nothing"):
         export_onnx(vae_checkpoint, tmp_path / "dangling", trust=True)
     (tmp_path / "file").write_text("mine")
-    with pytest.raises(ExportError, match=r"'.*file' is a file, not a directory"):
+    with pytest.raises(ExportError, match=r"'.*file' is a file, so no directory can be made there"):
         export_onnx(vae_checkpoint, tmp_path / "file" / "onnx", trust=True)
     for key, value, words in (("state_dict", "weights", "its 'state_dict' is a str"),
                               ("hyper_parameters", ["z_dim", 3], "its 'hyper_parameters' is a list")):  # fmt: skip

@@ -11,6 +11,7 @@ from typing import Any
 from spherinator.atlas import MAX_ORDER, AtlasError
 from spherinator.atlas.page import ATLAS_JSON
 from spherinator.atlas.render import MAX_TILE_WIDTH
+from spherinator.staging import output_dir_contents
 
 MAX_SOURCES = 10_000_000  # the VOTable is TABLEDATA text read by a browser: ~1 GB there
 MAX_THUMBNAILS = 1_000_000
@@ -103,17 +104,7 @@ def check_out(out: Path, overwrite: bool, sources: list[Path]) -> None:
         if _inside(source, out):
             raise AtlasError(f"-o {out} holds '{source}', which the atlas is drawn from; give a directory of its own, "
                              "e.g. -o <run dir>/atlas (the default)")  # fmt: skip
-    if out.is_symlink() and not out.exists():
-        raise AtlasError(f"-o {out} is a link to nothing ({os.readlink(out)}); give a directory of its own")
-    if not out.exists():
-        above = next(parent for parent in out.absolute().parents if parent.exists())
-        if not above.is_dir():
-            raise AtlasError(f"-o {out}: '{above}' is a file, so no directory can be made there; give a directory "
-                             "of its own")  # fmt: skip
-        return
-    if not out.is_dir():
-        raise AtlasError(f"-o {out} is a file, not an atlas directory; give a directory of its own (-o elsewhere)")
-    if not any(out.iterdir()):
+    if not output_dir_contents(out, f"-o {out}", AtlasError, "give a directory of its own"):
         return
     if not overwrite:
         raise AtlasError(f"'{out}' already exists; pass --overwrite (overwrite=True) to replace it, or -o elsewhere")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import platform
 import re
 import time
@@ -19,7 +18,7 @@ from torch import nn
 
 from spherinator.errors import ValidationError  # noqa: F401 (re-exported)
 from spherinator.export.checkpoint import ExportError, load_model
-from spherinator.staging import move_files, staged_dir
+from spherinator.staging import move_files, output_dir_contents, staged_dir
 
 GRAPHS = ("encoder", "decoder", "reconstruction")
 REPORT_NAME = "export_report.json"
@@ -412,18 +411,8 @@ def _check_arguments(opset: int, batch_sizes: Sequence[int], atol: float, rtol: 
 
 
 def _check_export_path(export_path: Path, overwrite: bool) -> None:
-    if export_path.is_symlink() and not export_path.exists():
-        raise ExportError(f"export_path '{export_path}' is a link to nothing ({os.readlink(export_path)}); pass a "
-                          "directory to write the ONNX files into")  # fmt: skip
-    if not export_path.exists():
-        above = next(parent for parent in export_path.absolute().parents if parent.exists())
-        if not above.is_dir():
-            raise ExportError(f"cannot write the export under '{export_path.parent}': '{above}' is a file, not a "
-                              "directory; give a directory you can write")  # fmt: skip
-        return
-    if not export_path.is_dir():
-        raise ExportError(f"export_path '{export_path}' is a file; pass a directory to write the ONNX files into")
-    contents = sorted(p.name for p in export_path.iterdir())
+    contents = output_dir_contents(export_path, f"export_path '{export_path}'", ExportError,
+                                   "pass a directory to write the ONNX files into")  # fmt: skip
     if contents and not overwrite:
         shown = ", ".join(contents[:5]) + (f" (+{len(contents) - 5} more)" if len(contents) > 5 else "")
         raise ExportError(
