@@ -13,7 +13,14 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch.utils.data import DataLoader
 
-from spherinator.callbacks import KLAnnealing, LogLatentSphere, LogReconstructionCallback, SphereQuality
+from spherinator.callbacks import (
+    KLAnnealing,
+    LogLatentSphere,
+    LogReconstructionCallback,
+    ParamConfig,
+    ParamManager,
+    SphereQuality,
+)
 from spherinator.models import (
     Autoencoder,
     ConsecutiveConv1DLayer,
@@ -514,3 +521,46 @@ def test_sphere_figures_reach_a_tasks_summary_and_the_status_table(tmp_path, cap
     assert re.fullmatch(r"coverage \d+% knn 0\.9\d\d", row.cells()["sphere"])
     launch.print_table([row])
     assert "SPHERE" in capsys.readouterr().out
+
+
+# -- ParamManager (upstream's parameter callback) ------------------------------------------------------------------
+def test_param_manager_freezes_sets_and_caps_what_its_patterns_name(tmp_path):
+    """The frozen encoder ends as it began, the decoder's bias starts at the value and stays under its cap, the
+    parameters no pattern names train, and a pattern naming nothing says so once."""
+    model = sphere_vae(False)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    callback = ParamManager(configs=[
+        ParamConfig(pattern=r"^encoder\.", freeze=True),
+        {"pattern": r"^decoder\.fc\.bias$", "value": 0.5, "max_value": 0.25},
+        ParamConfig(pattern="no_such_parameter", freeze=True),
+    ])  # fmt: skip
+    data = DataLoader(_Rows(), batch_size=50)
+    run = trainer(tmp_path, [callback], max_epochs=2)
+    with pytest.warns(UserWarning, match="pattern 'no_such_parameter' matches no parameter of VariationalAutoenc"):
+        run.fit(model, data)
+    after = dict(model.named_parameters())
+    frozen = [n for n in after if n.startswith("encoder.")]
+    assert frozen and all(torch.equal(after[n], before[n]) and not after[n].requires_grad for n in frozen)
+    assert torch.all(after["decoder.fc.bias"] <= 0.25) and not torch.equal(after["decoder.fc.bias"], before[
+        "decoder.fc.bias"])  # fmt: skip
+    trained = [n for n in after if not n.startswith("encoder.") and n != "decoder.fc.bias"]
+    assert any(not torch.equal(after[n], before[n]) for n in trained)
+
+
+def test_param_manager_reads_upstreams_yaml_and_refuses_a_bad_pattern_in_one_line(image_dataset, tmp_path):
+    from spherinator.cli import SpherinatorCLI
+    from spherinator.errors import ConfigError
+    from tests.test_cli import TINY, data_yaml
+
+    def callbacks(pattern: str) -> str:
+        return ("trainer:\n  callbacks:\n    - class_path: spherinator.callbacks.ParamManager\n      init_args:\n"
+                f"        configs:\n          - pattern: '{pattern}'\n            max_value: 1.0\n")  # fmt: skip
+
+    args = ["-c", TINY, "-c", data_yaml(tmp_path, image_dataset)]
+    cli = SpherinatorCLI(args=[*args, "-c", callbacks(r"encoder\.fc_scale")], run=False)
+    (manager,) = [c for c in cli.trainer.callbacks if isinstance(c, ParamManager)]
+    assert manager.configs == [ParamConfig(pattern=r"encoder\.fc_scale", max_value=1.0)]
+    with pytest.raises(ConfigError, match=r"ParamManager: pattern 'fc_\[scale' is not a regular expression"):
+        ParamManager(configs=[ParamConfig(pattern="fc_[scale")])
+    with pytest.raises(ConfigError, match="ParamManager: max_value nan for 'x' must be a finite number"):
+        ParamManager(configs=[ParamConfig(pattern="x", max_value=float("nan"))])

@@ -639,3 +639,24 @@ def test_a_diverged_step_outside_a_trainer_is_refused_with_the_plain_fix():
     model._check_finite("train", {"loss": torch.tensor(float("nan"))})
     with pytest.raises(NonFiniteLossError, match=r"loss is nan.*\(optimizer.init_args.lr\), clip"):
         model.on_before_optimizer_step(torch.optim.SGD(model.parameters(), lr=0.1))
+
+
+# -- MLP (upstream's) ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("hidden", [[], [5], [6, 4]])
+def test_mlp_flattens_and_stacks_linear_layers(hidden):
+    from spherinator.models import MLP
+
+    net = MLP(input_size=12, hidden_sizes=hidden, output_size=3)
+    linear = [m for m in net.modules() if isinstance(m, nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in linear] == list(zip([12, *hidden], [*hidden, 3], strict=True))
+    assert net(torch.randn(2, 3, 4)).shape == (2, 3)  # a (3, 4) row is flattened to its 12 values
+    with pytest.raises(ValueError, match=r"MLP: a row of shape \(5,\) has 5 values; input_size is 12"):
+        net(torch.randn(2, 5))
+
+
+def test_mlp_refuses_a_size_that_is_no_positive_integer():
+    from spherinator.errors import ConfigError
+    from spherinator.models import MLP
+
+    with pytest.raises(ConfigError, match=r"MLP: sizes must be positive integers.*hidden_sizes=\[0\]"):
+        MLP(input_size=4, hidden_sizes=[0], output_size=2)

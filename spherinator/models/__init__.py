@@ -12,6 +12,7 @@ from spherinator.layers import (
 from spherinator.models.autoencoder import Autoencoder, NonFiniteLossError, VariationalAutoencoder
 from spherinator.models.decoders import ConvolutionalDecoder1D, ConvolutionalDecoder2D, UpsamplingDecoder2D
 from spherinator.models.encoders import ConvolutionalEncoder1D, ConvolutionalEncoder2D
+from spherinator.models.mlp import MLP
 from spherinator.models.variational_encoder import VariationalEncoder
 from spherinator.models.vit import HuggingFaceViTEncoder
 
@@ -26,6 +27,7 @@ __all__ = [
     "ConvolutionalEncoder1D",
     "ConvolutionalEncoder2D",
     "HuggingFaceViTEncoder",
+    "MLP",
     "NonFiniteLossError",
     "UpsamplingDecoder2D",
     "VariationalAutoencoder",
