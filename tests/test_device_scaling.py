@@ -122,3 +122,19 @@ def test_a_trainer_gets_uint8_to_the_device_and_the_model_sees_floats(image_data
     assert model.hooked == len(expected) == len(model.seen)
     for a, b in zip(expected, model.seen, strict=True):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("compression", [None, "lz4"])
+def test_writer_default_is_uncompressed_and_lz4_reads_back(tmp_path, compression):
+    import pyarrow.parquet as pq
+
+    from spherinator.data import ParquetWriter
+
+    images = np.random.default_rng(0).integers(0, 256, (20, 3, 4, 4), dtype=np.uint8)
+    options = {} if compression is None else {"compression": compression}
+    with ParquetWriter(tmp_path, rows_per_group=8, **options) as writer:
+        writer.write({"data": images})
+    stored = pq.ParquetFile(writer.files[0]).metadata.row_group(0).column(0).compression
+    assert stored == ("UNCOMPRESSED" if compression is None else "LZ4")
+    dm = DataModule(tmp_path, batch_size=20, shuffle=False, val_fraction=0.0)
+    torch.testing.assert_close(next(iter(dm.predict_dataloader())), torch.from_numpy(images).float() / 255)
