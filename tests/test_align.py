@@ -133,3 +133,27 @@ def test_stability_reaches_tensorboard(tmp_path):
     events.Reload()
     (scalar,) = events.Scalars(STABILITY_TAG)
     assert scalar.value == pytest.approx(0.75) and scalar.step == 2
+
+
+def test_the_sweep_page_shows_the_spheres_rotated_onto_the_first(tmp_path):
+    from spherinator.atlas.page import write_sweep_page
+
+    ref = _sphere(200, 3)
+    known = _rotation(3)
+    for name, xyz in (("a", ref), ("b", ref @ known)):
+        atlas = _atlas(tmp_path, name, np.arange(200), xyz)
+        (atlas / "atlas.json").write_text(json.dumps({"initial": {"ra": 10.0, "dec": 20.0}, "card": ["z_dim 3"]}))
+    page = write_sweep_page(tmp_path).read_text()
+    config = json.loads(page.split('id="atlas-config">', 1)[1].split("</script>", 1)[0])
+    assert config["alignment"] == {"reference": "a", "k": 10, "stability": pytest.approx(1.0)}
+    a, b = config["tasks"]
+    assert np.allclose(a["rotation"], np.eye(3)) and (a["ra"], a["dec"]) == (10.0, 20.0)
+    assert np.abs(np.array(b["rotation"]) - known.T).max() < 1e-6
+    # b starts centred on the point of its sphere that lies at a's centre
+    centre = np.array([np.cos(np.radians(20)) * np.cos(np.radians(10)), np.cos(np.radians(20)) * np.sin(np.radians(10)),
+                       np.sin(np.radians(20))])  # fmt: skip
+    expected = centre @ known
+    got = np.radians([b["ra"], b["dec"]])
+    assert np.allclose([np.cos(got[1]) * np.cos(got[0]), np.cos(got[1]) * np.sin(got[0]), np.sin(got[1])], expected)
+    assert "kNN-10 agreement with a 1.00" in b["facts"]
+    assert (tmp_path / ALIGNMENT_JSON).is_file()
