@@ -208,6 +208,14 @@ def _finite(value: Any) -> Any:
     return value
 
 
+def stability_line(sweep_dir: Path) -> str:
+    """The sweep's stability line from its ``alignment.json``, or one saying why it cannot be read."""
+    try:
+        return SweepAlignment.load(Path(sweep_dir) / ALIGNMENT_JSON).line()
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        return f"sphere stability: {ALIGNMENT_JSON} cannot be read ({type(err).__name__}: {err}); refresh the page"
+
+
 def log_stability(run_dir: Path, agreement: float, step: int) -> bool:
     """Write ``sphere_stability`` as a TensorBoard scalar into ``run_dir`` when a TensorBoard logger writes there
     (the HParams tab then shows it beside the task's swept values); ``step``: the number of tasks aligned (the
@@ -236,4 +244,5 @@ __all__ = [
     "align_sweep",
     "neighbour_agreement",
     "procrustes_rotation",
+    "stability_line",
 ]

@@ -18,6 +18,7 @@ from spherinator.align import (
     neighbour_agreement,
     procrustes_rotation,
 )
+from tests.test_submit import fake_slurm, old_sweep  # noqa: F401 (fake_slurm: a fixture)
 
 
 def _sphere(n: int, d: int, seed: int = 0) -> np.ndarray:
@@ -157,3 +158,19 @@ def test_the_sweep_page_shows_the_spheres_rotated_onto_the_first(tmp_path):
     assert np.allclose([np.cos(got[1]) * np.cos(got[0]), np.cos(got[1]) * np.sin(got[0]), np.sin(got[1])], expected)
     assert "kNN-10 agreement with a 1.00" in b["facts"]
     assert (tmp_path / ALIGNMENT_JSON).is_file()
+
+
+def test_status_says_how_stable_the_sphere_is(tmp_path, capsys, fake_slurm):
+    from spherinator.submit import main
+
+    sweep = old_sweep(tmp_path)
+    ref = _sphere(100, 3)
+    atlases = {"beta=1e-3": _atlas(sweep, "beta=1e-3", np.arange(100), ref),
+               "beta=1e-4": _atlas(sweep, "beta=1e-4", np.arange(100), ref @ _rotation(3))}  # fmt: skip
+    align_sweep(atlases, sweep)
+    main(["status", str(sweep)])
+    out = capsys.readouterr().out
+    assert "sphere stability (kNN-10 neighbours that agree with beta=1e-3" in out and "beta=1e-4 1.00" in out
+    (sweep / ALIGNMENT_JSON).write_text("{")
+    main(["status", str(sweep)])
+    assert "sphere stability: alignment.json cannot be read" in capsys.readouterr().out
