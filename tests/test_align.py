@@ -160,7 +160,8 @@ def test_the_sweep_page_shows_the_spheres_rotated_onto_the_first(tmp_path):
     assert (tmp_path / ALIGNMENT_JSON).is_file()
 
 
-def test_status_says_how_stable_the_sphere_is(tmp_path, capsys, fake_slurm):
+@pytest.mark.usefixtures("fake_slurm")
+def test_status_says_how_stable_the_sphere_is(tmp_path, capsys):
     from spherinator.submit import main
 
     sweep = old_sweep(tmp_path)
