@@ -8,13 +8,18 @@ array columns unscaled (4x fewer bytes; the loader scales them) through shared b
 (:class:`BatchSlots`), and DataErrors as batches that the loader raises with their one-line message. The loader also
 tells the stream the epoch before every pass and is resumable in the middle of an epoch.
 
+Under a Trainer (``scale_on_device``) uint8 array columns without a transform are not scaled here at all: they travel
+to the device as uint8 (a quarter of the bytes to pin and copy) and the DataModule's ``on_after_batch_transfer``
+scales them there with :func:`scale_on_device`, to the same floats. A column with a transform is scaled on the CPU
+before it: transforms take floats in [0, 1] and run where the batch is made (in the workers).
+
 Shared buffers: by default a DataLoader worker hands each batch tensor to the main process by creating a new
 shared-memory segment, copying the batch into it and passing the segment's file descriptor over a socket; the main
 process maps it and touches every page again. For a 3 MB image batch that costs the worker about 2.5 ms, more than
 half of what reading and shuffling the batch costs, and the main process pays again. :class:`BatchSlots` are
 allocated by the main process before the workers start: each worker owns a ring of ``depth`` slots per column,
 writes a batch into its next slot and yields a :class:`SlotBatch` of a few bytes that names the slot. The main
-process copies the slot out (scaling uint8 to float32 in the same pass, which it does anyway) and frees the slot.
+process copies the slot out (scaling uint8 to float32 in the same pass, unless the device scales) and frees the slot.
 
 A slot is busy from the moment a worker claims it until the main process is done with its :class:`SlotBatch`:
 converted, or dropped unconverted (the DataLoader discards prefetched batches when an iteration ends early).
