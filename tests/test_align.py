@@ -18,6 +18,7 @@ from spherinator.align import (
     neighbour_agreement,
     procrustes_rotation,
 )
+from tests.test_atlas import blobs, browse, local_aladin_lite, run_dir  # noqa: F401 (blobs, run_dir: fixtures)
 from tests.test_submit import fake_slurm, old_sweep  # noqa: F401 (fake_slurm: a fixture)
 
 
@@ -175,3 +176,44 @@ def test_status_says_how_stable_the_sphere_is(tmp_path, capsys):
     (sweep / ALIGNMENT_JSON).write_text("{")
     main(["status", str(sweep)])
     assert "sphere stability: alignment.json cannot be read" in capsys.readouterr().out
+
+
+_VIEWS_SCRIPT = """
+setTimeout(() => {
+  const lines = views.map((v) => {
+    const [w, h] = v.aladin.getSize();
+    const at = (x, y) => toRef(unit(...v.aladin.pix2world(x, y)), v.task.rotation).map((c) => c.toFixed(3)).join(",");
+    return `${at(w / 2, h / 2)} ${at(w / 2, h / 2 - 20)} ${at(w / 2 + 20, h / 2)}`;
+  });
+  document.getElementById("atlas-status").dataset.views = lines.join(";");
+}, 6000);
+</script>
+</body>"""
+
+
+@pytest.mark.slow
+def test_the_aligned_views_show_the_same_place_turned_alike_in_chromium(request, tmp_path):
+    """Two tasks whose spheres differ by a rotation: on the page, each view's centre, screen-up and screen-right
+    points are the same points of the reference sphere (Aladin's sign of rotation checked, no mirror)."""
+    from spherinator.atlas import write_atlas
+    from spherinator.atlas.page import write_sweep_page
+
+    aladin = local_aladin_lite()
+    run = request.getfixturevalue("run_dir")  # test_atlas's trained run
+    sweep = tmp_path / "sweep"
+    for task in ("a", "b"):
+        write_atlas(run, out=sweep / task / "atlas", max_order=1, max_sources=30, thumbnails=0,
+                    aladin_lite=aladin, progress=False, log=None)  # fmt: skip
+    catalog = sweep / "b" / "atlas" / "catalog.parquet"
+    table = pq.read_table(catalog)
+    xyz = np.stack([table.column(c).to_numpy() for c in "xyz"], axis=1) @ _rotation(3)  # b's sphere, turned
+    for i, name in enumerate("xyz"):
+        column = pa.array(xyz[:, i]).cast(table.schema.field(name).type)
+        table = table.set_column(table.column_names.index(name), name, column)
+    pq.write_table(table, catalog)
+    page = write_sweep_page(sweep)
+    page.write_text(page.read_text().replace("</script>\n</body>", _VIEWS_SCRIPT))
+    status, _, _, _ = browse(sweep, "atlas.html", tmp_path)
+    assert status.get("aligned") == "a"
+    first, second = status["views"].split(";")
+    assert first == second, (first, second)
