@@ -111,11 +111,11 @@ class _Recorder(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.0)
 
 
+@pytest.mark.filterwarnings("ignore:You have overridden `on_after_batch_transfer` in both")  # Lightning's, once
 def test_a_trainer_gets_uint8_to_the_device_and_the_model_sees_floats(image_dataset):
     dm = DataModule(image_dataset, batch_size=16, val_fraction=0.0, shuffle=False)
     model = _Recorder()
-    with pytest.warns(UserWarning, match="overridden `on_after_batch_transfer` in both"):
-        quiet_trainer(max_epochs=1).fit(model, datamodule=dm)
+    quiet_trainer(max_epochs=1).fit(model, datamodule=dm)
     assert dm.train_dataloader().scale_on_device  # the loaders a Trainer takes deliver uint8
     cpu = DataModule(image_dataset, batch_size=16, val_fraction=0.0, shuffle=False)
     expected = list(cpu.predict_dataloader())
