@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from spherinator.data.convert import convert, resize
 from spherinator.data.layout import DataError
-from spherinator.data.writer import COMPRESSIONS, LAYOUTS, ParquetWriter
+from spherinator.data.writer import COMPRESSIONS, DEFAULT_COMPRESSION, LAYOUTS, ParquetWriter
 
 # -- synthetic galaxies ----------------------------------------------------------------------------------------------
 
@@ -278,7 +278,9 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--out", type=Path, required=True, help="output directory")
     common.add_argument("--rows-per-file", type=int, default=4096, help="rows per Parquet file (default 4096)")
     common.add_argument("--rows-per-group", type=int, default=256, help="rows per row group (default 256)")
-    common.add_argument("--compression", choices=COMPRESSIONS, default="snappy", help="default snappy")
+    common.add_argument(
+        "--compression", choices=COMPRESSIONS, default=DEFAULT_COMPRESSION, help=f"default {DEFAULT_COMPRESSION}"
+    )
     common.add_argument("--layout", choices=LAYOUTS, default="fast", help="tensor layout (default fast)")
     common.add_argument("--quiet", action="store_true", help="no progress bars")
     sub = parser.add_subparsers(dest="command", required=True)

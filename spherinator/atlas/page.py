@@ -82,6 +82,47 @@ def _sweep_card(atlas: Path, root: Path) -> dict[str, Any] | str:
     }
 
 
+def _align(
+    tasks: list[dict[str, Any]], atlases: dict[str, Path], root: Path, log: Callable[[str], None] | None
+) -> dict[str, Any] | None:
+    """Rotate the spheres onto the first task's (``root/alignment.json``, see :mod:`spherinator.align`): each card
+    gets its ``rotation`` onto the reference and its kNN agreement with it, and starts centred where the reference
+    is (the page keeps the views turned alike as one is dragged). None, said to ``log``, when it cannot be done."""
+    if len(atlases) < 2:
+        return None
+    from spherinator.align import AlignmentError, align_sweep
+
+    try:
+        alignment = align_sweep(atlases, root)
+    except (AlignmentError, OSError, ValueError) as err:
+        if log is not None:
+            log(f"spheres not aligned: {err}")
+        return None
+    for line in alignment.notes if log is not None else []:
+        log(f"not aligned: {line}")
+    reference = next(t for t in tasks if t["name"] == alignment.reference)
+    centre = _unit(reference["ra"], reference["dec"])
+    for task in tasks:
+        aligned = alignment.tasks.get(task["name"])
+        if aligned is None:
+            continue
+        task["rotation"] = aligned.rotation
+        # the reference's centre, in this task's frame: p @ R = q on the reference sphere, so p = q @ R.T
+        x, y, z = (sum(centre[i] * aligned.rotation[j][i] for i in range(3)) for j in range(3))
+        task["ra"], task["dec"] = math.degrees(math.atan2(y, x)) % 360.0, math.degrees(math.asin(max(-1, min(1, z))))
+        if aligned.agreement is not None:
+            task["facts"] = [
+                *task["facts"],
+                f"kNN-{alignment.k} agreement with {alignment.reference} {aligned.agreement:.2f}",
+            ]
+    return {"reference": alignment.reference, "k": alignment.k, "stability": alignment.stability}
+
+
+def _unit(ra: float, dec: float) -> tuple[float, float, float]:
+    ra, dec = math.radians(ra), math.radians(dec)
+    return math.cos(dec) * math.cos(ra), math.cos(dec) * math.sin(ra), math.sin(dec)
+
+
 def render_template(name: str, title: str, config: dict[str, Any], aladin_lite: str) -> str:
     """A page template with its title, its JSON config and the Aladin Lite import URL filled in."""
     import html
@@ -133,13 +174,14 @@ def write_sweep_page(
     if not atlases:
         raise AtlasError(f"no atlas under '{root}' (looked for */atlas/{ATLAS_JSON}); write them with "
                          "'spherinator atlas RUN_DIR' first")  # fmt: skip
-    tasks, local, damaged = [], None, []
+    tasks, local, damaged, found = [], None, [], {}
     for atlas in atlases:
         task = _sweep_card(atlas, root)
         if isinstance(task, str):
             damaged.append(task)
             continue
         tasks.append(task)
+        found[task["name"]] = atlas
         if local is None and (atlas / LOCAL_COPY).is_file():
             local = f"./{atlas.relative_to(root).as_posix()}/{LOCAL_COPY}"
     if not tasks:
@@ -151,7 +193,7 @@ def write_sweep_page(
     else:
         url = local or ALADIN_LITE_CDN
     title = title or f"{root.resolve().name}: {len(tasks)} spheres"
-    config = {"title": title, "tasks": tasks, "live": LIVE_SKIES}
+    config = {"title": title, "tasks": tasks, "live": LIVE_SKIES, "alignment": _align(tasks, found, root, log)}
     path = root / SWEEP_PAGE
     with staged_file(path, AtlasError, "sweep page") as tmp:
         tmp.write_text(render_template("sweep.html", title, config, url), encoding="utf-8")

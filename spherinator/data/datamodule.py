@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader
 from spherinator.data.layout import DataError
 from spherinator.data.plan import Segment, split_rows
 from spherinator.data.reader import ParquetIndex, ParquetReader
-from spherinator.data.transport import Loader, ParquetStream, apply_transform
+from spherinator.data.transport import Loader, ParquetStream, apply_transform, scale_on_device
 
 
 @dataclass
@@ -285,6 +285,7 @@ class DataModule(pl.LightningDataModule):
         if self.num_workers > 0:
             workers = {"persistent_workers": self.persistent_workers, "prefetch_factor": self.prefetch_factor}
         kwargs = dict(batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory, **workers)
+        kwargs["scale_on_device"] = self._scales_on_device()
         if split != "train":
             return Loader(self.dataset(split), **kwargs)
         return Loader(self.dataset(split), progress=_TrainerProgress(self), **kwargs)
@@ -344,6 +345,29 @@ class DataModule(pl.LightningDataModule):
     def predict_dataloader(self) -> DataLoader:
         """Every row once, in file order, no shuffle (all rows, whatever the splits)."""
         return self._loader("predict")
+
+    # -- uint8 scaled on the device ---------------------------------------------------------------------------------
+
+    scale_on_device: bool | None = None
+    """Loaders hand uint8 array columns without a transform on as uint8, and :meth:`on_after_batch_transfer`
+    scales them to float32 in [0, 1] on the device (a GPU node's CPU does not convert every pixel; the same floats
+    as on the CPU). None: when a Trainer drives this DataModule (it calls the hook); False: the loaders scale on
+    the CPU, for a caller that iterates them without a Trainer (True: the caller scales, with the hook)."""
+
+    def _scales_on_device(self) -> bool:
+        return self.trainer is not None if self.scale_on_device is None else self.scale_on_device
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Scale the uint8 columns the loaders delivered unscaled, on the device the batch is on now; then the
+        LightningModule's own ``on_after_batch_transfer``, if it has one (Lightning calls only the DataModule's
+        when both have it), gets the scaled batch."""
+        names = self.column_names
+        scaled = {name for name in names if self._column(name).transform is None}
+        batch = scale_on_device(batch, scaled, names[0])
+        model = self.trainer.lightning_module if self.trainer is not None else None
+        if model is not None and type(model).on_after_batch_transfer is not pl.LightningModule.on_after_batch_transfer:
+            batch = model.on_after_batch_transfer(batch, dataloader_idx)
+        return batch
 
 
 class _TrainerProgress:

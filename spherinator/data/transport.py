@@ -8,13 +8,18 @@ array columns unscaled (4x fewer bytes; the loader scales them) through shared b
 (:class:`BatchSlots`), and DataErrors as batches that the loader raises with their one-line message. The loader also
 tells the stream the epoch before every pass and is resumable in the middle of an epoch.
 
+Under a Trainer (``scale_on_device``) uint8 array columns without a transform are not scaled here at all: they travel
+to the device as uint8 (a quarter of the bytes to pin and copy) and the DataModule's ``on_after_batch_transfer``
+scales them there with :func:`scale_on_device`, to the same floats. A column with a transform is scaled on the CPU
+before it: transforms take floats in [0, 1] and run where the batch is made (in the workers).
+
 Shared buffers: by default a DataLoader worker hands each batch tensor to the main process by creating a new
 shared-memory segment, copying the batch into it and passing the segment's file descriptor over a socket; the main
 process maps it and touches every page again. For a 3 MB image batch that costs the worker about 2.5 ms, more than
 half of what reading and shuffling the batch costs, and the main process pays again. :class:`BatchSlots` are
 allocated by the main process before the workers start: each worker owns a ring of ``depth`` slots per column,
 writes a batch into its next slot and yields a :class:`SlotBatch` of a few bytes that names the slot. The main
-process copies the slot out (scaling uint8 to float32 in the same pass, which it does anyway) and frees the slot.
+process copies the slot out (scaling uint8 to float32 in the same pass, unless the device scales) and frees the slot.
 
 A slot is busy from the moment a worker claims it until the main process is done with its :class:`SlotBatch`:
 converted, or dropped unconverted (the DataLoader discards prefetched batches when an iteration ends early).
@@ -91,6 +96,40 @@ def _scale_into(array: np.ndarray, out: torch.Tensor) -> torch.Tensor:
     """uint8 ``array`` into float32 ``out`` in [0, 1], in one pass (within 1 ulp of x / 255)."""
     np.multiply(array, np.float32(1 / 255), out=out.numpy())
     return out
+
+
+# The scale of uint8 values, as a float32 (exactly representable): x * _INV255 in float32 is one correctly rounded
+# multiply, so numpy on the CPU and torch on any device make the same floats of the same bytes.
+_INV255 = float(np.float32(1 / 255))
+
+
+def scale_on_device(batch: Batch, columns: set[str], first: str) -> Batch:
+    """uint8 tensors of the ``columns`` of a batch to float32 in [0, 1], on the device they are on (the GPU, after
+    Lightning's transfer): the same floats as :func:`to_tensor` makes on the CPU. ``first``: the column a batch
+    that is no dict holds; other dtypes and columns pass as they are."""
+    if isinstance(batch, dict):
+        return {name: _scaled(value) if name in columns else value for name, value in batch.items()}
+    return _scaled(batch) if first in columns else batch
+
+
+def _scaled(value: Any) -> Any:
+    if not isinstance(value, torch.Tensor) or value.dtype != torch.uint8:
+        return value
+    return value.to(torch.float32).mul_(_INV255)
+
+
+def unscaled_tensor(array: np.ndarray, shared: bool = False, pin: bool = False) -> torch.Tensor:
+    """A uint8 batch as a uint8 tensor for the device to scale: a batch gathered into new memory (a shuffled one)
+    as it is, other arrays (views of Arrow memory, of a worker's slot) copied; in shared or page-locked memory
+    with ``shared`` / ``pin``."""
+    if not (shared or pin) and array.flags.owndata and array.flags.writeable and array.flags.c_contiguous:
+        return torch.from_numpy(array)
+    if shared:
+        tensor = shared_empty(array.shape, torch.uint8)
+    else:
+        tensor = torch.empty(array.shape, dtype=torch.uint8, pin_memory=pin)
+    tensor.numpy()[...] = array
+    return tensor
 
 
 def uint8_to_float(array: np.ndarray, pin: bool = False) -> torch.Tensor:
@@ -259,14 +298,18 @@ class SlotBatch:
         self.columns = {n: t.pin_memory() if isinstance(t, torch.Tensor) else t for n, t in self.columns.items()}
         return self
 
-    def resolve(self, slots: BatchSlots, pin: bool = False) -> torch.Tensor | dict[str, torch.Tensor]:
-        """In the main process: the batch as the model sees it (slot columns scaled to float32), the slot freed."""
+    def resolve(
+        self, slots: BatchSlots, pin: bool = False, scale: bool = True
+    ) -> torch.Tensor | dict[str, torch.Tensor]:
+        """In the main process: the batch as the model sees it (slot columns scaled to float32; without ``scale``
+        copied out as uint8, for the device to scale), the slot freed."""
         if slots is None or slots.token != self.token:
             raise RuntimeError(f"batch of slots {self.token} resolved with slots {getattr(slots, 'token', None)}")
         batch = {}
         for name, tensor in self.columns.items():
             if tensor is None:
-                tensor = uint8_to_float(slots.view(name, self.worker, self.slot, self.rows), pin)
+                view = slots.view(name, self.worker, self.slot, self.rows)
+                tensor = uint8_to_float(view, pin) if scale else unscaled_tensor(view, pin=pin)
             batch[name] = tensor
         self._free(slots)
         return batch if self.return_dict else next(iter(batch.values()))
@@ -338,6 +381,8 @@ class ParquetStream(IterableDataset):
         rank: Override the DDP rank (else from torch.distributed / environment).
         world_size: Override the DDP world size.
         handover: How batches leave a DataLoader worker (set by :class:`Loader` on the copy it iterates).
+        unscaled: Yield uint8 array columns without a transform as uint8, for the device to scale
+            (:func:`scale_on_device`); else as float32 in [0, 1].
     """
 
     def __init__(
@@ -348,6 +393,7 @@ class ParquetStream(IterableDataset):
         rank: int | None = None,
         world_size: int | None = None,
         handover: Handover | None = None,
+        unscaled: bool = False,
     ) -> None:
         super().__init__()
         self.reader = reader
@@ -356,13 +402,16 @@ class ParquetStream(IterableDataset):
         self.rank = rank
         self.world_size = world_size
         self.handover = handover
+        self.unscaled = unscaled
         # Shared memory, so persistent DataLoader workers see the epoch the main process sets.
         self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
 
-    def handed_over(self, handover: Handover) -> ParquetStream:
-        """This stream (same reader, same epoch) sending its batches from workers as ``handover`` says."""
+    def handed_over(self, handover: Handover | None = None, unscaled: bool | None = None) -> ParquetStream:
+        """This stream (same reader, same epoch) sending its batches from workers as ``handover`` says, and uint8
+        unscaled or not as ``unscaled`` says (None: as this one)."""
         stream = copy.copy(self)
         stream.handover = handover
+        stream.unscaled = self.unscaled if unscaled is None else unscaled
         return stream
 
     @property
@@ -448,15 +497,16 @@ class ParquetStream(IterableDataset):
         for name, array in arrays.items():
             transform, per_sample = self.transforms.get(name, (None, False))
             layout = self.reader.layouts[name]
-            # only array columns are sent unscaled; uint8 scalars (labels) become int64 here, as without workers
-            unscaled = handover is not None and transform is None and layout.is_tensor and array.dtype == np.uint8
+            # only array columns are sent unscaled; uint8 scalars (labels) become int64 here, as without workers.
+            # A column with a transform is scaled here: the transform takes floats in [0, 1], on the CPU.
+            unscaled = (handover is not None or self.unscaled) and transform is None
+            unscaled = unscaled and layout.is_tensor and array.dtype == np.uint8
             if unscaled and slot is not None and name in handover.slots.buffers:
                 handover.slots.write(name, info.id, slot, array)
                 batch[name] = None  # in the slot
                 continue
             if unscaled:
-                tensor = shared_empty(array.shape, torch.uint8)  # the loader scales it
-                tensor.numpy()[...] = array
+                tensor = unscaled_tensor(array, shared=in_worker)  # the loader or the device scales it
             else:
                 # A tensor a transform replaces need not be shared; the transform's output is sent as usual.
                 tensor = to_tensor(array, layout, shared=in_worker and transform is None)
@@ -495,11 +545,25 @@ class Loader(DataLoader):
     A training loader (given ``progress``) is resumable: its state says how its passes over the current epoch cut
     the rows into batches and how many batches they handed out (counted here), and a loader restored from it reads
     the rows not yet handed out, in batches of its own size (see :meth:`load_state_dict`). It learns the epoch from
-    ``progress`` as a plain integer and never looks at the trainer itself."""
+    ``progress`` as a plain integer and never looks at the trainer itself.
 
-    def __init__(self, dataset: ParquetStream, *, progress: TrainProgress | None = None, **kwargs: Any) -> None:
+    With ``scale_on_device`` it hands uint8 array columns without a transform on as uint8 (a quarter of the bytes
+    to copy, pin and transfer, and no float conversion on the CPU): the DataModule's ``on_after_batch_transfer``
+    scales them on the device (:func:`scale_on_device`)."""
+
+    def __init__(
+        self,
+        dataset: ParquetStream,
+        *,
+        progress: TrainProgress | None = None,
+        scale_on_device: bool = False,
+        **kwargs: Any,
+    ) -> None:
         self.handover = Handover() if kwargs.get("num_workers", 0) > 0 else None
-        super().__init__(dataset.handed_over(self.handover) if self.handover else dataset, **kwargs)
+        self.scale_on_device = scale_on_device
+        if self.handover is not None or scale_on_device:
+            dataset = dataset.handed_over(self.handover, scale_on_device)
+        super().__init__(dataset, **kwargs)
         self.progress = progress
         # the passes over epoch _passes_epoch before the current one; the current one handed out _handed batches
         self._passes: list[Pass] = []
@@ -551,10 +615,11 @@ class Loader(DataLoader):
 
     def _receive(self, slots: BatchSlots | None, batch: Any) -> Batch:
         if isinstance(batch, SlotBatch):
-            return batch.resolve(slots, self._pin)
+            return batch.resolve(slots, self._pin, scale=not self.scale_on_device)
         if isinstance(batch, WorkerError):
             batch.raise_()
-        return scale_uint8(batch, self._pin)
+        # uint8 tensors from workers: the DataLoader's pin-memory thread has pinned them already
+        return batch if self.scale_on_device else scale_uint8(batch, self._pin)
 
     # state_dict/load_state_dict make the loader resumable for Lightning: a run restored from a checkpoint taken
     # in the middle of an epoch (a requeued Slurm job) goes on with the rows that epoch had not yet trained on,

@@ -25,7 +25,12 @@ import pyarrow.parquet as pq
 
 from spherinator.data.layout import DataError, dtype_key, format_shape, shape_key
 
-COMPRESSIONS = ("none", "snappy", "zstd")
+COMPRESSIONS = ("none", "lz4", "zstd", "snappy")
+# Chosen by what every epoch pays (tools/bench/bench_data.py, README "Tests and benchmarks"): a row group of
+# uncompressed image bytes is read at 2-4x the rate of lz4, zstd or snappy ones (decompressing costs more than the
+# bytes it saves, the files being in the page cache from the second epoch on); zstd makes files about half the
+# size, for a dataset that outgrows memory or a slow shared disk.
+DEFAULT_COMPRESSION = "none"
 LAYOUTS = ("fast", "list")
 
 
@@ -50,7 +55,8 @@ class ParquetWriter:
         out: Output directory (created).
         rows_per_file: Rows per file; the last file may hold fewer.
         rows_per_group: Rows per row group (the unit of reading and of shuffling).
-        compression: ``none``, ``snappy`` or ``zstd``.
+        compression: ``none`` (the default: fastest to read), ``lz4``, ``zstd`` (about half the size on image
+            data, half the read rate) or ``snappy``.
         layout: ``fast`` (raw bytes) or ``list`` (fixed-size list, slower to read; for compatibility tests).
         prefix: File name prefix.
         metadata: Extra schema metadata (str -> str).
@@ -62,7 +68,7 @@ class ParquetWriter:
         *,
         rows_per_file: int = 4096,
         rows_per_group: int = 256,
-        compression: str = "snappy",
+        compression: str = DEFAULT_COMPRESSION,
         layout: str = "fast",
         prefix: str = "part",
         metadata: Mapping[str, str] | None = None,

@@ -172,6 +172,10 @@ def status(run_dir: str, as_json: bool = False) -> int:
     if any(r.atlas and r.atlas.written for r in rows):
         page = " (atlas.html: the spheres side by side)" if (sweep_dir / "atlas.html").is_file() else ""
         print(f"atlases: spherinator atlas serve {sweep_dir}{page}")
+    if (sweep_dir / "alignment.json").is_file():  # written with the sweep page (spherinator.align)
+        from spherinator.align import stability_line
+
+        print(stability_line(sweep_dir))
     if note:
         print(f"note: {note}", file=sys.stderr)
     return 0

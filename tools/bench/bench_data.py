@@ -1,13 +1,18 @@
 """Data loading throughput, side by side in one run (a benchmark, not a test).
 
-On one generated dataset of 3x128x128 uint8 galaxy images (batch 64) in the fast layout (fixed-size binary), every
-loader reads the same files and yields the same float32 batches in [0, 1]:
+On one generated dataset of 3x128x128 uint8 galaxy images (batch 64) in the fast layout (fixed-size binary),
+written uncompressed and with each other ``--compression`` (default: none and zstd), every loader reads the same
+files:
 
-    raw       pyarrow reads every row group's column and views it as one numpy array (one thread, no batches)
+    raw       pyarrow reads every row group's column and views it as one numpy array (one thread, no batches);
+              raw+crc the same with the page checksums verified, as the DataModule does
     naive     the whole table loaded into memory first (not timed), one tensor per row in __getitem__, PyTorch's
-              default DataLoader with shuffle, 0 and 2 workers
+              default DataLoader with shuffle, 0 and 2 workers; float32 batches in [0, 1]
     dm        spherinator.data.DataModule's shuffled train loader, 0 and 2 workers: it streams row groups from the
-              files every epoch (bounded memory), shards them over workers and mixes rows in a shuffle buffer
+              files every epoch (bounded memory), shards them over workers and mixes rows in a shuffle buffer; it
+              hands uint8 batches on, as under a Trainer, whose device scales them to float32
+              (DataModule.on_after_batch_transfer)
+    dm-cpu    the same, scaling to float32 on the CPU (a DataModule iterated without a Trainer)
 
 Rounds alternate between the loaders (other processes on the machine come and go) and each figure is the best
 round; a loader with workers is timed on an epoch after its first (persistent workers, warm caches). Printed:
@@ -17,8 +22,9 @@ shape metadata, how existing Spherinator data is stored): the fast layout's gain
 it also stores the images as float32 in [0, 1] (fast layout) and measures what the check of floating columns for
 NaN/inf costs: the DataModule with the check and with it switched off, alternately.
 
-    python tools/bench/bench_data.py                 # ~2 minutes on 2 cores (the first run writes the data)
+    python tools/bench/bench_data.py                 # ~3 minutes on 2 cores (the first run writes the data)
     python tools/bench/bench_data.py --rows 6144 --compression none --list
+    python tools/bench/bench_data.py --compression none lz4 zstd snappy --repeats 2   # choose the default
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from spherinator.data import DataModule, ParquetWriter  # noqa: E402
+from spherinator.data.writer import COMPRESSIONS, DEFAULT_COMPRESSION  # noqa: E402
 from tools.make_dataset import synthetic_galaxies  # noqa: E402
 
 SHAPE = (3, 128, 128)
@@ -71,25 +78,27 @@ def make_data(
     return paths
 
 
-def raw_limit(path: Path) -> float:
-    """Images/s of pyarrow reading the column and viewing it as one numpy array per row group (one thread)."""
+def raw_limit(path: Path, verify: bool = False) -> float:
+    """Images/s of pyarrow reading the column and viewing it as one numpy array per row group (one thread); with
+    ``verify``, checking the page checksums (as the DataModule's reader does)."""
     from spherinator.data import ParquetIndex, Where
 
     index = ParquetIndex(path, ["data"])
     layout = index.layouts["data"]
     start, rows = time.perf_counter(), 0
     for file in index.files:
-        with pq.ParquetFile(file) as pf:
+        with pq.ParquetFile(file, page_checksum_verification=verify) as pf:
             for g in range(pf.num_row_groups):
                 column = pf.read_row_group(g, columns=["data"], use_threads=False).column(0)
                 rows += len(layout.decode(column, Where(file, g)))  # a view of the Arrow buffer: memcpy-free
     return rows / (time.perf_counter() - start)
 
 
-def datamodule_rate(path: Path, workers: int, batch_size: int, epochs: int = 2) -> float:
+def datamodule_rate(path: Path, workers: int, batch_size: int, epochs: int = 2, device: bool = False) -> float:
     """Images/s of the DataModule's shuffled train loader: the best epoch after the first (which starts the
-    persistent workers and warms caches)."""
+    persistent workers and warms caches); with ``device``, uint8 batches for the device to scale."""
     dm = DataModule(path, columns=["data"], batch_size=batch_size, num_workers=workers, val_fraction=0.0)
+    dm.scale_on_device = device
     dm.setup("fit")
     return _best_epoch(dm.train_dataloader(), epochs)
 
@@ -195,11 +204,61 @@ def check_cost(path: Path, batch_size: int, repeats: int) -> dict[str, float]:
     return out
 
 
+def loader_rounds(paths: dict[str, Path], batch_size: int, repeats: int) -> dict[str, dict[str, float]]:
+    """Per dataset, the best of ``repeats`` alternating rounds of every loader (img/s)."""
+    results = {}
+    for key, path in paths.items():
+        naive = NaiveDataset(path)
+        rounds = [
+            {
+                "raw": raw_limit(path),
+                "raw_crc": raw_limit(path, verify=True),
+                "naive0": naive_rate(naive, 0, batch_size),
+                "dm0": datamodule_rate(path, 0, batch_size, device=True),
+                "dm0cpu": datamodule_rate(path, 0, batch_size),
+                "naive2": naive_rate(naive, 2, batch_size),
+                "dm2": datamodule_rate(path, 2, batch_size, epochs=3, device=True),
+            }
+            for _ in range(repeats)
+        ]
+        results[key] = {k: max(r[k] for r in rounds) for k in rounds[0]}
+        del naive
+    return results
+
+
+def print_loaders(results: dict[str, dict[str, float]], files_mb: dict[str, float]) -> None:
+    print(
+        f"{'data':<13}{'MiB':>6}{'raw':>8}{'raw+crc':>9}{'naive 0w':>10}{'dm 0w':>8}{'dm-cpu 0w':>11}{'naive 2w':>10}"
+        f"{'dm 2w':>8}{'dm0/raw':>9}{'dm0/raw+crc':>13}{'dm0/naive0':>12}{'dm2/naive2':>12}"
+    )
+    for key, r in results.items():
+        print(
+            f"{key:<13}{files_mb[key]:>6.0f}{r['raw']:>8.0f}{r['raw_crc']:>9.0f}{r['naive0']:>10.0f}{r['dm0']:>8.0f}"
+            f"{r['dm0cpu']:>11.0f}{r['naive2']:>10.0f}{r['dm2']:>8.0f}{r['dm0'] / r['raw']:>8.2f}x"
+            f"{r['dm0'] / r['raw_crc']:>12.2f}x{r['dm0'] / r['naive0']:>11.2f}x{r['dm2'] / r['naive2']:>11.2f}x"
+        )
+    print("(img/s; every loader reads the same files of its row; the naive loader holds them in memory)")
+    fast = results["fast-none"]
+    ratio = fast["dm0"] / fast["raw"]
+    print(
+        f"target: dm 0 workers >= 0.8x raw pyarrow on uncompressed files: {ratio:.2f}x, "
+        f"{'met' if ratio >= 0.8 else 'MISSED'}"
+    )
+    print(
+        f"  the page checksums alone: raw+crc/raw {fast['raw_crc'] / fast['raw']:.2f}x; scaling on the CPU: "
+        f"dm-cpu/dm {fast['dm0cpu'] / fast['dm0']:.2f}x"
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=3072, help="images per layout (default 3072)")
     parser.add_argument("--rows-per-group", type=int, default=128, help="rows per row group (default 128)")
-    parser.add_argument("--compression", default="snappy", choices=["none", "snappy", "zstd"])
+    parser.add_argument(
+        "--compression", nargs="+", default=["none", "zstd"], choices=COMPRESSIONS,
+        help=f"compressions side by side (default none zstd; none is always there; the writer's default: "
+        f"{DEFAULT_COMPRESSION})",
+    )  # fmt: skip
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3, help="alternating rounds; the best counts (default 3)")
     parser.add_argument("--list", action="store_true", help="also the list layout (fast/list end to end)")
@@ -210,14 +269,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--only-float32", action="store_true", help="only the float32 check figures")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
+    compressions = ["none", *(c for c in args.compression if c != "none")]
     if args.float32 or args.only_float32:
         t0 = time.perf_counter()
         (path,) = make_data(
-            args.data_dir, args.rows, args.rows_per_group, args.compression, ("fast",), "float32"
+            args.data_dir, args.rows, args.rows_per_group, compressions[-1], ("fast",), "float32"
         ).values()
         r = check_cost(path, args.batch_size, args.repeats)
         print(
-            f"float32 {args.rows} x {SHAPE}, fast layout, batch {args.batch_size}: NaN/inf check "
+            f"float32 {args.rows} x {SHAPE}, fast layout, {compressions[-1]}, batch {args.batch_size}: NaN/inf check "
             f"{r['check_ms']:.2f} ms per batch; img/s with / without it: 0 workers {r['dm0_on']:.0f} / "
             f"{r['dm0_off']:.0f} ({r['dm0_on'] / r['dm0_off']:.2f}x), 2 workers {r['dm2_on']:.0f} / "
             f"{r['dm2_off']:.0f} ({r['dm2_on'] / r['dm2_off']:.2f}x); {time.perf_counter() - t0:.0f} s\n"
@@ -226,45 +286,23 @@ def main(argv: list[str] | None = None) -> None:
             return
 
     t0 = time.perf_counter()
-    layouts = ("fast", "list") if args.list else ("fast",)
-    paths = make_data(args.data_dir, args.rows, args.rows_per_group, args.compression, layouts)
+    paths = {}
+    for compression in compressions:
+        layouts = ("fast", "list") if args.list and compression == "none" else ("fast",)
+        made = make_data(args.data_dir, args.rows, args.rows_per_group, compression, layouts)
+        paths.update({f"{layout}-{compression}": path for layout, path in made.items()})
     mb = args.rows * np.prod(SHAPE) / 2**20
+    files_mb = {key: sum(f.stat().st_size for f in path.glob("*.parquet")) / 2**20 for key, path in paths.items()}
     print(
         f"dataset: {args.rows} x {SHAPE} uint8 ({mb:.0f} MiB raw), row groups of {args.rows_per_group}, "
-        f"{args.compression}, batch {args.batch_size}; data ready in {time.perf_counter() - t0:.1f} s"
+        f"{', '.join(compressions)}, batch {args.batch_size}; data ready in {time.perf_counter() - t0:.1f} s"
     )
     print(f"cores: {os.cpu_count()}, torch threads: 1, best of {args.repeats} alternating rounds\n")
-    results = {}
-    for layout, path in paths.items():
-        naive = NaiveDataset(path)
-        rounds = [
-            {
-                "raw": raw_limit(path),
-                "naive0": naive_rate(naive, 0, args.batch_size),
-                "dm0": datamodule_rate(path, 0, args.batch_size),
-                "naive2": naive_rate(naive, 2, args.batch_size),
-                "dm2": datamodule_rate(path, 2, args.batch_size, epochs=3),
-            }
-            for _ in range(args.repeats)
-        ]
-        results[layout] = {key: max(r[key] for r in rounds) for key in rounds[0]}
-        del naive
-    print(
-        f"{'layout':<8}{'raw':>8}{'naive 0w':>10}{'dm 0w':>8}{'naive 2w':>10}{'dm 2w':>8}"
-        f"{'dm0/naive0':>12}{'dm2/naive0':>12}{'dm2/naive2':>12}{'dm0/raw':>9}"
-    )
-    for layout, r in results.items():
-        print(
-            f"{layout:<8}{r['raw']:>8.0f}{r['naive0']:>10.0f}{r['dm0']:>8.0f}{r['naive2']:>10.0f}{r['dm2']:>8.0f}"
-            f"{r['dm0'] / r['naive0']:>11.2f}x{r['dm2'] / r['naive0']:>11.2f}x{r['dm2'] / r['naive2']:>11.2f}x"
-            f"{r['dm0'] / r['raw']:>8.2f}x"
-        )
-    print("(img/s; every loader reads the same files of its row; the naive loader holds them in memory)")
-    fast = results["fast"]
-    met = fast["dm0"] >= 0.9 * fast["naive0"] and fast["dm2"] >= 1.0 * fast["naive0"]
-    print(f"targets (fast layout): dm0/naive0 >= 0.9, dm2/naive0 >= 1.0: {'met' if met else 'MISSED'}")
+    results = loader_rounds(paths, args.batch_size, args.repeats)
+    print_loaders(results, files_mb)
+    fast = results["fast-none"]
     if args.list:
-        lst = results["list"]
+        lst = results["list-none"]
         print(
             f"fast/list end to end: {fast['dm0'] / lst['dm0']:.1f}x (0 workers), {fast['dm2'] / lst['dm2']:.1f}x "
             f"(2 workers); raw: {fast['raw'] / lst['raw']:.1f}x"
@@ -274,7 +312,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"WARNING: load average {load:.1f} on {os.cpu_count()} cores: other processes share the CPU")
 
     buffer_mb = args.shuffle_buffer * np.prod(SHAPE) / 2**20
-    points = rss_while_streaming(paths["fast"], args.shuffle_buffer, args.batch_size, args.rss_epochs)
+    points = rss_while_streaming(paths["fast-none"], args.shuffle_buffer, args.batch_size, args.rss_epochs)
     trail = ", ".join(f"{rows}: {rss:.0f}" for rows, rss in points)
     streamed = args.rows * args.rss_epochs
     print(
