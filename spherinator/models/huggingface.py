@@ -86,7 +86,10 @@ class HuggingFaceEncoder(nn.Module):
     @property
     def backbone(self) -> nn.Module:
         """The ``transformers`` model."""
-        return self._modules[self._backbone_attr]
+        module = self._modules.get(self._backbone_attr)
+        if module is None:  # while __init__ registers it (add_module asks hasattr first)
+            raise AttributeError("backbone")
+        return module
 
     def _input_shape(self, config: object, given: list[int] | None) -> tuple[int, ...] | None:
         name = type(self).__name__

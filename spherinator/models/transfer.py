@@ -136,7 +136,8 @@ def freeze_module(module: nn.Module) -> None:
 
     BatchNorm running statistics still follow the data in training mode, as upstream's ``freeze`` does.
     """
-    module.requires_grad_(False)
+    for param in module.parameters():
+        param.requires_grad = False  # not requires_grad_(): an uninitialised (lazy) parameter refuses that call
 
 
 def apply_transfer(
