@@ -24,6 +24,7 @@ from spherinator.models import (
     ConvolutionalEncoder2D,
     HuggingFaceEncoder,
     HuggingFaceResNetEncoder,
+    MLP,
     Sequential,
     UpsamplingDecoder2D,
     VariationalAutoencoder,
@@ -186,6 +187,22 @@ def test_upstream_illustris_model_section_runs_a_fit_step(tmp_path, monkeypatch,
     main(
         ["fit", "-c", str(config), "--trainer.enable_checkpointing", "false", "--trainer.enable_progress_bar", "false"]
     )
+
+
+def test_mlp_as_upstream_has_it_and_as_a_vae_decoder_through_sequential(tmp_path):
+    for hidden in ([], [2], [3, 2]):
+        assert MLP(input_size=2, hidden_sizes=hidden, output_size=3)(torch.randn(2, 2)).shape == (2, 3)
+    mlp = MLP(input_size=3, hidden_sizes=[8], output_size=3 * 16 * 16)
+    torch.save(mlp.state_dict(), tmp_path / "mlp.pt")
+    dec = Sequential(
+        [MLP(3, [8], 3 * 16 * 16, weights=str(tmp_path / "mlp.pt"), freeze=True), nn.Unflatten(1, (3, 16, 16))]
+    )
+    model = VariationalAutoencoder(encoder(), dec, z_dim=3)
+    z = torch.rand(2, 3)
+    torch.testing.assert_close(model.decode(z), mlp(z).reshape(2, 3, 16, 16))
+    assert not any(p.requires_grad for p in dec.parameters())
+    with pytest.raises(ConfigError, match="sizes must be positive integers, got 0"):
+        MLP(3, [0], 4)
 
 
 # ---- a saved upstream run config loads unchanged ----------------------------------------------------------------

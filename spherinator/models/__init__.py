@@ -13,6 +13,7 @@ from spherinator.models.autoencoder import Autoencoder, NonFiniteLossError, Vari
 from spherinator.models.decoders import ConvolutionalDecoder1D, ConvolutionalDecoder2D, UpsamplingDecoder2D
 from spherinator.models.encoders import ConvolutionalEncoder1D, ConvolutionalEncoder2D
 from spherinator.models.huggingface import HuggingFaceEncoder, HuggingFaceResNetEncoder
+from spherinator.models.mlp import MLP
 from spherinator.models.sequential import Sequential
 from spherinator.models.transfer import WeightsProvider
 from spherinator.models.variational_encoder import VariationalEncoder
@@ -31,6 +32,7 @@ __all__ = [
     "HuggingFaceEncoder",
     "HuggingFaceResNetEncoder",
     "HuggingFaceViTEncoder",
+    "MLP",
     "NonFiniteLossError",
     "Sequential",
     "UpsamplingDecoder2D",
