@@ -18,13 +18,14 @@ from torch import nn
 from spherinator.cli import main
 from spherinator.errors import ConfigError
 from spherinator.models import (
+    MLP,
     ConsecutiveConv2DLayer,
     ConsecutiveConvTranspose2DLayer,
     ConvolutionalDecoder2D,
     ConvolutionalEncoder2D,
     HuggingFaceEncoder,
     HuggingFaceResNetEncoder,
-    MLP,
+    HuggingFaceViTEncoder,
     Sequential,
     UpsamplingDecoder2D,
     VariationalAutoencoder,
@@ -294,6 +295,22 @@ def test_weights_from_a_state_dict_a_checkpoint_and_a_provider_give_the_same_mod
         input_dim=3, output_dim=[3, 16, 16], base_channels=8, seed_size=4, weights=str(tmp_path / "up.pt")
     )
     torch.testing.assert_close(again.eval()(z), up.eval()(z))
+
+
+def test_an_upstream_vit_encoders_weights_load_without_its_unused_pooler(tmp_path, tiny_vit_dir):
+    from transformers import ViTModel
+
+    torch.manual_seed(1)
+    vit = ViTModel.from_pretrained(tiny_vit_dir)  # with the pooler, as upstream builds it
+    projection = nn.Linear(16, 4)
+    state = {f"encoder.vit.{k}": v for k, v in vit.state_dict().items()}
+    state |= {f"encoder.projection.{k}": v for k, v in projection.state_dict().items()}
+    state["sphere_head.fc_location.weight"] = torch.zeros(3, 4)  # upstream's other modules, left alone
+    assert any(".pooler." in k for k in state)
+    torch.save({"state_dict": state}, tmp_path / "upstream.ckpt")
+    enc = HuggingFaceViTEncoder(tiny_vit_dir, output_dim=4, weights=str(tmp_path / "upstream.ckpt")).eval()
+    x = torch.rand(2, 3, 32, 32)
+    torch.testing.assert_close(enc(x), projection(vit.eval()(pixel_values=x).last_hidden_state[:, 0]))
 
 
 def test_weights_that_do_not_fit_are_one_config_error(tmp_path):

@@ -85,14 +85,21 @@ def _prefixes(state: Mapping[str, torch.Tensor]) -> list[str]:
     return sorted(found, key=lambda p: (p.count("."), p))
 
 
+def _usable(state: Mapping[str, torch.Tensor], module: nn.Module) -> dict[str, torch.Tensor]:
+    """``state`` without the entries the module declares unused (``unused_weights``: name prefixes, e.g. upstream's
+    ViT pooler, which its forward never calls)."""
+    unused = tuple(getattr(module, "unused_weights", ()))
+    return {k: v for k, v in state.items() if not (unused and k.startswith(unused))}
+
+
 def _fitting_part(state: dict[str, torch.Tensor], module: nn.Module, source: str, owner: str) -> dict[str, Any]:
     """The whole of ``state`` when its names are the module's, else the entries under the one prefix that fits."""
     wanted = set(module.state_dict())
-    if set(state) == wanted:
-        return state
-    fits = [p for p in _prefixes(state) if set(_strip(state, p)) == wanted]
+    if set(_usable(state, module)) == wanted:
+        return _usable(state, module)
+    fits = [p for p in _prefixes(state) if set(_usable(_strip(state, p), module)) == wanted]
     if len(fits) == 1:
-        return _strip(state, fits[0])
+        return _usable(_strip(state, fits[0]), module)
     if len(fits) > 1:
         raise ConfigError(
             f"{owner}: several parts of {source!r} fit ({', '.join(fits)}); name one with weights: {{class_path: "
@@ -116,8 +123,7 @@ def load_weights(module: nn.Module, weights: str | Path | WeightsProvider | None
     owner = owner or type(module).__name__
     if isinstance(weights, WeightsProvider):
         state, source = weights.get_state_dict(), weights.weight_path
-        if weights.prefix is None:
-            state = _fitting_part(state, module, source, owner)
+        state = _fitting_part(state, module, source, owner) if weights.prefix is None else _usable(state, module)
     else:
         source = str(weights)
         state = _fitting_part(_read_state_dict(weights, owner), module, source, owner)

@@ -21,6 +21,9 @@ class HuggingFaceViTEncoder(nn.Module):
         weights: Start the whole encoder from an earlier run: a checkpoint/state-dict path or a ``WeightsProvider``.
     """
 
+    # Upstream's ViT keeps ViTModel's pooler, which its forward never calls: its weights load here without it.
+    unused_weights = ("vit.pooler.",)
+
     def __init__(
         self,
         model_name: str = "google/vit-base-patch16-224",
