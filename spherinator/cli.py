@@ -75,6 +75,18 @@ class RunConfigCallback(SaveConfigCallback):
         run.save(str(path), base_path=run.dir, policy="now")
 
 
+def check_logger_packages(config: Namespace) -> None:
+    """Refuse, in one line, a ``WandbLogger`` when ``wandb`` is not installed (Lightning's error is a traceback)."""
+    loggers = config.get("trainer.logger") if isinstance(config.get("trainer"), Namespace) else None
+    for logger in loggers if isinstance(loggers, list) else [loggers]:
+        class_path = str(logger.get("class_path", "")) if isinstance(logger, Namespace) else ""
+        if class_path.rsplit(".", 1)[-1] == "WandbLogger" and importlib.util.find_spec("wandb") is None:
+            raise ConfigError(
+                f"trainer.logger {class_path} needs the wandb package, which is not installed: pip install "
+                "'spherinator[wandb]' (or leave trainer.logger out to log to TensorBoard)"
+            )
+
+
 def _logs_to_wandb(trainer: Trainer) -> bool:
     # Trainer.log_dir is the first logger's; W&B's is its save_dir, which every run shares.
     return bool(trainer.loggers) and isinstance(trainer.loggers[0], WandbLogger)
@@ -191,6 +203,7 @@ class SpherinatorCLI(LightningCLI):
         if self.subcommand in _EVALUATING and not config.get("ckpt_path"):
             raise ConfigError(_no_checkpoint_message(self.subcommand, config))
         check_optimizer(config)
+        check_logger_packages(config)
         self._data_shape = resolve_config(config, model_from=getattr(self, "_model_from", None))
 
     def instantiate_trainer(self, **kwargs: Any) -> Any:

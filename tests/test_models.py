@@ -658,5 +658,5 @@ def test_mlp_refuses_a_size_that_is_no_positive_integer():
     from spherinator.errors import ConfigError
     from spherinator.models import MLP
 
-    with pytest.raises(ConfigError, match=r"MLP: sizes must be positive integers.*hidden_sizes=\[0\]"):
+    with pytest.raises(ConfigError, match=r"MLP: sizes must be positive integers, got 0 in \[4, 0, 2\]"):
         MLP(input_size=4, hidden_sizes=[0], output_size=2)

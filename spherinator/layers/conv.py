@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 import numbers
+from collections.abc import Callable
+from typing import Any
 
 from torch import nn
+
+# A layer class, or what jsonargparse makes of upstream's ``{class_path: torch.nn.ReLU}`` (a callable building one):
+# both are called as ``activation()`` / ``norm(channels)``.
+LayerFactory = type[nn.Module] | Callable[..., nn.Module]
 
 
 def _is_int(value: object) -> bool:
@@ -25,6 +31,7 @@ class _ConsecutiveConvLayer(nn.Sequential):
         activation: Activation class instantiated after each convolution; ``None`` for none.
         norm: Normalisation class called as ``norm(channels)`` after each convolution; ``None`` for none.
         pooling: Module appended after each convolution block (e.g. ``nn.MaxPool2d(2)``); ``None`` for none.
+        conv_kwargs: Further arguments of every convolution (``output_padding``, ``dilation``, ``bias``).
     """
 
     def __init__(
@@ -34,9 +41,10 @@ class _ConsecutiveConvLayer(nn.Sequential):
         stride: int,
         padding: int,
         out_channels: list[int],
-        activation: type[nn.Module] | None,
-        norm: type[nn.Module] | None,
+        activation: LayerFactory | None,
+        norm: LayerFactory | None,
         pooling: nn.Module | None,
+        conv_kwargs: dict[str, Any] | None = None,
     ) -> None:
         name = type(self).__name__
         if isinstance(out_channels, int) or len(out_channels) == 0:
@@ -56,9 +64,12 @@ class _ConsecutiveConvLayer(nn.Sequential):
                     f"{name}: {arg} must be an integer >= {least} (one value for every convolution of the stack), "
                     f"got {value!r}"
                 )
+        _check_conv_kwargs(name, conv_kwargs or {})
         layers: list[nn.Module] = []
         for channels in out_channels:
-            layers.append(conv(channels, kernel_size=kernel_size, stride=stride, padding=padding))
+            layers.append(
+                conv(channels, kernel_size=kernel_size, stride=stride, padding=padding, **(conv_kwargs or {}))
+            )
             if norm is not None:
                 layers.append(norm(channels))
             if activation is not None:
@@ -69,7 +80,26 @@ class _ConsecutiveConvLayer(nn.Sequential):
         self.out_channels = list(out_channels)
 
 
-def _stack_doc(conv: str, shape: str) -> str:
+def _check_conv_kwargs(name: str, kwargs: dict[str, Any]) -> None:
+    for arg, least in (("output_padding", 0), ("dilation", 1)):
+        if arg in kwargs and (not _is_int(kwargs[arg]) or kwargs[arg] < least):
+            raise ValueError(
+                f"{name}: {arg} must be an integer >= {least} (one value for every convolution of the stack), "
+                f"got {kwargs[arg]!r}"
+            )
+    if "bias" in kwargs and not isinstance(kwargs["bias"], bool):
+        raise ValueError(f"{name}: bias must be true or false, got {kwargs['bias']!r}")
+
+
+def _stack_doc(conv: str, shape: str, transposed: bool = False) -> str:
+    extra = (
+        """
+        output_padding: Extra size added to one side of each output (resolves the stride's ambiguity).
+        dilation: Spacing between kernel elements.
+        bias: Whether each convolution has a bias."""
+        if transposed
+        else ""
+    )
     return f"""Consecutive ``{conv}`` layers with optional norm, activation and pooling; input {shape}.
 
     Args:
@@ -79,12 +109,12 @@ def _stack_doc(conv: str, shape: str) -> str:
         out_channels: Output channel counts; one layer per entry.
         activation: Activation class (``None`` for none).
         norm: Normalisation class, called with the channel count (``None`` for none).
-        pooling: Optional pooling module appended after each layer.
+        pooling: Optional pooling module appended after each layer.{extra}
     """
 
 
-# The 1-D and 2-D stacks spell out their signatures: jsonargparse reads each class's own defaults (BatchNorm1d or
-# BatchNorm2d). A transposed stack differs from its plain one only in the convolution, so it inherits the signature.
+# Each stack spells out its signature: jsonargparse reads each class's own defaults (BatchNorm1d or BatchNorm2d), and
+# the transposed stacks take upstream's output_padding/dilation/bias besides (appended, so positions stay).
 class ConsecutiveConv1DLayer(_ConsecutiveConvLayer):
     __doc__ = _stack_doc("LazyConv1d", "(B, C, L)")
     _conv: type[nn.Module] = nn.LazyConv1d
@@ -95,8 +125,8 @@ class ConsecutiveConv1DLayer(_ConsecutiveConvLayer):
         stride: int = 1,
         padding: int = 0,
         out_channels: list[int] | None = None,
-        activation: type[nn.Module] | None = nn.ReLU,
-        norm: type[nn.Module] | None = nn.BatchNorm1d,
+        activation: LayerFactory | None = nn.ReLU,
+        norm: LayerFactory | None = nn.BatchNorm1d,
         pooling: nn.Module | None = None,
     ) -> None:
         super().__init__(self._conv, kernel_size, stride, padding, out_channels or [], activation, norm, pooling)
@@ -112,18 +142,54 @@ class ConsecutiveConv2DLayer(_ConsecutiveConvLayer):
         stride: int = 1,
         padding: int = 0,
         out_channels: list[int] | None = None,
-        activation: type[nn.Module] | None = nn.ReLU,
-        norm: type[nn.Module] | None = nn.BatchNorm2d,
+        activation: LayerFactory | None = nn.ReLU,
+        norm: LayerFactory | None = nn.BatchNorm2d,
         pooling: nn.Module | None = None,
     ) -> None:
         super().__init__(self._conv, kernel_size, stride, padding, out_channels or [], activation, norm, pooling)
 
 
-class ConsecutiveConvTranspose1DLayer(ConsecutiveConv1DLayer):
-    __doc__ = _stack_doc("LazyConvTranspose1d", "(B, C, L)")
-    _conv = nn.LazyConvTranspose1d
+class ConsecutiveConvTranspose1DLayer(_ConsecutiveConvLayer):
+    __doc__ = _stack_doc("LazyConvTranspose1d", "(B, C, L)", transposed=True)
+    _conv: type[nn.Module] = nn.LazyConvTranspose1d
+
+    def __init__(
+        self,
+        kernel_size: int = 3,
+        stride: int = 1,
+        padding: int = 0,
+        out_channels: list[int] | None = None,
+        activation: LayerFactory | None = nn.ReLU,
+        norm: LayerFactory | None = nn.BatchNorm1d,
+        pooling: nn.Module | None = None,
+        output_padding: int = 0,
+        dilation: int = 1,
+        bias: bool = True,
+    ) -> None:
+        conv_kwargs = {"output_padding": output_padding, "dilation": dilation, "bias": bias}
+        super().__init__(
+            self._conv, kernel_size, stride, padding, out_channels or [], activation, norm, pooling, conv_kwargs
+        )
 
 
-class ConsecutiveConvTranspose2DLayer(ConsecutiveConv2DLayer):
-    __doc__ = _stack_doc("LazyConvTranspose2d", "(B, C, H, W)")
-    _conv = nn.LazyConvTranspose2d
+class ConsecutiveConvTranspose2DLayer(_ConsecutiveConvLayer):
+    __doc__ = _stack_doc("LazyConvTranspose2d", "(B, C, H, W)", transposed=True)
+    _conv: type[nn.Module] = nn.LazyConvTranspose2d
+
+    def __init__(
+        self,
+        kernel_size: int = 3,
+        stride: int = 1,
+        padding: int = 0,
+        out_channels: list[int] | None = None,
+        activation: LayerFactory | None = nn.ReLU,
+        norm: LayerFactory | None = nn.BatchNorm2d,
+        pooling: nn.Module | None = None,
+        output_padding: int = 0,
+        dilation: int = 1,
+        bias: bool = True,
+    ) -> None:
+        conv_kwargs = {"output_padding": output_padding, "dilation": dilation, "bias": bias}
+        super().__init__(
+            self._conv, kernel_size, stride, padding, out_channels or [], activation, norm, pooling, conv_kwargs
+        )

@@ -12,7 +12,10 @@ from spherinator.layers import (
 from spherinator.models.autoencoder import Autoencoder, NonFiniteLossError, VariationalAutoencoder
 from spherinator.models.decoders import ConvolutionalDecoder1D, ConvolutionalDecoder2D, UpsamplingDecoder2D
 from spherinator.models.encoders import ConvolutionalEncoder1D, ConvolutionalEncoder2D
+from spherinator.models.huggingface import HuggingFaceEncoder, HuggingFaceResNetEncoder
 from spherinator.models.mlp import MLP
+from spherinator.models.sequential import Sequential
+from spherinator.models.transfer import WeightsProvider
 from spherinator.models.variational_encoder import VariationalEncoder
 from spherinator.models.vit import HuggingFaceViTEncoder
 
@@ -26,10 +29,14 @@ __all__ = [
     "ConvolutionalDecoder2D",
     "ConvolutionalEncoder1D",
     "ConvolutionalEncoder2D",
+    "HuggingFaceEncoder",
+    "HuggingFaceResNetEncoder",
     "HuggingFaceViTEncoder",
     "MLP",
     "NonFiniteLossError",
+    "Sequential",
     "UpsamplingDecoder2D",
     "VariationalAutoencoder",
     "VariationalEncoder",
+    "WeightsProvider",
 ]

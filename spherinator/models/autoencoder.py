@@ -14,8 +14,9 @@ from torch import nn
 from torch.distributions import kl_divergence
 
 from spherinator.distributions import HypersphericalUniform, PowerSpherical
-from spherinator.errors import NonFiniteLossError  # noqa: F401 (re-exported)
+from spherinator.errors import ConfigError, NonFiniteLossError  # noqa: F401 (re-exported)
 from spherinator.models._shapes import dry_forward, param_device_dtype
+from spherinator.models.transfer import drop_weight_sources
 from spherinator.models.variational_encoder import VariationalEncoder
 
 _TERMS = {"loss": "reconstruction loss", "recon": "reconstruction loss", "kl": "KL term"}
@@ -51,6 +52,19 @@ def model_input(batch: Any) -> torch.Tensor:
 def _is_strings(column: Any) -> bool:
     """A per-row string column of a batch (object names): a list of ``str``."""
     return isinstance(column, list) and all(isinstance(v, str) for v in column)
+
+
+def fix_concentration(scale_head: nn.Linear, fixed_scale: float) -> None:
+    """Make ``scale_head`` output ``fixed_scale`` whatever its input: zero, frozen weights and a frozen bias."""
+    if not math.isfinite(fixed_scale):
+        raise ConfigError(
+            f"fixed_scale must be a finite number (the concentration is softplus(fixed_scale) + 1), got "
+            f"{fixed_scale}; or null to learn it"
+        )
+    with torch.no_grad():
+        scale_head.weight.zero_()
+        scale_head.bias.fill_(float(fixed_scale))
+    scale_head.requires_grad_(False)
 
 
 class _AutoencoderBase(pl.LightningModule):
@@ -136,6 +150,24 @@ class _AutoencoderBase(pl.LightningModule):
             self.log(name, value, batch_size=batch_size, prog_bar=suffix == "loss", sync_dist=stage != "train")
         self._check_finite(stage, {k: v for k, v in losses.items() if k != "loss"} or losses)  # the terms
 
+    def _log_upstream_names(self, stage: str, batch_size: int, **values: torch.Tensor) -> None:
+        """The names upstream Spherinator logs, beside ours, for its ``monitor:`` keys and dashboards.
+
+        ``values``: ``loss_recon`` (= our ``recon``), ``loss_KL`` (upstream's is beta * KL, ours ``kl`` is the KL
+        alone), ``scale`` (the concentrations, logged as ``mean(z_scale)`` / ``max(z_scale)`` in training).
+        """
+        scale = values.pop("scale", None)
+        for suffix, value in values.items():
+            self.log(f"{stage}_{suffix}", value, batch_size=batch_size, sync_dist=stage != "train")
+        if stage != "train":
+            return
+        trainer = self._attached()
+        if trainer is not None and trainer.optimizers:
+            self.log("learning_rate", float(trainer.optimizers[0].param_groups[0]["lr"]), batch_size=batch_size)
+        if scale is not None:
+            self.log("mean(z_scale)", scale.detach().float().mean(), batch_size=batch_size)
+            self.log("max(z_scale)", scale.detach().float().max(), batch_size=batch_size)
+
     # A NaN/inf loss stops the run with a NonFiniteLossError before it reaches the weights. Validation and test
     # check at once; training checks the step's loss terms together with its gradients just before the optimizer
     # step (one synchronisation per step, after the backward pass is queued): raising there keeps the weights of the
@@ -202,7 +234,13 @@ class _AutoencoderBase(pl.LightningModule):
         )
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Refuse to write non-finite weights (BatchNorm statistics, say, of the forward pass of a step refused)."""
+        """Refuse to write non-finite weights (BatchNorm statistics, say, of the forward pass of a step refused).
+
+        The hyperparameters lose their ``weights`` files: the checkpoint holds the weights, and rebuilding its
+        model must not need the file the training started from.
+        """
+        if "hyper_parameters" in checkpoint:
+            checkpoint["hyper_parameters"] = drop_weight_sources(checkpoint["hyper_parameters"])
         state = [(k, v) for k, v in checkpoint.get("state_dict", {}).items() if v.is_floating_point() and v.numel()]
         if not state or bool(torch.stack([v.isfinite().all() for _, v in state]).all()):
             return
@@ -287,6 +325,7 @@ class Autoencoder(_AutoencoderBase):
         self._check_reconstruction_shape(tuple(x_hat.shape[1:]), tuple(x.shape[1:]))
         loss = self.reconstruction_loss(x_hat, x)
         self._log_losses(stage, len(x), loss=loss)
+        self._log_upstream_names(stage, len(x))
         return loss
 
     def _predict(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -307,7 +346,10 @@ class VariationalAutoencoder(_AutoencoderBase):
         z_dim: Dimension of the latent space; 3 maps to the sphere S^2.
         beta: Weight of the KL divergence.
         reconstruction_loss: Loss module (or class) called as ``loss(prediction, target)``.
-        max_scale: Upper bound of the posterior concentration.
+        max_scale: Upper bound of the posterior concentration; None for none (upstream's default).
+        fixed_scale: Upstream Spherinator 0.5's option: a concentration that is not learned. The scale head's
+            weights are zeroed and frozen and its bias set to ``fixed_scale``, so every posterior has the
+            concentration softplus(fixed_scale) + 1 (then bounded by max_scale). None learns it.
     """
 
     def __init__(
@@ -318,7 +360,8 @@ class VariationalAutoencoder(_AutoencoderBase):
         z_dim: int = 3,
         beta: float = 1.0e-3,
         reconstruction_loss: nn.Module | type[nn.Module] = nn.MSELoss,
-        max_scale: float = 1.0e4,
+        max_scale: float | None = 1.0e4,
+        fixed_scale: float | None = None,
     ) -> None:
         super().__init__()
         with _modules_in_hparams_allowed():
@@ -333,8 +376,10 @@ class VariationalAutoencoder(_AutoencoderBase):
                 f"beta (the weight of the KL divergence in the loss) must be a finite number >= 0, got {beta}; "
                 "a negative one rewards a large KL and drives the loss below zero (e.g. beta: 1.0e-4)"
             )
-        if not max_scale > 1.0:
-            raise ValueError(f"max_scale must be > 1 (the concentration is softplus + 1), got {max_scale}")
+        if max_scale is not None and not max_scale > 1.0:
+            raise ValueError(
+                f"max_scale must be > 1 (the concentration is softplus + 1) or null for no bound, got {max_scale}"
+            )
         backbone_out = getattr(encoder, "output_dim", None)
         if encoder_out_dim is None:
             if backbone_out is None:
@@ -351,7 +396,10 @@ class VariationalAutoencoder(_AutoencoderBase):
         self.z_dim = int(z_dim)
         self.encoder_out_dim = int(encoder_out_dim)
         self.beta = float(beta)
-        self.encoder = VariationalEncoder(encoder, self.encoder_out_dim, self.z_dim, max_scale)
+        bound = math.inf if max_scale is None else max_scale
+        self.encoder = VariationalEncoder(encoder, self.encoder_out_dim, self.z_dim, bound)
+        if fixed_scale is not None:
+            fix_concentration(self.encoder.fc_scale, fixed_scale)
         self.decoder = decoder
         self.reconstruction_loss = _as_loss(reconstruction_loss)
         self.input_dim = self.encoder.input_dim
@@ -398,6 +446,7 @@ class VariationalAutoencoder(_AutoencoderBase):
         recon = self.reconstruction_loss(x_hat, x)
         loss = recon + self.beta * kl
         self._log_losses(stage, len(x), loss=loss, recon=recon, kl=kl)
+        self._log_upstream_names(stage, len(x), loss_recon=recon, loss_KL=self.beta * kl, scale=scale)
         return loss
 
     def _predict(self, x: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -15,8 +15,10 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from spherinator.errors import ConfigError
 from spherinator.layers import _UpsampleBlock
 from spherinator.models._shapes import as_shape, dry_forward, param_device_dtype
+from spherinator.models.transfer import WeightsProvider, apply_transfer
 
 
 class _LatentInputMixin:
@@ -63,6 +65,8 @@ class _ConvolutionalDecoder(_LatentInputMixin, nn.Module):
         output_dim: list[int] | None = None,
         cnn_input_dim: list[int] | None = None,
         cnn_layers: list[nn.Module] | None = None,
+        weights: str | WeightsProvider | None = None,
+        freeze: bool = False,
     ) -> None:
         super().__init__()
         name = type(self).__name__
@@ -85,6 +89,7 @@ class _ConvolutionalDecoder(_LatentInputMixin, nn.Module):
         self.output_dim: tuple[int, ...] | None = None
         if output_dim is not None:
             self.set_output_dim(output_dim)
+        apply_transfer(self, weights, freeze)
 
     def set_output_dim(self, output_dim: Sequence[int]) -> None:
         """Check that the layers produce ``output_dim``; raises naming both shapes when they do not."""
@@ -110,6 +115,8 @@ def _decoder_doc(dims: str, shape: str, layer: str) -> str:
         output_dim: Target shape {shape}; None takes the encoder's input_dim. Checked at construction.
         cnn_input_dim: Shape {shape} the linear projection is reshaped to.
         cnn_layers: Transposed-convolution blocks (e.g. ``{layer}``).
+        weights: Start from an earlier run: a checkpoint/state-dict path or a ``WeightsProvider``.
+        freeze: Fix every parameter of the decoder.
     """
 
 
@@ -136,6 +143,9 @@ class UpsamplingDecoder2D(_LatentInputMixin, nn.Module):
             input_dim.
         base_channels: Channels at the spatial seed; halved at each upsampling step.
         seed_size: Width/height of the seed feature map.
+        weights: Start from an earlier run: a checkpoint/state-dict path or a ``WeightsProvider`` (needs
+            output_dim, which decides the layers).
+        freeze: Fix every parameter of the decoder.
     """
 
     def __init__(
@@ -144,6 +154,8 @@ class UpsamplingDecoder2D(_LatentInputMixin, nn.Module):
         output_dim: list[int] | None = None,
         base_channels: int = 512,
         seed_size: int = 7,
+        weights: str | WeightsProvider | None = None,
+        freeze: bool = False,
     ) -> None:
         super().__init__()
         if base_channels <= 0 or seed_size <= 0:
@@ -160,6 +172,12 @@ class UpsamplingDecoder2D(_LatentInputMixin, nn.Module):
         self.head: nn.Sequential | None = None
         if output_dim is not None:
             self.set_output_dim(output_dim)
+        elif weights is not None or freeze:
+            raise ConfigError(
+                "UpsamplingDecoder2D: weights/freeze need output_dim, which decides its layers; set output_dim "
+                "(e.g. [3, 128, 128])"
+            )
+        apply_transfer(self, weights, freeze)
 
     def set_output_dim(self, output_dim: Sequence[int]) -> None:
         """Infer the number of upsampling steps and build them; unreachable sizes raise a ValueError."""

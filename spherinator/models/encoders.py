@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from spherinator.models._shapes import as_shape, dry_forward
+from spherinator.models.transfer import WeightsProvider, apply_transfer
 
 
 class _ConvolutionalEncoder(nn.Module):
@@ -19,7 +20,12 @@ class _ConvolutionalEncoder(nn.Module):
 
     # The signature jsonargparse reads for both subclasses (they differ only in _spatial_dims and their docstring).
     def __init__(
-        self, input_dim: list[int] | None = None, output_dim: int = 64, cnn_layers: list[nn.Module] | None = None
+        self,
+        input_dim: list[int] | None = None,
+        output_dim: int = 64,
+        cnn_layers: list[nn.Module] | None = None,
+        weights: str | WeightsProvider | None = None,
+        freeze: bool = False,
     ) -> None:
         super().__init__()
         name = type(self).__name__
@@ -39,6 +45,7 @@ class _ConvolutionalEncoder(nn.Module):
                     f"{name}: cnn_layers cannot process input_dim {list(self.input_dim)} ({err}); use fewer layers, "
                     "smaller kernel_size/stride, padding, or a larger input"
                 ) from err
+        apply_transfer(self, weights, freeze)  # lazy layers without input_dim take their shapes from the weights
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.flatten(self.cnn(x)))  # (B, output_dim)
@@ -52,6 +59,8 @@ def _encoder_doc(dims: str, what: str, shape: str, layer: str) -> str:
             until then, which DDP does not allow).
         output_dim: Size of the encoder output (the VAE's ``encoder_out_dim``).
         cnn_layers: Convolution blocks applied in order (e.g. ``{layer}``).
+        weights: Start from an earlier run: a checkpoint/state-dict path or a ``WeightsProvider``.
+        freeze: Fix every parameter of the encoder.
     """
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from spherinator.models.transfer import WeightsProvider, apply_transfer
+
 
 class HuggingFaceViTEncoder(nn.Module):
     """A HuggingFace ViT whose CLS token (last hidden state) is optionally projected to ``output_dim``.
@@ -16,9 +18,19 @@ class HuggingFaceViTEncoder(nn.Module):
             directory written by ``save_pretrained``; must be a ViT variant.
         output_dim: Size of a linear projection of the CLS token; None keeps the ViT's hidden size.
         freeze: Freeze the ViT backbone weights (the projection stays trainable).
+        weights: Start the whole encoder from an earlier run: a checkpoint/state-dict path or a ``WeightsProvider``.
     """
 
-    def __init__(self, model_name: str, output_dim: int | None = None, freeze: bool = False) -> None:
+    # Upstream's ViT keeps ViTModel's pooler, which its forward never calls: its weights load here without it.
+    unused_weights = ("vit.pooler.",)
+
+    def __init__(
+        self,
+        model_name: str = "google/vit-base-patch16-224",
+        output_dim: int | None = None,
+        freeze: bool = False,
+        weights: str | WeightsProvider | None = None,
+    ) -> None:
         super().__init__()
         from transformers import ViTModel  # heavy import, only when a ViT is used
 
@@ -43,8 +55,8 @@ class HuggingFaceViTEncoder(nn.Module):
             raise ValueError(f"HuggingFaceViTEncoder: output_dim must be positive or null, got {output_dim!r}")
         self.output_dim = int(output_dim) if output_dim is not None else hidden
         self.projection = nn.Linear(hidden, self.output_dim) if output_dim is not None else nn.Identity()
-        if freeze:
-            self.vit.requires_grad_(False)
+        self.example_input_array = torch.randn(1, *self.input_dim)  # upstream's attribute, for its scripts
+        apply_transfer(self, weights, freeze, frozen=self.vit)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         cls = self.vit(pixel_values=x).last_hidden_state[:, 0]  # (B, hidden)
