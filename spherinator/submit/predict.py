@@ -36,13 +36,17 @@ import os
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from spherinator.data.plan import Segment, pass_plan
 from spherinator.errors import DataError, OutputError
 from spherinator.submit.records import EmbeddingSet, EmbeddingShard, ShardSegment, read_embedding_set
 from spherinator.submit.sweep import SubmitError
 
+if TYPE_CHECKING:
+    from spherinator.data.plan import Segment
+
+# Importing this module costs no torch (``spherinator-submit status`` imports it): the data layer is imported where
+# it is used, inside the functions that plan and write shards.
 EMBEDDINGS_DIR = "embeddings"
 SHARD_NAME = "shard-{:05d}.parquet"
 MAX_DEFAULT_TASKS = 32  # default: one task per row group, up to this many
@@ -53,6 +57,8 @@ def shard_rows(reader: Any, shard: int, tasks: int) -> list[Segment]:
     """The rows shard ``shard`` of ``tasks`` holds: what rank ``shard`` of ``tasks`` reads of ``reader`` (a
     :class:`~spherinator.data.reader.ParquetReader` of the predict split) in one unshuffled pass, cut to its own rows
     (the plan repeats rows from the start of the epoch where a rank has fewer rows than batches)."""
+    from spherinator.data.plan import Segment, pass_plan
+
     segments, _ = pass_plan(
         reader.segments, reader.batch_size, shard, tasks, 0, 1, drop_last=False, shuffle=False
     )  # fmt: skip
@@ -290,7 +296,7 @@ class PredictTask:
         return result
 
 
-def embeddings_line(sweep_dir: Path, embeddings: str) -> tuple[str, dict[str, Any]]:
+def embeddings_line(embeddings: str) -> tuple[str, dict[str, Any]]:
     """What ``status`` says of a predict sweep's embedding set: one line, and the figures for ``--json``."""
     try:
         plan = read_embedding_set(embeddings)
