@@ -38,7 +38,8 @@ def trained(dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Pa
 
     root = tmp_path_factory.mktemp("run")
     config = root / "tiny.yaml"
-    config.write_text(TINY_VAE.format(data=dataset, epochs=1).replace("columns: [data]", "columns: [data, id]\n    return_dict: true"))  # fmt: skip
+    text = TINY_VAE.format(data=dataset, epochs=1)
+    config.write_text(text.replace("columns: [data]", "columns: [data, id]\n    return_dict: true"))
     args = ["fit", "-c", str(config), "--trainer.logger", "false", "--trainer.default_root_dir", str(root / "fit"),
             "--trainer.max_steps", "1", "--trainer.limit_val_batches", "0"]  # fmt: skip
     cli_main(args)

@@ -191,7 +191,7 @@ def submit_predict(ns: argparse.Namespace, overrides: list[str]) -> int:
         configs=configs, overrides=overrides, export=False,
         predict=PredictJob(ckpt, str(embeddings), plan.onnx, plan.rows),
     )  # fmt: skip
-    job_ids = _submit(_predict_tasks(manifest), [s.index for s in plan.shards], sweep_dir, manifest, resources)
+    job_ids = _queue(_predict_tasks(manifest), [s.index for s in plan.shards], sweep_dir, manifest, resources)
     array = sorted({j.split("_")[0] for j in job_ids.values()})
     print(f"submitted {len(job_ids)} shard(s) as Slurm job {', '.join(array)} -> {embeddings}")
     print(f"  spherinator-submit status {sweep_dir}")
@@ -283,7 +283,7 @@ def dry_run_text(folder: Path, resources: Resources, name: str, n_tasks: int) ->
     return yaml.safe_dump(settings, sort_keys=False, width=1000)
 
 
-def _submit(
+def _queue(
     make: Callable[[int], Any], indices: list[int], sweep_dir: Path, manifest: Manifest, resources: Resources
 ) -> dict[str, str]:
     """Queue ``make(i)`` for each task index ``i`` as one Slurm array (after the code snapshot, whose version
@@ -305,12 +305,18 @@ def _submit(
     return job_ids
 
 
-def _training_tasks(tasks: list[Task], sweep_dir: Path, manifest: Manifest) -> Callable[[int], TrainingTask]:
-    """The :class:`TrainingTask` of each task index of a training sweep."""
+def _submit(
+    tasks: list[Task], sweep_dir: Path, manifest: Manifest, resources: Resources, export: bool,
+    atlas_order: int | None = None,
+) -> dict[str, str]:  # fmt: skip
+    """Queue the :class:`TrainingTask` of each of ``tasks`` as one Slurm array (:func:`_queue`); returns {task index:
+    job id}."""
     names = {t.index: t.name for t in tasks}
-    return lambda i: TrainingTask(
-        sweep_dir / names[i], manifest.cwd, manifest.export, manifest.code_version, manifest.atlas_order
-    )
+
+    def make(i: int) -> TrainingTask:
+        return TrainingTask(sweep_dir / names[i], manifest.cwd, export, manifest.code_version, atlas_order)
+
+    return _queue(make, [t.index for t in tasks], sweep_dir, manifest, resources)
 
 
 def _sweep_dir(ns: argparse.Namespace) -> tuple[str, Path]:
@@ -376,8 +382,7 @@ def submit(ns: argparse.Namespace, overrides: list[str]) -> int:
         name=name, cwd=str(Path.cwd()), configs=configs, overrides=overrides, export=not ns.no_export,
         atlas_order=atlas_order,
     )  # fmt: skip
-    job_ids = _submit(_training_tasks(tasks, sweep_dir, manifest), [t.index for t in tasks], sweep_dir, manifest,
-                      resources)  # fmt: skip
+    job_ids = _submit(tasks, sweep_dir, manifest, resources, export=not ns.no_export, atlas_order=atlas_order)
     array = sorted({j.split("_")[0] for j in job_ids.values()})
     print(f"submitted {len(tasks)} task(s) as Slurm job {', '.join(array)} -> {sweep_dir}")
     print(f"  spherinator-submit status {sweep_dir}")
@@ -437,8 +442,10 @@ def resume(ns: argparse.Namespace) -> int:
         print(dry_run_text(sweep_dir / SUBMITIT_DIR, resources, manifest.name, len(tasks)))
         print(f"dry run: would resume {', '.join(t.name for t in tasks)}", file=sys.stderr)
         return 0
-    make = _predict_tasks(manifest) if manifest.predict is not None else _training_tasks(tasks, sweep_dir, manifest)
-    job_ids = _submit(make, [t.index for t in tasks], sweep_dir, manifest, resources)
+    if manifest.predict is not None:
+        job_ids = _queue(_predict_tasks(manifest), [t.index for t in tasks], sweep_dir, manifest, resources)
+    else:
+        job_ids = _submit(tasks, sweep_dir, manifest, resources, manifest.export, manifest.atlas_order)
     print(f"resubmitted {len(tasks)} task(s) from their last checkpoints: {' '.join(job_ids.values())}")
     return 0
 
