@@ -85,6 +85,7 @@ def plan_dir(tmp_path: Path, config: Path, checkpoint: Path, tasks: int) -> tupl
     return out, args
 
 
+@pytest.mark.slow
 def test_shards_hold_what_spherinator_predict_writes_plus_the_row_id(trained, tmp_path):
     from spherinator.cli import main as cli_main
 
@@ -170,3 +171,23 @@ def test_predict_refuses_bad_input_in_one_line(trained, tmp_path, capsys):
         assert exit_info.value.code == 2 and message in err and "Traceback" not in err, err
     assert not any(p.name == "sweep.json" for p in tmp_path.rglob("*")), "nothing written for a refused submission"
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.slow
+def test_onnx_shards_hold_the_locations_torch_writes(trained, tmp_path):
+    """``--onnx``: the export's encoder.onnx encodes (onnxruntime); the locations are torch's, the scale is not
+    written (the encoder graph gives only the location), the per-row columns and the row id are."""
+    from spherinator.export import export_onnx
+
+    config, checkpoint = trained
+    export_onnx(checkpoint, tmp_path / "onnx")
+    out, args = plan_dir(tmp_path, config, checkpoint, tasks=1)
+    predict.write_shard(out, 0, args, str(checkpoint), str(tmp_path / "onnx"))
+    by_onnx = pq.read_table(out / "shard-00000.parquet")
+    (out / "shard-00000.parquet").unlink()
+    predict.write_shard(out, 0, args, str(checkpoint))
+    by_torch = pq.read_table(out / "shard-00000.parquet")
+    assert by_onnx.column_names == ["location", "id", "row"]
+    assert by_onnx["row"].to_pylist() == list(range(ROWS)) and by_onnx["id"] == by_torch["id"]
+    np.testing.assert_allclose(np.stack(by_onnx["location"].to_numpy(zero_copy_only=False)),
+                               np.stack(by_torch["location"].to_numpy(zero_copy_only=False)), atol=1e-5)  # fmt: skip
