@@ -367,3 +367,82 @@ def test_two_node_job_is_requeued_and_resumes_on_both_ranks(cluster, tmp_path, i
     summary = json.loads((sweep / "run" / "summary.json").read_text())
     assert summary["attempts"] >= 2, summary
     assert summary["resumed_from"] and summary["epoch"] == epochs
+
+
+SLOW_TRANSFORM = """
+import os, time
+
+class SlowFirstAttempt:
+    \"\"\"The identity, sleeping per batch in an array task's first run only (Slurm counts restarts), so that the
+    test can kill or requeue a task while it writes its shard; the attempt that redoes it runs at full speed.\"\"\"
+    def __init__(self, seconds: float = 0.5):
+        self.seconds = seconds
+    def __call__(self, x):
+        if os.environ.get("SLURM_JOB_ID") and int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0) == 0:
+            time.sleep(self.seconds)
+        return x
+"""
+
+
+SLOW_COLUMNS = '[{"name": "data", "transform": {"class_path": "slowtransform.SlowFirstAttempt"}}]'
+
+
+def _predict_sweep(tmp_path: Path, image_dataset: Path, monkeypatch: pytest.MonkeyPatch, name: str) -> Path:
+    """A predict sweep of the 96 image rows over 2 shards (2 nodes), each of 12 batches that are slow at first."""
+    from spherinator.cli import main as cli_main
+
+    (tmp_path / "slowtransform.py").write_text(SLOW_TRANSFORM)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("PYTHONPATH", f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    config = tiny_config(tmp_path, image_dataset)
+    cli_main(["fit", "-c", str(config), "--trainer.logger", "false", "--trainer.max_steps", "1",
+              "--trainer.default_root_dir", str(tmp_path / "fit"), "--trainer.limit_val_batches", "0"])  # fmt: skip
+    (checkpoint,) = (tmp_path / "fit" / "checkpoints").glob("*.ckpt")
+    main(["predict", "-c", str(config), "--ckpt_path", str(checkpoint), "--tasks", "2", "--preset", "local",
+          "--run-root", str(tmp_path / "runs"), "--name", name, "--data.init_args.batch_size", "4",
+          "--data.init_args.columns", SLOW_COLUMNS])  # fmt: skip
+    return tmp_path / "runs" / name
+
+
+def _wait_for_partial(embeddings: Path, shard: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not list(embeddings.glob(f".{shard}.partial-*")):
+        if time.monotonic() > deadline:
+            pytest.fail(f"shard {shard} was not being written after {timeout}s: {sorted(os.listdir(embeddings))}")
+        time.sleep(0.5)
+
+
+def _every_row_once(embeddings: Path) -> None:
+    names = sorted(p.name for p in embeddings.iterdir())
+    assert names == ["_manifest.json", "shard-00000.parquet", "shard-00001.parquet"], names  # nothing torn left
+    rows = [pq.read_table(embeddings / n, columns=["row"])["row"].to_pylist() for n in names[1:]]
+    assert sorted(rows[0] + rows[1]) == list(range(96)) and len(rows[0]) == len(rows[1]) == 48
+
+
+def test_predict_array_task_requeued_mid_shard_redoes_it(cluster, tmp_path, image_dataset, monkeypatch, capsys):
+    sweep = _predict_sweep(tmp_path, image_dataset, monkeypatch, "embed")
+    job = json.loads((sweep / "sweep.json").read_text())["submissions"][0]["jobs"]["1"]
+    _wait_for_partial(sweep / "embeddings", "shard-00001.parquet", timeout=180)
+    subprocess.run(["scontrol", "requeue", job], check=True, capture_output=True)  # killed while it writes
+    wait_for(sweep, lambda rows: all(r.state == "COMPLETED" for r in rows), timeout=240)
+    _every_row_once(sweep / "embeddings")
+    restarts = subprocess.run(["sacct", "-j", job, "-n", "-X", "-D", "-o", "State"], capture_output=True, text=True)
+    assert "REQUEUED" in restarts.stdout, restarts.stdout  # the shard was written by the second run
+    capsys.readouterr()
+    main(["status", str(sweep)])
+    assert f"embeddings: 2/2 shards, 96/96 rows in {sweep / 'embeddings'}" in capsys.readouterr().out
+
+
+def test_predict_array_task_killed_mid_shard_is_redone_by_resume(cluster, tmp_path, image_dataset, monkeypatch):
+    sweep = _predict_sweep(tmp_path, image_dataset, monkeypatch, "embed-kill")
+    job = json.loads((sweep / "sweep.json").read_text())["submissions"][0]["jobs"]["0"]
+    _wait_for_partial(sweep / "embeddings", "shard-00000.parquet", timeout=180)
+    subprocess.run(["scancel", "--signal=KILL", job], check=True, capture_output=True)  # no handler runs
+    rows = wait_for(sweep, lambda rows: all(r.state in launch.FINAL for r in rows), timeout=240)
+    assert [r.state for r in rows][1] == "COMPLETED" and rows[0].state != "COMPLETED", rows
+    assert not (sweep / "embeddings" / "shard-00000.parquet").exists()
+    main(["--resume", str(sweep)])  # only shard 0 again; its torn partial file is removed
+    resubmitted = json.loads((sweep / "sweep.json").read_text())["submissions"][1]["jobs"]
+    assert list(resubmitted) == ["0"], resubmitted
+    wait_for(sweep, lambda rows: all(r.state == "COMPLETED" for r in rows), timeout=240)
+    _every_row_once(sweep / "embeddings")

@@ -67,23 +67,7 @@ class EmbeddingWriter(BasePredictionWriter):
         batch_idx: int,
         dataloader_idx: int,
     ) -> None:
-        if isinstance(prediction, torch.Tensor):
-            prediction = {"location": prediction}
-        columns = {}
-        for name, value in prediction.items():
-            if isinstance(value, list):  # per-row strings such as object names
-                columns[name] = pa.array(value, type=pa.string())
-                continue
-            value = value.detach().cpu()
-            if value.is_floating_point() and value.dtype not in (torch.float32, torch.float64):
-                value = value.float()  # bfloat16/float16 model outputs; per-row float64 columns stay exact
-            array = value.numpy()
-            if array.ndim == 1:
-                columns[name] = pa.array(array)
-            else:  # (B, D) vectors: one fixed-size list per row
-                flat = pa.array(np.ascontiguousarray(array).reshape(-1))
-                columns[name] = pa.FixedSizeListArray.from_arrays(flat, int(np.prod(array.shape[1:])))
-        table = pa.table(columns)
+        table = prediction_table(prediction)
         try:
             if self._writer is None:
                 self.written_path = self._path(trainer)
@@ -142,6 +126,31 @@ class EmbeddingWriter(BasePredictionWriter):
             os.replace(staged, self.written_path)
         else:
             staged.unlink(missing_ok=True)
+
+
+def prediction_table(prediction: torch.Tensor | dict[str, Any]) -> pa.Table:
+    """The Parquet table of one ``predict_step`` output (a tensor is the ``location``): the columns
+    ``spherinator predict`` writes. Vectors (B, D) become fixed-size lists, scalars (B,) plain columns, lists of
+    ``str`` string columns; half-precision floats become float32."""
+    if isinstance(prediction, torch.Tensor):
+        prediction = {"location": prediction}
+    columns = {}
+    for name, value in prediction.items():
+        if isinstance(value, list):  # per-row strings such as object names
+            columns[name] = pa.array(value, type=pa.string())
+            continue
+        if isinstance(value, torch.Tensor):
+            value = value.detach().cpu()
+            if value.is_floating_point() and value.dtype not in (torch.float32, torch.float64):
+                value = value.float()  # bfloat16/float16 model outputs; per-row float64 columns stay exact
+            value = value.numpy()
+        array = np.asarray(value)  # onnxruntime's outputs are numpy arrays already
+        if array.ndim == 1:
+            columns[name] = pa.array(array)
+        else:  # (B, D) vectors: one fixed-size list per row
+            flat = pa.array(np.ascontiguousarray(array).reshape(-1))
+            columns[name] = pa.FixedSizeListArray.from_arrays(flat, int(np.prod(array.shape[1:])))
+    return pa.table(columns)
 
 
 def _refuse_inside_data(trainer: Trainer, path: Path) -> None:

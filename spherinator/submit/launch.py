@@ -9,6 +9,7 @@ import shlex
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,14 +26,18 @@ from spherinator.submit.monitor import (
     status,
     task_rows,
 )
+from spherinator.submit.predict import EMBEDDINGS_DIR, PredictTask, plan_embedding_set
 from spherinator.submit.records import (
     COMPLETED,
     MANIFEST_NAME,
     Manifest,
     ManifestTask,
+    PredictJob,
     Submission,
     find_sweep,
+    read_embedding_set,
     read_manifest,
+    write_embedding_set,
     write_manifest,
 )
 from spherinator.submit.resources import Resources, check_script_path, load_preset, parse_sbatch_extra, parse_time
@@ -46,6 +51,7 @@ ATLAS_ORDER = 4  # each task's atlas: HiPS orders 0..4, 4,092 tiles
 USAGE = """\
 spherinator-submit -c CONFIG [-c CONFIG ...] [--key.path VALUE ...] [resources] [--sweep KEY=V1,V2 ...]
        spherinator-submit --resume RUN_DIR [resources]
+       spherinator-submit predict -c CONFIG [-c CONFIG ...] --ckpt_path CKPT [--tasks N] [--onnx DIR] [resources]
        spherinator-submit status RUN_DIR [--json]
        spherinator-submit logs RUN_DIR [TASK] [--tail N]
        spherinator-submit cancel RUN_DIR"""
@@ -73,6 +79,12 @@ def _build_parser() -> argparse.ArgumentParser:
     group.add_argument("--no-atlas", action="store_true", help="no atlas (spherinator atlas) after the export")
     group.add_argument("--atlas-order", type=int, default=ATLAS_ORDER, metavar="K",
                        help=f"deepest HiPS order of each task's atlas (default: {ATLAS_ORDER})")  # fmt: skip
+    add_resource_args(parser)
+    return parser
+
+
+def add_resource_args(parser: argparse.ArgumentParser) -> None:
+    """The Slurm resource options, shared by training and predict submissions."""
     res = parser.add_argument_group("Slurm resources (override the preset)")
     res.add_argument("--preset", help="site preset: a name (see $SPHERINATOR_PRESET_PATH) or a YAML file")
     res.add_argument("--nodes", type=int, help="nodes per task (trainer.num_nodes)")
@@ -89,7 +101,6 @@ def _build_parser() -> argparse.ArgumentParser:
     res.add_argument("--parallelism", type=int, help="tasks running at once (array %%N)")
     res.add_argument("--max-requeues", type=int, help="requeues after hitting the time limit (default 3)")
     res.add_argument("--signal-delay", type=int, dest="signal_delay_s", help="seconds before the limit to checkpoint")
-    return parser
 
 
 def _atlas_order(order: int) -> int:
@@ -118,6 +129,80 @@ def _resources(ns: argparse.Namespace, base: dict[str, Any] | None = None) -> Re
     if ns.devices is not None and ns.gpus_per_node is None and values.get("gpus_per_node") is not None:
         values["gpus_per_node"] = ns.devices  # on a GPU preset, devices are GPUs
     return Resources(**values)
+
+
+def _predict_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="spherinator-submit predict",
+        allow_abbrev=False,
+        description="Embed every row on a Slurm cluster: one array task per shard of rows, each writing its own "
+        "Parquet file of what `spherinator predict` writes (plus the row id) to RUN_ROOT/NAME/embeddings, with "
+        "_manifest.json saying which rows are where. Other options (--data.init_args.batch_size 256) override the "
+        "configs as with `spherinator predict`.",
+    )
+    parser.add_argument("-c", "--config", action="append", default=[], help="config file (repeat to layer)")
+    parser.add_argument("--ckpt_path", required=True, help="the checkpoint whose model embeds")
+    parser.add_argument("--tasks", type=int, help="array tasks (shards; default: one per row group, at most 32)")
+    parser.add_argument("--onnx", metavar="DIR", help="encode with DIR/encoder.onnx (onnxruntime; no scale column)")
+    parser.add_argument("--name", help="name of the predict sweep (default: first config's name + time)")
+    parser.add_argument("--run-root", default="runs", help="the sweep goes to RUN_ROOT/NAME (default: ./runs)")
+    parser.add_argument("--dry-run", action="store_true", help="plan the shards and print them; queue nothing")
+    add_resource_args(parser)
+    return parser
+
+
+def submit_predict(ns: argparse.Namespace, overrides: list[str]) -> int:
+    """``spherinator-submit predict``: plan the shards, write the embedding set's manifest, queue one array."""
+    from spherinator.errors import ConfigError, DataError
+    from spherinator.runs import build
+
+    for path in ns.config:
+        if not Path(path).is_file():
+            raise SubmitError(f"config '{path}' does not exist")
+    if ns.onnx and not (Path(ns.onnx) / "encoder.onnx").is_file():
+        raise SubmitError(f"--onnx {ns.onnx}: no encoder.onnx there; give an export dir (spherinator export)")
+    resources = _resources(ns)
+    if resources.nodes != 1 or resources.devices != 1:
+        raise SubmitError("each shard is one process: leave out --nodes/--devices and give more --tasks instead")
+    name, sweep_dir = _sweep_dir(ns)
+    configs = [str(Path(p).resolve()) for p in ns.config]
+    ckpt = str(Path(ns.ckpt_path).resolve())
+    cli_args = [arg for path in configs for arg in ("-c", path)] + overrides
+    try:
+        _, datamodule = build(cli_args, ckpt)
+        plan = plan_embedding_set(datamodule, ns.tasks)
+    except (ConfigError, DataError) as err:
+        raise SubmitError(str(err)) from err
+    print(f"{plan.rows:,} rows of {plan.data} in {len(plan.shards)} shard(s) of about "
+          f"{plan.rows // len(plan.shards):,} rows", file=sys.stderr)  # fmt: skip
+    if ns.dry_run:
+        print(dry_run_text(sweep_dir / SUBMITIT_DIR, resources, name, len(plan.shards)))
+        print(f"dry run: nothing submitted ({len(plan.shards)} shards)", file=sys.stderr)
+        return 0
+    embeddings = sweep_dir / EMBEDDINGS_DIR
+    plan.checkpoint, plan.onnx = ckpt, str(Path(ns.onnx).resolve()) if ns.onnx else None
+    try:
+        embeddings.mkdir(parents=True, exist_ok=True)
+        write_embedding_set(embeddings, plan)
+    except OSError as err:
+        raise SubmitError(f"cannot write '{embeddings}' ({err.strerror or err}); nothing was queued") from err
+    manifest = Manifest(
+        tasks=[ManifestTask(s.index, Path(s.file).stem) for s in plan.shards], name=name, cwd=str(Path.cwd()),
+        configs=configs, overrides=overrides, export=False,
+        predict=PredictJob(ckpt, str(embeddings), plan.onnx, plan.rows),
+    )  # fmt: skip
+    job_ids = _queue(_predict_tasks(manifest), [s.index for s in plan.shards], sweep_dir, manifest, resources)
+    array = sorted({j.split("_")[0] for j in job_ids.values()})
+    print(f"submitted {len(job_ids)} shard(s) as Slurm job {', '.join(array)} -> {embeddings}")
+    print(f"  spherinator-submit status {sweep_dir}")
+    return 0
+
+
+def _predict_tasks(manifest: Manifest) -> Callable[[int], PredictTask]:
+    """The :class:`PredictTask` of each shard of a predict sweep."""
+    job = manifest.predict
+    cli_args = [arg for path in manifest.configs for arg in ("-c", path)] + manifest.overrides
+    return lambda i: PredictTask(job.embeddings, i, manifest.cwd, cli_args, job.checkpoint, job.onnx)
 
 
 def _check_overrides(extra: list[str]) -> list[str]:
@@ -198,11 +283,11 @@ def dry_run_text(folder: Path, resources: Resources, name: str, n_tasks: int) ->
     return yaml.safe_dump(settings, sort_keys=False, width=1000)
 
 
-def _submit(
-    tasks: list[Task], sweep_dir: Path, manifest: Manifest, resources: Resources, export: bool,
-    atlas_order: int | None = None,
-) -> dict[str, str]:  # fmt: skip
-    """Queue ``tasks`` as one Slurm array, record the submission in the manifest; returns {task index: job id}."""
+def _queue(
+    make: Callable[[int], Any], indices: list[int], sweep_dir: Path, manifest: Manifest, resources: Resources
+) -> dict[str, str]:
+    """Queue ``make(i)`` for each task index ``i`` as one Slurm array (after the code snapshot, whose version
+    ``manifest.code_version`` then holds), record the submission in the manifest; returns {task index: job id}."""
     from submitit.core.utils import FailedJobError
 
     code, manifest.code_version = code_snapshot(sweep_dir, manifest.code_version)
@@ -210,19 +295,28 @@ def _submit(
     executor = _executor(sweep_dir / SUBMITIT_DIR, resources, manifest.name)
     try:
         with executor.batch():
-            pending = [
-                executor.submit(
-                    TrainingTask(sweep_dir / t.name, manifest.cwd, export, manifest.code_version, atlas_order)
-                )
-                for t in tasks
-            ]
+            pending = [executor.submit(make(i)) for i in indices]
     except FailedJobError as err:  # sbatch said no (an unknown partition, a limit of the site): nothing is queued
         message = " ".join(str(err).split())
         raise SubmitError(f"sbatch refused the job, nothing was queued: {message}") from err
-    job_ids = {str(t.index): job.job_id for t, job in zip(tasks, pending, strict=True)}
+    job_ids = {str(i): job.job_id for i, job in zip(indices, pending, strict=True)}
     manifest.submissions.append(Submission(time.strftime("%Y-%m-%dT%H:%M:%S"), job_ids, resources.to_dict()))
     write_manifest(sweep_dir, manifest)
     return job_ids
+
+
+def _submit(
+    tasks: list[Task], sweep_dir: Path, manifest: Manifest, resources: Resources, export: bool,
+    atlas_order: int | None = None,
+) -> dict[str, str]:  # fmt: skip
+    """Queue the :class:`TrainingTask` of each of ``tasks`` as one Slurm array (:func:`_queue`); returns {task index:
+    job id}."""
+    names = {t.index: t.name for t in tasks}
+
+    def make(i: int) -> TrainingTask:
+        return TrainingTask(sweep_dir / names[i], manifest.cwd, export, manifest.code_version, atlas_order)
+
+    return _queue(make, [t.index for t in tasks], sweep_dir, manifest, resources)
 
 
 def _sweep_dir(ns: argparse.Namespace) -> tuple[str, Path]:
@@ -331,7 +425,12 @@ def resume(ns: argparse.Namespace) -> int:
     if active:
         names = ", ".join(f"{r.task} ({r.state})" for r in active)
         raise SubmitError(f"tasks still queued or running: {names}; wait, or `spherinator-submit cancel {sweep_dir}`")
-    todo = [r for r in rows if not (r.state == COMPLETED and r.summary_state == COMPLETED)]
+    if manifest.predict is not None:  # a shard is done when its file is there (whole: staged, then renamed)
+        embeddings = manifest.predict.embeddings
+        written = {s.index for s in read_embedding_set(embeddings).written(embeddings)}
+        todo = [r for r in rows if r.index not in written]
+    else:
+        todo = [r for r in rows if not (r.state == COMPLETED and r.summary_state == COMPLETED)]
     if not todo:
         print(f"all {len(rows)} task(s) of {sweep_dir} completed; nothing to resume")
         return 0
@@ -343,7 +442,10 @@ def resume(ns: argparse.Namespace) -> int:
         print(dry_run_text(sweep_dir / SUBMITIT_DIR, resources, manifest.name, len(tasks)))
         print(f"dry run: would resume {', '.join(t.name for t in tasks)}", file=sys.stderr)
         return 0
-    job_ids = _submit(tasks, sweep_dir, manifest, resources, export=manifest.export, atlas_order=manifest.atlas_order)
+    if manifest.predict is not None:
+        job_ids = _queue(_predict_tasks(manifest), [t.index for t in tasks], sweep_dir, manifest, resources)
+    else:
+        job_ids = _submit(tasks, sweep_dir, manifest, resources, manifest.export, manifest.atlas_order)
     print(f"resubmitted {len(tasks)} task(s) from their last checkpoints: {' '.join(job_ids.values())}")
     return 0
 
@@ -363,7 +465,12 @@ def main(args: list[str] | None = None) -> None:
     """Entry point of ``spherinator-submit``."""
     argv = sys.argv[1:] if args is None else list(args)
     try:
-        if argv and argv[0] in ("status", "cancel", "logs"):
+        if argv and argv[0] == "predict":
+            ns, extra = _predict_parser().parse_known_args(argv[1:])
+            if not ns.config:
+                raise SubmitError("no config given; pass the run's config, e.g. -c runs/NAME/TASK/config.yaml")
+            rc = submit_predict(ns, _check_overrides(extra))
+        elif argv and argv[0] in ("status", "cancel", "logs"):
             ns = _command_parser(argv[0]).parse_args(argv[1:])
             if argv[0] == "status":
                 rc = status(ns.run_dir, as_json=ns.json)

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from spherinator.submit.predict import embeddings_line
 from spherinator.submit.records import (
     COMPLETED,
     FAILED,
@@ -163,12 +164,17 @@ def print_table(rows: list[TaskStatus]) -> None:
 def status(run_dir: str, as_json: bool = False) -> int:
     sweep_dir, manifest = read_manifest(run_dir)
     rows, note = task_rows(sweep_dir, manifest)
+    embeddings = embeddings_line(manifest.predict.embeddings) if manifest.predict is not None else None
     if as_json:  # strict JSON: a NaN metric is null
         content = {"sweep": manifest.name, "dir": str(sweep_dir), "note": note, "tasks": [asdict(r) for r in rows]}
+        if embeddings is not None:
+            content["embeddings"] = embeddings[1]
         print(json.dumps(finite(content), indent=2, allow_nan=False))
         return 0
     print(f"sweep {manifest.name} ({sweep_dir})")
     print_table(rows)
+    if embeddings is not None:
+        print(embeddings[0])
     if any(r.atlas and r.atlas.written for r in rows):
         page = " (atlas.html: the spheres side by side)" if (sweep_dir / "atlas.html").is_file() else ""
         print(f"atlases: spherinator atlas serve {sweep_dir}{page}")

@@ -412,6 +412,24 @@ _JOB_ID = re.compile(r"\d+(?:_\d+)?")
 
 
 @dataclass
+class PredictJob:
+    """What a predict sweep (``spherinator-submit predict``) embeds, as its ``sweep.json`` records it.
+
+    Attributes:
+        checkpoint: The checkpoint whose model embeds the rows (absolute).
+        embeddings: The directory of the embedding shards and their :class:`EmbeddingSet` (``_manifest.json``).
+        onnx: The ONNX export directory whose ``encoder.onnx`` encodes (onnxruntime); None: the checkpoint's model in
+            torch, which writes every column ``spherinator predict`` writes.
+        rows: Rows over all shards.
+    """
+
+    checkpoint: str
+    embeddings: str
+    onnx: str | None = None
+    rows: int = 0
+
+
+@dataclass
 class Manifest:
     """A sweep's ``sweep.json``: what was submitted, from where, and the Slurm jobs of each submission.
 
@@ -425,6 +443,7 @@ class Manifest:
         atlas_order: The deepest HiPS order of each task's atlas; None: no atlas.
         code_version: The code the tasks run (the sweep's code snapshot).
         submissions: Every submission, the first one first.
+        predict: For a predict sweep (its tasks are embedding shards), what it embeds; None for a training sweep.
     """
 
     tasks: list[ManifestTask]
@@ -436,6 +455,7 @@ class Manifest:
     atlas_order: int | None = None
     code_version: str | None = None
     submissions: list[Submission] = field(default_factory=list)
+    predict: PredictJob | None = None
 
     def latest_jobs(self) -> dict[str, str]:
         """{task index: its latest Slurm job id} over all submissions of the sweep."""
@@ -502,3 +522,86 @@ def read_manifest(run_dir: str | Path) -> tuple[Path, Manifest]:
     sweep_dir = find_sweep(run_dir)
     path = sweep_dir / MANIFEST_NAME
     return sweep_dir, Manifest.from_dict(_read_json(path), path)
+
+
+# -------------------------------------------------------------------------------------------------- embedding sets
+EMBEDDING_SET_NAME = "_manifest.json"  # "_": Parquet dataset readers (pyarrow, duckdb globs of *.parquet) skip it
+
+
+@dataclass
+class ShardSegment:
+    """Rows ``[start, stop)`` of row group ``group`` of source file number ``file`` of an :class:`EmbeddingSet`;
+    their row ids are ``row .. row + stop - start - 1``."""
+
+    file: int
+    group: int
+    start: int
+    stop: int
+    row: int
+
+
+@dataclass
+class EmbeddingShard:
+    """One shard of an :class:`EmbeddingSet`: one array task's Parquet file and the source rows it holds, in order.
+
+    Attributes:
+        index: The shard's number (its task's place in the Slurm array).
+        file: Its file's name in the set's directory (``shard-00003.parquet``).
+        rows: Rows it holds.
+        segments: The source rows it holds, in the file's row order.
+    """
+
+    index: int
+    file: str
+    rows: int
+    segments: list[ShardSegment] = field(default_factory=list)
+
+
+@dataclass
+class EmbeddingSet:
+    """A directory of embedding shards as one embedding set (its ``_manifest.json``): which rows are where.
+
+    Attributes:
+        data: The data directory embedded (absolute).
+        files: Its Parquet files (relative to ``data``), numbered as :attr:`ShardSegment.file` counts them.
+        row_groups: Rows of each row group of each file when the set was planned (a file changed since is told).
+        rows: Rows over all shards: row ids ``0 .. rows - 1``, each in exactly one shard.
+        batch_size: The DataModule's batch size the shards were planned with.
+        row_column: The column of each shard that holds the row id.
+        shards: Every shard, in order of row ids.
+        checkpoint: The checkpoint whose model embeds the rows.
+        onnx: The ONNX export that encodes, if not the checkpoint's model in torch.
+    """
+
+    data: str
+    files: list[str]
+    row_groups: list[list[int]]
+    rows: int
+    batch_size: int
+    shards: list[EmbeddingShard]
+    row_column: str = "row"
+    checkpoint: str | None = None
+    onnx: str | None = None
+
+    def written(self, directory: str | Path) -> list[EmbeddingShard]:
+        """The shards whose file is in ``directory`` (a shard's file appears only whole: staged, then renamed)."""
+        return [shard for shard in self.shards if (Path(directory) / shard.file).is_file()]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def write_embedding_set(directory: str | Path, embedding_set: EmbeddingSet) -> None:
+    _write_json(Path(directory) / EMBEDDING_SET_NAME, embedding_set.to_dict())
+
+
+def read_embedding_set(directory: str | Path) -> EmbeddingSet:
+    """The :class:`EmbeddingSet` of a directory of embedding shards.
+
+    Raises:
+        SubmitError: the directory has no ``_manifest.json``, or it cannot be read or has a bad key.
+    """
+    path = Path(directory) / EMBEDDING_SET_NAME
+    if not path.is_file():
+        raise SubmitError(f"'{directory}' holds no {EMBEDDING_SET_NAME}; pass the embeddings dir of a predict sweep")
+    return from_json(EmbeddingSet, _read_json(path), path)

@@ -1,0 +1,311 @@
+"""Embed a dataset on the cluster: ``spherinator-submit predict`` as a Slurm array of shards, one Parquet file each.
+
+The rows are split with the data layer's own plan: shard ``k`` of ``n`` is what rank ``k`` of ``n`` reads of the
+DataModule's ``predict`` split (:func:`spherinator.data.plan.pass_plan`, unshuffled, one worker), without the rows
+that plan repeats to even out ranks. Each array task writes its shard under a staged name and renames it when whole
+(:func:`spherinator.staging.staged_file`): a task killed or requeued mid-shard leaves no shard file, and its next
+attempt redoes that shard (and only that one; a shard already written is left as it is). Every row is in exactly one
+shard.
+
+The sweep dir (``RUN_ROOT/NAME``) holds ``sweep.json`` (its :class:`~spherinator.submit.records.PredictJob` says what
+is embedded), ``code/``, ``submitit/`` and ``embeddings/``, the embedding set::
+
+    embeddings/
+      shard-00000.parquet   the columns `spherinator predict` writes (location, scale for a VAE, the per-row
+      shard-00001.parquet   columns the data section loads such as id) plus `row`, the row id (int64)
+      ...
+      _manifest.json        which rows are where (EmbeddingSet): pyarrow and duckdb skip "_" files
+
+``_manifest.json`` (:class:`~spherinator.submit.records.EmbeddingSet`)::
+
+    {"data": "/abs/data", "files": ["part-0.parquet", ...],      # source files, relative to data
+     "row_groups": [[16, 16], ...],                                # rows per row group per file, when planned
+     "rows": 96, "batch_size": 16, "row_column": "row", "checkpoint": "/abs/x.ckpt", "onnx": null,
+     "shards": [{"index": 0, "file": "shard-00000.parquet", "rows": 48,
+                 "segments": [{"file": 0, "group": 0, "start": 0, "stop": 16, "row": 0}, ...]}, ...]}
+
+A segment is rows ``[start, stop)`` of row group ``group`` of source file ``files[file]``, whose row ids are
+``row ..``; a shard's rows are its segments' rows in order. Row ids number the rows of the source files in file
+order (files sorted, row groups in order): ``0 .. rows - 1``. A shard file exists only whole; the set is complete
+when every shard's file exists (:meth:`~spherinator.submit.records.EmbeddingSet.written`).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from spherinator.errors import DataError, OutputError
+from spherinator.submit.records import EmbeddingSet, EmbeddingShard, ShardSegment, read_embedding_set
+from spherinator.submit.sweep import SubmitError
+
+if TYPE_CHECKING:
+    from spherinator.data.plan import Segment
+
+# Importing this module costs no torch (``spherinator-submit status`` imports it): the data layer is imported where
+# it is used, inside the functions that plan and write shards.
+EMBEDDINGS_DIR = "embeddings"
+SHARD_NAME = "shard-{:05d}.parquet"
+MAX_DEFAULT_TASKS = 32  # default: one task per row group, up to this many
+_INHERITED_DIST_VARS = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK")
+
+
+def shard_rows(reader: Any, shard: int, tasks: int) -> list[Segment]:
+    """The rows shard ``shard`` of ``tasks`` holds: what rank ``shard`` of ``tasks`` reads of ``reader`` (a
+    :class:`~spherinator.data.reader.ParquetReader` of the predict split) in one unshuffled pass, cut to its own rows
+    (the plan repeats rows from the start of the epoch where a rank has fewer rows than batches)."""
+    from spherinator.data.plan import Segment, pass_plan
+
+    segments, _ = pass_plan(
+        reader.segments, reader.batch_size, shard, tasks, 0, 1, drop_last=False, shuffle=False
+    )  # fmt: skip
+    own = reader.num_rows // tasks + (shard < reader.num_rows % tasks)
+    kept: list[Segment] = []
+    for seg in segments:
+        if own <= 0:
+            break
+        kept.append(Segment(seg.file, seg.group, seg.start, seg.start + min(seg.rows, own)))
+        own -= kept[-1].rows
+    return kept
+
+
+def _row_bases(groups: list[tuple[int, int, int]]) -> dict[tuple[int, int], int]:
+    """The row id of the first row of each (file, row group): rows numbered in file order."""
+    bases, total = {}, 0
+    for file, group, rows in groups:
+        bases[(file, group)] = total
+        total += rows
+    return bases
+
+
+def _shard_segments(segments: list[Segment], bases: dict[tuple[int, int], int]) -> list[ShardSegment]:
+    return [ShardSegment(s.file, s.group, s.start, s.stop, bases[(s.file, s.group)] + s.start) for s in segments]
+
+
+def plan_embedding_set(datamodule: Any, tasks: int | None = None) -> EmbeddingSet:
+    """The shards of ``datamodule``'s predict split over ``tasks`` array tasks (default: one per row group, at most
+    :data:`MAX_DEFAULT_TASKS`), and which rows each holds.
+
+    Raises:
+        SubmitError: more tasks than rows, or fewer than one.
+    """
+    index = datamodule.index
+    total = index.num_rows
+    if tasks is None:
+        tasks = max(1, min(MAX_DEFAULT_TASKS, sum(1 for _, _, rows in index.groups if rows)))
+    if not 1 <= tasks <= total:
+        raise SubmitError(f"--tasks {tasks}: give 1 to {total} (the rows under {str(index.path)!r})")
+    bases = _row_bases(index.groups)
+    shards = []
+    for k in range(tasks):
+        reader = datamodule.dataset("predict", rank=k, world_size=tasks).reader
+        segments = _shard_segments(shard_rows(reader, k, tasks), bases)
+        shards.append(EmbeddingShard(k, SHARD_NAME.format(k), sum(s.stop - s.start for s in segments), segments))
+    _check_every_row_once(shards, total)
+    root = index.path if index.path.is_dir() else index.path.parent
+    per_file: list[list[int]] = [[] for _ in index.files]
+    for file, _, rows in index.groups:
+        per_file[file].append(rows)
+    return EmbeddingSet(
+        data=str(root.resolve()), files=[str(f.relative_to(root)) for f in index.files], row_groups=per_file,
+        rows=total, batch_size=reader.batch_size, shards=shards,
+    )  # fmt: skip
+
+
+def _check_every_row_once(shards: list[EmbeddingShard], total: int) -> None:
+    """The shards' row ids are ``0 .. total - 1``, each once (the plan's promise, checked before anything runs)."""
+    spans = sorted((seg.row, seg.row + seg.stop - seg.start) for shard in shards for seg in shard.segments)
+    end = 0
+    for start, stop in spans:
+        if start != end:
+            raise RuntimeError(f"the shard plan {'repeats' if start < end else 'misses'} row {min(start, end)}")
+        end = stop
+    if end != total:
+        raise RuntimeError(f"the shard plan holds {end} of {total} rows")
+
+
+def row_ids(shard: EmbeddingShard) -> Any:
+    """The row ids of a shard's rows, in its file's order: (rows,) int64."""
+    import numpy as np
+
+    parts = [np.arange(s.row, s.row + s.stop - s.start, dtype=np.int64) for s in shard.segments]
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
+
+# ---------------------------------------------------------------------------------------------- inside a task
+def _torch_encoder(model: Any, datamodule: Any) -> Callable[[Any], Any]:
+    """``predict_step`` of the checkpoint's model, each batch moved as Lightning moves it (the DataModule's
+    transfer hooks): the columns ``spherinator predict`` writes."""
+    import torch
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device)
+
+    def encode(batch: Any) -> Any:
+        batch = datamodule.on_before_batch_transfer(batch, 0)
+        batch = datamodule.transfer_batch_to_device(batch, device, 0)
+        batch = datamodule.on_after_batch_transfer(batch, 0)
+        with torch.inference_mode():
+            return model.predict_step(batch, 0)
+
+    return encode
+
+
+def _onnx_encoder(onnx_dir: str, datamodule: Any) -> Callable[[Any], Any]:
+    """The export's ``encoder.onnx`` in onnxruntime: ``location`` and the batch's per-row columns."""
+    import numpy as np
+    import onnxruntime as ort
+    import torch
+
+    from spherinator.models.autoencoder import model_input
+
+    session = ort.InferenceSession(str(Path(onnx_dir) / "encoder.onnx"), providers=ort.get_available_providers())
+    name = session.get_inputs()[0].name
+
+    def encode(batch: Any) -> dict[str, Any]:
+        batch = datamodule.on_after_batch_transfer(batch, 0)  # on the CPU: any scaling the DataModule does there
+        x = model_input(batch)
+        (location,) = session.run(None, {name: np.ascontiguousarray(x.numpy(), dtype=np.float32)})
+        out = {"location": location}
+        for key, column in list(batch.items())[1:] if isinstance(batch, dict) else ():
+            if isinstance(column, torch.Tensor) and column.dim() == 1 or isinstance(column, list):
+                out[key] = column  # ids, labels, object names: as predict_step carries them
+        return out
+
+    return encode
+
+
+def _batch_rows(batch: Any) -> int:
+    from spherinator.models.autoencoder import model_input
+
+    return len(model_input(batch))
+
+
+def _write(path: Path, batches: Iterator[Any], encode: Callable[[Any], Any], ids: Any, column: str) -> int:
+    """Encode ``batches`` into the Parquet file ``path`` (the ids' rows, in order); returns the rows written."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from spherinator.callbacks.embeddings import prediction_table
+
+    writer, done = None, 0
+    try:
+        for batch in batches:
+            n = min(_batch_rows(batch), len(ids) - done)
+            if n <= 0:  # the plan's repeated rows, past this shard's own
+                break
+            table = prediction_table(encode(batch)).slice(0, n)
+            table = table.append_column(column, pa.array(ids[done : done + n]))
+            if writer is None:
+                writer = pq.ParquetWriter(path, table.schema)
+            writer.write_table(table)
+            done += n
+    finally:
+        if writer is not None:
+            writer.close()
+    return done
+
+
+def write_shard(
+    embeddings: str | Path, shard: int, cli_args: list[str], checkpoint: str, onnx: str | None = None
+) -> dict[str, Any]:
+    """Write shard ``shard`` of the embedding set in ``embeddings`` (what an array task runs); a shard already
+    written whole is left as it is. Returns ``{"shard", "file", "rows", "skipped"}``.
+
+    Raises:
+        DataError: the data changed since the set was planned (other rows would land in this shard).
+        OutputError: the shard cannot be written (full or read-only disk).
+    """
+    import pyarrow.parquet as pq
+
+    from spherinator.runs import build
+    from spherinator.staging import exit_on_sigterm, staged_file
+
+    embeddings = Path(embeddings)
+    plan = read_embedding_set(embeddings)
+    record = plan.shards[shard]
+    final = embeddings / record.file
+    result = {"shard": shard, "file": str(final), "rows": record.rows, "skipped": False}
+    if final.is_file() and pq.read_metadata(final).num_rows == record.rows:
+        return result | {"skipped": True}
+    for stale in embeddings.glob(f".{record.file}.partial-*"):  # an attempt killed mid-shard (SIGKILL) left it
+        stale.unlink(missing_ok=True)
+    model, datamodule = build(cli_args, checkpoint)
+    stream = datamodule.dataset("predict", rank=shard, world_size=len(plan.shards))
+    planned = _shard_segments(shard_rows(stream.reader, shard, len(plan.shards)), _row_bases(datamodule.index.groups))
+    if planned != record.segments:
+        raise DataError(
+            f"the data under {plan.data} changed since this predict was planned (shard {shard} would hold other "
+            "rows); submit the predict again"
+        )
+    encode = _onnx_encoder(onnx, datamodule) if onnx else _torch_encoder(model, datamodule)
+    with exit_on_sigterm(), staged_file(final, OutputError, "embeddings shard") as staged:
+        done = _write(staged, iter(stream), encode, row_ids(record), plan.row_column)
+        if done != record.rows:
+            raise DataError(f"shard {shard} read {done} of its {record.rows} rows from {plan.data}; submit again")
+    return result
+
+
+class PredictTask:
+    """One array task of a predict sweep: writes one shard (:func:`write_shard`).
+
+    Submitit requeues a callable with a ``checkpoint`` method on Slurm's signal (time limit, preemption): the
+    requeued task redoes its shard from the start (a shard is the unit of work; its partial file is removed).
+
+    Args:
+        embeddings: The embedding set's directory (its ``_manifest.json`` was written at submit).
+        shard: The shard this task writes.
+        cwd: Working directory of the submission (relative paths in the configs are relative to it).
+        cli_args: ``-c`` files and overrides, as for ``spherinator fit``.
+        ckpt_path: The checkpoint whose model embeds.
+        onnx: An ONNX export dir to encode with (onnxruntime) instead of the checkpoint's model in torch.
+    """
+
+    def __init__(
+        self, embeddings: str | Path, shard: int, cwd: str | Path, cli_args: list[str], ckpt_path: str,
+        onnx: str | None = None,
+    ) -> None:  # fmt: skip
+        self.embeddings = str(embeddings)
+        self.shard = shard
+        self.cwd = str(cwd)
+        self.cli_args = list(cli_args)
+        self.ckpt_path = ckpt_path
+        self.onnx = onnx
+
+    def checkpoint(self, *args: Any, **kwargs: Any) -> Any:
+        """Called by Submitit on USR2: requeue this task; it redoes its shard."""
+        from submitit.helpers import DelayedSubmission
+
+        return DelayedSubmission(self)
+
+    def __call__(self) -> dict[str, Any]:
+        os.chdir(self.cwd)
+        if self.cwd not in sys.path:  # Python started in the code snapshot: modules of the submit dir, last
+            sys.path.append(self.cwd)
+        for var in _INHERITED_DIST_VARS:  # one process per task: no rendezvous from the submitting shell
+            os.environ.pop(var, None)
+        argv, sys.argv = sys.argv, sys.argv[:1]  # Submitit's own arguments are not for the CLI
+        try:
+            result = write_shard(self.embeddings, self.shard, self.cli_args, self.ckpt_path, self.onnx)
+        finally:
+            sys.argv = argv
+        print(f"shard {self.shard}: {result['rows']} rows in {result['file']}", flush=True)
+        return result
+
+
+def embeddings_line(embeddings: str) -> tuple[str, dict[str, Any]]:
+    """What ``status`` says of a predict sweep's embedding set: one line, and the figures for ``--json``."""
+    try:
+        plan = read_embedding_set(embeddings)
+    except SubmitError as err:
+        return f"embeddings: {err}", {"dir": embeddings, "error": str(err)}
+    written = plan.written(embeddings)
+    rows = sum(shard.rows for shard in written)
+    missing = [shard.file for shard in plan.shards if shard not in written]
+    figures = {"dir": embeddings, "shards": len(plan.shards), "written": len(written), "rows": plan.rows,
+               "rows_written": rows, "missing": missing}  # fmt: skip
+    line = f"embeddings: {len(written)}/{len(plan.shards)} shards, {rows:,}/{plan.rows:,} rows in {embeddings}"
+    return line, figures
