@@ -227,7 +227,9 @@ def _import(path: str, where: str) -> Any:
     try:
         return getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError) as err:
-        raise ConfigError(f"{where}: cannot import {path} ({err}); the upstream config names a class unknown here") from err
+        raise ConfigError(
+            f"{where}: cannot import {path} ({err}); the upstream config names a class unknown here"
+        ) from err
 
 
 def _parameters(cls: Any) -> set[str] | None:

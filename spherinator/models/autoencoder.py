@@ -14,8 +14,8 @@ from torch import nn
 from torch.distributions import kl_divergence
 
 from spherinator.distributions import HypersphericalUniform, PowerSpherical
-from spherinator.models._api import no_unpacking
 from spherinator.errors import NonFiniteLossError  # noqa: F401 (re-exported)
+from spherinator.models._api import no_unpacking
 from spherinator.models._shapes import dry_forward, param_device_dtype
 from spherinator.models.variational_encoder import VariationalEncoder
 

@@ -164,7 +164,9 @@ class UpsamplingDecoder2D(_LatentInputMixin, nn.Module):
     ) -> None:
         super().__init__()
         if min_channels is not None and int(min_channels) <= 0:
-            raise ValueError(f"UpsamplingDecoder2D: min_channels must be a positive integer or null, got {min_channels}")
+            raise ValueError(
+                f"UpsamplingDecoder2D: min_channels must be a positive integer or null, got {min_channels}"
+            )
         if base_channels <= 0 or seed_size <= 0:
             raise ValueError(
                 f"UpsamplingDecoder2D: base_channels and seed_size must be positive, got {base_channels}, {seed_size}"

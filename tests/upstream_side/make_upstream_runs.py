@@ -38,33 +38,59 @@ def model_configs() -> dict[str, dict]:
     """Upstream model sections: Conv2D encoder with each 2-D decoder, and the 1-D pair."""
     enc2d = {
         "class_path": "spherinator.models.ConvolutionalEncoder2D",
-        "init_args": {"input_dim": [3, 16, 16], "output_dim": 8, "cnn_layers": _layers(
-            "ConsecutiveConv2DLayer", [{"kernel_size": 3, "stride": 2, "padding": 1, "out_channels": [4, 6]}])},
+        "init_args": {
+            "input_dim": [3, 32, 32],
+            "output_dim": 8,
+            "cnn_layers": _layers(
+                "ConsecutiveConv2DLayer", [{"kernel_size": 3, "stride": 2, "padding": 1, "out_channels": [4, 6]}]
+            ),
+        },
     }
     conv2d = {
         "class_path": "spherinator.models.ConvolutionalDecoder2D",
-        "init_args": {"input_dim": 3, "output_dim": [3, 16, 16], "cnn_input_dim": [6, 4, 4], "cnn_layers": _layers(
-            "ConsecutiveConvTranspose2DLayer",
-            [{"kernel_size": 4, "stride": 2, "padding": 1, "out_channels": [5]},
-             {"kernel_size": 4, "stride": 2, "padding": 1, "out_channels": [3], "activation": None}])},
+        "init_args": {
+            "input_dim": 3,
+            "output_dim": [3, 32, 32],
+            "cnn_input_dim": [6, 8, 8],
+            "cnn_layers": _layers(
+                "ConsecutiveConvTranspose2DLayer",
+                [
+                    {"kernel_size": 4, "stride": 2, "padding": 1, "out_channels": [5]},
+                    {"kernel_size": 4, "stride": 2, "padding": 1, "out_channels": [3], "activation": None},
+                ],
+            ),
+        },
     }
     upsampling = {
         "class_path": "spherinator.models.UpsamplingDecoder2D",
-        "init_args": {"input_dim": 3, "output_dim": [3, 16, 16], "base_channels": 64, "seed_size": 4},
+        "init_args": {"input_dim": 3, "output_dim": [3, 32, 32], "base_channels": 64, "seed_size": 4},
     }
     enc1d = {
         "class_path": "spherinator.models.ConvolutionalEncoder1D",
-        "init_args": {"input_dim": [1, 32], "output_dim": 8, "cnn_layers": _layers(
-            "ConsecutiveConv1DLayer", [{"kernel_size": 3, "stride": 2, "padding": 1, "out_channels": [4, 6]}])},
+        "init_args": {
+            "input_dim": [1, 32],
+            "output_dim": 8,
+            "cnn_layers": _layers(
+                "ConsecutiveConv1DLayer", [{"kernel_size": 3, "stride": 2, "padding": 1, "out_channels": [4, 6]}]
+            ),
+        },
     }
     conv1d = {
         "class_path": "spherinator.models.ConvolutionalDecoder1D",
-        "init_args": {"input_dim": 3, "output_dim": [1, 32], "cnn_input_dim": [6, 8], "cnn_layers": _layers(
-            "ConsecutiveConvTranspose1DLayer",
-            [{"kernel_size": 4, "stride": 2, "padding": 1, "out_channels": [5]},
-             {"kernel_size": 4, "stride": 2, "padding": 1, "out_channels": [1], "activation": None}])},
+        "init_args": {
+            "input_dim": 3,
+            "output_dim": [1, 32],
+            "cnn_input_dim": [6, 8],
+            "cnn_layers": _layers(
+                "ConsecutiveConvTranspose1DLayer",
+                [
+                    {"kernel_size": 4, "stride": 2, "padding": 1, "out_channels": [5]},
+                    {"kernel_size": 4, "stride": 2, "padding": 1, "out_channels": [1], "activation": None},
+                ],
+            ),
+        },
     }
-    return {"conv2d": (enc2d, conv2d, [3, 16, 16]), "upsampling": (enc2d, upsampling, [3, 16, 16]),
+    return {"conv2d": (enc2d, conv2d, [3, 32, 32]), "upsampling": (enc2d, upsampling, [3, 32, 32]),
             "conv1d": (enc1d, conv1d, [1, 32])}  # fmt: skip
 
 
