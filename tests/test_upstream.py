@@ -36,11 +36,11 @@ MAKE_RUNS = Path(__file__).parent / "upstream_side" / "make_upstream_runs.py"
 def tiny_vae(centre: bool = True, seed_norm: bool = False) -> VariationalAutoencoder:
     torch.manual_seed(0)
     encoder = ConvolutionalEncoder2D(
-        input_dim=[1, 8, 8], output_dim=6, cnn_layers=[ConsecutiveConv2DLayer(out_channels=[4], stride=2, padding=1)]
+        input_dim=[2, 8, 8], output_dim=6, cnn_layers=[ConsecutiveConv2DLayer(out_channels=[4], stride=2, padding=1)]
     )
     decoder = ConvolutionalDecoder2D(
         cnn_input_dim=[4, 4, 4],
-        cnn_layers=[ConsecutiveConvTranspose2DLayer(out_channels=[1], kernel_size=4, stride=2, padding=1)],
+        cnn_layers=[ConsecutiveConvTranspose2DLayer(out_channels=[2], kernel_size=4, stride=2, padding=1)],
         seed_norm=seed_norm,
     )
     return VariationalAutoencoder(encoder, decoder, z_dim=3, centre=centre)
@@ -52,7 +52,7 @@ def tiny_vae(centre: bool = True, seed_norm: bool = False) -> VariationalAutoenc
 @pytest.mark.parametrize("batch", [4, 2])
 def test_upstream_style_unpacking_of_forward_and_encode_raises_at_any_batch_size(batch):
     model = tiny_vae().eval()
-    x = torch.rand(batch, 1, 8, 8)
+    x = torch.rand(batch, 2, 8, 8)
     with pytest.raises(TypeError, match="forward_sampled"):
         (loc, scale), (q_z, p_z), z, recon = model(x)  # at batch 4 this used to split the batch silently
     with pytest.raises(TypeError, match="encode_posterior"):
@@ -66,7 +66,7 @@ def test_upstream_style_unpacking_of_forward_and_encode_raises_at_any_batch_size
 @pytest.mark.parametrize("batch", [4, 2])
 def test_forward_sampled_encode_posterior_and_reparameterize_have_upstreams_shapes(batch):
     model = tiny_vae().eval()
-    x = torch.rand(batch, 1, 8, 8)
+    x = torch.rand(batch, 2, 8, 8)
     (loc, scale), (q_z, p_z), z, recon = model.forward_sampled(x)
     assert loc.shape == (batch, 3) and scale.shape == (batch, 1)  # upstream's concentration is (B, 1)
     assert isinstance(q_z, PowerSpherical) and isinstance(p_z, HypersphericalUniform)
@@ -85,7 +85,7 @@ def test_forward_sampled_encode_posterior_and_reparameterize_have_upstreams_shap
 def test_a_head_without_centring_is_upstreams_plain_direction_and_has_no_centre_keys():
     model = tiny_vae(centre=False).train()
     assert not any(".centre." in key for key in model.state_dict())
-    x = torch.rand(16, 1, 8, 8)
+    x = torch.rand(16, 2, 8, 8)
     expected = nn.functional.normalize(model.encoder.fc_location(model.encoder.encoder(x)), dim=-1)
     torch.testing.assert_close(model.encoder(x)[0], expected)
     # a checkpoint of a model without centring loads strictly into one (the older-state hook adds nothing)
