@@ -12,6 +12,7 @@ sphere head (``centre: false``), BatchNorm + ReLU after the decoders' seed proje
 from __future__ import annotations
 
 import argparse
+import copy
 import inspect
 import math
 import re
@@ -30,6 +31,7 @@ _UPSTREAM_PREFIXES = ("spherinator.models.",)
 # Upstream settings that mean their default here when absent; any other value cannot be carried (one line says so).
 _UPSTREAM_DEFAULTS: dict[str, Any] = {"output_padding": 0, "dilation": 1, "bias": True, "freeze": False}
 _DROPPED = ("weights",)  # the checkpoint holds the trained weights themselves
+_CLASS_VALUED = ("activation", "norm")  # settings that are a class here (upstream: a callable)
 _BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
 # Upstream's `fc` Sequentials: the encoder's (Flatten, Linear), the decoders' (Linear, Unflatten, BatchNorm, ReLU).
 _SEQUENTIAL_HEADS = {"fc.1.": "fc.", "fc.0.": "fc.", "fc.2.": "seed_block.0."}
@@ -73,7 +75,7 @@ def convert_upstream(
     init_args, notes = model_init_args(_read_model_section(Path(config)), upstream["state_dict"])
     from spherinator.export.checkpoint import build_model
 
-    model = build_model(OUR_VAE, init_args, f"upstream config '{config}'")
+    model = build_model(OUR_VAE, copy.deepcopy(init_args), f"upstream config '{config}'")  # it edits in place
     state = upstream_state_dict(upstream["state_dict"], model)
     _load_strictly(model, state, checkpoint)
     hparams = {"_class_path": OUR_VAE, "_instantiator": "lightning.pytorch.cli.instantiate_module", **init_args}
@@ -187,10 +189,22 @@ def _map_value(value: Any, where: str, notes: list[str]) -> Any:
     if isinstance(value, list):
         return [_map_value(v, f"{where}[{i}]", notes) for i, v in enumerate(value)]
     if isinstance(value, dict) and "class_path" in value:
-        if str(value["class_path"]).startswith("torch.nn.") and not value.get("init_args"):
-            return value["class_path"]  # `activation: {class_path: torch.nn.ReLU}`: here the class itself
+        if where.rsplit(".", 1)[-1] in _CLASS_VALUED:
+            return _as_class(value, where)
         return _map_class(value, where, notes)
     return value
+
+
+def _as_class(value: dict[str, Any], where: str) -> str:
+    """``activation: {class_path: torch.nn.ReLU}`` (jsonargparse's form of upstream's callables): the class itself,
+    which is what ours take; init arguments other than the class's defaults cannot be carried."""
+    path = str(value["class_path"])
+    cls = _import(path, where)
+    defaults = {k: p.default for k, p in inspect.signature(cls).parameters.items()}
+    changed = {k: v for k, v in (value.get("init_args") or {}).items() if defaults.get(k, object()) != v}
+    if changed:
+        raise ConfigError(f"{where}: {path} with {changed} cannot be carried (here {where} is a class); remove them")
+    return path
 
 
 def _map_module(cfg: Any, where: str, state: dict[str, torch.Tensor], notes: list[str]) -> Any:
