@@ -17,11 +17,13 @@ import inspect
 import math
 import re
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from torch import nn
 
 from spherinator.errors import CheckpointError, ConfigError, OutputError
@@ -43,11 +45,14 @@ class Converted:
 
     Attributes:
         path: The checkpoint of ours.
+        config: Beside it (``.yaml``): the model section of ours, plus the run's optimizer and lr_scheduler, for
+            ``spherinator fit -c CONFIG -c DATA --ckpt_path PATH``.
         hyper_parameters: Its model settings (``_class_path`` and the init arguments), as ``fit`` would store them.
         notes: Upstream settings that were dropped or changed, one line each.
     """
 
     path: Path
+    config: Path
     hyper_parameters: dict[str, Any]
     notes: list[str] = field(default_factory=list)
 
@@ -60,7 +65,7 @@ def convert_upstream(
     Args:
         checkpoint: The upstream ``.ckpt`` (read weights-only).
         config: The upstream run's saved config (``cli-config.yaml`` / ``config.yaml``) with a ``model`` section.
-        output: Where the converted ``.ckpt`` goes.
+        output: Where the converted ``.ckpt`` goes; its model config goes beside it as ``.yaml``.
         overwrite: Replace an existing ``output``.
 
     Raises:
@@ -69,10 +74,12 @@ def convert_upstream(
         OutputError: ``output`` exists (without ``overwrite``) or cannot be written.
     """
     out = Path(output)
-    if out.exists() and not overwrite:
-        raise OutputError(f"{out} exists; pass --overwrite to replace it or give another -o")
+    for target in (out, out.with_suffix(".yaml")):
+        if target.exists() and not overwrite:
+            raise OutputError(f"{target} exists; pass --overwrite to replace it or give another -o")
     upstream = _read_upstream_checkpoint(Path(checkpoint))
-    init_args, notes = model_init_args(_read_model_section(Path(config)), upstream["state_dict"])
+    sections = _read_sections(Path(config))
+    init_args, notes = model_init_args(sections["model"], upstream["state_dict"])
     from spherinator.export.checkpoint import build_model
 
     model = build_model(OUR_VAE, copy.deepcopy(init_args), f"upstream config '{config}'")  # it edits in place
@@ -82,16 +89,26 @@ def convert_upstream(
     ours = _lightning_fields(upstream, model)
     ours.update({"state_dict": model.state_dict(), "hyper_parameters": hparams, "hparams_name": "kwargs"})
     ours["spherinator_upstream"] = {"checkpoint": str(checkpoint), "config": str(config), "notes": notes}
-    out.parent.mkdir(parents=True, exist_ok=True)
+    sections["model"] = {"class_path": OUR_VAE, "init_args": init_args}
+    text = "# spherinator convert-upstream: the model (and optimizer) of the upstream run, in our settings\n"
+    _write(out, lambda partial: torch.save(ours, partial))
+    _write(
+        out.with_suffix(".yaml"), lambda partial: partial.write_text(text + yaml.safe_dump(sections, sort_keys=False))
+    )
+    return Converted(path=out, config=out.with_suffix(".yaml"), hyper_parameters=hparams, notes=notes)
+
+
+def _write(out: Path, save: Callable[[Path], Any]) -> None:
+    """``save`` to a temporary name beside ``out``, then rename: a full disk leaves no cut-short file."""
     partial = out.with_name(f".{out.name}.partial")
     try:
-        torch.save(ours, partial)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        save(partial)
         partial.replace(out)
     except OSError as err:
         raise OutputError(f"cannot write {out} ({err.strerror or err}); free space or give -o a writable path") from err
     finally:
         partial.unlink(missing_ok=True)
-    return Converted(path=out, hyper_parameters=hparams, notes=notes)
 
 
 def _read_upstream_checkpoint(path: Path) -> dict[str, Any]:
@@ -109,7 +126,9 @@ def _read_upstream_checkpoint(path: Path) -> dict[str, Any]:
     return ckpt
 
 
-def _read_model_section(path: Path) -> dict[str, Any]:
+def _read_sections(path: Path) -> dict[str, Any]:
+    """The ``model`` section of an upstream run's config, with its ``optimizer``/``lr_scheduler`` (fit's syntax is
+    LightningCLI's in both, so these carry over; a resumed run needs the optimizer its state belongs to)."""
     from spherinator.config import load_yaml
 
     if not path.is_file():
@@ -122,7 +141,7 @@ def _read_model_section(path: Path) -> dict[str, Any]:
             f"upstream config '{path}' has no model.class_path VariationalAutoencoder (found {found!r}); pass the "
             "cli-config.yaml saved in the upstream run's log directory"
         )
-    return model
+    return {key: cfg[key] for key in ("model", "optimizer", "lr_scheduler") if cfg.get(key) is not None}
 
 
 def model_init_args(model: dict[str, Any], state: dict[str, torch.Tensor]) -> tuple[dict[str, Any], list[str]]:
@@ -364,4 +383,4 @@ def main(argv: list[str] | None = None) -> None:
         converted = convert_upstream(args.checkpoint, args.config, args.output, overwrite=args.overwrite)
     for note in converted.notes:
         print(f"note: {note}", file=sys.stderr)
-    print(f"wrote {converted.path}")
+    print(f"wrote {converted.path} and {converted.config} (fit -c {converted.config} -c DATA --ckpt_path ...)")

@@ -266,7 +266,8 @@ def test_a_converted_checkpoint_exports_and_trains_on(upstream_runs, tmp_path, i
     from spherinator.upstream import convert_upstream
 
     run = upstream_runs / "conv2d"
-    ckpt = convert_upstream(run / "upstream.ckpt", run / "cli-config.yaml", tmp_path / "ours.ckpt").path
+    converted = convert_upstream(run / "upstream.ckpt", run / "cli-config.yaml", tmp_path / "ours.ckpt")
+    ckpt = converted.path
     main(["export", str(ckpt), "-o", str(tmp_path / "onnx"), "--batch_sizes", "1", "3"])
     assert (tmp_path / "onnx" / "decoder.onnx").is_file()
     data = tmp_path / "data.yaml"
@@ -274,10 +275,13 @@ def test_a_converted_checkpoint_exports_and_trains_on(upstream_runs, tmp_path, i
         "data:\n  class_path: spherinator.data.DataModule\n  init_args:\n"
         f"    path: {image_dataset}\n    batch_size: 16\n    num_workers: 0\n"
     )
-    with pytest.raises(SystemExit) as done:  # one more epoch from the converted run (it ran 2 upstream)
-        main(["fit", "-c", str(data), "--trainer.max_epochs", "3", "--trainer.accelerator", "cpu",
-              "--trainer.default_root_dir", str(tmp_path / "runs"), "--ckpt_path", str(ckpt)])  # fmt: skip
-    assert done.value.code in (0, None)
+    # one more epoch from the converted run (it ran 2 upstream), with the model config written beside it
+    main(["fit", "-c", str(converted.config), "-c", str(data), "--trainer.max_epochs", "3",
+          "--trainer.accelerator", "cpu", "--trainer.default_root_dir", str(tmp_path / "runs"), "--ckpt_path",
+          str(ckpt)])  # fmt: skip
+    (last,) = (tmp_path / "runs").rglob("*.ckpt")
+    resumed = torch.load(last, weights_only=True)
+    assert resumed["epoch"] == 2 and resumed["global_step"] > torch.load(ckpt, weights_only=True)["global_step"]
 
 
 @pytest.mark.slow
