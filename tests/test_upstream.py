@@ -261,8 +261,10 @@ def test_an_upstream_checkpoint_converts_and_reconstructs_as_upstream(upstream_r
 
 
 @pytest.mark.slow
-def test_a_converted_checkpoint_exports_and_trains_on(upstream_runs, tmp_path, image_dataset):
+def test_a_converted_checkpoint_exports_and_trains_on(upstream_runs, tmp_path, image_dataset, monkeypatch):
     from spherinator.commands import main
+
+    monkeypatch.chdir(tmp_path)  # fit's runs/ folder
     from spherinator.upstream import convert_upstream
 
     run = upstream_runs / "conv2d"
@@ -277,8 +279,7 @@ def test_a_converted_checkpoint_exports_and_trains_on(upstream_runs, tmp_path, i
     )
     # one more epoch from the converted run (it ran 2 upstream), with the model config written beside it
     main(["fit", "-c", str(converted.config), "-c", str(data), "--trainer.max_epochs", "3",
-          "--trainer.accelerator", "cpu", "--trainer.default_root_dir", str(tmp_path / "runs"), "--ckpt_path",
-          str(ckpt)])  # fmt: skip
+          "--trainer.accelerator", "cpu", "--ckpt_path", str(ckpt)])  # fmt: skip
     (last,) = (tmp_path / "runs").rglob("*.ckpt")
     resumed = torch.load(last, weights_only=True)
     assert resumed["epoch"] == 2 and resumed["global_step"] > torch.load(ckpt, weights_only=True)["global_step"]
