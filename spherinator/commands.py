@@ -26,6 +26,7 @@ COMMANDS = {
     "evaluate": "figures of the sphere a checkpoint learned, beside PCA",
     "atlas": "a run's sphere as a HiPS and its data as a catalog, in Aladin Lite",
     "examples": "copy the example experiments that ship with spherinator",
+    "convert-upstream": "an upstream Spherinator checkpoint (+ its cli-config.yaml) as one of ours",
 }
 
 
@@ -130,6 +131,10 @@ def main(args: list[str] | None = None) -> None:
         atlas_main(argv[1:])
     elif argv[0] == "examples":
         examples(argv[1:])
+    elif argv[0] == "convert-upstream":
+        from spherinator.upstream import main as convert_main
+
+        convert_main(argv[1:])
     else:  # fit, validate, test, predict, and LightningCLI's own options (-c before the command, --print_config)
         from spherinator.cli import main as lightning_main
 

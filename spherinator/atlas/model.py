@@ -4,6 +4,10 @@ A run directory (``spherinator fit``'s ``runs/<name>/version_N`` or a ``spherina
 its ``onnx/decoder.onnx`` with onnxruntime when it has one, and encodes with its checkpoint in torch, which also
 gives the VAE's concentration; a checkpoint alone runs both in torch; an ONNX export directory runs both in
 onnxruntime (no concentration: ``encoder.onnx`` outputs the location only).
+
+ONNX files without spherinator's metadata (upstream Spherinator's exports) are read from their graphs: the
+decoder's one input gives z_dim, its output on zeros the sample shape; the inputs may have other names (upstream
+0.5.1 calls both ``x``) and an encoder with two outputs gives (location, scale).
 """
 
 from __future__ import annotations
@@ -47,6 +51,8 @@ class SphereModel:
     torch_model: Any = None
     decoder_session: Any = None
     encoder_session: Any = None
+    decoder_input: str = "z"
+    encoder_input: str = "x"
 
     @property
     def decoder_source(self) -> str:
@@ -64,8 +70,7 @@ class SphereModel:
         """(B, z_dim) float32 -> (B, *input_shape) float32 decoder outputs."""
         z = np.ascontiguousarray(z, dtype=np.float32)
         if self.decoder_session is not None:
-            (out,) = self.decoder_session.run(None, {"z": z})
-            return out
+            return self.decoder_session.run(None, {self.decoder_input: z})[0]
         with torch.no_grad():
             return self.torch_model.decode(torch.from_numpy(z).to(self.device)).float().cpu().numpy()
 
@@ -76,8 +81,10 @@ class SphereModel:
 
         x = model_input(batch)
         if self.torch_model is None:
-            (z,) = self.encoder_session.run(None, {"x": np.ascontiguousarray(x.numpy(), dtype=np.float32)})
-            return {"location": z}
+            outs = self.encoder_session.run(None, {self.encoder_input: np.ascontiguousarray(x.numpy(), np.float32)})
+            if len(outs) == 2:  # upstream's encoder.onnx: (location, scale (B, 1))
+                return {"location": outs[0], "scale": outs[1].reshape(len(outs[1]))}
+            return {"location": outs[0]}
         with torch.no_grad():
             out = self.torch_model.predict_step(x.to(self.device), 0)
         if isinstance(out, torch.Tensor):
@@ -158,20 +165,45 @@ def _open_onnx(model: SphereModel, onnx_dir: Path, encoder: bool) -> None:
     model.decoder_session = session("decoder")
     meta = model.decoder_session.get_modelmeta().custom_metadata_map
     inputs = model.decoder_session.get_inputs()
-    if [i.name for i in inputs] != ["z"]:
+    ours = "input_shape" in meta or "z_dim" in meta
+    if [i.name for i in inputs] != ["z"] and (ours or len(inputs) != 1):
         raise AtlasError(f"'{onnx_dir / 'decoder.onnx'}' takes {[i.name for i in inputs]}; a spherinator decoder "
                          "takes one input 'z'")  # fmt: skip
-    try:
-        model.input_shape = tuple(json.loads(meta["input_shape"]))
-        model.z_dim = int(meta["z_dim"])
-    except (KeyError, ValueError) as err:
-        raise AtlasError(f"'{onnx_dir / 'decoder.onnx'}' lacks spherinator's input_shape/z_dim metadata; export it "
-                         "with 'spherinator export'") from err  # fmt: skip
+    if ours:
+        try:
+            model.input_shape = tuple(json.loads(meta["input_shape"]))
+            model.z_dim = int(meta["z_dim"])
+        except (KeyError, ValueError) as err:
+            raise AtlasError(f"'{onnx_dir / 'decoder.onnx'}' has broken input_shape/z_dim metadata; export it "
+                             "again with 'spherinator export'") from err  # fmt: skip
+    else:  # an export without our metadata (upstream Spherinator's): its graph says both
+        model.decoder_input = inputs[0].name
+        model.z_dim, model.input_shape = _shapes_from_graph(onnx_dir / "decoder.onnx", model.decoder_session)
     model.model_class = meta.get("model_class", "")
-    _try_graph(onnx_dir / "decoder.onnx", model.decoder_session, "z", (model.z_dim,), model.input_shape)
+    _try_graph(onnx_dir / "decoder.onnx", model.decoder_session, model.decoder_input, (model.z_dim,),
+               model.input_shape)  # fmt: skip
     if encoder:
         model.encoder_session = session("encoder")
-        _try_graph(onnx_dir / "encoder.onnx", model.encoder_session, "x", model.input_shape, (model.z_dim,))
+        if not ours and len(model.encoder_session.get_inputs()) == 1:
+            model.encoder_input = model.encoder_session.get_inputs()[0].name
+        _try_graph(onnx_dir / "encoder.onnx", model.encoder_session, model.encoder_input, model.input_shape,
+                   (model.z_dim,))  # fmt: skip
+
+
+def _shapes_from_graph(file: Path, session: Any) -> tuple[int, tuple[int, ...]]:
+    """z_dim and the sample shape of a decoder graph without metadata: its input (batch, z_dim), and its output on
+    one latent of zeros."""
+    (declared,) = session.get_inputs()
+    z_dim = declared.shape[-1] if len(declared.shape) == 2 else None
+    if not isinstance(z_dim, int) or z_dim <= 0:
+        raise AtlasError(f"'{file}' has no spherinator metadata and its input {declared.name!r} has shape "
+                         f"{declared.shape}, not (batch, z_dim); export it with 'spherinator export'")  # fmt: skip
+    try:
+        out = session.run(None, {declared.name: np.zeros((1, z_dim), dtype=np.float32)})[0]
+    except Exception as err:  # onnxruntime's own error classes
+        raise AtlasError(f"'{file}' (no spherinator metadata) fails on a latent of shape (1, {z_dim}): "
+                         f"{' '.join(str(err).split())[:300]}") from err  # fmt: skip
+    return z_dim, tuple(int(d) for d in np.shape(out)[1:])
 
 
 def _try_graph(file: Path, session: Any, name: str, takes: tuple[int, ...], gives: tuple[int, ...]) -> None:
@@ -183,7 +215,7 @@ def _try_graph(file: Path, session: Any, name: str, takes: tuple[int, ...], give
         raise AtlasError(f"'{file}' takes {inputs}; spherinator's {file.stem} takes one input {name!r}; export the "
                          "model with 'spherinator export'")  # fmt: skip
     try:
-        (out,) = session.run(None, {name: np.zeros((1, *takes), dtype=np.float32)})
+        out = session.run(None, {name: np.zeros((1, *takes), dtype=np.float32)})[0]
     except Exception as err:  # onnxruntime's own error classes: a graph that does not fit its metadata
         reason = " ".join(str(err).split())[:300]
         raise AtlasError(f"'{file}' fails on {name} of shape {(1, *takes)} (the shape its export metadata give): "

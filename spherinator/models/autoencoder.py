@@ -15,6 +15,7 @@ from torch.distributions import kl_divergence
 
 from spherinator.distributions import HypersphericalUniform, PowerSpherical
 from spherinator.errors import ConfigError, NonFiniteLossError  # noqa: F401 (re-exported)
+from spherinator.models._api import no_unpacking
 from spherinator.models._shapes import dry_forward, param_device_dtype
 from spherinator.models.transfer import drop_weight_sources
 from spherinator.models.variational_encoder import VariationalEncoder
@@ -332,6 +333,18 @@ class Autoencoder(_AutoencoderBase):
         return {"location": self.encode(x)}
 
 
+_FORWARD_UNPACKED = (
+    "VariationalAutoencoder(x) returns the reconstruction tensor (B, *input_dim) through the posterior location, "
+    "not upstream Spherinator's ((loc, scale), (q_z, p_z), z, recon): unpacking it would split the batch. Call "
+    "model.forward_sampled(x) for upstream's tuple, or iterate rows with x_hat.unbind(0)"
+)
+_ENCODE_UNPACKED = (
+    "VariationalAutoencoder.encode(x) returns the location tensor (B, z_dim), not upstream Spherinator's "
+    "(loc, scale): unpacking it would split the batch. Call model.encode_posterior(x) for (loc, scale), or iterate "
+    "rows with z.unbind(0)"
+)
+
+
 class VariationalAutoencoder(_AutoencoderBase):
     """VAE with a Power Spherical posterior on the unit sphere S^{z_dim-1} and a uniform prior.
 
@@ -350,6 +363,13 @@ class VariationalAutoencoder(_AutoencoderBase):
         fixed_scale: Upstream Spherinator 0.5's option: a concentration that is not learned. The scale head's
             weights are zeroed and frozen and its bias set to ``fixed_scale``, so every posterior has the
             concentration softplus(fixed_scale) + 1 (then bounded by max_scale). None learns it.
+        centre: Centre the locations over the batch before normalising them (``VariationalEncoder``); off for
+            upstream Spherinator's head (converted upstream checkpoints) and the README's cases for it.
+
+    Python API: ``forward(x)`` is the deterministic reconstruction (B, *input_dim) and ``encode(x)`` the location
+    (B, z_dim), not upstream Spherinator's tuples; unpacking either result raises a TypeError naming what to call
+    (``forward_sampled``, ``encode_posterior``) instead of splitting the batch. ``reconstruct`` and
+    ``reparameterize`` give upstream's values.
     """
 
     def __init__(
@@ -362,6 +382,7 @@ class VariationalAutoencoder(_AutoencoderBase):
         reconstruction_loss: nn.Module | type[nn.Module] = nn.MSELoss,
         max_scale: float | None = 1.0e4,
         fixed_scale: float | None = None,
+        centre: bool = True,
     ) -> None:
         super().__init__()
         with _modules_in_hparams_allowed():
@@ -397,7 +418,7 @@ class VariationalAutoencoder(_AutoencoderBase):
         self.encoder_out_dim = int(encoder_out_dim)
         self.beta = float(beta)
         bound = math.inf if max_scale is None else max_scale
-        self.encoder = VariationalEncoder(encoder, self.encoder_out_dim, self.z_dim, bound)
+        self.encoder = VariationalEncoder(encoder, self.encoder_out_dim, self.z_dim, bound, centre=bool(centre))
         if fixed_scale is not None:
             fix_concentration(self.encoder.fc_scale, fixed_scale)
         self.decoder = decoder
@@ -406,15 +427,40 @@ class VariationalAutoencoder(_AutoencoderBase):
         self._wire_shapes(self.z_dim)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """Unit-norm location of the posterior, (B, z_dim)."""
-        return self.encoder(x)[0]
+        """Unit-norm location of the posterior, (B, z_dim); see ``encode_posterior`` for (location, scale)."""
+        return no_unpacking(self.encoder(x)[0], _ENCODE_UNPACKED)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         return self.decoder(z)  # (B, *input_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Deterministic reconstruction through the posterior location."""
-        return self.decode(self.encode(x))
+        """Deterministic reconstruction through the posterior location; ``forward_sampled`` is upstream's."""
+        return no_unpacking(self.decode(self.encoder(x)[0]), _FORWARD_UNPACKED)
+
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        """Deterministic reconstruction through the posterior location, (B, *input_dim), as upstream's."""
+        return self.decode(self.encoder(x)[0])
+
+    def encode_posterior(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Upstream Spherinator's ``encode``: the location (B, z_dim) and the concentration (B, 1)."""
+        location, scale = self.encoder(x)
+        return location, scale.unsqueeze(-1)
+
+    def reparameterize(
+        self, location: torch.Tensor, scale: torch.Tensor
+    ) -> tuple[PowerSpherical, HypersphericalUniform]:
+        """Upstream's ``reparameterize``: the posterior q_z and the uniform prior p_z (scale (B,) or (B, 1))."""
+        scale = scale.squeeze(-1) if scale.dim() == location.dim() else scale
+        return self.posterior(location, scale), HypersphericalUniform(self.z_dim, device=location.device)
+
+    def forward_sampled(self, x: torch.Tensor) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple, torch.Tensor, Any]:
+        """Upstream Spherinator's ``forward``: ``((location, scale), (q_z, p_z), z, reconstruction)``, where z is
+        a sample of the posterior and the reconstruction decodes it (so it is random, unlike ``forward``)."""
+        location, scale = self.encode_posterior(x)
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            q_z, p_z = self.reparameterize(location, scale)
+            z = q_z.rsample()
+        return (location, scale), (q_z, p_z), z, self.decode(z)
 
     def posterior(self, location: torch.Tensor, scale: torch.Tensor) -> PowerSpherical:
         """Power Spherical posterior; build and sample it under ``torch.autocast(..., enabled=False)``."""

@@ -41,6 +41,11 @@ class _LatentInputMixin:
         dry_forward(self.fc, self.fc, torch.zeros(1, self.input_dim, device=device, dtype=dtype))
 
 
+def _seed_block(seed_norm: bool, norm: type[nn.Module], channels: int) -> nn.Sequential | None:
+    """Upstream Spherinator's BatchNorm + ReLU after the seed projection, when ``seed_norm`` asks for it."""
+    return nn.Sequential(norm(channels), nn.ReLU()) if seed_norm else None
+
+
 def _latent_linear(input_dim: int | None, features: int, owner: str) -> nn.Module:
     if input_dim is None:
         return nn.LazyLinear(features)
@@ -67,6 +72,7 @@ class _ConvolutionalDecoder(_LatentInputMixin, nn.Module):
         cnn_layers: list[nn.Module] | None = None,
         weights: str | WeightsProvider | None = None,
         freeze: bool = False,
+        seed_norm: bool = False,
     ) -> None:
         super().__init__()
         name = type(self).__name__
@@ -77,6 +83,8 @@ class _ConvolutionalDecoder(_LatentInputMixin, nn.Module):
         self.cnn_input_dim = cnn_shape
         self.fc = _latent_linear(input_dim, math.prod(cnn_shape), name)
         self.unflatten = nn.Unflatten(1, cnn_shape)
+        norm = nn.BatchNorm1d if self._spatial_dims == 1 else nn.BatchNorm2d
+        self.seed_block = _seed_block(seed_norm, norm, cnn_shape[0])
         self.cnn = nn.Sequential(*(cnn_layers or []))
         try:
             out = dry_forward(self.cnn, self.cnn, torch.zeros(1, *cnn_shape))
@@ -103,7 +111,10 @@ class _ConvolutionalDecoder(_LatentInputMixin, nn.Module):
         self.output_dim = shape
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return self.cnn(self.unflatten(self.fc(z)))  # (B, *reachable_dim)
+        seed = self.unflatten(self.fc(z))
+        if self.seed_block is not None:
+            seed = self.seed_block(seed)
+        return self.cnn(seed)  # (B, *reachable_dim)
 
 
 def _decoder_doc(dims: str, shape: str, layer: str) -> str:
@@ -117,6 +128,8 @@ def _decoder_doc(dims: str, shape: str, layer: str) -> str:
         cnn_layers: Transposed-convolution blocks (e.g. ``{layer}``).
         weights: Start from an earlier run: a checkpoint/state-dict path or a ``WeightsProvider``.
         freeze: Fix every parameter of the decoder.
+        seed_norm: BatchNorm + ReLU after the reshaped projection, as upstream Spherinator's decoders have
+            (its converted checkpoints set it).
     """
 
 
@@ -134,8 +147,8 @@ class UpsamplingDecoder2D(_LatentInputMixin, nn.Module):
     """Bilinear-upsampling decoder: Linear -> (base_channels, seed, seed) -> n x ``_UpsampleBlock`` -> 1x1 conv
     -> sigmoid.
 
-    The number of 2x steps n is inferred from ``output_dim[1] = seed_size * 2**n``; channels halve at each step.
-    Output values lie in (0, 1).
+    The number of 2x steps n is inferred from ``output_dim[1] = seed_size * 2**n``; channels halve at each step
+    (never below ``min_channels`` when given). Output values lie in (0, 1).
 
     Args:
         input_dim: Latent size; None follows the model's z_dim.
@@ -146,6 +159,8 @@ class UpsamplingDecoder2D(_LatentInputMixin, nn.Module):
         weights: Start from an earlier run: a checkpoint/state-dict path or a ``WeightsProvider`` (needs
             output_dim, which decides the layers).
         freeze: Fix every parameter of the decoder.
+        seed_norm: BatchNorm + ReLU after the reshaped projection, as upstream Spherinator has.
+        min_channels: Floor of the halved channel counts (upstream Spherinator's is 32); None for none.
     """
 
     def __init__(
@@ -156,8 +171,14 @@ class UpsamplingDecoder2D(_LatentInputMixin, nn.Module):
         seed_size: int = 7,
         weights: str | WeightsProvider | None = None,
         freeze: bool = False,
+        seed_norm: bool = False,
+        min_channels: int | None = None,
     ) -> None:
         super().__init__()
+        if min_channels is not None and int(min_channels) <= 0:
+            raise ValueError(
+                f"UpsamplingDecoder2D: min_channels must be a positive integer or null, got {min_channels}"
+            )
         if base_channels <= 0 or seed_size <= 0:
             raise ValueError(
                 f"UpsamplingDecoder2D: base_channels and seed_size must be positive, got {base_channels}, {seed_size}"
@@ -167,6 +188,8 @@ class UpsamplingDecoder2D(_LatentInputMixin, nn.Module):
         self.seed_size = int(seed_size)
         self.fc = _latent_linear(input_dim, self.base_channels * self.seed_size**2, "UpsamplingDecoder2D")
         self.unflatten = nn.Unflatten(1, (self.base_channels, self.seed_size, self.seed_size))
+        self.seed_block = _seed_block(seed_norm, nn.BatchNorm2d, self.base_channels)
+        self.min_channels = int(min_channels) if min_channels is not None else None
         self.output_dim: tuple[int, ...] | None = None
         self.blocks: nn.Sequential | None = None
         self.head: nn.Sequential | None = None
@@ -197,15 +220,18 @@ class UpsamplingDecoder2D(_LatentInputMixin, nn.Module):
                 f"UpsamplingDecoder2D cannot reach output_dim {list(shape)} from seed_size {self.seed_size}: it makes "
                 f"square images of seed_size * 2**n pixels ({reachable}, ...); change seed_size or resize the data"
             )
-        if self.base_channels >> steps < 1:
+        if self.base_channels >> steps < 1 and self.min_channels is None:
             raise ValueError(
                 f"UpsamplingDecoder2D: base_channels {self.base_channels} halved {steps} times leaves no channel; "
-                f"use base_channels >= {2**steps}"
+                f"use base_channels >= {2**steps} or set min_channels"
             )
-        blocks = [_UpsampleBlock(self.base_channels >> k, self.base_channels >> (k + 1)) for k in range(steps)]
+        widths = [self.base_channels]
+        for _ in range(steps):
+            widths.append(max(widths[-1] // 2, self.min_channels or 1))
+        blocks = [_UpsampleBlock(widths[k], widths[k + 1]) for k in range(steps)]
         device, dtype = param_device_dtype(self)
         self.blocks = nn.Sequential(*blocks).to(device=device, dtype=dtype)
-        self.head = nn.Sequential(nn.Conv2d(self.base_channels >> steps, channels, kernel_size=1), nn.Sigmoid()).to(
+        self.head = nn.Sequential(nn.Conv2d(widths[-1], channels, kernel_size=1), nn.Sigmoid()).to(
             device=device, dtype=dtype
         )
         self.output_dim = shape
@@ -216,4 +242,7 @@ class UpsamplingDecoder2D(_LatentInputMixin, nn.Module):
                 "UpsamplingDecoder2D: output_dim is unknown; set output_dim or the encoder's input_dim (spherinator "
                 "fit fills it from the data)"
             )
-        return self.head(self.blocks(self.unflatten(self.fc(z))))  # (B, C, H, W)
+        seed = self.unflatten(self.fc(z))
+        if self.seed_block is not None:
+            seed = self.seed_block(seed)
+        return self.head(self.blocks(seed))  # (B, C, H, W)

@@ -30,19 +30,25 @@ class VariationalEncoder(nn.Module):
     with mean 0 and variance 1, which leaves every direction unchanged (in eval mode; training on from it
     centres as any model now does).
 
+    With ``centre=False`` the head is upstream Spherinator's: the direction of ``fc_location``'s output itself,
+    and no ``centre`` module (nor its state dict keys). A model converted from upstream has it off.
+
     Args:
         encoder: Backbone mapping (B, *input_dim) -> (B, encoder_out_dim).
         encoder_out_dim: Output size of the backbone.
         z_dim: Dimension of the latent space (the sphere S^{z_dim-1} in R^{z_dim}).
         max_scale: Upper bound of the concentration.
+        centre: Whether to centre the locations over the batch before normalising them (see above).
     """
 
-    def __init__(self, encoder: nn.Module, encoder_out_dim: int, z_dim: int, max_scale: float) -> None:
+    def __init__(
+        self, encoder: nn.Module, encoder_out_dim: int, z_dim: int, max_scale: float, centre: bool = True
+    ) -> None:
         super().__init__()
         self.encoder = encoder
         self.fc_location = nn.Linear(encoder_out_dim, z_dim)
         self.fc_scale = nn.Linear(encoder_out_dim, 1)
-        self.centre = nn.BatchNorm1d(z_dim, affine=False)
+        self.centre = nn.BatchNorm1d(z_dim, affine=False) if centre else None
         self.min_batch = max(8, z_dim + 2)
         self.register_load_state_dict_pre_hook(_identity_centre_for_older_state)
         self.max_scale = float(max_scale)
@@ -52,21 +58,28 @@ class VariationalEncoder(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         h = self.encoder(x)  # (B, encoder_out_dim)
         pre = self.fc_location(h)
-        pre = pre.to(self.centre.running_mean.dtype)  # the statistics' dtype: float32 under mixed precision
-        if self.centre.training and len(pre) < self.min_batch:  # too few rows for batch statistics
-            centred = F.batch_norm(pre, self.centre.running_mean, self.centre.running_var, eps=self.centre.eps)
+        if self.centre is None:
+            location = F.normalize(pre.float(), dim=-1)  # (B, z_dim), unit norm
         else:
-            centred = self.centre(pre)
-        location = F.normalize(centred.float(), dim=-1)  # (B, z_dim), unit norm
+            location = F.normalize(self._centred(pre).float(), dim=-1)
         scale = (F.softplus(self.fc_scale(h).float()) + 1.0).clamp(max=self.max_scale).squeeze(-1)  # (B,)
         return location, scale
+
+    def _centred(self, pre: torch.Tensor) -> torch.Tensor:
+        assert self.centre is not None
+        pre = pre.to(self.centre.running_mean.dtype)  # the statistics' dtype: float32 under mixed precision
+        if self.centre.training and len(pre) < self.min_batch:  # too few rows for batch statistics
+            return F.batch_norm(pre, self.centre.running_mean, self.centre.running_var, eps=self.centre.eps)
+        return self.centre(pre)
 
 
 def _identity_centre_for_older_state(
     module: nn.Module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
 ) -> None:
     """A state dict from before ``centre`` existed: mean 0 and variance 1 (the direction of x / sqrt(1 + eps) is
-    that of x), so the older model encodes exactly as it did."""
+    that of x), so the older model encodes exactly as it did. A head without centring takes none."""
+    if module.centre is None:
+        return
     if any(key.startswith(prefix + "fc_location.") for key in state_dict) and not any(
         key.startswith(prefix + "centre.") for key in state_dict
     ):
