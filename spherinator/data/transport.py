@@ -497,10 +497,18 @@ class Loader(DataLoader):
     the rows not yet handed out, in batches of its own size (see :meth:`load_state_dict`). It learns the epoch from
     ``progress`` as a plain integer and never looks at the trainer itself."""
 
-    def __init__(self, dataset: ParquetStream, *, progress: TrainProgress | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        dataset: ParquetStream,
+        *,
+        progress: TrainProgress | None = None,
+        finish: Callable[[Any], Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
         self.handover = Handover() if kwargs.get("num_workers", 0) > 0 else None
         super().__init__(dataset.handed_over(self.handover) if self.handover else dataset, **kwargs)
         self.progress = progress
+        self.finish = finish  # turns each batch, in this process, into the one handed out (upstream's tuples)
         # the passes over epoch _passes_epoch before the current one; the current one handed out _handed batches
         self._passes: list[Pass] = []
         self._passes_epoch: int | None = None
@@ -652,4 +660,6 @@ class Loader(DataLoader):
         batches = super().__iter__()
         if self.handover is not None:
             batches = map(functools.partial(self._receive, slots), batches)
+        if self.finish is not None:
+            batches = map(self.finish, batches)
         return map(self._count, batches) if self.progress is not None else batches
