@@ -1356,7 +1356,10 @@ def test_upstream_data_sections_parse_and_load(image_dataset, tmp_path):
                         "init_args": {
                             "transforms": [
                                 {"class_path": "torchvision.transforms.v2.RandomHorizontalFlip"},
-                                {"class_path": "torchvision.transforms.v2.RandomRotation", "init_args": {"degrees": 180}},
+                                {
+                                    "class_path": "torchvision.transforms.v2.RandomRotation",
+                                    "init_args": {"degrees": 180},
+                                },
                             ]
                         },
                     },
