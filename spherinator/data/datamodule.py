@@ -22,6 +22,28 @@ from spherinator.data.transport import Loader, ParquetStream, apply_transform
 from spherinator.errors import ConfigError
 
 
+def _fractions(
+    val_fraction: float, test_fraction: float, validation_size: float | None, test_size: float | None, in_gpu: bool
+) -> tuple[float, float]:
+    """The checked ``(val_fraction, test_fraction)``, from upstream's options where given (see DataModule)."""
+    if in_gpu:
+        raise ConfigError(
+            "in_gpu_memory: true (upstream's whole dataset in GPU memory) does not exist here: rows are streamed "
+            "and each batch moves to the GPU when used; remove it (for speed raise num_workers)"
+        )
+    if validation_size is not None or test_size is not None:
+        val_fraction, test_fraction = _upstream_fractions(validation_size, test_size, val_fraction, test_fraction)
+    for name, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+        if not 0.0 <= value < 1.0:
+            raise DataError(f"{name}={value} must be in [0, 1)")
+    if val_fraction + test_fraction >= 1.0:
+        raise DataError(
+            f"val_fraction={val_fraction} + test_fraction={test_fraction} leave no training rows; "
+            f"make their sum less than 1"
+        )
+    return val_fraction, test_fraction
+
+
 def _upstream_fractions(
     validation_size: float | None, test_size: float | None, val_fraction: float, test_fraction: float
 ) -> tuple[float, float]:
@@ -148,13 +170,7 @@ class DataModule(pl.LightningDataModule):
         super().__init__()
         self.path = Path(path)
         self._local: Path | None = None  # the Parquet file or directory that path names (a Hub id's copy)
-        if in_gpu_memory:
-            raise ConfigError(
-                "in_gpu_memory: true (upstream's whole dataset in GPU memory) does not exist here: rows are streamed "
-                "and each batch moves to the GPU when used; remove it (for speed raise num_workers)"
-            )
-        if validation_size is not None or test_size is not None:
-            val_fraction, test_fraction = _upstream_fractions(validation_size, test_size, val_fraction, test_fraction)
+        val_fraction, test_fraction = _fractions(val_fraction, test_fraction, validation_size, test_size, in_gpu_memory)
         self.columns = [self._as_column(c) for c in columns] if columns is not None else None
         if self.columns is not None and not self.columns:
             raise DataError("columns=[] names no column; give at least one, e.g. columns: [data]")
@@ -166,14 +182,6 @@ class DataModule(pl.LightningDataModule):
         if num_workers < 0:
             raise DataError(f"num_workers={num_workers} must be 0 (load in the main process) or more")
         self.num_workers = num_workers
-        for name, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
-            if not 0.0 <= value < 1.0:
-                raise DataError(f"{name}={value} must be in [0, 1)")
-        if val_fraction + test_fraction >= 1.0:
-            raise DataError(
-                f"val_fraction={val_fraction} + test_fraction={test_fraction} leave no training rows; "
-                f"make their sum less than 1"
-            )
         self.val_fraction = val_fraction
         self.test_fraction = test_fraction
         self.seed = seed
