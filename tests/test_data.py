@@ -1239,3 +1239,197 @@ def test_a_broken_link_to_a_parquet_file_is_named_not_left_out(tmp_path):
     (tmp_path / "part-9.parquet").symlink_to(tmp_path / "elsewhere" / "part-9.parquet")
     with pytest.raises(DataError, match=r"part-9.parquet is a link to .*elsewhere/part-9.parquet.*does not exist"):
         _id_module(tmp_path).setup()
+
+
+# -- upstream Spherinator's DataModule options -----------------------------------------------------------------------
+
+
+def _upstream_table(path: Path, columns: dict, shapes: dict[str, str] | None = None) -> Path:
+    """A Parquet file as upstream's tests write them: list columns with ``<col>_shape`` metadata."""
+    metadata = {f"{name}_shape": shape for name, shape in (shapes or {}).items()}
+    pq.write_table(pa.table(columns, metadata=metadata or None), path)
+    return path
+
+
+def test_parquet_data_module_takes_upstream_options(tmp_path):
+    from spherinator.data import ParquetDataModule
+
+    rows = [np.random.default_rng(i).random(12).astype(np.float32) for i in range(10)]
+    path = _upstream_table(tmp_path / "a.parquet", {"id": range(10), "data": rows}, {"data": "(1,12)"})
+    dm = ParquetDataModule(str(path), data_column="data", batch_size=2, num_workers=0, shuffle=True)
+    dm.setup("fit")
+    batches = list(dm.train_dataloader())
+    assert len(batches) == 5 and batches[0].shape == (2, 1, 12) and batches[0].dtype == torch.float32
+    assert dm.sample_shape() == (1, 12) and dm.val_dataloader() == []  # upstream's has no validation split
+
+
+def test_parquet_data_module_normalizes_and_concatenates_like_upstream(tmp_path):
+    from spherinator.data import ParquetDataModule
+
+    rows = [np.array([-1.2, 3.9, -0.5], dtype=np.float32), np.array([1.7, -8.2, -0.4], dtype=np.float32)]
+    path = _upstream_table(tmp_path / "n.parquet", {"data": rows})
+    dm = ParquetDataModule(str(path), data_column="data", normalize="absmax", batch_size=2, shuffle=False)
+    expected = torch.tensor([[-0.3077, 1.0000, -0.1282], [0.2073, -1.0000, -0.0488]])  # upstream's test values
+    assert torch.allclose(next(iter(dm.train_dataloader())), expected, atol=1e-3)
+    minmax = ParquetDataModule(str(path), data_column="data", normalize="minmax", batch_size=2, shuffle=False)
+    batch = next(iter(minmax.train_dataloader()))
+    assert torch.allclose(batch.amin(1), torch.zeros(2)) and torch.allclose(batch.amax(1), torch.ones(2))
+    pair = {"data1": [np.array([1.0, 2.0], np.float32)], "data2": [np.array([3.0, 4.0], np.float32)]}
+    merged = ParquetDataModule(str(_upstream_table(tmp_path / "m.parquet", pair)), data_column=["data1", "data2"])
+    assert torch.equal(next(iter(merged.train_dataloader())), torch.tensor([[1.0, 2.0, 3.0, 4.0]]))
+    assert merged.sample_shape() == (4,)
+
+
+def test_parquet_data_module_error_column_gives_data_and_error_scaled_alike(tmp_path):
+    from spherinator.data import ParquetDataModule
+
+    rng = np.random.default_rng(0)
+    flux = [(rng.random(12) * 5 + 3).astype(np.float32) for _ in range(10)]
+    error = [rng.random(12).astype(np.float32) for _ in range(10)]
+    path = _upstream_table(tmp_path / "e.parquet", {"flux": flux, "flux_error": error}, {"flux": "(1,12)"})
+    dm = ParquetDataModule(str(path), data_column="flux", error_column="flux_error", batch_size=10, shuffle=False)
+    data, err = next(iter(dm.train_dataloader()))
+    assert data.shape == (10, 1, 12) and err.shape == (10, 12)
+    span = torch.tensor(np.ptp(np.stack(flux), axis=1))
+    assert torch.allclose(data.amin((1, 2)), torch.zeros(10)) and torch.allclose(data.amax((1, 2)), torch.ones(10))
+    assert torch.allclose(err, torch.tensor(np.stack(error)) / span[:, None])
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"with_index": True}, "with_index: true .* columns: \\[data, id\\]"),
+        ({"normalize": "zscore"}, "normalize='zscore' is not known; write minmax, absmax or none"),
+        ({"data_column": ["a", "b"], "error_column": "e"}, "goes with one data column"),
+    ],
+)
+def test_parquet_data_module_options_that_cannot_mean_the_same_say_what_to_write(tmp_path, kwargs, match):
+    from spherinator.data import ParquetDataModule
+    from spherinator.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=match):
+        ParquetDataModule(str(tmp_path), **{"data_column": "data", **kwargs})
+
+
+def test_parquet_iterable_data_module_scales_each_sample_to_unit_range(tmp_path):
+    from spherinator.data import ParquetIterableDataModule
+
+    rows = [np.arange(12, dtype=np.float32) * (i + 1) for i in range(10)]
+    path = _upstream_table(tmp_path / "i.parquet", {"data": rows}, {"data": "(1,12)"})
+    dm = ParquetIterableDataModule(str(path), batch_size=2, scanner_batch_size=8, num_workers=0)
+    batches = list(dm.train_dataloader())
+    assert len(batches) == 5 and batches[0].shape == (2, 1, 12)
+    assert torch.allclose(batches[3][1, 0], torch.arange(12) / 11.0)
+
+
+def test_upstream_validation_and_test_size_map_onto_fractions(image_dataset):
+    from spherinator.errors import ConfigError
+
+    dm = DataModule(image_dataset, validation_size=0.2, test_size=0.5, in_gpu_memory=False)
+    assert (dm.val_fraction, dm.test_fraction) == pytest.approx((0.1, 0.1))
+    dm = DataModule(image_dataset, validation_size=0.4)  # upstream's test_size default 0.5
+    assert (dm.val_fraction, dm.test_fraction) == pytest.approx((0.2, 0.2))
+    with pytest.raises(ConfigError, match="in_gpu_memory: true .* remove it"):
+        DataModule(image_dataset, in_gpu_memory=True)
+    with pytest.raises(ConfigError, match="validation_size=0: .* write val_fraction: 0"):
+        DataModule(image_dataset, validation_size=0.0)
+    with pytest.raises(ConfigError, match="either val_fraction/test_fraction .* not both"):
+        DataModule(image_dataset, val_fraction=0.3, validation_size=0.2)
+
+
+def test_upstream_data_sections_parse_and_load(image_dataset, tmp_path):
+    """v0.5.1's illustris.yaml data section (random flips and rotations in a Compose) and the DataModule keys an
+    upstream run's saved cli-config.yaml carries, read by our CLI: the transforms draw per sample."""
+    import yaml
+
+    from spherinator.cli import SpherinatorCLI
+
+    data = {
+        "class_path": "spherinator.data.DataModule",
+        "init_args": {
+            "path": str(image_dataset),
+            "columns": [
+                {
+                    "name": "data",
+                    "transform": {
+                        "class_path": "torchvision.transforms.v2.Compose",
+                        "init_args": {
+                            "transforms": [
+                                {"class_path": "torchvision.transforms.v2.RandomHorizontalFlip"},
+                                {
+                                    "class_path": "torchvision.transforms.v2.RandomRotation",
+                                    "init_args": {"degrees": 180},
+                                },
+                            ]
+                        },
+                    },
+                }
+            ],
+            "return_dict": False,
+            "batch_size": 4,
+            "shuffle": True,
+            "num_workers": 0,
+            "validation_size": 0.2,
+            "test_size": 0.5,
+            "in_gpu_memory": False,
+        },
+    }
+    config = tmp_path / "upstream_data.yaml"
+    config.write_text(yaml.safe_dump({"data": data}))
+    tiny = str(Path(__file__).parent / "configs" / "vae_tiny.yaml")
+    cli = SpherinatorCLI(args=["-c", tiny, "-c", str(config), "--trainer.accelerator", "cpu"], run=False)
+    dm = cli.datamodule
+    assert dm.columns[0].per_sample is True and (dm.val_fraction, dm.test_fraction) == pytest.approx((0.1, 0.1))
+    assert next(iter(dm.train_dataloader())).shape[0] == 4
+
+
+# -- Hugging Face Hub dataset ids as path ----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def offline_hub_dataset(tmp_path, monkeypatch) -> str:
+    """``ORG/tiny`` in a temporary ``datasets`` cache as a download leaves it (Arrow files and dataset_info.json
+    under ``ORG___tiny/default/0.0.0/<hash>/``), with the Hub offline: ``load_dataset`` reads it from there."""
+    datasets = pytest.importorskip("datasets")
+    source = tmp_path / "source.parquet"
+    images = []
+    for i in range(12):
+        buffer = io.BytesIO()
+        Image.fromarray(np.full((8, 8, 3), i * 20, dtype=np.uint8)).save(buffer, format="PNG")
+        images.append({"bytes": buffer.getvalue(), "path": None})
+    flux = [np.arange(5, dtype=np.float32) + i for i in range(12)]
+    pq.write_table(pa.table({"image": images, "flux": flux, "label": list(range(12))}), source)
+    cache = tmp_path / "hf_cache"
+    built = datasets.load_dataset("parquet", data_files={"train": str(source)}, split="train", cache_dir=str(cache))
+    arrow = Path(built.cache_files[0]["filename"])
+    target = cache / "ORG___tiny" / "default" / "0.0.0" / arrow.parent.name
+    target.mkdir(parents=True)
+    (target / "dataset_info.json").write_bytes((arrow.parent / "dataset_info.json").read_bytes())
+    (target / "tiny-train.arrow").write_bytes(arrow.read_bytes())  # the file name a Hub dataset's split gets
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True, raising=False)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", cache)
+    return "ORG/tiny"
+
+
+def test_hub_dataset_id_as_path_loads_through_datasets_offline(offline_hub_dataset):
+    dm = DataModule(offline_hub_dataset, columns=["image", "label"], return_dict=True, batch_size=12, val_fraction=0)
+    dm.prepare_data()
+    local = dm.local_path
+    assert local.suffix == ".parquet" and local.exists()
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["image"].shape == (12, 3, 8, 8) and batch["image"].dtype == torch.float32
+    by_label = batch["image"][batch["label"].argsort()]
+    assert torch.allclose(by_label[:, 0, 0, 0], torch.arange(12) * 20 / 255.0)
+    stamp = local.stat().st_mtime_ns
+    again = DataModule(offline_hub_dataset, columns=["flux"], val_fraction=0)
+    assert again.local_path == local and local.stat().st_mtime_ns == stamp  # the Parquet copy is made once
+    assert again.sample_shape() == (5,)
+
+
+def test_hub_dataset_id_not_in_the_cache_offline_is_one_data_error(offline_hub_dataset):
+    dm = DataModule("ORG/not-downloaded", val_fraction=0)
+    with pytest.raises(DataError, match="'ORG/not-downloaded' is no local file or directory, and `datasets` cannot"):
+        dm.setup()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -160,3 +162,89 @@ def test_colour_weighted_mse_on_shapes_it_cannot_take_is_a_user_error():
         ColourWeightedMSELoss()(torch.zeros(4, 5), torch.zeros(4, 5))
     with pytest.raises(ConfigError, match=r"prediction \(1, 3, 4, 4\) and target \(1, 3, 4, 5\) differ"):
         ColourWeightedMSELoss()(torch.zeros(1, 3, 4, 4), torch.zeros(1, 3, 4, 5))
+
+
+# -- error-weighted losses (spectra with uncertainties) ---------------------------------------------------------------
+
+RECIPE = str(Path(__file__).resolve().parents[1] / "experiments" / "vae_gaia_xp.yaml")
+
+
+def test_gaussian_nll_and_chi_square_weigh_each_value_by_its_error():
+    from spherinator.losses import ChiSquareLoss, GaussianNLLLoss
+
+    torch.manual_seed(0)
+    target, prediction = torch.rand(4, 1, 10), torch.rand(4, 1, 10)
+    error = torch.rand(4, 1, 10) + 0.1
+    expected = nn.GaussianNLLLoss()(prediction, target, error**2)  # torch's takes variances
+    assert torch.allclose(GaussianNLLLoss()(prediction, target, error), expected, atol=1e-6)
+    full = GaussianNLLLoss(full=True)(prediction, target, error)
+    assert torch.allclose(full, nn.GaussianNLLLoss(full=True)(prediction, target, error**2), atol=1e-6)
+    chi2 = ChiSquareLoss()(prediction, target, error)
+    assert torch.allclose(chi2, (((prediction - target) / error) ** 2).mean())
+    # a value with ten times the error counts a hundred times less
+    miss = torch.zeros(1, 2)
+    assert ChiSquareLoss()(miss + 1, miss, torch.tensor([[1.0, 10.0]])) == pytest.approx((1 + 0.01) / 2)
+
+
+def test_error_losses_find_the_error_in_a_batch_or_say_how_to_load_it():
+    from spherinator.errors import DataError
+    from spherinator.losses import ChiSquareLoss
+
+    data, error = torch.zeros(2, 3), torch.ones(2, 3)
+    loss = ChiSquareLoss()
+    assert loss.error_of((data, error)) is error
+    assert loss.error_of({"flux": data, "flux_error": error}) is error  # the first column's name + _error
+    assert ChiSquareLoss(error_column="sigma").error_of({"flux": data, "sigma": error}) is error
+    with pytest.raises(DataError, match="no column 'flux_error' .* list the error column in data.columns"):
+        loss.error_of({"flux": data})
+    with pytest.raises(DataError, match="holds the data alone; load the error column too"):
+        loss.error_of(data)
+    with pytest.raises(DataError, match="do not match the data's"):
+        loss(data, data, torch.ones(2, 4))
+
+
+def _spectra(root: Path, count: int, length: int) -> Path:
+    import numpy as np
+
+    from spherinator.data import write_dataset
+    from tools import make_dataset
+
+    write_dataset(root, [make_dataset.synthetic_spectra(count, length, np.random.default_rng(0))], rows_per_group=64)
+    return root
+
+
+@pytest.mark.slow  # about 10 s of CPU (a minute on a loaded machine)
+def test_vae_with_error_weighted_loss_learns_spectra_with_uncertainties(tmp_path):
+    """The Gaia XP recipe on tiny synthetic spectra (32 values, errors growing steeply to both ends and a few bad
+    bins): the autoencoder passes each batch's errors to the Gaussian NLL, which falls clearly."""
+    import lightning.pytorch as pl
+
+    from spherinator.cli import SpherinatorCLI
+    from tests.conftest import quiet_trainer
+
+    data = _spectra(tmp_path / "spectra", 128, 32)
+    args = ["-c", RECIPE, "--data.init_args.data_directory", str(data), "--data.init_args.num_workers", "0"]
+    args += ["--data.init_args.batch_size", "32", "--model.init_args.decoder.init_args.cnn_input_dim", "[64, 4]"]
+    torch.manual_seed(0)
+    cli = SpherinatorCLI(args=[*args, "--trainer.accelerator", "cpu"], run=False)
+    losses: list[float] = []
+
+    class Record(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            assert isinstance(batch, list | tuple) and len(batch) == 2  # (flux, flux_error) reached the step
+            losses.append(float(outputs["loss"]))
+
+    quiet_trainer(max_epochs=8, callbacks=[Record()]).fit(cli.model, datamodule=cli.datamodule)
+    first, last = sum(losses[:4]) / 4, sum(losses[-4:]) / 4  # the first and the last epoch
+    assert first > 100 and last < 0.2 * first, (first, last)
+
+
+def test_gaia_xp_recipe_trains_a_step_on_344_value_spectra(tmp_path):
+    from spherinator.cli import main
+
+    data = _spectra(tmp_path / "spectra", 16, 344)
+    main(
+        ["fit", "-c", RECIPE, "--data.init_args.data_directory", str(data), "--data.init_args.num_workers", "0"]
+        + ["--data.init_args.batch_size", "8", "--trainer.max_steps", "1", "--trainer.accelerator", "cpu"]
+        + ["--trainer.default_root_dir", str(tmp_path), "--trainer.enable_progress_bar", "false"]
+    )

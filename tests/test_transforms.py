@@ -120,3 +120,69 @@ def test_alignment_does_not_depend_on_the_images_scale(scale):
 def test_an_empty_batch_is_returned_as_it_is():
     # (before: affine_grid's ValueError "Expected non-zero, positive output size")
     assert AlignByMoments()(torch.zeros(0, 3, 8, 8)).shape == (0, 3, 8, 8)
+
+
+# -- per-sample random transforms, per-sample normalisation ------------------------------------------------------------
+
+
+def test_random_torchvision_transforms_are_told_from_deterministic_ones():
+    import torchvision.transforms as v1
+    import torchvision.transforms.v2 as v2
+
+    from spherinator.data.transforms import draws_random
+
+    random = [v2.RandomRotation(10), v2.RandomHorizontalFlip(), v2.ColorJitter(0.1), v1.RandomRotation(5)]
+    random += [v2.Compose([v2.Resize(8), v2.RandomVerticalFlip()]), v2.RandomApply([v2.Resize(8)])]
+    assert all(draws_random(t) for t in random)
+    deterministic = [v2.Resize(8), v2.Normalize([0.5], [0.5]), v2.Compose([v2.CenterCrop(4)]), AlignByMoments()]
+    assert not any(draws_random(t) for t in deterministic)
+
+
+def test_column_draws_random_transforms_per_sample_by_default():
+    import torchvision.transforms.v2 as v2
+
+    from spherinator.data import Column
+
+    assert Column("data", v2.RandomRotation(180)).per_sample is True
+    assert Column("data", v2.Compose([v2.RandomHorizontalFlip(), v2.RandomRotation(180)])).per_sample is True
+    assert Column("data", v2.Resize(8)).per_sample is False  # deterministic: one call per batch, faster
+    assert Column("data", AlignByMoments()).per_sample is False
+    assert Column("data").per_sample is False
+    assert Column("data", v2.RandomRotation(180), per_sample=False).per_sample is False  # asked for: kept
+
+
+def test_two_samples_of_one_batch_get_different_draws(tmp_path):
+    """Upstream draws a random transform per sample; so does a column by default now (it drew once per batch)."""
+    import numpy as np
+    import torchvision.transforms.v2 as v2
+
+    from spherinator.data import DataModule, write_dataset
+
+    image = np.zeros((1, 6, 6), dtype=np.uint8)
+    image[0, :, 0] = 255  # a bright left edge: flipped, it is on the right
+    write_dataset(tmp_path, [{"data": np.repeat(image[None], 64, axis=0)}], rows_per_group=64)
+    torch.manual_seed(0)
+    column = {"name": "data", "transform": v2.RandomHorizontalFlip()}
+    dm = DataModule(tmp_path, columns=[column], batch_size=64, val_fraction=0.0, shuffle=False, num_workers=0)
+    batch = next(iter(dm.train_dataloader()))
+    left = batch[:, 0, :, 0].sum(1) > 0
+    assert 0 < int(left.sum()) < 64, "every sample of the batch got the same flip"
+
+
+def test_minmax_and_absmax_normalise_each_sample_over_all_its_values():
+    from spherinator.data import AbsMaxNormalize, MinMaxNormalize
+
+    x = torch.tensor([[[-1.2, 3.9, -0.5]], [[1.7, -8.2, -0.4]], [[2.0, 2.0, 2.0]]])
+    absmax = AbsMaxNormalize()(x)
+    assert torch.allclose(absmax[:2, 0], torch.tensor([[-0.3077, 1.0, -0.1282], [0.2073, -1.0, -0.0488]]), atol=1e-3)
+    minmax = MinMaxNormalize()(x)
+    assert torch.allclose(minmax[0, 0], (x[0, 0] + 1.2) / 5.1) and minmax[1].min() == 0 and minmax[1].max() == 1
+    assert torch.equal(minmax[2], torch.zeros(1, 3))  # a constant sample: zeros, not NaN
+
+
+def test_batch_normalisers_refuse_per_sample():
+    from spherinator.data import Column, DataError, MinMaxNormalize
+
+    assert Column("flux", MinMaxNormalize()).per_sample is False
+    with pytest.raises(DataError, match="remove `per_sample: true`"):
+        Column("flux", MinMaxNormalize(), per_sample=True)

@@ -4,6 +4,8 @@ Subcommands:
     synthetic  galaxy-like images (Sersic bulge + disk, PSF, noise); the generating parameters as extra columns
     hubble     cutouts around the sources of the Hubble Deep Field image that scikit-image ships
     digits     scikit-learn's 1,797 labelled 8x8 handwritten digits, upsampled (a ``label`` column, 10 classes)
+    spectra    Gaia-XP-like spectra ``flux`` (1, L) with their 1-sigma errors ``flux_error``, noisy where the errors
+               are large (for the error-weighted losses, experiments/vae_gaia_xp.yaml)
     images     a folder of PNG/JPEG/FITS/NPY files
     convert    any layout the DataModule reads (lists + shape metadata, fixed_shape_tensor, encoded images) to
                the fast layout, checked at the end (row count and checksum)
@@ -16,6 +18,7 @@ Examples:
     python tools/make_dataset.py synthetic --out data/demo --count 2048 --size 64
     python tools/make_dataset.py hubble --out data/hubble --size 64
     python tools/make_dataset.py digits --out data/digits --size 32
+    python tools/make_dataset.py spectra --out data/gaia_xp_synthetic --count 4096 --length 344
     python tools/make_dataset.py images --out data/mine --input pictures/ --size 128
     python tools/make_dataset.py convert --input data/legacy --out data/legacy-fast --compression zstd
 """
@@ -243,6 +246,50 @@ def _folder_batches(args: argparse.Namespace, files: Sequence[Path]) -> Iterator
         yield {"data": np.stack(chunk), "id": np.array(ids, dtype=np.int64), "filename": np.array(names)}
 
 
+# -- spectra with uncertainties ---------------------------------------------------------------------------------------
+
+
+def synthetic_spectra(count: int, length: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """``count`` spectra ``flux`` ``(count, 1, length)`` float32 with 1-sigma errors ``flux_error`` of the same shape,
+    and their generating parameters.
+
+    Each true spectrum is a smooth continuum (a slope ``tilt``, as of a temperature) with one broad line at
+    ``line_position`` (0..1 along the spectrum) of depth ``line_depth``; its values lie in about [0.2, 1.2]. The
+    errors are small in the middle and grow steeply towards both ends (like Gaia XP's, where the instrument's
+    throughput falls), and a few bins per spectrum are "bad" (errors of the order of the signal); the observed flux
+    is the true one plus Gaussian noise of those errors. A loss that ignores the errors spends its capacity
+    fitting the noise at the ends; an error-weighted one (chi-square, Gaussian NLL) learns the shape.
+    """
+    grid = np.linspace(0.0, 1.0, length, dtype=np.float32)
+    tilt = rng.uniform(-0.5, 0.5, count).astype(np.float32)
+    position = rng.uniform(0.2, 0.8, count).astype(np.float32)
+    depth = rng.uniform(-0.4, 0.4, count).astype(np.float32)
+    true = 0.7 + tilt[:, None] * (grid - 0.5) + depth[:, None] * np.exp(-0.5 * ((grid - position[:, None]) / 0.05) ** 2)
+    edge = np.abs(grid - 0.5) * 2  # 0 in the middle, 1 at the ends
+    error = np.broadcast_to(0.01 + 0.6 * edge**6, (count, length)).copy()
+    bad = rng.random((count, length)) < 0.02
+    error[bad] = rng.uniform(0.3, 1.0, int(bad.sum()))
+    flux = true + rng.normal(size=(count, length)) * error
+    return {
+        "flux": flux[:, None].astype(np.float32),
+        "flux_error": error[:, None].astype(np.float32),
+        "true_flux": true[:, None].astype(np.float32),
+        "tilt": tilt,
+        "line_position": position,
+        "line_depth": depth,
+    }
+
+
+def _spectra_batches(args: argparse.Namespace) -> Iterator[dict[str, np.ndarray]]:
+    if args.count < 1 or args.length < 8:
+        raise DataError(f"--count {args.count} must be at least 1 and --length {args.length} at least 8")
+    rng = np.random.default_rng(args.seed)
+    chunk = 4096
+    for start in range(0, args.count, chunk):
+        n = min(chunk, args.count - start)
+        yield {**synthetic_spectra(n, args.length, rng), "id": np.arange(start, start + n, dtype=np.int64)}
+
+
 # -- command line -----------------------------------------------------------------------------------------------------
 
 
@@ -260,7 +307,7 @@ def _write(args: argparse.Namespace, batches, total: int) -> None:
     with _writer(args) as writer, tqdm(total=total, desc="write", unit="row", disable=args.quiet) as bar:
         for batch in batches:
             writer.write(batch)
-            bar.update(len(batch["data"]))
+            bar.update(len(next(iter(batch.values()))))
     _report(args, writer)
 
 
@@ -298,6 +345,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("digits", parents=[common], help="scikit-learn's labelled 8x8 digits, upsampled")
     p.add_argument("--size", type=int, default=32, help="image width and height in pixels (default 32)")
 
+    p = sub.add_parser("spectra", parents=[common], help="Gaia-XP-like spectra with per-value errors")
+    p.add_argument("--count", type=int, default=4096, help="number of spectra (default 4096)")
+    p.add_argument("--length", type=int, default=344, help="values per spectrum (default 344, as Gaia XP)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+
     p = sub.add_parser("images", parents=[common], help="a folder of PNG/JPEG/FITS/NPY files")
     p.add_argument("--input", type=Path, required=True, help="folder searched recursively")
     p.add_argument("--size", type=int, default=None, help="resize every image to SIZE x SIZE")
@@ -323,6 +375,8 @@ def main(argv: list[str] | None = None) -> int:
                 raise DataError(f"--size {args.size} must be at least 1 pixel")
             rows = digits(args.size)
             _write(args, [rows], len(rows["data"]))
+        elif args.command == "spectra":
+            _write(args, _spectra_batches(args), args.count)
         elif args.command == "images":
             if not args.input.is_dir():
                 raise DataError(f"--input {args.input} is not a directory")

@@ -7,6 +7,10 @@
 - :mod:`~spherinator.data.datamodule`: the LightningDataModule; :mod:`~spherinator.data.writer` and
   :mod:`~spherinator.data.convert`: writing the fast layout, converting and verifying datasets.
 
+``ParquetDataModule`` and ``ParquetIterableDataModule`` take upstream Spherinator's options
+(:mod:`~spherinator.data.upstream`); a Hugging Face Hub dataset id as ``path`` is read through ``datasets``
+(:mod:`~spherinator.data.hub`).
+
 ``DataModule`` and ``Column`` import Lightning; they load on first use so that tools which only write or read
 Parquet (``spherinator.data.writer``, ``tools/make_dataset.py``) start in a fraction of a second.
 """
@@ -21,15 +25,20 @@ from spherinator.data.writer import ParquetWriter, write_dataset
 
 if TYPE_CHECKING:
     from spherinator.data.datamodule import Column, DataModule
-    from spherinator.data.transforms import AlignByMoments
+    from spherinator.data.transforms import AbsMaxNormalize, AlignByMoments, MinMaxNormalize
+    from spherinator.data.upstream import ParquetDataModule, ParquetIterableDataModule
 
 __all__ = [
+    "AbsMaxNormalize",
     "AlignByMoments",
     "Column",
     "ColumnLayout",
     "DataError",
     "DataModule",
+    "MinMaxNormalize",
+    "ParquetDataModule",
     "ParquetIndex",
+    "ParquetIterableDataModule",
     "ParquetReader",
     "ParquetStream",
     "ParquetWriter",
@@ -47,8 +56,12 @@ def __getattr__(name: str):
         from spherinator.data import datamodule
 
         return getattr(datamodule, name)
-    if name == "AlignByMoments":
-        from spherinator.data.transforms import AlignByMoments
+    if name in ("AlignByMoments", "MinMaxNormalize", "AbsMaxNormalize"):
+        from spherinator.data import transforms
 
-        return AlignByMoments
+        return getattr(transforms, name)
+    if name in ("ParquetDataModule", "ParquetIterableDataModule"):
+        from spherinator.data import upstream
+
+        return getattr(upstream, name)
     raise AttributeError(f"module 'spherinator.data' has no attribute {name!r}")

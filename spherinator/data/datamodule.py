@@ -13,10 +13,61 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader
 
+from spherinator.data.hub import is_hub_id, local_parquet
 from spherinator.data.layout import DataError
 from spherinator.data.plan import Segment, split_rows
 from spherinator.data.reader import ParquetIndex, ParquetReader
+from spherinator.data.transforms import draws_random
 from spherinator.data.transport import Loader, ParquetStream, apply_transform, scale_on_device
+from spherinator.errors import ConfigError
+
+
+def _fractions(
+    val_fraction: float, test_fraction: float, validation_size: float | None, test_size: float | None, in_gpu: bool
+) -> tuple[float, float]:
+    """The checked ``(val_fraction, test_fraction)``, from upstream's options where given (see DataModule)."""
+    if in_gpu:
+        raise ConfigError(
+            "in_gpu_memory: true (upstream's whole dataset in GPU memory) does not exist here: rows are streamed "
+            "and each batch moves to the GPU when used; remove it (for speed raise num_workers)"
+        )
+    if validation_size is not None or test_size is not None:
+        val_fraction, test_fraction = _upstream_fractions(validation_size, test_size, val_fraction, test_fraction)
+    for name, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+        if not 0.0 <= value < 1.0:
+            raise DataError(f"{name}={value} must be in [0, 1)")
+    if val_fraction + test_fraction >= 1.0:
+        raise DataError(
+            f"val_fraction={val_fraction} + test_fraction={test_fraction} leave no training rows; "
+            f"make their sum less than 1"
+        )
+    return val_fraction, test_fraction
+
+
+def _upstream_fractions(
+    validation_size: float | None, test_size: float | None, val_fraction: float, test_fraction: float
+) -> tuple[float, float]:
+    """``(val_fraction, test_fraction)`` from upstream's ``validation_size`` (held out for validation and testing)
+    and ``test_size`` (the held-out part that is tested), with upstream's defaults 0.2 and 0.5 for the one not
+    given; a ConfigError where they cannot mean here what they mean upstream, or are given with ours."""
+    if (val_fraction, test_fraction) != (0.1, 0.0):
+        raise ConfigError(
+            f"give either val_fraction/test_fraction ({val_fraction}/{test_fraction}) or upstream's "
+            f"validation_size/test_size ({validation_size}/{test_size}), not both"
+        )
+    validation_size = 0.2 if validation_size is None else validation_size
+    test_size = 0.5 if test_size is None else test_size
+    if validation_size == 0.0:
+        raise ConfigError(
+            "validation_size=0: upstream then validates on the training rows themselves, which is not done here; "
+            "write val_fraction: 0 (no validation) instead"
+        )
+    if not 0.0 < validation_size < 1.0 or not 0.0 <= test_size < 1.0:
+        raise ConfigError(
+            f"validation_size={validation_size} must be in (0, 1) and test_size={test_size} in [0, 1) (the part of "
+            f"the held-out rows that is tested; 0: no test split here, where upstream tests on the validation rows)"
+        )
+    return validation_size * (1 - test_size), validation_size * test_size
 
 
 @dataclass
@@ -27,15 +78,28 @@ class Column:
 
     Attributes:
         name: Column name in the Parquet files.
-        transform: Callable applied to the column's tensor. By default it gets a whole batch ``(B, *shape)``
-            (torchvision v2 transforms accept leading batch dimensions; random ones then draw one set of
-            parameters per batch).
-        per_sample: Apply ``transform`` to each sample ``(*shape)`` instead (e.g. per-sample augmentations).
+        transform: Callable applied to the column's tensor.
+        per_sample: True: ``transform`` gets each sample ``(*shape)``; False: it gets a whole batch
+            ``(B, *shape)`` at once (faster; torchvision v2 transforms accept leading batch dimensions, but random
+            ones then draw one set of parameters for the whole batch). None (default): per sample when the transform
+            draws random parameters (a torchvision ``Random*`` transform, ``ColorJitter``, ``GaussianBlur``, ... or a
+            ``Compose`` holding one, see :func:`~spherinator.data.transforms.draws_random`), as torchvision applies
+            them in a ``Dataset``; per batch for deterministic ones (``Resize``, ``Normalize``, ``AlignByMoments``).
     """
 
     name: str
     transform: Callable | None = None
-    per_sample: bool = False
+    per_sample: bool | None = None
+
+    def __post_init__(self) -> None:
+        batch_only = getattr(self.transform, "batch_only", False)
+        if self.per_sample and batch_only:
+            raise DataError(
+                f"column {self.name!r}: {type(self.transform).__name__} normalises each sample of a whole batch; "
+                f"remove `per_sample: true` from the column"
+            )
+        if self.per_sample is None:
+            self.per_sample = self.transform is not None and not batch_only and draws_random(self.transform)
 
 
 class DataModule(pl.LightningDataModule):
@@ -71,6 +135,16 @@ class DataModule(pl.LightningDataModule):
         pin_memory: Pin batches in page-locked memory; None pins when CUDA is available.
         persistent_workers: Keep workers alive between epochs (only with ``num_workers > 0``).
         prefetch_factor: Batches each worker loads ahead (only with ``num_workers > 0``).
+        validation_size: Upstream Spherinator's name: the fraction of rows held out for validation *and* testing,
+            of which ``test_size`` go to testing; given, it sets ``val_fraction = validation_size * (1 - test_size)``
+            and ``test_fraction = validation_size * test_size`` (upstream's defaults 0.2 and 0.5: 10% each).
+        test_size: Upstream's fraction of the held-out rows that go to testing (see ``validation_size``).
+        in_gpu_memory: Upstream's switch to hold the whole dataset in GPU memory; only ``false`` is accepted here
+            (rows are streamed from the files and each batch moves to the GPU when it is used).
+
+    A ``path`` that is no local file or directory but a Hugging Face Hub dataset id (``owner/name``) is loaded with
+    ``datasets.load_dataset`` (cached, offline with ``HF_DATASETS_OFFLINE=1``) and its ``train`` split is read from a
+    Parquet copy written once next to the ``datasets`` cache (see :mod:`spherinator.data.hub`).
     """
 
     def __init__(
@@ -89,9 +163,14 @@ class DataModule(pl.LightningDataModule):
         pin_memory: bool | None = None,
         persistent_workers: bool = True,
         prefetch_factor: int | None = None,
+        validation_size: float | None = None,
+        test_size: float | None = None,
+        in_gpu_memory: bool = False,
     ) -> None:
         super().__init__()
         self.path = Path(path)
+        self._local: Path | None = None  # the Parquet file or directory that path names (a Hub id's copy)
+        val_fraction, test_fraction = _fractions(val_fraction, test_fraction, validation_size, test_size, in_gpu_memory)
         self.columns = [self._as_column(c) for c in columns] if columns is not None else None
         if self.columns is not None and not self.columns:
             raise DataError("columns=[] names no column; give at least one, e.g. columns: [data]")
@@ -103,14 +182,6 @@ class DataModule(pl.LightningDataModule):
         if num_workers < 0:
             raise DataError(f"num_workers={num_workers} must be 0 (load in the main process) or more")
         self.num_workers = num_workers
-        for name, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
-            if not 0.0 <= value < 1.0:
-                raise DataError(f"{name}={value} must be in [0, 1)")
-        if val_fraction + test_fraction >= 1.0:
-            raise DataError(
-                f"val_fraction={val_fraction} + test_fraction={test_fraction} leave no training rows; "
-                f"make their sum less than 1"
-            )
         self.val_fraction = val_fraction
         self.test_fraction = test_fraction
         self.seed = seed
@@ -148,9 +219,9 @@ class DataModule(pl.LightningDataModule):
         if self._index is not None:
             return self._index
         names = [c.name for c in self.columns] if self.columns is not None else None
-        head = ParquetIndex(self.path, names, first_file_only=True)
+        head = ParquetIndex(self.local_path, names, first_file_only=True)
         if not head.num_rows:  # the first file is empty: look further
-            head = ParquetIndex(self.path, names)
+            head = ParquetIndex(self.local_path, names)
         self._check_layouts(head)
         return head
 
@@ -212,17 +283,27 @@ class DataModule(pl.LightningDataModule):
         spec = self._column(name)
         if spec.transform is None:
             return tuple(shape)
-        if spec.per_sample:
-            return tuple(apply_transform(spec.transform, torch.zeros(1, *shape), True, name).shape[1:])
-        return tuple(apply_transform(spec.transform, torch.zeros(1, *shape), False, name).shape[1:])
+        return tuple(apply_transform(spec.transform, torch.zeros(1, *shape), spec.per_sample, name).shape[1:])
+
+    @property
+    def local_path(self) -> Path:
+        """The local Parquet file or directory read: ``path`` itself, or for a Hub dataset id the Parquet copy of its
+        ``train`` split (loaded with ``datasets`` at first use)."""
+        if self._local is None:
+            self._local = local_parquet(str(self.path)) if is_hub_id(self.path) else self.path
+        return self._local
 
     # -- Lightning hooks ------------------------------------------------------------------------------------------
+
+    def prepare_data(self) -> None:
+        """Download a Hub dataset id's files once (Lightning calls this on one process per node before ``setup``)."""
+        self.local_path  # noqa: B018 (loads and converts a Hub dataset)
 
     def setup(self, stage: str | None = None) -> None:
         """Scan the file footers, check every column and cut the splits; raises DataError on bad input."""
         if self._index is None:
             names = [c.name for c in self.columns] if self.columns is not None else None
-            self._index = ParquetIndex(self.path, names)
+            self._index = ParquetIndex(self.local_path, names)
             self._check_layouts(self._index)
             if self._index.num_rows == 0:
                 raise DataError(f"the parquet files under {str(self.path)!r} hold no rows; write some data first")
@@ -280,12 +361,19 @@ class DataModule(pl.LightningDataModule):
         transforms = {c.name: (c.transform, c.per_sample) for c in self.columns or [] if c.transform is not None}
         return ParquetStream(reader, transforms, self.return_dict, rank=rank, world_size=world_size)
 
+    def finish_batch(self) -> Callable[[Any], Any] | None:
+        """A callable that turns each loaded batch into the one handed out (in the main process, after the columns'
+        transforms), or None to hand out batches as loaded; subclasses (upstream's batch layouts) override it."""
+        return None
+
     def _loader(self, split: str) -> DataLoader:
         workers = {}
         if self.num_workers > 0:
             workers = {"persistent_workers": self.persistent_workers, "prefetch_factor": self.prefetch_factor}
         kwargs = dict(batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory, **workers)
-        kwargs["scale_on_device"] = self._scales_on_device()
+        kwargs["finish"] = finish = self.finish_batch()
+        # a finishing step (upstream's tuples, per-sample normalisation) takes the batch's floats: scale on the CPU
+        kwargs["scale_on_device"] = self._scales_on_device() and finish is None
         if split != "train":
             return Loader(self.dataset(split), **kwargs)
         return Loader(self.dataset(split), progress=_TrainerProgress(self), **kwargs)

@@ -117,3 +117,83 @@ class AlignByMoments(nn.Module):
         source = x if x.is_floating_point() else x.float()
         out = F.grid_sample(source, grid.to(source.dtype), mode="bilinear", padding_mode="border", align_corners=True)
         return out if x.is_floating_point() else out.round().clamp(0, 255).to(x.dtype)
+
+
+# -- which transforms draw random parameters ---------------------------------------------------------------------------
+
+# torchvision transforms that draw their parameters at every call without "Random" in their name.
+_RANDOM_NAMES = frozenset(
+    {
+        "AugMix",
+        "AutoAugment",
+        "ColorJitter",
+        "ElasticTransform",
+        "GaussianBlur",
+        "GaussianNoise",
+        "JPEG",
+        "RandAugment",
+        "ScaleJitter",
+        "TrivialAugmentWide",
+    }
+)
+
+
+def draws_random(transform: object) -> bool:
+    """Whether ``transform`` draws random parameters at each call (a torchvision ``Random*`` transform, one of the
+    other random ones such as ``ColorJitter``, or a composition holding one).
+
+    A column whose transform draws at random is applied per sample by default, as torchvision's transforms are
+    applied to each sample of a ``Dataset`` (one angle per sample, not one per batch).
+    """
+    seen: set[int] = set()
+
+    def walk(node: object) -> bool:
+        if id(node) in seen:
+            return False
+        seen.add(id(node))
+        name = type(node).__name__
+        if name.startswith("Random") or name in _RANDOM_NAMES:
+            return True
+        inner = getattr(node, "transforms", None)  # Compose, RandomApply/Choice/Order (torchvision v1 and v2)
+        children = list(inner) if isinstance(inner, list | tuple | nn.ModuleList) else []
+        if isinstance(node, nn.Module):
+            children += list(node.children())
+        return any(walk(child) for child in children)
+
+    return walk(transform)
+
+
+class _PerSampleNormalize(nn.Module):
+    """Normalises each sample of a batch ``(B, ...)`` over all its values (a batch transform: the DataModule hands
+    it whole batches, and refuses ``per_sample: true`` with it, where it would normalise each row of one sample)."""
+
+    batch_only = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() < 2:
+            raise ValueError(f"{type(self).__name__} takes a batch (B, ...), got shape {tuple(x.shape)}")
+        x = x if x.is_floating_point() else x.float()
+        flat = x.reshape(len(x), -1)
+        return self.normalize(flat).reshape(x.shape)
+
+    def normalize(self, flat: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class MinMaxNormalize(_PerSampleNormalize):
+    """Scale each sample to [0, 1]: ``(x - min) / (max - min)`` over all of its values (upstream Spherinator's
+    ``normalize: minmax``). A constant sample becomes zeros."""
+
+    def normalize(self, flat: torch.Tensor) -> torch.Tensor:
+        low = flat.amin(1, keepdim=True)
+        span = flat.amax(1, keepdim=True) - low
+        return (flat - low) / torch.where(span > 0, span, torch.ones_like(span))
+
+
+class AbsMaxNormalize(_PerSampleNormalize):
+    """Divide each sample by its largest absolute value, to [-1, 1] (upstream Spherinator's ``normalize: absmax``).
+    An all-zero sample stays zeros."""
+
+    def normalize(self, flat: torch.Tensor) -> torch.Tensor:
+        peak = flat.abs().amax(1, keepdim=True)
+        return flat / torch.where(peak > 0, peak, torch.ones_like(peak))

@@ -549,7 +549,8 @@ class Loader(DataLoader):
 
     With ``scale_on_device`` it hands uint8 array columns without a transform on as uint8 (a quarter of the bytes
     to copy, pin and transfer, and no float conversion on the CPU): the DataModule's ``on_after_batch_transfer``
-    scales them on the device (:func:`scale_on_device`)."""
+    scales them on the device (:func:`scale_on_device`). ``finish`` turns each batch, in this process, into the one
+    handed out (upstream's tuples)."""
 
     def __init__(
         self,
@@ -557,6 +558,7 @@ class Loader(DataLoader):
         *,
         progress: TrainProgress | None = None,
         scale_on_device: bool = False,
+        finish: Callable[[Any], Any] | None = None,
         **kwargs: Any,
     ) -> None:
         self.handover = Handover() if kwargs.get("num_workers", 0) > 0 else None
@@ -565,6 +567,7 @@ class Loader(DataLoader):
             dataset = dataset.handed_over(self.handover, scale_on_device)
         super().__init__(dataset, **kwargs)
         self.progress = progress
+        self.finish = finish  # turns each batch, in this process, into the one handed out (upstream's tuples)
         # the passes over epoch _passes_epoch before the current one; the current one handed out _handed batches
         self._passes: list[Pass] = []
         self._passes_epoch: int | None = None
@@ -717,4 +720,6 @@ class Loader(DataLoader):
         batches = super().__iter__()
         if self.handover is not None:
             batches = map(functools.partial(self._receive, slots), batches)
+        if self.finish is not None:
+            batches = map(self.finish, batches)
         return map(self._count, batches) if self.progress is not None else batches

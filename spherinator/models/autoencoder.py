@@ -261,6 +261,14 @@ class _AutoencoderBase(pl.LightningModule):
     def _shared_step(self, batch: Any, stage: str) -> torch.Tensor:
         raise NotImplementedError
 
+    def _reconstruction_error(self, x_hat: torch.Tensor, x: torch.Tensor, batch: Any) -> torch.Tensor:
+        """The reconstruction loss; a loss that weighs values by their errors (``takes_error``, e.g.
+        :class:`~spherinator.losses.GaussianNLLLoss`) also gets the batch's errors."""
+        loss = self.reconstruction_loss
+        if getattr(loss, "takes_error", False):
+            return loss(x_hat, x, loss.error_of(batch))
+        return loss(x_hat, x)
+
     def predict_step(
         self, batch: Any, batch_idx: int = 0, dataloader_idx: int = 0
     ) -> dict[str, torch.Tensor | list[str]]:
@@ -324,7 +332,7 @@ class Autoencoder(_AutoencoderBase):
         with self._batchnorm_single_sample(len(x)):
             x_hat = self(x)
         self._check_reconstruction_shape(tuple(x_hat.shape[1:]), tuple(x.shape[1:]))
-        loss = self.reconstruction_loss(x_hat, x)
+        loss = self._reconstruction_error(x_hat, x, batch)
         self._log_losses(stage, len(x), loss=loss)
         self._log_upstream_names(stage, len(x))
         return loss
@@ -489,7 +497,7 @@ class VariationalAutoencoder(_AutoencoderBase):
                 kl = kl_divergence(q, HypersphericalUniform(self.z_dim, device=z.device)).mean()
             x_hat = self.decode(z)
         self._check_reconstruction_shape(tuple(x_hat.shape[1:]), tuple(x.shape[1:]))
-        recon = self.reconstruction_loss(x_hat, x)
+        recon = self._reconstruction_error(x_hat, x, batch)
         loss = recon + self.beta * kl
         self._log_losses(stage, len(x), loss=loss, recon=recon, kl=kl)
         self._log_upstream_names(stage, len(x), loss_recon=recon, loss_KL=self.beta * kl, scale=scale)
