@@ -153,8 +153,14 @@ def test_images_appear_upright_with_east_on_the_left(tmp_path):
     assert checked > 1000
 
 
+def test_images_fill_their_cells_by_default_and_spectra_are_contained():
+    # a centred object fills the sky seamlessly; a plot keeps both its ends
+    assert TileRenderer((3, 16, 16), width=32).fit == "fill"
+    assert TileRenderer((1, 64)).fit == "contain"
+
+
 def test_contain_shows_the_whole_picture_inside_the_cell(tmp_path):
-    renderer = TileRenderer((3, 16, 16), width=32)
+    renderer = TileRenderer((3, 16, 16), width=32, fit="contain")
     assert renderer.fit == "contain"
     write_hips(compass_decoder, renderer, tmp_path, max_order=1, tile_format="png", progress=False)
     for npix in (5, 20, 40):
