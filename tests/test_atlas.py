@@ -900,3 +900,22 @@ def test_data_of_another_shape_than_the_model_is_named(tmp_path):
     with pytest.raises(AtlasError, match=r"model takes inputs of shape \(3, 32, 32\) but the data's samples have "
                        r"shape \(1, 2, 2\)"):  # fmt: skip
         write_catalog(model, datamodule, tmp_path, TileRenderer((3, 32, 32)), order=1, thumbnails=0, progress=False)
+
+
+def test_tiles_drawn_by_worker_processes_are_the_serial_files_byte_for_byte(run_dir, tmp_path, monkeypatch):
+    from spherinator.atlas import hips, open_model
+
+    model = open_model(run_dir / "onnx")
+    renderer = TileRenderer(model.input_shape)
+    serial = write_hips(model.decode, renderer, tmp_path / "serial", max_order=2, batch_size=16, progress=False)
+    monkeypatch.setattr(hips, "TILES_PER_WORKER", 1)  # 1,020 tiles would be one worker's share
+    pooled = write_hips(model.decode, renderer, tmp_path / "pooled", max_order=2, batch_size=16, progress=False,
+                        workers=2, worker_decoder=model.worker_decoder())  # fmt: skip
+    assert (serial["workers"], pooled["workers"], pooled["tiles"]) == (1, 2, 252)
+
+    def files(root: Path) -> dict[str, bytes]:
+        return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+    one, two = files(tmp_path / "serial"), files(tmp_path / "pooled")
+    assert sorted(one) == sorted(two) and len(one) == 252 + 2  # the tiles, the Allsky, properties
+    assert [name for name in one if name != "properties" and one[name] != two[name]] == []

@@ -63,6 +63,7 @@ def write_atlas(
     trust: bool = False,
     progress: bool = True,
     log: Any = print,
+    workers: int | None = None,
 ) -> dict[str, Any]:
     """Write the atlas of a run directory, a checkpoint or an ONNX export directory (see the module docstring).
 
@@ -88,6 +89,7 @@ def write_atlas(
         trust: Read a checkpoint holding pickled Python objects in full (see ``spherinator export``).
         progress: Progress bars on stderr.
         log: Called with one line per step (None: quiet).
+        workers: Processes drawing tiles (None: the cores this process may use; see :func:`write_hips`).
 
     Returns:
         The contents of ``atlas.json``, plus ``path`` (the atlas directory).
@@ -99,7 +101,7 @@ def write_atlas(
     options = AtlasOptions(out=out, max_order=max_order, tile_width=tile_width, tile_fit=tile_fit,
                            tile_format=tile_format, max_sources=max_sources, thumbnails=thumbnails,
                            aladin_lite=aladin_lite, batch_size=batch_size, device=device, overwrite=overwrite,
-                           seed=seed, trust=trust, progress=progress)  # fmt: skip
+                           seed=seed, trust=trust, progress=progress, workers=workers)  # fmt: skip
     return build_atlas(path, options, data_args, log)
 
 
@@ -174,10 +176,11 @@ def _write_contents(model: SphereModel, datamodule: Any, renderer: TileRenderer,
         "hips_initial_fov": str(initial["fov"]),
     }
     hips = write_hips(model.decode, renderer, staging / "hips", options.max_order, options.tile_format,
-                      options.batch_size, properties, options.progress)  # fmt: skip
+                      options.batch_size, properties, options.progress, workers=options.workers or 1,
+                      worker_decoder=model.worker_decoder())  # fmt: skip
     write_moc(staging / "hips" / "Moc.fits")
     say(f"atlas: {hips['tiles']} tiles in {hips['seconds']:.1f} s ({hips['seconds_per_1k_tiles']:.2f} s per 1k "
-        f"tiles, {hips['decode_seconds']:.1f} s decoding); catalog of {catalog['rows']} rows in "
+        f"tiles, {hips['decode_seconds']:.1f} s decoding, {hips['workers']} process(es)); catalog of {catalog['rows']} rows in "
         f"{catalog_seconds:.1f} s")  # fmt: skip
     for note in catalog.get("notes", []):
         say(f"atlas: {note}")

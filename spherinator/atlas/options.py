@@ -16,6 +16,7 @@ MAX_SOURCES = 10_000_000  # the VOTable is TABLEDATA text read by a browser: ~1 
 MAX_THUMBNAILS = 1_000_000
 MAX_BATCH_SIZE = 65_536
 MAX_SEED = 2**63 - 1
+MAX_WORKERS = 1024
 
 
 @dataclass
@@ -38,6 +39,8 @@ class AtlasOptions:
         seed: Seed of the VOTable's row sample, 0..2^63-1.
         trust: Read a checkpoint holding pickled Python objects in full.
         progress: Progress bars on stderr.
+        workers: Processes drawing tiles, 1..:data:`MAX_WORKERS`; None: the cores this process may use (its CPU
+            affinity, which Slurm sets).
     """
 
     out: str | Path | None = None
@@ -54,6 +57,7 @@ class AtlasOptions:
     seed: int = 0
     trust: bool = False
     progress: bool = True
+    workers: int | None = None
 
     def __post_init__(self) -> None:
         if self.out is not None:
@@ -71,6 +75,11 @@ class AtlasOptions:
         _check_int("--thumbnails", self.thumbnails, 0, MAX_THUMBNAILS)
         _check_int("--batch-size", self.batch_size, 1, MAX_BATCH_SIZE)
         _check_int("--seed", self.seed, 0, MAX_SEED)
+        if self.workers is None:
+            from spherinator.atlas.hips import available_cores
+
+            self.workers = available_cores()
+        _check_int("--workers", self.workers, 1, MAX_WORKERS)
 
 
 def _check_int(flag: str, value: Any, low: int, high: int, hint: str = "") -> None:
