@@ -919,3 +919,32 @@ def test_tiles_drawn_by_worker_processes_are_the_serial_files_byte_for_byte(run_
     one, two = files(tmp_path / "serial"), files(tmp_path / "pooled")
     assert sorted(one) == sorted(two) and len(one) == 252 + 2  # the tiles, the Allsky, properties
     assert [name for name in one if name != "properties" and one[name] != two[name]] == []
+
+
+def test_serve_prints_its_lines_at_once_into_a_pipe_and_imports_no_torch(tmp_path):
+    # Under nohup or in a Slurm log stdout is a file: the ssh -L line must not wait in a buffer until the server ends.
+    import os
+    import selectors
+    import subprocess
+    import sys
+    import time
+
+    (tmp_path / "index.html").write_text("<p>atlas</p>")
+    script = "from spherinator.commands import main; main(['atlas', 'serve', '.', '--port', '0'])"
+    root = str(Path(__file__).resolve().parents[1])  # this checkout's spherinator, from tmp_path too
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    server = subprocess.Popen([sys.executable, "-X", "importtime", "-c", script], cwd=tmp_path, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    lines: list[str] = []
+    try:
+        with selectors.DefaultSelector() as selector:
+            selector.register(server.stdout, selectors.EVENT_READ)
+            deadline = time.monotonic() + 60
+            while len(lines) < 3 and time.monotonic() < deadline and selector.select(deadline - time.monotonic()):
+                lines.append(server.stdout.readline())
+    finally:
+        server.terminate()
+        imported = server.communicate(timeout=30)[1]
+    assert len(lines) == 3 and "serving" in lines[0] and "ssh -N -L" in lines[1], lines
+    modules = {line.split("|")[-1].strip() for line in imported.splitlines() if line.startswith("import time:")}
+    assert {"torch", "lightning", "onnxruntime"} & modules == set()
