@@ -933,18 +933,21 @@ def test_serve_prints_its_lines_at_once_into_a_pipe_and_imports_no_torch(tmp_pat
     script = "from spherinator.commands import main; main(['atlas', 'serve', '.', '--port', '0'])"
     root = str(Path(__file__).resolve().parents[1])  # this checkout's spherinator, from tmp_path too
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    env.pop("PYTHONUNBUFFERED", None)  # as a batch job has it: stdout block-buffered into a file or pipe
     server = subprocess.Popen([sys.executable, "-X", "importtime", "-c", script], cwd=tmp_path, env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
-    lines: list[str] = []
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    printed = b""
     try:
-        with selectors.DefaultSelector() as selector:
+        with selectors.DefaultSelector() as selector:  # what reaches the pipe while the server runs
             selector.register(server.stdout, selectors.EVENT_READ)
             deadline = time.monotonic() + 60
-            while len(lines) < 3 and time.monotonic() < deadline and selector.select(deadline - time.monotonic()):
-                lines.append(server.stdout.readline())
+            while printed.count(b"\n") < 3 and time.monotonic() < deadline:
+                if selector.select(deadline - time.monotonic()):
+                    printed += os.read(server.stdout.fileno(), 4096) or b"(closed)\n" * 3
     finally:
         server.terminate()
-        imported = server.communicate(timeout=30)[1]
+        imported = server.communicate(timeout=30)[1].decode()
+    lines = printed.decode().splitlines()
     assert len(lines) == 3 and "serving" in lines[0] and "ssh -N -L" in lines[1], lines
     modules = {line.split("|")[-1].strip() for line in imported.splitlines() if line.startswith("import time:")}
     assert {"torch", "lightning", "onnxruntime"} & modules == set()
