@@ -951,3 +951,23 @@ def test_serve_prints_its_lines_at_once_into_a_pipe_and_imports_no_torch(tmp_pat
     assert len(lines) == 3 and "serving" in lines[0] and "ssh -N -L" in lines[1], lines
     modules = {line.split("|")[-1].strip() for line in imported.splitlines() if line.startswith("import time:")}
     assert {"torch", "lightning", "onnxruntime"} & modules == set()
+
+
+def test_a_runs_relative_data_path_is_where_the_run_was_made_and_no_path_is_published(run_dir, blobs, tmp_path,
+                                                                                        monkeypatch):  # fmt: skip
+    # fit ran in project/ with data.path 'data/blobs'; the atlas is made from elsewhere
+    project = tmp_path / "project"
+    shutil.copytree(blobs, project / "data" / "blobs")
+    run = project / "runs" / "tiny" / "version_0"
+    shutil.copytree(run_dir, run)
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    config["data"]["init_args"]["path"] = "data/blobs"
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    lines: list[str] = []
+    info = write_atlas(run, max_order=0, thumbnails=0, progress=False, log=lines.append, workers=1)
+    assert info["catalog"]["rows"] == 80
+    assert any("relative to where the run was made" in line for line in lines), lines
+    properties = (run / "atlas" / "hips" / "properties").read_text()
+    assert str(tmp_path) not in properties and str(run_dir.parents[2]) not in properties, properties
