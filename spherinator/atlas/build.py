@@ -29,7 +29,7 @@ from spherinator.atlas import AtlasError
 from spherinator.atlas.catalog import add_row_columns, load_datamodule, write_catalog
 from spherinator.atlas.hips import ALLSKY_ORDER, write_hips
 from spherinator.atlas.model import SphereModel, open_model
-from spherinator.atlas.options import AtlasOptions, check_data_path, check_out
+from spherinator.atlas.options import AtlasOptions, check_data_path, check_out, resolve_run_data
 from spherinator.atlas.page import ATLAS_JSON, find_aladin_lite, place_aladin_lite, write_index
 from spherinator.atlas.render import TileRenderer, value_range
 from spherinator.atlas.sky import cell_centres, cells, unit_to_radec
@@ -117,6 +117,8 @@ def build_atlas(
     check_out(out, options.overwrite, [p for p in (model.checkpoint, model.onnx_dir, model.config) if p])
     check_export_passed(model)
     datamodule, notes = load_datamodule(list(data_args or []), model.config)
+    if model.config is not None and not _gives_data_path(data_args or []):
+        notes += [note for note in [resolve_run_data(datamodule, model.config.parent)] if note]
     check_data_path(out, datamodule)
     added = add_row_columns(datamodule)
     if not added and type(datamodule).__name__ != "DataModule":
@@ -138,6 +140,13 @@ def build_atlas(
         replace_dir(staging, out)
     say(f"atlas: wrote {out} (view it: spherinator atlas serve {out})")
     return {**info, "path": str(out)}
+
+
+def _gives_data_path(data_args: list[str]) -> bool:
+    """Whether the command line gives the data (a ``-c`` file or a ``--data...path`` override): its relative paths
+    are the user's, relative to the current directory."""
+    return any(arg in ("-c", "--config", "--data") or arg.startswith("--config=")
+               or (arg.startswith("--data.") and "path" in arg.split("=", 1)[0]) for arg in data_args)  # fmt: skip
 
 
 def check_export_passed(model: SphereModel) -> None:
@@ -169,7 +178,8 @@ def _write_contents(model: SphereModel, datamodule: Any, renderer: TileRenderer,
     properties = {
         "creator_did": f"ivo://spherinator/P/atlas/{_did_safe(model.name)}",
         "obs_title": f"spherinator atlas: {model.name}",
-        "obs_description": f"The decoder of {model.model_class or 'a spherinator model'} ({model.decoder_source})"
+        # the decoder's file name, not its path: a HiPS is published, the writing machine's paths are not
+        "obs_description": f"The decoder of {model.model_class or 'a spherinator model'} ({_decoder_name(model)})"
         " drawn at the centre of every HEALPix cell",
         "hips_initial_ra": f"{initial['ra']:.4f}",
         "hips_initial_dec": f"{initial['dec']:.4f}",
@@ -188,6 +198,12 @@ def _write_contents(model: SphereModel, datamodule: Any, renderer: TileRenderer,
     info = _describe(model, renderer, hips, catalog, sample, initial, options.max_order, added, notes)
     info["catalog"]["seconds"] = round(catalog_seconds, 2)
     return info
+
+
+def _decoder_name(model: SphereModel) -> str:
+    if model.decoder_session is not None:
+        return "decoder.onnx, onnxruntime"
+    return f"{model.checkpoint.name if model.checkpoint else 'checkpoint'}, torch"
 
 
 def _did_safe(name: str) -> str:

@@ -144,3 +144,21 @@ def check_data_path(out: Path, datamodule: Any) -> None:
                          "part of the dataset; write the atlas elsewhere (default: <run dir>/atlas)")  # fmt: skip
     if data.exists() and _inside(data, out):
         raise AtlasError(f"-o {out} holds the data '{data}'; give the atlas a directory of its own")
+
+
+def resolve_run_data(datamodule: Any, run_dir: Path) -> str | None:
+    """Resolve a relative data path of a run's own ``config.yaml`` against where the run was made, not against the
+    current directory: ``spherinator fit`` read ``./data/demo`` from its working directory, which holds the run
+    (``runs/demo/version_0``), so the nearest directory above the run where the path exists is taken (the current
+    directory when none). Returns a note when the path was changed."""
+    data = getattr(datamodule, "path", None)
+    if not isinstance(data, str | os.PathLike) or Path(data).expanduser().is_absolute():
+        return None
+    relative = Path(data)
+    for folder in Path(run_dir).resolve().parents:
+        if (folder / relative).exists():
+            if (folder / relative).resolve() != relative.resolve():
+                datamodule.path = folder / relative
+                return f"data path '{data}' of the run's config is relative to where the run was made: {folder}"
+            return None
+    return None
