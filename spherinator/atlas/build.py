@@ -190,8 +190,8 @@ def _write_contents(model: SphereModel, datamodule: Any, renderer: TileRenderer,
                       worker_decoder=model.worker_decoder())  # fmt: skip
     write_moc(staging / "hips" / "Moc.fits")
     say(f"atlas: {hips['tiles']} tiles in {hips['seconds']:.1f} s ({hips['seconds_per_1k_tiles']:.2f} s per 1k "
-        f"tiles, {hips['decode_seconds']:.1f} s decoding, {hips['workers']} process(es)); catalog of {catalog['rows']} rows in "
-        f"{catalog_seconds:.1f} s")  # fmt: skip
+        f"tiles, {hips['decode_seconds']:.1f} s decoding, {hips['workers']} process(es)); catalog of "
+        f"{catalog['rows']} rows in {catalog_seconds:.1f} s")  # fmt: skip
     for note in catalog.get("notes", []):
         say(f"atlas: {note}")
     notes = notes + catalog.pop("notes", [])

@@ -92,9 +92,7 @@ def write_hips(
     """
     if tile_format not in FORMATS:
         raise ValueError(f"tile_format must be one of {sorted(FORMATS)}, got {tile_format!r}")
-    ext = FORMATS[tile_format]
-    out = Path(out)
-    width = int(renderer.width)
+    ext, out, width = FORMATS[tile_format], Path(out), int(renderer.width)
     total = sum(cells(k) for k in range(max_order + 1))
     drawn = sum(cells(k) for k in range(max(max_order, ALLSKY_ORDER) + 1))
     workers = min(int(workers), max(1, drawn // TILES_PER_WORKER)) if worker_decoder is not None else 1

@@ -74,9 +74,9 @@ class SphereModel:
     def encode(self, batch: Any) -> dict[str, np.ndarray]:
         """A data batch (tensor or dict, model input first) -> ``location`` (B, z_dim) and, with a torch VAE,
         ``scale`` (B,), the Power Spherical concentration."""
-        from spherinator.models.autoencoder import model_input
-
         import torch
+
+        from spherinator.models.autoencoder import model_input
 
         x = model_input(batch)
         if self.torch_model is None:
