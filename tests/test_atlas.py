@@ -971,3 +971,11 @@ def test_a_runs_relative_data_path_is_where_the_run_was_made_and_no_path_is_publ
     assert any("relative to where the run was made" in line for line in lines), lines
     properties = (run / "atlas" / "hips" / "properties").read_text()
     assert str(tmp_path) not in properties and str(run_dir.parents[2]) not in properties, properties
+
+
+def test_make_demo_ends_on_the_atlas_and_the_line_that_opens_it():
+    makefile = (Path(__file__).parents[1] / "Makefile").read_text()
+    recipe = makefile.split("\ndemo:", 1)[1].split("\n\n", 1)[0]
+    commands = [line.strip() for line in recipe.splitlines()[1:]]
+    assert "spherinator fit" in commands[0] and "spherinator atlas $$run" in " ".join(commands)
+    assert "spherinator atlas serve $$run/atlas" in commands[-1]
