@@ -91,45 +91,13 @@ class SphereModel:
     def worker_decoder(self) -> Any:
         """A picklable ``decode`` for a worker process (its own session or model copy, on one thread), or None
         where workers do not help (a model on a GPU)."""
+        from spherinator.atlas.decoders import OnnxDecoder, TorchDecoder
+
         if self.decoder_session is not None:
             return OnnxDecoder(str(self.onnx_dir / "decoder.onnx"))
         if str(self.device) == "cpu":
             return TorchDecoder(self.torch_model)
         return None
-
-
-class OnnxDecoder:
-    """``decoder.onnx`` run by onnxruntime on one thread, its session opened at the first call (in the worker)."""
-
-    def __init__(self, path: str) -> None:
-        self.path, self._session = path, None
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {"path": self.path, "_session": None}
-
-    def __call__(self, z: np.ndarray) -> np.ndarray:
-        if self._session is None:
-            import onnxruntime as ort
-
-            options = ort.SessionOptions()
-            options.intra_op_num_threads = options.inter_op_num_threads = 1  # one worker per core
-            self._session = ort.InferenceSession(self.path, options, providers=["CPUExecutionProvider"])
-        (out,) = self._session.run(None, {"z": np.ascontiguousarray(z, dtype=np.float32)})
-        return out
-
-
-class TorchDecoder:
-    """A torch model's decoder on the CPU, on one thread."""
-
-    def __init__(self, net: Any) -> None:
-        self.net = net
-
-    def __call__(self, z: np.ndarray) -> np.ndarray:
-        import torch
-
-        torch.set_num_threads(1)  # one worker per core
-        with torch.no_grad():
-            return self.net.decode(torch.from_numpy(np.ascontiguousarray(z, dtype=np.float32))).float().numpy()
 
 
 def open_model(path: str | Path, device: str | None = None, trust: bool = False) -> SphereModel:
