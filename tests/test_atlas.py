@@ -906,7 +906,7 @@ def test_tiles_drawn_by_worker_processes_are_the_serial_files_byte_for_byte(run_
     from spherinator.atlas import hips, open_model
 
     model = open_model(run_dir / "onnx")
-    renderer = TileRenderer(model.input_shape)
+    renderer = TileRenderer(model.input_shape, width=16)  # small tiles: the test is about who draws them
     serial = write_hips(model.decode, renderer, tmp_path / "serial", max_order=2, batch_size=16, progress=False)
     monkeypatch.setattr(hips, "TILES_PER_WORKER", 1)  # 1,020 tiles would be one worker's share
     pooled = write_hips(model.decode, renderer, tmp_path / "pooled", max_order=2, batch_size=16, progress=False,
