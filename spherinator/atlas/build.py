@@ -75,8 +75,8 @@ def write_atlas(
         max_order: Deepest HiPS order (12 * 4^k tiles at order k; order 6: 49,152).
         tile_width: Tile width in pixels, a power of two up to 1024; None: from the data (images: their size
             rounded up to a power of two in [64, 512]; spectra: 256).
-        tile_fit: ``contain`` (default): each decoded picture whole inside its cell; ``fill``: covering the cell,
-            its corners cut off (for pictures with a centred object on a plain background).
+        tile_fit: ``fill`` (default for images): each decoded picture covers its cell, its corners cut off (centred
+            objects make a seamless sky); ``contain`` (default for spectra): the whole picture inside its cell.
         tile_format: ``jpeg`` or ``png``.
         max_sources: Rows in the VOTable (a seeded sample when the data have more); the Parquet file has all.
         thumbnails: Sampled rows that get pictures of their input and of its decoding.

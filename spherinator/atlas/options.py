@@ -28,7 +28,7 @@ class AtlasOptions:
         out: Atlas directory; None: ``<run dir>/atlas``.
         max_order: Deepest HiPS order, 0..:data:`~spherinator.atlas.MAX_ORDER`.
         tile_width: Tile width in pixels, a power of two in 8..:data:`MAX_TILE_WIDTH`; None: from the data.
-        tile_fit: ``contain`` or ``fill``; None: contain.
+        tile_fit: ``fill`` or ``contain``; None: fill for images, contain for spectra.
         tile_format: ``jpeg`` or ``png``.
         max_sources: Rows in the VOTable, 1..:data:`MAX_SOURCES`.
         thumbnails: Sampled rows with pictures, 0..:data:`MAX_THUMBNAILS`.
