@@ -42,9 +42,15 @@ $(ALADIN_LITE):
 
 aladin-lite: $(ALADIN_LITE)
 
+# The demo ends on the sphere: the atlas of the run just trained (HiPS orders 0..4, every row in the catalog),
+# and the one line that opens it.
+DEMO_ATLAS_ORDER ?= 4
 demo: venv demo-data
 	$(BIN)/spherinator fit -c experiments/vae_cnn3.yaml -c experiments/demo.yaml
 	@echo "Logs, checkpoints and pictures: runs/demo  (view with: $(BIN)/tensorboard --logdir runs)"
+	@run=$$(ls -d runs/demo/version_* | sort -V | tail -1) && \
+	$(BIN)/spherinator atlas $$run --max-order $(DEMO_ATLAS_ORDER) && \
+	echo "Open the sphere: $(BIN)/spherinator atlas serve $$run/atlas  (then the address it prints)"
 
 test: venv
 	$(BIN)/pytest $(PYTEST_ARGS)

@@ -153,8 +153,14 @@ def test_images_appear_upright_with_east_on_the_left(tmp_path):
     assert checked > 1000
 
 
+def test_images_fill_their_cells_by_default_and_spectra_are_contained():
+    # a centred object fills the sky seamlessly; a plot keeps both its ends
+    assert TileRenderer((3, 16, 16), width=32).fit == "fill"
+    assert TileRenderer((1, 64)).fit == "contain"
+
+
 def test_contain_shows_the_whole_picture_inside_the_cell(tmp_path):
-    renderer = TileRenderer((3, 16, 16), width=32)
+    renderer = TileRenderer((3, 16, 16), width=32, fit="contain")
     assert renderer.fit == "contain"
     write_hips(compass_decoder, renderer, tmp_path, max_order=1, tile_format="png", progress=False)
     for npix in (5, 20, 40):
@@ -894,3 +900,82 @@ def test_data_of_another_shape_than_the_model_is_named(tmp_path):
     with pytest.raises(AtlasError, match=r"model takes inputs of shape \(3, 32, 32\) but the data's samples have "
                        r"shape \(1, 2, 2\)"):  # fmt: skip
         write_catalog(model, datamodule, tmp_path, TileRenderer((3, 32, 32)), order=1, thumbnails=0, progress=False)
+
+
+def test_tiles_drawn_by_worker_processes_are_the_serial_files_byte_for_byte(run_dir, tmp_path, monkeypatch):
+    from spherinator.atlas import hips, open_model
+
+    model = open_model(run_dir / "onnx")
+    renderer = TileRenderer(model.input_shape, width=16)  # small tiles: the test is about who draws them
+    serial = write_hips(model.decode, renderer, tmp_path / "serial", max_order=2, batch_size=16, progress=False)
+    monkeypatch.setattr(hips, "TILES_PER_WORKER", 1)  # 1,020 tiles would be one worker's share
+    pooled = write_hips(model.decode, renderer, tmp_path / "pooled", max_order=2, batch_size=16, progress=False,
+                        workers=2, worker_decoder=model.worker_decoder())  # fmt: skip
+    assert (serial["workers"], pooled["workers"], pooled["tiles"]) == (1, 2, 252)
+
+    def files(root: Path) -> dict[str, bytes]:
+        return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+    one, two = files(tmp_path / "serial"), files(tmp_path / "pooled")
+    assert sorted(one) == sorted(two) and len(one) == 252 + 2  # the tiles, the Allsky, properties
+    assert [name for name in one if name != "properties" and one[name] != two[name]] == []
+
+
+def test_serve_prints_its_lines_at_once_into_a_pipe_and_imports_no_torch(tmp_path):
+    # Under nohup or in a Slurm log stdout is a file: the ssh -L line must not wait in a buffer until the server ends.
+    import os
+    import selectors
+    import subprocess
+    import sys
+    import time
+
+    (tmp_path / "index.html").write_text("<p>atlas</p>")
+    script = "from spherinator.commands import main; main(['atlas', 'serve', '.', '--port', '0'])"
+    root = str(Path(__file__).resolve().parents[1])  # this checkout's spherinator, from tmp_path too
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    env.pop("PYTHONUNBUFFERED", None)  # as a batch job has it: stdout block-buffered into a file or pipe
+    server = subprocess.Popen([sys.executable, "-X", "importtime", "-c", script], cwd=tmp_path, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    printed = b""
+    try:
+        with selectors.DefaultSelector() as selector:  # what reaches the pipe while the server runs
+            selector.register(server.stdout, selectors.EVENT_READ)
+            deadline = time.monotonic() + 60
+            while printed.count(b"\n") < 3 and time.monotonic() < deadline:
+                if selector.select(deadline - time.monotonic()):
+                    printed += os.read(server.stdout.fileno(), 4096) or b"(closed)\n" * 3
+    finally:
+        server.terminate()
+        imported = server.communicate(timeout=30)[1].decode()
+    lines = printed.decode().splitlines()
+    assert len(lines) == 3 and "serving" in lines[0] and "ssh -N -L" in lines[1], lines
+    modules = {line.split("|")[-1].strip() for line in imported.splitlines() if line.startswith("import time:")}
+    assert {"torch", "lightning", "onnxruntime"} & modules == set()
+
+
+def test_a_runs_relative_data_path_is_where_the_run_was_made_and_no_path_is_published(run_dir, blobs, tmp_path,
+                                                                                        monkeypatch):  # fmt: skip
+    # fit ran in project/ with data.path 'data/blobs'; the atlas is made from elsewhere
+    project = tmp_path / "project"
+    shutil.copytree(blobs, project / "data" / "blobs")
+    run = project / "runs" / "tiny" / "version_0"
+    shutil.copytree(run_dir, run)
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    config["data"]["init_args"]["path"] = "data/blobs"
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    lines: list[str] = []
+    info = write_atlas(run, max_order=0, thumbnails=0, progress=False, log=lines.append, workers=1)
+    assert info["catalog"]["rows"] == 80
+    assert any("relative to where the run was made" in line for line in lines), lines
+    properties = (run / "atlas" / "hips" / "properties").read_text()
+    assert str(tmp_path) not in properties and str(run_dir.parents[2]) not in properties, properties
+
+
+def test_make_demo_ends_on_the_atlas_and_the_line_that_opens_it():
+    makefile = (Path(__file__).parents[1] / "Makefile").read_text()
+    recipe = makefile.split("\ndemo:", 1)[1].split("\n\n", 1)[0]
+    commands = [line.strip() for line in recipe.splitlines()[1:]]
+    assert "spherinator fit" in commands[0] and "spherinator atlas $$run" in " ".join(commands)
+    assert "spherinator atlas serve $$run/atlas" in commands[-1]

@@ -29,7 +29,7 @@ from spherinator.atlas import AtlasError
 from spherinator.atlas.catalog import add_row_columns, load_datamodule, write_catalog
 from spherinator.atlas.hips import ALLSKY_ORDER, write_hips
 from spherinator.atlas.model import SphereModel, open_model
-from spherinator.atlas.options import AtlasOptions, check_data_path, check_out
+from spherinator.atlas.options import AtlasOptions, check_data_path, check_out, resolve_run_data
 from spherinator.atlas.page import ATLAS_JSON, find_aladin_lite, place_aladin_lite, write_index
 from spherinator.atlas.render import TileRenderer, value_range
 from spherinator.atlas.sky import cell_centres, cells, unit_to_radec
@@ -63,6 +63,7 @@ def write_atlas(
     trust: bool = False,
     progress: bool = True,
     log: Any = print,
+    workers: int | None = None,
 ) -> dict[str, Any]:
     """Write the atlas of a run directory, a checkpoint or an ONNX export directory (see the module docstring).
 
@@ -74,8 +75,8 @@ def write_atlas(
         max_order: Deepest HiPS order (12 * 4^k tiles at order k; order 6: 49,152).
         tile_width: Tile width in pixels, a power of two up to 1024; None: from the data (images: their size
             rounded up to a power of two in [64, 512]; spectra: 256).
-        tile_fit: ``contain`` (default): each decoded picture whole inside its cell; ``fill``: covering the cell,
-            its corners cut off (for pictures with a centred object on a plain background).
+        tile_fit: ``fill`` (default for images): each decoded picture covers its cell, its corners cut off (centred
+            objects make a seamless sky); ``contain`` (default for spectra): the whole picture inside its cell.
         tile_format: ``jpeg`` or ``png``.
         max_sources: Rows in the VOTable (a seeded sample when the data have more); the Parquet file has all.
         thumbnails: Sampled rows that get pictures of their input and of its decoding.
@@ -88,6 +89,7 @@ def write_atlas(
         trust: Read a checkpoint holding pickled Python objects in full (see ``spherinator export``).
         progress: Progress bars on stderr.
         log: Called with one line per step (None: quiet).
+        workers: Processes drawing tiles (None: the cores this process may use; see :func:`write_hips`).
 
     Returns:
         The contents of ``atlas.json``, plus ``path`` (the atlas directory).
@@ -99,7 +101,7 @@ def write_atlas(
     options = AtlasOptions(out=out, max_order=max_order, tile_width=tile_width, tile_fit=tile_fit,
                            tile_format=tile_format, max_sources=max_sources, thumbnails=thumbnails,
                            aladin_lite=aladin_lite, batch_size=batch_size, device=device, overwrite=overwrite,
-                           seed=seed, trust=trust, progress=progress)  # fmt: skip
+                           seed=seed, trust=trust, progress=progress, workers=workers)  # fmt: skip
     return build_atlas(path, options, data_args, log)
 
 
@@ -115,6 +117,8 @@ def build_atlas(
     check_out(out, options.overwrite, [p for p in (model.checkpoint, model.onnx_dir, model.config) if p])
     check_export_passed(model)
     datamodule, notes = load_datamodule(list(data_args or []), model.config)
+    if model.config is not None and not _gives_data_path(data_args or []):
+        notes += [note for note in [resolve_run_data(datamodule, model.config.parent)] if note]
     check_data_path(out, datamodule)
     added = add_row_columns(datamodule)
     if not added and type(datamodule).__name__ != "DataModule":
@@ -136,6 +140,13 @@ def build_atlas(
         replace_dir(staging, out)
     say(f"atlas: wrote {out} (view it: spherinator atlas serve {out})")
     return {**info, "path": str(out)}
+
+
+def _gives_data_path(data_args: list[str]) -> bool:
+    """Whether the command line gives the data (a ``-c`` file or a ``--data...path`` override): its relative paths
+    are the user's, relative to the current directory."""
+    return any(arg in ("-c", "--config", "--data") or arg.startswith("--config=")
+               or (arg.startswith("--data.") and "path" in arg.split("=", 1)[0]) for arg in data_args)  # fmt: skip
 
 
 def check_export_passed(model: SphereModel) -> None:
@@ -167,24 +178,32 @@ def _write_contents(model: SphereModel, datamodule: Any, renderer: TileRenderer,
     properties = {
         "creator_did": f"ivo://spherinator/P/atlas/{_did_safe(model.name)}",
         "obs_title": f"spherinator atlas: {model.name}",
-        "obs_description": f"The decoder of {model.model_class or 'a spherinator model'} ({model.decoder_source})"
+        # the decoder's file name, not its path: a HiPS is published, the writing machine's paths are not
+        "obs_description": f"The decoder of {model.model_class or 'a spherinator model'} ({_decoder_name(model)})"
         " drawn at the centre of every HEALPix cell",
         "hips_initial_ra": f"{initial['ra']:.4f}",
         "hips_initial_dec": f"{initial['dec']:.4f}",
         "hips_initial_fov": str(initial["fov"]),
     }
     hips = write_hips(model.decode, renderer, staging / "hips", options.max_order, options.tile_format,
-                      options.batch_size, properties, options.progress)  # fmt: skip
+                      options.batch_size, properties, options.progress, workers=options.workers or 1,
+                      worker_decoder=model.worker_decoder())  # fmt: skip
     write_moc(staging / "hips" / "Moc.fits")
     say(f"atlas: {hips['tiles']} tiles in {hips['seconds']:.1f} s ({hips['seconds_per_1k_tiles']:.2f} s per 1k "
-        f"tiles, {hips['decode_seconds']:.1f} s decoding); catalog of {catalog['rows']} rows in "
-        f"{catalog_seconds:.1f} s")  # fmt: skip
+        f"tiles, {hips['decode_seconds']:.1f} s decoding, {hips['workers']} process(es)); catalog of "
+        f"{catalog['rows']} rows in {catalog_seconds:.1f} s")  # fmt: skip
     for note in catalog.get("notes", []):
         say(f"atlas: {note}")
     notes = notes + catalog.pop("notes", [])
     info = _describe(model, renderer, hips, catalog, sample, initial, options.max_order, added, notes)
     info["catalog"]["seconds"] = round(catalog_seconds, 2)
     return info
+
+
+def _decoder_name(model: SphereModel) -> str:
+    if model.decoder_session is not None:
+        return "decoder.onnx, onnxruntime"
+    return f"{model.checkpoint.name if model.checkpoint else 'checkpoint'}, torch"
 
 
 def _did_safe(name: str) -> str:

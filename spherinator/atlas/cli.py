@@ -47,10 +47,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--tile-fit",
         "--tile_fit",
-        choices=["contain", "fill"],
+        choices=["fill", "contain"],
         default=None,
-        help="contain (default): each decoded picture whole inside its cell; fill: covering the cell, its corners "
-        "cut off (for centred objects on a plain background)",
+        help="fill (default for images): each decoded picture covers its cell, its corners cut off, so centred "
+        "objects make a seamless sky; contain (default for spectra): the whole picture inside its cell, the "
+        "cell's corners dark",
     )
     parser.add_argument(
         "--tile-format",
@@ -81,6 +82,13 @@ def build_parser() -> argparse.ArgumentParser:
         f"directory to copy into the atlas (default: ${ALADIN_LITE_ENV}, else {ALADIN_LITE_CDN})",
     )
     parser.add_argument("--batch-size", "--batch_size", type=int, default=64, help="cells decoded at once")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="processes drawing tiles, each with its own decoder on one thread (default: the cores this process "
+        "may use, as Slurm or taskset give them; one per 1,000 tiles at most)",
+    )
     parser.add_argument("--device", default=None, help="torch device for a checkpoint (default: cuda if available)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the VOTable's row sample")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing atlas directory")
@@ -167,4 +175,5 @@ def main(argv: list[str] | None = None) -> None:
             overwrite=args.overwrite,
             seed=args.seed,
             trust=args.trust,
+            workers=args.workers,
         )

@@ -5,15 +5,21 @@ Layout: ``properties``, ``NorderK/DirD/NpixN.{jpg,png}`` for K = 0..max_order (D
 HEALPix, 12 * 4^K tiles at order K), and ``Norder3/Allsky.{jpg,png}``: the 768 tiles of order 3 shrunk to 64 x 64
 (at most) and laid side by side, 27 to a row, in index order (drawn also when max_order is below 3: Aladin Lite
 asks for it).
+
+The tiles of an order are independent: with ``workers`` > 1 they are drawn by a pool of processes over chunks of
+whole batches (the same batches as one process decodes, so the files are byte for byte the same), each worker with a
+decoder of its own running on one thread (:meth:`~spherinator.atlas.model.SphereModel.worker_decoder`).
 """
 
 from __future__ import annotations
 
 import math
+import multiprocessing
+import os
 import sys
 import time
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_completed
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -28,6 +34,16 @@ FORMATS = {"jpeg": "jpg", "png": "png"}
 ALLSKY_ORDER = 3
 ALLSKY_TILE = 64
 HIPS_VERSION = "1.4"  # the hips_version value of the HiPS 1.0 Recommendation
+TILES_PER_WORKER = 1000  # fewer tiles than this per worker do not pay for starting it (~1 s: imports, session)
+CHUNKS_PER_WORKER = 8  # work items per worker: small enough to balance, large enough to amortise the hand-over
+
+
+def available_cores() -> int:
+    """The cores this process may run on: its CPU affinity (what Slurm or ``taskset`` gives), else the count."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 def tile_path(root: Path, order: int, npix: int, extension: str) -> Path:
@@ -51,6 +67,8 @@ def write_hips(
     batch_size: int = 64,
     properties: dict[str, str] | None = None,
     progress: bool = True,
+    workers: int = 1,
+    worker_decoder: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> dict[str, Any]:
     """Decode the centre of every cell at orders 0..``max_order`` and write its tile, the Allsky and the
     ``properties`` under ``out``.
@@ -64,19 +82,26 @@ def write_hips(
         batch_size: Cells decoded at once.
         properties: Extra or overriding ``properties`` keys (``obs_title``, ``creator_did``, ...).
         progress: Show a progress bar (stderr).
+        workers: Processes drawing tiles (at most one per :data:`TILES_PER_WORKER` tiles); 1: this process alone.
+        worker_decoder: A picklable ``decode`` for the worker processes (each calls it on its own batches); None:
+            no workers.
 
     Returns:
-        ``{"orders", "tiles", "tile_width", "format", "seconds", "seconds_per_1k_tiles", "decode_seconds"}``.
+        ``{"orders", "tiles", "tile_width", "format", "seconds", "seconds_per_1k_tiles", "decode_seconds",
+        "workers"}``; with workers, ``decode_seconds`` adds up their decoding.
     """
     if tile_format not in FORMATS:
         raise ValueError(f"tile_format must be one of {sorted(FORMATS)}, got {tile_format!r}")
-    ext = FORMATS[tile_format]
-    out = Path(out)
-    width = int(renderer.width)
+    ext, out, width = FORMATS[tile_format], Path(out), int(renderer.width)
     total = sum(cells(k) for k in range(max_order + 1))
     drawn = sum(cells(k) for k in range(max(max_order, ALLSKY_ORDER) + 1))
+    workers = min(int(workers), max(1, drawn // TILES_PER_WORKER)) if worker_decoder is not None else 1
     start = time.perf_counter()
-    allsky, decode_seconds = _draw_tiles(decode, renderer, out, max_order, ext, batch_size, drawn, progress)
+    if workers > 1:
+        allsky, decode_seconds = _draw_tiles_in_pool(worker_decoder, renderer, out, max_order, ext, batch_size,
+                                                     drawn, progress, workers)  # fmt: skip
+    else:
+        allsky, decode_seconds = _draw_tiles(decode, renderer, out, max_order, ext, batch_size, drawn, progress)
     (out / f"Norder{ALLSKY_ORDER}").mkdir(parents=True, exist_ok=True)
     _save(allsky, out / f"Norder{ALLSKY_ORDER}" / f"Allsky.{ext}")
     seconds = time.perf_counter() - start
@@ -91,6 +116,7 @@ def write_hips(
         "seconds": round(seconds, 2),
         "seconds_per_1k_tiles": round(1000 * seconds / drawn, 3),  # tiles drawn: the Allsky's too
         "decode_seconds": round(decode_seconds, 2),
+        "workers": workers,
     }
 
 
@@ -108,9 +134,8 @@ def _draw_tiles(decode: Callable[[np.ndarray], np.ndarray], renderer: TileRender
     # Encoding and writing a batch's files overlaps with decoding the next batch (PIL releases the GIL).
     with ThreadPoolExecutor(max_workers=2) as pool, bar:
         pending: list[Any] = []
+        _make_dirs(out, max_order)
         for order in range(max(max_order, ALLSKY_ORDER) + 1):
-            for d in range(0, cells(order) if order <= max_order else 0, 10000):
-                (out / f"Norder{order}" / f"Dir{d}").mkdir(parents=True, exist_ok=True)
             for first in range(0, cells(order), batch_size):
                 pixels = np.arange(first, min(first + batch_size, cells(order)))
                 t0 = time.perf_counter()
@@ -129,6 +154,74 @@ def _draw_tiles(decode: Callable[[np.ndarray], np.ndarray], renderer: TileRender
         for done in pending:
             done.result()
     return allsky, decode_seconds
+
+
+def _make_dirs(out: Path, max_order: int) -> None:
+    for order in range(max_order + 1):
+        for d in range(0, cells(order), 10000):
+            (out / f"Norder{order}" / f"Dir{d}").mkdir(parents=True, exist_ok=True)
+
+
+def _chunks(max_order: int, batch_size: int, workers: int, drawn: int) -> Iterator[tuple[int, int, int]]:
+    """(order, first, stop) work items of whole batches: the batches one process decodes, grouped."""
+    size = batch_size * max(1, drawn // (workers * CHUNKS_PER_WORKER * batch_size))
+    for order in range(max(max_order, ALLSKY_ORDER) + 1):
+        for first in range(0, cells(order), size):
+            yield order, first, min(first + size, cells(order))
+
+
+def _draw_tiles_in_pool(decode: Callable[[np.ndarray], np.ndarray], renderer: TileRenderer, out: Path,
+                        max_order: int, ext: str, batch_size: int, drawn: int, progress: bool,
+                        workers: int) -> tuple[np.ndarray, float]:  # fmt: skip
+    """:func:`_draw_tiles` by ``workers`` processes (spawned: no thread pool of the parent's is copied half-held
+    into a child, as fork would), each drawing whole chunks of batches with a decoder of its own."""
+    from tqdm import tqdm
+
+    _make_dirs(out, max_order)
+    small = min(ALLSKY_TILE, int(renderer.width))
+    columns, rows = allsky_layout(ALLSKY_ORDER)
+    allsky = np.zeros((rows * small, columns * small, 3), dtype=np.uint8)
+    decode_seconds = 0.0
+    setup = (decode, renderer, out, max_order, ext, batch_size, small)
+    context = multiprocessing.get_context("spawn")
+    bar = tqdm(total=drawn, desc="HiPS tiles", unit="tile", file=sys.stderr, disable=not progress)
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker, initargs=setup) as pool, bar:
+        chunks = _chunks(max_order, batch_size, workers, drawn)
+        futures = {pool.submit(_draw_chunk, *chunk): chunk[2] - chunk[1] for chunk in chunks}  # -> its tile count
+        for future in as_completed(futures):
+            first, pieces, seconds = future.result()
+            decode_seconds += seconds
+            for offset, piece in enumerate(pieces if pieces is not None else ()):
+                r, c = divmod(first + offset, columns)
+                allsky[r * small : (r + 1) * small, c * small : (c + 1) * small] = piece
+            bar.update(futures[future])
+    return allsky, decode_seconds
+
+
+_WORKER: dict[str, Any] = {}
+
+
+def _start_worker(*setup: Any) -> None:
+    _WORKER["setup"] = setup
+
+
+def _draw_chunk(order: int, first: int, stop: int) -> tuple[int, np.ndarray | None, float]:
+    """Draw (and, up to the deepest order, write) the tiles ``first .. stop - 1`` of ``order`` in a worker, batch
+    by batch as :func:`_draw_tiles` does. Returns ``first``, the chunk's Allsky pieces (order 3) and the seconds
+    spent decoding."""
+    decode, renderer, out, max_order, ext, batch_size, small = _WORKER["setup"]
+    pieces, decode_seconds = [], 0.0
+    for begin in range(first, stop, batch_size):
+        pixels = np.arange(begin, min(begin + batch_size, stop))
+        t0 = time.perf_counter()
+        decoded = decode(cell_centres(order, pixels).astype(np.float32))
+        decode_seconds += time.perf_counter() - t0
+        tiles = renderer.tiles(order, pixels, decoded)
+        if order == ALLSKY_ORDER:
+            pieces += [_shrink(tile, small) for tile in tiles]
+        if order <= max_order:
+            _save_tiles(out, order, pixels, tiles, ext)
+    return first, np.stack(pieces) if pieces else None, decode_seconds
 
 
 def _shrink(tile: np.ndarray, size: int) -> np.ndarray:

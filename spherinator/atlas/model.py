@@ -3,7 +3,8 @@
 A run directory (``spherinator fit``'s ``runs/<name>/version_N`` or a ``spherinator-submit`` task) decodes through
 its ``onnx/decoder.onnx`` with onnxruntime when it has one, and encodes with its checkpoint in torch, which also
 gives the VAE's concentration; a checkpoint alone runs both in torch; an ONNX export directory runs both in
-onnxruntime (no concentration: ``encoder.onnx`` outputs the location only).
+onnxruntime (no concentration: ``encoder.onnx`` outputs the location only). torch is imported only for a
+checkpoint or a ``device`` given.
 
 ONNX files without spherinator's metadata (upstream Spherinator's exports) are read from their graphs: the
 decoder's one input gives z_dim, its output on zeros the sample shape; the inputs may have other names (upstream
@@ -14,12 +15,11 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from spherinator.atlas import AtlasError, NotASphereError
 from spherinator.runs import open_run
@@ -37,7 +37,7 @@ class SphereModel:
         onnx_dir: The ONNX export directory decoding (and maybe encoding) runs from, if any.
         config: The run's ``config.yaml`` (the data config used when no -c is given), if found.
         model_class: Import path of the model class.
-        device: Torch device of the checkpoint's model.
+        device: Torch device of the checkpoint's model (a ``torch.device``; ``"cpu"`` without a checkpoint).
     """
 
     input_shape: tuple[int, ...]
@@ -47,7 +47,7 @@ class SphereModel:
     onnx_dir: Path | None = None
     config: Path | None = None
     model_class: str = ""
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    device: Any = "cpu"
     torch_model: Any = None
     decoder_session: Any = None
     encoder_session: Any = None
@@ -71,12 +71,16 @@ class SphereModel:
         z = np.ascontiguousarray(z, dtype=np.float32)
         if self.decoder_session is not None:
             return self.decoder_session.run(None, {self.decoder_input: z})[0]
+        import torch
+
         with torch.no_grad():
             return self.torch_model.decode(torch.from_numpy(z).to(self.device)).float().cpu().numpy()
 
     def encode(self, batch: Any) -> dict[str, np.ndarray]:
         """A data batch (tensor or dict, model input first) -> ``location`` (B, z_dim) and, with a torch VAE,
         ``scale`` (B,), the Power Spherical concentration."""
+        import torch
+
         from spherinator.models.autoencoder import model_input
 
         x = model_input(batch)
@@ -91,6 +95,17 @@ class SphereModel:
             out = {"location": out}
         return {k: v.float().cpu().numpy() for k, v in out.items() if k in ("location", "scale")}
 
+    def worker_decoder(self) -> Any:
+        """A picklable ``decode`` for a worker process (its own session or model copy, on one thread), or None
+        where workers do not help (a model on a GPU)."""
+        from spherinator.atlas.decoders import OnnxDecoder, TorchDecoder
+
+        if self.decoder_session is not None:
+            return OnnxDecoder(str(self.onnx_dir / "decoder.onnx"), self.decoder_input)
+        if str(self.device) == "cpu":
+            return TorchDecoder(self.torch_model)
+        return None
+
 
 def open_model(path: str | Path, device: str | None = None, trust: bool = False) -> SphereModel:
     """The model of a run directory, a ``.ckpt`` file or an ONNX export directory (see the module docstring).
@@ -104,9 +119,9 @@ def open_model(path: str | Path, device: str | None = None, trust: bool = False)
     if path.is_file() and path.suffix != ".ckpt":
         raise AtlasError(f"'{path}' is a file but not a .ckpt checkpoint; give a run directory, a .ckpt file or an "
                          "ONNX export directory")  # fmt: skip
-    target = torch_device(device)
     run = open_run(path)
     run_dir, checkpoint, onnx_dir, config = run.run_dir, run.checkpoint, run.onnx_dir, run.config
+    target = torch_device(device) if device is not None or checkpoint is not None else "cpu"
     if checkpoint is None and onnx_dir is None:
         found = ", ".join(sorted(p.name for p in path.iterdir())[:8]) or "nothing"
         raise AtlasError(
@@ -130,12 +145,14 @@ def open_model(path: str | Path, device: str | None = None, trust: bool = False)
     return model
 
 
-def torch_device(device: str | None) -> torch.device:
+def torch_device(device: str | None) -> Any:
     """The torch device ``device`` names (None: cuda if available, else cpu).
 
     Raises:
         AtlasError: not a device name, or a CUDA device this machine does not have.
     """
+    import torch
+
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:

@@ -17,6 +17,7 @@ MAX_SOURCES = 10_000_000  # the VOTable is TABLEDATA text read by a browser: ~1 
 MAX_THUMBNAILS = 1_000_000
 MAX_BATCH_SIZE = 65_536
 MAX_SEED = 2**63 - 1
+MAX_WORKERS = 1024
 
 
 @dataclass
@@ -28,7 +29,7 @@ class AtlasOptions:
         out: Atlas directory; None: ``<run dir>/atlas``.
         max_order: Deepest HiPS order, 0..:data:`~spherinator.atlas.MAX_ORDER`.
         tile_width: Tile width in pixels, a power of two in 8..:data:`MAX_TILE_WIDTH`; None: from the data.
-        tile_fit: ``contain`` or ``fill``; None: contain.
+        tile_fit: ``fill`` or ``contain``; None: fill for images, contain for spectra.
         tile_format: ``jpeg`` or ``png``.
         max_sources: Rows in the VOTable, 1..:data:`MAX_SOURCES`.
         thumbnails: Sampled rows with pictures, 0..:data:`MAX_THUMBNAILS`.
@@ -39,6 +40,8 @@ class AtlasOptions:
         seed: Seed of the VOTable's row sample, 0..2^63-1.
         trust: Read a checkpoint holding pickled Python objects in full.
         progress: Progress bars on stderr.
+        workers: Processes drawing tiles, 1..:data:`MAX_WORKERS`; None: the cores this process may use (its CPU
+            affinity, which Slurm sets).
     """
 
     out: str | Path | None = None
@@ -55,6 +58,7 @@ class AtlasOptions:
     seed: int = 0
     trust: bool = False
     progress: bool = True
+    workers: int | None = None
 
     def __post_init__(self) -> None:
         if self.out is not None:
@@ -72,6 +76,11 @@ class AtlasOptions:
         _check_int("--thumbnails", self.thumbnails, 0, MAX_THUMBNAILS)
         _check_int("--batch-size", self.batch_size, 1, MAX_BATCH_SIZE)
         _check_int("--seed", self.seed, 0, MAX_SEED)
+        if self.workers is None:
+            from spherinator.atlas.hips import available_cores
+
+            self.workers = available_cores()
+        _check_int("--workers", self.workers, 1, MAX_WORKERS)
 
 
 def _check_int(flag: str, value: Any, low: int, high: int, hint: str = "") -> None:
@@ -126,3 +135,21 @@ def check_data_path(out: Path, datamodule: Any) -> None:
                          "part of the dataset; write the atlas elsewhere (default: <run dir>/atlas)")  # fmt: skip
     if data.exists() and _inside(data, out):
         raise AtlasError(f"-o {out} holds the data '{data}'; give the atlas a directory of its own")
+
+
+def resolve_run_data(datamodule: Any, run_dir: Path) -> str | None:
+    """Resolve a relative data path of a run's own ``config.yaml`` against where the run was made, not against the
+    current directory: ``spherinator fit`` read ``./data/demo`` from its working directory, which holds the run
+    (``runs/demo/version_0``), so the nearest directory above the run where the path exists is taken (the current
+    directory when none). Returns a note when the path was changed."""
+    data = getattr(datamodule, "path", None)
+    if not isinstance(data, str | os.PathLike) or Path(data).expanduser().is_absolute():
+        return None
+    relative = Path(data)
+    for folder in Path(run_dir).resolve().parents:
+        if (folder / relative).exists():
+            if (folder / relative).resolve() != relative.resolve():
+                datamodule.path = folder / relative
+                return f"data path '{data}' of the run's config is relative to where the run was made: {folder}"
+            return None
+    return None

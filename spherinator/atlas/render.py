@@ -4,6 +4,9 @@ A sample of shape (C, H, W) is an image (C = 1 grey, C = 3 RGB, other C: the mea
 of shape (L,) or (C, L) is a spectrum, drawn as one line per channel. Values are mapped to pixels through one
 value range for the whole atlas (so brightness compares across the sphere): [0, 1] when the decoder's outputs lie
 there (uint8 data, which spherinator divides by 255), else their 0.5 and 99.5 percentiles.
+
+Drawing is numpy and PIL only (no torch): tile workers start quickly and small, and an atlas of an ONNX export need
+not import torch for its tiles.
 """
 
 from __future__ import annotations
@@ -11,8 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import torch
-import torch.nn.functional as F
+from PIL import Image
 
 from spherinator.atlas import AtlasError
 from spherinator.atlas.sky import tile_grid
@@ -65,8 +67,9 @@ class TileRenderer:
         high: Value drawn white (images) or at a plot's top.
         width: Tile width in pixels (a power of two); None: the image size rounded up to a power of two in
             [64, 512], 256 for spectra.
-        fit: ``"contain"``: the whole picture inside its cell (the cell's corners stay black); ``"fill"``: the
-            picture covers the cell (its own corners are cut off). None: contain.
+        fit: ``"fill"``: the picture covers the cell (its own corners are cut off), so centred objects make a
+            seamless sky; ``"contain"``: the whole picture inside its cell (the cell's corners stay background).
+            None: fill for images, contain for spectra (a plot's ends would be cut off).
     """
 
     shape: tuple[int, ...]
@@ -86,45 +89,78 @@ class TileRenderer:
             )
         # a spectrum is drawn on a plot twice as wide as high, inside the cell; an image covers the cell
         self.aspect = 2.0 if self.kind == "spectrum" else self.shape[2] / self.shape[1]
-        self.fit = self.fit or "contain"
+        self.fit = self.fit or ("fill" if self.kind == "image" else "contain")
         if self.fit not in ("fill", "contain"):
             raise AtlasError(f"--tile-fit {self.fit!r}: give fill or contain")
 
-    def pictures(self, decoded: np.ndarray, size: int | None = None) -> torch.Tensor:
-        """(B, 3, h, w) float pictures in [0, 1] of decoded samples (B, *shape); ``size`` caps the longer side."""
+    def pictures(self, decoded: np.ndarray, size: int | None = None) -> np.ndarray:
+        """(B, 3, h, w) float32 pictures in [0, 1] of decoded samples (B, *shape); ``size`` caps the longer side."""
         size = size or self.width
-        x = torch.as_tensor(np.asarray(decoded, dtype=np.float32))
-        scaled = ((x - self.low) / (self.high - self.low)).clamp(0, 1)
+        x = np.asarray(decoded, dtype=np.float32)
+        scaled = np.clip((x - np.float32(self.low)) / np.float32(self.high - self.low), 0, 1, dtype=np.float32)
         if self.kind == "spectrum":
-            return torch.from_numpy(line_plots(scaled.reshape(len(x), -1, self.shape[-1]).numpy(), size))
+            return line_plots(scaled.reshape(len(x), -1, self.shape[-1]), size)
         if scaled.shape[1] == 3:
             rgb = scaled
         elif scaled.shape[1] == 1:
-            rgb = scaled.expand(-1, 3, -1, -1)
+            rgb = np.broadcast_to(scaled, (len(x), 3, *scaled.shape[2:]))
         else:
-            rgb = scaled.mean(dim=1, keepdim=True).expand(-1, 3, -1, -1)
+            rgb = np.broadcast_to(scaled.mean(axis=1, keepdims=True), (len(x), 3, *scaled.shape[2:]))
         h, w = rgb.shape[2:]
-        if max(h, w) > size:  # shrink with antialiasing first; grid_sample alone would alias
+        if max(h, w) > size:  # shrink with antialiasing first; sampling alone would alias
             scale = size / max(h, w)
-            rgb = F.interpolate(rgb, size=(max(1, round(h * scale)), max(1, round(w * scale))), mode="bilinear",
-                                antialias=True, align_corners=False)  # fmt: skip
-        return rgb.contiguous()
+            rgb = shrink(rgb, max(1, round(h * scale)), max(1, round(w * scale)))
+        return np.ascontiguousarray(rgb, dtype=np.float32)
 
     def tiles(self, order: int, pixels: np.ndarray, decoded: np.ndarray) -> np.ndarray:
         """(B, width, width, 3) uint8 tiles of the cells ``pixels`` at ``order`` showing ``decoded`` (B, *shape)."""
-        grid = torch.from_numpy(tile_grid(order, pixels, self.width, aspect=self.aspect, fit=self.fit))
-        pictures = self.pictures(decoded)
-        drawn = F.grid_sample(pictures, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-        return to_uint8(drawn)
+        grid = tile_grid(order, pixels, self.width, aspect=self.aspect, fit=self.fit)
+        return to_uint8(grid_sample(self.pictures(decoded), grid))
 
     def thumbnails(self, decoded: np.ndarray, size: int = 96) -> np.ndarray:
         """(B, h, w, 3) uint8 pictures of samples, not projected (for the page's source panel)."""
         return to_uint8(self.pictures(decoded, size))
 
 
-def to_uint8(pictures: torch.Tensor) -> np.ndarray:
+def shrink(pictures: np.ndarray, height: int, width: int) -> np.ndarray:
+    """(B, C, H, W) float32 pictures resized to (B, C, height, width) by PIL's antialiased bilinear filter (its
+    support widens with the reduction, so nothing aliases)."""
+    out = np.empty((*pictures.shape[:2], height, width), dtype=np.float32)
+    for b, picture in enumerate(pictures):
+        for c, channel in enumerate(picture):
+            image = Image.fromarray(np.ascontiguousarray(channel, dtype=np.float32), mode="F")
+            out[b, c] = np.asarray(image.resize((width, height), Image.Resampling.BILINEAR))
+    return out
+
+
+def grid_sample(pictures: np.ndarray, grid: np.ndarray) -> np.ndarray:
+    """Bilinear sampling of (B, C, H, W) ``pictures`` at (B, T, T, 2) ``grid`` positions (x, y) in [-1, 1] across
+    each picture (pixel edges at +-1, as torch's ``grid_sample(align_corners=False)``); outside the picture the
+    value is 0. Returns (B, C, T, T) float32."""
+    batch, channels, h, w = pictures.shape
+    # positions in pixel units (pixel centres at 0 .. w - 1)
+    ix = ((grid[..., 0] + 1) * w - 1) / 2
+    iy = ((grid[..., 1] + 1) * h - 1) / 2
+    x0, y0 = np.floor(ix), np.floor(iy)
+    fx, fy = (ix - x0).astype(np.float32), (iy - y0).astype(np.float32)
+    x0, y0 = x0.astype(np.int64), y0.astype(np.int64)
+    flat = pictures.reshape(batch, channels, h * w)
+    out = np.zeros((batch, channels, *grid.shape[1:3]), dtype=np.float32)
+    for dy, wy in ((0, 1 - fy), (1, fy)):
+        for dx, wx in ((0, 1 - fx), (1, fx)):
+            x, y = x0 + dx, y0 + dy
+            inside = (x >= 0) & (x < w) & (y >= 0) & (y < h)
+            index = np.where(inside, y * w + x, 0).reshape(batch, 1, -1)
+            taken = np.take_along_axis(flat, np.broadcast_to(index, (batch, channels, index.shape[-1])), axis=2)
+            weight = (wx * wy * inside).reshape(batch, 1, *grid.shape[1:3])
+            out += taken.reshape(out.shape) * weight
+    return out
+
+
+def to_uint8(pictures: np.ndarray) -> np.ndarray:
     """(B, 3, H, W) floats in [0, 1] -> (B, H, W, 3) uint8."""
-    return (pictures.clamp(0, 1) * 255 + 0.5).to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
+    scaled = np.clip(pictures, 0, 1) * 255 + 0.5
+    return np.ascontiguousarray(scaled.astype(np.uint8).transpose(0, 2, 3, 1))
 
 
 def line_plots(spectra: np.ndarray, width: int) -> np.ndarray:

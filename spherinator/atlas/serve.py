@@ -105,14 +105,15 @@ def tunnel_line(port: int) -> str:
 
 
 def serve(directory: str | Path, port: int = 8000, host: str = "127.0.0.1", verbose: bool = True) -> None:
-    """Serve ``directory`` until Ctrl-C, after printing its URL and the SSH port-forward line."""
+    """Serve ``directory`` until Ctrl-C, after printing its URL and the SSH port-forward line (flushed at once:
+    in a Slurm log or under nohup stdout is a file, whose buffer would hold them until the server ends)."""
     directory = Path(directory)
     server = make_server(directory, port, host, verbose)
     port = server.server_address[1]
     page = start_page(directory)
-    print(f"spherinator atlas: serving {directory.resolve()} at http://{host}:{port}/{page} (Ctrl-C stops)")
-    print(f"from your laptop: {tunnel_line(port)}")
-    print(f"  then open http://localhost:{port}/{page}")
+    print(f"spherinator atlas: serving {directory.resolve()} at http://{host}:{port}/{page} (Ctrl-C stops)", flush=True)
+    print(f"from your laptop: {tunnel_line(port)}", flush=True)
+    print(f"  then open http://localhost:{port}/{page}", flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:

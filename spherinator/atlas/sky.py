@@ -124,14 +124,13 @@ def tile_grid(order: int, pixels: np.ndarray, width: int, aspect: float = 1.0, f
 
 def _upsample(coarse_grid: np.ndarray, width: int) -> np.ndarray:
     """Bilinear interpolation of (N, 2, g+1, g+1) values at the cell's grid corners to the centres of
-    (width, width) pixels: (N, width, width, 2)."""
-    import torch
-    import torch.nn.functional as F
-
-    n = len(coarse_grid)
-    centre = (np.arange(width) + 0.5) / width * 2.0 - 1.0  # pixel centres, align_corners=True coordinates
-    rows, cols = np.meshgrid(centre, centre, indexing="ij")
-    where = torch.from_numpy(np.stack([cols, rows], axis=-1).astype(np.float32))  # grid_sample wants (x=col, y=row)
-    fine = F.grid_sample(torch.from_numpy(coarse_grid), where.expand(n, width, width, 2), mode="bilinear",
-                         align_corners=True)  # fmt: skip
-    return fine.permute(0, 2, 3, 1).contiguous().numpy()  # (N, width, width, 2)
+    (width, width) pixels: (N, width, width, 2). Separable: one (width, g+1) weight matrix each way."""
+    g = coarse_grid.shape[-1] - 1
+    at = (np.arange(width) + 0.5) / width * g  # pixel centres in coarse-grid units
+    left = np.minimum(np.floor(at).astype(int), g - 1)
+    frac = at - left
+    weights = np.zeros((width, g + 1))
+    weights[np.arange(width), left] = 1 - frac
+    weights[np.arange(width), left + 1] += frac
+    fine = np.einsum("ia,ncab,jb->nijc", weights, coarse_grid.astype(np.float64), weights, optimize=True)
+    return np.ascontiguousarray(fine, dtype=np.float32)  # (N, width, width, 2)

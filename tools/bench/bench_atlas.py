@@ -1,7 +1,14 @@
-"""HiPS tiles of the demo model's decoder: seconds per 1k tiles with onnxruntime vs torch decoding, side by side.
+"""HiPS tiles of the demo model's decoder: seconds per 1k tiles with onnxruntime vs torch decoding, side by side;
+and ``spherinator atlas`` of an ONNX export against HiPSter (astro-hipster) on the same ``decoder.onnx``.
 
     .venv/bin/python tools/bench/bench_atlas.py                 # vae_cnn3 at 3x128x128, orders 0..4 (4,092 tiles)
     .venv/bin/python tools/bench/bench_atlas.py --max-order 6   # 65,532 tiles: time and peak memory at order 6
+    .venv/bin/python tools/bench/bench_atlas.py --hipster /work/hipster-venv/bin/hipster --orders 3 5
+
+With ``--hipster`` (or ``$SPHERINATOR_HIPSTER``) both commands run as processes of their own, alternating, at each of
+``--orders`` with all cores: wall time and peak memory (the sum of the RSS of the process and its workers, sampled
+every 20 ms). spherinator's atlas also encodes a catalog of ``--rows`` rows (HiPSter's HiPSGenerator writes tiles
+only). Targets: within 1.5x HiPSter's wall time and memory at order 3, ahead of it from order 5.
 
 The model of ``--model-config`` gets random weights (the time does not depend on them) and is exported through
 ``spherinator.export.export_onnx``. Each round writes the whole HiPS (decode, draw, JPEG, files) once per decoder,
@@ -38,7 +45,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=2, help="HiPS written per decoder (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--decoders", nargs="+", choices=["onnxruntime", "torch"], default=["onnxruntime", "torch"])
+    parser.add_argument("--hipster", type=Path, default=os.environ.get("SPHERINATOR_HIPSTER"),
+                        help="HiPSter's hipster command: compare whole commands instead of decoders")  # fmt: skip
+    parser.add_argument("--orders", type=int, nargs="+", default=[3, 5], help="with --hipster (default: 3 5)")
+    parser.add_argument("--rows", type=int, default=1000, help="with --hipster: rows of spherinator's catalog")
     args = parser.parse_args(argv)
+    if args.hipster:
+        from bench_versus_hipster import versus_hipster
+
+        versus_hipster(args)
+        return
 
     import onnxruntime as ort
 
