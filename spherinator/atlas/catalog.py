@@ -4,8 +4,9 @@
 columns (``id``, labels, parameters, string names), ``ra``/``dec`` (degrees, see :mod:`spherinator.atlas.sky`),
 ``healpix`` (NESTED index at the HiPS's deepest order), ``x``/``y``/``z`` (the unit vector) and, for a VAE encoded
 with its checkpoint, ``concentration`` (the Power Spherical scale). ``catalog.vot`` (VOTable, TABLEDATA) holds the
-same columns but x/y/z for a seeded sample of at most ``max_sources`` rows, the layer a browser draws; the first
-``thumbnails`` of them get small pictures of their input and of the decoder's output at their position
+same columns but x/y/z for a seeded sample of at most ``max_sources`` rows (other clients' quick look); ``catalog/``
+the progressive catalog of every row (:mod:`spherinator.atlas.progressive`), the layer the page draws. The first
+``thumbnails`` sampled rows get small pictures of their input and of the decoder's output at their position
 (``thumbs/input/<row>.png``, ``thumbs/decoded/<row>.png``).
 """
 
@@ -25,7 +26,7 @@ from PIL import Image
 
 from spherinator.atlas import AtlasError
 from spherinator.atlas.model import SphereModel
-from spherinator.atlas.progressive import is_row_column, write_votable
+from spherinator.atlas.progressive import CATALOG_DIR, is_row_column, write_progressive_catalog, write_votable
 from spherinator.atlas.render import TileRenderer
 from spherinator.atlas.sky import healpix_index, unit_to_radec
 from spherinator.errors import ConfigError
@@ -310,7 +311,13 @@ def write_catalog(
     if undirected:
         notes.append(f"{undirected} of {start} rows have a zero or non-finite latent vector, so no place on the "
                      "sphere: their ra, dec, x, y, z are NaN and healpix is -1")  # fmt: skip
-    return _finish_catalog(pa.concat_tables(kept), out, order, start, mean, sample.thumbnail_count(start), notes)
+    summary = _finish_catalog(pa.concat_tables(kept), out, order, start, mean, sample.thumbnail_count(start), notes)
+    thumbed = [int(p.stem) for p in (out / "thumbs" / "input").glob("*.png")] if thumbnails else []
+    progressive = write_progressive_catalog(out / "catalog.parquet", out / CATALOG_DIR, thumbnails=thumbed,
+                                            healpix_order=order, seed=seed)  # fmt: skip
+    summary["notes"] += progressive.pop("notes")
+    summary["progressive"] = {"path": CATALOG_DIR, **progressive}
+    return summary
 
 
 def _finish_catalog(sample: pa.Table, out: Path, order: int, rows: int, mean: np.ndarray, thumbnails: int,

@@ -7,13 +7,15 @@ Layout of the catalog directory (``<atlas>/catalog``)::
     Metadata.xml               a VOTable without rows naming the tiles' columns, with units and UCDs (RA/Dec);
                                metadata.xml is the same file under the standard's own name
     NorderK/DirD/NpixN.tsv     the rows of cell N at order K: a comment line, the header line, then one line per
-                               row (TAB-separated, empty = null); D = N // 10000 * 10000
+                               row (TAB-separated, empty = null); D = N // 10000 * 10000. The siblings of a
+                               tile with rows are there without rows (a client asks for a view's cells)
     Norder1/Allsky.tsv         the tiles of order 1 in one file, and Norder2/Allsky.tsv those of order 2 (Aladin
                                Lite loads both first)
     rows/C.bin                 where each row is: row r is uint32 number r % 65536 (little-endian) of C = r // 65536,
                                ``npix << 4 | order`` of its tile, 0xFFFFFFFF for a row id not in the data
 
-A cell at order 1 or 2 keeps its ``allsky_rows`` most typical rows, a cell at order 3 or deeper its ``tile_rows``
+A catalog of at most ``whole_rows`` rows is all at order 1. Otherwise a cell at order 1 or 2 keeps its
+``allsky_rows`` most typical rows, a cell at order 3 or deeper its ``tile_rows``
 most typical rows not shown at a coarser order; the rest go to its four sub-cells, down to the first order where
 every cell's rest fits (at most :data:`MAX_ORDER`, whose tiles take all that is left). Most typical: the highest
 ``concentration`` (the encoder is surest of the place), ties and data without one in a seeded random order.
@@ -44,6 +46,7 @@ from spherinator.atlas import AtlasError
 from spherinator.atlas.hips import HIPS_VERSION, tile_path, write_properties
 from spherinator.atlas.sky import healpix_index, unit_to_radec
 
+CATALOG_DIR = "catalog"  # the progressive catalog in an atlas directory
 MAX_ORDER = 11  # deepest order of a progressive catalog: 25 million cells, finer than any embedding resolves
 ROW_CHUNK = 65536  # rows per file of the row index (256 KiB)
 ROW_NAMES = ("row", "row_id")  # the row id column of the catalog / of predict's shards, in that preference
@@ -265,11 +268,11 @@ def _connect(scratch: Path, memory_limit: str) -> Any:
 def _check_rows(con: Any, staged: str) -> None:
     """Refuse row ids given twice (overlapping shards) or negative ones: ``?row=N`` must name one row."""
     twice = con.execute(f"SELECT row, count(*) FROM read_parquet('{staged}') GROUP BY row HAVING count(*) > 1 "
-                        "LIMIT 1").fetchone()  # fmt: skip
-    if twice is not None:
-        raise AtlasError(f"row {twice[0]} appears {twice[1]} times in the embeddings; give each row once (shards "
+                        "LIMIT 1").fetchall()  # fmt: skip
+    if twice:
+        raise AtlasError(f"row {twice[0][0]} appears {twice[0][1]} times in the embeddings; give each row once (shards "
                          "that overlap, or a row column with repeated values)")  # fmt: skip
-    lowest = con.execute(f"SELECT min(row) FROM read_parquet('{staged}')").fetchone()[0]
+    lowest = con.execute(f"SELECT min(row) FROM read_parquet('{staged}')").fetchall()[0][0]
     if lowest is not None and lowest < 0:
         raise AtlasError(f"row ids must be >= 0 (found {lowest}); give the rows' positions in the data")
 
@@ -291,7 +294,7 @@ def assign_tiles(con: Any, staged: str, allsky_rows: int, tile_rows: int) -> int
         con.execute(f"INSERT INTO placed SELECT row, {order}, _cell >> {shift} FROM ranked WHERE rank <= {limit}")
         con.execute(f"CREATE OR REPLACE TABLE rest AS SELECT row, _cell, _priority FROM ranked WHERE rank > {limit}")
         con.execute("DROP TABLE ranked")
-        if con.execute("SELECT count(*) FROM rest").fetchone()[0] == 0:
+        if con.execute("SELECT count(*) FROM rest").fetchall()[0][0] == 0:
             break
     return order
 
@@ -338,7 +341,20 @@ class _TileWriter:
             if key[0] in self.allsky:
                 self.allsky[key[0]].write(text)
 
+    def empty(self, order: int, npix: int) -> None:
+        """A tile without rows: the sibling of a tile with rows, which a client asks for in the same view."""
+        path = tile_path(self.root, order, npix, "tsv")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(f"# spherinator progressive catalog: order {order}, cell {npix}\n".encode() + self.header)
+        self.tiles += 1
+
     def close(self) -> None:
+        for order in (1, 2):  # Aladin Lite waits for both Allsky files, even an empty one
+            if order not in self.allsky:
+                (self.root / f"Norder{order}").mkdir(parents=True, exist_ok=True)
+                self.allsky[order] = (self.root / f"Norder{order}" / "Allsky.tsv").open("wb")
+                self.allsky[order].write(f"# spherinator progressive catalog: the tiles of order {order}\n".encode()
+                                         + self.header)  # fmt: skip
         for file in [self.file, *self.allsky.values()]:
             if file is not None:
                 file.close()
@@ -358,10 +374,14 @@ def write_tiles(con: Any, staged: str, root: Path, names: list[str]) -> int:
     """Every placed row into its tile, most typical first; returns the number of tiles."""
     query = (f"SELECT p.ord AS _ord, p.npix AS _npix, {', '.join(_quoted(n) for n in names)} FROM placed p JOIN "
              f"read_parquet('{staged}') s USING (row) ORDER BY p.ord, p.npix, s._priority DESC, s.row")  # fmt: skip
+    siblings = ("SELECT DISTINCT p.ord, p.npix // 4 * 4 + t.i FROM placed p, range(4) t(i) WHERE p.ord >= 3 "
+                "EXCEPT SELECT DISTINCT ord, npix FROM placed")  # fmt: skip
     writer = _TileWriter(root, names)
     try:
         for batch in con.sql(query).to_arrow_reader(BATCH_ROWS):
             writer.write(batch)
+        for order, npix in con.execute(siblings).fetchall():
+            writer.empty(int(order), int(npix))
     finally:
         writer.close()
     return writer.tiles
@@ -399,6 +419,7 @@ def write_progressive_catalog(
     out: str | Path,
     tile_rows: int = 200,
     allsky_rows: int = 20,
+    whole_rows: int = 2000,
     thumbnails: Iterable[int] = (),
     properties: dict[str, str] | None = None,
     healpix_order: int | None = None,
@@ -413,6 +434,7 @@ def write_progressive_catalog(
         out: The catalog directory (made; files in it are overwritten).
         tile_rows: Rows a tile of order 3 or deeper holds at most (except at :data:`MAX_ORDER`).
         allsky_rows: Rows a cell of order 1 or 2 holds at most (all of them load at once).
+        whole_rows: A catalog of at most this many rows is all at order 1: drawn at once, as a VOTable would be.
         thumbnails: Row ids that have pictures in ``thumbs/input/<row>.png`` beside ``out``.
         properties: Extra ``properties`` keys (creator_did, obs_title, hips_initial_*, ...).
         healpix_order: The order of the input's ``healpix`` column, for its description.
@@ -438,8 +460,9 @@ def write_progressive_catalog(
         con = _connect(Path(scratch), memory_limit)
         try:
             _check_rows(con, str(staged))
-            order = assign_tiles(con, str(staged), allsky_rows, tile_rows)
-            placed = con.execute("SELECT count(*) FROM placed").fetchone()[0]
+            first = max(allsky_rows, rows) if rows <= whole_rows else allsky_rows
+            order = assign_tiles(con, str(staged), first, tile_rows)
+            placed = con.execute("SELECT count(*) FROM placed").fetchall()[0][0]
             tiles = write_tiles(con, str(staged), root, names)
             write_row_index(con, str(staged), root)
         finally:
