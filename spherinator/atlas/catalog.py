@@ -315,7 +315,7 @@ def write_catalog(
     thumbed = [int(p.stem) for p in (out / "thumbs" / "input").glob("*.png")] if thumbnails else []
     progressive = write_progressive_catalog(out / "catalog.parquet", out / CATALOG_DIR, thumbnails=thumbed,
                                             healpix_order=order, seed=seed)  # fmt: skip
-    summary["notes"] += progressive.pop("notes")
+    progressive.pop("notes")  # rows without a place are said above; catalog.parquet has a row column
     summary["progressive"] = {"path": CATALOG_DIR, **progressive}
     return summary
 
