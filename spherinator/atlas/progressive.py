@@ -457,16 +457,8 @@ def write_progressive_catalog(
         staged = Path(scratch) / "staged.parquet"
         rows = stage_rows(dataset, staged, thumbnails, seed)
         names = [n for n in pq.read_schema(staged).names if n not in ("_cell", "_priority")]
-        con = _connect(Path(scratch), memory_limit)
-        try:
-            _check_rows(con, str(staged))
-            first = max(allsky_rows, rows) if rows <= whole_rows else allsky_rows
-            order = assign_tiles(con, str(staged), first, tile_rows)
-            placed = con.execute("SELECT count(*) FROM placed").fetchall()[0][0]
-            tiles = write_tiles(con, str(staged), root, names)
-            write_row_index(con, str(staged), root)
-        finally:
-            con.close()
+        first = max(allsky_rows, rows) if rows <= whole_rows else allsky_rows
+        order, placed, tiles = _sort_into_tiles(staged, root, names, (first, tile_rows), memory_limit)
         empty = pq.read_schema(staged).empty_table().select(names)
     write_votable(empty, root / "Metadata.xml", healpix_order)
     (root / "metadata.xml").write_bytes((root / "Metadata.xml").read_bytes())
@@ -475,6 +467,22 @@ def write_progressive_catalog(
         notes.append(f"{rows - placed} of {rows} rows have no place on the sphere and are not in the tiles")
     return {"rows": rows, "placed": placed, "tiles": tiles, "order": order,
             "seconds": round(time.perf_counter() - started, 2), "notes": notes}  # fmt: skip
+
+
+def _sort_into_tiles(staged: Path, root: Path, names: list[str], limits: tuple[int, int],
+                     memory_limit: str) -> tuple[int, int, int]:  # fmt: skip
+    """The DuckDB part: check the row ids, place the rows, write the tiles and the row index (scratch files beside
+    ``staged``); returns the deepest order, the rows placed and the tiles."""
+    con = _connect(staged.parent, memory_limit)
+    try:
+        _check_rows(con, str(staged))
+        order = assign_tiles(con, str(staged), *limits)
+        placed = con.execute("SELECT count(*) FROM placed").fetchall()[0][0]
+        tiles = write_tiles(con, str(staged), root, names)
+        write_row_index(con, str(staged), root)
+    finally:
+        con.close()
+    return order, placed, tiles
 
 
 def catalog_properties(order: int, rows: int, tiles: int, extra: dict[str, str] | None = None) -> dict[str, str]:
