@@ -281,6 +281,13 @@ def test_atlas_of_a_run_directory(run_dir, blobs, tmp_path, capsys):
     page = (out / "index.html").read_text()
     assert "cdn.jsdelivr.net/npm/aladin-lite@" in page  # the public CDN by default
     assert '"catalog": "catalog.vot"' in page
+    # every row also in the progressive catalog the page draws: 80 rows, all at order 1, with their thumbnails
+    assert info["catalog"]["progressive"] == {**info["catalog"]["progressive"], "path": "catalog", "rows": 80,
+                                              "placed": 80, "order": 1}  # fmt: skip
+    assert '"catalog_hips": "catalog"' in page
+    assert read_properties(out / "catalog" / "properties")["hips_cat_nrows"] == "80"
+    allsky = (out / "catalog" / "Norder1" / "Allsky.tsv").read_text().splitlines()
+    assert len(allsky) == 2 + 80 and "thumbs/input/" in "".join(allsky[2:])
 
     # tile (order, npix) holds the decoder's image at the cell centre: its central pixels are the image's centre
     model = open_model(run_dir)
