@@ -43,9 +43,9 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from spherinator.atlas import AtlasError
-from spherinator.atlas.hips import HIPS_VERSION, tile_path, write_properties
 from spherinator.atlas.sky import healpix_index, unit_to_radec
 
+HIPS_VERSION = "1.4"  # as spherinator.atlas.hips (which imports torch through render: not here, the catalog needs none)
 CATALOG_DIR = "catalog"  # the progressive catalog in an atlas directory
 MAX_ORDER = 11  # deepest order of a progressive catalog: 25 million cells, finer than any embedding resolves
 ROW_CHUNK = 65536  # rows per file of the row index (256 KiB)
@@ -150,6 +150,12 @@ def _stage_batch(batch: pa.RecordBatch, first_row: int, thumbnails: pa.Array | N
     columns["_cell"] = pa.array(cell)
     columns["_priority"] = _priority(batch, rows, seed)
     return pa.table(columns)
+
+
+def tile_path(root: Path, order: int, npix: int) -> Path:
+    """``root/NorderK/DirD/NpixN.tsv`` of tile ``npix`` at ``order`` (D = N // 10000 * 10000), as HiPS 1.0 lays out
+    tiles (:func:`spherinator.atlas.hips.tile_path` for pictures)."""
+    return Path(root) / f"Norder{order}" / f"Dir{npix // 10000 * 10000}" / f"Npix{npix}.tsv"
 
 
 def is_row_column(type_: pa.DataType) -> bool:
@@ -314,7 +320,7 @@ class _TileWriter:
     def _open(self, order: int, npix: int) -> None:
         if self.file is not None:
             self.file.close()
-        path = tile_path(self.root, order, npix, "tsv")
+        path = tile_path(self.root, order, npix)
         path.parent.mkdir(parents=True, exist_ok=True)
         self.file = path.open("wb")
         self.file.write(f"# spherinator progressive catalog: order {order}, cell {npix}\n".encode() + self.header)
@@ -343,7 +349,7 @@ class _TileWriter:
 
     def empty(self, order: int, npix: int) -> None:
         """A tile without rows: the sibling of a tile with rows, which a client asks for in the same view."""
-        path = tile_path(self.root, order, npix, "tsv")
+        path = tile_path(self.root, order, npix)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(f"# spherinator progressive catalog: order {order}, cell {npix}\n".encode() + self.header)
         self.tiles += 1
@@ -462,7 +468,8 @@ def write_progressive_catalog(
         empty = pq.read_schema(staged).empty_table().select(names)
     write_votable(empty, root / "Metadata.xml", healpix_order)
     (root / "metadata.xml").write_bytes((root / "Metadata.xml").read_bytes())
-    write_properties(root / "properties", catalog_properties(order, placed, tiles, properties))
+    keys = catalog_properties(order, placed, tiles, properties)  # one ``key = value`` line each, as hips.py writes
+    (root / "properties").write_text("".join(f"{k:<20} = {' '.join(str(v).split())}\n" for k, v in keys.items()))
     if placed < rows:
         notes.append(f"{rows - placed} of {rows} rows have no place on the sphere and are not in the tiles")
     return {"rows": rows, "placed": placed, "tiles": tiles, "order": order,
