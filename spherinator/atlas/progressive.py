@@ -198,7 +198,7 @@ def stage_rows(dataset: ds.Dataset, path: Path, thumbnails: Iterable[int] = (), 
                 table = table.cast(writer.schema)
             writer.write_table(table)
             rows += batch.num_rows
-    except (pa.ArrowInvalid, pa.ArrowTypeError) as err:
+    except (pa.ArrowInvalid, pa.ArrowTypeError, ValueError) as err:  # ValueError: a shard's columns differ
         raise AtlasError(f"embeddings cannot be read ({err}); give every shard the same columns and types") from err
     finally:
         if writer is not None:
