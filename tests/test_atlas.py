@@ -287,6 +287,13 @@ def test_atlas_of_a_run_directory(run_dir, blobs, tmp_path, capsys):
     page = (out / "index.html").read_text()
     assert "cdn.jsdelivr.net/npm/aladin-lite@" in page  # the public CDN by default
     assert '"catalog": "catalog.vot"' in page
+    # every row also in the progressive catalog the page draws: 80 rows, all at order 1, with their thumbnails
+    assert info["catalog"]["progressive"] == {**info["catalog"]["progressive"], "path": "catalog", "rows": 80,
+                                              "placed": 80, "order": 1}  # fmt: skip
+    assert '"catalog_hips": "catalog"' in page
+    assert read_properties(out / "catalog" / "properties")["hips_cat_nrows"] == "80"
+    allsky = (out / "catalog" / "Norder1" / "Allsky.tsv").read_text().splitlines()
+    assert len(allsky) == 2 + 80 and "thumbs/input/" in "".join(allsky[2:])
 
     # tile (order, npix) holds the decoder's image at the cell centre: its central pixels are the image's centre
     model = open_model(run_dir)
@@ -474,6 +481,45 @@ def test_the_page_shows_the_hips_and_the_catalog_in_chromium(run_dir, tmp_path):
     assert sky.std() > 10  # drawn tiles, not a blank canvas
     marker = (np.abs(sky - MARKER).sum(-1) < 60).sum()
     assert marker > 50  # the catalog's circles are drawn on top
+
+
+@pytest.mark.slow
+def test_the_progressive_catalog_opens_any_row_in_chromium(run_dir, tmp_path):
+    from spherinator.atlas.progressive import write_progressive_catalog
+    from tests.test_atlas_catalog import write_shards
+
+    aladin = local_aladin_lite()
+    out = tmp_path / "atlas"
+    write_atlas(run_dir, out=out, max_order=3, thumbnails=0, aladin_lite=aladin, progress=False, log=None)
+    # a survey's catalog in place of the run's 80 rows (predict's shards): 20,000 rows, tiles down to order 4
+    shutil.rmtree(out / "catalog")
+    shards = write_shards(tmp_path / "shards", 20000, clustered=False)
+    info = write_progressive_catalog(shards, out / "catalog", tile_rows=12, allsky_rows=3, whole_rows=0)
+    assert info["order"] == 4
+    codes = np.frombuffer((out / "catalog" / "rows" / "0.bin").read_bytes(), "<u4")
+    row = int(np.flatnonzero((codes[:20000] & 15) == 4)[-1])  # a row of the deepest order, beyond any sample
+    assert row >= 80
+
+    # the whole sky: the Allsky files of orders 1 and 2 only, 3 rows of each cell
+    status, _, whole, requests = browse(out, "index.html", tmp_path)
+    assert status.get("state") == "ready" and status.get("sources") == str(3 * (48 + 192))
+    tsv = [p for p, _ in requests if p.endswith(".tsv")]
+    assert sorted(set(tsv)) == ["/catalog/Norder1/Allsky.tsv", "/catalog/Norder2/Allsky.tsv"]
+    assert 0 < int(status["drawn"]) <= int(status["sources"])
+
+    # ?row=N: the row index names its tile, the page loads it, zooms in there and shows the row
+    status, dom, shot, requests = browse(out, f"index.html?row={row}", tmp_path)
+    npix = int(codes[row]) >> 4
+    assert (status.get("state"), status.get("row"), status.get("row-tile")) == ("ready", str(row), f"4/{npix}")
+    tiles = {p for p, _ in requests if re.search(r"/catalog/Norder[34]/Dir\d+/Npix\d+\.tsv$", p)}
+    assert f"/catalog/Norder4/Dir0/Npix{npix}.tsv" in tiles and f"/catalog/Norder3/Dir0/Npix{npix // 4}.tsv" in tiles
+    assert int(status["sources"]) > 3 * (48 + 192)  # the tiles of the view came on top of the Allsky rows
+    assert f"<td>row</td><td>{row}</td>" in dom and f"<td>id</td><td>{10 * row}</td>" in dom
+    sky = shot[:, : shot.shape[1] - 330]
+    assert (np.abs(sky - MARKER).sum(-1) < 60).sum() > 50  # the catalog's sources
+    assert (np.abs(sky - np.array([0, 229, 255])).sum(-1) < 60).sum() > 20  # the opened row's ring
+    Image.fromarray(shot.astype(np.uint8)).save(tmp_path / "row.png")
+    Image.fromarray(whole.astype(np.uint8)).save(tmp_path / "whole.png")
 
 
 @pytest.mark.slow

@@ -4,8 +4,9 @@
 columns (``id``, labels, parameters, string names), ``ra``/``dec`` (degrees, see :mod:`spherinator.atlas.sky`),
 ``healpix`` (NESTED index at the HiPS's deepest order), ``x``/``y``/``z`` (the unit vector) and, for a VAE encoded
 with its checkpoint, ``concentration`` (the Power Spherical scale). ``catalog.vot`` (VOTable, TABLEDATA) holds the
-same columns but x/y/z for a seeded sample of at most ``max_sources`` rows, the layer a browser draws; the first
-``thumbnails`` of them get small pictures of their input and of the decoder's output at their position
+same columns but x/y/z for a seeded sample of at most ``max_sources`` rows (other clients' quick look); ``catalog/``
+the progressive catalog of every row (:mod:`spherinator.atlas.progressive`), the layer the page draws. The first
+``thumbnails`` sampled rows get small pictures of their input and of the decoder's output at their position
 (``thumbs/input/<row>.png``, ``thumbs/decoded/<row>.png``).
 """
 
@@ -18,7 +19,6 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 import yaml
@@ -26,19 +26,13 @@ from PIL import Image
 
 from spherinator.atlas import AtlasError
 from spherinator.atlas.model import SphereModel
+from spherinator.atlas.progressive import CATALOG_DIR, is_row_column, write_progressive_catalog, write_votable
 from spherinator.atlas.render import TileRenderer
 from spherinator.atlas.sky import healpix_index, unit_to_radec
 from spherinator.errors import ConfigError
 
 # Columns the atlas computes; a data column of the same name is kept renamed (see _CatalogNames).
 COMPUTED = ("row", "ra", "dec", "healpix", "x", "y", "z", "concentration", "thumbnail")
-DESCRIPTIONS = {
-    "row": "position of the row in the data (file order)",
-    "ra": "right ascension of the row's unit vector: atan2(y, x) in [0, 360)",
-    "dec": "declination of the row's unit vector: asin(z)",
-    "concentration": "Power Spherical concentration (scale) of the row's posterior",
-    "thumbnail": "picture of the row's input (thumbs/decoded/ holds the decoder's output at its position)",
-}
 
 
 def load_datamodule(cli_args: list[str], default_config: Path | None = None) -> tuple[Any, list[str]]:
@@ -157,16 +151,6 @@ def _column_values(value: Any, n: int) -> np.ndarray | None:
     else:
         return None
     return value if value is not None and len(value) == n else None
-
-
-def is_row_column(type_: pa.DataType) -> bool:
-    """Whether a Parquet column of this type holds one catalog value per row: numbers, booleans, strings, and
-    dictionary-encoded ones (pandas categoricals, e.g. object names or classes)."""
-    if pa.types.is_dictionary(type_):
-        return is_row_column(type_.value_type)
-    kinds = (pa.types.is_integer, pa.types.is_floating, pa.types.is_boolean, pa.types.is_string,
-             pa.types.is_large_string)  # fmt: skip
-    return any(kind(type_) for kind in kinds)
 
 
 class FileColumns:
@@ -327,7 +311,13 @@ def write_catalog(
     if undirected:
         notes.append(f"{undirected} of {start} rows have a zero or non-finite latent vector, so no place on the "
                      "sphere: their ra, dec, x, y, z are NaN and healpix is -1")  # fmt: skip
-    return _finish_catalog(pa.concat_tables(kept), out, order, start, mean, sample.thumbnail_count(start), notes)
+    summary = _finish_catalog(pa.concat_tables(kept), out, order, start, mean, sample.thumbnail_count(start), notes)
+    thumbed = [int(p.stem) for p in (out / "thumbs" / "input").glob("*.png")] if thumbnails else []
+    progressive = write_progressive_catalog(out / "catalog.parquet", out / CATALOG_DIR, thumbnails=thumbed,
+                                            healpix_order=order, seed=seed)  # fmt: skip
+    progressive.pop("notes")  # rows without a place are said above; catalog.parquet has a row column
+    summary["progressive"] = {"path": CATALOG_DIR, **progressive}
+    return summary
 
 
 def _finish_catalog(sample: pa.Table, out: Path, order: int, rows: int, mean: np.ndarray, thumbnails: int,
@@ -421,53 +411,3 @@ def _write_thumbnails(model: SphereModel, renderer: TileRenderer, out: Path, x: 
     for row, a, b in zip(rows, inputs, decoded, strict=True):
         Image.fromarray(a).save(out / "thumbs" / "input" / f"{row}.png")
         Image.fromarray(b).save(out / "thumbs" / "decoded" / f"{row}.png")
-
-
-def write_votable(table: pa.Table, path: Path, order: int) -> None:
-    """``table`` as a VOTable (TABLEDATA, so every client reads it), with units and UCDs on the position columns."""
-    from astropy.io.votable import from_table
-    from astropy.table import Table
-
-    astro = Table({name: _astropy_column(table.column(name)) for name in table.column_names})
-    votable = from_table(astro)
-    resource = votable.get_first_table()
-    resource.name = "spherinator_atlas"
-    descriptions = {**DESCRIPTIONS, "healpix": f"NESTED HEALPix index at order {order} (nside {2**order})"}
-    for field in resource.fields:
-        if field.name in ("ra", "dec"):
-            field.unit = "deg"
-            field.ucd = f"pos.eq.{field.name};meta.main"
-        elif field.name == "row":
-            field.ucd = "meta.id;meta.main" if "id" not in table.column_names else "meta.number"
-        elif field.name == "id":
-            field.ucd = "meta.id;meta.main"
-        elif field.name == "healpix":
-            field.ucd = "pos.healpix"
-        if field.name in descriptions:
-            field.description = descriptions[field.name]
-    votable.to_xml(str(path), tabledata_format="tabledata")
-
-
-# Types a VOTable cannot hold, widened to one it can (astropy writes no int8, uint16/32/64 or float16).
-_WIDER = {pa.int8(): pa.int16(), pa.uint16(): pa.int32(), pa.uint32(): pa.int64(), pa.float16(): pa.float32()}
-
-
-def _astropy_column(column: pa.ChunkedArray) -> np.ndarray:
-    """A catalog column as astropy takes it for a VOTable: nulls masked (written as empty cells), types widened
-    where a VOTable has no such type; uint64 values beyond int64 are written as their decimal text."""
-    column = column.combine_chunks()
-    if pa.types.is_dictionary(column.type):
-        column = column.dictionary_decode()
-    if pa.types.is_uint64(column.type):
-        fits = (pc.max(column).as_py() or 0) < 2**63
-        column = column.cast(pa.int64() if fits else pa.string())
-    column = column.cast(_WIDER.get(column.type, column.type))
-    mask = column.is_null().to_numpy(zero_copy_only=False)
-    if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
-        values = np.asarray(["" if v is None else v for v in column.to_pylist()], dtype=str)
-    elif mask.any():
-        values = column.fill_null(pa.scalar(False if pa.types.is_boolean(column.type) else 0, column.type))
-        values = values.to_numpy(zero_copy_only=False)
-    else:
-        return column.to_numpy(zero_copy_only=False)
-    return np.ma.MaskedArray(values, mask=mask) if mask.any() else values

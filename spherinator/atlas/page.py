@@ -147,7 +147,15 @@ def script_json(value: Any, indent: int | None = None) -> str:
 
 
 def write_index(out: Path, config: dict[str, Any], aladin_lite: str) -> Path:
-    """``out/index.html`` of one atlas (``config``: title, name, hips, catalog, ra, dec, fov, facts)."""
+    """``out/index.html`` of one atlas (``config``: title, name, hips, catalog, ra, dec, fov, facts).
+
+    Where ``out`` holds a progressive catalog (``catalog/properties``), the page draws it instead of the VOTable
+    sample and opens any row (``index.html?row=N``) through its row index.
+    """
+    from spherinator.atlas.progressive import CATALOG_DIR, ROW_CHUNK
+
+    if (out / CATALOG_DIR / "properties").is_file():
+        config = {**config, "catalog_hips": CATALOG_DIR, "row_chunk": ROW_CHUNK}
     path = out / "index.html"
     path.write_text(render_template("index.html", config["title"], config, aladin_lite), encoding="utf-8")
     return path

@@ -1,0 +1,131 @@
+"""The atlas's progressive catalog (IVOA HiPS 1.0 catalogue tiles): every row once, in its cell, typical first."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from spherinator.atlas import AtlasError
+from spherinator.atlas.hips import read_properties, tile_path
+from spherinator.atlas.progressive import MAX_ORDER, NO_PLACE, NOT_A_ROW, ROW_CHUNK, write_progressive_catalog
+from spherinator.atlas.sky import healpix_index
+
+REQUIRED = ["creator_did", "obs_title", "dataproduct_type", "hips_version", "hips_release_date", "hips_status",
+            "hips_tile_format", "hips_order", "hips_frame"]  # fmt: skip
+
+
+def write_shards(root: Path, n: int, shards: int = 3, seed: int = 0, clustered: bool = True) -> Path:
+    """``spherinator predict``-like shards: ``location`` (3), ``scale``, ``id``, a string ``name`` and ``row``."""
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    for s in range(shards):
+        rows = np.arange(s, n, shards, dtype=np.int64)
+        vectors = rng.normal(size=(len(rows), 3)).astype(np.float32)
+        if clustered:  # a dense cap around the north pole: cells there go deeper than elsewhere
+            vectors[: len(rows) // 2, 2] += 4.0
+        table = pa.table({
+            "location": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), 3),
+            "scale": rng.uniform(1, 100, len(rows)).astype(np.float32),
+            "id": rows * 10,
+            "name": [f"obj {r}\twith \"quotes\"" for r in rows],
+            "row": rows,
+        })  # fmt: skip
+        pq.write_table(table, root / f"part-{s:03d}.parquet")
+    (root / ".part-999.parquet.partial").write_bytes(b"torn")  # a shard being written: skipped
+    return root
+
+
+def read_tile(path: Path) -> list[dict[str, str]]:
+    lines = [line for line in path.read_text(encoding="utf-8").split("\n") if line and not line.startswith("#")]
+    names = lines[0].split("\t")
+    return [dict(zip(names, line.split("\t"), strict=True)) for line in lines[1:]]
+
+
+def all_tiles(root: Path) -> dict[tuple[int, int], list[dict[str, str]]]:
+    tiles = {}
+    for path in root.glob("Norder*/Dir*/Npix*.tsv"):
+        order, npix = int(path.parts[-3][6:]), int(path.stem[4:])
+        tiles[order, npix] = read_tile(path)
+    return tiles
+
+
+def test_every_row_is_in_one_tile_of_its_cell_typical_first(tmp_path):
+    n = 6000
+    shards = write_shards(tmp_path / "shards", n)
+    out = tmp_path / "catalog"
+    info = write_progressive_catalog(shards, out, tile_rows=40, allsky_rows=4, whole_rows=0,
+                                     properties={"obs_title": "test"})  # fmt: skip
+    assert (info["rows"], info["placed"]) == (n, n) and 4 <= info["order"] < MAX_ORDER
+    keys = read_properties(out / "properties")
+    assert all(keys.get(k) for k in REQUIRED) and keys["dataproduct_type"] == "catalog"
+    assert (keys["hips_tile_format"], keys["hips_cat_nrows"], keys["obs_title"]) == ("tsv", str(n), "test")
+    assert keys["hips_order"] == str(info["order"]) and keys["hips_order_min"] == "1"
+
+    tiles = all_tiles(out)
+    seen = [int(r["row"]) for rows in tiles.values() for r in rows]
+    assert sorted(seen) == list(range(n))  # every row once
+    index = np.concatenate([np.frombuffer((out / "rows" / f"{c}.bin").read_bytes(), "<u4")
+                            for c in range(n // ROW_CHUNK + 1)])  # fmt: skip
+    for (order, npix), rows in tiles.items():
+        assert len(rows) <= (4 if order <= 2 else 40)
+        ra, dec = np.array([[float(r["ra"]), float(r["dec"])] for r in rows]).reshape(-1, 2).T
+        assert (healpix_index(ra, dec, order) == npix).all()  # in its cell
+        levels = [int(float(r["concentration"])) for r in rows]
+        assert levels == sorted(levels, reverse=True)  # the surest first
+        assert all(index[int(r["row"])] == npix * 16 + order for r in rows)  # the row index finds it
+        if order > 1 and rows:  # a cell's rows below a full parent are no surer than the parent's least sure
+            parent = tiles[order - 1, npix // 4]
+            assert len(parent) == (4 if order - 1 <= 2 else 40)
+            assert max(levels) <= min(int(float(r["concentration"])) for r in parent)
+        if order > 3:  # the siblings of a tile are there (empty or not): a view asks for all of them
+            assert all((order, npix // 4 * 4 + i) in tiles for i in range(4))
+    assert (out / "Norder3" / "Dir0" / "Npix0.tsv").is_file()
+    # Allsky.tsv of order 1 and 2: their tiles' rows in one file; the string survives without TAB or quote
+    for order in (1, 2):
+        allsky = read_tile(out / f"Norder{order}" / "Allsky.tsv")
+        assert sorted(int(r["row"]) for r in allsky) == sorted(int(r["row"]) for (o, _), t in tiles.items()
+                                                               if o == order for r in t)  # fmt: skip
+    row = tiles[1, 0][0] if tiles.get((1, 0)) else next(r for (o, _), t in tiles.items() if o == 1 for r in t)
+    assert row["name"] == f"obj {row['row']} with 'quotes'" and row["id"] == str(10 * int(row["row"]))
+
+    from astropy.io.votable import parse_single_table
+
+    fields = parse_single_table(str(out / "Metadata.xml")).fields
+    header = (out / "Norder1" / "Allsky.tsv").read_text().split("\n")[1].split("\t")
+    assert [f.name for f in fields] == header == ["row", "id", "name", "ra", "dec", "concentration"]
+    assert {f.name: f.ucd for f in fields}["ra"].startswith("pos.eq.ra")
+    assert (out / "metadata.xml").read_bytes() == (out / "Metadata.xml").read_bytes()
+
+
+def test_a_small_catalog_is_whole_at_order_1_and_rows_without_a_place_are_named(tmp_path):
+    table = pa.table({"row": pa.array([0, 1, 2, 5], pa.int64()), "ra": [10.0, 200.0, float("nan"), 33.0],
+                      "dec": [5.0, -40.0, float("nan"), 80.0], "healpix": [1, 2, -1, 3]})  # fmt: skip
+    pq.write_table(table, tmp_path / "catalog.parquet")
+    info = write_progressive_catalog(tmp_path / "catalog.parquet", tmp_path / "catalog", healpix_order=3)
+    assert (info["rows"], info["placed"], info["order"]) == (4, 3, 1)
+    assert "1 of 4 rows have no place" in info["notes"][0]
+    assert len(read_tile(tmp_path / "catalog" / "Norder1" / "Allsky.tsv")) == 3
+    assert read_tile(tmp_path / "catalog" / "Norder2" / "Allsky.tsv") == []  # there: Aladin Lite waits for it
+    codes = np.frombuffer((tmp_path / "catalog" / "rows" / "0.bin").read_bytes(), "<u4")
+    assert codes[2] == NO_PLACE and codes[3] == codes[4] == NOT_A_ROW
+    assert tile_path(tmp_path / "catalog", 1, int(codes[5]) >> 4, "tsv").is_file()
+
+
+def test_bad_embeddings_are_one_line(tmp_path):
+    shards = write_shards(tmp_path / "shards", 30)
+    pq.write_table(pq.read_table(shards / "part-000.parquet"), shards / "part-copy.parquet")
+    with pytest.raises(AtlasError, match=r"row 0 appears 2 times in the embeddings; give each row once"):
+        write_progressive_catalog(shards, tmp_path / "out")
+    pq.write_table(pa.table({"id": [1, 2]}), tmp_path / "flat.parquet")
+    with pytest.raises(AtlasError, match=r"no ra/dec or location columns \(found: id\)"):
+        write_progressive_catalog(tmp_path / "flat.parquet", tmp_path / "out")
+    with pytest.raises(AtlasError, match=r"no such file or directory"):
+        write_progressive_catalog(tmp_path / "missing", tmp_path / "out")
+    z4 = pa.FixedSizeListArray.from_arrays(pa.array(np.ones(8, np.float32)), 4)
+    pq.write_table(pa.table({"location": z4}), tmp_path / "z4.parquet")
+    with pytest.raises(AtlasError, match=r"not a fixed-size list of 3"):
+        write_progressive_catalog(tmp_path / "z4.parquet", tmp_path / "out")
