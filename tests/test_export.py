@@ -14,22 +14,9 @@ import torch
 import yaml
 
 import spherinator
+from spherinator import models
 from spherinator.commands import main
 from spherinator.export import ExportError, ValidationError, export_onnx
-from spherinator.models import (
-    Autoencoder,
-    ConsecutiveConv1DLayer,
-    ConsecutiveConv2DLayer,
-    ConsecutiveConvTranspose1DLayer,
-    ConsecutiveConvTranspose2DLayer,
-    ConvolutionalDecoder1D,
-    ConvolutionalDecoder2D,
-    ConvolutionalEncoder1D,
-    ConvolutionalEncoder2D,
-    HuggingFaceViTEncoder,
-    UpsamplingDecoder2D,
-    VariationalAutoencoder,
-)
 
 GRAPHS = {"encoder": ("x", "z"), "decoder": ("z", "x_hat"), "reconstruction": ("x", "x_hat")}
 TINY = str(Path(__file__).parent / "configs" / "vae_tiny.yaml")
@@ -47,22 +34,22 @@ def fit_and_save(model: L.LightningModule, sample_shape: tuple[int, ...], path: 
     return path
 
 
-def cnn2d_vae() -> VariationalAutoencoder:
-    encoder = ConvolutionalEncoder2D(
+def cnn2d_vae() -> models.VariationalAutoencoder:
+    encoder = models.ConvolutionalEncoder2D(
         input_dim=[3, 32, 32],
         output_dim=16,
-        cnn_layers=[ConsecutiveConv2DLayer(kernel_size=4, stride=2, padding=1, out_channels=[8, 16])],
+        cnn_layers=[models.ConsecutiveConv2DLayer(kernel_size=4, stride=2, padding=1, out_channels=[8, 16])],
     )
-    decoder = ConvolutionalDecoder2D(
+    decoder = models.ConvolutionalDecoder2D(
         cnn_input_dim=[16, 8, 8],
         cnn_layers=[
-            ConsecutiveConvTranspose2DLayer(kernel_size=4, stride=2, padding=1, out_channels=[8]),
-            ConsecutiveConvTranspose2DLayer(
+            models.ConsecutiveConvTranspose2DLayer(kernel_size=4, stride=2, padding=1, out_channels=[8]),
+            models.ConsecutiveConvTranspose2DLayer(
                 kernel_size=4, stride=2, padding=1, out_channels=[3], activation=torch.nn.Sigmoid, norm=None
             ),
         ],
     )
-    return VariationalAutoencoder(encoder, decoder, z_dim=3)
+    return models.VariationalAutoencoder(encoder, decoder, z_dim=3)
 
 
 AE_1D_CONFIG = {
@@ -97,16 +84,16 @@ AE_1D_CONFIG = {
 }
 
 
-def ae_1d(cls: type[Autoencoder] = Autoencoder) -> Autoencoder:
+def ae_1d(cls: type[models.Autoencoder] = models.Autoencoder) -> models.Autoencoder:
     """The model AE_1D_CONFIG describes, built in Python (``cls`` may be a test subclass)."""
-    encoder = ConvolutionalEncoder1D(
+    encoder = models.ConvolutionalEncoder1D(
         input_dim=[1, 64],
         output_dim=5,
-        cnn_layers=[ConsecutiveConv1DLayer(kernel_size=4, stride=2, padding=1, out_channels=[4, 8])],
+        cnn_layers=[models.ConsecutiveConv1DLayer(kernel_size=4, stride=2, padding=1, out_channels=[4, 8])],
     )
-    decoder = ConvolutionalDecoder1D(
+    decoder = models.ConvolutionalDecoder1D(
         cnn_input_dim=[8, 16],
-        cnn_layers=[ConsecutiveConvTranspose1DLayer(kernel_size=4, stride=2, padding=1, out_channels=[4, 1])],
+        cnn_layers=[models.ConsecutiveConvTranspose1DLayer(kernel_size=4, stride=2, padding=1, out_channels=[4, 1])],
     )
     return cls(encoder, decoder)
 
@@ -140,9 +127,11 @@ def vae_export(vae_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -
 
 
 @pytest.fixture(scope="module")
-def vae_torch(vae_checkpoint: Path) -> VariationalAutoencoder:
+def vae_torch(vae_checkpoint: Path) -> models.VariationalAutoencoder:
     """The same checkpoint loaded by Lightning itself: the reference the ONNX files must reproduce."""
-    return VariationalAutoencoder.load_from_checkpoint(vae_checkpoint, map_location="cpu", weights_only=False).eval()
+    return models.VariationalAutoencoder.load_from_checkpoint(
+        vae_checkpoint, map_location="cpu", weights_only=False
+    ).eval()
 
 
 def test_three_single_file_graphs_with_named_dynamic_inputs(vae_export):
@@ -221,8 +210,8 @@ def test_vit_encoder_with_upsampling_decoder(tmp_path):
         intermediate_size=32,
     )  # fmt: skip
     ViTModel(vit_config, add_pooling_layer=False).save_pretrained(tmp_path / "vit")
-    encoder = HuggingFaceViTEncoder(str(tmp_path / "vit"), output_dim=8)
-    model = VariationalAutoencoder(encoder, UpsamplingDecoder2D(base_channels=8, seed_size=4), z_dim=3)
+    encoder = models.HuggingFaceViTEncoder(str(tmp_path / "vit"), output_dim=8)
+    model = models.VariationalAutoencoder(encoder, models.UpsamplingDecoder2D(base_channels=8, seed_size=4), z_dim=3)
     ckpt = fit_and_save(model, (3, 16, 16), tmp_path / "vit.ckpt")
     report = export_onnx(ckpt, tmp_path / "onnx", trust=True)
     assert report["passed"] is True
@@ -366,7 +355,7 @@ def test_bad_arguments(vae_checkpoint, tmp_path):
         export_onnx(vae_checkpoint, tmp_path / "file" / "onnx" / "out", trust=True)
 
 
-class KthValueAutoencoder(Autoencoder):
+class KthValueAutoencoder(models.Autoencoder):
     """Encodes through torch.kthvalue, which has no ONNX translation."""
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
@@ -374,7 +363,7 @@ class KthValueAutoencoder(Autoencoder):
         return code - torch.kthvalue(code, 2, dim=1, keepdim=True).values
 
 
-class ExportOnlyScaleAutoencoder(Autoencoder):
+class ExportOnlyScaleAutoencoder(models.Autoencoder):
     """Computes something else while being exported: the graph silently differs from the eager model."""
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
@@ -516,7 +505,7 @@ def test_hostile_values_paths_and_checkpoints_are_one_line(vae_checkpoint, tmp_p
         with pytest.raises(ExportError, match=words):
             export_onnx(odd, tmp_path / "onnx")
     twice = tmp_path / "config.yaml"
-    twice.write_text(f"model:\n  class_path: {VariationalAutoencoder.__module__}.X\nmodel:\n  class_path: a.B\n")
+    twice.write_text(f"model:\n  class_path: {models.VariationalAutoencoder.__module__}.X\nmodel:\n  class_path: a.B\n")
     with pytest.raises(ExportError, match=r"model is given twice \(lines 1 and 3\)"):
         export_onnx(vae_checkpoint, tmp_path / "onnx", config=twice, trust=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml", "dangling", "file", "hyper_parameters.ckpt",

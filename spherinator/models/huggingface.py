@@ -7,6 +7,8 @@ or the hub, or a local directory written by ``save_pretrained``. The pretrained 
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -17,16 +19,18 @@ from spherinator.models.transfer import WeightsProvider, apply_transfer
 _POOLINGS = ("auto", "pooler", "cls", "mean")
 
 
-def load_backbone(model_name: str, owner: str, **kwargs: object) -> nn.Module:
-    """``AutoModel.from_pretrained(model_name)``; a name that does not load is one ConfigError naming the fix."""
+def load_backbone(model_name: str, owner: str, kind: str = "Hugging Face model", model_class: Any = None,
+                  **kwargs: object) -> nn.Module:  # fmt: skip
+    """``model_class.from_pretrained(model_name)`` (default ``AutoModel``); a name that does not load is one
+    ConfigError naming the fix."""
     from transformers import AutoModel  # heavy import, only when a Hugging Face encoder is used
 
     try:
-        return AutoModel.from_pretrained(model_name, **kwargs)
+        return (model_class or AutoModel).from_pretrained(model_name, **kwargs)
     except (OSError, ValueError, KeyError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ConfigError(
-            f"{owner}: cannot load Hugging Face model {model_name!r} ({first}). Give a hub id that is in the local "
+            f"{owner}: cannot load {kind} {model_name!r} ({first}). Give a hub id that is in the local "
             "Hugging Face cache (HF_HOME; offline: HF_HUB_OFFLINE=1) or reachable, or a local directory written "
             "with save_pretrained"
         ) from err

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from spherinator.models.huggingface import load_backbone
 from spherinator.models.transfer import WeightsProvider, apply_transfer
 
 
@@ -34,14 +35,7 @@ class HuggingFaceViTEncoder(nn.Module):
         super().__init__()
         from transformers import ViTModel  # heavy import, only when a ViT is used
 
-        try:
-            self.vit = ViTModel.from_pretrained(model_name, add_pooling_layer=False)
-        except (OSError, ValueError) as err:
-            raise ValueError(
-                f"HuggingFaceViTEncoder: cannot load ViT {model_name!r} ({err}). Give a hub id that is in the local "
-                "HuggingFace cache (offline, HF_HUB_OFFLINE=1) or reachable, or a local directory written with "
-                "ViTModel.save_pretrained"
-            ) from err
+        self.vit = load_backbone(model_name, "HuggingFaceViTEncoder", "ViT", ViTModel, add_pooling_layer=False)
         config = self.vit.config
         if getattr(config, "model_type", None) != "vit":
             raise ValueError(
