@@ -230,3 +230,12 @@ def test_digits_are_upsampled_with_their_labels(tmp_path):
     assert rows["data"].max() == 1.0
     assert make_dataset.main(["digits", "--out", str(tmp_path / "eight"), "--size", "8", "--quiet"]) == 0
     torch.testing.assert_close(_all_rows(tmp_path / "eight", ["data"])["data"][:, 0], original, atol=0.6 / 255, rtol=0)
+
+
+@pytest.mark.parametrize(("flag", "value"), [("--count", "0"), ("--length", "3")])
+def test_spectra_refuses_a_bad_size_in_one_line_naming_it_and_leaves_no_output(tmp_path, capsys, flag, value):
+    out = tmp_path / "spectra"
+    assert make_dataset.main(["spectra", "--out", str(out), flag, value, "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{flag} {value} must be" in err
+    assert not out.exists()  # no empty output directory left behind
