@@ -367,10 +367,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check_out(out: Path) -> None:
+    # a second run into a dataset would replace some of its part files and leave the others: a silent mix of both
+    if out.exists() and not out.is_dir():
+        raise DataError(f"--out {out} is a file, not a directory; give a new directory")
+    existing = sorted(out.rglob("*.parquet")) if out.is_dir() else []
+    if existing:
+        raise DataError(
+            f"--out {out} already holds {len(existing)} .parquet files (e.g. {existing[0].name}); give a new directory "
+            f"or remove them first"
+        )
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit status."""
     args = build_parser().parse_args(argv)
     try:
+        _check_out(Path(args.out))
         if args.command == "synthetic":
             _write(args, _synthetic_batches(args), args.count)
         elif args.command == "hubble":
