@@ -1429,6 +1429,21 @@ def test_hub_dataset_id_as_path_loads_through_datasets_offline(offline_hub_datas
     assert again.sample_shape() == (5,)
 
 
+def test_hub_dataset_copy_on_a_full_or_read_only_disk_is_one_data_error(offline_hub_dataset, monkeypatch):
+    import datasets
+
+    def full_disk(self, path, *args, **kwargs):
+        Path(path).write_bytes(b"PAR1")  # half written, then the disk is full
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(datasets.Dataset, "to_parquet", full_disk)
+    dm = DataModule(offline_hub_dataset, columns=["flux"], val_fraction=0)
+    with pytest.raises(DataError, match="cannot write the Parquet copy of the Hub dataset 'ORG/tiny' into .*HF_DAT"):
+        dm.prepare_data()
+    folder = Path(datasets.config.HF_DATASETS_CACHE)
+    assert not [p for p in folder.rglob("*") if "spherinator" in p.name]  # no partial or half file is left
+
+
 def test_hub_dataset_id_not_in_the_cache_offline_is_one_data_error(offline_hub_dataset):
     dm = DataModule("ORG/not-downloaded", val_fraction=0)
     with pytest.raises(DataError, match="'ORG/not-downloaded' is no local file or directory, and `datasets` cannot"):

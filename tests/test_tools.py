@@ -230,3 +230,25 @@ def test_digits_are_upsampled_with_their_labels(tmp_path):
     assert rows["data"].max() == 1.0
     assert make_dataset.main(["digits", "--out", str(tmp_path / "eight"), "--size", "8", "--quiet"]) == 0
     torch.testing.assert_close(_all_rows(tmp_path / "eight", ["data"])["data"][:, 0], original, atol=0.6 / 255, rtol=0)
+
+
+@pytest.mark.parametrize(("flag", "value"), [("--count", "0"), ("--length", "3")])
+def test_spectra_refuses_a_bad_size_in_one_line_naming_it_and_leaves_no_output(tmp_path, capsys, flag, value):
+    out = tmp_path / "spectra"
+    assert make_dataset.main(["spectra", "--out", str(out), flag, value, "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{flag} {value} must be" in err
+    assert not out.exists()  # no empty output directory left behind
+
+
+def test_an_out_that_holds_a_dataset_or_is_a_file_is_refused_and_left_as_it_was(tmp_path, capsys):
+    out = tmp_path / "spectra"
+    assert make_dataset.main(["spectra", "--out", str(out), "--count", "48", "--rows-per-file", "16", "--quiet"]) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    # used to replace part-00000 only: 10 new rows of length 100 mixed with 32 old ones of length 344, exit 0
+    assert make_dataset.main(["spectra", "--out", str(out), "--count", "10", "--length", "100", "--quiet"]) == 2
+    assert "already holds 3 .parquet files" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    (tmp_path / "file").write_text("x")
+    assert make_dataset.main(["spectra", "--out", str(tmp_path / "file"), "--count", "10", "--quiet"]) == 2
+    assert "is a file, not a directory" in capsys.readouterr().err

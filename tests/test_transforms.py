@@ -186,3 +186,27 @@ def test_batch_normalisers_refuse_per_sample():
     assert Column("flux", MinMaxNormalize()).per_sample is False
     with pytest.raises(DataError, match="remove `per_sample: true`"):
         Column("flux", MinMaxNormalize(), per_sample=True)
+
+
+@pytest.mark.parametrize("wrap", ["compose", "random_apply", "sequential"])
+def test_a_random_transform_composed_with_a_batch_normaliser_is_refused_not_applied_per_row(wrap):
+    import torchvision.transforms.v2 as v2
+
+    from spherinator.data import Column, DataError, MinMaxNormalize
+    from spherinator.data.datamodule import apply_transform
+
+    flip = v2.RandomHorizontalFlip(p=0.0)
+    transform = {
+        "compose": v2.Compose([flip, MinMaxNormalize()]),
+        "random_apply": v2.RandomApply([MinMaxNormalize()], p=1.0),
+        "sequential": torch.nn.Sequential(flip, MinMaxNormalize()),
+    }[wrap]
+    # per sample, MinMaxNormalize took each channel of one sample for a sample of its own (all zeros)
+    with pytest.raises(DataError, match="write `per_sample: false`"):
+        Column("data", transform)
+    with pytest.raises(DataError, match="remove `per_sample: true`"):
+        Column("data", transform, per_sample=True)
+    column = Column("data", transform, per_sample=False)  # asked for: one draw per batch, each sample normalised whole
+    x = torch.tensor([1.0, 3.0, 5.0, 7.0]).reshape(1, 4, 1, 1).expand(2, 4, 1, 2)
+    out = apply_transform(column.transform, x, column.per_sample, "data")
+    torch.testing.assert_close(out[0, :, 0, 0], torch.tensor([0.0, 1 / 3, 2 / 3, 1.0]))

@@ -280,9 +280,15 @@ def synthetic_spectra(count: int, length: int, rng: np.random.Generator) -> dict
     }
 
 
+def _check_spectra(args: argparse.Namespace) -> None:
+    # checked before the writer exists: a refused value leaves no empty output directory behind
+    if args.count < 1:
+        raise DataError(f"--count {args.count} must be at least 1")
+    if args.length < 8:
+        raise DataError(f"--length {args.length} must be at least 8")
+
+
 def _spectra_batches(args: argparse.Namespace) -> Iterator[dict[str, np.ndarray]]:
-    if args.count < 1 or args.length < 8:
-        raise DataError(f"--count {args.count} must be at least 1 and --length {args.length} at least 8")
     rng = np.random.default_rng(args.seed)
     chunk = 4096
     for start in range(0, args.count, chunk):
@@ -361,10 +367,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check_out(out: Path) -> None:
+    # a second run into a dataset would replace some of its part files and leave the others: a silent mix of both
+    if out.exists() and not out.is_dir():
+        raise DataError(f"--out {out} is a file, not a directory; give a new directory")
+    existing = sorted(out.rglob("*.parquet")) if out.is_dir() else []
+    if existing:
+        raise DataError(
+            f"--out {out} already holds {len(existing)} .parquet files (e.g. {existing[0].name}); give a new directory "
+            f"or remove them first"
+        )
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit status."""
     args = build_parser().parse_args(argv)
     try:
+        _check_out(Path(args.out))
         if args.command == "synthetic":
             _write(args, _synthetic_batches(args), args.count)
         elif args.command == "hubble":
@@ -376,6 +395,7 @@ def main(argv: list[str] | None = None) -> int:
             rows = digits(args.size)
             _write(args, [rows], len(rows["data"]))
         elif args.command == "spectra":
+            _check_spectra(args)
             _write(args, _spectra_batches(args), args.count)
         elif args.command == "images":
             if not args.input.is_dir():

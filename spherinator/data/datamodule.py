@@ -17,7 +17,7 @@ from spherinator.data.hub import is_hub_id, local_parquet
 from spherinator.data.layout import DataError
 from spherinator.data.plan import Segment, split_rows
 from spherinator.data.reader import ParquetIndex, ParquetReader
-from spherinator.data.transforms import draws_random
+from spherinator.data.transforms import draws_random, holds_batch_only
 from spherinator.data.transport import Loader, ParquetStream, apply_transform, scale_on_device
 from spherinator.errors import ConfigError
 
@@ -92,11 +92,18 @@ class Column:
     per_sample: bool | None = None
 
     def __post_init__(self) -> None:
-        batch_only = getattr(self.transform, "batch_only", False)
+        batch_only = self.transform is not None and holds_batch_only(self.transform)
         if self.per_sample and batch_only:
             raise DataError(
                 f"column {self.name!r}: {type(self.transform).__name__} normalises each sample of a whole batch; "
                 f"remove `per_sample: true` from the column"
+            )
+        if self.per_sample is None and batch_only and draws_random(self.transform):
+            # per sample, the normaliser would scale each row of one sample; per batch, all rows share one draw
+            raise DataError(
+                f"column {self.name!r}: {type(self.transform).__name__} holds both random transforms (drawn per "
+                f"sample) and a normaliser of whole batches; write `per_sample: false` (one random draw for the whole "
+                f"batch), or leave the normaliser out of this transform"
             )
         if self.per_sample is None:
             self.per_sample = self.transform is not None and not batch_only and draws_random(self.transform)

@@ -77,14 +77,20 @@ def local_parquet(name: str, split: str = "train") -> Path:
     target = folder / f"spherinator-{split}-{key}.parquet"
     if target.exists():
         return target
-    folder.mkdir(parents=True, exist_ok=True)
-    # written under a temporary name and renamed: a reader (another rank) never sees half a file
-    handle, partial = tempfile.mkstemp(dir=folder, prefix=f".{target.name}.", suffix=".partial")
-    os.close(handle)
+    partial = None
     try:
+        folder.mkdir(parents=True, exist_ok=True)
+        # written under a temporary name and renamed: a reader (another rank) never sees half a file
+        handle, partial = tempfile.mkstemp(dir=folder, prefix=f".{target.name}.", suffix=".partial")
+        os.close(handle)
         dataset.to_parquet(partial)
         os.replace(partial, target)
+    except OSError as err:  # a full disk or a read-only (shared) cache: the user's to fix, in one line
+        raise DataError(
+            f"cannot write the Parquet copy of the Hub dataset {name!r} into {folder} ({err.strerror or err}); free "
+            f"space there, or point HF_DATASETS_CACHE at a writable directory with room for the dataset"
+        ) from None
     finally:
-        if os.path.exists(partial):
+        if partial is not None and os.path.exists(partial):
             os.unlink(partial)
     return target

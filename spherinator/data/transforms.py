@@ -9,6 +9,7 @@ centroid is the stamp's centre and rotates it so that the major axis of the ligh
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -145,14 +146,27 @@ def draws_random(transform: object) -> bool:
     A column whose transform draws at random is applied per sample by default, as torchvision's transforms are
     applied to each sample of a ``Dataset`` (one angle per sample, not one per batch).
     """
+    return _holds(
+        transform, lambda node: type(node).__name__.startswith("Random") or type(node).__name__ in _RANDOM_NAMES
+    )
+
+
+def holds_batch_only(transform: object) -> bool:
+    """Whether ``transform`` is, or is a composition holding, a transform that only works on whole batches
+    (``batch_only``, e.g. :class:`MinMaxNormalize`: given one sample it would normalise each of its rows)."""
+    return _holds(transform, lambda node: getattr(node, "batch_only", False))
+
+
+def _holds(transform: object, test: Callable[[object], bool]) -> bool:
+    """Whether ``transform`` or any transform it composes (torchvision v1/v2 ``transforms``, module children)
+    passes ``test``."""
     seen: set[int] = set()
 
     def walk(node: object) -> bool:
         if id(node) in seen:
             return False
         seen.add(id(node))
-        name = type(node).__name__
-        if name.startswith("Random") or name in _RANDOM_NAMES:
+        if test(node):
             return True
         inner = getattr(node, "transforms", None)  # Compose, RandomApply/Choice/Order (torchvision v1 and v2)
         children = list(inner) if isinstance(inner, list | tuple | nn.ModuleList) else []
