@@ -8,7 +8,8 @@
   :mod:`~spherinator.data.convert`: writing the fast layout, converting and verifying datasets.
 
 ``ParquetDataModule`` and ``ParquetIterableDataModule`` take upstream Spherinator's options
-(:mod:`~spherinator.data.upstream`); a Hugging Face Hub dataset id as ``path`` is read through ``datasets``
+(:mod:`~spherinator.data.upstream`), and upstream's map-style and iterable datasets keep their names
+(:mod:`~spherinator.data.upstream_datasets`); a Hugging Face Hub dataset id as ``path`` is read through ``datasets``
 (:mod:`~spherinator.data.hub`).
 
 ``DataModule`` and ``Column`` import Lightning; they load on first use so that tools which only write or read
@@ -27,6 +28,12 @@ if TYPE_CHECKING:
     from spherinator.data.datamodule import Column, DataModule
     from spherinator.data.transforms import AbsMaxNormalize, AlignByMoments, MinMaxNormalize
     from spherinator.data.upstream import ParquetDataModule, ParquetIterableDataModule
+    from spherinator.data.upstream_datasets import (
+        ParquetDataset,
+        ParquetDatasetSampling,
+        ParquetDatasetWithError,
+        ParquetIterableDataset,
+    )
 
 __all__ = [
     "AbsMaxNormalize",
@@ -37,8 +44,12 @@ __all__ = [
     "DataModule",
     "MinMaxNormalize",
     "ParquetDataModule",
+    "ParquetDataset",
+    "ParquetDatasetSampling",
+    "ParquetDatasetWithError",
     "ParquetIndex",
     "ParquetIterableDataModule",
+    "ParquetIterableDataset",
     "ParquetReader",
     "ParquetStream",
     "ParquetWriter",
@@ -64,4 +75,8 @@ def __getattr__(name: str):
         from spherinator.data import upstream
 
         return getattr(upstream, name)
+    if name in ("ParquetDataset", "ParquetDatasetSampling", "ParquetDatasetWithError", "ParquetIterableDataset"):
+        from spherinator.data import upstream_datasets
+
+        return getattr(upstream_datasets, name)
     raise AttributeError(f"module 'spherinator.data' has no attribute {name!r}")
