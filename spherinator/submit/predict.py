@@ -209,6 +209,17 @@ def _write(path: Path, batches: Iterator[Any], encode: Callable[[Any], Any], ids
     return done
 
 
+def _whole(path: Path, rows: int) -> bool:
+    """Whether ``path`` is a Parquet file of ``rows`` rows (a file damaged or replaced by hand is redone)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        return path.is_file() and pq.read_metadata(path).num_rows == rows
+    except (OSError, pa.ArrowException):
+        return False
+
+
 def write_shard(
     embeddings: str | Path, shard: int, cli_args: list[str], checkpoint: str, onnx: str | None = None
 ) -> dict[str, Any]:
@@ -216,20 +227,21 @@ def write_shard(
     written whole is left as it is. Returns ``{"shard", "file", "rows", "skipped"}``.
 
     Raises:
-        DataError: the data changed since the set was planned (other rows would land in this shard).
+        DataError: the data changed since the set was planned (other rows would land in this shard), or the set
+            has no shard ``shard``.
         OutputError: the shard cannot be written (full or read-only disk).
     """
-    import pyarrow.parquet as pq
-
     from spherinator.runs import build
     from spherinator.staging import exit_on_sigterm, staged_file
 
     embeddings = Path(embeddings)
     plan = read_embedding_set(embeddings)
+    if not 0 <= shard < len(plan.shards):  # not plan.shards[-1]: another task's shard
+        raise DataError(f"shard {shard}: {embeddings} holds shards 0 to {len(plan.shards) - 1}")
     record = plan.shards[shard]
     final = embeddings / record.file
     result = {"shard": shard, "file": str(final), "rows": record.rows, "skipped": False}
-    if final.is_file() and pq.read_metadata(final).num_rows == record.rows:
+    if _whole(final, record.rows):
         return result | {"skipped": True}
     for stale in embeddings.glob(f".{record.file}.partial-*"):  # an attempt killed mid-shard (SIGKILL) left it
         stale.unlink(missing_ok=True)
