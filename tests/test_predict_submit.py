@@ -186,6 +186,19 @@ def test_a_sweep_inside_the_data_is_refused(trained, dataset, capsys):
     assert sorted(dataset.rglob("*")) == before
 
 
+def test_a_code_snapshot_that_cannot_be_written_is_one_line(trained, tmp_path, fake_slurm, capsys):  # noqa: F811
+    config, checkpoint = trained
+    sweep = tmp_path / "runs" / "emb"
+    sweep.mkdir(parents=True)
+    (sweep / ".code.partial").write_text("a file in the way")  # as a full or read-only disk refuses the copy
+    with pytest.raises(SystemExit) as exit_info:
+        main(["predict", "-c", str(config), "--ckpt_path", str(checkpoint), "--name", "emb",
+              "--run-root", str(tmp_path / "runs")])  # fmt: skip
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "cannot write the code snapshot in" in err and "Traceback" not in err, err
+    assert not list((fake_slurm / "scripts").iterdir())  # nothing queued
+
+
 def test_a_shard_not_in_the_set_or_damaged_by_hand(trained, tmp_path):
     """A shard number out of range is refused (not -1 as the last shard's); a shard file that is no Parquet file
     of its rows is written again."""

@@ -306,7 +306,12 @@ def _queue(
     ``manifest.code_version`` then holds), record the submission in the manifest; returns {task index: job id}."""
     from submitit.core.utils import FailedJobError
 
-    code, manifest.code_version = code_snapshot(sweep_dir, manifest.code_version)
+    try:
+        code, manifest.code_version = code_snapshot(sweep_dir, manifest.code_version)
+    except OSError as err:  # a full or read-only disk; shutil.Error lists each file it could not copy
+        why = str(err.args[0][0][2]).split(":")[0] if isinstance(err, shutil.Error) else (err.strerror or err)
+        shutil.rmtree(sweep_dir / f".{CODE_DIR}.partial", ignore_errors=True)
+        raise SubmitError(f"cannot write the code snapshot in '{sweep_dir}' ({why}); nothing was queued") from err
     print(f"tasks import spherinator {manifest.code_version} from {code}", file=sys.stderr)
     executor = _executor(sweep_dir / SUBMITIT_DIR, resources, manifest.name)
     try:
