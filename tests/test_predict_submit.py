@@ -199,6 +199,24 @@ def test_a_code_snapshot_that_cannot_be_written_is_one_line(trained, tmp_path, f
     assert not list((fake_slurm / "scripts").iterdir())  # nothing queued
 
 
+def test_a_data_file_replaced_by_another_of_the_same_size_is_told(trained, dataset, tmp_path):
+    """Rows of another file in the same row groups would get the planned file's row ids."""
+    import shutil
+
+    config, checkpoint = trained
+    data = tmp_path / "data"
+    shutil.copytree(dataset, data)
+    args = ["-c", str(config), "--data.init_args.path", str(data)]
+    from spherinator.runs import build
+
+    out = tmp_path / "embeddings"
+    out.mkdir()
+    write_embedding_set(out, predict.plan_embedding_set(build(args, checkpoint)[1], 2))
+    (data / "part-00001.parquet").rename(data / "part-00009.parquet")
+    with pytest.raises(predict.DataError, match="changed since this predict was planned"):
+        predict.write_shard(out, 1, args, str(checkpoint))
+
+
 def test_a_shard_not_in_the_set_or_damaged_by_hand(trained, tmp_path):
     """A shard number out of range is refused (not -1 as the last shard's); a shard file that is no Parquet file
     of its rows is written again."""

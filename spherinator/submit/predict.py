@@ -105,14 +105,19 @@ def plan_embedding_set(datamodule: Any, tasks: int | None = None) -> EmbeddingSe
         segments = _shard_segments(shard_rows(reader, k, tasks), bases)
         shards.append(EmbeddingShard(k, SHARD_NAME.format(k), sum(s.stop - s.start for s in segments), segments))
     _check_every_row_once(shards, total)
+    data, files, per_file = _source(index)
+    return EmbeddingSet(
+        data=data, files=files, row_groups=per_file, rows=total, batch_size=reader.batch_size, shards=shards
+    )  # fmt: skip
+
+
+def _source(index: Any) -> tuple[str, list[str], list[list[int]]]:
+    """The data dir (absolute), its files (relative to it) and the rows of each row group of each file."""
     root = index.path if index.path.is_dir() else index.path.parent
     per_file: list[list[int]] = [[] for _ in index.files]
     for file, _, rows in index.groups:
         per_file[file].append(rows)
-    return EmbeddingSet(
-        data=str(root.resolve()), files=[str(f.relative_to(root)) for f in index.files], row_groups=per_file,
-        rows=total, batch_size=reader.batch_size, shards=shards,
-    )  # fmt: skip
+    return str(root.resolve()), [str(f.relative_to(root)) for f in index.files], per_file
 
 
 def _check_every_row_once(shards: list[EmbeddingShard], total: int) -> None:
@@ -248,7 +253,8 @@ def write_shard(
     model, datamodule = build(cli_args, checkpoint)
     stream = datamodule.dataset("predict", rank=shard, world_size=len(plan.shards))
     planned = _shard_segments(shard_rows(stream.reader, shard, len(plan.shards)), _row_bases(datamodule.index.groups))
-    if planned != record.segments:
+    _, files, row_groups = _source(datamodule.index)
+    if planned != record.segments or (files, row_groups) != (plan.files, plan.row_groups):  # a file renamed too
         raise DataError(
             f"the data under {plan.data} changed since this predict was planned (shard {shard} would hold other "
             "rows); submit the predict again"
