@@ -139,8 +139,8 @@ def align_points(
     """Align each task's points onto the ``reference`` task's (default: the first) on the rows they share.
 
     ``points``: per task, ``(row ids (n,), points (n, d))``. At most ``max_rows`` shared rows (a seeded sample)
-    are used per task; a task sharing fewer than ``k + 2`` rows with the reference, or of another dimension, is
-    left out with a note."""
+    are used per task; a task sharing fewer than ``k + 2`` rows with the reference, of another dimension, or with
+    points that are not finite (a diverged run), is left out with a note."""
     if not points:
         raise AlignmentError("no task to align")
     reference = reference if reference is not None else next(iter(points))
@@ -161,6 +161,9 @@ def align_points(
             pick = np.sort(np.random.default_rng(seed).choice(len(shared), max_rows, replace=False))
             at_task, at_ref = at_task[pick], at_ref[pick]
         a, b = task_points[at_task], ref_points[at_ref]
+        if not np.isfinite(a).all():  # one diverged task leaves the others aligned
+            notes.append(f"{name}: points that are not finite (NaN/inf)")
+            continue
         rotation = procrustes_rotation(a, b)
         rms = [float(np.sqrt(np.mean(np.sum((x - b) ** 2, axis=1)))) for x in (a, a @ rotation)]
         agreement = float(neighbour_agreement(a, b, k).mean())
@@ -212,7 +215,7 @@ def stability_line(sweep_dir: Path) -> str:
     """The sweep's stability line from its ``alignment.json``, or one saying why it cannot be read."""
     try:
         return SweepAlignment.load(Path(sweep_dir) / ALIGNMENT_JSON).line()
-    except (OSError, ValueError, KeyError, TypeError) as err:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:  # AttributeError: "tasks": []
         return f"sphere stability: {ALIGNMENT_JSON} cannot be read ({type(err).__name__}: {err}); refresh the page"
 
 

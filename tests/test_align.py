@@ -96,6 +96,16 @@ def test_align_points_uses_the_shared_rows_only():
     assert result.tasks["a"].agreement is None
 
 
+def test_a_task_with_points_that_are_not_finite_is_left_out_with_a_note():
+    ref = _sphere(100, 3)
+    diverged = ref.copy()
+    diverged[7] = np.nan
+    rows = np.arange(100)
+    result = align_points({"a": (rows, ref), "b": (rows, ref @ _rotation(3)), "c": (rows, diverged)})
+    assert set(result.tasks) == {"a", "b"} and result.stability == pytest.approx(1.0)
+    assert result.notes == ["c: points that are not finite (NaN/inf)"]
+
+
 def _atlas(root, name, rows, xyz):
     atlas = root / name / "atlas"
     atlas.mkdir(parents=True)
@@ -173,9 +183,10 @@ def test_status_says_how_stable_the_sphere_is(tmp_path, capsys):
     main(["status", str(sweep)])
     out = capsys.readouterr().out
     assert "sphere stability (kNN-10 neighbours that agree with beta=1e-3" in out and "beta=1e-4 1.00" in out
-    (sweep / ALIGNMENT_JSON).write_text("{")
-    main(["status", str(sweep)])
-    assert "sphere stability: alignment.json cannot be read" in capsys.readouterr().out
+    for damaged in ("{", '{"reference": "a", "k": 10, "tasks": []}'):  # cut short; edited by hand
+        (sweep / ALIGNMENT_JSON).write_text(damaged)
+        main(["status", str(sweep)])
+        assert "sphere stability: alignment.json cannot be read" in capsys.readouterr().out
 
 
 _VIEWS_SCRIPT = """

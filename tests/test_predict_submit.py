@@ -163,6 +163,8 @@ def test_predict_refuses_bad_input_in_one_line(trained, tmp_path, capsys):
         (["--tasks", "0"], f"--tasks 0: give 1 to {ROWS}"),
         (["--nodes", "2"], "each shard is one process"),
         (["--onnx", str(tmp_path)], "no encoder.onnx there"),
+        (["--data.init_args.batch_size", "0"], "batch_size=0 must be at least 1"),  # refused by the DataModule
+        (["--data.init_args.batch_size", "x"], "data.init_args.batch_size"),  # a parse error of an override
     ]
     for extra, message in cases:
         with pytest.raises(SystemExit) as exit_info:
@@ -171,6 +173,62 @@ def test_predict_refuses_bad_input_in_one_line(trained, tmp_path, capsys):
         assert exit_info.value.code == 2 and message in err and "Traceback" not in err, err
     assert not any(p.name == "sweep.json" for p in tmp_path.rglob("*")), "nothing written for a refused submission"
     assert os.listdir(tmp_path) == []
+
+
+def test_a_sweep_inside_the_data_is_refused(trained, dataset, capsys):
+    """The index reads every .parquet below the data dir: a shard written there would be data to the next task."""
+    config, checkpoint = trained
+    before = sorted(dataset.rglob("*"))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["predict", "-c", str(config), "--ckpt_path", str(checkpoint), "--run-root", str(dataset), "--name", "x"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "is inside the data under" in err and "Traceback" not in err, err
+    assert sorted(dataset.rglob("*")) == before
+
+
+def test_a_code_snapshot_that_cannot_be_written_is_one_line(trained, tmp_path, fake_slurm, capsys):  # noqa: F811
+    config, checkpoint = trained
+    sweep = tmp_path / "runs" / "emb"
+    sweep.mkdir(parents=True)
+    (sweep / ".code.partial").write_text("a file in the way")  # as a full or read-only disk refuses the copy
+    with pytest.raises(SystemExit) as exit_info:
+        main(["predict", "-c", str(config), "--ckpt_path", str(checkpoint), "--name", "emb",
+              "--run-root", str(tmp_path / "runs")])  # fmt: skip
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "cannot write the code snapshot in" in err and "Traceback" not in err, err
+    assert not list((fake_slurm / "scripts").iterdir())  # nothing queued
+
+
+def test_a_data_file_replaced_by_another_of_the_same_size_is_told(trained, dataset, tmp_path):
+    """Rows of another file in the same row groups would get the planned file's row ids."""
+    import shutil
+
+    config, checkpoint = trained
+    data = tmp_path / "data"
+    shutil.copytree(dataset, data)
+    args = ["-c", str(config), "--data.init_args.path", str(data)]
+    from spherinator.runs import build
+
+    out = tmp_path / "embeddings"
+    out.mkdir()
+    write_embedding_set(out, predict.plan_embedding_set(build(args, checkpoint)[1], 2))
+    (data / "part-00001.parquet").rename(data / "part-00009.parquet")
+    with pytest.raises(predict.DataError, match="changed since this predict was planned"):
+        predict.write_shard(out, 1, args, str(checkpoint))
+
+
+def test_a_shard_not_in_the_set_or_damaged_by_hand(trained, tmp_path):
+    """A shard number out of range is refused (not -1 as the last shard's); a shard file that is no Parquet file
+    of its rows is written again."""
+    config, checkpoint = trained
+    out, args = plan_dir(tmp_path, config, checkpoint, tasks=2)
+    for shard in (-1, 2):
+        with pytest.raises(predict.DataError, match=f"shard {shard}: .* holds shards 0 to 1"):
+            predict.write_shard(out, shard, args, str(checkpoint))
+    assert sorted(p.name for p in out.iterdir()) == [EMBEDDING_SET_NAME]
+    (out / "shard-00001.parquet").write_bytes(b"")
+    assert predict.write_shard(out, 1, args, str(checkpoint))["skipped"] is False
+    assert pq.read_metadata(out / "shard-00001.parquet").num_rows == ROWS // 2
 
 
 @pytest.mark.slow

@@ -30,6 +30,7 @@ from spherinator.submit.predict import EMBEDDINGS_DIR, PredictTask, plan_embeddi
 from spherinator.submit.records import (
     COMPLETED,
     MANIFEST_NAME,
+    EmbeddingSet,
     Manifest,
     ManifestTask,
     PredictJob,
@@ -153,9 +154,6 @@ def _predict_parser() -> argparse.ArgumentParser:
 
 def submit_predict(ns: argparse.Namespace, overrides: list[str]) -> int:
     """``spherinator-submit predict``: plan the shards, write the embedding set's manifest, queue one array."""
-    from spherinator.errors import ConfigError, DataError
-    from spherinator.runs import build
-
     for path in ns.config:
         if not Path(path).is_file():
             raise SubmitError(f"config '{path}' does not exist")
@@ -168,11 +166,12 @@ def submit_predict(ns: argparse.Namespace, overrides: list[str]) -> int:
     configs = [str(Path(p).resolve()) for p in ns.config]
     ckpt = str(Path(ns.ckpt_path).resolve())
     cli_args = [arg for path in configs for arg in ("-c", path)] + overrides
-    try:
-        _, datamodule = build(cli_args, ckpt)
-        plan = plan_embedding_set(datamodule, ns.tasks)
-    except (ConfigError, DataError) as err:
-        raise SubmitError(str(err)) from err
+    plan = _plan_predict(cli_args, ckpt, ns.tasks)
+    if sweep_dir.is_relative_to(plan.data):  # the index reads every .parquet below the data dir: the shards too
+        raise SubmitError(
+            f"--run-root {ns.run_root!r}: the sweep dir '{sweep_dir}' is inside the data under '{plan.data}', whose "
+            "shards the next tasks would read as data; give a run root outside it"
+        )
     print(f"{plan.rows:,} rows of {plan.data} in {len(plan.shards)} shard(s) of about "
           f"{plan.rows // len(plan.shards):,} rows", file=sys.stderr)  # fmt: skip
     if ns.dry_run:
@@ -196,6 +195,23 @@ def submit_predict(ns: argparse.Namespace, overrides: list[str]) -> int:
     print(f"submitted {len(job_ids)} shard(s) as Slurm job {', '.join(array)} -> {embeddings}")
     print(f"  spherinator-submit status {sweep_dir}")
     return 0
+
+
+def _plan_predict(cli_args: list[str], ckpt: str, tasks: int | None) -> EmbeddingSet:
+    """The shards of the configs' predict split, every error of the configs or the data as one line."""
+    from spherinator.errors import one_line, parse_error_line, user_error
+    from spherinator.runs import build
+
+    try:
+        _, datamodule = build(cli_args, ckpt)
+        return plan_embedding_set(datamodule, tasks)
+    except argparse.ArgumentError as err:  # a parse error of an override (--data.init_args.batch_size x)
+        raise SubmitError(parse_error_line(err, cli_args)) from err
+    except Exception as err:  # a class that refuses its arguments reaches us wrapped by jsonargparse
+        cause = user_error(err)
+        if cause is None:
+            raise
+        raise SubmitError(one_line(cause)) from err
 
 
 def _predict_tasks(manifest: Manifest) -> Callable[[int], PredictTask]:
@@ -290,7 +306,12 @@ def _queue(
     ``manifest.code_version`` then holds), record the submission in the manifest; returns {task index: job id}."""
     from submitit.core.utils import FailedJobError
 
-    code, manifest.code_version = code_snapshot(sweep_dir, manifest.code_version)
+    try:
+        code, manifest.code_version = code_snapshot(sweep_dir, manifest.code_version)
+    except OSError as err:  # a full or read-only disk; shutil.Error lists each file it could not copy
+        why = str(err.args[0][0][2]).split(":")[0] if isinstance(err, shutil.Error) else (err.strerror or err)
+        shutil.rmtree(sweep_dir / f".{CODE_DIR}.partial", ignore_errors=True)
+        raise SubmitError(f"cannot write the code snapshot in '{sweep_dir}' ({why}); nothing was queued") from err
     print(f"tasks import spherinator {manifest.code_version} from {code}", file=sys.stderr)
     executor = _executor(sweep_dir / SUBMITIT_DIR, resources, manifest.name)
     try:

@@ -105,14 +105,19 @@ def plan_embedding_set(datamodule: Any, tasks: int | None = None) -> EmbeddingSe
         segments = _shard_segments(shard_rows(reader, k, tasks), bases)
         shards.append(EmbeddingShard(k, SHARD_NAME.format(k), sum(s.stop - s.start for s in segments), segments))
     _check_every_row_once(shards, total)
+    data, files, per_file = _source(index)
+    return EmbeddingSet(
+        data=data, files=files, row_groups=per_file, rows=total, batch_size=reader.batch_size, shards=shards
+    )  # fmt: skip
+
+
+def _source(index: Any) -> tuple[str, list[str], list[list[int]]]:
+    """The data dir (absolute), its files (relative to it) and the rows of each row group of each file."""
     root = index.path if index.path.is_dir() else index.path.parent
     per_file: list[list[int]] = [[] for _ in index.files]
     for file, _, rows in index.groups:
         per_file[file].append(rows)
-    return EmbeddingSet(
-        data=str(root.resolve()), files=[str(f.relative_to(root)) for f in index.files], row_groups=per_file,
-        rows=total, batch_size=reader.batch_size, shards=shards,
-    )  # fmt: skip
+    return str(root.resolve()), [str(f.relative_to(root)) for f in index.files], per_file
 
 
 def _check_every_row_once(shards: list[EmbeddingShard], total: int) -> None:
@@ -209,6 +214,17 @@ def _write(path: Path, batches: Iterator[Any], encode: Callable[[Any], Any], ids
     return done
 
 
+def _whole(path: Path, rows: int) -> bool:
+    """Whether ``path`` is a Parquet file of ``rows`` rows (a file damaged or replaced by hand is redone)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        return path.is_file() and pq.read_metadata(path).num_rows == rows
+    except (OSError, pa.ArrowException):
+        return False
+
+
 def write_shard(
     embeddings: str | Path, shard: int, cli_args: list[str], checkpoint: str, onnx: str | None = None
 ) -> dict[str, Any]:
@@ -216,27 +232,29 @@ def write_shard(
     written whole is left as it is. Returns ``{"shard", "file", "rows", "skipped"}``.
 
     Raises:
-        DataError: the data changed since the set was planned (other rows would land in this shard).
+        DataError: the data changed since the set was planned (other rows would land in this shard), or the set
+            has no shard ``shard``.
         OutputError: the shard cannot be written (full or read-only disk).
     """
-    import pyarrow.parquet as pq
-
     from spherinator.runs import build
     from spherinator.staging import exit_on_sigterm, staged_file
 
     embeddings = Path(embeddings)
     plan = read_embedding_set(embeddings)
+    if not 0 <= shard < len(plan.shards):  # not plan.shards[-1]: another task's shard
+        raise DataError(f"shard {shard}: {embeddings} holds shards 0 to {len(plan.shards) - 1}")
     record = plan.shards[shard]
     final = embeddings / record.file
     result = {"shard": shard, "file": str(final), "rows": record.rows, "skipped": False}
-    if final.is_file() and pq.read_metadata(final).num_rows == record.rows:
+    if _whole(final, record.rows):
         return result | {"skipped": True}
     for stale in embeddings.glob(f".{record.file}.partial-*"):  # an attempt killed mid-shard (SIGKILL) left it
         stale.unlink(missing_ok=True)
     model, datamodule = build(cli_args, checkpoint)
     stream = datamodule.dataset("predict", rank=shard, world_size=len(plan.shards))
     planned = _shard_segments(shard_rows(stream.reader, shard, len(plan.shards)), _row_bases(datamodule.index.groups))
-    if planned != record.segments:
+    _, files, row_groups = _source(datamodule.index)
+    if planned != record.segments or (files, row_groups) != (plan.files, plan.row_groups):  # a file renamed too
         raise DataError(
             f"the data under {plan.data} changed since this predict was planned (shard {shard} would hold other "
             "rows); submit the predict again"
