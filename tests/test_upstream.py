@@ -63,6 +63,20 @@ def test_upstream_style_unpacking_of_forward_and_encode_raises_at_any_batch_size
     torch.testing.assert_close(model.reconstruct(x), model(x), rtol=0, atol=0)
 
 
+def test_results_of_encode_and_forward_deepcopy_and_save_as_plain_tensors(tmp_path):
+    import copy
+
+    model = tiny_vae().eval()
+    x = torch.rand(4, 2, 8, 8)
+    with torch.no_grad():
+        location, reconstruction = model.encode(x), model(x)
+    copied = copy.deepcopy({"z": location})["z"]  # torch's default deepcopy of a subclass used to raise
+    assert type(copied) is torch.Tensor and torch.equal(copied, location)
+    torch.save({"z": location, "x_hat": reconstruction}, tmp_path / "out.pt")
+    loaded = torch.load(tmp_path / "out.pt")  # weights-only by default: it used to refuse the subclass
+    assert all(type(v) is torch.Tensor for v in loaded.values()) and torch.equal(loaded["z"], location)
+
+
 @pytest.mark.parametrize("batch", [4, 2])
 def test_forward_sampled_encode_posterior_and_reparameterize_have_upstreams_shapes(batch):
     model = tiny_vae().eval()
