@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import copy
 import inspect
+import io
 import math
 import re
 import sys
@@ -74,9 +75,7 @@ def convert_upstream(
         OutputError: ``output`` exists (without ``overwrite``) or cannot be written.
     """
     out = Path(output)
-    for target in (out, out.with_suffix(".yaml")):
-        if target.exists() and not overwrite:
-            raise OutputError(f"{target} exists; pass --overwrite to replace it or give another -o")
+    _check_outputs(out, (Path(checkpoint), Path(config)), overwrite)
     upstream = _read_upstream_checkpoint(Path(checkpoint))
     sections = _read_sections(Path(config))
     init_args, notes = model_init_args(sections["model"], upstream["state_dict"])
@@ -91,11 +90,27 @@ def convert_upstream(
     ours["spherinator_upstream"] = {"checkpoint": str(checkpoint), "config": str(config), "notes": notes}
     sections["model"] = {"class_path": OUR_VAE, "init_args": init_args}
     text = "# spherinator convert-upstream: the model (and optimizer) of the upstream run, in our settings\n"
-    _write(out, lambda partial: torch.save(ours, partial))
+    buffer = io.BytesIO()  # torch.save reports a full disk as a RuntimeError; writing the bytes, as an OSError
+    torch.save(ours, buffer)
+    _write(out, lambda partial: partial.write_bytes(buffer.getbuffer()))
     _write(
         out.with_suffix(".yaml"), lambda partial: partial.write_text(text + yaml.safe_dump(sections, sort_keys=False))
     )
     return Converted(path=out, config=out.with_suffix(".yaml"), hyper_parameters=hparams, notes=notes)
+
+
+def _check_outputs(out: Path, inputs: tuple[Path, ...], overwrite: bool) -> None:
+    """Refuse outputs that would replace an input, each other, or a folder, and existing ones without overwrite."""
+    config = out.with_suffix(".yaml")
+    if config == out:
+        raise OutputError(f"-o {out} names the config's place; give the checkpoint's, e.g. {out.with_suffix('.ckpt')}")
+    for target in (out, config):
+        if any(target.resolve() == given.resolve() for given in inputs):
+            raise OutputError(f"{target} is an input of this conversion; give -o another path (the inputs stay)")
+        if target.is_dir():
+            raise OutputError(f"{target} is a directory; give -o a file path, e.g. {target / 'converted.ckpt'}")
+        if target.exists() and not overwrite:
+            raise OutputError(f"{target} exists; pass --overwrite to replace it or give another -o")
 
 
 def _write(out: Path, save: Callable[[Path], Any]) -> None:

@@ -158,6 +158,66 @@ def test_convert_upstream_refuses_a_checkpoint_of_ours(tmp_path):
         convert_upstream(ckpt, config, tmp_path / "out.ckpt")
 
 
+def _mlp_upstream_run(directory: Path) -> tuple[Path, Path]:
+    """A minimal upstream run (MLP encoder and decoder, whose keys upstream and ours share): checkpoint, config."""
+    directory.mkdir(parents=True, exist_ok=True)
+    mlp = "spherinator.models.MLP"
+    config = directory / "cli-config.yaml"
+    config.write_text(
+        "model:\n  class_path: spherinator.models.VariationalAutoencoder\n  init_args:\n"
+        f"    encoder: {{class_path: {mlp}, init_args: {{input_size: 4, hidden_sizes: [], output_size: 6}}}}\n"
+        f"    decoder: {{class_path: {mlp}, init_args: {{input_size: 3, hidden_sizes: [], output_size: 4}}}}\n"
+        "    encoder_out_dim: 6\n    z_dim: 3\n"
+    )
+    state = {"encoder.model.1.weight": torch.randn(6, 4), "encoder.model.1.bias": torch.randn(6),
+             "variational_encoder.fc_location.weight": torch.randn(3, 6), "variational_encoder.fc_location.bias":
+             torch.randn(3), "variational_encoder.fc_scale.weight": torch.randn(1, 6),
+             "variational_encoder.fc_scale.bias": torch.randn(1), "decoder.model.1.weight": torch.randn(4, 3),
+             "decoder.model.1.bias": torch.randn(4)}  # fmt: skip
+    checkpoint = directory / "upstream.ckpt"
+    torch.save({"state_dict": state, "epoch": 1, "global_step": 2}, checkpoint)
+    return checkpoint, config
+
+
+@pytest.mark.parametrize("output", ["upstream.ckpt", "cli-config.ckpt", "converted.yaml", "."])
+def test_convert_upstream_never_writes_over_its_inputs_or_its_own_checkpoint(tmp_path, output):
+    from spherinator.errors import OutputError
+    from spherinator.upstream import convert_upstream
+
+    checkpoint, config = _mlp_upstream_run(tmp_path / "run")
+    before = {p.name: p.read_bytes() for p in (checkpoint, config)}
+    with pytest.raises(OutputError, match="input of this conversion|config's place|is a directory"):
+        convert_upstream(checkpoint, config, tmp_path / "run" / output, overwrite=True)
+    assert {p.name: p.read_bytes() for p in (checkpoint, config)} == before
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["cli-config.yaml", "upstream.ckpt"]
+
+
+def test_convert_upstream_names_a_full_disk_in_one_line(tmp_path, monkeypatch):
+    import errno
+
+    import spherinator.upstream as upstream
+    from spherinator.errors import OutputError
+
+    checkpoint, config = _mlp_upstream_run(tmp_path / "run")
+    converted = upstream.convert_upstream(checkpoint, config, tmp_path / "ok.ckpt")  # the run converts
+    assert converted.path.is_file() and converted.config.is_file()
+    save = torch.save
+
+    def full_disk_save(obj, f, *args, **kwargs):  # torch.save to a file on a full disk raises a RuntimeError
+        if isinstance(f, (str, Path)):
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64000 vs 63888")
+        return save(obj, f, *args, **kwargs)
+
+    def full_disk_write(self, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full_disk_save)
+    monkeypatch.setattr(Path, "write_bytes", full_disk_write)
+    with pytest.raises(OutputError, match="No space left on device"):
+        upstream.convert_upstream(checkpoint, config, tmp_path / "full" / "out.ckpt")
+    assert list((tmp_path / "full").iterdir()) == []
+
+
 # --- ONNX exports without our metadata ------------------------------------------------------------------------------
 
 
