@@ -164,7 +164,10 @@ def model_init_args(model: dict[str, Any], state: dict[str, torch.Tensor]) -> tu
 
     ``state`` (the upstream state dict) decides what the config leaves open (a ViT's projection).
     """
-    args = dict(model.get("init_args") or {})
+    args = model.get("init_args") or {}
+    if not isinstance(args, dict):
+        raise ConfigError(f"upstream model.init_args is {args!r}, not a mapping; pass the run's saved config")
+    args = dict(args)
     notes: list[str] = []
     loss = args.pop("loss", "MSE")
     if "reconstruction_loss" in args:
@@ -180,6 +183,11 @@ def model_init_args(model: dict[str, Any], state: dict[str, torch.Tensor]) -> tu
     if fixed is not None:
         notes.append(f"fixed_scale {fixed}: the converted weights keep it, but training on will learn the scale")
     max_scale = args.pop("max_scale", None)
+    if max_scale is not None and (isinstance(max_scale, bool) or not isinstance(max_scale, (int, float))):
+        raise ConfigError(f"upstream max_scale {max_scale!r} is not a number; give a number > 1 or null (no cap)")
+    missing = [key for key in ("encoder", "decoder") if key not in args]
+    if missing:
+        raise ConfigError(f"upstream model.init_args has no {' or '.join(missing)}; pass the run's saved config")
     ours = {
         "encoder": _map_module(args.pop("encoder"), "encoder", state, notes),
         "decoder": _map_module(args.pop("decoder"), "decoder", state, notes),

@@ -192,6 +192,33 @@ def test_convert_upstream_never_writes_over_its_inputs_or_its_own_checkpoint(tmp
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["cli-config.yaml", "upstream.ckpt"]
 
 
+@pytest.mark.parametrize(
+    ("edit", "named"),
+    [
+        ("    max_scale: big\n", "max_scale 'big'"),
+        (None, "has no encoder or decoder"),
+        ("  init_args: [1, 2]\n", "not a mapping"),
+    ],
+)
+def test_convert_upstream_names_a_bad_model_section_in_one_line(tmp_path, capsys, edit, named):
+    from spherinator.commands import main
+
+    checkpoint, config = _mlp_upstream_run(tmp_path / "run")
+    text = config.read_text()
+    if edit is None:  # an init_args without the encoder and decoder
+        text = "model:\n  class_path: spherinator.models.VariationalAutoencoder\n  init_args: {z_dim: 3}\n"
+    elif edit.startswith("    "):
+        text += edit
+    else:
+        text = "model:\n  class_path: spherinator.models.VariationalAutoencoder\n" + edit
+    config.write_text(text)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["convert-upstream", str(checkpoint), "-c", str(config), "-o", str(tmp_path / "out.ckpt")])
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and named in err and "\n" not in err
+    assert not (tmp_path / "out.ckpt").exists()
+
+
 def test_convert_upstream_names_a_full_disk_in_one_line(tmp_path, monkeypatch):
     import errno
 
