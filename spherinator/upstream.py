@@ -179,9 +179,6 @@ def model_init_args(model: dict[str, Any], state: dict[str, torch.Tensor]) -> tu
             f"upstream loss {loss!r} weights by the data's error column, which this conversion does not carry; "
             "convert a run trained with loss: MSE, or write the loss you want as reconstruction_loss"
         )
-    fixed = args.pop("fixed_scale", None)
-    if fixed is not None:
-        notes.append(f"fixed_scale {fixed}: the converted weights keep it, but training on will learn the scale")
     max_scale = args.pop("max_scale", None)
     if max_scale is not None and (isinstance(max_scale, bool) or not isinstance(max_scale, (int, float))):
         raise ConfigError(f"upstream max_scale {max_scale!r} is not a number; give a number > 1 or null (no cap)")
@@ -196,6 +193,7 @@ def model_init_args(model: dict[str, Any], state: dict[str, torch.Tensor]) -> tu
         "beta": args.pop("beta", 1.0),
         "reconstruction_loss": loss_cfg,
         "max_scale": math.inf if max_scale is None else float(max_scale),  # upstream: no cap unless given
+        "fixed_scale": args.pop("fixed_scale", None),  # ours as upstream's: zeroed, frozen scale head
         "centre": False,  # upstream's sphere head has no batch centring
     }
     if args:

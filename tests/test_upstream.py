@@ -219,6 +219,23 @@ def test_convert_upstream_names_a_bad_model_section_in_one_line(tmp_path, capsys
     assert not (tmp_path / "out.ckpt").exists()
 
 
+def test_convert_upstream_keeps_fixed_scale_so_training_on_keeps_the_concentration(tmp_path):
+    from spherinator.export import load_model
+    from spherinator.upstream import convert_upstream
+
+    checkpoint, config = _mlp_upstream_run(tmp_path / "run")
+    config.write_text(config.read_text() + "    fixed_scale: 0.5\n")
+    ckpt = torch.load(checkpoint, weights_only=True)  # as upstream 0.5.1 saves a fixed_scale run's head
+    ckpt["state_dict"]["variational_encoder.fc_scale.weight"].zero_()
+    ckpt["state_dict"]["variational_encoder.fc_scale.bias"].fill_(0.5)
+    torch.save(ckpt, checkpoint)
+    converted = convert_upstream(checkpoint, config, tmp_path / "ours.ckpt")
+    assert converted.hyper_parameters["fixed_scale"] == 0.5
+    head = load_model(converted.path).model.encoder.fc_scale
+    assert not any(p.requires_grad for p in head.parameters())  # fit --ckpt_path does not learn it
+    assert head.bias.item() == 0.5 and not head.weight.any()
+
+
 def test_convert_upstream_names_a_full_disk_in_one_line(tmp_path, monkeypatch):
     import errno
 
