@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import copy
 import inspect
+import io
 import math
 import re
 import sys
@@ -74,9 +75,7 @@ def convert_upstream(
         OutputError: ``output`` exists (without ``overwrite``) or cannot be written.
     """
     out = Path(output)
-    for target in (out, out.with_suffix(".yaml")):
-        if target.exists() and not overwrite:
-            raise OutputError(f"{target} exists; pass --overwrite to replace it or give another -o")
+    _check_outputs(out, (Path(checkpoint), Path(config)), overwrite)
     upstream = _read_upstream_checkpoint(Path(checkpoint))
     sections = _read_sections(Path(config))
     init_args, notes = model_init_args(sections["model"], upstream["state_dict"])
@@ -91,11 +90,27 @@ def convert_upstream(
     ours["spherinator_upstream"] = {"checkpoint": str(checkpoint), "config": str(config), "notes": notes}
     sections["model"] = {"class_path": OUR_VAE, "init_args": init_args}
     text = "# spherinator convert-upstream: the model (and optimizer) of the upstream run, in our settings\n"
-    _write(out, lambda partial: torch.save(ours, partial))
+    buffer = io.BytesIO()  # torch.save reports a full disk as a RuntimeError; writing the bytes, as an OSError
+    torch.save(ours, buffer)
+    _write(out, lambda partial: partial.write_bytes(buffer.getbuffer()))
     _write(
         out.with_suffix(".yaml"), lambda partial: partial.write_text(text + yaml.safe_dump(sections, sort_keys=False))
     )
     return Converted(path=out, config=out.with_suffix(".yaml"), hyper_parameters=hparams, notes=notes)
+
+
+def _check_outputs(out: Path, inputs: tuple[Path, ...], overwrite: bool) -> None:
+    """Refuse outputs that would replace an input, each other, or a folder, and existing ones without overwrite."""
+    config = out.with_suffix(".yaml")
+    if config == out:
+        raise OutputError(f"-o {out} names the config's place; give the checkpoint's, e.g. {out.with_suffix('.ckpt')}")
+    for target in (out, config):
+        if any(target.resolve() == given.resolve() for given in inputs):
+            raise OutputError(f"{target} is an input of this conversion; give -o another path (the inputs stay)")
+        if target.is_dir():
+            raise OutputError(f"{target} is a directory; give -o a file path, e.g. {target / 'converted.ckpt'}")
+        if target.exists() and not overwrite:
+            raise OutputError(f"{target} exists; pass --overwrite to replace it or give another -o")
 
 
 def _write(out: Path, save: Callable[[Path], Any]) -> None:
@@ -149,7 +164,10 @@ def model_init_args(model: dict[str, Any], state: dict[str, torch.Tensor]) -> tu
 
     ``state`` (the upstream state dict) decides what the config leaves open (a ViT's projection).
     """
-    args = dict(model.get("init_args") or {})
+    args = model.get("init_args") or {}
+    if not isinstance(args, dict):
+        raise ConfigError(f"upstream model.init_args is {args!r}, not a mapping; pass the run's saved config")
+    args = dict(args)
     notes: list[str] = []
     loss = args.pop("loss", "MSE")
     if "reconstruction_loss" in args:
@@ -161,10 +179,12 @@ def model_init_args(model: dict[str, Any], state: dict[str, torch.Tensor]) -> tu
             f"upstream loss {loss!r} weights by the data's error column, which this conversion does not carry; "
             "convert a run trained with loss: MSE, or write the loss you want as reconstruction_loss"
         )
-    fixed = args.pop("fixed_scale", None)
-    if fixed is not None:
-        notes.append(f"fixed_scale {fixed}: the converted weights keep it, but training on will learn the scale")
     max_scale = args.pop("max_scale", None)
+    if max_scale is not None and (isinstance(max_scale, bool) or not isinstance(max_scale, (int, float))):
+        raise ConfigError(f"upstream max_scale {max_scale!r} is not a number; give a number > 1 or null (no cap)")
+    missing = [key for key in ("encoder", "decoder") if key not in args]
+    if missing:
+        raise ConfigError(f"upstream model.init_args has no {' or '.join(missing)}; pass the run's saved config")
     ours = {
         "encoder": _map_module(args.pop("encoder"), "encoder", state, notes),
         "decoder": _map_module(args.pop("decoder"), "decoder", state, notes),
@@ -173,6 +193,7 @@ def model_init_args(model: dict[str, Any], state: dict[str, torch.Tensor]) -> tu
         "beta": args.pop("beta", 1.0),
         "reconstruction_loss": loss_cfg,
         "max_scale": math.inf if max_scale is None else float(max_scale),  # upstream: no cap unless given
+        "fixed_scale": args.pop("fixed_scale", None),  # ours as upstream's: zeroed, frozen scale head
         "centre": False,  # upstream's sphere head has no batch centring
     }
     if args:

@@ -63,6 +63,20 @@ def test_upstream_style_unpacking_of_forward_and_encode_raises_at_any_batch_size
     torch.testing.assert_close(model.reconstruct(x), model(x), rtol=0, atol=0)
 
 
+def test_results_of_encode_and_forward_deepcopy_and_save_as_plain_tensors(tmp_path):
+    import copy
+
+    model = tiny_vae().eval()
+    x = torch.rand(4, 2, 8, 8)
+    with torch.no_grad():
+        location, reconstruction = model.encode(x), model(x)
+    copied = copy.deepcopy({"z": location})["z"]  # torch's default deepcopy of a subclass used to raise
+    assert type(copied) is torch.Tensor and torch.equal(copied, location)
+    torch.save({"z": location, "x_hat": reconstruction}, tmp_path / "out.pt")
+    loaded = torch.load(tmp_path / "out.pt")  # weights-only by default: it used to refuse the subclass
+    assert all(type(v) is torch.Tensor for v in loaded.values()) and torch.equal(loaded["z"], location)
+
+
 @pytest.mark.parametrize("batch", [4, 2])
 def test_forward_sampled_encode_posterior_and_reparameterize_have_upstreams_shapes(batch):
     model = tiny_vae().eval()
@@ -142,6 +156,110 @@ def test_convert_upstream_refuses_a_checkpoint_of_ours(tmp_path):
     config.write_text("model:\n  class_path: spherinator.models.VariationalAutoencoder\n")
     with pytest.raises(CheckpointError, match="spherinator checkpoint already"):
         convert_upstream(ckpt, config, tmp_path / "out.ckpt")
+
+
+def _mlp_upstream_run(directory: Path) -> tuple[Path, Path]:
+    """A minimal upstream run (MLP encoder and decoder, whose keys upstream and ours share): checkpoint, config."""
+    directory.mkdir(parents=True, exist_ok=True)
+    mlp = "spherinator.models.MLP"
+    config = directory / "cli-config.yaml"
+    config.write_text(
+        "model:\n  class_path: spherinator.models.VariationalAutoencoder\n  init_args:\n"
+        f"    encoder: {{class_path: {mlp}, init_args: {{input_size: 4, hidden_sizes: [], output_size: 6}}}}\n"
+        f"    decoder: {{class_path: {mlp}, init_args: {{input_size: 3, hidden_sizes: [], output_size: 4}}}}\n"
+        "    encoder_out_dim: 6\n    z_dim: 3\n"
+    )
+    state = {"encoder.model.1.weight": torch.randn(6, 4), "encoder.model.1.bias": torch.randn(6),
+             "variational_encoder.fc_location.weight": torch.randn(3, 6), "variational_encoder.fc_location.bias":
+             torch.randn(3), "variational_encoder.fc_scale.weight": torch.randn(1, 6),
+             "variational_encoder.fc_scale.bias": torch.randn(1), "decoder.model.1.weight": torch.randn(4, 3),
+             "decoder.model.1.bias": torch.randn(4)}  # fmt: skip
+    checkpoint = directory / "upstream.ckpt"
+    torch.save({"state_dict": state, "epoch": 1, "global_step": 2}, checkpoint)
+    return checkpoint, config
+
+
+@pytest.mark.parametrize("output", ["upstream.ckpt", "cli-config.ckpt", "converted.yaml", "."])
+def test_convert_upstream_never_writes_over_its_inputs_or_its_own_checkpoint(tmp_path, output):
+    from spherinator.errors import OutputError
+    from spherinator.upstream import convert_upstream
+
+    checkpoint, config = _mlp_upstream_run(tmp_path / "run")
+    before = {p.name: p.read_bytes() for p in (checkpoint, config)}
+    with pytest.raises(OutputError, match="input of this conversion|config's place|is a directory"):
+        convert_upstream(checkpoint, config, tmp_path / "run" / output, overwrite=True)
+    assert {p.name: p.read_bytes() for p in (checkpoint, config)} == before
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["cli-config.yaml", "upstream.ckpt"]
+
+
+@pytest.mark.parametrize(
+    ("edit", "named"),
+    [
+        ("    max_scale: big\n", "max_scale 'big'"),
+        (None, "has no encoder or decoder"),
+        ("  init_args: [1, 2]\n", "not a mapping"),
+    ],
+)
+def test_convert_upstream_names_a_bad_model_section_in_one_line(tmp_path, capsys, edit, named):
+    from spherinator.commands import main
+
+    checkpoint, config = _mlp_upstream_run(tmp_path / "run")
+    text = config.read_text()
+    if edit is None:  # an init_args without the encoder and decoder
+        text = "model:\n  class_path: spherinator.models.VariationalAutoencoder\n  init_args: {z_dim: 3}\n"
+    elif edit.startswith("    "):
+        text += edit
+    else:
+        text = "model:\n  class_path: spherinator.models.VariationalAutoencoder\n" + edit
+    config.write_text(text)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["convert-upstream", str(checkpoint), "-c", str(config), "-o", str(tmp_path / "out.ckpt")])
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and named in err and "\n" not in err
+    assert not (tmp_path / "out.ckpt").exists()
+
+
+def test_convert_upstream_keeps_fixed_scale_so_training_on_keeps_the_concentration(tmp_path):
+    from spherinator.export import load_model
+    from spherinator.upstream import convert_upstream
+
+    checkpoint, config = _mlp_upstream_run(tmp_path / "run")
+    config.write_text(config.read_text() + "    fixed_scale: 0.5\n")
+    ckpt = torch.load(checkpoint, weights_only=True)  # as upstream 0.5.1 saves a fixed_scale run's head
+    ckpt["state_dict"]["variational_encoder.fc_scale.weight"].zero_()
+    ckpt["state_dict"]["variational_encoder.fc_scale.bias"].fill_(0.5)
+    torch.save(ckpt, checkpoint)
+    converted = convert_upstream(checkpoint, config, tmp_path / "ours.ckpt")
+    assert converted.hyper_parameters["fixed_scale"] == 0.5
+    head = load_model(converted.path).model.encoder.fc_scale
+    assert not any(p.requires_grad for p in head.parameters())  # fit --ckpt_path does not learn it
+    assert head.bias.item() == 0.5 and not head.weight.any()
+
+
+def test_convert_upstream_names_a_full_disk_in_one_line(tmp_path, monkeypatch):
+    import errno
+
+    import spherinator.upstream as upstream
+    from spherinator.errors import OutputError
+
+    checkpoint, config = _mlp_upstream_run(tmp_path / "run")
+    converted = upstream.convert_upstream(checkpoint, config, tmp_path / "ok.ckpt")  # the run converts
+    assert converted.path.is_file() and converted.config.is_file()
+    save = torch.save
+
+    def full_disk_save(obj, f, *args, **kwargs):  # torch.save to a file on a full disk raises a RuntimeError
+        if isinstance(f, (str, Path)):
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64000 vs 63888")
+        return save(obj, f, *args, **kwargs)
+
+    def full_disk_write(self, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full_disk_save)
+    monkeypatch.setattr(Path, "write_bytes", full_disk_write)
+    with pytest.raises(OutputError, match="No space left on device"):
+        upstream.convert_upstream(checkpoint, config, tmp_path / "full" / "out.ckpt")
+    assert list((tmp_path / "full").iterdir()) == []
 
 
 # --- ONNX exports without our metadata ------------------------------------------------------------------------------

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
 
@@ -22,6 +24,14 @@ class _NoUnpacking(torch.Tensor):
 
     def __iter__(self):
         raise TypeError(self._message)
+
+    # Copies and saved files hold a plain tensor: torch.load (weights-only by default) refuses unknown subclasses,
+    # and torch's default deepcopy of a subclass needs a new_empty of the subclass.
+    def __deepcopy__(self, memo: dict) -> torch.Tensor:
+        return copy.deepcopy(self.as_subclass(torch.Tensor), memo)
+
+    def __reduce_ex__(self, protocol: int) -> tuple:  # type: ignore[override]
+        return self.as_subclass(torch.Tensor).__reduce_ex__(protocol)
 
 
 def no_unpacking(tensor: torch.Tensor, message: str) -> torch.Tensor:
