@@ -564,3 +564,16 @@ def test_param_manager_reads_upstreams_yaml_and_refuses_a_bad_pattern_in_one_lin
         ParamManager(configs=[ParamConfig(pattern="fc_[scale")])
     with pytest.raises(ConfigError, match="ParamManager: max_value nan for 'x' must be a finite number"):
         ParamManager(configs=[ParamConfig(pattern="x", max_value=float("nan"))])
+
+
+def test_param_manager_caps_a_frozen_parameter_without_unfreezing_it(tmp_path):
+    """Upstream's default (freeze: False) made a capped parameter trainable again; a cap alone leaves it frozen."""
+    model = sphere_vae(False)
+    model.encoder.fc_scale.requires_grad_(False)  # as fixed_scale or an encoder's freeze: true leave it
+    callback = ParamManager(configs=[ParamConfig(pattern=r"^encoder\.fc_scale\.", max_value=0.5)])
+    run = trainer(tmp_path, [callback], max_epochs=1)
+    run.fit(model, DataLoader(_Rows(), batch_size=50))
+    assert not any(p.requires_grad for p in model.encoder.fc_scale.parameters())
+    assert all(torch.all(p <= 0.5) for p in model.encoder.fc_scale.parameters())
+    ParamManager(configs=[ParamConfig(pattern=r"^encoder\.fc_scale\.", freeze=False)]).on_train_start(run, model)
+    assert all(p.requires_grad for p in model.encoder.fc_scale.parameters())  # said explicitly: trainable

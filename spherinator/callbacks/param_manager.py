@@ -23,13 +23,16 @@ class ParamConfig:
         value: Fill the matched parameters with this number when training starts (None: leave them).
         max_value: Cap the matched parameters at this number when training starts and after every training batch
             (None: no cap).
-        freeze: Stop the matched parameters from training (``requires_grad = False``); False makes them trainable.
+        freeze: True stops the matched parameters from training (``requires_grad = False``), False makes them
+            trainable; None (the default) leaves them as they are. Upstream's default False made every matched
+            parameter trainable, so a cap (``max_value``) on a frozen parameter (``freeze: true`` on an encoder,
+            ``fixed_scale``) unfroze it; write ``freeze: false`` where that is wanted.
     """
 
     pattern: str
     value: float | None = None
     max_value: float | None = None
-    freeze: bool = False
+    freeze: bool | None = None
 
 
 class ParamManager(pl.Callback):
@@ -80,10 +83,11 @@ class ParamManager(pl.Callback):
                         param.fill_(conf.value)
                     if conf.max_value is not None:
                         param.clamp_(max=conf.max_value)
-                    param.requires_grad_(not conf.freeze)
+                    if conf.freeze is not None:
+                        param.requires_grad_(not conf.freeze)
             if params:
                 what = ", ".join(n for n, _ in params[:4]) + (f" (+{len(params) - 4} more)" if len(params) > 4 else "")
-                state = "frozen" if conf.freeze else "trainable"
+                state = {True: "frozen", False: "trainable", None: "training as before"}[conf.freeze]
                 rank_zero_info(f"ParamManager: {what}: {state}"
                                + (f", set to {conf.value}" if conf.value is not None else "")
                                + (f", capped at {conf.max_value}" if conf.max_value is not None else ""))  # fmt: skip
