@@ -434,3 +434,16 @@ def test_consecutive_conv_layers_build_an_untrained_twin_with_get_model():
     assert all(p is not q for p in conv.parameters() for q in model.parameters())
     twin = ConsecutiveConvTranspose2DLayer(out_channels=[2], stride=2, output_padding=1, bias=False).get_model()
     assert twin(torch.randn(1, 4, 5, 5)).shape == (1, 2, 12, 12) and twin[0].bias is None
+
+
+def test_a_torchvision_encoder_with_upstreams_positional_list_decoder_arguments():
+    # Upstream's test_resnet: a torchvision classifier as encoder (encoder_out_dim = its classes) and
+    # ConvolutionalDecoder2D(z_dim, output_dim, cnn_input_dim) with lists; its 4-tuple is forward_sampled here.
+    torchvision = pytest.importorskip("torchvision")
+    from spherinator.models import VariationalAutoencoder
+
+    decoder = ConvolutionalDecoder2D(3, [3, 32, 32], [3, 32, 32])
+    model = VariationalAutoencoder(torchvision.models.resnet18(num_classes=10), decoder, encoder_out_dim=10, z_dim=3)
+    x = torch.randn(2, 3, 32, 32)
+    (loc, scale), _, _, recon = model.forward_sampled(x)
+    assert loc.shape == (2, 3) and scale.shape == (2, 1) and recon.shape == x.shape == model(x).shape
