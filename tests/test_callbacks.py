@@ -166,6 +166,74 @@ def test_reconstructions_are_logged_to_wandb_offline(tmp_path, monkeypatch):
     assert pngs, f"no reconstruction image under {run_dir}"
 
 
+class _UpstreamStyleLogger(pl.loggers.Logger):
+    """A custom logger as upstream Spherinator's users write them: ``log_image(key=, images=)``, no log_dir."""
+
+    name, version = "custom", "0"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.images: list[tuple[str, list[Any]]] = []
+
+    def log_hyperparams(self, params, *args, **kwargs) -> None:
+        pass
+
+    def log_metrics(self, metrics, step=None) -> None:
+        pass
+
+    def log_image(self, key: str, images: list[Any]) -> None:
+        self.images.append((key, images))
+
+
+class _BatchStream(torch.utils.data.IterableDataset):
+    """Yields whole batches, as our ParquetStream does (no __getitem__)."""
+
+    def __init__(self, rows: torch.Tensor) -> None:
+        self.rows = rows
+
+    def __iter__(self):
+        return iter(self.rows.split(3))
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_upstream_call_form_logs_the_training_rows_it_names(tmp_path, stream):
+    import matplotlib.figure
+
+    rows = torch.rand(8, 3, 16, 16)
+    data = DataLoader(_BatchStream(rows), batch_size=None) if stream else DataLoader(rows, batch_size=4)
+    logger, model = _UpstreamStyleLogger(), vae_2d()
+    t = trainer(tmp_path, [], logger=logger, limit_val_batches=0)
+    t.fit(model, data)
+    callback = LogReconstructionCallback(samples=[1, 6])
+    callback.on_train_epoch_end(t, model)  # Lightning's own call: reconstructions come after validation instead
+    assert logger.images == []
+    callback.on_train_epoch_end(trainer=t, model=model)  # upstream's direct call
+    ((key, (figure,)),) = logger.images
+    assert key == "Reconstructions" and isinstance(figure, matplotlib.figure.Figure)
+    for samples in (9, [0, 8]):
+        with pytest.raises(ValueError, match="The sample indices must be smaller than the dataset size.*8 rows"):
+            LogReconstructionCallback(samples=samples).on_train_epoch_end(trainer=t, model=model)
+
+
+def test_a_list_of_samples_picks_those_validation_rows_and_refuses_rows_past_the_end(tmp_path):
+    model, t = vae_2d(), trainer(tmp_path, [])
+    batches = [{"data": torch.rand(2, 3, 16, 16)} for _ in range(3)]
+    callback = LogReconstructionCallback(samples=[4, 1])
+    callback.on_validation_epoch_start(t, model)
+    for i, batch in enumerate(batches):
+        callback.on_validation_batch_end(t, model, None, batch, i)
+    assert torch.equal(callback._originals, torch.stack([batches[2]["data"][0], batches[0]["data"][1]]))
+    callback = LogReconstructionCallback(samples=[1, 6])
+    callback.on_validation_epoch_start(t, model)
+    for i, batch in enumerate(batches):
+        callback.on_validation_batch_end(t, model, None, batch, i)
+    with pytest.raises(ValueError, match=r"sample indices \[6\] are not below the 6 rows of the validation set"):
+        callback.on_validation_epoch_end(t, model)
+    for bad in ([], [-1], [1.5], "3"):
+        with pytest.raises(ValueError, match="non-empty list of row indices"):
+            LogReconstructionCallback(samples=bad)
+
+
 # ---- LogLatentSphere ----------------------------------------------------------------------------------------------
 
 

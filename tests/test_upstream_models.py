@@ -422,3 +422,28 @@ def test_the_run_config_goes_into_the_wandb_runs_files(tmp_path, monkeypatch, im
     in_run = [p for p in configs if p.parent.name == "files" and "model" in yaml.safe_load(p.read_text())]
     assert len(in_run) == 1, configs
     assert not (tmp_path / "wb" / "config.yaml").exists()
+
+
+def test_consecutive_conv_layers_build_an_untrained_twin_with_get_model():
+    # Upstream's layer objects were factories: its users call layer.get_model() and expect a fresh module.
+    conv = ConsecutiveConv2DLayer(out_channels=[3], pooling=nn.MaxPool2d(2))
+    model = conv.get_model()
+    assert type(model) is ConsecutiveConv2DLayer and model is not conv
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 3, 15, 15)
+    conv(torch.randn(2, 3, 32, 32))
+    assert all(p is not q for p in conv.parameters() for q in model.parameters())
+    twin = ConsecutiveConvTranspose2DLayer(out_channels=[2], stride=2, output_padding=1, bias=False).get_model()
+    assert twin(torch.randn(1, 4, 5, 5)).shape == (1, 2, 12, 12) and twin[0].bias is None
+
+
+def test_a_torchvision_encoder_with_upstreams_positional_list_decoder_arguments():
+    # Upstream's test_resnet: a torchvision classifier as encoder (encoder_out_dim = its classes) and
+    # ConvolutionalDecoder2D(z_dim, output_dim, cnn_input_dim) with lists; its 4-tuple is forward_sampled here.
+    torchvision = pytest.importorskip("torchvision")
+    from spherinator.models import VariationalAutoencoder
+
+    decoder = ConvolutionalDecoder2D(3, [3, 32, 32], [3, 32, 32])
+    model = VariationalAutoencoder(torchvision.models.resnet18(num_classes=10), decoder, encoder_out_dim=10, z_dim=3)
+    x = torch.randn(2, 3, 32, 32)
+    (loc, scale), _, _, recon = model.forward_sampled(x)
+    assert loc.shape == (2, 3) and scale.shape == (2, 1) and recon.shape == x.shape == model(x).shape

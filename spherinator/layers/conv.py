@@ -78,6 +78,26 @@ class _ConsecutiveConvLayer(nn.Sequential):
                 layers.append(pooling)  # parameter-free, so one instance can be reused
         super().__init__(*layers)
         self.out_channels = list(out_channels)
+        # What get_model needs to build an untrained twin through the subclass's own signature.
+        self._build_kwargs: dict[str, Any] = {
+            "kernel_size": kernel_size,
+            "stride": stride,
+            "padding": padding,
+            "out_channels": list(out_channels),
+            "activation": activation,
+            "norm": norm,
+            "pooling": pooling,
+            **(conv_kwargs or {}),
+        }
+
+    def get_model(self) -> nn.Module:
+        """A new, untrained stack built from the same arguments (upstream Spherinator's layer objects were
+        factories, and its encoders called ``get_model()`` on each); this stack is already the module itself.
+
+        Returns:
+            A fresh instance of this class, sharing no parameters with ``self``.
+        """
+        return type(self)(**self._build_kwargs)
 
 
 def _check_conv_kwargs(name: str, kwargs: dict[str, Any]) -> None:
