@@ -325,7 +325,7 @@ def test_atlas_names_a_metadata_free_decoder_whose_latent_size_is_not_fixed(tmp_
 
 def _upstream_python() -> Path:
     """An interpreter with upstream's package: $SPHERINATOR_UPSTREAM_PYTHON, else a venv cached by version under the
-    temp directory (made once: ``pip install --ignore-requires-python spherinator==0.5.1 power-spherical``)."""
+    temp directory (made once: upstream's wheel without its Python check, then its dependencies for this Python)."""
     given = os.environ.get("SPHERINATOR_UPSTREAM_PYTHON")
     if given:
         return Path(given)
@@ -334,11 +334,20 @@ def _upstream_python() -> Path:
     if (venv / "ready").exists():
         return python
     subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True)
-    install = subprocess.run(
-        [str(python), "-m", "pip", "install", "--quiet", "--ignore-requires-python",
-         f"spherinator=={UPSTREAM_VERSION}", "power-spherical"],
-        capture_output=True, text=True, timeout=3600,
-    )  # fmt: skip
+    pip = [str(python), "-m", "pip", "install", "--quiet", "--prefer-binary"]
+    # Only upstream's own wheel skips the Python check (it asks for 3.12); its dependencies are resolved for this
+    # Python, where skipping the check for all of them picked numpy 2.5 and tifffile releases that need 3.12.
+    install = subprocess.run(pip + ["--no-deps", "--ignore-requires-python", f"spherinator=={UPSTREAM_VERSION}"],
+                             capture_output=True, text=True, timeout=3600)  # fmt: skip
+    if install.returncode == 0:
+        requires = subprocess.run(
+            [str(python), "-c", "import importlib.metadata as m; print('\\n'.join(m.requires('spherinator') or []))"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.split("\n")
+        wanted = [line for line in requires if line.strip() and "extra ==" not in line]
+        install = subprocess.run(pip + wanted + ["power-spherical"], capture_output=True, text=True, timeout=3600)
     if install.returncode != 0:
         text = install.stderr + install.stdout
         unreachable = ("No matching distribution", "Could not find a version", "Failed to establish", "No route")
