@@ -10,6 +10,9 @@ from typing import Any
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import ProgressBar
 
+# The stage of a validate, test or predict run (Trainer.state.fn) as ProgressBar names its description.
+_EVAL_STAGES = {"validate": "validation", "test": "test", "predict": "predict"}
+
 
 def _duration(seconds: float) -> str:
     minutes, secs = divmod(int(seconds), 60)
@@ -99,48 +102,27 @@ class LineProgressBar(ProgressBar):
         if self._enabled:
             self._write(self._done(self._epoch(trainer)), trainer, pl_module)
 
-    # ---- validate / test / predict on their own (a validation within fit is part of its epoch)
-    def _eval_start(self, trainer: Trainer) -> None:
+    # ---- validate / test / predict on their own (a validation within fit is part of its epoch): the three report
+    # alike, so one set of hooks serves them all
+    def _eval_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.state.fn != "fit":
             self._begin(math.inf)
 
-    def _eval_batch(self, trainer: Trainer) -> None:
+    def _eval_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
         if trainer.state.fn != "fit":
             self._batches += 1
 
-    def _eval_end(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+    def _eval_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not self._enabled or trainer.state.fn == "fit" or trainer.sanity_checking:
             return
+        stage = _EVAL_STAGES[trainer.state.fn]
         total = getattr(trainer, f"num_{'val' if stage == 'validation' else stage}_batches")
         self._total = sum(total) if isinstance(total, list) else total
         self._write(self._done(getattr(self, f"{stage}_description")), trainer, pl_module)
 
-    def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._eval_start(trainer)
-
-    def on_validation_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
-        self._eval_batch(trainer)
-
-    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._eval_end(trainer, pl_module, "validation")
-
-    def on_test_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._eval_start(trainer)
-
-    def on_test_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
-        self._eval_batch(trainer)
-
-    def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._eval_end(trainer, pl_module, "test")
-
-    def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._eval_start(trainer)
-
-    def on_predict_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
-        self._eval_batch(trainer)
-
-    def on_predict_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._eval_end(trainer, pl_module, "predict")
+    on_validation_start = on_test_start = on_predict_start = _eval_start
+    on_validation_batch_end = on_test_batch_end = on_predict_batch_end = _eval_batch_end
+    on_validation_end = on_test_end = on_predict_end = _eval_end
 
 
 def progress_bar_for_logs(trainer_config: dict[str, Any], interactive: bool) -> list[Any] | None:

@@ -284,9 +284,19 @@ def _mark_validation_unfinished(checkpoint: dict[str, Any]) -> None:
     Lightning resumes a checkpoint whose validation progress says "started a batch, not processed it" by going back
     to that validation (its mid-evaluation restart); with none of the batches counted as done it starts from the
     first. Any other progress there makes the resumed run skip the validation. The progress is Lightning's loop
-    state (``loops.fit_loop``, the same layout in all of lightning 2.6, the range pyproject allows). Lightning has no
-    public way to say "run this validation again" (Trainer, callbacks and ``on_save_checkpoint`` offer none, and the
-    loops' progress objects are internal as well), so this one place edits the saved loop state.
+    state (``loops.fit_loop``, the same layout in all of lightning 2.6, the range pyproject allows).
+
+    Why this one place edits the saved loop state (measured against lightning 2.6.6; the test of a requeue in a
+    validation fails without it): a resumed ``fit`` reruns a validation only when the checkpoint's validation progress
+    is "mid-evaluation" (``loops/evaluation_loop.py:215-224``: started == ready, processed == started - 1); any other
+    state is skipped (``loops/training_epoch_loop.py:281-292``: ``_skip_next_val`` for a checkpoint saved after the
+    epoch's last batch, else ``increment_progress_to_evaluation_end``). That state exists only *inside* a
+    ``validation_step`` (between ``increment_started`` and ``increment_processed``, ``evaluation_loop.py:433-443``),
+    where no callback hook runs, and saving there would mean a checkpoint in the first batch of every validation, before
+    any signal came (the one of batch k resumes with k batches counted as done). Running the cut validation with
+    ``trainer.validate`` before the resumed ``fit`` is public but not the same run: ModelCheckpoint and EarlyStopping
+    act only while fitting (``callbacks/model_checkpoint.py:629``, ``callbacks/early_stopping.py:211``), so the cut
+    epoch would have no last/best checkpoint and no stopping check.
     """
     progress = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_loop.val_loop.batch_progress")
     if progress is None:

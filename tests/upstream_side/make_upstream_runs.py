@@ -34,61 +34,42 @@ def _layers(kind: str, specs: list[dict]) -> list[dict]:
     return [{"class_path": f"spherinator.models.{kind}", "init_args": spec} for spec in specs]
 
 
-def model_configs() -> dict[str, dict]:
-    """Upstream model sections: Conv2D encoder with each 2-D decoder, and the 1-D pair."""
-    enc2d = {
-        "class_path": "spherinator.models.ConvolutionalEncoder2D",
+def conv_pair(dim: str, shape: list[int]) -> tuple[dict, dict]:
+    """Upstream's convolutional encoder and decoder of ``dim`` ("1D" or "2D") for samples of ``shape`` [C, *size]:
+    two stride-2 convolutions down to 6 channels at a quarter of the size, and two transposed ones back."""
+    encoder = {
+        "class_path": f"spherinator.models.ConvolutionalEncoder{dim}",
         "init_args": {
-            "input_dim": [3, 32, 32],
+            "input_dim": shape,
             "output_dim": 8,
             "cnn_layers": _layers(
-                "ConsecutiveConv2DLayer", [{"kernel_size": 3, "stride": 2, "padding": 1, "out_channels": [4, 6]}]
+                f"ConsecutiveConv{dim}Layer", [{"kernel_size": 3, "stride": 2, "padding": 1, "out_channels": [4, 6]}]
             ),
         },
     }
-    conv2d = {
-        "class_path": "spherinator.models.ConvolutionalDecoder2D",
+    up = {"kernel_size": 4, "stride": 2, "padding": 1}
+    decoder = {
+        "class_path": f"spherinator.models.ConvolutionalDecoder{dim}",
         "init_args": {
             "input_dim": 3,
-            "output_dim": [3, 32, 32],
-            "cnn_input_dim": [6, 8, 8],
+            "output_dim": shape,
+            "cnn_input_dim": [6, *(size // 4 for size in shape[1:])],
             "cnn_layers": _layers(
-                "ConsecutiveConvTranspose2DLayer",
-                [
-                    {"kernel_size": 4, "stride": 2, "padding": 1, "out_channels": [5]},
-                    {"kernel_size": 4, "stride": 2, "padding": 1, "out_channels": [3], "activation": None},
-                ],
+                f"ConsecutiveConvTranspose{dim}Layer",
+                [{**up, "out_channels": [5]}, {**up, "out_channels": [shape[0]], "activation": None}],
             ),
         },
     }
+    return encoder, decoder
+
+
+def model_configs() -> dict[str, dict]:
+    """Upstream model sections: Conv2D encoder with each 2-D decoder, and the 1-D pair."""
+    enc2d, conv2d = conv_pair("2D", [3, 32, 32])
+    enc1d, conv1d = conv_pair("1D", [1, 32])
     upsampling = {
         "class_path": "spherinator.models.UpsamplingDecoder2D",
         "init_args": {"input_dim": 3, "output_dim": [3, 32, 32], "base_channels": 64, "seed_size": 4},
-    }
-    enc1d = {
-        "class_path": "spherinator.models.ConvolutionalEncoder1D",
-        "init_args": {
-            "input_dim": [1, 32],
-            "output_dim": 8,
-            "cnn_layers": _layers(
-                "ConsecutiveConv1DLayer", [{"kernel_size": 3, "stride": 2, "padding": 1, "out_channels": [4, 6]}]
-            ),
-        },
-    }
-    conv1d = {
-        "class_path": "spherinator.models.ConvolutionalDecoder1D",
-        "init_args": {
-            "input_dim": 3,
-            "output_dim": [1, 32],
-            "cnn_input_dim": [6, 8],
-            "cnn_layers": _layers(
-                "ConsecutiveConvTranspose1DLayer",
-                [
-                    {"kernel_size": 4, "stride": 2, "padding": 1, "out_channels": [5]},
-                    {"kernel_size": 4, "stride": 2, "padding": 1, "out_channels": [1], "activation": None},
-                ],
-            ),
-        },
     }
     return {"conv2d": (enc2d, conv2d, [3, 32, 32]), "upsampling": (enc2d, upsampling, [3, 32, 32]),
             "conv1d": (enc1d, conv1d, [1, 32])}  # fmt: skip
