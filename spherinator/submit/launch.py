@@ -343,16 +343,17 @@ def _queue(
     return job_ids
 
 
-def _submit(tasks: list[Task], sweep_dir: Path, manifest: Manifest, resources: Resources) -> dict[str, str]:
-    """Queue the :class:`TrainingTask` of each of ``tasks`` as one Slurm array (:func:`_queue`), as the manifest
-    says (export, atlas, embedding every row); returns {task index: job id}."""
+def _submit(
+    tasks: list[Task], sweep_dir: Path, manifest: Manifest, resources: Resources, export: bool,
+    atlas_order: int | None = None,
+) -> dict[str, str]:  # fmt: skip
+    """Queue the :class:`TrainingTask` of each of ``tasks`` as one Slurm array (:func:`_queue`), embedding every
+    row after the export where the manifest says so (``--predict``); returns {task index: job id}."""
     names = {t.index: t.name for t in tasks}
-    embed = manifest.predict_shards or 0 if manifest.predict_after_fit else None
+    embed = (manifest.predict_shards or 0) if manifest.predict_after_fit else None
 
     def make(i: int) -> TrainingTask:
-        return TrainingTask(
-            sweep_dir / names[i], manifest.cwd, manifest.export, manifest.code_version, manifest.atlas_order, embed
-        )  # fmt: skip
+        return TrainingTask(sweep_dir / names[i], manifest.cwd, export, manifest.code_version, atlas_order, embed)
 
     return _queue(make, [t.index for t in tasks], sweep_dir, manifest, resources)
 
@@ -422,7 +423,7 @@ def submit(ns: argparse.Namespace, overrides: list[str]) -> int:
         name=name, cwd=str(Path.cwd()), configs=configs, overrides=overrides, export=not ns.no_export,
         atlas_order=atlas_order, predict_after_fit=ns.predict, predict_shards=ns.predict_shards,
     )  # fmt: skip
-    job_ids = _submit(tasks, sweep_dir, manifest, resources)
+    job_ids = _submit(tasks, sweep_dir, manifest, resources, export=not ns.no_export, atlas_order=atlas_order)
     array = sorted({j.split("_")[0] for j in job_ids.values()})
     print(f"submitted {len(tasks)} task(s) as Slurm job {', '.join(array)} -> {sweep_dir}")
     print(f"  spherinator-submit status {sweep_dir}")
@@ -485,7 +486,7 @@ def resume(ns: argparse.Namespace) -> int:
     if manifest.predict is not None:
         job_ids = _queue(_predict_tasks(manifest), [t.index for t in tasks], sweep_dir, manifest, resources)
     else:
-        job_ids = _submit(tasks, sweep_dir, manifest, resources)
+        job_ids = _submit(tasks, sweep_dir, manifest, resources, manifest.export, manifest.atlas_order)
     print(f"resubmitted {_resumed_what(manifest, len(tasks))}: {' '.join(job_ids.values())}")
     return 0
 
