@@ -59,6 +59,7 @@ if TYPE_CHECKING:
 EMBEDDINGS_DIR = "embeddings"
 SHARD_NAME = "shard-{:05d}.parquet"
 MAX_DEFAULT_TASKS = 32  # default: one task per row group, up to this many
+_FIT_ONLY_KEYS = ("ckpt_path", "weights_only")  # in a run's config.yaml: arguments of `fit`, not of the model or data
 _INHERITED_DIST_VARS = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK")
 
 
@@ -300,7 +301,7 @@ def embed_run(run_dir: str | Path, checkpoint: str, shards: int | None = None) -
     from spherinator.runs import build
 
     started = time.monotonic()
-    embeddings, cli_args = Path(run_dir) / EMBEDDINGS_DIR, ["-c", str(Path(run_dir) / "config.yaml")]
+    embeddings, cli_args = Path(run_dir) / EMBEDDINGS_DIR, run_config_args(run_dir)
     plan = _plan_of(embeddings, checkpoint)
     if plan is None:
         _, datamodule = build(cli_args, checkpoint)
@@ -315,6 +316,18 @@ def embed_run(run_dir: str | Path, checkpoint: str, shards: int | None = None) -
         str(embeddings), checkpoint, len(written), len(plan.shards), sum(shard.rows for shard in written),
         round(time.monotonic() - started, 1),
     )  # fmt: skip
+
+
+def run_config_args(run_dir: str | Path) -> list[str]:
+    """``-c`` of a task's ``config.yaml`` (the config ``spherinator fit`` ran) as :func:`spherinator.runs.build`
+    takes it: without the keys of the ``fit`` subcommand itself (``ckpt_path``, ``weights_only``), which a config of
+    no subcommand does not accept."""
+    import yaml
+
+    config = yaml.safe_load((Path(run_dir) / "config.yaml").read_text())
+    for key in _FIT_ONLY_KEYS:
+        config.pop(key, None)
+    return ["-c", yaml.safe_dump(config, sort_keys=False)]
 
 
 def _plan_of(embeddings: Path, checkpoint: str) -> EmbeddingSet | None:

@@ -250,7 +250,6 @@ class TrainingTask:
             summary.failed(err, traceback.format_exc(limit=20)).save(run_dir)
             raise
         summary.start_attempt(os.environ.get("SLURM_JOB_ID"), socket.gethostname(), None, None, self._code_version)
-        summary.resumed_from = summary.embeddings.checkpoint if summary.embeddings else None
         summary.state = EMBEDDING
         embeddings = self._embed(run_dir, summary.save(run_dir))
         done = RunSummary.read(run_dir).completed(summary.onnx, summary.atlas, embeddings).save(run_dir)
