@@ -26,8 +26,12 @@ is embedded), ``code/``, ``submitit/`` and ``embeddings/``, the embedding set::
 
 A segment is rows ``[start, stop)`` of row group ``group`` of source file ``files[file]``, whose row ids are
 ``row ..``; a shard's rows are its segments' rows in order. Row ids number the rows of the source files in file
-order (files sorted, row groups in order): ``0 .. rows - 1``. A shard file exists only whole; the set is complete
-when every shard's file exists (:meth:`~spherinator.submit.records.EmbeddingSet.written`).
+order (files sorted, row groups in order): ``0 .. rows - 1``. A task's shard file exists only whole; the set is
+complete when every shard's file is whole (:meth:`~spherinator.submit.records.EmbeddingSet.damage`: its Parquet
+footer holds the shard's rows), so a file made or cut by hand is written again.
+
+A training task submitted with ``--predict`` writes the same set into its run dir after its export, one shard after
+another in its own process (:func:`embed_run`).
 """
 
 from __future__ import annotations
