@@ -18,7 +18,7 @@ from spherinator.data import DataModule
 from spherinator.submit import main
 from spherinator.submit.records import EMBEDDING_SET_NAME, read_embedding_set, write_embedding_set
 from tests.conftest import write_fast_layout
-from tests.test_submit import TINY_VAE, fake_slurm  # noqa: F401 (fixture)
+from tests.test_submit import TINY_VAE, fake_slurm, no_queue  # noqa: F401 (fixtures)
 
 ROWS = 100  # not a multiple of the row groups (16) nor of the batch size
 
@@ -249,3 +249,202 @@ def test_onnx_shards_hold_the_locations_torch_writes(trained, tmp_path):
     assert by_onnx["row"].to_pylist() == list(range(ROWS)) and by_onnx["id"] == by_torch["id"]
     np.testing.assert_allclose(np.stack(by_onnx["location"].to_numpy(zero_copy_only=False)),
                                np.stack(by_torch["location"].to_numpy(zero_copy_only=False)), atol=1e-5)  # fmt: skip
+
+
+# ------------------------------------------------------------------------------ what the last adversarial pass found
+def encoder_of_input(path: Path, shape: list) -> None:
+    """An ONNX graph ``encoder.onnx`` in ``path`` taking ``x`` of ``shape`` (None: a free axis) to its mean."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("ReduceMean", ["x"], ["location"], keepdims=0)],
+        "encoder",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+        [helper.make_tensor_value_info("location", TensorProto.FLOAT, None)],
+    )
+    path.mkdir(parents=True, exist_ok=True)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path / "encoder.onnx"))
+
+
+def test_a_garbage_onnx_encoder_is_refused_before_anything_is_queued(trained, tmp_path, fake_slurm, capsys):  # noqa: F811
+    """Not an ONNX file, an empty one, a graph that takes other images than the data's: one line at submit, nothing
+    queued (the task would fail only after its wait in the queue)."""
+    config, checkpoint = trained
+    (tmp_path / "garbage").mkdir()
+    (tmp_path / "garbage" / "encoder.onnx").write_text("not an onnx file")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "encoder.onnx").write_bytes(b"")
+    encoder_of_input(tmp_path / "gray", [None, 1, 32, 32])  # one channel where the data has three
+    encoder_of_input(tmp_path / "flat", [None, 3072])  # a rank-2 input
+    cases = [
+        ("garbage", "does not open in onnxruntime"), ("empty", "does not open in onnxruntime"),
+        ("gray", "encoder.onnx takes x [None, 1, 32, 32], the data gives batches of [16, 3, 32, 32]"),
+        ("flat", "encoder.onnx takes x [None, 3072], the data gives batches of [16, 3, 32, 32]"),
+    ]  # fmt: skip
+    for name, message in cases:
+        with pytest.raises(SystemExit) as exit_info:
+            main(["predict", "-c", str(config), "--ckpt_path", str(checkpoint), "--onnx", str(tmp_path / name),
+                  "--name", name, "--run-root", str(tmp_path / "runs")])  # fmt: skip
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and message in err and "Traceback" not in err, err
+        assert len(err.strip().splitlines()) == 1 and f"--onnx {tmp_path / name}" in err, err
+    assert not list((fake_slurm / "scripts").iterdir()) and not (tmp_path / "runs").exists()
+    encoder_of_input(tmp_path / "fits", [None, 3, 32, 32])  # a graph of the data's input is accepted
+    main(["predict", "-c", str(config), "--ckpt_path", str(checkpoint), "--onnx", str(tmp_path / "fits"),
+          "--name", "fits", "--run-root", str(tmp_path / "runs")])  # fmt: skip
+    assert len(list((fake_slurm / "scripts").iterdir())) == 1
+
+
+def hand_made_shards(out: Path) -> None:
+    """Shard 0 left out, shard 1 an empty file, shard 2 no Parquet file, shard 3 a Parquet file of fewer rows and
+    shard 4 one of the right count but other row ids (as a copy of another shard would be)."""
+    import pyarrow as pa
+
+    (out / "shard-00001.parquet").write_bytes(b"")
+    (out / "shard-00002.parquet").write_text("id,location\n1,2\n")
+    pq.write_table(pa.table({"location": [0.0] * 3, "row": pa.array([60, 61, 62], pa.int64())}),
+                   out / "shard-00003.parquet")  # fmt: skip
+    plan = read_embedding_set(out)
+    other = pa.array(np.arange(plan.shards[4].rows, dtype=np.int64))  # shard 0's ids
+    pq.write_table(pa.table({"location": [0.0] * len(other), "row": other}), out / "shard-00004.parquet")
+
+
+def test_status_and_resume_count_a_hand_made_shard_as_not_written(trained, tmp_path, fake_slurm, capsys):  # noqa: F811
+    """A shard file counts as written only when its Parquet footer holds the manifest's rows (and row ids, by its
+    statistics): `status` names the others and `--resume` writes them again."""
+    config, checkpoint = trained
+    main(["predict", "-c", str(config), "--ckpt_path", str(checkpoint), "--tasks", "6", "--name", "emb",
+          "--run-root", str(tmp_path / "runs")])  # fmt: skip
+    sweep = tmp_path / "runs" / "emb"
+    out = sweep / "embeddings"
+    _, loaded = launch.read_manifest(sweep)
+    launch._predict_tasks(loaded)(5)()  # shard 5 written whole by its task
+    hand_made_shards(out)
+    plan = read_embedding_set(out)
+    assert [s.index for s in plan.written(out)] == [5]
+    damaged = plan.damaged(out)
+    assert sorted(damaged) == [f"shard-0000{k}.parquet" for k in (1, 2, 3, 4)], damaged
+    assert "not a Parquet file" in damaged["shard-00001.parquet"] and "not a Parquet" in damaged["shard-00002.parquet"]
+    assert damaged["shard-00003.parquet"] == "3 rows where the manifest has 17"
+    assert damaged["shard-00004.parquet"] == "row ids 0..15 where the manifest has 68..83"
+    capsys.readouterr()
+    main(["status", str(sweep)])
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("embeddings:"))
+    assert line.startswith(f"embeddings: 1/6 shards, 16/{ROWS} rows in {out} (shard-00001.parquet and 3 more not "
+                           "whole: not a Parquet file"), line  # fmt: skip
+    main(["--resume", str(sweep)])
+    assert list(json.loads((sweep / "sweep.json").read_text())["submissions"][1]["jobs"]) == ["0", "1", "2", "3", "4"]
+    assert "resubmitted 5 shard(s) not yet written whole" in capsys.readouterr().out
+    assert predict.write_shard(out, 4, ["-c", str(config)], str(checkpoint))["skipped"] is False  # redone by its task
+    assert read_embedding_set(out).damage(out, plan.shards[4]) is None
+
+
+def test_resume_of_a_training_sweep_says_what_its_tasks_do(tmp_path, fake_slurm, capsys, monkeypatch):  # noqa: F811
+    """Not "from their last checkpoints": a task without one starts anew."""
+    from spherinator.submit.records import Manifest, ManifestTask, write_manifest
+
+    sweep = tmp_path / "runs" / "train"
+    (sweep / "a").mkdir(parents=True)
+    write_manifest(sweep, Manifest([ManifestTask(0, "a")], name="train", cwd=str(tmp_path)))
+    monkeypatch.setattr(launch, "_submit", lambda *args, **kwargs: {"0": "990000_0"})
+    main(["--resume", str(sweep)])
+    out = capsys.readouterr().out
+    assert "from their last checkpoints" not in out
+    assert "resubmitted 1 task(s), each resuming from the newest checkpoint in its run dir (or starting anew" in out
+
+
+# ------------------------------------------------------------------------ --predict: embedding inside a training task
+def run_dir_of(trained: tuple[Path, Path], tmp_path: Path) -> Path:
+    config, _ = trained
+    run = tmp_path / "runs" / "sweep" / "task"
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text(config.read_text() + "ckpt_path: null\nweights_only: null\n")  # as fit saves it
+    return run
+
+
+def test_embed_run_writes_the_set_and_a_requeue_redoes_only_the_shards_not_written(trained, tmp_path, monkeypatch):
+    """The step after training: the set `spherinator-submit predict` writes, in RUN/embeddings, shard after shard in
+    one process; a requeue mid-shard (SystemExit) and the next attempt write only the shards not yet whole."""
+    _, checkpoint = trained
+    run = run_dir_of(trained, tmp_path)
+    real, calls = predict._batch_rows, []
+
+    def requeued_in_the_third_shard(batch):
+        calls.append(1)
+        if len(calls) > 5:  # shards of 2, 2 and 1 batches of 16 rows: the 6th batch is in the third shard
+            raise SystemExit(-1)  # what Submitit's USR2 handler raises once it has requeued the task
+        return real(batch)
+
+    monkeypatch.setattr(predict, "_batch_rows", requeued_in_the_third_shard)
+    with pytest.raises(SystemExit):
+        predict.embed_run(run, str(checkpoint), shards=4)
+    out = run / "embeddings"
+    assert sorted(p.name for p in out.iterdir()) == [EMBEDDING_SET_NAME, "shard-00000.parquet", "shard-00001.parquet"]
+    first = {p.name: p.stat().st_mtime_ns for p in out.glob("*.parquet")}
+    monkeypatch.setattr(predict, "_batch_rows", real)
+    result = predict.embed_run(run, str(checkpoint), shards=4)
+    assert (result.shards, result.planned, result.rows, result.error) == (4, 4, ROWS, None)
+    assert {p: (out / p).stat().st_mtime_ns for p in first} == first  # the shards written whole are left alone
+    assert sorted(row_ids_of(out)) == list(range(ROWS))
+    plan = read_embedding_set(out)
+    assert plan.checkpoint == str(checkpoint) and len(plan.shards) == 4
+    assert pq.read_table(out / "shard-00000.parquet").column_names == ["location", "scale", "id", "row"]
+    assert predict.embeddings_line(str(out))[0] == f"embeddings: 4/4 shards, {ROWS}/{ROWS} rows in {out}"
+
+
+def test_embed_run_plans_anew_for_another_checkpoint(trained, tmp_path):
+    """A set of another checkpoint's model (the task trained on after a --resume) is not mixed with this one's."""
+    import shutil
+
+    _, checkpoint = trained
+    run = run_dir_of(trained, tmp_path)
+    other = tmp_path / "other.ckpt"
+    shutil.copy(checkpoint, other)
+    predict.embed_run(run, str(other), shards=2)
+    assert predict.embed_run(run, str(checkpoint), shards=3).shards == 3
+    assert read_embedding_set(run / "embeddings").checkpoint == str(checkpoint)
+    assert len(list((run / "embeddings").glob("*.parquet"))) == 3
+
+
+def test_a_task_requeued_while_it_embeds_goes_on_embedding_without_training_again(trained, tmp_path, monkeypatch):
+    """A TrainingTask whose summary says EMBEDDING (trained, exported, requeued mid-embedding) neither fits nor
+    exports again: it writes the shards not yet whole and completes, keeping the export's result."""
+    from spherinator.submit import TrainingTask
+    from spherinator.submit.records import OnnxResult, RunSummary
+
+    monkeypatch.setattr(os, "environ", dict(os.environ))  # the task pops rendezvous variables
+    monkeypatch.chdir(tmp_path)
+    _, checkpoint = trained
+    run = run_dir_of(trained, tmp_path)
+    onnx = OnnxResult(True, str(checkpoint), str(run / "onnx"), graphs=["encoder"])
+    summary = RunSummary(attempts=1).embedding(onnx, None)
+    summary.requeued().save(run)  # as TrainingTask.checkpoint records a requeue while the task embeds
+    assert RunSummary.load(run).state == "EMBEDDING" and RunSummary.load(run).requeues == 1
+    job = TrainingTask(run, tmp_path, export=True, predict=2)
+    assert job.checkpoint().function.predict == 2  # a requeue embeds again
+    monkeypatch.setattr(TrainingTask, "_fit", lambda *args: pytest.fail("the task trained again"))
+    monkeypatch.setattr(TrainingTask, "_export", lambda *args: pytest.fail("the task exported again"))
+    done = job()
+    assert done["state"] == "COMPLETED" and done["attempts"] == 2 and done["onnx"]["checkpoint"] == str(checkpoint)
+    assert done["embeddings"]["rows"] == ROWS and done["embeddings"]["shards"] == 2, done["embeddings"]
+    assert sorted(row_ids_of(run / "embeddings")) == list(range(ROWS))
+
+
+def test_predict_flags_reach_the_training_tasks(tmp_path, image_dataset, monkeypatch, capsys, no_queue):  # noqa: F811
+    from tests.test_submit import tiny_config
+
+    config = tiny_config(tmp_path, image_dataset)
+    refused = [
+        (["--predict-shards", "2"], "--predict-shards 2: give a number >= 1, with --predict"),
+        (["--predict", "--predict-shards", "0"], "--predict-shards 0: give a number >= 1"),
+    ]
+    for flags, message in refused:
+        with pytest.raises(SystemExit):
+            main(["-c", str(config), "--run-root", str(tmp_path / "runs"), "--name", "a", *flags])
+        assert message in capsys.readouterr().err
+    made: list = []
+    monkeypatch.setattr(launch, "_queue", lambda make, indices, *args: made.extend(make(i) for i in indices) or {})
+    for name, flags in (("b", []), ("c", ["--predict"]), ("d", ["--predict", "--predict-shards", "5"])):
+        main(["-c", str(config), "--run-root", str(tmp_path / "runs"), "--name", name, "--no-atlas", *flags])
+    assert [task.predict for task in made] == [None, 0, 5]

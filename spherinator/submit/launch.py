@@ -26,7 +26,7 @@ from spherinator.submit.monitor import (
     status,
     task_rows,
 )
-from spherinator.submit.predict import EMBEDDINGS_DIR, PredictTask, plan_embedding_set
+from spherinator.submit.predict import EMBEDDINGS_DIR, PredictTask, check_onnx_encoder, plan_embedding_set
 from spherinator.submit.records import (
     COMPLETED,
     MANIFEST_NAME,
@@ -50,7 +50,7 @@ CODE_DIR = "code"  # the sweep's copy of the spherinator package, which its task
 ATLAS_ORDER = 4  # each task's atlas: HiPS orders 0..4, 4,092 tiles
 
 USAGE = """\
-spherinator-submit -c CONFIG [-c CONFIG ...] [--key.path VALUE ...] [resources] [--sweep KEY=V1,V2 ...]
+spherinator-submit -c CONFIG [-c CONFIG ...] [--key.path VALUE ...] [resources] [--sweep KEY=V1,V2 ...] [--predict]
        spherinator-submit --resume RUN_DIR [resources]
        spherinator-submit predict -c CONFIG [-c CONFIG ...] --ckpt_path CKPT [--tasks N] [--onnx DIR] [resources]
        spherinator-submit status RUN_DIR [--json]
@@ -58,16 +58,24 @@ spherinator-submit -c CONFIG [-c CONFIG ...] [--key.path VALUE ...] [resources] 
        spherinator-submit cancel RUN_DIR"""
 
 
+def _parser(command: str, description: str | None = None, usage: str | None = None) -> argparse.ArgumentParser:
+    """A parser of ``spherinator-submit [command]``: no abbreviated options (an override such as ``--data.x`` must
+    never be taken for one of ours); with ``description``, ``-c`` files as for ``spherinator fit``."""
+    prog = f"spherinator-submit {command}".strip()
+    parser = argparse.ArgumentParser(prog=prog, usage=usage, allow_abbrev=False, description=description)
+    if description is not None:
+        parser.add_argument("-c", "--config", action="append", default=[], help="config file (repeat to layer)")
+    return parser
+
+
 def _build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="spherinator-submit",
-        usage=USAGE,
-        allow_abbrev=False,
-        description="Train spherinator models on a Slurm cluster: every task runs `spherinator fit` on its composed "
-        "config; a sweep is one Slurm array. Options not listed here (--model.init_args.z_dim 16, "
-        "--trainer.max_epochs 10) override the config exactly as with `spherinator fit`.",
+    parser = _parser(
+        "",
+        "Train spherinator models on a Slurm cluster: every task runs `spherinator fit` on its composed config; a "
+        "sweep is one Slurm array. Options not listed here (--model.init_args.z_dim 16, --trainer.max_epochs 10) "
+        "override the config exactly as with `spherinator fit`.",
+        USAGE,
     )
-    parser.add_argument("-c", "--config", action="append", default=[], help="config file (repeat to layer)")
     group = parser.add_argument_group("sweep")
     group.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2", help="swept key (grid)")
     group.add_argument("--sweep-file", help="YAML: 'key: [values]' (grid) or a list of mappings (one task each)")
@@ -80,6 +88,11 @@ def _build_parser() -> argparse.ArgumentParser:
     group.add_argument("--no-atlas", action="store_true", help="no atlas (spherinator atlas) after the export")
     group.add_argument("--atlas-order", type=int, default=ATLAS_ORDER, metavar="K",
                        help=f"deepest HiPS order of each task's atlas (default: {ATLAS_ORDER})")  # fmt: skip
+    group.add_argument("--predict", action="store_true",
+                       help="after the export, embed every row into RUN/embeddings as `spherinator-submit predict` "
+                       "would, in the same task")  # fmt: skip
+    group.add_argument("--predict-shards", type=int, metavar="N",
+                       help="shards of that embedding (default: one per row group, at most 32)")  # fmt: skip
     add_resource_args(parser)
     return parser
 
@@ -133,15 +146,13 @@ def _resources(ns: argparse.Namespace, base: dict[str, Any] | None = None) -> Re
 
 
 def _predict_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="spherinator-submit predict",
-        allow_abbrev=False,
-        description="Embed every row on a Slurm cluster: one array task per shard of rows, each writing its own "
-        "Parquet file of what `spherinator predict` writes (plus the row id) to RUN_ROOT/NAME/embeddings, with "
-        "_manifest.json saying which rows are where. Other options (--data.init_args.batch_size 256) override the "
-        "configs as with `spherinator predict`.",
+    parser = _parser(
+        "predict",
+        "Embed every row on a Slurm cluster: one array task per shard of rows, each writing its own Parquet file of "
+        "what `spherinator predict` writes (plus the row id) to RUN_ROOT/NAME/embeddings, with _manifest.json saying "
+        "which rows are where. Other options (--data.init_args.batch_size 256) override the configs as with "
+        "`spherinator predict`.",
     )
-    parser.add_argument("-c", "--config", action="append", default=[], help="config file (repeat to layer)")
     parser.add_argument("--ckpt_path", required=True, help="the checkpoint whose model embeds")
     parser.add_argument("--tasks", type=int, help="array tasks (shards; default: one per row group, at most 32)")
     parser.add_argument("--onnx", metavar="DIR", help="encode with DIR/encoder.onnx (onnxruntime; no scale column)")
@@ -166,7 +177,7 @@ def submit_predict(ns: argparse.Namespace, overrides: list[str]) -> int:
     configs = [str(Path(p).resolve()) for p in ns.config]
     ckpt = str(Path(ns.ckpt_path).resolve())
     cli_args = [arg for path in configs for arg in ("-c", path)] + overrides
-    plan = _plan_predict(cli_args, ckpt, ns.tasks)
+    plan = _plan_predict(cli_args, ckpt, ns.tasks, ns.onnx)
     if sweep_dir.is_relative_to(plan.data):  # the index reads every .parquet below the data dir: the shards too
         raise SubmitError(
             f"--run-root {ns.run_root!r}: the sweep dir '{sweep_dir}' is inside the data under '{plan.data}', whose "
@@ -197,16 +208,22 @@ def submit_predict(ns: argparse.Namespace, overrides: list[str]) -> int:
     return 0
 
 
-def _plan_predict(cli_args: list[str], ckpt: str, tasks: int | None) -> EmbeddingSet:
-    """The shards of the configs' predict split, every error of the configs or the data as one line."""
+def _plan_predict(cli_args: list[str], ckpt: str, tasks: int | None, onnx: str | None = None) -> EmbeddingSet:
+    """The shards of the configs' predict split, every error of the configs or the data as one line; with ``onnx``,
+    its encoder checked against the data (:func:`check_onnx_encoder`), before anything is queued."""
     from spherinator.errors import one_line, parse_error_line, user_error
     from spherinator.runs import build
 
     try:
         _, datamodule = build(cli_args, ckpt)
-        return plan_embedding_set(datamodule, tasks)
+        plan = plan_embedding_set(datamodule, tasks)
+        if onnx:
+            check_onnx_encoder(onnx, datamodule)
+        return plan
     except argparse.ArgumentError as err:  # a parse error of an override (--data.init_args.batch_size x)
         raise SubmitError(parse_error_line(err, cli_args)) from err
+    except SubmitError:
+        raise
     except Exception as err:  # a class that refuses its arguments reaches us wrapped by jsonargparse
         cause = user_error(err)
         if cause is None:
@@ -330,12 +347,13 @@ def _submit(
     tasks: list[Task], sweep_dir: Path, manifest: Manifest, resources: Resources, export: bool,
     atlas_order: int | None = None,
 ) -> dict[str, str]:  # fmt: skip
-    """Queue the :class:`TrainingTask` of each of ``tasks`` as one Slurm array (:func:`_queue`); returns {task index:
-    job id}."""
+    """Queue the :class:`TrainingTask` of each of ``tasks`` as one Slurm array (:func:`_queue`), embedding every
+    row after the export where the manifest says so (``--predict``); returns {task index: job id}."""
     names = {t.index: t.name for t in tasks}
+    embed = (manifest.predict_shards or 0) if manifest.predict_after_fit else None
 
     def make(i: int) -> TrainingTask:
-        return TrainingTask(sweep_dir / names[i], manifest.cwd, export, manifest.code_version, atlas_order)
+        return TrainingTask(sweep_dir / names[i], manifest.cwd, export, manifest.code_version, atlas_order, embed)
 
     return _queue(make, [t.index for t in tasks], sweep_dir, manifest, resources)
 
@@ -373,6 +391,8 @@ def submit(ns: argparse.Namespace, overrides: list[str]) -> int:
             raise SubmitError(f"config '{path}' does not exist")
     resources = _resources(ns)
     atlas_order = None if ns.no_atlas else _atlas_order(ns.atlas_order)
+    if ns.predict_shards is not None and (not ns.predict or ns.predict_shards < 1):
+        raise SubmitError(f"--predict-shards {ns.predict_shards}: give a number >= 1, with --predict")
     tasks = expand_sweep(ns.sweep, ns.sweep_file)
     name, sweep_dir = _sweep_dir(ns)
     configs = [str(Path(p).resolve()) for p in ns.config]
@@ -401,7 +421,7 @@ def submit(ns: argparse.Namespace, overrides: list[str]) -> int:
     manifest = Manifest(
         tasks=[ManifestTask(t.index, t.name, t.params, composed[t.index].changes) for t in tasks],
         name=name, cwd=str(Path.cwd()), configs=configs, overrides=overrides, export=not ns.no_export,
-        atlas_order=atlas_order,
+        atlas_order=atlas_order, predict_after_fit=ns.predict, predict_shards=ns.predict_shards,
     )  # fmt: skip
     job_ids = _submit(tasks, sweep_dir, manifest, resources, export=not ns.no_export, atlas_order=atlas_order)
     array = sorted({j.split("_")[0] for j in job_ids.values()})
@@ -467,12 +487,22 @@ def resume(ns: argparse.Namespace) -> int:
         job_ids = _queue(_predict_tasks(manifest), [t.index for t in tasks], sweep_dir, manifest, resources)
     else:
         job_ids = _submit(tasks, sweep_dir, manifest, resources, manifest.export, manifest.atlas_order)
-    print(f"resubmitted {len(tasks)} task(s) from their last checkpoints: {' '.join(job_ids.values())}")
+    print(f"resubmitted {_resumed_what(manifest, len(tasks))}: {' '.join(job_ids.values())}")
     return 0
 
 
+def _resumed_what(manifest: Manifest, n: int) -> str:
+    """What ``--resume`` resubmitted, as each of its tasks will go on."""
+    if manifest.predict is not None:
+        return f"{n} shard(s) not yet written whole, each written anew (a shard written whole is left as it is)"
+    return (
+        f"{n} task(s), each resuming from the newest checkpoint in its run dir (or starting anew where there is "
+        "none; a task that had finished training goes on with what followed it)"
+    )
+
+
 def _command_parser(command: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=f"spherinator-submit {command}", allow_abbrev=False)
+    parser = _parser(command)
     parser.add_argument("run_dir", metavar="RUN_DIR", help="a sweep dir (RUN_ROOT/NAME) or a task's run dir in it")
     if command == "status":
         parser.add_argument("--json", action="store_true", help="the rows as JSON")
@@ -505,7 +535,7 @@ def main(args: list[str] | None = None) -> None:
             ns, extra = _build_parser().parse_known_args(argv)
             overrides = _check_overrides(extra)
             if ns.resume:
-                if ns.config or overrides or ns.sweep or ns.sweep_file:
+                if ns.config or overrides or ns.sweep or ns.sweep_file or ns.predict or ns.predict_shards:
                     raise SubmitError("--resume takes the sweep's own configs; give only resources with it")
                 rc = resume(ns)
             else:

@@ -13,9 +13,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from spherinator.submit.predict import embeddings_line
+from spherinator.submit.predict import EMBEDDINGS_DIR, embeddings_line
 from spherinator.submit.records import (
     COMPLETED,
+    EMBEDDING_SET_NAME,
     FAILED,
     AtlasResult,
     Best,
@@ -52,6 +53,9 @@ class TaskStatus:
         sphere: The last ``val_coverage`` and ``val_knn_accuracy`` (logged by ``SphereQuality``).
         onnx: Whether the ONNX export validated; None when there was none.
         atlas: The atlas's result from summary.json; None when there was none.
+        embeddings: For a task that embeds every row (``--predict``), its ``RUN/embeddings`` as ``status`` shows a
+            predict sweep's (:func:`~spherinator.submit.predict.embeddings_line`'s figures, with ``error`` where the
+            task recorded one); None for a task that does not.
         error: The first line of what stopped the task: its exception, else the telling line of Slurm's stderr file
             (a task that died before Python started, a time limit, a cancel); or why its summary.json is unreadable.
         run_dir: The task's run dir.
@@ -71,6 +75,7 @@ class TaskStatus:
     sphere: dict[str, float | None] = field(default_factory=dict)
     onnx: bool | None = None
     atlas: AtlasResult | None = None
+    embeddings: dict[str, Any] | None = None
     error: str | None = None
     run_dir: str = ""
 
@@ -89,6 +94,7 @@ class TaskStatus:
             "sphere": " ".join(sphere) or "-",
             "onnx": "-" if self.onnx is None else ("yes" if self.onnx else "no"),
             "atlas": _atlas_cell(self.atlas),
+            "embeddings": _embeddings_cell(self.embeddings),
             "error": self.error or "",
         }
 
@@ -103,6 +109,24 @@ def _atlas_cell(atlas: AtlasResult | None) -> str:
     if atlas.written:
         return "atlas/"  # in the task's run dir
     return "n/a" if atlas.skipped else "failed"
+
+
+def _embeddings_cell(figures: dict[str, Any] | None) -> str:
+    if not figures:
+        return "-"
+    if "rows_written" not in figures:
+        return "failed" if figures.get("error") else "-"
+    cell = f"{figures['rows_written']:,}/{figures['rows']:,} rows"
+    return cell + (" failed" if figures.get("error") else "")
+
+
+def _task_embeddings(run_dir: Path, summary: RunSummary) -> dict[str, Any] | None:
+    """The figures of a task's ``RUN/embeddings`` (``--predict``), with the error the task recorded, if any."""
+    path = run_dir / EMBEDDINGS_DIR
+    figures = embeddings_line(str(path))[1] if (path / EMBEDDING_SET_NAME).is_file() else None
+    if summary.embeddings is not None and summary.embeddings.error:
+        figures = (figures or {"dir": str(path)}) | {"error": summary.embeddings.error}
+    return figures
 
 
 def _duration(seconds: float | None) -> str:
@@ -146,7 +170,8 @@ def task_rows(sweep_dir: Path, manifest: Manifest | dict[str, Any]) -> tuple[lis
             summary_state=summary.state, epoch=summary.epoch, elapsed_s=summary.elapsed_s(running=state == "RUNNING"),
             attempts=summary.attempts, requeues=summary.requeues, best=summary.best,
             sphere={key: summary.metrics[key] for key, _, _ in _SPHERE_FIGURES if key in summary.metrics},
-            onnx=summary.onnx.validated if summary.onnx else None, atlas=summary.atlas, error=error,
+            onnx=summary.onnx.validated if summary.onnx else None, atlas=summary.atlas,
+            embeddings=_task_embeddings(run_dir, summary), error=error,
             run_dir=str(run_dir),
         ))  # fmt: skip
     return rows, note
@@ -154,7 +179,8 @@ def task_rows(sweep_dir: Path, manifest: Manifest | dict[str, Any]) -> tuple[lis
 
 def print_table(rows: list[TaskStatus]) -> None:
     cells = [row.cells() for row in rows]
-    columns = [c for c in TaskStatus(0, "", {}, None, "").cells() if c != "error" or any(r["error"] for r in cells)]
+    shown = {"error": any(r["error"] for r in cells), "embeddings": any(r.embeddings for r in rows)}
+    columns = [c for c in TaskStatus(0, "", {}, None, "").cells() if shown.get(c, True)]
     widths = [max(len(c), *(len(row[c]) for row in cells)) for c in columns]
     print("  ".join(c.upper().ljust(w) for c, w in zip(columns, widths, strict=True)).rstrip())
     for row in cells:

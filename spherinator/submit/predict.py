@@ -26,20 +26,33 @@ is embedded), ``code/``, ``submitit/`` and ``embeddings/``, the embedding set::
 
 A segment is rows ``[start, stop)`` of row group ``group`` of source file ``files[file]``, whose row ids are
 ``row ..``; a shard's rows are its segments' rows in order. Row ids number the rows of the source files in file
-order (files sorted, row groups in order): ``0 .. rows - 1``. A shard file exists only whole; the set is complete
-when every shard's file exists (:meth:`~spherinator.submit.records.EmbeddingSet.written`).
+order (files sorted, row groups in order): ``0 .. rows - 1``. A task's shard file exists only whole; the set is
+complete when every shard's file is whole (:meth:`~spherinator.submit.records.EmbeddingSet.damage`: its Parquet
+footer holds the shard's rows), so a file made or cut by hand is written again.
+
+A training task submitted with ``--predict`` writes the same set into its run dir after its export, one shard after
+another in its own process (:func:`embed_run`).
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from spherinator.errors import DataError, OutputError
-from spherinator.submit.records import EmbeddingSet, EmbeddingShard, ShardSegment, read_embedding_set
+from spherinator.submit.records import (
+    EmbeddingSet,
+    EmbeddingShard,
+    EmbeddingsResult,
+    ShardSegment,
+    read_embedding_set,
+    write_embedding_set,
+)
 from spherinator.submit.sweep import SubmitError
 
 if TYPE_CHECKING:
@@ -50,6 +63,7 @@ if TYPE_CHECKING:
 EMBEDDINGS_DIR = "embeddings"
 SHARD_NAME = "shard-{:05d}.parquet"
 MAX_DEFAULT_TASKS = 32  # default: one task per row group, up to this many
+_FIT_ONLY_KEYS = ("ckpt_path", "weights_only")  # in a run's config.yaml: arguments of `fit`, not of the model or data
 _INHERITED_DIST_VARS = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK")
 
 
@@ -214,17 +228,6 @@ def _write(path: Path, batches: Iterator[Any], encode: Callable[[Any], Any], ids
     return done
 
 
-def _whole(path: Path, rows: int) -> bool:
-    """Whether ``path`` is a Parquet file of ``rows`` rows (a file damaged or replaced by hand is redone)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    try:
-        return path.is_file() and pq.read_metadata(path).num_rows == rows
-    except (OSError, pa.ArrowException):
-        return False
-
-
 def write_shard(
     embeddings: str | Path, shard: int, cli_args: list[str], checkpoint: str, onnx: str | None = None
 ) -> dict[str, Any]:
@@ -236,21 +239,45 @@ def write_shard(
             has no shard ``shard``.
         OutputError: the shard cannot be written (full or read-only disk).
     """
-    from spherinator.runs import build
-    from spherinator.staging import exit_on_sigterm, staged_file
-
-    embeddings = Path(embeddings)
     plan = read_embedding_set(embeddings)
     if not 0 <= shard < len(plan.shards):  # not plan.shards[-1]: another task's shard
         raise DataError(f"shard {shard}: {embeddings} holds shards 0 to {len(plan.shards) - 1}")
+    return write_shards(embeddings, cli_args, checkpoint, onnx, [shard])[0]
+
+
+def write_shards(
+    embeddings: str | Path, cli_args: list[str], checkpoint: str, onnx: str | None = None,
+    shards: list[int] | None = None,
+) -> list[dict[str, Any]]:  # fmt: skip
+    """Write the shards ``shards`` (default: all) of the embedding set in ``embeddings`` one after another in this
+    process, the model built once; a shard already written whole (:meth:`EmbeddingSet.damage`) is left as it is.
+    Returns one ``{"shard", "file", "rows", "skipped"}`` per shard. Raises as :func:`write_shard`."""
+    from spherinator.runs import build
+
+    embeddings = Path(embeddings)
+    plan = read_embedding_set(embeddings)
+    results = []
+    for k in range(len(plan.shards)) if shards is None else shards:
+        record = plan.shards[k]
+        whole = plan.damage(embeddings, record) is None
+        results.append({"shard": k, "file": str(embeddings / record.file), "rows": record.rows, "skipped": whole})
+    todo = [result["shard"] for result in results if not result["skipped"]]
+    if todo:
+        model, datamodule = build(cli_args, checkpoint)
+        encode = _onnx_encoder(onnx, datamodule) if onnx else _torch_encoder(model, datamodule)
+        for k in todo:
+            _write_planned(embeddings, plan, k, datamodule, encode)
+    return results
+
+
+def _write_planned(embeddings: Path, plan: EmbeddingSet, shard: int, datamodule: Any, encode: Callable) -> None:
+    """Write shard ``shard`` of ``plan`` whole (staged, then renamed), after checking that the data still gives it
+    the rows it was planned with."""
+    from spherinator.staging import exit_on_sigterm, staged_file
+
     record = plan.shards[shard]
-    final = embeddings / record.file
-    result = {"shard": shard, "file": str(final), "rows": record.rows, "skipped": False}
-    if _whole(final, record.rows):
-        return result | {"skipped": True}
     for stale in embeddings.glob(f".{record.file}.partial-*"):  # an attempt killed mid-shard (SIGKILL) left it
         stale.unlink(missing_ok=True)
-    model, datamodule = build(cli_args, checkpoint)
     stream = datamodule.dataset("predict", rank=shard, world_size=len(plan.shards))
     planned = _shard_segments(shard_rows(stream.reader, shard, len(plan.shards)), _row_bases(datamodule.index.groups))
     _, files, row_groups = _source(datamodule.index)
@@ -259,12 +286,61 @@ def write_shard(
             f"the data under {plan.data} changed since this predict was planned (shard {shard} would hold other "
             "rows); submit the predict again"
         )
-    encode = _onnx_encoder(onnx, datamodule) if onnx else _torch_encoder(model, datamodule)
-    with exit_on_sigterm(), staged_file(final, OutputError, "embeddings shard") as staged:
+    with exit_on_sigterm(), staged_file(embeddings / record.file, OutputError, "embeddings shard") as staged:
         done = _write(staged, iter(stream), encode, row_ids(record), plan.row_column)
         if done != record.rows:
             raise DataError(f"shard {shard} read {done} of its {record.rows} rows from {plan.data}; submit again")
-    return result
+
+
+def embed_run(run_dir: str | Path, checkpoint: str, shards: int | None = None) -> EmbeddingsResult:
+    """Embed every row of a training task's data with ``checkpoint`` into ``run_dir/embeddings``, in this process:
+    the step a training task submitted with ``--predict`` runs after its export. The set is what ``spherinator-submit
+    predict`` writes (same shards, same ``_manifest.json``), planned over ``shards`` shards (default: one per row
+    group, at most :data:`MAX_DEFAULT_TASKS`) and written one shard after another; a requeued task keeps the set it
+    planned and writes only the shards not yet whole. A set planned with another checkpoint is planned anew.
+
+    Raises:
+        DataError, OutputError, SubmitError: as :func:`write_shards` and :func:`plan_embedding_set`.
+    """
+    from spherinator.runs import build
+
+    started = time.monotonic()
+    embeddings, cli_args = Path(run_dir) / EMBEDDINGS_DIR, run_config_args(run_dir)
+    plan = _plan_of(embeddings, checkpoint)
+    if plan is None:
+        _, datamodule = build(cli_args, checkpoint)
+        plan = plan_embedding_set(datamodule, shards)
+        plan.checkpoint = checkpoint
+        shutil.rmtree(embeddings, ignore_errors=True)  # shards of another checkpoint's model
+        embeddings.mkdir(parents=True)
+        write_embedding_set(embeddings, plan)
+    write_shards(embeddings, cli_args, checkpoint)
+    written = plan.written(embeddings)
+    return EmbeddingsResult(
+        str(embeddings), checkpoint, len(written), len(plan.shards), sum(shard.rows for shard in written),
+        round(time.monotonic() - started, 1),
+    )  # fmt: skip
+
+
+def run_config_args(run_dir: str | Path) -> list[str]:
+    """``-c`` of a task's ``config.yaml`` (the config ``spherinator fit`` ran) as :func:`spherinator.runs.build`
+    takes it: without the keys of the ``fit`` subcommand itself (``ckpt_path``, ``weights_only``), which a config of
+    no subcommand does not accept."""
+    import yaml
+
+    config = yaml.safe_load((Path(run_dir) / "config.yaml").read_text())
+    for key in _FIT_ONLY_KEYS:
+        config.pop(key, None)
+    return ["-c", yaml.safe_dump(config, sort_keys=False)]
+
+
+def _plan_of(embeddings: Path, checkpoint: str) -> EmbeddingSet | None:
+    """The set planned in ``embeddings`` for ``checkpoint``; None for none, another checkpoint's or a damaged one."""
+    try:
+        plan = read_embedding_set(embeddings)
+    except SubmitError:
+        return None
+    return plan if plan.checkpoint == checkpoint else None
 
 
 class PredictTask:
@@ -315,15 +391,63 @@ class PredictTask:
 
 
 def embeddings_line(embeddings: str) -> tuple[str, dict[str, Any]]:
-    """What ``status`` says of a predict sweep's embedding set: one line, and the figures for ``--json``."""
+    """What ``status`` says of an embedding set: one line, and the figures for ``--json``. A shard file that is not
+    whole (made or cut by hand: no Parquet file, other rows than planned) counts as not written and is named."""
     try:
         plan = read_embedding_set(embeddings)
     except SubmitError as err:
         return f"embeddings: {err}", {"dir": embeddings, "error": str(err)}
     written = plan.written(embeddings)
+    damaged = plan.damaged(embeddings)
     rows = sum(shard.rows for shard in written)
     missing = [shard.file for shard in plan.shards if shard not in written]
     figures = {"dir": embeddings, "shards": len(plan.shards), "written": len(written), "rows": plan.rows,
-               "rows_written": rows, "missing": missing}  # fmt: skip
+               "rows_written": rows, "missing": missing, "damaged": damaged}  # fmt: skip
     line = f"embeddings: {len(written)}/{len(plan.shards)} shards, {rows:,}/{plan.rows:,} rows in {embeddings}"
+    if damaged:
+        file, why = next(iter(damaged.items()))
+        more = f" and {len(damaged) - 1} more" if len(damaged) > 1 else ""
+        line += f" ({file}{more} not whole: {why}; --resume writes it again)"
     return line, figures
+
+
+def check_onnx_encoder(onnx_dir: str | Path, datamodule: Any) -> None:
+    """Open ``onnx_dir/encoder.onnx`` in onnxruntime and run it on the data's first batch, as each task would: a file
+    that is no ONNX model, or one that takes other input than the data gives, is told before anything is queued.
+
+    Raises:
+        SubmitError: naming the file, what is wrong and what to do.
+    """
+    import numpy as np
+    import onnxruntime as ort
+
+    from spherinator.models.autoencoder import model_input
+
+    path = Path(onnx_dir) / "encoder.onnx"
+    fix = "give the export dir of a model trained on this data (spherinator export)"
+    try:
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    except Exception as err:  # onnxruntime's errors (InvalidProtobuf, Fail, ...) share no public base but Exception
+        raise SubmitError(
+            f"--onnx {onnx_dir}: '{path}' does not open in onnxruntime ({_first_line(err)}); {fix}"
+        ) from err
+    batch = datamodule.on_after_batch_transfer(next(iter(datamodule.dataset("predict", rank=0, world_size=1))), 0)
+    x = np.ascontiguousarray(model_input(batch).numpy(), dtype=np.float32)  # (B, C, H, W) or (B, L)
+    inputs = session.get_inputs()
+    shape = list(inputs[0].shape)  # an int per fixed axis, a name (or None) per free one
+    fits = len(shape) == x.ndim and all(not isinstance(d, int) or d == n for d, n in zip(shape, x.shape, strict=True))
+    if len(inputs) != 1 or not fits:
+        takes = ", ".join(f"{i.name} {i.shape}" for i in inputs)
+        raise SubmitError(f"--onnx {onnx_dir}: encoder.onnx takes {takes}, the data gives batches of {list(x.shape)}; "
+                          f"{fix}")  # fmt: skip
+    try:
+        session.run(None, {inputs[0].name: x})
+    except Exception as err:
+        raise SubmitError(
+            f"--onnx {onnx_dir}: encoder.onnx fails on the data's first batch ({_first_line(err)}); {fix}"
+        ) from err
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__

@@ -27,8 +27,10 @@ from spherinator.submit.sweep import SubmitError
 MANIFEST_NAME = "sweep.json"
 SUMMARY_NAME = "summary.json"
 
-# States a task's summary.json records (the task writes them; Slurm's own states are another matter).
-RUNNING, REQUEUEING, TRAINED, COMPLETED, FAILED = "RUNNING", "REQUEUEING", "TRAINED", "COMPLETED", "FAILED"
+# States a task's summary.json records (the task writes them; Slurm's own states are another matter). EMBEDDING: the
+# model is trained and exported, and the task embeds every row (``--predict``): a requeue goes on with that alone.
+RUNNING, REQUEUEING, TRAINED, EMBEDDING = "RUNNING", "REQUEUEING", "TRAINED", "EMBEDDING"
+COMPLETED, FAILED = "COMPLETED", "FAILED"
 
 
 def _now() -> str:
@@ -214,6 +216,30 @@ class AtlasResult:
 
 
 @dataclass
+class EmbeddingsResult:
+    """How a task's embedding of every row (``spherinator-submit --predict``) ended (``summary.json``'s
+    ``embeddings``); the shards themselves and which rows each holds are in ``path``'s ``_manifest.json``.
+
+    Attributes:
+        path: The embedding set's directory (``RUN/embeddings``).
+        checkpoint: The checkpoint whose model embedded the rows (the one exported).
+        shards: Shards written whole, of ``planned``.
+        planned: Shards in the set.
+        rows: Rows written.
+        seconds: Time the task spent embedding in its last attempt.
+        error: Why it failed (a failed embedding does not fail the task: the trained model is what it is for).
+    """
+
+    path: str
+    checkpoint: str | None = None
+    shards: int = 0
+    planned: int = 0
+    rows: int = 0
+    seconds: float | None = None
+    error: str | None = None
+
+
+@dataclass
 class RunSummary:
     """A task's ``summary.json``: what it is doing, how far it got, and how each attempt ended.
 
@@ -222,7 +248,8 @@ class RunSummary:
 
     Attributes:
         state: ``RUNNING``, ``REQUEUEING`` (checkpointed on Slurm's signal, requeued), ``TRAINED`` (training done,
-            export and atlas running), ``COMPLETED`` or ``FAILED``; None before the task first started.
+            export and atlas running), ``EMBEDDING`` (export and atlas done, embedding every row), ``COMPLETED``
+            or ``FAILED``; None before the task first started.
         attempts: How often the task started (the first run, each requeue and each ``--resume``).
         requeues: How often it checkpointed and requeued itself on Slurm's signal (time limit, preemption).
         job_id: The Slurm job of the current (or last) attempt.
@@ -247,6 +274,7 @@ class RunSummary:
         traceback: Its traceback.
         onnx: The ONNX export's result; None when none was asked for.
         atlas: The atlas's result; None when none was asked for.
+        embeddings: The embedding of every row's result; None when none was asked for.
     """
 
     state: str | None = None
@@ -274,6 +302,7 @@ class RunSummary:
     traceback: str | None = None
     onnx: OnnxResult | None = None
     atlas: AtlasResult | None = None
+    embeddings: EmbeddingsResult | None = None
 
     # ---------------------------------------------------------------------------------------------- reading, writing
     @classmethod
@@ -334,8 +363,8 @@ class RunSummary:
         return self
 
     def requeued(self) -> RunSummary:
-        """The task leaves to be requeued."""
-        self.state = REQUEUEING
+        """The task leaves to be requeued (one that was embedding stays ``EMBEDDING``: its next attempt embeds)."""
+        self.state = EMBEDDING if self.state == EMBEDDING else REQUEUEING
         self.requeues += 1
         self.attempt_ended = _now()
         return self
@@ -352,8 +381,15 @@ class RunSummary:
         self.last_checkpoint = last_checkpoint
         return self
 
-    def completed(self, onnx: OnnxResult | None, atlas: AtlasResult | None = None) -> RunSummary:
-        self.state, self.onnx, self.atlas = COMPLETED, onnx, atlas
+    def embedding(self, onnx: OnnxResult | None, atlas: AtlasResult | None) -> RunSummary:
+        """Export and atlas are done; the task embeds every row (a requeue from here embeds only)."""
+        self.state, self.onnx, self.atlas = EMBEDDING, onnx, atlas
+        return self
+
+    def completed(
+        self, onnx: OnnxResult | None, atlas: AtlasResult | None = None, embeddings: EmbeddingsResult | None = None
+    ) -> RunSummary:
+        self.state, self.onnx, self.atlas, self.embeddings = COMPLETED, onnx, atlas, embeddings
         self.finished = self.attempt_ended = _now()
         return self
 
@@ -444,6 +480,9 @@ class Manifest:
         code_version: The code the tasks run (the sweep's code snapshot).
         submissions: Every submission, the first one first.
         predict: For a predict sweep (its tasks are embedding shards), what it embeds; None for a training sweep.
+        predict_after_fit: Whether each training task embeds every row after its export (``--predict``), into
+            ``RUN/embeddings`` as a predict sweep does.
+        predict_shards: Shards of that embedding (None: one per row group, at most 32).
     """
 
     tasks: list[ManifestTask]
@@ -456,6 +495,8 @@ class Manifest:
     code_version: str | None = None
     submissions: list[Submission] = field(default_factory=list)
     predict: PredictJob | None = None
+    predict_after_fit: bool = False
+    predict_shards: int | None = None
 
     def latest_jobs(self) -> dict[str, str]:
         """{task index: its latest Slurm job id} over all submissions of the sweep."""
@@ -584,11 +625,54 @@ class EmbeddingSet:
     onnx: str | None = None
 
     def written(self, directory: str | Path) -> list[EmbeddingShard]:
-        """The shards whose file is in ``directory`` (a shard's file appears only whole: staged, then renamed)."""
-        return [shard for shard in self.shards if (Path(directory) / shard.file).is_file()]
+        """The shards whose file in ``directory`` is whole (:meth:`damage`)."""
+        return [shard for shard in self.shards if self.damage(directory, shard) is None]
+
+    def damaged(self, directory: str | Path) -> dict[str, str]:
+        """{file: what is wrong with it} of the shard files in ``directory`` that are not whole (a file made or cut
+        by hand: a task writes a shard whole, staged and then renamed)."""
+        found = {shard.file: self.damage(directory, shard) for shard in self.shards}
+        return {file: why for file, why in found.items() if why and why != "missing"}
+
+    def damage(self, directory: str | Path, shard: EmbeddingShard) -> str | None:
+        """What is wrong with ``shard``'s file in ``directory``: None for a Parquet file whose footer holds the
+        shard's rows and, where its statistics say, its row ids; ``missing`` for none. Reads the footer only."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        path = Path(directory) / shard.file
+        if not path.exists():
+            return "missing"
+        try:
+            meta = pq.read_metadata(path)
+        except (OSError, pa.ArrowException) as err:
+            return f"not a Parquet file ({str(err).splitlines()[0] if str(err) else type(err).__name__})"
+        if meta.num_rows != shard.rows:
+            return f"{meta.num_rows} rows where the manifest has {shard.rows}"
+        column = meta.schema.to_arrow_schema().get_field_index(self.row_column)
+        if column < 0:
+            return f"no '{self.row_column}' column"
+        span = _stored_span(meta, column)
+        ids = [(s.row, s.row + s.stop - s.start - 1) for s in shard.segments if s.stop > s.start]
+        expected = (min(a for a, _ in ids), max(b for _, b in ids)) if ids else None
+        if span is not None and expected is not None and span != expected:
+            return f"row ids {span[0]}..{span[1]} where the manifest has {expected[0]}..{expected[1]}"
+        return None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def _stored_span(meta: Any, column: int) -> tuple[int, int] | None:
+    """The smallest and largest value of ``column`` by the footer's statistics; None where a row group has none."""
+    lows, highs = [], []
+    for group in range(meta.num_row_groups):
+        stats = meta.row_group(group).column(column).statistics
+        if stats is None or not stats.has_min_max:
+            return None
+        lows.append(stats.min)
+        highs.append(stats.max)
+    return (min(lows), max(highs)) if lows else None
 
 
 def write_embedding_set(directory: str | Path, embedding_set: EmbeddingSet) -> None:

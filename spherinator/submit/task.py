@@ -16,7 +16,14 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from spherinator.submit.records import AtlasResult, OnnxResult, RunSummary
+from spherinator.submit.records import (
+    COMPLETED,
+    EMBEDDING,
+    AtlasResult,
+    EmbeddingsResult,
+    OnnxResult,
+    RunSummary,
+)
 
 
 def newest_checkpoint(run_dir: Path) -> Path | None:
@@ -112,6 +119,10 @@ class TrainingTask:
             refresh the sweep's ``atlas.html``; None: no atlas.
         code_version: The code the task was submitted with (:func:`code_hash` of the sweep's code snapshot, then
             its git state): a task that would import other code refuses to run.
+        predict: After the export (and atlas), embed every row into ``run_dir/embeddings`` as ``spherinator-submit
+            predict`` does, in this task, over this many shards (0: one per row group, at most 32); None: no
+            embedding. The shards are written one after another in this process (the task holds the node and has
+            the model at hand); a requeue mid-embedding goes on with the shards not yet written whole.
     """
 
     def __init__(
@@ -121,24 +132,34 @@ class TrainingTask:
         export: bool = True,
         code_version: str | None = None,
         atlas_order: int | None = None,
+        predict: int | None = None,
     ) -> None:
         self.run_dir = str(Path(run_dir).resolve())
         self.cwd = str(cwd or Path.cwd())
         self.export = export
         self.code_version = code_version
         self.atlas_order = atlas_order
+        self.predict = predict
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> Any:
-        """Called by Submitit on USR2 (rank 0): resubmit this task; it resumes from the newest checkpoint."""
+        """Called by Submitit on USR2 (rank 0): resubmit this task; it resumes from the newest checkpoint, or, when
+        the signal came while it embedded every row, goes on with the shards not yet written."""
         from submitit.helpers import DelayedSubmission
 
+        summary = RunSummary.read(self.run_dir)
+        if summary.state == EMBEDDING:  # while training, RequeueOnSignal records the requeue
+            summary.requeued().save(self.run_dir)
         return DelayedSubmission(
-            TrainingTask(self.run_dir, self.cwd, self.export, self._code_version, self._atlas_order)
+            TrainingTask(self.run_dir, self.cwd, self.export, self._code_version, self._atlas_order, self._predict)
         )
 
     @property
     def _code_version(self) -> str | None:
         return getattr(self, "code_version", None)  # tasks pickled before code versions were recorded have none
+
+    @property
+    def _predict(self) -> int | None:
+        return getattr(self, "predict", None)  # tasks pickled before --predict existed embed nothing
 
     @property
     def _atlas_order(self) -> int | None:
@@ -157,7 +178,6 @@ class TrainingTask:
             )
 
     def __call__(self) -> dict[str, Any] | None:
-        from spherinator.cli import SpherinatorCLI
         from spherinator.submit.requeue import REQUEUE_SIGNAL, best_model, ignore_signal_from_now_on, logged_metrics
 
         os.chdir(self.cwd)
@@ -171,6 +191,29 @@ class TrainingTask:
         rank = _rank()
         _link_logs(run_dir)
         REQUEUE_SIGNAL.install()
+        if self._predict is not None and RunSummary.read(run_dir).state in (EMBEDDING, COMPLETED):
+            return self._embed_only(run_dir, rank)  # trained and exported: a requeue goes on embedding
+        trainer = self._fit(run_dir, rank)
+        if rank != 0:
+            ignore_signal_from_now_on()
+            return None
+        best, last = best_model(trainer), newest_checkpoint(run_dir)
+        summary = RunSummary.read(run_dir)
+        summary.trained(trainer.current_epoch, trainer.global_step, logged_metrics(trainer), best, str(last or ""))
+        summary.save(run_dir)
+        onnx = self._export(run_dir, trainer, best.checkpoint if best else None) if self.export else None
+        atlas = self._atlas(run_dir) if self._atlas_order is not None else None
+        embeddings = None
+        if self._predict is not None:
+            embeddings = self._embed(run_dir, RunSummary.read(run_dir).embedding(onnx, atlas).save(run_dir))
+        done = RunSummary.read(run_dir).completed(onnx, atlas, embeddings).save(run_dir)
+        ignore_signal_from_now_on()
+        return done.to_dict() | {"run_dir": str(run_dir)}
+
+    def _fit(self, run_dir: Path, rank: int) -> Any:
+        """``spherinator fit`` of the run dir's config, resumed from its newest checkpoint; the trainer after it."""
+        from spherinator.cli import SpherinatorCLI
+
         argv, sys.argv = sys.argv, sys.argv[:1]  # Submitit's own arguments are not for the CLI
         try:
             self._check_code()
@@ -184,26 +227,53 @@ class TrainingTask:
                     os.environ.get("SLURM_JOB_ID"), socket.gethostname(), str(resume) if resume else None, damaged,
                     self._code_version,
                 ).save(run_dir)  # fmt: skip
-            cli = SpherinatorCLI(args=args)
+            return SpherinatorCLI(args=args).trainer
         except BaseException as err:
             if rank == 0 and not isinstance(err, SystemExit):
                 RunSummary.read(run_dir).failed(err, traceback.format_exc(limit=20)).save(run_dir)
             raise
         finally:
             sys.argv = argv
-        trainer = cli.trainer
-        if rank != 0:
+
+    def _embed_only(self, run_dir: Path, rank: int) -> dict[str, Any] | None:
+        """A new attempt of a task that was embedding every row when it was requeued (or killed and resumed): no
+        fit, export or atlas again, only the shards not yet written whole."""
+        from spherinator.submit.requeue import ignore_signal_from_now_on
+
+        if rank != 0:  # the other ranks of a multi-node task have nothing to do
             ignore_signal_from_now_on()
             return None
-        best, last = best_model(trainer), newest_checkpoint(run_dir)
         summary = RunSummary.read(run_dir)
-        summary.trained(trainer.current_epoch, trainer.global_step, logged_metrics(trainer), best, str(last or ""))
-        summary.save(run_dir)
-        onnx = self._export(run_dir, trainer, best.checkpoint if best else None) if self.export else None
-        atlas = self._atlas(run_dir) if self._atlas_order is not None else None
-        done = RunSummary.read(run_dir).completed(onnx, atlas).save(run_dir)
+        try:
+            self._check_code()
+        except RuntimeError as err:
+            summary.failed(err, traceback.format_exc(limit=20)).save(run_dir)
+            raise
+        summary.start_attempt(os.environ.get("SLURM_JOB_ID"), socket.gethostname(), None, None, self._code_version)
+        summary.state = EMBEDDING
+        embeddings = self._embed(run_dir, summary.save(run_dir))
+        done = RunSummary.read(run_dir).completed(summary.onnx, summary.atlas, embeddings).save(run_dir)
         ignore_signal_from_now_on()
         return done.to_dict() | {"run_dir": str(run_dir)}
+
+    def _embed(self, run_dir: Path, summary: RunSummary) -> EmbeddingsResult:
+        """Embed every row with the checkpoint exported (else the best, else the last) into ``run_dir/embeddings``
+        (:func:`spherinator.submit.predict.embed_run`); failures are reported, not raised (the trained model is what
+        the task is for). A requeue or SIGTERM (SystemExit) leaves the shards written whole for the next attempt."""
+        from spherinator.submit.predict import EMBEDDINGS_DIR, embed_run
+
+        path = str(run_dir / EMBEDDINGS_DIR)
+        checkpoint = (
+            (summary.onnx.checkpoint if summary.onnx else None)
+            or (summary.best.checkpoint if summary.best else None)
+            or summary.last_checkpoint
+        )
+        if not checkpoint:
+            return EmbeddingsResult(path, error=f"no checkpoint under {run_dir / 'checkpoints'} to embed with")
+        try:
+            return embed_run(run_dir, checkpoint, self._predict or None)
+        except Exception as err:
+            return EmbeddingsResult(path, checkpoint, error=f"{type(err).__name__}: {err}")
 
     def _export(self, run_dir: Path, trainer: Any, best: str | None) -> OnnxResult:
         """Export the ``best`` (else last) checkpoint to ONNX and validate it; failures are reported, not raised."""
