@@ -30,7 +30,7 @@ def _take_rows(
 
     Ascending, so that the rows of each chunk are one run of the result, copied by one ``np.take`` (a batch drawn
     from a shuffle buffer is a random set of its rows either way): scattering them to random places of the batch
-    took 4x as long (tools/bench/bench_data.py, 3x128x128 uint8 rows from 9 row groups of 128).
+    took twice as long (3x128x128 uint8 rows, batches of 64 drawn from 9 row groups of 128).
     """
     into = into or {}
     idx = np.sort(idx)
@@ -60,8 +60,9 @@ def rebatch(
 
     Without ``rng`` batches are slices of the chunks (no copy unless a batch spans two chunks). With ``rng``,
     chunks are buffered until at least ``window`` rows (and one batch) are there; every full batch is then drawn
-    from a random permutation of the buffer (rows copied straight from their chunks, into the arrays
-    ``into(rows)`` gives for some columns if it is given) and the few rows left over join the next window.
+    from a random permutation of the buffer (a random set of its rows, in the buffer's order; rows copied
+    straight from their chunks, into the arrays ``into(rows)`` gives for some columns if it is given) and the few
+    rows left over join the next window.
     """
     pending: list[dict[str, np.ndarray]] = []
     have, k = 0, 0

@@ -159,7 +159,8 @@ class DataModule(pl.LightningDataModule):
         page_checksums: When the CRC32 page checksums the writer stores are verified, so that a corrupt file is named
             instead of read as garbage: ``first_read`` (default) on each row group's first read in the run (per
             rank; a file changed since the run started on every read), ``every_read`` on every read of every epoch
-            (slower: uncompressed images read at about half the speed; see :mod:`spherinator.data.checksums`).
+            (slower: the benchmark's uncompressed images at 0.6x the speed of later ``first_read`` epochs; see
+            :mod:`spherinator.data.checksums`).
 
     A ``path`` that is no local file or directory but a Hugging Face Hub dataset id (``owner/name``) is loaded with
     ``datasets.load_dataset`` (cached, offline with ``HF_DATASETS_OFFLINE=1``) and its ``train`` split is read from a
