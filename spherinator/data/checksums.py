@@ -50,8 +50,7 @@ class ChecksumMemory:
 
     Args:
         files: The dataset's files.
-        groups: Row groups per file, in file order (``len(groups[i])`` of file ``i``; as :class:`ParquetIndex`
-            scans them).
+        groups: The number of row groups of each file, in file order (as :class:`ParquetIndex` scans them).
         stamps: Each file's :func:`file_stamp` when it was scanned.
     """
 
