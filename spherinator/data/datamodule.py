@@ -13,6 +13,7 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader
 
+from spherinator.data.checksums import check_checksum_mode
 from spherinator.data.hub import is_hub_id, local_parquet
 from spherinator.data.layout import DataError
 from spherinator.data.plan import Segment, split_rows
@@ -68,6 +69,13 @@ def _upstream_fractions(
             f"the held-out rows that is tested; 0: no test split here, where upstream tests on the validation rows)"
         )
     return validation_size * (1 - test_size), validation_size * test_size
+
+
+def _at_least(name: str, value: int, low: int, unit: str = "") -> int:
+    """``value``, or a DataError naming it when it is below ``low``."""
+    if value < low:
+        raise DataError(f"{name}={value} must be at least {low}{unit}")
+    return value
 
 
 @dataclass
@@ -148,6 +156,11 @@ class DataModule(pl.LightningDataModule):
         test_size: Upstream's fraction of the held-out rows that go to testing (see ``validation_size``).
         in_gpu_memory: Upstream's switch to hold the whole dataset in GPU memory; only ``false`` is accepted here
             (rows are streamed from the files and each batch moves to the GPU when it is used).
+        page_checksums: When the CRC32 page checksums the writer stores are verified, so that a corrupt file is named
+            instead of read as garbage: ``first_read`` (default) on each row group's first read in the run (per
+            rank; a file changed since the run started on every read), ``every_read`` on every read of every epoch
+            (slower: the benchmark's uncompressed images at 0.6x the speed of later ``first_read`` epochs; see
+            :mod:`spherinator.data.checksums`).
 
     A ``path`` that is no local file or directory but a Hugging Face Hub dataset id (``owner/name``) is loaded with
     ``datasets.load_dataset`` (cached, offline with ``HF_DATASETS_OFFLINE=1``) and its ``train`` split is read from a
@@ -173,6 +186,7 @@ class DataModule(pl.LightningDataModule):
         validation_size: float | None = None,
         test_size: float | None = None,
         in_gpu_memory: bool = False,
+        page_checksums: str = "first_read",
     ) -> None:
         super().__init__()
         self.path = Path(path)
@@ -182,20 +196,15 @@ class DataModule(pl.LightningDataModule):
         if self.columns is not None and not self.columns:
             raise DataError("columns=[] names no column; give at least one, e.g. columns: [data]")
         self.return_dict = return_dict
-        if batch_size < 1:
-            raise DataError(f"batch_size={batch_size} must be at least 1")
-        self.batch_size = batch_size
+        self.batch_size = _at_least("batch_size", batch_size, 1)
         self.shuffle = shuffle
-        if num_workers < 0:
-            raise DataError(f"num_workers={num_workers} must be 0 (load in the main process) or more")
-        self.num_workers = num_workers
+        self.num_workers = _at_least("num_workers", num_workers, 0, " (0: load in the main process)")
         self.val_fraction = val_fraction
         self.test_fraction = test_fraction
         self.seed = seed
-        if shuffle_buffer < 0:
-            raise DataError(f"shuffle_buffer={shuffle_buffer} must be >= 0 rows")
-        self.shuffle_buffer = shuffle_buffer
+        self.shuffle_buffer = _at_least("shuffle_buffer", shuffle_buffer, 0, " rows")
         self.drop_last = drop_last
+        self.page_checksums = check_checksum_mode(page_checksums)
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.persistent_workers = persistent_workers
         self.prefetch_factor = prefetch_factor
@@ -364,6 +373,7 @@ class DataModule(pl.LightningDataModule):
             shuffle_buffer=self.shuffle_buffer,
             seed=self.seed,
             drop_last=self.drop_last and train,
+            page_checksums=self.page_checksums,
         )
         transforms = {c.name: (c.transform, c.per_sample) for c in self.columns or [] if c.transform is not None}
         return ParquetStream(reader, transforms, self.return_dict, rank=rank, world_size=world_size)

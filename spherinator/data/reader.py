@@ -28,6 +28,7 @@ import pyarrow.parquet as pq
 import torch
 
 from spherinator.data.batching import rebatch
+from spherinator.data.checksums import ChecksumMemory, Stamp, check_checksum_mode, file_stamp
 from spherinator.data.layout import ColumnLayout, DataError, Where
 from spherinator.data.plan import Pass, Segment, epoch_order, pass_plan, pass_rng, rank_batch_sizes, unread_rows
 
@@ -76,8 +77,11 @@ class ParquetIndex:
             self.files = self.files[:1]
         self.groups: list[tuple[int, int, int]] = []  # (file index, row group index, rows)
         self.layouts: dict[str, ColumnLayout] = {}
+        self.stamps: list[Stamp | None] = []  # each file's identity when scanned (see spherinator.data.checksums)
         self._row_shapes: dict[str, tuple[tuple[int, ...], str]] = {}
+        self._checksums: ChecksumMemory | None = None
         for i, file in enumerate(self.files):
+            self.stamps.append(file_stamp(file))  # before the footer: a re-write after this differs from it
             try:
                 with pq.ParquetFile(file) as parquet_file:  # the footer only; close the file at once
                     meta = parquet_file.metadata
@@ -96,6 +100,15 @@ class ParquetIndex:
     def num_rows(self) -> int:
         """Total rows over every file."""
         return sum(rows for _, _, rows in self.groups)
+
+    @property
+    def checksums(self) -> ChecksumMemory:
+        """The row groups read with their page checksums verified, shared by every reader of this index and their
+        DataLoader workers (allocated at first use: by the process that makes the readers, before any worker)."""
+        if self._checksums is None:
+            per_file = collections.Counter(file for file, _, _ in self.groups)
+            self._checksums = ChecksumMemory(self.files, [per_file[i] for i in range(len(self.files))], self.stamps)
+        return self._checksums
 
     def row_shape(self, name: str) -> tuple[tuple[int, ...], str]:
         """The per-row shape of column ``name`` and where it was found: from the schema when it tells it, else
@@ -215,6 +228,9 @@ class ParquetReader:
             batches and the ones read ahead).
         seed: Base seed; the order is a function of (seed, epoch, rank, worker).
         drop_last: Only full batches (the rows left over differ every epoch when shuffling).
+        page_checksums: ``first_read``: verify a row group's page checksums on its first read by this index's
+            readers (and their workers), then read it unverified; ``every_read``: on every read (see
+            :mod:`spherinator.data.checksums`).
     """
 
     def __init__(
@@ -227,6 +243,7 @@ class ParquetReader:
         shuffle_buffer: int = 1024,
         seed: int = 0,
         drop_last: bool = False,
+        page_checksums: str = "first_read",
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size} must be >= 1")
@@ -238,6 +255,8 @@ class ParquetReader:
         self.shuffle_buffer = shuffle_buffer
         self.seed = seed
         self.drop_last = drop_last
+        self.checksums = index.checksums
+        self.every_read = check_checksum_mode(page_checksums) == "every_read"
         # (epoch, the rows its earlier passes left, pass number): set by resume_after, read when that epoch starts
         self.resume: tuple[int, list[Segment], int] | None = None
         # Columns whose per-row shape the schema does not tell: every batch must match the first row's.
@@ -313,7 +332,10 @@ class ParquetReader:
     def _read_segments(self, handles: _Handles, segments: list[Segment]) -> list[dict[str, np.ndarray]]:
         """The decoded arrays of ``segments``, all of one row group, which is read once."""
         file, group = segments[0].file, segments[0].group
-        table = self._read_group(handles.get(file), file, group)
+        verify = self.every_read or self.checksums.needed(file, group)
+        table = self._read_group(handles.get(file, verify), file, group)
+        if verify:  # read whole, so every page of its columns was verified
+            self.checksums.verified(file, group)
         where = Where(self.files[file], group)
         return [
             self._decode(table.slice(s.start, s.rows) if s.start or s.stop != table.num_rows else table, where, s.start)
@@ -378,29 +400,31 @@ class ParquetReader:
 
 
 class _Handles:
-    """The Parquet files a pass has open: each reading thread its own handles, at most 8 files each."""
+    """The Parquet files a pass has open: each reading thread its own handles, at most 8 each; a file read both with
+    and without page checksum verification has a handle for each (pyarrow fixes it when the file is opened)."""
 
     def __init__(self, files: Sequence[Path], check: Callable[[int, pq.ParquetFile], None] | None = None) -> None:
         self.files = files
         self.check = check  # called on each file opened: raises when it is not the file scanned
         self._local = threading.local()
-        self._all: list[dict[int, pq.ParquetFile]] = []
+        self._all: list[dict[tuple[int, bool], pq.ParquetFile]] = []
         self._lock = threading.Lock()
 
-    def get(self, file: int) -> pq.ParquetFile:
-        """File number ``file``, opened by this thread."""
+    def get(self, file: int, verify: bool = True) -> pq.ParquetFile:
+        """File number ``file``, opened by this thread, verifying the page checksums of what it reads or not."""
         handles = getattr(self._local, "handles", None)
         if handles is None:
             handles = self._local.handles = {}
             with self._lock:
                 self._all.append(handles)
-        if file not in handles:
+        key = (file, verify)
+        if key not in handles:
             if len(handles) >= 8:
                 handles.pop(next(iter(handles))).close()
             path = self.files[file]
             try:
                 # No memory_map: mapped pages would count as resident memory growing with the data read.
-                handles[file] = pq.ParquetFile(path, page_checksum_verification=True)
+                handles[key] = pq.ParquetFile(path, page_checksum_verification=verify)
             except FileNotFoundError as err:
                 raise DataError(
                     f"{path} was scanned when the run started but is gone now (deleted or moved during the run); put "
@@ -412,11 +436,11 @@ class _Handles:
                 ) from err
             if self.check is not None:
                 try:
-                    self.check(file, handles[file])
+                    self.check(file, handles[key])
                 except DataError:
-                    handles.pop(file).close()
+                    handles.pop(key).close()
                     raise
-        return handles[file]
+        return handles[key]
 
     def close(self) -> None:
         """Close every handle (once no thread reads any more)."""
