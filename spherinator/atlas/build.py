@@ -26,15 +26,15 @@ from typing import Any
 import numpy as np
 
 from spherinator.atlas import AtlasError
-from spherinator.atlas.catalog import add_row_columns, load_datamodule, write_catalog
+from spherinator.atlas.catalog import add_row_columns, reads_files, write_catalog
 from spherinator.atlas.hips import ALLSKY_ORDER, write_hips
 from spherinator.atlas.model import SphereModel, open_model
 from spherinator.atlas.options import AtlasOptions, check_data_path, check_out, resolve_run_data
 from spherinator.atlas.page import ATLAS_JSON, find_aladin_lite, place_aladin_lite, write_index
 from spherinator.atlas.render import TileRenderer, value_range
 from spherinator.atlas.sky import cell_centres, cells, unit_to_radec
-from spherinator.export.onnx_export import REPORT_NAME
-from spherinator.runs import run_dir_of
+from spherinator.atlas.source import open_data
+from spherinator.runs import EXPORT_REPORT, run_dir_of
 from spherinator.staging import replace_dir, staged_dir
 
 
@@ -116,12 +116,13 @@ def build_atlas(
     model = open_model(path, device=options.device, trust=options.trust)
     check_out(out, options.overwrite, [p for p in (model.checkpoint, model.onnx_dir, model.config) if p])
     check_export_passed(model)
-    datamodule, notes = load_datamodule(list(data_args or []), model.config)
+    # an encoder run by onnxruntime: a plain DataModule section is read in numpy, and the atlas imports no torch
+    datamodule, notes = open_data(list(data_args or []), model.config, numpy_only=model.torch_model is None)
     if model.config is not None and not _gives_data_path(data_args or []):
         notes += [note for note in [resolve_run_data(datamodule, model.config.parent)] if note]
     check_data_path(out, datamodule)
     added = add_row_columns(datamodule)
-    if not added and type(datamodule).__name__ != "DataModule":
+    if not added and not reads_files(datamodule):
         notes.append(f"{type(datamodule).__name__} is not spherinator.data.DataModule: the catalog has the columns "
                      "its batches carry")  # fmt: skip
     for note in notes:
@@ -153,7 +154,7 @@ def check_export_passed(model: SphereModel) -> None:
     """Refuse an ONNX export whose own ``export_report.json`` says onnxruntime disagreed with torch."""
     if model.onnx_dir is None:
         return
-    report = model.onnx_dir / REPORT_NAME
+    report = model.onnx_dir / EXPORT_REPORT
     try:
         passed = json.loads(report.read_text()).get("passed")
     except (OSError, ValueError, AttributeError):

@@ -20,7 +20,6 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import torch
 import yaml
 from PIL import Image
 
@@ -35,17 +34,11 @@ from spherinator.errors import ConfigError
 COMPUTED = ("row", "ra", "dec", "healpix", "x", "y", "z", "concentration", "thumbnail")
 
 
-def load_datamodule(cli_args: list[str], default_config: Path | None = None) -> tuple[Any, list[str]]:
-    """The data module of the ``data:`` sections of ``-c`` files and ``--data.*`` overrides, composed as
-    ``spherinator fit`` composes them; without any ``-c``, ``default_config`` (the run's config.yaml).
-
-    Other sections and overrides (``model``, ``trainer``, ...) are left out: the model comes from the run. Returns
-    the data module and notes about what was left out.
-    """
-    from jsonargparse import Namespace
-    from lightning.pytorch import LightningDataModule
-    from lightning.pytorch.cli import LightningArgumentParser
-
+def compose_data_args(cli_args: list[str], default_config: Path | None = None) -> tuple[list[str], list[str]]:
+    """The ``data:`` sections of ``-c`` files (each as ``--config=<YAML>``) and the ``--data.*`` overrides, in their
+    order; without any ``-c``, ``default_config`` (the run's config.yaml). Other sections and overrides (``model``,
+    ``trainer``, ...) are left out: the model comes from the run. Returns those arguments and notes about what was
+    left out."""
     args: list[str] = []
     notes: list[str] = []
     configs: list[str] = []
@@ -79,6 +72,21 @@ def load_datamodule(cli_args: list[str], default_config: Path | None = None) -> 
     if not configs and not any(a.startswith("--data") for a in args):
         raise AtlasError(f"none of {', '.join(given or [str(default_config)])} has a data: section; add the data "
                          "config, e.g. -c experiments/demo.yaml")  # fmt: skip
+    return args, notes
+
+
+def load_datamodule(cli_args: list[str], default_config: Path | None = None) -> tuple[Any, list[str]]:
+    """The data module of the ``data:`` sections of ``-c`` files and ``--data.*`` overrides, composed as
+    ``spherinator fit`` composes them; without any ``-c``, ``default_config`` (the run's config.yaml).
+
+    Other sections and overrides (``model``, ``trainer``, ...) are left out: the model comes from the run. Returns
+    the data module and notes about what was left out.
+    """
+    from jsonargparse import Namespace
+    from lightning.pytorch import LightningDataModule
+    from lightning.pytorch.cli import LightningArgumentParser
+
+    args, notes = compose_data_args(cli_args, default_config)
     parser = LightningArgumentParser(exit_on_error=False, prog="spherinator atlas")
     parser.add_lightning_class_args(LightningDataModule, "data", subclass_mode=True, required=True)
     parser.add_argument("--config", action="config")
@@ -118,16 +126,28 @@ def add_row_columns(datamodule: Any) -> list[str]:
     The columns the DataModule does not load already are read straight from the files (:class:`FileColumns`), not
     through the training reader: a catalog column keeps its stored type and its nulls, which the model never sees.
     """
-    from spherinator.data import Column, DataModule, find_parquet_files
-
-    if not isinstance(datamodule, DataModule):
+    if not reads_files(datamodule):
         return []
+    from spherinator.data.reader import find_parquet_files
+
     names = datamodule.column_names
     schema = pq.read_schema(find_parquet_files(datamodule.path)[0])
     if datamodule.columns is None:  # every tensor column: the model input is the one the catalog needs loaded
+        from spherinator.data import Column
+
         datamodule.columns = [Column(names[0])]
     datamodule.return_dict = True
     return [f.name for f in schema if f.name != names[0] and is_row_column(f.type)]
+
+
+def reads_files(datamodule: Any) -> bool:
+    """Whether ``datamodule`` reads spherinator's Parquet files (a ``spherinator.data.DataModule``, or the
+    :class:`~spherinator.atlas.source.ParquetRows` of an ONNX export's atlas): the catalog's per-row columns come
+    from its files. Told without importing Lightning: a DataModule exists only once its module is loaded."""
+    from spherinator.atlas.source import ParquetRows
+
+    loaded = sys.modules.get("spherinator.data.datamodule")
+    return isinstance(datamodule, ParquetRows) or (loaded is not None and isinstance(datamodule, loaded.DataModule))
 
 
 def _batches(datamodule: Any) -> tuple[Iterator[Any], int | None, int | None]:
@@ -141,13 +161,13 @@ def _batches(datamodule: Any) -> tuple[Iterator[Any], int | None, int | None]:
 
 def _column_values(value: Any, n: int) -> np.ndarray | None:
     """A per-row column of a batch as a 1-D numpy array, or None when it is not one value per row."""
-    if isinstance(value, torch.Tensor):
-        value = value.detach().cpu()
-        value = value.numpy() if value.dim() == 1 else None
+    if isinstance(value, np.ndarray):
+        value = value if value.ndim == 1 else None
     elif isinstance(value, list | tuple):
         value = np.asarray(value, dtype=object) if all(v is None or isinstance(v, str) for v in value) else None
-    elif isinstance(value, np.ndarray):
-        value = value if value.ndim == 1 else None
+    elif hasattr(value, "detach"):  # a torch tensor (a DataModule's batch)
+        value = value.detach().cpu()
+        value = value.numpy() if value.dim() == 1 else None
     else:
         return None
     return value if value is not None and len(value) == n else None
@@ -160,12 +180,12 @@ class FileColumns:
     """
 
     def __init__(self, datamodule: Any, carried: set[str]) -> None:
-        from spherinator.data import DataModule, find_parquet_files
+        from spherinator.data.reader import find_parquet_files
 
         self.types: dict[str, pa.DataType] = {}
         self.left_out: list[str] = []
         self._files: list[Path] = []
-        if isinstance(datamodule, DataModule):
+        if reads_files(datamodule):
             self._files = find_parquet_files(datamodule.path)
             for f in pq.read_schema(self._files[0]):
                 if f.name in carried:
@@ -370,9 +390,9 @@ class _CatalogNames:
 def _encode_batch(model: SphereModel, batch: Any, start: int, order: int, names: _CatalogNames,
                   files: FileColumns) -> tuple[pa.Table, np.ndarray, Any]:  # fmt: skip
     """One batch as catalog columns; also its unit vectors (B, 3) and model inputs."""
-    from spherinator.models.autoencoder import model_input
+    from spherinator.atlas.model import batch_input
 
-    x = model_input(batch)
+    x = batch_input(batch)
     n = len(x)
     if tuple(x.shape[1:]) != tuple(model.input_shape):
         raise AtlasError(f"the model takes inputs of shape {tuple(model.input_shape)} but the data's samples have "
@@ -406,7 +426,7 @@ def _encode_batch(model: SphereModel, batch: Any, start: int, order: int, names:
 
 def _write_thumbnails(model: SphereModel, renderer: TileRenderer, out: Path, x: Any, location: np.ndarray,
                       rows: list[int]) -> None:  # fmt: skip
-    inputs = renderer.thumbnails(x.float().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x))
+    inputs = renderer.thumbnails(x if isinstance(x, np.ndarray) else x.float().cpu().numpy())  # numpy, or a tensor
     decoded = renderer.thumbnails(model.decode(location))
     for row, a, b in zip(rows, inputs, decoded, strict=True):
         Image.fromarray(a).save(out / "thumbs" / "input" / f"{row}.png")
