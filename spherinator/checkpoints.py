@@ -306,8 +306,8 @@ def _atomic_checkpoint_io() -> type:
                 partial.unlink(missing_ok=True)
                 if (isinstance(err, RuntimeError) and _short_write(err)) or disk_error(err) is not None:
                     raise OutputError(
-                        f"cannot write the checkpoint {target} ({_short(err)}); the previous one is kept: free space, or "
-                        "log to a directory you can write"
+                        f"cannot write the checkpoint {target} ({_short(err)}); the previous one is kept: free space, "
+                        "or log to a directory you can write"
                     ) from err
                 raise
             _fsync_dir(target.parent)
@@ -376,7 +376,7 @@ def install_atomic_checkpoint_io(trainer: Any) -> None:
         strategy.checkpoint_io = _atomic_checkpoint_io()()
 
 
-__all__ = [
+__all__ = [  # noqa: F822 (AtomicCheckpointIO is made at its first use: __getattr__)
     "AtomicCheckpointIO",
     "CheckpointError",
     "CheckpointInfo",

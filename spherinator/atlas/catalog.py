@@ -20,7 +20,6 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import yaml
 from PIL import Image
 
 from spherinator.atlas import AtlasError
@@ -28,93 +27,10 @@ from spherinator.atlas.model import SphereModel
 from spherinator.atlas.progressive import CATALOG_DIR, is_row_column, write_progressive_catalog, write_votable
 from spherinator.atlas.render import TileRenderer
 from spherinator.atlas.sky import healpix_index, unit_to_radec
-from spherinator.errors import ConfigError
+from spherinator.atlas.source import ParquetRows, load_datamodule  # noqa: F401 (load_datamodule: re-exported)
 
 # Columns the atlas computes; a data column of the same name is kept renamed (see _CatalogNames).
 COMPUTED = ("row", "ra", "dec", "healpix", "x", "y", "z", "concentration", "thumbnail")
-
-
-def compose_data_args(cli_args: list[str], default_config: Path | None = None) -> tuple[list[str], list[str]]:
-    """The ``data:`` sections of ``-c`` files (each as ``--config=<YAML>``) and the ``--data.*`` overrides, in their
-    order; without any ``-c``, ``default_config`` (the run's config.yaml). Other sections and overrides (``model``,
-    ``trainer``, ...) are left out: the model comes from the run. Returns those arguments and notes about what was
-    left out."""
-    args: list[str] = []
-    notes: list[str] = []
-    configs: list[str] = []
-    i = 0
-    given = [a for a in cli_args if a in ("-c", "--config") or a.startswith("--config=")]
-    if not given:
-        if default_config is None:
-            raise AtlasError("no data config: give the data as for fit, e.g. -c experiments/vae_cnn3.yaml -c "
-                             "experiments/demo.yaml (a run directory with its config.yaml needs none)")  # fmt: skip
-        cli_args = ["-c", str(default_config), *cli_args]
-        notes.append(f"data from {default_config}")
-    while i < len(cli_args):
-        arg = cli_args[i]
-        if arg in ("-c", "--config") or arg.startswith("--config="):
-            value = arg.split("=", 1)[1] if "=" in arg else (cli_args[i + 1] if i + 1 < len(cli_args) else None)
-            i += 1 if "=" in arg else 2
-            if value is None:
-                raise AtlasError(f"{arg} needs a config file")
-            section = _data_section(value)
-            if section is not None:
-                args.append("--config=" + yaml.safe_dump({"data": section}, sort_keys=False))
-                configs.append(value)
-            continue
-        key = arg.split("=", 1)[0]
-        takes_value = "=" not in arg and i + 1 < len(cli_args) and not cli_args[i + 1].startswith("--")
-        if key == "--data" or key.startswith("--data."):
-            args += cli_args[i : i + 1 + takes_value]
-        else:
-            notes.append(f"left out {' '.join(cli_args[i : i + 1 + takes_value])} (the atlas reads only data)")
-        i += 1 + takes_value
-    if not configs and not any(a.startswith("--data") for a in args):
-        raise AtlasError(f"none of {', '.join(given or [str(default_config)])} has a data: section; add the data "
-                         "config, e.g. -c experiments/demo.yaml")  # fmt: skip
-    return args, notes
-
-
-def load_datamodule(cli_args: list[str], default_config: Path | None = None) -> tuple[Any, list[str]]:
-    """The data module of the ``data:`` sections of ``-c`` files and ``--data.*`` overrides, composed as
-    ``spherinator fit`` composes them; without any ``-c``, ``default_config`` (the run's config.yaml).
-
-    Other sections and overrides (``model``, ``trainer``, ...) are left out: the model comes from the run. Returns
-    the data module and notes about what was left out.
-    """
-    from jsonargparse import Namespace
-    from lightning.pytorch import LightningDataModule
-    from lightning.pytorch.cli import LightningArgumentParser
-
-    args, notes = compose_data_args(cli_args, default_config)
-    parser = LightningArgumentParser(exit_on_error=False, prog="spherinator atlas")
-    parser.add_lightning_class_args(LightningDataModule, "data", subclass_mode=True, required=True)
-    parser.add_argument("--config", action="config")
-    config = parser.parse_args(args)
-    instantiate = getattr(parser, "instantiate", None) or parser.instantiate_classes
-    data = instantiate(config).data
-    if isinstance(data, Namespace):
-        raise AtlasError("the data: section names no class_path; use e.g. class_path: spherinator.data.DataModule")
-    return data, notes
-
-
-def _data_section(value: str) -> Any:
-    """The ``data:`` section of a ``-c`` value: a YAML file, or YAML text given inline."""
-    if Path(value).is_file():
-        text = Path(value).read_text()
-    elif "\n" in value or ":" in value:
-        text = value
-    else:
-        raise AtlasError(f"-c {value}: no such file; give the data config as for fit, e.g. -c experiments/demo.yaml")
-    from spherinator.config import load_yaml
-
-    try:  # as fit reads it: a key given twice or a number with a leading zero is refused
-        content = load_yaml(text, f"-c {value}")
-    except ConfigError as err:
-        raise AtlasError(str(err)) from err
-    if not isinstance(content, dict):
-        raise AtlasError(f"-c {value}: not a config file (a YAML mapping of sections such as data:)")
-    return content.get("data")
 
 
 def add_row_columns(datamodule: Any) -> list[str]:
@@ -144,8 +60,6 @@ def reads_files(datamodule: Any) -> bool:
     """Whether ``datamodule`` reads spherinator's Parquet files (a ``spherinator.data.DataModule``, or the
     :class:`~spherinator.atlas.source.ParquetRows` of an ONNX export's atlas): the catalog's per-row columns come
     from its files. Told without importing Lightning: a DataModule exists only once its module is loaded."""
-    from spherinator.atlas.source import ParquetRows
-
     loaded = sys.modules.get("spherinator.data.datamodule")
     return isinstance(datamodule, ParquetRows) or (loaded is not None and isinstance(datamodule, loaded.DataModule))
 

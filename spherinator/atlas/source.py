@@ -1,4 +1,6 @@
-"""The rows the atlas of an ONNX export encodes, read without torch: :class:`ParquetRows`.
+"""The data an atlas encodes: the ``data:`` sections of ``-c`` files and ``--data.*`` overrides, composed as for
+``spherinator fit`` (:func:`load_datamodule`), and for an ONNX export the same rows read without torch
+(:class:`ParquetRows`).
 
 An ONNX export encodes with onnxruntime; what it needs of the data is the rows in file order as the model sees them,
 which the data layer's own :class:`~spherinator.data.reader.ParquetReader` gives as numpy arrays (the same decoding
@@ -17,6 +19,9 @@ from typing import Any
 
 import numpy as np
 import yaml
+
+from spherinator.atlas import AtlasError
+from spherinator.errors import ConfigError
 
 DATAMODULES = ("spherinator.data.DataModule", "spherinator.data.datamodule.DataModule")
 # DataModule options that do not change what its predict batches hold (every row once, file order, unshuffled).
@@ -110,7 +115,7 @@ def as_model_sees(array: np.ndarray, layout: Any) -> Any:
 
 def plain_section(args: list[str]) -> tuple[dict[str, Any] | None, str]:
     """The ``init_args`` of a DataModule section composed of ``args`` (``--config=<YAML with data:>`` and
-    ``--data.*`` items, as :func:`~spherinator.atlas.catalog.compose_data_args` gives them), when
+    ``--data.*`` items, as :func:`compose_data_args` gives them), when
     :class:`ParquetRows` reads it as the DataModule would; else None and why not."""
     section: dict[str, Any] = {}
     i = 0
@@ -165,13 +170,94 @@ def _plain_init_args(section: dict[str, Any]) -> tuple[dict[str, Any] | None, st
     return {"path": Path(path).expanduser(), "columns": names, "batch_size": batch_size}, ""
 
 
+def compose_data_args(cli_args: list[str], default_config: Path | None = None) -> tuple[list[str], list[str]]:
+    """The ``data:`` sections of ``-c`` files (each as ``--config=<YAML>``) and the ``--data.*`` overrides, in their
+    order; without any ``-c``, ``default_config`` (the run's config.yaml). Other sections and overrides (``model``,
+    ``trainer``, ...) are left out: the model comes from the run. Returns those arguments and notes about what was
+    left out."""
+    args: list[str] = []
+    notes: list[str] = []
+    configs: list[str] = []
+    i = 0
+    given = [a for a in cli_args if a in ("-c", "--config") or a.startswith("--config=")]
+    if not given:
+        if default_config is None:
+            raise AtlasError("no data config: give the data as for fit, e.g. -c experiments/vae_cnn3.yaml -c "
+                             "experiments/demo.yaml (a run directory with its config.yaml needs none)")  # fmt: skip
+        cli_args = ["-c", str(default_config), *cli_args]
+        notes.append(f"data from {default_config}")
+    while i < len(cli_args):
+        arg = cli_args[i]
+        if arg in ("-c", "--config") or arg.startswith("--config="):
+            value = arg.split("=", 1)[1] if "=" in arg else (cli_args[i + 1] if i + 1 < len(cli_args) else None)
+            i += 1 if "=" in arg else 2
+            if value is None:
+                raise AtlasError(f"{arg} needs a config file")
+            section = _data_section(value)
+            if section is not None:
+                args.append("--config=" + yaml.safe_dump({"data": section}, sort_keys=False))
+                configs.append(value)
+            continue
+        key = arg.split("=", 1)[0]
+        takes_value = "=" not in arg and i + 1 < len(cli_args) and not cli_args[i + 1].startswith("--")
+        if key == "--data" or key.startswith("--data."):
+            args += cli_args[i : i + 1 + takes_value]
+        else:
+            notes.append(f"left out {' '.join(cli_args[i : i + 1 + takes_value])} (the atlas reads only data)")
+        i += 1 + takes_value
+    if not configs and not any(a.startswith("--data") for a in args):
+        raise AtlasError(f"none of {', '.join(given or [str(default_config)])} has a data: section; add the data "
+                         "config, e.g. -c experiments/demo.yaml")  # fmt: skip
+    return args, notes
+
+
+def load_datamodule(cli_args: list[str], default_config: Path | None = None) -> tuple[Any, list[str]]:
+    """The data module of the ``data:`` sections of ``-c`` files and ``--data.*`` overrides, composed as
+    ``spherinator fit`` composes them; without any ``-c``, ``default_config`` (the run's config.yaml).
+
+    Other sections and overrides (``model``, ``trainer``, ...) are left out: the model comes from the run. Returns
+    the data module and notes about what was left out.
+    """
+    from jsonargparse import Namespace
+    from lightning.pytorch import LightningDataModule
+    from lightning.pytorch.cli import LightningArgumentParser
+
+    args, notes = compose_data_args(cli_args, default_config)
+    parser = LightningArgumentParser(exit_on_error=False, prog="spherinator atlas")
+    parser.add_lightning_class_args(LightningDataModule, "data", subclass_mode=True, required=True)
+    parser.add_argument("--config", action="config")
+    config = parser.parse_args(args)
+    instantiate = getattr(parser, "instantiate", None) or parser.instantiate_classes
+    data = instantiate(config).data
+    if isinstance(data, Namespace):
+        raise AtlasError("the data: section names no class_path; use e.g. class_path: spherinator.data.DataModule")
+    return data, notes
+
+
+def _data_section(value: str) -> Any:
+    """The ``data:`` section of a ``-c`` value: a YAML file, or YAML text given inline."""
+    if Path(value).is_file():
+        text = Path(value).read_text()
+    elif "\n" in value or ":" in value:
+        text = value
+    else:
+        raise AtlasError(f"-c {value}: no such file; give the data config as for fit, e.g. -c experiments/demo.yaml")
+    from spherinator.config import load_yaml
+
+    try:  # as fit reads it: a key given twice or a number with a leading zero is refused
+        content = load_yaml(text, f"-c {value}")
+    except ConfigError as err:
+        raise AtlasError(str(err)) from err
+    if not isinstance(content, dict):
+        raise AtlasError(f"-c {value}: not a config file (a YAML mapping of sections such as data:)")
+    return content.get("data")
+
+
 def open_data(cli_args: list[str], default_config: Path | None, numpy_only: bool) -> tuple[Any, list[str]]:
     """The rows the catalog encodes, from ``-c`` files and ``--data.*`` overrides as for ``spherinator fit``
     (without any ``-c``: ``default_config``), and notes. With ``numpy_only`` (an encoder run by onnxruntime) a plain
     DataModule section is read by :class:`ParquetRows` without torch; anything else is the data module ``fit``
-    builds (:func:`~spherinator.atlas.catalog.load_datamodule`), with a note saying why when ``numpy_only``."""
-    from spherinator.atlas.catalog import compose_data_args, load_datamodule
-
+    builds (:func:`load_datamodule`), with a note saying why when ``numpy_only``."""
     if numpy_only:
         args, notes = compose_data_args(cli_args, default_config)
         init, why = plain_section(args)
