@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -207,28 +208,93 @@ def write_catalog(
     thumbnails under ``out`` (see the module docstring). Returns a summary: rows, sources, columns, the mean
     position, the sampled positions' unit vectors (``sample``) and ``notes`` (data columns renamed or left
     out)."""
+    batches, total, count = _batches(datamodule)
+    names = _CatalogNames()
+    files = FileColumns(datamodule, set(getattr(datamodule, "column_names", None) or []))
+
+    def encoded() -> Iterator[tuple[pa.Table, np.ndarray, Any]]:
+        start = 0
+        for batch in batches:
+            table, location, x = _encode_batch(model, batch, start, order, names, files)
+            start += table.num_rows
+            yield table, location, x
+
+    sample = _Sample(total, max_sources, thumbnails, seed)
+    return _write_rows(encoded(), count, sample, _Drawing(model, renderer, out, order, seed, progress),
+                       lambda: names.notes() + files.notes())  # fmt: skip
+
+
+def write_embedding_catalog(
+    shards: list[Path],
+    rows: int,
+    out: Path,
+    order: int,
+    max_sources: int = 20000,
+    seed: int = 0,
+    progress: bool = True,
+    row_column: str = "row",
+) -> dict[str, Any]:
+    """:func:`write_catalog` of rows embedded already: ``spherinator-submit predict``'s shards (``row_column``,
+    ``location``, ``scale`` for a VAE, the data's per-row columns), in order of their row ids ``0 .. rows - 1``
+    (:func:`~spherinator.atlas.source.open_embeddings` checks the shards against their manifest). No thumbnails:
+    the inputs are not read."""
+    names = _CatalogNames()
+    own = (row_column, "location", "scale")
+
+    def embedded() -> Iterator[tuple[pa.Table, np.ndarray, Any]]:
+        start = 0
+        for shard in shards:
+            for batch in pq.ParquetFile(shard).iter_batches():
+                data = {n: batch.column(n) for n in batch.schema.names if n not in own}
+                location = batch.column("location").flatten().to_numpy(zero_copy_only=False).reshape(-1, 3)
+                scale = batch.column("scale") if "scale" in batch.schema.names else None
+                table, unit = _catalog_table(start, data, location, scale, order, names)
+                start += batch.num_rows
+                yield table, unit, None
+
+    sample = _Sample(rows, max_sources, 0, seed)
+    count = sum(pq.ParquetFile(shard).metadata.num_row_groups for shard in shards)
+    return _write_rows(embedded(), count, sample, _Drawing(None, None, out, order, seed, progress), names.notes)
+
+
+@dataclass
+class _Drawing:
+    """Where and how :func:`_write_rows` writes: the model and renderer of the thumbnails (None: no thumbnails),
+    the atlas staging directory, the HEALPix order, the seed and whether to show progress."""
+
+    model: SphereModel | None
+    renderer: TileRenderer | None
+    out: Path
+    order: int
+    seed: int
+    progress: bool
+
+
+def _write_rows(tables: Iterator[tuple[pa.Table, np.ndarray, Any]], count: int | None, sample: _Sample,
+                drawing: _Drawing, said: Any) -> dict[str, Any]:  # fmt: skip
+    """Write ``catalog.parquet`` of ``tables`` (each: catalog rows in row order, their unit vectors, their inputs or
+    None), the thumbnails of the sample's rows, ``catalog.vot`` and the progressive catalog; ``said()``: the notes
+    about the data columns, known once every row was read."""
     from tqdm import tqdm
 
-    batches, total, count = _batches(datamodule)
-    sample = _Sample(total, max_sources, thumbnails, seed)
+    out, thumbnails = drawing.out, sample.thumbnails
     if thumbnails:
         (out / "thumbs" / "input").mkdir(parents=True, exist_ok=True)
         (out / "thumbs" / "decoded").mkdir(parents=True, exist_ok=True)
-    names = _CatalogNames()
-    files = FileColumns(datamodule, set(getattr(datamodule, "column_names", None) or []))
     writer: pq.ParquetWriter | None = None
     kept: list[pa.Table] = []
     start, mean, undirected = 0, np.zeros(3), 0
     try:
-        for batch in tqdm(batches, total=count, desc="catalog", unit="batch", file=sys.stderr, disable=not progress):
-            table, location, x = _encode_batch(model, batch, start, order, names, files)
+        for table, location, x in tqdm(tables, total=count, desc="catalog", unit="batch", file=sys.stderr,
+                                       disable=not drawing.progress):  # fmt: skip
             n = table.num_rows
             mean += np.nansum(location, axis=0)
             undirected += int(np.isnan(location[:, 0]).sum())
             rows = sample.rows(start, n)
             thumbs = [int(r) for r in rows if sample.has_thumbnail(start + int(r))]
             if thumbs:
-                _write_thumbnails(model, renderer, out, x[thumbs], location[thumbs], [start + r for r in thumbs])
+                _write_thumbnails(drawing.model, drawing.renderer, out, x[thumbs], location[thumbs],
+                                  [start + r for r in thumbs])  # fmt: skip
             if writer is None:
                 writer = pq.ParquetWriter(out / "catalog.parquet", table.schema)
             writer.write_table(table)
@@ -241,14 +307,15 @@ def write_catalog(
             writer.close()
     if start == 0:
         raise AtlasError("the data hold no rows; the catalog needs at least one")
-    notes = names.notes() + files.notes()
+    notes = said()
     if undirected:
         notes.append(f"{undirected} of {start} rows have a zero or non-finite latent vector, so no place on the "
                      "sphere: their ra, dec, x, y, z are NaN and healpix is -1")  # fmt: skip
-    summary = _finish_catalog(pa.concat_tables(kept), out, order, start, mean, sample.thumbnail_count(start), notes)
+    summary = _finish_catalog(pa.concat_tables(kept), out, drawing.order, start, mean,
+                              sample.thumbnail_count(start), notes)  # fmt: skip
     thumbed = [int(p.stem) for p in (out / "thumbs" / "input").glob("*.png")] if thumbnails else []
     progressive = write_progressive_catalog(out / "catalog.parquet", out / CATALOG_DIR, thumbnails=thumbed,
-                                            healpix_order=order, seed=seed)  # fmt: skip
+                                            healpix_order=drawing.order, seed=drawing.seed)  # fmt: skip
     progressive.pop("notes")  # rows without a place are said above; catalog.parquet has a row column
     summary["progressive"] = {"path": CATALOG_DIR, **progressive}
     return summary
@@ -313,12 +380,6 @@ def _encode_batch(model: SphereModel, batch: Any, start: int, order: int, names:
                          f"shape {tuple(x.shape[1:])}: give the data the model was trained on (-c / --data.*), or "
                          "resize them with a transform in data.init_args.columns")  # fmt: skip
     out = model.encode(batch)
-    location = np.asarray(out["location"], dtype=np.float64)
-    norm = np.linalg.norm(location, axis=1, keepdims=True)
-    # A zero or non-finite latent has no direction: NaN, not the point (ra, dec) = (0, 0), and healpix -1.
-    unit = np.divide(location, norm, out=np.full_like(location, np.nan), where=(norm > 0) & np.isfinite(norm))
-    ra, dec = unit_to_radec(unit)
-    dec[np.isnan(unit[:, 0])] = np.nan
     data: dict[str, Any] = {}
     if isinstance(batch, dict):
         for name, value in list(batch.items())[1:]:
@@ -326,6 +387,21 @@ def _encode_batch(model: SphereModel, batch: Any, start: int, order: int, names:
             if values is not None:
                 data[name] = pa.array(values.tolist() if values.dtype == object else values)
     data.update(files.take(n))
+    table, unit = _catalog_table(start, data, out["location"], out.get("scale"), order, names)
+    return table, unit, x
+
+
+def _catalog_table(start: int, data: dict[str, Any], location: Any, scale: Any, order: int,
+                   names: _CatalogNames) -> tuple[pa.Table, np.ndarray]:  # fmt: skip
+    """The catalog rows ``start, start + 1, ...`` of the data columns ``data`` placed at ``location`` (B, 3), with
+    the concentration ``scale`` (B,) if given; also their unit vectors (B, 3) float32."""
+    location = np.asarray(location, dtype=np.float64)
+    n = len(location)
+    norm = np.linalg.norm(location, axis=1, keepdims=True)
+    # A zero or non-finite latent has no direction: NaN, not the point (ra, dec) = (0, 0), and healpix -1.
+    unit = np.divide(location, norm, out=np.full_like(location, np.nan), where=(norm > 0) & np.isfinite(norm))
+    ra, dec = unit_to_radec(unit)
+    dec[np.isnan(unit[:, 0])] = np.nan
     columns: dict[str, Any] = {"row": pa.array(np.arange(start, start + n, dtype=np.int64))}
     columns.update({new: data[name] for name, new in names.map(list(data)).items() if name in data})
     columns["ra"] = pa.array(ra)
@@ -333,9 +409,9 @@ def _encode_batch(model: SphereModel, batch: Any, start: int, order: int, names:
     columns["healpix"] = pa.array(healpix_index(ra, dec, order).astype(np.int64))
     for i, axis in enumerate("xyz"):
         columns[axis] = pa.array(unit[:, i].astype(np.float32))
-    if "scale" in out:
-        columns["concentration"] = pa.array(np.asarray(out["scale"], dtype=np.float32).reshape(-1))
-    return pa.table(columns), unit.astype(np.float32), x
+    if scale is not None:
+        columns["concentration"] = pa.array(np.asarray(scale, dtype=np.float32).reshape(-1))
+    return pa.table(columns), unit.astype(np.float32)
 
 
 def _write_thumbnails(model: SphereModel, renderer: TileRenderer, out: Path, x: Any, location: np.ndarray,

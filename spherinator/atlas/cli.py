@@ -89,6 +89,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="processes drawing tiles, each with its own decoder on one thread (default: the cores this process "
         "may use, as Slurm or taskset give them; one per 1,000 tiles at most)",
     )
+    parser.add_argument(
+        "--embeddings",
+        type=Path,
+        default=None,
+        help="the catalog's rows from 'spherinator-submit predict' (its run directory, or the embeddings/ "
+        "holding _manifest.json), instead of encoding the data: no -c or --data.*, no thumbnails",
+    )
     parser.add_argument("--device", default=None, help="torch device for a checkpoint (default: cuda if available)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the VOTable's row sample")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing atlas directory")
@@ -176,4 +183,5 @@ def main(argv: list[str] | None = None) -> None:
             seed=args.seed,
             trust=args.trust,
             workers=args.workers,
+            embeddings=args.embeddings,
         )

@@ -14,6 +14,7 @@ says why in one line (:func:`open_data`).
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -266,3 +267,62 @@ def open_data(cli_args: list[str], default_config: Path | None, numpy_only: bool
         datamodule, notes = load_datamodule(cli_args, default_config)
         return datamodule, [*notes, f"the data are read with torch: {why}"]
     return load_datamodule(cli_args, default_config)
+
+
+@dataclass(frozen=True)
+class Embeddings:
+    """``spherinator-submit predict``'s embedding shards, checked against their manifest (:func:`open_embeddings`).
+
+    Attributes:
+        directory: The shards' directory (``<run>/embeddings``).
+        shards: Their files, in order of row ids.
+        rows: Rows over all shards (row ids ``0 .. rows - 1``).
+        row_column: The shards' row id column.
+    """
+
+    directory: Path
+    shards: list[Path]
+    rows: int
+    row_column: str
+
+
+def open_embeddings(path: str | Path) -> Embeddings:
+    """The embedding shards of a ``spherinator-submit predict`` run directory (or of its ``embeddings/``), every
+    shard written and holding the rows its manifest (``_manifest.json``) says; read from the footers only.
+
+    Raises:
+        AtlasError: no such directory, no manifest, a shard missing or not of the rows or columns the manifest says.
+    """
+    import pyarrow.parquet as pq
+
+    from spherinator.submit.predict import EMBEDDINGS_DIR
+    from spherinator.submit.records import EMBEDDING_SET_NAME, read_embedding_set
+    from spherinator.submit.sweep import SubmitError
+
+    given = Path(path)
+    if not given.is_dir():
+        raise AtlasError(f"--embeddings {given}: no such directory; give the run directory of spherinator-submit "
+                         "predict (or its embeddings/)")  # fmt: skip
+    directory = given / EMBEDDINGS_DIR if (given / EMBEDDINGS_DIR / EMBEDDING_SET_NAME).is_file() else given
+    if not (directory / EMBEDDING_SET_NAME).is_file():
+        raise AtlasError(f"--embeddings {given} holds no {EMBEDDINGS_DIR}/{EMBEDDING_SET_NAME}; give the run "
+                         "directory of spherinator-submit predict (its embeddings/ holds the manifest)")  # fmt: skip
+    try:
+        manifest = read_embedding_set(directory)
+    except SubmitError as err:
+        raise AtlasError(f"--embeddings {given}: {err}") from err
+    missing = [shard.file for shard in manifest.shards if not (directory / shard.file).is_file()]
+    if missing:
+        raise AtlasError(f"--embeddings {given}: {len(missing)} of {len(manifest.shards)} shards are not written yet "
+                         f"(first: {missing[0]}); wait for the tasks, or resubmit them with spherinator-submit "
+                         "--resume")  # fmt: skip
+    for shard in manifest.shards:
+        meta = pq.ParquetFile(directory / shard.file).metadata
+        names = set(meta.schema.to_arrow_schema().names)
+        if meta.num_rows != shard.rows or not {"location", manifest.row_column} <= names:
+            found = f"{meta.num_rows} rows" if meta.num_rows != shard.rows else f"no location or {manifest.row_column}"
+            raise AtlasError(f"--embeddings {given}: {shard.file} holds {found}, but {EMBEDDING_SET_NAME} says "
+                             f"{shard.rows} rows of location and {manifest.row_column}; remove the shard and "
+                             "spherinator-submit --resume the run to write it again")  # fmt: skip
+    shards = [directory / shard.file for shard in manifest.shards]
+    return Embeddings(directory, shards, sum(shard.rows for shard in manifest.shards), manifest.row_column)
