@@ -1091,3 +1091,54 @@ def test_only_a_plain_datamodule_section_is_read_without_torch(blobs):
     assert "the data set return_strings" in section({**plain, "return_strings": True})[1]
     assert "no local file" in section({**plain, "path": "owner/dataset"})[1]
     assert "batch_size 0" in section({**plain, "batch_size": 0})[1]
+
+
+def test_the_atlas_takes_its_catalog_from_predict_shards(run_dir, blobs, tmp_path, capsys):
+    from spherinator.data import DataModule
+    from spherinator.submit import predict
+    from spherinator.submit.records import write_embedding_set
+
+    data = tmp_path / "data.yaml"
+    data.write_text(yaml.safe_dump({"data": {"class_path": "spherinator.data.DataModule",
+                                             "init_args": {"path": str(blobs), "columns": ["data", "id"],
+                                                           "return_dict": True, "batch_size": 16}}}))  # fmt: skip
+    sweep = tmp_path / "embed"
+    embeddings = sweep / "embeddings"
+    embeddings.mkdir(parents=True)
+    write_embedding_set(
+        embeddings, predict.plan_embedding_set(DataModule(blobs, columns=["data", "id"], batch_size=16), 2)
+    )
+    (checkpoint,) = run_dir.glob("checkpoints/*.ckpt")
+    for k in range(2):
+        predict.write_shard(embeddings, k, ["-c", TINY, "-c", str(data)], str(checkpoint),
+                            str(run_dir / "onnx"))  # fmt: skip
+    onnx = str(run_dir / "onnx")
+    common = ["--max-order", "1", "--thumbnails", "0", "--workers", "1"]
+    main(["atlas", onnx, "--embeddings", str(sweep), "-o", str(tmp_path / "embedded"), *common])
+    main(["atlas", onnx, "-c", str(data), "-o", str(tmp_path / "encoded"), *common])
+    embedded, encoded = (pq.read_table(tmp_path / name / "catalog.parquet") for name in ("embedded", "encoded"))
+    assert embedded.column_names == ["row", "id", "ra", "dec", "healpix", "x", "y", "z"]  # the shards' columns
+    assert encoded.column_names == ["row", "id", "name", "label", "cx", "ra", "dec", "healpix", "x", "y", "z"]
+    assert embedded["row"].to_pylist() == list(range(80)) and embedded["id"] == encoded["id"]
+    assert embedded["healpix"] == encoded["healpix"]
+    np.testing.assert_allclose(embedded["dec"].to_numpy(), encoded["dec"].to_numpy(), atol=1e-4)
+    info = json.loads((tmp_path / "embedded" / "atlas.json").read_text())
+    assert info["catalog"]["rows"] == 80 and info["catalog"]["progressive"]["rows"] == 80
+
+    # the flag is checked before any work, one line each
+    (tmp_path / "no-manifest").mkdir()
+    short = tmp_path / "short"
+    shutil.copytree(embeddings, short)
+    pq.write_table(pq.read_table(short / "shard-00001.parquet").slice(1), short / "shard-00001.parquet")
+    partial = tmp_path / "partial"
+    shutil.copytree(embeddings, partial)
+    (partial / "shard-00000.parquet").unlink()
+    out = ["-o", str(tmp_path / "never"), *common]
+    assert "no such directory" in atlas_error(capsys, onnx, "--embeddings", str(tmp_path / "nowhere"), *out)
+    assert "holds no embeddings/_manifest.json" in atlas_error(capsys, onnx, "--embeddings",
+                                                               str(tmp_path / "no-manifest"), *out)  # fmt: skip
+    assert re.search(r"shard-00001.parquet holds \d+ rows, but _manifest.json says \d+ rows",
+                     atlas_error(capsys, onnx, "--embeddings", str(short), *out))  # fmt: skip
+    assert "1 of 2 shards are not written yet" in atlas_error(capsys, onnx, "--embeddings", str(partial), *out)
+    assert "leave out -c" in atlas_error(capsys, onnx, "--embeddings", str(sweep), "-c", str(data), *out)
+    assert not (tmp_path / "never").exists()
