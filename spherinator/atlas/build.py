@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,7 @@ from spherinator.atlas.hips import ALLSKY_ORDER, write_hips
 from spherinator.atlas.model import SphereModel, open_model
 from spherinator.atlas.options import AtlasOptions, check_data_path, check_out, resolve_run_data
 from spherinator.atlas.page import ATLAS_JSON, find_aladin_lite, place_aladin_lite, write_index
-from spherinator.atlas.render import TileRenderer, value_range
+from spherinator.atlas.render import UNIT_RANGE, TileRenderer, value_range
 from spherinator.atlas.sky import cell_centres, cells, unit_to_radec
 from spherinator.atlas.source import Embeddings, open_data, open_embeddings
 from spherinator.runs import EXPORT_REPORT, run_dir_of
@@ -134,10 +135,8 @@ def build_atlas(
         say(f"atlas: {note}")
     say(f"atlas: encoder {model.encoder_source}; decoder {model.decoder_source}")
 
-    # One value range for the whole atlas, from the decoder's outputs at the 768 cell centres of order 3.
-    probe = model.decode(cell_centres(ALLSKY_ORDER, np.arange(cells(ALLSKY_ORDER))).astype(np.float32))
     renderer = TileRenderer(model.input_shape, width=options.tile_width, fit=options.tile_fit)
-    renderer.low, renderer.high = value_range(probe, renderer.kind)
+    renderer.low, renderer.high = _value_range(model, renderer.kind, options.batch_size)
     with staged_dir(out, AtlasError, "atlas") as staging:
         info = _write_contents(model, source, renderer, staging, options, say, added, notes)
         info["aladin_lite"] = place_aladin_lite(aladin_source, staging)
@@ -160,6 +159,27 @@ def _open_data(model: SphereModel, out: Path, data_args: list[str]) -> tuple[Any
         notes.append(f"{type(datamodule).__name__} is not spherinator.data.DataModule: the catalog has the columns "
                      "its batches carry")  # fmt: skip
     return datamodule, added, notes
+
+
+def _value_range(model: SphereModel, kind: str, batch_size: int) -> tuple[float, float]:
+    """One value range for the whole atlas (:func:`~spherinator.atlas.render.value_range`), from the decoder's
+    outputs at the 768 cell centres of order 3, decoded in batches as the tiles are (one batch of 768 made
+    onnxruntime take 0.5 GB for its activations). Images within [0, 1] (the usual decoder) are told from each batch's
+    extremes; only other outputs are held all at once (150 MB for 3x128x128), for their percentiles."""
+    centres = cell_centres(ALLSKY_ORDER, np.arange(cells(ALLSKY_ORDER))).astype(np.float32)
+
+    def decoded() -> Iterator[np.ndarray]:
+        return (model.decode(centres[i : i + batch_size]) for i in range(0, len(centres), batch_size))
+
+    if kind == "image":
+        low, high = np.inf, -np.inf  # of the finite values; none finite: [0, 1] as value_range says
+        for out in decoded():
+            finite = out[np.isfinite(out)]
+            if finite.size:
+                low, high = min(low, float(finite.min())), max(high, float(finite.max()))
+        if low >= UNIT_RANGE[0] and high <= UNIT_RANGE[1] or low > high:
+            return 0.0, 1.0
+    return value_range(np.concatenate(list(decoded())), kind)
 
 
 def _gives_data_path(data_args: list[str]) -> bool:

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import ctypes
+import os
 import sys
 from pathlib import Path
 
 from spherinator.atlas import MAX_ORDER
 from spherinator.atlas.page import ALADIN_LITE_CDN, ALADIN_LITE_ENV
+
+MMAP_THRESHOLD = 1 << 20  # bytes: buffers this large come from mmap and go back to the system when freed
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
 
 USAGE = """spherinator atlas RUN [-c CONFIG ...] [--data.* VALUE ...] [options]
        spherinator atlas serve DIR [--port PORT]
@@ -125,6 +130,20 @@ def split_data_args(argv: list[str]) -> tuple[list[str], list[str]]:
     return data, rest
 
 
+def return_freed_memory() -> None:
+    """Make buffers of a MiB or more (a batch's activations in onnxruntime, decoded samples, tiles) come from mmap,
+    returned to the system when freed, in this process and the tile workers it spawns. glibc's malloc raises its
+    mmap threshold to up to 32 MiB after the first such buffer is freed and then keeps those in heaps it does not
+    give back: measured, the atlas of an ONNX export at order 3 peaked at 631 MiB with and 410 MiB without that. A
+    no-op off glibc."""
+    os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", str(MMAP_THRESHOLD))  # read by a spawned worker at its start
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of ``spherinator atlas``; bad input ends in one line naming the value (exit status 2). The
     arguments are parsed before anything heavy is imported: ``--help`` answers at once."""
@@ -165,6 +184,7 @@ def main(argv: list[str] | None = None) -> None:
     from spherinator.errors import one_line_errors
     from spherinator.staging import exit_on_sigterm
 
+    return_freed_memory()
     with exit_on_sigterm(), one_line_errors("spherinator atlas", ["predict", *data_args]):
         write_atlas(
             args.run,

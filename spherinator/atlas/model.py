@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from spherinator.atlas import AtlasError, NotASphereError
+from spherinator.atlas.decoders import session_options
 from spherinator.runs import open_run
 
 
@@ -186,7 +187,7 @@ def _open_onnx(model: SphereModel, onnx_dir: Path, encoder: bool) -> None:
         if not file.is_file():
             raise AtlasError(f"'{onnx_dir}' has no {name}.onnx; export the model with 'spherinator export'")
         try:
-            return ort.InferenceSession(str(file), providers=["CPUExecutionProvider"])
+            return ort.InferenceSession(str(file), session_options(), providers=["CPUExecutionProvider"])
         except Exception as err:
             raise AtlasError(f"onnxruntime cannot load '{file}': {err}") from err
 
