@@ -144,39 +144,49 @@ def return_freed_memory() -> None:
     libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
 
 
+def _serve(argv: list[str]) -> None:
+    """``spherinator atlas serve DIR``."""
+    parser = argparse.ArgumentParser(prog="spherinator atlas serve",
+                                     description="Serve an atlas (or a sweep's atlas.html) on 127.0.0.1 and "
+                                     "print the SSH port-forward line to view it from a laptop.")  # fmt: skip
+    parser.add_argument("dir", metavar="DIR", type=Path, help="atlas directory, or a sweep directory")
+    parser.add_argument("--port", type=int, default=8000, help="port (default: %(default)s; 0: a free one)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s)")
+    args = parser.parse_args(argv)
+    from spherinator.atlas.serve import serve
+    from spherinator.errors import one_line_errors
+
+    with one_line_errors("spherinator atlas serve", []):
+        serve(args.dir, args.port, args.host)
+
+
+def _sweep(argv: list[str]) -> None:
+    """``spherinator atlas sweep DIR``."""
+    parser = argparse.ArgumentParser(prog="spherinator atlas sweep",
+                                     description="Write DIR/atlas.html: the spheres of every atlas under DIR "
+                                     "(DIR/*/atlas) side by side.")  # fmt: skip
+    parser.add_argument("dir", metavar="DIR", type=Path, help="a sweep directory (spherinator-submit --name)")
+    parser.add_argument("--aladin-lite", "--aladin_lite", default=None, help="as for spherinator atlas")
+    args = parser.parse_args(argv)
+    from spherinator.atlas.page import write_sweep_page
+    from spherinator.errors import one_line_errors
+
+    with one_line_errors("spherinator atlas sweep", []):
+        path = write_sweep_page(
+            args.dir, args.aladin_lite, log=lambda line: print(f"spherinator atlas sweep: {line}", file=sys.stderr)
+        )
+    print(f"wrote {path} (view it: spherinator atlas serve {args.dir})")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of ``spherinator atlas``; bad input ends in one line naming the value (exit status 2). The
     arguments are parsed before anything heavy is imported: ``--help`` answers at once."""
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["serve"]:
-        parser = argparse.ArgumentParser(prog="spherinator atlas serve",
-                                         description="Serve an atlas (or a sweep's atlas.html) on 127.0.0.1 and "
-                                         "print the SSH port-forward line to view it from a laptop.")  # fmt: skip
-        parser.add_argument("dir", metavar="DIR", type=Path, help="atlas directory, or a sweep directory")
-        parser.add_argument("--port", type=int, default=8000, help="port (default: %(default)s; 0: a free one)")
-        parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s)")
-        args = parser.parse_args(argv[1:])
-        from spherinator.atlas.serve import serve
-        from spherinator.errors import one_line_errors
-
-        with one_line_errors("spherinator atlas serve", []):
-            serve(args.dir, args.port, args.host)
+        _serve(argv[1:])
         return
     if argv[:1] == ["sweep"]:
-        parser = argparse.ArgumentParser(prog="spherinator atlas sweep",
-                                         description="Write DIR/atlas.html: the spheres of every atlas under DIR "
-                                         "(DIR/*/atlas) side by side.")  # fmt: skip
-        parser.add_argument("dir", metavar="DIR", type=Path, help="a sweep directory (spherinator-submit --name)")
-        parser.add_argument("--aladin-lite", "--aladin_lite", default=None, help="as for spherinator atlas")
-        args = parser.parse_args(argv[1:])
-        from spherinator.atlas.page import write_sweep_page
-        from spherinator.errors import one_line_errors
-
-        with one_line_errors("spherinator atlas sweep", []):
-            path = write_sweep_page(
-                args.dir, args.aladin_lite, log=lambda line: print(f"spherinator atlas sweep: {line}", file=sys.stderr)
-            )
-        print(f"wrote {path} (view it: spherinator atlas serve {args.dir})")
+        _sweep(argv[1:])
         return
     data_args, rest = split_data_args(argv)
     args = build_parser().parse_args(rest)
