@@ -554,17 +554,11 @@ def hipster_executable() -> Path:
 def test_hipster_reads_our_onnx_export(run_dir, tmp_path):
     import subprocess
 
+    from spherinator.atlas.hipster import hipster_config
+
     hipster = hipster_executable()
     onnx = run_dir / "onnx"
-    config = {
-        "root_path": str(tmp_path / "hipster"),
-        "html": {"url": "http://localhost:8083", "title": "spherinator export"},
-        "tasks": [{"class_path": "hipster.HiPSGenerator", "init_args": {
-            "decoder": {"class_path": "hipster.Inference",
-                        "init_args": {"model_path": str(onnx / "decoder.onnx"), "input_name": "z"}},
-            "image_maker": {"class_path": "hipster.ImagePlotter"}, "max_order": 1, "hips_path": "hips",
-            "hips_name": "tiny"}}],
-    }  # fmt: skip
+    config = hipster_config(onnx / "decoder.onnx", tmp_path / "hipster", max_order=1, name="tiny")
     (tmp_path / "hipster.yaml").write_text(yaml.safe_dump(config))
     done = subprocess.run([str(hipster), "--config", str(tmp_path / "hipster.yaml")], capture_output=True, text=True,
                           timeout=600)  # fmt: skip
