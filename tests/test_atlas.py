@@ -1136,3 +1136,10 @@ def test_the_atlas_takes_its_catalog_from_predict_shards(run_dir, blobs, tmp_pat
     assert "1 of 2 shards are not written yet" in atlas_error(capsys, onnx, "--embeddings", str(partial), *out)
     assert "leave out -c" in atlas_error(capsys, onnx, "--embeddings", str(sweep), "-c", str(data), *out)
     assert not (tmp_path / "never").exists()
+
+
+def test_the_run_machinery_names_the_export_report_as_the_export_writes_it():
+    from spherinator.export import REPORT_NAME
+    from spherinator.runs import EXPORT_REPORT
+
+    assert EXPORT_REPORT == REPORT_NAME  # runs.py names it too, so that reading a run imports no torch
