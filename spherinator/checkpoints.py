@@ -12,6 +12,7 @@ picks the newest checkpoint beside it that loads, and says so.
 
 from __future__ import annotations
 
+import functools
 import os
 import pickle
 import re
@@ -20,11 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 import yaml
-from lightning.fabric.utilities.cloud_io import get_filesystem
-from lightning.pytorch.plugins.io import TorchCheckpointIO
-from lightning.pytorch.utilities import rank_zero_warn
 
 from spherinator.errors import (  # noqa: F401 (CheckpointError, DamagedCheckpointError: re-exported)
     CheckpointError,
@@ -44,6 +41,8 @@ def _short(err: BaseException) -> str:
 
 
 def _load_quietly(path: Path, mmap: bool) -> Any:
+    import torch  # here, not at the top: the path facts (run_dir_of) serve an ONNX atlas that imports no torch
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch's FutureWarnings about weights_only are not the user's concern here
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
@@ -136,6 +135,8 @@ def read_info(path: str | Path) -> CheckpointInfo:
         CheckpointError: no dict with a ``state_dict`` (a file without the Lightning version passes, as
             ``resumable=False``: it can be exported or drawn, not resumed).
     """
+    import torch
+
     path = Path(path)
     try:
         content = _require_lightning(path, _read(path), version=False)
@@ -266,51 +267,69 @@ def resume_checkpoint(
     raise CheckpointError(f"{damaged}: it was cut short while being written, or is no checkpoint; {hint}") from damaged
 
 
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """Lightning's ``TorchCheckpointIO``, but a kill while saving leaves the previous checkpoint intact, and loading
-    a damaged checkpoint resumes from the newest intact one beside it (with a warning naming both).
+@functools.cache
+def _atomic_checkpoint_io() -> type:
+    """:class:`AtomicCheckpointIO`, made at its first use: its base class imports Lightning, which the path facts
+    of this module (:func:`run_dir_of`, ...) do not need."""
+    import torch
+    from lightning.pytorch.plugins.io import TorchCheckpointIO
+    from lightning.pytorch.utilities import rank_zero_warn
 
-    Local files are written to ``.<name>.partial`` in the target's directory, synced to disk and renamed over the
-    target (one rename in one filesystem is atomic). Remote paths (``s3://`` ...) are saved by Lightning's own code.
+    class AtomicCheckpointIO(TorchCheckpointIO):
+        """Lightning's ``TorchCheckpointIO``, but a kill while saving leaves the previous checkpoint intact, and loading
+        a damaged checkpoint resumes from the newest intact one beside it (with a warning naming both).
 
-    Args:
-        fallback: Load the newest intact checkpoint beside a damaged one instead of failing.
-    """
+        Local files are written to ``.<name>.partial`` in the target's directory, synced to disk and renamed over the
+        target (one rename in one filesystem is atomic). Remote paths (``s3://`` ...) are saved by Lightning's own code.
 
-    def __init__(self, fallback: bool = True) -> None:
-        self.fallback = fallback
+        Args:
+            fallback: Load the newest intact checkpoint beside a damaged one instead of failing.
+        """
 
-    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
-        if storage_options is not None or not _is_local(path):
-            super().save_checkpoint(checkpoint, path, storage_options=storage_options)
-            return
-        target = Path(path)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        partial = target.with_name(f".{target.name}.partial")  # one name per target: a killed save leaves one
-        try:
-            with open(partial, "wb") as f:
-                torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(partial, target)
-        except BaseException as err:
-            partial.unlink(missing_ok=True)
-            if (isinstance(err, RuntimeError) and _short_write(err)) or disk_error(err) is not None:
-                raise OutputError(
-                    f"cannot write the checkpoint {target} ({_short(err)}); the previous one is kept: free space, or "
-                    "log to a directory you can write"
-                ) from err
-            raise
-        _fsync_dir(target.parent)
+        def __init__(self, fallback: bool = True) -> None:
+            self.fallback = fallback
 
-    def load_checkpoint(self, path: Any, map_location: Any = lambda storage, loc: storage,
-                        weights_only: bool | None = None) -> dict[str, Any]:  # fmt: skip
-        if _is_local(path) and Path(path).is_file():
-            chosen, warning = resume_checkpoint(path, fallback=self.fallback)
-            if warning:
-                rank_zero_warn(warning)
-            path = str(chosen)
-        return super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
+        def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+            if storage_options is not None or not _is_local(path):
+                super().save_checkpoint(checkpoint, path, storage_options=storage_options)
+                return
+            target = Path(path)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            partial = target.with_name(f".{target.name}.partial")  # one name per target: a killed save leaves one
+            try:
+                with open(partial, "wb") as f:
+                    torch.save(checkpoint, f)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(partial, target)
+            except BaseException as err:
+                partial.unlink(missing_ok=True)
+                if (isinstance(err, RuntimeError) and _short_write(err)) or disk_error(err) is not None:
+                    raise OutputError(
+                        f"cannot write the checkpoint {target} ({_short(err)}); the previous one is kept: free space, "
+                        "or log to a directory you can write"
+                    ) from err
+                raise
+            _fsync_dir(target.parent)
+
+        def load_checkpoint(self, path: Any, map_location: Any = lambda storage, loc: storage,
+                            weights_only: bool | None = None) -> dict[str, Any]:  # fmt: skip
+            if _is_local(path) and Path(path).is_file():
+                chosen, warning = resume_checkpoint(path, fallback=self.fallback)
+                if warning:
+                    rank_zero_warn(warning)
+                path = str(chosen)
+            return super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
+
+    AtomicCheckpointIO.__module__ = __name__
+    AtomicCheckpointIO.__qualname__ = "AtomicCheckpointIO"  # pickled by name: found through __getattr__ below
+    return AtomicCheckpointIO
+
+
+def __getattr__(name: str) -> Any:
+    if name == "AtomicCheckpointIO":
+        return _atomic_checkpoint_io()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _short_write(err: RuntimeError) -> bool:
@@ -322,6 +341,7 @@ def _short_write(err: RuntimeError) -> bool:
 
 def _is_local(path: Any) -> bool:
     from fsspec.implementations.local import LocalFileSystem
+    from lightning.fabric.utilities.cloud_io import get_filesystem
 
     return isinstance(get_filesystem(str(path)), LocalFileSystem)
 
@@ -346,16 +366,17 @@ def install_atomic_checkpoint_io(trainer: Any) -> None:
     A checkpoint IO the user chose (a ``plugins:`` entry, ``AsyncCheckpointIO``), a strategy's own (XLA) and
     strategies that write checkpoints without it (DeepSpeed: the engine writes a directory) are left as they are.
     """
+    from lightning.pytorch.plugins.io import TorchCheckpointIO
     from lightning.pytorch.strategies import DeepSpeedStrategy
 
     strategy = trainer.strategy
     if isinstance(strategy, DeepSpeedStrategy):
         return
     if type(strategy.checkpoint_io) is TorchCheckpointIO:
-        strategy.checkpoint_io = AtomicCheckpointIO()
+        strategy.checkpoint_io = _atomic_checkpoint_io()()
 
 
-__all__ = [
+__all__ = [  # noqa: F822 (AtomicCheckpointIO is made at its first use: __getattr__)
     "AtomicCheckpointIO",
     "CheckpointError",
     "CheckpointInfo",

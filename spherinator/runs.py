@@ -28,9 +28,12 @@ from spherinator.checkpoints import (
     resume_checkpoint,
     run_dir_of,
 )
-from spherinator.shapes import ConfigError
+from spherinator.errors import ConfigError
 
 CONFIG_NAME = "config.yaml"
+# What spherinator export writes beside its graphs (spherinator.export.REPORT_NAME; named here too, so that reading
+# a run imports no torch: tests/test_atlas.py checks that both agree).
+EXPORT_REPORT = "export_report.json"
 # The checkpoints a requeued task resumes from: saved on Slurm's signal, or the last one of an epoch.
 RESUMABLE = ("requeue", "last")
 
@@ -79,7 +82,7 @@ def run_checkpoint(run_dir: str | Path, onnx_dir: Path | None = None) -> Path | 
     ``checkpoints/`` at the highest step."""
     if onnx_dir is not None:
         try:
-            exported = Path(json.loads((onnx_dir / "export_report.json").read_text())["checkpoint"])
+            exported = Path(json.loads((onnx_dir / EXPORT_REPORT).read_text())["checkpoint"])
         except (OSError, ValueError, KeyError, TypeError):
             exported = None
         if exported is not None and exported.is_file():
@@ -175,6 +178,7 @@ def _ask_for_columns(config: Any, columns: Sequence[str] | Callable[[Any], list[
 
 __all__ = [
     "CONFIG_NAME",
+    "EXPORT_REPORT",
     "CheckpointError",
     "Run",
     "build",

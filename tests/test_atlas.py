@@ -554,17 +554,11 @@ def hipster_executable() -> Path:
 def test_hipster_reads_our_onnx_export(run_dir, tmp_path):
     import subprocess
 
+    from spherinator.atlas.hipster import hipster_config
+
     hipster = hipster_executable()
     onnx = run_dir / "onnx"
-    config = {
-        "root_path": str(tmp_path / "hipster"),
-        "html": {"url": "http://localhost:8083", "title": "spherinator export"},
-        "tasks": [{"class_path": "hipster.HiPSGenerator", "init_args": {
-            "decoder": {"class_path": "hipster.Inference",
-                        "init_args": {"model_path": str(onnx / "decoder.onnx"), "input_name": "z"}},
-            "image_maker": {"class_path": "hipster.ImagePlotter"}, "max_order": 1, "hips_path": "hips",
-            "hips_name": "tiny"}}],
-    }  # fmt: skip
+    config = hipster_config(onnx / "decoder.onnx", tmp_path / "hipster", max_order=1, name="tiny")
     (tmp_path / "hipster.yaml").write_text(yaml.safe_dump(config))
     done = subprocess.run([str(hipster), "--config", str(tmp_path / "hipster.yaml")], capture_output=True, text=True,
                           timeout=600)  # fmt: skip
@@ -1025,3 +1019,127 @@ def test_make_demo_ends_on_the_atlas_and_the_line_that_opens_it():
     commands = [line.strip() for line in recipe.splitlines()[1:]]
     assert "spherinator fit" in commands[0] and "spherinator atlas $$run" in " ".join(commands)
     assert "spherinator atlas serve $$run/atlas" in commands[-1]
+
+
+# -- the atlas of an ONNX export without torch (issue 21) ------------------------------------------------------------
+
+
+def test_the_atlas_of_an_onnx_export_imports_neither_torch_nor_lightning(run_dir, blobs, tmp_path, monkeypatch):
+    import os
+    import subprocess
+    import sys
+
+    import pyarrow as pa
+
+    import spherinator.atlas.source as source
+
+    data = tmp_path / "data.yaml"
+    data.write_text(yaml.safe_dump({"data": {"class_path": "spherinator.data.DataModule",
+                                             "init_args": {"path": str(blobs), "columns": ["data", "id", "name"],
+                                                           "batch_size": 32, "num_workers": 2}}}))  # fmt: skip
+    args = [str(run_dir / "onnx"), "-c", str(data), "--data.init_args.batch_size", "16", "--max-order", "1",
+            "--thumbnails", "3", "--workers", "1"]  # fmt: skip
+    script = ("import json, sys\nfrom spherinator.commands import main\nmain(['atlas', *sys.argv[1:]])\n"
+              "print(json.dumps(sorted(m for m in ('torch', 'lightning') if m in sys.modules)))")  # fmt: skip
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run([sys.executable, "-c", script, *args, "-o", str(tmp_path / "numpy")], env=env, text=True,
+                          capture_output=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout.splitlines()[-1]) == [], done.stdout  # neither torch nor lightning was imported
+    assert "read with torch" not in done.stdout + done.stderr
+
+    # the same catalog as the DataModule's batches (torch) give to the same encoder.onnx
+    monkeypatch.setattr(source, "plain_section", lambda args: (None, "asked for by the test"))
+    lines: list[str] = []
+    write_atlas(args[0], args[1:5], out=tmp_path / "torch", max_order=1, thumbnails=3, progress=False,
+                log=lines.append, workers=1)  # fmt: skip
+    assert any("the data are read with torch: asked for by the test" in line for line in lines), lines
+    ours, theirs = (pq.read_table(tmp_path / name / "catalog.parquet") for name in ("numpy", "torch"))
+    assert ours.schema == theirs.schema and ours.num_rows == 80
+    for name in ours.column_names:
+        if pa.types.is_floating(ours.schema.field(name).type):
+            np.testing.assert_allclose(ours[name].to_numpy(), theirs[name].to_numpy(), atol=1e-6)
+        else:
+            assert ours[name].to_pylist() == theirs[name].to_pylist(), name
+    for picture in ("input/0.png", "decoded/0.png"):
+        assert (tmp_path / "numpy" / "thumbs" / picture).read_bytes() == (
+            tmp_path / "torch" / "thumbs" / picture
+        ).read_bytes()
+
+
+def test_only_a_plain_datamodule_section_is_read_without_torch(blobs):
+    from spherinator.atlas.source import plain_section
+
+    def section(init_args: dict, *overrides: str, class_path: str = "spherinator.data.DataModule"):
+        config = "--config=" + yaml.safe_dump({"data": {"class_path": class_path, "init_args": init_args}})
+        return plain_section([config, *overrides])
+
+    plain = {"path": str(blobs), "columns": ["data", {"name": "id"}], "batch_size": 8}
+    assert section(plain) == ({"path": blobs, "columns": ["data", "id"], "batch_size": 8}, "")
+    assert section(plain, "--data.init_args.batch_size", "4")[0]["batch_size"] == 4
+    assert section(plain, "--data.batch_size=2", "--data.shuffle", "false")[0]["batch_size"] == 2
+    resize = {"name": "data", "transform": {"class_path": "torchvision.transforms.v2.Resize"}}
+    assert section({**plain, "columns": [resize]}) == (None, "a column has a transform (a torch module)")
+    assert "not spherinator.data.DataModule" in section(plain, class_path="my.DataModule")[1]
+    assert "the data set return_strings" in section({**plain, "return_strings": True})[1]
+    assert "no local file" in section({**plain, "path": "owner/dataset"})[1]
+    assert "batch_size 0" in section({**plain, "batch_size": 0})[1]
+
+
+def test_the_atlas_takes_its_catalog_from_predict_shards(run_dir, blobs, tmp_path, capsys):
+    from spherinator.data import DataModule
+    from spherinator.submit import predict
+    from spherinator.submit.records import write_embedding_set
+
+    data = tmp_path / "data.yaml"
+    data.write_text(yaml.safe_dump({"data": {"class_path": "spherinator.data.DataModule",
+                                             "init_args": {"path": str(blobs), "columns": ["data", "id"],
+                                                           "return_dict": True, "batch_size": 16}}}))  # fmt: skip
+    sweep = tmp_path / "embed"
+    embeddings = sweep / "embeddings"
+    embeddings.mkdir(parents=True)
+    write_embedding_set(
+        embeddings, predict.plan_embedding_set(DataModule(blobs, columns=["data", "id"], batch_size=16), 2)
+    )
+    (checkpoint,) = run_dir.glob("checkpoints/*.ckpt")
+    for k in range(2):
+        predict.write_shard(embeddings, k, ["-c", TINY, "-c", str(data)], str(checkpoint),
+                            str(run_dir / "onnx"))  # fmt: skip
+    onnx = str(run_dir / "onnx")
+    common = ["--max-order", "1", "--thumbnails", "0", "--workers", "1"]
+    main(["atlas", onnx, "--embeddings", str(sweep), "-o", str(tmp_path / "embedded"), *common])
+    main(["atlas", onnx, "-c", str(data), "-o", str(tmp_path / "encoded"), *common])
+    embedded, encoded = (pq.read_table(tmp_path / name / "catalog.parquet") for name in ("embedded", "encoded"))
+    assert embedded.column_names == ["row", "id", "ra", "dec", "healpix", "x", "y", "z"]  # the shards' columns
+    assert encoded.column_names == ["row", "id", "name", "label", "cx", "ra", "dec", "healpix", "x", "y", "z"]
+    assert embedded["row"].to_pylist() == list(range(80)) and embedded["id"] == encoded["id"]
+    assert embedded["healpix"] == encoded["healpix"]
+    np.testing.assert_allclose(embedded["dec"].to_numpy(), encoded["dec"].to_numpy(), atol=1e-4)
+    info = json.loads((tmp_path / "embedded" / "atlas.json").read_text())
+    assert info["catalog"]["rows"] == 80 and info["catalog"]["progressive"]["rows"] == 80
+
+    # the flag is checked before any work, one line each
+    (tmp_path / "no-manifest").mkdir()
+    short = tmp_path / "short"
+    shutil.copytree(embeddings, short)
+    pq.write_table(pq.read_table(short / "shard-00001.parquet").slice(1), short / "shard-00001.parquet")
+    partial = tmp_path / "partial"
+    shutil.copytree(embeddings, partial)
+    (partial / "shard-00000.parquet").unlink()
+    out = ["-o", str(tmp_path / "never"), *common]
+    assert "no such directory" in atlas_error(capsys, onnx, "--embeddings", str(tmp_path / "nowhere"), *out)
+    assert "holds no embeddings/_manifest.json" in atlas_error(capsys, onnx, "--embeddings",
+                                                               str(tmp_path / "no-manifest"), *out)  # fmt: skip
+    assert re.search(r"shard-00001.parquet holds \d+ rows, but _manifest.json says \d+ rows",
+                     atlas_error(capsys, onnx, "--embeddings", str(short), *out))  # fmt: skip
+    assert "1 of 2 shards are not written yet" in atlas_error(capsys, onnx, "--embeddings", str(partial), *out)
+    assert "leave out -c" in atlas_error(capsys, onnx, "--embeddings", str(sweep), "-c", str(data), *out)
+    assert not (tmp_path / "never").exists()
+
+
+def test_the_run_machinery_names_the_export_report_as_the_export_writes_it():
+    from spherinator.export import REPORT_NAME
+    from spherinator.runs import EXPORT_REPORT
+
+    assert EXPORT_REPORT == REPORT_NAME  # runs.py names it too, so that reading a run imports no torch

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -26,15 +27,15 @@ from typing import Any
 import numpy as np
 
 from spherinator.atlas import AtlasError
-from spherinator.atlas.catalog import add_row_columns, load_datamodule, write_catalog
+from spherinator.atlas.catalog import add_row_columns, reads_files, write_catalog, write_embedding_catalog
 from spherinator.atlas.hips import ALLSKY_ORDER, write_hips
 from spherinator.atlas.model import SphereModel, open_model
 from spherinator.atlas.options import AtlasOptions, check_data_path, check_out, resolve_run_data
 from spherinator.atlas.page import ATLAS_JSON, find_aladin_lite, place_aladin_lite, write_index
-from spherinator.atlas.render import TileRenderer, value_range
+from spherinator.atlas.render import UNIT_RANGE, TileRenderer, value_range
 from spherinator.atlas.sky import cell_centres, cells, unit_to_radec
-from spherinator.export.onnx_export import REPORT_NAME
-from spherinator.runs import run_dir_of
+from spherinator.atlas.source import Embeddings, open_data, open_embeddings
+from spherinator.runs import EXPORT_REPORT, run_dir_of
 from spherinator.staging import replace_dir, staged_dir
 
 
@@ -64,6 +65,7 @@ def write_atlas(
     progress: bool = True,
     log: Any = print,
     workers: int | None = None,
+    embeddings: str | Path | None = None,
 ) -> dict[str, Any]:
     """Write the atlas of a run directory, a checkpoint or an ONNX export directory (see the module docstring).
 
@@ -73,10 +75,9 @@ def write_atlas(
             the data the catalog encodes. Empty: the run's ``config.yaml``.
         out: Atlas directory; default ``<run dir>/atlas``.
         max_order: Deepest HiPS order (12 * 4^k tiles at order k; order 6: 49,152).
-        tile_width: Tile width in pixels, a power of two up to 1024; None: from the data (images: their size
-            rounded up to a power of two in [64, 512]; spectra: 256).
-        tile_fit: ``fill`` (default for images): each decoded picture covers its cell, its corners cut off (centred
-            objects make a seamless sky); ``contain`` (default for spectra): the whole picture inside its cell.
+        tile_width: Tile width, a power of two up to 1024; None: images' size rounded up in [64, 512], spectra 256.
+        tile_fit: ``fill`` (images' default: each picture covers its cell, a seamless sky of centred objects) or
+            ``contain`` (spectra's default: the whole picture inside its cell).
         tile_format: ``jpeg`` or ``png``.
         max_sources: Rows in the VOTable (a seeded sample when the data have more); the Parquet file has all.
         thumbnails: Sampled rows that get pictures of their input and of its decoding.
@@ -90,6 +91,7 @@ def write_atlas(
         progress: Progress bars on stderr.
         log: Called with one line per step (None: quiet).
         workers: Processes drawing tiles (None: the cores this process may use; see :func:`write_hips`).
+        embeddings: ``spherinator-submit predict``'s run directory: the catalog's rows (no thumbnails), not the data.
 
     Returns:
         The contents of ``atlas.json``, plus ``path`` (the atlas directory).
@@ -101,7 +103,8 @@ def write_atlas(
     options = AtlasOptions(out=out, max_order=max_order, tile_width=tile_width, tile_fit=tile_fit,
                            tile_format=tile_format, max_sources=max_sources, thumbnails=thumbnails,
                            aladin_lite=aladin_lite, batch_size=batch_size, device=device, overwrite=overwrite,
-                           seed=seed, trust=trust, progress=progress, workers=workers)  # fmt: skip
+                           seed=seed, trust=trust, progress=progress, workers=workers,
+                           embeddings=embeddings)  # fmt: skip
     return build_atlas(path, options, data_args, log)
 
 
@@ -112,34 +115,71 @@ def build_atlas(
     say = log or (lambda line: None)
     out = Path(options.out) if options.out is not None else default_out(path)
     check_out(out, options.overwrite, [Path(path)])  # before anything is read: a bad -o answers at once
+    embeddings = None
+    if options.embeddings is not None:  # checked before any work: the shards against their manifest
+        if data_args:
+            raise AtlasError(f"--embeddings gives the catalog's rows, so {data_args[0]} is not read; leave out -c and "
+                             "--data.* (or --embeddings, to encode the data)")  # fmt: skip
+        embeddings = open_embeddings(options.embeddings)
+        check_out(out, options.overwrite, [embeddings.directory])
     aladin_source = find_aladin_lite(options.aladin_lite)
     model = open_model(path, device=options.device, trust=options.trust)
     check_out(out, options.overwrite, [p for p in (model.checkpoint, model.onnx_dir, model.config) if p])
     check_export_passed(model)
-    datamodule, notes = load_datamodule(list(data_args or []), model.config)
-    if model.config is not None and not _gives_data_path(data_args or []):
-        notes += [note for note in [resolve_run_data(datamodule, model.config.parent)] if note]
-    check_data_path(out, datamodule)
-    added = add_row_columns(datamodule)
-    if not added and type(datamodule).__name__ != "DataModule":
-        notes.append(f"{type(datamodule).__name__} is not spherinator.data.DataModule: the catalog has the columns "
-                     "its batches carry")  # fmt: skip
+    if embeddings is not None:
+        source, added, notes = embeddings, [], [f"catalog from the {embeddings.rows:,} rows embedded in "
+                                                f"{embeddings.directory}"]  # fmt: skip
+    else:
+        source, added, notes = _open_data(model, out, data_args or [])
     for note in notes:
         say(f"atlas: {note}")
     say(f"atlas: encoder {model.encoder_source}; decoder {model.decoder_source}")
 
-    # One value range for the whole atlas, from the decoder's outputs at the 768 cell centres of order 3.
-    probe = model.decode(cell_centres(ALLSKY_ORDER, np.arange(cells(ALLSKY_ORDER))).astype(np.float32))
     renderer = TileRenderer(model.input_shape, width=options.tile_width, fit=options.tile_fit)
-    renderer.low, renderer.high = value_range(probe, renderer.kind)
+    renderer.low, renderer.high = _value_range(model, renderer.kind, options.batch_size)
     with staged_dir(out, AtlasError, "atlas") as staging:
-        info = _write_contents(model, datamodule, renderer, staging, options, say, added, notes)
+        info = _write_contents(model, source, renderer, staging, options, say, added, notes)
         info["aladin_lite"] = place_aladin_lite(aladin_source, staging)
         write_index(staging, page_config(info), info["aladin_lite"])
         (staging / ATLAS_JSON).write_text(json.dumps(info, indent=2) + "\n")
         replace_dir(staging, out)
     say(f"atlas: wrote {out} (view it: spherinator atlas serve {out})")
     return {**info, "path": str(out)}
+
+
+def _open_data(model: SphereModel, out: Path, data_args: list[str]) -> tuple[Any, list[str], list[str]]:
+    """The data the catalog encodes, the data columns it carries beside the model input, and notes."""
+    # an encoder run by onnxruntime: a plain DataModule section is read in numpy, and the atlas imports no torch
+    datamodule, notes = open_data(data_args, model.config, numpy_only=model.torch_model is None)
+    if model.config is not None and not _gives_data_path(data_args):
+        notes += [note for note in [resolve_run_data(datamodule, model.config.parent)] if note]
+    check_data_path(out, datamodule)
+    added = add_row_columns(datamodule)
+    if not added and not reads_files(datamodule):
+        notes.append(f"{type(datamodule).__name__} is not spherinator.data.DataModule: the catalog has the columns "
+                     "its batches carry")  # fmt: skip
+    return datamodule, added, notes
+
+
+def _value_range(model: SphereModel, kind: str, batch_size: int) -> tuple[float, float]:
+    """One value range for the whole atlas (:func:`~spherinator.atlas.render.value_range`), from the decoder's
+    outputs at the 768 cell centres of order 3, decoded in batches as the tiles are (one batch of 768 made
+    onnxruntime take 0.5 GB for its activations). Images within [0, 1] (the usual decoder) are told from each batch's
+    extremes; only other outputs are held all at once (150 MB for 3x128x128), for their percentiles."""
+    centres = cell_centres(ALLSKY_ORDER, np.arange(cells(ALLSKY_ORDER))).astype(np.float32)
+
+    def decoded() -> Iterator[np.ndarray]:
+        return (model.decode(centres[i : i + batch_size]) for i in range(0, len(centres), batch_size))
+
+    if kind == "image":
+        low, high = np.inf, -np.inf  # of the finite values; none finite: [0, 1] as value_range says
+        for out in decoded():
+            finite = out[np.isfinite(out)]
+            if finite.size:
+                low, high = min(low, float(finite.min())), max(high, float(finite.max()))
+        if low >= UNIT_RANGE[0] and high <= UNIT_RANGE[1] or low > high:
+            return 0.0, 1.0
+    return value_range(np.concatenate(list(decoded())), kind)
 
 
 def _gives_data_path(data_args: list[str]) -> bool:
@@ -153,7 +193,7 @@ def check_export_passed(model: SphereModel) -> None:
     """Refuse an ONNX export whose own ``export_report.json`` says onnxruntime disagreed with torch."""
     if model.onnx_dir is None:
         return
-    report = model.onnx_dir / REPORT_NAME
+    report = model.onnx_dir / EXPORT_REPORT
     try:
         passed = json.loads(report.read_text()).get("passed")
     except (OSError, ValueError, AttributeError):
@@ -165,13 +205,18 @@ def check_export_passed(model: SphereModel) -> None:
         )
 
 
-def _write_contents(model: SphereModel, datamodule: Any, renderer: TileRenderer, staging: Path,
+def _write_contents(model: SphereModel, source: Any, renderer: TileRenderer, staging: Path,
                     options: AtlasOptions, say: Any, added: list[str], notes: list[str]) -> dict[str, Any]:  # fmt: skip
     """The catalog, the HiPS and its MOC under ``staging``; returns ``atlas.json``'s contents less the page's
-    (``added``: the data columns the catalog carries; ``notes``: what was said about the data)."""
+    (``source``: the data module to encode, or :class:`~spherinator.atlas.source.Embeddings`; ``added``: the data
+    columns the catalog carries; ``notes``: what was said about the data)."""
     started = time.perf_counter()
-    catalog = write_catalog(model, datamodule, staging, renderer, options.max_order, options.max_sources,
-                            options.thumbnails, options.seed, options.progress)  # fmt: skip
+    if isinstance(source, Embeddings):
+        catalog = write_embedding_catalog(source.shards, source.rows, staging, options.max_order, options.max_sources,
+                                          options.seed, options.progress, source.row_column)  # fmt: skip
+    else:
+        catalog = write_catalog(model, source, staging, renderer, options.max_order, options.max_sources,
+                                options.thumbnails, options.seed, options.progress)  # fmt: skip
     catalog_seconds = time.perf_counter() - started
     sample = catalog.pop("sample")
     initial = _initial_view(np.asarray(catalog["mean_vector"]))

@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import torch
-import yaml
 from PIL import Image
 
 from spherinator.atlas import AtlasError
@@ -29,84 +28,10 @@ from spherinator.atlas.model import SphereModel
 from spherinator.atlas.progressive import CATALOG_DIR, is_row_column, write_progressive_catalog, write_votable
 from spherinator.atlas.render import TileRenderer
 from spherinator.atlas.sky import healpix_index, unit_to_radec
-from spherinator.errors import ConfigError
+from spherinator.atlas.source import ParquetRows, load_datamodule  # noqa: F401 (load_datamodule: re-exported)
 
 # Columns the atlas computes; a data column of the same name is kept renamed (see _CatalogNames).
 COMPUTED = ("row", "ra", "dec", "healpix", "x", "y", "z", "concentration", "thumbnail")
-
-
-def load_datamodule(cli_args: list[str], default_config: Path | None = None) -> tuple[Any, list[str]]:
-    """The data module of the ``data:`` sections of ``-c`` files and ``--data.*`` overrides, composed as
-    ``spherinator fit`` composes them; without any ``-c``, ``default_config`` (the run's config.yaml).
-
-    Other sections and overrides (``model``, ``trainer``, ...) are left out: the model comes from the run. Returns
-    the data module and notes about what was left out.
-    """
-    from jsonargparse import Namespace
-    from lightning.pytorch import LightningDataModule
-    from lightning.pytorch.cli import LightningArgumentParser
-
-    args: list[str] = []
-    notes: list[str] = []
-    configs: list[str] = []
-    i = 0
-    given = [a for a in cli_args if a in ("-c", "--config") or a.startswith("--config=")]
-    if not given:
-        if default_config is None:
-            raise AtlasError("no data config: give the data as for fit, e.g. -c experiments/vae_cnn3.yaml -c "
-                             "experiments/demo.yaml (a run directory with its config.yaml needs none)")  # fmt: skip
-        cli_args = ["-c", str(default_config), *cli_args]
-        notes.append(f"data from {default_config}")
-    while i < len(cli_args):
-        arg = cli_args[i]
-        if arg in ("-c", "--config") or arg.startswith("--config="):
-            value = arg.split("=", 1)[1] if "=" in arg else (cli_args[i + 1] if i + 1 < len(cli_args) else None)
-            i += 1 if "=" in arg else 2
-            if value is None:
-                raise AtlasError(f"{arg} needs a config file")
-            section = _data_section(value)
-            if section is not None:
-                args.append("--config=" + yaml.safe_dump({"data": section}, sort_keys=False))
-                configs.append(value)
-            continue
-        key = arg.split("=", 1)[0]
-        takes_value = "=" not in arg and i + 1 < len(cli_args) and not cli_args[i + 1].startswith("--")
-        if key == "--data" or key.startswith("--data."):
-            args += cli_args[i : i + 1 + takes_value]
-        else:
-            notes.append(f"left out {' '.join(cli_args[i : i + 1 + takes_value])} (the atlas reads only data)")
-        i += 1 + takes_value
-    if not configs and not any(a.startswith("--data") for a in args):
-        raise AtlasError(f"none of {', '.join(given or [str(default_config)])} has a data: section; add the data "
-                         "config, e.g. -c experiments/demo.yaml")  # fmt: skip
-    parser = LightningArgumentParser(exit_on_error=False, prog="spherinator atlas")
-    parser.add_lightning_class_args(LightningDataModule, "data", subclass_mode=True, required=True)
-    parser.add_argument("--config", action="config")
-    config = parser.parse_args(args)
-    instantiate = getattr(parser, "instantiate", None) or parser.instantiate_classes
-    data = instantiate(config).data
-    if isinstance(data, Namespace):
-        raise AtlasError("the data: section names no class_path; use e.g. class_path: spherinator.data.DataModule")
-    return data, notes
-
-
-def _data_section(value: str) -> Any:
-    """The ``data:`` section of a ``-c`` value: a YAML file, or YAML text given inline."""
-    if Path(value).is_file():
-        text = Path(value).read_text()
-    elif "\n" in value or ":" in value:
-        text = value
-    else:
-        raise AtlasError(f"-c {value}: no such file; give the data config as for fit, e.g. -c experiments/demo.yaml")
-    from spherinator.config import load_yaml
-
-    try:  # as fit reads it: a key given twice or a number with a leading zero is refused
-        content = load_yaml(text, f"-c {value}")
-    except ConfigError as err:
-        raise AtlasError(str(err)) from err
-    if not isinstance(content, dict):
-        raise AtlasError(f"-c {value}: not a config file (a YAML mapping of sections such as data:)")
-    return content.get("data")
 
 
 def add_row_columns(datamodule: Any) -> list[str]:
@@ -118,16 +43,26 @@ def add_row_columns(datamodule: Any) -> list[str]:
     The columns the DataModule does not load already are read straight from the files (:class:`FileColumns`), not
     through the training reader: a catalog column keeps its stored type and its nulls, which the model never sees.
     """
-    from spherinator.data import Column, DataModule, find_parquet_files
-
-    if not isinstance(datamodule, DataModule):
+    if not reads_files(datamodule):
         return []
+    from spherinator.data.reader import find_parquet_files
+
     names = datamodule.column_names
     schema = pq.read_schema(find_parquet_files(datamodule.path)[0])
     if datamodule.columns is None:  # every tensor column: the model input is the one the catalog needs loaded
+        from spherinator.data import Column
+
         datamodule.columns = [Column(names[0])]
     datamodule.return_dict = True
     return [f.name for f in schema if f.name != names[0] and is_row_column(f.type)]
+
+
+def reads_files(datamodule: Any) -> bool:
+    """Whether ``datamodule`` reads spherinator's Parquet files (a ``spherinator.data.DataModule``, or the
+    :class:`~spherinator.atlas.source.ParquetRows` of an ONNX export's atlas): the catalog's per-row columns come
+    from its files. Told without importing Lightning: a DataModule exists only once its module is loaded."""
+    loaded = sys.modules.get("spherinator.data.datamodule")
+    return isinstance(datamodule, ParquetRows) or (loaded is not None and isinstance(datamodule, loaded.DataModule))
 
 
 def _batches(datamodule: Any) -> tuple[Iterator[Any], int | None, int | None]:
@@ -141,13 +76,13 @@ def _batches(datamodule: Any) -> tuple[Iterator[Any], int | None, int | None]:
 
 def _column_values(value: Any, n: int) -> np.ndarray | None:
     """A per-row column of a batch as a 1-D numpy array, or None when it is not one value per row."""
-    if isinstance(value, torch.Tensor):
-        value = value.detach().cpu()
-        value = value.numpy() if value.dim() == 1 else None
+    if isinstance(value, np.ndarray):
+        value = value if value.ndim == 1 else None
     elif isinstance(value, list | tuple):
         value = np.asarray(value, dtype=object) if all(v is None or isinstance(v, str) for v in value) else None
-    elif isinstance(value, np.ndarray):
-        value = value if value.ndim == 1 else None
+    elif hasattr(value, "detach"):  # a torch tensor (a DataModule's batch)
+        value = value.detach().cpu()
+        value = value.numpy() if value.dim() == 1 else None
     else:
         return None
     return value if value is not None and len(value) == n else None
@@ -160,12 +95,12 @@ class FileColumns:
     """
 
     def __init__(self, datamodule: Any, carried: set[str]) -> None:
-        from spherinator.data import DataModule, find_parquet_files
+        from spherinator.data.reader import find_parquet_files
 
         self.types: dict[str, pa.DataType] = {}
         self.left_out: list[str] = []
         self._files: list[Path] = []
-        if isinstance(datamodule, DataModule):
+        if reads_files(datamodule):
             self._files = find_parquet_files(datamodule.path)
             for f in pq.read_schema(self._files[0]):
                 if f.name in carried:
@@ -273,28 +208,93 @@ def write_catalog(
     thumbnails under ``out`` (see the module docstring). Returns a summary: rows, sources, columns, the mean
     position, the sampled positions' unit vectors (``sample``) and ``notes`` (data columns renamed or left
     out)."""
+    batches, total, count = _batches(datamodule)
+    names = _CatalogNames()
+    files = FileColumns(datamodule, set(getattr(datamodule, "column_names", None) or []))
+
+    def encoded() -> Iterator[tuple[pa.Table, np.ndarray, Any]]:
+        start = 0
+        for batch in batches:
+            table, location, x = _encode_batch(model, batch, start, order, names, files)
+            start += table.num_rows
+            yield table, location, x
+
+    sample = _Sample(total, max_sources, thumbnails, seed)
+    return _write_rows(encoded(), count, sample, _Drawing(model, renderer, out, order, seed, progress),
+                       lambda: names.notes() + files.notes())  # fmt: skip
+
+
+def write_embedding_catalog(
+    shards: list[Path],
+    rows: int,
+    out: Path,
+    order: int,
+    max_sources: int = 20000,
+    seed: int = 0,
+    progress: bool = True,
+    row_column: str = "row",
+) -> dict[str, Any]:
+    """:func:`write_catalog` of rows embedded already: ``spherinator-submit predict``'s shards (``row_column``,
+    ``location``, ``scale`` for a VAE, the data's per-row columns), in order of their row ids ``0 .. rows - 1``
+    (:func:`~spherinator.atlas.source.open_embeddings` checks the shards against their manifest). No thumbnails:
+    the inputs are not read."""
+    names = _CatalogNames()
+    own = (row_column, "location", "scale")
+
+    def embedded() -> Iterator[tuple[pa.Table, np.ndarray, Any]]:
+        start = 0
+        for shard in shards:
+            for batch in pq.ParquetFile(shard).iter_batches():
+                data = {n: batch.column(n) for n in batch.schema.names if n not in own}
+                location = batch.column("location").flatten().to_numpy(zero_copy_only=False).reshape(-1, 3)
+                scale = batch.column("scale") if "scale" in batch.schema.names else None
+                table, unit = _catalog_table(start, data, location, scale, order, names)
+                start += batch.num_rows
+                yield table, unit, None
+
+    sample = _Sample(rows, max_sources, 0, seed)
+    count = sum(pq.ParquetFile(shard).metadata.num_row_groups for shard in shards)
+    return _write_rows(embedded(), count, sample, _Drawing(None, None, out, order, seed, progress), names.notes)
+
+
+@dataclass
+class _Drawing:
+    """Where and how :func:`_write_rows` writes: the model and renderer of the thumbnails (None: no thumbnails),
+    the atlas staging directory, the HEALPix order, the seed and whether to show progress."""
+
+    model: SphereModel | None
+    renderer: TileRenderer | None
+    out: Path
+    order: int
+    seed: int
+    progress: bool
+
+
+def _write_rows(tables: Iterator[tuple[pa.Table, np.ndarray, Any]], count: int | None, sample: _Sample,
+                drawing: _Drawing, said: Any) -> dict[str, Any]:  # fmt: skip
+    """Write ``catalog.parquet`` of ``tables`` (each: catalog rows in row order, their unit vectors, their inputs or
+    None), the thumbnails of the sample's rows, ``catalog.vot`` and the progressive catalog; ``said()``: the notes
+    about the data columns, known once every row was read."""
     from tqdm import tqdm
 
-    batches, total, count = _batches(datamodule)
-    sample = _Sample(total, max_sources, thumbnails, seed)
+    out, thumbnails = drawing.out, sample.thumbnails
     if thumbnails:
         (out / "thumbs" / "input").mkdir(parents=True, exist_ok=True)
         (out / "thumbs" / "decoded").mkdir(parents=True, exist_ok=True)
-    names = _CatalogNames()
-    files = FileColumns(datamodule, set(getattr(datamodule, "column_names", None) or []))
     writer: pq.ParquetWriter | None = None
     kept: list[pa.Table] = []
     start, mean, undirected = 0, np.zeros(3), 0
     try:
-        for batch in tqdm(batches, total=count, desc="catalog", unit="batch", file=sys.stderr, disable=not progress):
-            table, location, x = _encode_batch(model, batch, start, order, names, files)
+        for table, location, x in tqdm(tables, total=count, desc="catalog", unit="batch", file=sys.stderr,
+                                       disable=not drawing.progress):  # fmt: skip
             n = table.num_rows
             mean += np.nansum(location, axis=0)
             undirected += int(np.isnan(location[:, 0]).sum())
             rows = sample.rows(start, n)
             thumbs = [int(r) for r in rows if sample.has_thumbnail(start + int(r))]
             if thumbs:
-                _write_thumbnails(model, renderer, out, x[thumbs], location[thumbs], [start + r for r in thumbs])
+                _write_thumbnails(drawing.model, drawing.renderer, out, x[thumbs], location[thumbs],
+                                  [start + r for r in thumbs])  # fmt: skip
             if writer is None:
                 writer = pq.ParquetWriter(out / "catalog.parquet", table.schema)
             writer.write_table(table)
@@ -307,14 +307,15 @@ def write_catalog(
             writer.close()
     if start == 0:
         raise AtlasError("the data hold no rows; the catalog needs at least one")
-    notes = names.notes() + files.notes()
+    notes = said()
     if undirected:
         notes.append(f"{undirected} of {start} rows have a zero or non-finite latent vector, so no place on the "
                      "sphere: their ra, dec, x, y, z are NaN and healpix is -1")  # fmt: skip
-    summary = _finish_catalog(pa.concat_tables(kept), out, order, start, mean, sample.thumbnail_count(start), notes)
+    summary = _finish_catalog(pa.concat_tables(kept), out, drawing.order, start, mean,
+                              sample.thumbnail_count(start), notes)  # fmt: skip
     thumbed = [int(p.stem) for p in (out / "thumbs" / "input").glob("*.png")] if thumbnails else []
     progressive = write_progressive_catalog(out / "catalog.parquet", out / CATALOG_DIR, thumbnails=thumbed,
-                                            healpix_order=order, seed=seed)  # fmt: skip
+                                            healpix_order=drawing.order, seed=drawing.seed)  # fmt: skip
     progressive.pop("notes")  # rows without a place are said above; catalog.parquet has a row column
     summary["progressive"] = {"path": CATALOG_DIR, **progressive}
     return summary
@@ -370,21 +371,15 @@ class _CatalogNames:
 def _encode_batch(model: SphereModel, batch: Any, start: int, order: int, names: _CatalogNames,
                   files: FileColumns) -> tuple[pa.Table, np.ndarray, Any]:  # fmt: skip
     """One batch as catalog columns; also its unit vectors (B, 3) and model inputs."""
-    from spherinator.models.autoencoder import model_input
+    from spherinator.atlas.model import batch_input
 
-    x = model_input(batch)
+    x = batch_input(batch)
     n = len(x)
     if tuple(x.shape[1:]) != tuple(model.input_shape):
         raise AtlasError(f"the model takes inputs of shape {tuple(model.input_shape)} but the data's samples have "
                          f"shape {tuple(x.shape[1:])}: give the data the model was trained on (-c / --data.*), or "
                          "resize them with a transform in data.init_args.columns")  # fmt: skip
     out = model.encode(batch)
-    location = np.asarray(out["location"], dtype=np.float64)
-    norm = np.linalg.norm(location, axis=1, keepdims=True)
-    # A zero or non-finite latent has no direction: NaN, not the point (ra, dec) = (0, 0), and healpix -1.
-    unit = np.divide(location, norm, out=np.full_like(location, np.nan), where=(norm > 0) & np.isfinite(norm))
-    ra, dec = unit_to_radec(unit)
-    dec[np.isnan(unit[:, 0])] = np.nan
     data: dict[str, Any] = {}
     if isinstance(batch, dict):
         for name, value in list(batch.items())[1:]:
@@ -392,6 +387,21 @@ def _encode_batch(model: SphereModel, batch: Any, start: int, order: int, names:
             if values is not None:
                 data[name] = pa.array(values.tolist() if values.dtype == object else values)
     data.update(files.take(n))
+    table, unit = _catalog_table(start, data, out["location"], out.get("scale"), order, names)
+    return table, unit, x
+
+
+def _catalog_table(start: int, data: dict[str, Any], location: Any, scale: Any, order: int,
+                   names: _CatalogNames) -> tuple[pa.Table, np.ndarray]:  # fmt: skip
+    """The catalog rows ``start, start + 1, ...`` of the data columns ``data`` placed at ``location`` (B, 3), with
+    the concentration ``scale`` (B,) if given; also their unit vectors (B, 3) float32."""
+    location = np.asarray(location, dtype=np.float64)
+    n = len(location)
+    norm = np.linalg.norm(location, axis=1, keepdims=True)
+    # A zero or non-finite latent has no direction: NaN, not the point (ra, dec) = (0, 0), and healpix -1.
+    unit = np.divide(location, norm, out=np.full_like(location, np.nan), where=(norm > 0) & np.isfinite(norm))
+    ra, dec = unit_to_radec(unit)
+    dec[np.isnan(unit[:, 0])] = np.nan
     columns: dict[str, Any] = {"row": pa.array(np.arange(start, start + n, dtype=np.int64))}
     columns.update({new: data[name] for name, new in names.map(list(data)).items() if name in data})
     columns["ra"] = pa.array(ra)
@@ -399,14 +409,14 @@ def _encode_batch(model: SphereModel, batch: Any, start: int, order: int, names:
     columns["healpix"] = pa.array(healpix_index(ra, dec, order).astype(np.int64))
     for i, axis in enumerate("xyz"):
         columns[axis] = pa.array(unit[:, i].astype(np.float32))
-    if "scale" in out:
-        columns["concentration"] = pa.array(np.asarray(out["scale"], dtype=np.float32).reshape(-1))
-    return pa.table(columns), unit.astype(np.float32), x
+    if scale is not None:
+        columns["concentration"] = pa.array(np.asarray(scale, dtype=np.float32).reshape(-1))
+    return pa.table(columns), unit.astype(np.float32)
 
 
 def _write_thumbnails(model: SphereModel, renderer: TileRenderer, out: Path, x: Any, location: np.ndarray,
                       rows: list[int]) -> None:  # fmt: skip
-    inputs = renderer.thumbnails(x.float().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x))
+    inputs = renderer.thumbnails(x if isinstance(x, np.ndarray) else x.float().cpu().numpy())  # numpy, or a tensor
     decoded = renderer.thumbnails(model.decode(location))
     for row, a, b in zip(rows, inputs, decoded, strict=True):
         Image.fromarray(a).save(out / "thumbs" / "input" / f"{row}.png")

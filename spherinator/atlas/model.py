@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from spherinator.atlas import AtlasError, NotASphereError
+from spherinator.atlas.decoders import session_options
 from spherinator.runs import open_run
 
 
@@ -77,18 +78,16 @@ class SphereModel:
             return self.torch_model.decode(torch.from_numpy(z).to(self.device)).float().cpu().numpy()
 
     def encode(self, batch: Any) -> dict[str, np.ndarray]:
-        """A data batch (tensor or dict, model input first) -> ``location`` (B, z_dim) and, with a torch VAE,
+        """A data batch (array, tensor or dict, model input first) -> ``location`` (B, z_dim) and, with a torch VAE,
         ``scale`` (B,), the Power Spherical concentration."""
-        import torch
-
-        from spherinator.models.autoencoder import model_input
-
-        x = model_input(batch)
+        x = batch_input(batch)
         if self.torch_model is None:
-            outs = self.encoder_session.run(None, {self.encoder_input: np.ascontiguousarray(x.numpy(), np.float32)})
+            outs = self.encoder_session.run(None, {self.encoder_input: np.ascontiguousarray(x, np.float32)})
             if len(outs) == 2:  # upstream's encoder.onnx: (location, scale (B, 1))
                 return {"location": outs[0], "scale": outs[1].reshape(len(outs[1]))}
             return {"location": outs[0]}
+        import torch
+
         with torch.no_grad():
             out = self.torch_model.predict_step(x.to(self.device), 0)
         if isinstance(out, torch.Tensor):
@@ -105,6 +104,19 @@ class SphereModel:
         if str(self.device) == "cpu":
             return TorchDecoder(self.torch_model)
         return None
+
+
+def batch_input(batch: Any) -> Any:
+    """The model input of a batch: the first entry of a dict (numpy arrays from
+    :class:`~spherinator.atlas.source.ParquetRows`, tensors from a DataModule), an array itself, else what
+    :func:`~spherinator.models.autoencoder.model_input` takes of it (torch is imported only then)."""
+    if isinstance(batch, dict):
+        return next(iter(batch.values()))
+    if isinstance(batch, np.ndarray):
+        return batch
+    from spherinator.models.autoencoder import model_input
+
+    return model_input(batch)
 
 
 def open_model(path: str | Path, device: str | None = None, trust: bool = False) -> SphereModel:
@@ -175,7 +187,7 @@ def _open_onnx(model: SphereModel, onnx_dir: Path, encoder: bool) -> None:
         if not file.is_file():
             raise AtlasError(f"'{onnx_dir}' has no {name}.onnx; export the model with 'spherinator export'")
         try:
-            return ort.InferenceSession(str(file), providers=["CPUExecutionProvider"])
+            return ort.InferenceSession(str(file), session_options(), providers=["CPUExecutionProvider"])
         except Exception as err:
             raise AtlasError(f"onnxruntime cannot load '{file}': {err}") from err
 

@@ -42,6 +42,8 @@ class AtlasOptions:
         progress: Progress bars on stderr.
         workers: Processes drawing tiles, 1..:data:`MAX_WORKERS`; None: the cores this process may use (its CPU
             affinity, which Slurm sets).
+        embeddings: ``spherinator-submit predict``'s run directory (or its ``embeddings/``): the catalog's rows,
+            embedded already; None: encode the data.
     """
 
     out: str | Path | None = None
@@ -59,6 +61,7 @@ class AtlasOptions:
     trust: bool = False
     progress: bool = True
     workers: int | None = None
+    embeddings: str | Path | None = None
 
     def __post_init__(self) -> None:
         if self.out is not None:

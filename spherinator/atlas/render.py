@@ -37,12 +37,15 @@ def data_kind(shape: tuple[int, ...]) -> str:
     )
 
 
+UNIT_RANGE = (-0.02, 1.02)  # images whose values all lie here are drawn as [0, 1] (black .. white)
+
+
 def value_range(samples: np.ndarray, kind: str) -> tuple[float, float]:
     """The values that map to black and white (images) or to the bottom and top of a plot (spectra)."""
     finite = samples[np.isfinite(samples)]
     if finite.size == 0:
         return 0.0, 1.0
-    if kind == "image" and finite.min() >= -0.02 and finite.max() <= 1.02:
+    if kind == "image" and finite.min() >= UNIT_RANGE[0] and finite.max() <= UNIT_RANGE[1]:
         return 0.0, 1.0
     lo, hi = (float(v) for v in np.percentile(finite, [0.5, 99.5]))
     if kind == "spectrum":

@@ -12,8 +12,9 @@
 (:mod:`~spherinator.data.upstream_datasets`); a Hugging Face Hub dataset id as ``path`` is read through ``datasets``
 (:mod:`~spherinator.data.hub`).
 
-``DataModule`` and ``Column`` import Lightning; they load on first use so that tools which only write or read
-Parquet (``spherinator.data.writer``, ``tools/make_dataset.py``) start in a fraction of a second.
+``DataModule`` and ``Column`` import Lightning, ``ParquetStream`` torch; they load on first use so that tools which
+only write or read Parquet (``spherinator.data.writer``, ``tools/make_dataset.py``, the atlas of an ONNX export
+reading through :class:`ParquetReader`) start in a fraction of a second without torch.
 """
 
 from typing import TYPE_CHECKING
@@ -21,12 +22,12 @@ from typing import TYPE_CHECKING
 from spherinator.data.layout import ColumnLayout, DataError, Where
 from spherinator.data.plan import Segment, shard, split_rows
 from spherinator.data.reader import ParquetIndex, ParquetReader, find_parquet_files
-from spherinator.data.transport import ParquetStream
 from spherinator.data.writer import ParquetWriter, write_dataset
 
 if TYPE_CHECKING:
     from spherinator.data.datamodule import Column, DataModule
     from spherinator.data.transforms import AbsMaxNormalize, AlignByMoments, MinMaxNormalize
+    from spherinator.data.transport import ParquetStream
     from spherinator.data.upstream import ParquetDataModule, ParquetIterableDataModule
     from spherinator.data.upstream_datasets import (
         ParquetDataset,
@@ -63,6 +64,10 @@ __all__ = [
 
 
 def __getattr__(name: str):
+    if name == "ParquetStream":
+        from spherinator.data import transport
+
+        return transport.ParquetStream
     if name in ("DataModule", "Column"):
         from spherinator.data import datamodule
 

@@ -15,6 +15,7 @@ import functools
 import itertools
 import math
 import os
+import sys
 import threading
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -25,7 +26,6 @@ from typing import TypeVar
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import torch
 
 from spherinator.data.batching import rebatch
 from spherinator.data.checksums import ChecksumMemory, Stamp, check_checksum_mode, file_stamp
@@ -192,9 +192,12 @@ def check_values(array: np.ndarray, layout: ColumnLayout, where: Where, first_ro
     if array.dtype.isnative and array.dtype.itemsize <= 4:
         # a finite sum means finite values (one NaN or inf makes it NaN or inf); torch sums 2x faster than numpy's
         # min and max (measured in tools/bench/bench_data.py --float32); an overflowing sum is checked below
+        # torch only where it is loaded already (training): the atlas of an ONNX export reads without it
+        torch = sys.modules.get("torch")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # a read-only view of Arrow memory, only read here
-            if math.isfinite(float(torch.from_numpy(array).sum(dtype=torch.float32))):
+            total = torch.from_numpy(array).sum(dtype=torch.float32) if torch else array.sum(dtype=np.float32)
+            if math.isfinite(float(total)):
                 return
     elif float(array.min()) >= -FLOAT32_MAX and float(array.max()) <= FLOAT32_MAX:  # NaN fails both
         return

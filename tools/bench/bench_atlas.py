@@ -37,12 +37,28 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_model_arguments(parser: argparse.ArgumentParser, max_order: int, rounds: int, per: str) -> None:
+    """The options of the model whose decoder the HiPS benchmarks draw, its deepest order and their rounds."""
     parser.add_argument("--model-config", type=Path, default=REPO / "experiments" / "vae_cnn3.yaml")
     parser.add_argument("--input-dim", type=int, nargs="+", default=[3, 128, 128])
-    parser.add_argument("--max-order", type=int, default=4)
-    parser.add_argument("--rounds", type=int, default=2, help="HiPS written per decoder (default: %(default)s)")
+    parser.add_argument("--max-order", type=int, default=max_order)
+    parser.add_argument("--rounds", type=int, default=rounds, help=f"HiPS written per {per} (default: %(default)s)")
+
+
+def exported(args: argparse.Namespace, work: Path) -> tuple[Path, Path, Path]:
+    """The checkpoint and config of ``--model-config`` with random weights (the time does not depend on them), and
+    its ONNX export directory, under ``work``."""
+    from spherinator.export import export_onnx
+
+    torch.manual_seed(0)
+    checkpoint, config = build_checkpoint(args.model_config, args.input_dim, work)
+    export_onnx(checkpoint, work / "onnx", config=config, validate=False)
+    return checkpoint, config, work / "onnx"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_arguments(parser, max_order=4, rounds=2, per="decoder")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--decoders", nargs="+", choices=["onnxruntime", "torch"], default=["onnxruntime", "torch"])
     parser.add_argument("--hipster", type=Path, default=os.environ.get("SPHERINATOR_HIPSTER"),
@@ -61,13 +77,11 @@ def main(argv: list[str] | None = None) -> None:
     from spherinator.atlas import SphereModel
     from spherinator.atlas.hips import write_hips
     from spherinator.atlas.render import TileRenderer
-    from spherinator.export import export_onnx, load_model
+    from spherinator.export import load_model
 
-    torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        checkpoint, config = build_checkpoint(args.model_config, args.input_dim, work)
-        export_onnx(checkpoint, work / "onnx", config=config, validate=False)
+        checkpoint, config, _ = exported(args, work)
         net = load_model(checkpoint, config).model
         session = ort.InferenceSession(str(work / "onnx" / "decoder.onnx"), providers=["CPUExecutionProvider"])
         common = {"input_shape": tuple(args.input_dim), "z_dim": 3, "name": "bench"}

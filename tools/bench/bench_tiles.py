@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_onnx import REPO, build_checkpoint  # noqa: E402
+from bench_atlas import add_model_arguments, exported  # noqa: E402
 
 TARGET = 1.8  # on 2 cores
 
@@ -29,23 +29,17 @@ def main(argv: list[str] | None = None) -> None:
     from spherinator.atlas.hips import available_cores
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model-config", type=Path, default=REPO / "experiments" / "vae_cnn3.yaml")
-    parser.add_argument("--input-dim", type=int, nargs="+", default=[3, 128, 128])
-    parser.add_argument("--max-order", type=int, default=6)
-    parser.add_argument("--rounds", type=int, default=1, help="HiPS written per setting (default: %(default)s)")
+    add_model_arguments(parser, max_order=6, rounds=1, per="setting")
     parser.add_argument("--workers", type=int, default=available_cores(), help="default: the cores of the affinity")
     args = parser.parse_args(argv)
 
     from spherinator.atlas import open_model
     from spherinator.atlas.hips import write_hips
     from spherinator.atlas.render import TileRenderer
-    from spherinator.export import export_onnx
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        checkpoint, config = build_checkpoint(args.model_config, args.input_dim, work)
-        export_onnx(checkpoint, work / "onnx", config=config, validate=False)
-        model = open_model(work / "onnx")
+        model = open_model(exported(args, work)[2])
         renderer = TileRenderer(model.input_shape)
         settings = {"1 process": 1, f"{args.workers} workers": args.workers}
         seconds: dict[str, list[float]] = {name: [] for name in settings}

@@ -13,9 +13,9 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 import yaml
-from bench_onnx import build_checkpoint
+
+from spherinator.atlas.hipster import hipster_config
 
 
 def run_measured(command: list[str]) -> tuple[float, float]:
@@ -51,35 +51,20 @@ def write_data(root: Path, rows: int, shape: list[int]) -> Path:
     return config
 
 
-def hipster_config(root: Path, onnx: Path, order: int) -> Path:
-    config = {
-        "root_path": str(root / "hipster"),
-        "html": {"url": "http://localhost:8083", "title": "bench"},
-        "tasks": [{"class_path": "hipster.HiPSGenerator", "init_args": {
-            "decoder": {"class_path": "hipster.Inference",
-                        "init_args": {"model_path": str(onnx / "decoder.onnx"), "input_name": "z"}},
-            "image_maker": {"class_path": "hipster.ImagePlotter"}, "max_order": order, "hips_path": "hips",
-            "hips_name": "bench"}}],
-    }  # fmt: skip
-    path = root / f"hipster-{order}.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
-
-
 def versus_hipster(args: argparse.Namespace) -> None:
-    torch.manual_seed(0)
+    from bench_atlas import exported
+
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        checkpoint, config = build_checkpoint(args.model_config, args.input_dim, work)
-        from spherinator.export import export_onnx
-
-        export_onnx(checkpoint, work / "onnx", config=config, validate=False)
+        exported(args, work)
         data = write_data(work, args.rows, args.input_dim)
         rows = []
         for order in args.orders:
             ours = [sys.executable, "-m", "spherinator.commands", "atlas", str(work / "onnx"), "-c", str(data),
                     "-o", str(work / "atlas"), "--max-order", str(order), "--thumbnails", "0"]  # fmt: skip
-            theirs = [str(args.hipster), "--config", str(hipster_config(work, work / "onnx", order))]
+            config = work / f"hipster-{order}.yaml"
+            config.write_text(yaml.safe_dump(hipster_config(work / "onnx" / "decoder.onnx", work / "hipster", order)))
+            theirs = [str(args.hipster), "--config", str(config)]
             measured: dict[str, list[tuple[float, float]]] = {"spherinator": [], "hipster": []}
             for _ in range(args.rounds):
                 for name, command in (("spherinator", ours), ("hipster", theirs)):
