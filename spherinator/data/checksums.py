@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import itertools
 import os
+import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
-import torch
+import numpy as np
 
 from spherinator.data.layout import DataError
 
@@ -58,20 +60,35 @@ class ChecksumMemory:
         self.files = list(files)
         self.stamps = list(stamps)
         self.first = [0, *itertools.accumulate(groups)]  # the flag of row group g of file f: first[f] + g
-        # allocated before any worker starts: forked workers inherit it, spawned ones receive it by torch's pickler
-        self.flags = torch.zeros(self.first[-1], dtype=torch.uint8).share_memory_()
+        self.flags = _flags(self.first[-1])
 
     def needed(self, file: int, group: int) -> bool:
         """Whether row group ``group`` of file number ``file`` must be read verified: not yet read so, or its file
         is not the one scanned (an ``os.stat``, a microsecond against milliseconds of reading)."""
-        if not self.flags.numpy()[self.first[file] + group]:
+        if not self._array()[self.first[file] + group]:
             return True
         return file_stamp(self.files[file]) != self.stamps[file]
 
     def verified(self, file: int, group: int) -> None:
         """Row group ``group`` of file number ``file`` was just read with its checksums verified."""
-        self.flags.numpy()[self.first[file] + group] = 1
+        self._array()[self.first[file] + group] = 1
 
     def count(self) -> int:
         """Row groups read verified so far."""
-        return int(self.flags.sum())
+        return int(self._array().sum())
+
+    def _array(self) -> np.ndarray:
+        # the torch tensor itself is kept (not its numpy view), so that a spawned worker unpickles shared memory
+        return self.flags if isinstance(self.flags, np.ndarray) else self.flags.numpy()
+
+
+def _flags(count: int) -> Any:
+    """``count`` zero flags: a tensor in torch's shared memory where torch is loaded (worker processes exist only
+    under torch's DataLoader; a tensor allocated before they start is inherited by forked workers and sent to spawned
+    ones by torch's pickler). A process without torch (the atlas of an ONNX export reads its rows in numpy, in one
+    process) gets a numpy array and never imports torch for it."""
+    if "torch" not in sys.modules:
+        return np.zeros(count, dtype=np.uint8)
+    import torch
+
+    return torch.zeros(count, dtype=torch.uint8).share_memory_()
