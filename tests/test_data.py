@@ -410,6 +410,38 @@ def test_shuffle_buffer_memory_stays_bounded(tmp_path):
     assert 100 <= peak[0] <= 100 + 50 + 20
 
 
+def _drawn_batches(chunks: list[np.ndarray], sizes: list[int], window: int, rng: np.random.Generator) -> list[set]:
+    """The rows of each shuffled batch as a shuffle buffer draws them (what checkpoints of every spherinator saved
+    before 2026-12-07 replay): the buffer's rows in order, batches drawn from one permutation of them, and the rows
+    left over kept in the order drawn, ahead of the next chunks."""
+    pending, stream, k, out = np.zeros(0, dtype=np.int64), iter(chunks), 0, []
+    while k < len(sizes):
+        while len(pending) < max(window, sizes[k]) and (chunk := next(stream, None)) is not None:
+            pending = np.concatenate([pending, chunk])
+        perm, pos = rng.permutation(len(pending)), 0
+        while k < len(sizes) and len(pending) - pos >= sizes[k]:
+            out.append(set(pending[perm[pos : pos + sizes[k]]].tolist()))
+            pos, k = pos + sizes[k], k + 1
+        pending = pending[perm[pos:]]
+    return out
+
+
+@pytest.mark.parametrize("window,batch", [(20, 8), (0, 5), (10, 3), (16, 16)])
+def test_shuffled_batches_hold_the_rows_a_shuffle_buffer_draws(window, batch):
+    # (before: gathering each batch in the buffer's order also kept the rows left over in the buffer's order, so
+    # every batch after the first window held other rows than before; a checkpoint saved mid-epoch by the release
+    # before that was replayed with the new rows and the resumed epoch trained on some rows twice, others never)
+    from spherinator.data.batching import rebatch
+
+    rows = np.arange(101)
+    chunks = [rows[a : a + 7] for a in range(0, 101, 7)]  # row groups of 7, the last of 3
+    sizes = [batch] * (101 // batch) + ([101 % batch] if 101 % batch else [])
+    got = rebatch(iter([{"row": c} for c in chunks]), sizes, window, np.random.default_rng(3))
+    got = [b["row"] for b in got]
+    assert [set(b.tolist()) for b in got] == _drawn_batches(chunks, sizes, window, np.random.default_rng(3))
+    assert all((np.diff(b) > 0).all() for b in got)  # each gathered in the buffer's order
+
+
 # -- layouts and return modes --------------------------------------------------------------------------------------
 
 
