@@ -437,9 +437,7 @@ def test_shuffled_batches_hold_the_rows_a_shuffle_buffer_draws(window, batch):
     chunks = [rows[a : a + 7] for a in range(0, 101, 7)]  # row groups of 7, the last of 3
     sizes = [batch] * (101 // batch) + ([101 % batch] if 101 % batch else [])
     got = rebatch(iter([{"row": c} for c in chunks]), sizes, window, np.random.default_rng(3))
-    got = [b["row"] for b in got]
-    assert [set(b.tolist()) for b in got] == _drawn_batches(chunks, sizes, window, np.random.default_rng(3))
-    assert all((np.diff(b) > 0).all() for b in got)  # each gathered in the buffer's order
+    assert [set(b["row"].tolist()) for b in got] == _drawn_batches(chunks, sizes, window, np.random.default_rng(3))
 
 
 # -- layouts and return modes --------------------------------------------------------------------------------------
