@@ -85,6 +85,18 @@ def test_a_file_rewritten_during_the_run_is_verified_again(tmp_path):
         _epoch(loader)
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_file_rewritten_in_place_with_its_old_time_is_verified_again(tmp_path, workers):
+    # (before: a corrupt copy put over it with `cp -p`, or a re-write followed by `touch -d`, kept its inode, size
+    # and modification time, and its row groups were read unverified: garbage trained on without a word)
+    file = _dataset(tmp_path)
+    loader = _module(tmp_path, num_workers=workers, persistent_workers=False).train_dataloader()
+    assert _epoch(loader) == 64
+    _flip(file, keep_stamp=True)
+    with pytest.raises(DataError, match="part-00000.parquet row group 0 cannot be read.*corrupt"):
+        _epoch(loader)
+
+
 def test_what_workers_verified_is_remembered_when_they_exit(tmp_path):
     # bytes that change after their first read while the file keeps its size and time are read unverified (the
     # price of first_read): that they are shows that the workers of the first epoch, gone since, left their flags
