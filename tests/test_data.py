@@ -1271,6 +1271,20 @@ def test_a_broken_link_to_a_parquet_file_is_named_not_left_out(tmp_path):
         _id_module(tmp_path).setup()
 
 
+def test_a_linked_directory_of_parquet_files_is_part_of_the_dataset_once(tmp_path):
+    # (before: a directory link was not followed: its files were left out without a word, or with only it
+    # "no .parquet files under" the path; a link back to an ancestor must not loop, one directory linked twice
+    # counts once)
+    write_dataset(tmp_path / "disk2", [{"data": _images(30), "id": np.arange(30)}], rows_per_file=10)
+    write_dataset(tmp_path / "data", [{"data": _images(5), "id": np.arange(30, 35)}], rows_per_file=5)
+    (tmp_path / "data" / "shard2").symlink_to(tmp_path / "disk2", target_is_directory=True)
+    (tmp_path / "data" / "again").symlink_to(tmp_path / "disk2", target_is_directory=True)
+    (tmp_path / "disk2" / "up").symlink_to(tmp_path / "data", target_is_directory=True)
+    dm = _id_module(tmp_path / "data", batch_size=8)
+    assert sorted(_ids(dm.train_dataloader())) == list(range(35))
+    assert sorted(_ids(_id_module(tmp_path / "disk2", batch_size=8).train_dataloader())) == list(range(35))
+
+
 # -- upstream Spherinator's DataModule options -----------------------------------------------------------------------
 
 
