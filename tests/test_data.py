@@ -410,6 +410,36 @@ def test_shuffle_buffer_memory_stays_bounded(tmp_path):
     assert 100 <= peak[0] <= 100 + 50 + 20
 
 
+def _drawn_batches(chunks: list[np.ndarray], sizes: list[int], window: int, rng: np.random.Generator) -> list[set]:
+    """The rows of each shuffled batch as a shuffle buffer draws them (what checkpoints of every spherinator saved
+    before 2026-12-07 replay): the buffer's rows in order, batches drawn from one permutation of them, and the rows
+    left over kept in the order drawn, ahead of the next chunks."""
+    pending, stream, k, out = np.zeros(0, dtype=np.int64), iter(chunks), 0, []
+    while k < len(sizes):
+        while len(pending) < max(window, sizes[k]) and (chunk := next(stream, None)) is not None:
+            pending = np.concatenate([pending, chunk])
+        perm, pos = rng.permutation(len(pending)), 0
+        while k < len(sizes) and len(pending) - pos >= sizes[k]:
+            out.append(set(pending[perm[pos : pos + sizes[k]]].tolist()))
+            pos, k = pos + sizes[k], k + 1
+        pending = pending[perm[pos:]]
+    return out
+
+
+@pytest.mark.parametrize("window,batch", [(20, 8), (0, 5), (10, 3), (16, 16)])
+def test_shuffled_batches_hold_the_rows_a_shuffle_buffer_draws(window, batch):
+    # (before: gathering each batch in the buffer's order also kept the rows left over in the buffer's order, so
+    # every batch after the first window held other rows than before; a checkpoint saved mid-epoch by the release
+    # before that was replayed with the new rows and the resumed epoch trained on some rows twice, others never)
+    from spherinator.data.batching import rebatch
+
+    rows = np.arange(101)
+    chunks = [rows[a : a + 7] for a in range(0, 101, 7)]  # row groups of 7, the last of 3
+    sizes = [batch] * (101 // batch) + ([101 % batch] if 101 % batch else [])
+    got = rebatch(iter([{"row": c} for c in chunks]), sizes, window, np.random.default_rng(3))
+    assert [set(b["row"].tolist()) for b in got] == _drawn_batches(chunks, sizes, window, np.random.default_rng(3))
+
+
 # -- layouts and return modes --------------------------------------------------------------------------------------
 
 
@@ -1239,6 +1269,20 @@ def test_a_broken_link_to_a_parquet_file_is_named_not_left_out(tmp_path):
     (tmp_path / "part-9.parquet").symlink_to(tmp_path / "elsewhere" / "part-9.parquet")
     with pytest.raises(DataError, match=r"part-9.parquet is a link to .*elsewhere/part-9.parquet.*does not exist"):
         _id_module(tmp_path).setup()
+
+
+def test_a_linked_directory_of_parquet_files_is_part_of_the_dataset_once(tmp_path):
+    # (before: a directory link was not followed: its files were left out without a word, or with only it
+    # "no .parquet files under" the path; a link back to an ancestor must not loop, one directory linked twice
+    # counts once)
+    write_dataset(tmp_path / "disk2", [{"data": _images(30), "id": np.arange(30)}], rows_per_file=10)
+    write_dataset(tmp_path / "data", [{"data": _images(5), "id": np.arange(30, 35)}], rows_per_file=5)
+    (tmp_path / "data" / "shard2").symlink_to(tmp_path / "disk2", target_is_directory=True)
+    (tmp_path / "data" / "again").symlink_to(tmp_path / "disk2", target_is_directory=True)
+    (tmp_path / "disk2" / "up").symlink_to(tmp_path / "data", target_is_directory=True)
+    dm = _id_module(tmp_path / "data", batch_size=8)
+    assert sorted(_ids(dm.train_dataloader())) == list(range(35))
+    assert sorted(_ids(_id_module(tmp_path / "disk2", batch_size=8).train_dataloader())) == list(range(35))
 
 
 # -- upstream Spherinator's DataModule options -----------------------------------------------------------------------

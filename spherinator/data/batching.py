@@ -49,6 +49,15 @@ def _take_rows(
     return out
 
 
+def _keep_rows(chunks: list[dict[str, np.ndarray]], idx: np.ndarray) -> dict[str, np.ndarray]:
+    """The rows ``idx`` of ``_concat(chunks)`` in the order of ``idx``: the rows a shuffle buffer keeps for its next
+    window stay in the order drawn, so that every batch holds the rows it held before batches were gathered in the
+    buffer's order (a checkpoint saved mid-epoch is resumed by replaying which rows each batch held; fewer rows than
+    one batch, so the second copy costs little)."""
+    back = np.argsort(np.argsort(idx))  # where each row of ``idx`` is among the rows gathered in ascending order
+    return {name: column[back] for name, column in _take_rows(chunks, idx).items()}
+
+
 def rebatch(
     chunks: Iterator[dict[str, np.ndarray]],
     sizes: Sequence[int],
@@ -62,7 +71,7 @@ def rebatch(
     chunks are buffered until at least ``window`` rows (and one batch) are there; every full batch is then drawn
     from a random permutation of the buffer (a random set of its rows, in the buffer's order; rows copied
     straight from their chunks, into the arrays ``into(rows)`` gives for some columns if it is given) and the few
-    rows left over join the next window.
+    rows left over join the next window, in the order drawn.
     """
     pending: list[dict[str, np.ndarray]] = []
     have, k = 0, 0
@@ -96,5 +105,5 @@ def rebatch(
             pos += sizes[k]
             k += 1
         rest = perm[pos:]
-        pending = [_take_rows(pending, rest)] if rest.size else []
+        pending = [_keep_rows(pending, rest)] if rest.size else []
         have = rest.size

@@ -5,10 +5,11 @@ Verifying the CRC32 of every data page costs more than reading it: pyarrow read 
 epoch paid it again on bytes that had not changed. A :class:`ChecksumMemory` remembers, per row group, that it was
 read verified, in shared memory allocated by the process that builds the readers: DataLoader workers (persistent or
 started anew each epoch, forked or spawned) read and set the same flags, so each row group of a file is verified on
-its first read by that process tree, i.e. once per DDP rank. A file whose identity (inode, size, modification time)
-is not the one scanned when the run started is verified on every read: a copy or re-write during the run is
-checked again. What is not caught: bytes of a file that rot on disk after their first read, unchanged in size and
-time (``page_checksums="every_read"`` checks every read for that).
+its first read by that process tree, i.e. once per DDP rank. A file whose identity (inode, size, modification and
+status-change time) is not the one scanned when the run started is verified on every read: a copy or re-write
+during the run is checked again, also one that set the old modification time back (``cp -p``, ``touch -d``: any
+write sets the status-change time, which no user can set back). What is not caught: bytes of a file that rot on
+disk after their first read (``page_checksums="every_read"`` checks every read for that).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ CHECKSUM_MODES = ("first_read", "every_read")
 """``first_read``: each row group's page checksums are verified on its first read in a run (per rank);
 ``every_read``: on every read."""
 
-Stamp = tuple[int, int, int]
+Stamp = tuple[int, int, int, int]
 
 
 def check_checksum_mode(mode: str) -> str:
@@ -39,12 +40,13 @@ def check_checksum_mode(mode: str) -> str:
 
 
 def file_stamp(path: Path) -> Stamp | None:
-    """What tells a file from its re-written self: (inode, size, modification time in ns); None when it is gone."""
+    """What tells a file from its re-written self: (inode, size, modification time, status-change time in ns); None
+    when it is gone. The status-change time, because a modification time can be set back after a write."""
     try:
         stat = os.stat(path)
     except OSError:
         return None
-    return stat.st_ino, stat.st_size, stat.st_mtime_ns
+    return stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns
 
 
 class ChecksumMemory:

@@ -36,6 +36,21 @@ T = TypeVar("T")
 U = TypeVar("U")
 
 
+def _parquet_paths(root: Path) -> list[Path]:
+    """Every path named ``*.parquet`` under ``root`` but directories, following links to directories (a shard on
+    another disk), each directory once: one reached again by another link, or a link back up, is not walked again."""
+    found, walked = [], set()
+    for top, dirs, names in os.walk(root, followlinks=True):
+        real = os.path.realpath(top)
+        if real in walked:
+            dirs.clear()
+            continue
+        walked.add(real)
+        dirs.sort()  # the first link to a directory walked is the same in every process
+        found += [Path(top) / name for name in names if name.endswith(".parquet")]
+    return found
+
+
 def find_parquet_files(path: str | Path) -> list[Path]:
     """Every ``.parquet`` file under ``path`` (recursively, sorted), or ``[path]`` for a single file."""
     root = Path(path).expanduser()
@@ -45,7 +60,7 @@ def find_parquet_files(path: str | Path) -> list[Path]:
         if root.suffix != ".parquet":
             raise DataError(f"data path {str(path)!r} is not a .parquet file; give a directory or a .parquet file")
         return [root]
-    found = list(root.rglob("*.parquet"))
+    found = _parquet_paths(root)
     broken = next((p for p in sorted(found) if p.is_symlink() and not p.exists()), None)
     if broken is not None:  # a part of the dataset on a file system that is not mounted: not a smaller dataset
         raise DataError(
