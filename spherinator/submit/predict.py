@@ -369,6 +369,35 @@ def run_config_args(run_dir: str | Path) -> list[str]:
     return ["-c", yaml.safe_dump(config, sort_keys=False)]
 
 
+def check_predict_target(config_text: str, run_dir: Path, shards: int | None, count_rows: bool = True) -> None:
+    """For ``--predict``, before anything is queued: the task of ``config_text`` (its composed config) would write
+    its embeddings outside the data it reads, and (``count_rows``) that data holds at least ``shards`` rows. A data
+    path that is no local path (a Hub dataset id, another DataModule's argument) is left to the task.
+
+    Raises:
+        SubmitError: naming the run dir or ``--predict-shards`` and the data.
+    """
+    import yaml
+
+    data = yaml.safe_load(config_text).get("data")
+    path = (data.get("init_args") or {}).get("path") if isinstance(data, dict) else None
+    if not isinstance(path, str) or not Path(path).exists():
+        return
+    root = Path(path).resolve()
+    root = root if root.is_dir() else root.parent
+    if run_dir.resolve().is_relative_to(root):  # the index reads every .parquet below the data: the shards too
+        raise SubmitError(f"--run-root: the run dir '{run_dir}' is inside the data under '{root}', whose embedding "
+                          "shards a requeued task would read as data; give a run root outside it")  # fmt: skip
+    if count_rows and shards is not None:
+        import pyarrow.parquet as pq
+
+        from spherinator.data.reader import find_parquet_files
+
+        rows = sum(pq.read_metadata(file).num_rows for file in find_parquet_files(path))
+        if shards > rows:
+            raise SubmitError(f"--predict-shards {shards}: give 1 to {rows} (the rows under {path!r})")
+
+
 def _plan_of(embeddings: Path, checkpoint: str) -> EmbeddingSet | None:
     """The set planned in ``embeddings`` for ``checkpoint``; None for none, another checkpoint's or a damaged one."""
     try:
