@@ -252,16 +252,20 @@ def test_onnx_shards_hold_the_locations_torch_writes(trained, tmp_path):
 
 
 # ------------------------------------------------------------------------------ what the last adversarial pass found
-def encoder_of_input(path: Path, shape: list) -> None:
-    """An ONNX graph ``encoder.onnx`` in ``path`` taking ``x`` of ``shape`` (None: a free axis) to its mean."""
+def encoder_of_input(path: Path, shape: list, node: tuple | None = None, outputs: int = 1) -> None:
+    """An ONNX graph ``encoder.onnx`` in ``path`` taking ``x`` of ``shape`` (None: a free axis) to each row's values
+    flattened (one location per row), or to what ``node`` (op, attributes) gives; ``outputs`` copies of it."""
     import onnx
     from onnx import TensorProto, helper
 
+    op, attributes = node or ("Flatten", {"axis": 1})
+    names = ["location"] + [f"copy{i}" for i in range(1, outputs)]
     graph = helper.make_graph(
-        [helper.make_node("ReduceMean", ["x"], ["location"], keepdims=0)],
+        [helper.make_node(op, ["x"], ["location"], **attributes)]
+        + [helper.make_node("Identity", ["location"], [name]) for name in names[1:]],
         "encoder",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
-        [helper.make_tensor_value_info("location", TensorProto.FLOAT, None)],
+        [helper.make_tensor_value_info(name, TensorProto.FLOAT, None) for name in names],
     )
     path.mkdir(parents=True, exist_ok=True)
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path / "encoder.onnx"))
@@ -448,3 +452,133 @@ def test_predict_flags_reach_the_training_tasks(tmp_path, image_dataset, monkeyp
     for name, flags in (("b", []), ("c", ["--predict"]), ("d", ["--predict", "--predict-shards", "5"])):
         main(["-c", str(config), "--run-root", str(tmp_path / "runs"), "--name", name, "--no-atlas", *flags])
     assert [task.predict for task in made] == [None, 0, 5]
+
+
+# ----------------------------------------------------------------------- what the adversarial pass of --predict found
+@pytest.mark.parametrize(
+    ("name", "shape", "node", "outputs", "message"),
+    [
+        ("fixed", [16, 3, 32, 32], None, 1, "takes [16, 3, 32, 32] and gives location"),
+        ("two", [None, 3, 32, 32], None, 2, "where each batch needs a free batch axis and one output"),
+        ("pooled", [None, 3, 32, 32], ("ReduceMean", {"axes": [0, 2, 3], "keepdims": 1}), 1, "gives [1, 3, 1, 1]"),
+        ("scalar", [None, 3, 32, 32], ("ReduceMean", {"keepdims": 0}), 1, "gives [] for a batch of 16 rows"),
+    ],
+)
+def test_an_onnx_encoder_the_tasks_would_fail_on_is_refused_at_submit(trained, tmp_path, name, shape, node, outputs,
+                                                                      message):  # fmt: skip
+    """A fixed batch axis (each shard's last batch is shorter), two outputs, a location pooled over the batch or
+    not one per row: the first batch ran, and every task failed (or wrote no location per row) after its wait."""
+    config, _ = trained
+    encoder_of_input(tmp_path / name, shape, node, outputs)
+    with pytest.raises(launch.SubmitError, match="not one location per row|free batch axis") as err:
+        predict.check_onnx_encoder(tmp_path / name, DataModule(trained_data(config), batch_size=16))
+    assert message in str(err.value)
+
+
+def trained_data(config: Path) -> str:
+    import yaml
+
+    return yaml.safe_load(config.read_text())["data"]["init_args"]["path"]
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda m: m["shards"][0].update(file="../marker.txt"), "file '../marker.txt' is not a plain .parquet name"),
+        (lambda m: m["shards"][0].update(file="/abs/marker.parquet"), "is not a plain .parquet name"),
+        (lambda m: m["shards"][1].update(file=m["shards"][0]["file"]), "is not a plain .parquet name of its own"),
+        (lambda m: m.update(shards=[]), "'rows' is 100 where the shards hold 0"),
+        (lambda m: m["shards"].pop(), "'rows' is 100 where the shards hold 75"),
+        (lambda m: m["shards"][1]["segments"][0].update(row=20), "row 20 is in two shards"),
+        (lambda m: m["shards"][0].update(index=1), "shard 0 has index 1"),
+        (lambda m: m["shards"][0].update(rows=30), "shard 0 has 'rows' 30"),
+        (lambda m: m["shards"][0]["segments"][0].update(file=7), "of row group 0 of file 7"),
+    ],
+)
+def test_a_manifest_edited_by_hand_is_one_line_not_a_guide_to_write_elsewhere(trained, tmp_path, edit, message):
+    """A shard file outside the set's dir (a task overwrote it), shards that lose or double rows, or a set of no
+    shards (embed_run said it complete): `status` names the manifest, and embed_run plans the set anew."""
+    config, checkpoint = trained
+    out, _ = plan_dir(tmp_path, config, checkpoint, tasks=4)
+    content = json.loads((out / EMBEDDING_SET_NAME).read_text())
+    edit(content)
+    (out / EMBEDDING_SET_NAME).write_text(json.dumps(content))
+    with pytest.raises(launch.SubmitError, match="it was edited by hand") as err:
+        read_embedding_set(out)
+    assert message in str(err.value)
+    assert predict.embeddings_line(str(out))[0].startswith(f"embeddings: '{out / EMBEDDING_SET_NAME}': ")
+
+
+def test_embed_run_does_not_write_outside_its_set_by_a_manifest_edited_by_hand(trained, tmp_path):
+    _, checkpoint = trained
+    run = run_dir_of(trained, tmp_path)
+    predict.embed_run(run, str(checkpoint), shards=4)
+    content = json.loads((run / "embeddings" / EMBEDDING_SET_NAME).read_text())
+    content["shards"][0]["file"] = "../marker.txt"
+    (run / "embeddings" / EMBEDDING_SET_NAME).write_text(json.dumps(content))
+    (run / "embeddings" / "shard-00000.parquet").unlink()
+    (run / "marker.txt").write_text("the user's file")
+    result = predict.embed_run(run, str(checkpoint), shards=4)
+    assert (run / "marker.txt").read_text() == "the user's file"
+    assert (result.shards, result.planned, result.rows) == (4, 4, ROWS)
+    assert sorted(row_ids_of(run / "embeddings")) == list(range(ROWS))
+
+
+def test_embed_run_refuses_bad_run_dirs_in_one_line(trained, tmp_path):
+    """What a task recorded as a bare FileNotFoundError, TypeError or FileExistsError (and with a link, after
+    building the model), and a shard count named as the --tasks of another command."""
+    from spherinator.errors import ConfigError, OutputError
+
+    _, checkpoint = trained
+    run = run_dir_of(trained, tmp_path)
+    good = (run / "config.yaml").read_text()
+    for text, message in ((None, "cannot be read as YAML"), ("- a list\n", "holds list, not a config"),
+                          ("{{{: x\n", "cannot be read as YAML"), ("", "holds NoneType")):  # fmt: skip
+        (run / "config.yaml").unlink(missing_ok=True)
+        if text is not None:
+            (run / "config.yaml").write_text(text)
+        with pytest.raises(ConfigError, match=message):
+            predict.embed_run(run, str(checkpoint))
+    (run / "config.yaml").write_text(good)
+    (run / "embeddings").write_text("in the way")
+    with pytest.raises(OutputError, match="is a file, where this run's embeddings go; move it away"):
+        predict.embed_run(run, str(checkpoint))
+    (run / "embeddings").unlink()
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "keep.txt").write_text("keep")
+    (run / "embeddings").symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(OutputError, match="is a link"):
+        predict.embed_run(run, str(checkpoint))
+    assert (tmp_path / "elsewhere" / "keep.txt").read_text() == "keep"
+    (run / "embeddings").unlink()
+    with pytest.raises(launch.SubmitError, match=f"--predict-shards {ROWS + 1}: give 1 to {ROWS}"):
+        predict.embed_run(run, str(checkpoint), shards=ROWS + 1)
+
+
+def test_a_row_column_of_the_data_is_not_written_twice(trained, tmp_path):
+    config, checkpoint = trained
+    out, args = plan_dir(tmp_path, config, checkpoint, tasks=2)
+    content = json.loads((out / EMBEDDING_SET_NAME).read_text())
+    content["row_column"] = "id"  # a column the data gives too
+    (out / EMBEDDING_SET_NAME).write_text(json.dumps(content))
+    with pytest.raises(predict.DataError, match="already have a column 'id'"):
+        predict.write_shard(out, 0, args, str(checkpoint))
+    assert sorted(p.name for p in out.iterdir()) == [EMBEDDING_SET_NAME]
+
+
+def test_predict_after_training_is_checked_against_the_data_at_submit(tmp_path, image_dataset, capsys, no_queue):  # noqa: F811
+    """More shards than rows, or run dirs inside the data (a requeued task read its shards as data): refused before
+    anything is written or queued, not found by the task after training."""
+    from tests.test_submit import tiny_config
+
+    config = tiny_config(tmp_path, image_dataset)
+    refused = [
+        (["--predict-shards", "97"], "--predict-shards 97: give 1 to 96"),
+        (["--run-root", str(image_dataset / "runs")], "is inside the data under"),
+    ]
+    for flags, message in refused:
+        with pytest.raises(SystemExit):
+            main(["-c", str(config), "--run-root", str(tmp_path / "runs"), "--name", "a", "--predict", *flags])
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, err
+    assert not (tmp_path / "runs").exists() and not (image_dataset / "runs").exists()

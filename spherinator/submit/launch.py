@@ -26,7 +26,13 @@ from spherinator.submit.monitor import (
     status,
     task_rows,
 )
-from spherinator.submit.predict import EMBEDDINGS_DIR, PredictTask, check_onnx_encoder, plan_embedding_set
+from spherinator.submit.predict import (
+    EMBEDDINGS_DIR,
+    PredictTask,
+    check_onnx_encoder,
+    check_predict_target,
+    plan_embedding_set,
+)
 from spherinator.submit.records import (
     COMPLETED,
     MANIFEST_NAME,
@@ -402,6 +408,10 @@ def submit(ns: argparse.Namespace, overrides: list[str]) -> int:
             configs, overrides, task, resources, sweep_dir / task.name, name,
             validate=not ns.no_validate,
         )  # fmt: skip
+        if ns.predict:
+            check_predict_target(
+                composed[task.index].text, sweep_dir / task.name, ns.predict_shards, not ns.no_validate
+            )
         print(f"checked task {task.index} {task.name}", file=sys.stderr)
     # What a task runs beyond `spherinator fit` of the same files: said once, before anything is queued.
     print(f"the launcher sets, on top of `spherinator fit` of these files ({tasks[0].name}):", file=sys.stderr)

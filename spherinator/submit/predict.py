@@ -99,19 +99,19 @@ def _shard_segments(segments: list[Segment], bases: dict[tuple[int, int], int]) 
     return [ShardSegment(s.file, s.group, s.start, s.stop, bases[(s.file, s.group)] + s.start) for s in segments]
 
 
-def plan_embedding_set(datamodule: Any, tasks: int | None = None) -> EmbeddingSet:
+def plan_embedding_set(datamodule: Any, tasks: int | None = None, flag: str = "--tasks") -> EmbeddingSet:
     """The shards of ``datamodule``'s predict split over ``tasks`` array tasks (default: one per row group, at most
     :data:`MAX_DEFAULT_TASKS`), and which rows each holds.
 
     Raises:
-        SubmitError: more tasks than rows, or fewer than one.
+        SubmitError: more tasks than rows, or fewer than one (named as the option ``flag`` that gave them).
     """
     index = datamodule.index
     total = index.num_rows
     if tasks is None:
         tasks = max(1, min(MAX_DEFAULT_TASKS, sum(1 for _, _, rows in index.groups if rows)))
     if not 1 <= tasks <= total:
-        raise SubmitError(f"--tasks {tasks}: give 1 to {total} (the rows under {str(index.path)!r})")
+        raise SubmitError(f"{flag} {tasks}: give 1 to {total} (the rows under {str(index.path)!r})")
     bases = _row_bases(index.groups)
     shards = []
     for k in range(tasks):
@@ -217,6 +217,8 @@ def _write(path: Path, batches: Iterator[Any], encode: Callable[[Any], Any], ids
             if n <= 0:  # the plan's repeated rows, past this shard's own
                 break
             table = prediction_table(encode(batch)).slice(0, n)
+            if column in table.column_names:  # two columns of one name: no reader tells them apart
+                raise DataError(f"the embeddings already have a column '{column}' (the row id's); rename that column")
             table = table.append_column(column, pa.array(ids[done : done + n]))
             if writer is None:
                 writer = pq.ParquetWriter(path, table.schema)
@@ -300,7 +302,9 @@ def embed_run(run_dir: str | Path, checkpoint: str, shards: int | None = None) -
     planned and writes only the shards not yet whole. A set planned with another checkpoint is planned anew.
 
     Raises:
-        DataError, OutputError, SubmitError: as :func:`write_shards` and :func:`plan_embedding_set`.
+        DataError, OutputError, SubmitError: as :func:`write_shards` and :func:`plan_embedding_set`; OutputError
+            also where ``run_dir/embeddings`` is a file or a link to be planned anew, or cannot be written.
+        ConfigError: as :func:`run_config_args`.
     """
     from spherinator.runs import build
 
@@ -308,30 +312,90 @@ def embed_run(run_dir: str | Path, checkpoint: str, shards: int | None = None) -
     embeddings, cli_args = Path(run_dir) / EMBEDDINGS_DIR, run_config_args(run_dir)
     plan = _plan_of(embeddings, checkpoint)
     if plan is None:
+        _check_replaceable(embeddings)
         _, datamodule = build(cli_args, checkpoint)
-        plan = plan_embedding_set(datamodule, shards)
+        plan = plan_embedding_set(datamodule, shards, "--predict-shards")
         plan.checkpoint = checkpoint
         shutil.rmtree(embeddings, ignore_errors=True)  # shards of another checkpoint's model
-        embeddings.mkdir(parents=True)
-        write_embedding_set(embeddings, plan)
+        try:
+            embeddings.mkdir(parents=True)
+            write_embedding_set(embeddings, plan)
+        except OSError as err:
+            raise OutputError(
+                f"cannot write '{embeddings}' ({err.strerror or err}); free space or make it writable"
+            ) from err
     write_shards(embeddings, cli_args, checkpoint)
     written = plan.written(embeddings)
+    if len(written) != len(plan.shards):  # each shard is checked as it is written: a file changed under us
+        missing = next(shard for shard in plan.shards if shard not in written)
+        raise DataError(f"{missing.file} in {embeddings} is not whole after writing it: "
+                        f"{plan.damage(embeddings, missing)}")  # fmt: skip
     return EmbeddingsResult(
         str(embeddings), checkpoint, len(written), len(plan.shards), sum(shard.rows for shard in written),
         round(time.monotonic() - started, 1),
     )  # fmt: skip
 
 
+def _check_replaceable(embeddings: Path) -> None:
+    """Refuse to plan a new set where ``embeddings`` is no directory of this run (a file, or a link: what it points
+    to is not this run's to clear)."""
+    if embeddings.is_symlink() or embeddings.exists() and not embeddings.is_dir():
+        what = "a link" if embeddings.is_symlink() else "a file"
+        raise OutputError(f"'{embeddings}' is {what}, where this run's embeddings go; move it away")
+
+
 def run_config_args(run_dir: str | Path) -> list[str]:
     """``-c`` of a task's ``config.yaml`` (the config ``spherinator fit`` ran) as :func:`spherinator.runs.build`
     takes it: without the keys of the ``fit`` subcommand itself (``ckpt_path``, ``weights_only``), which a config of
-    no subcommand does not accept."""
+    no subcommand does not accept.
+
+    Raises:
+        ConfigError: the run dir has no ``config.yaml``, or it is no YAML mapping.
+    """
     import yaml
 
-    config = yaml.safe_load((Path(run_dir) / "config.yaml").read_text())
+    from spherinator.errors import ConfigError
+
+    path = Path(run_dir) / "config.yaml"
+    try:
+        config = yaml.safe_load(path.read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
+        why = getattr(err, "strerror", None) or str(err).splitlines()[0]
+        raise ConfigError(f"'{path}' cannot be read as YAML ({why}); restore the run's config.yaml") from err
+    if not isinstance(config, dict):
+        raise ConfigError(f"'{path}' holds {type(config).__name__}, not a config; restore the run's config.yaml")
     for key in _FIT_ONLY_KEYS:
         config.pop(key, None)
     return ["-c", yaml.safe_dump(config, sort_keys=False)]
+
+
+def check_predict_target(config_text: str, run_dir: Path, shards: int | None, count_rows: bool = True) -> None:
+    """For ``--predict``, before anything is queued: the task of ``config_text`` (its composed config) would write
+    its embeddings outside the data it reads, and (``count_rows``) that data holds at least ``shards`` rows. A data
+    path that is no local path (a Hub dataset id, another DataModule's argument) is left to the task.
+
+    Raises:
+        SubmitError: naming the run dir or ``--predict-shards`` and the data.
+    """
+    import yaml
+
+    data = yaml.safe_load(config_text).get("data")
+    path = (data.get("init_args") or {}).get("path") if isinstance(data, dict) else None
+    if not isinstance(path, str) or not Path(path).exists():
+        return
+    root = Path(path).resolve()
+    root = root if root.is_dir() else root.parent
+    if run_dir.resolve().is_relative_to(root):  # the index reads every .parquet below the data: the shards too
+        raise SubmitError(f"--run-root: the run dir '{run_dir}' is inside the data under '{root}', whose embedding "
+                          "shards a requeued task would read as data; give a run root outside it")  # fmt: skip
+    if count_rows and shards is not None:
+        import pyarrow.parquet as pq
+
+        from spherinator.data.reader import find_parquet_files
+
+        rows = sum(pq.read_metadata(file).num_rows for file in find_parquet_files(path))
+        if shards > rows:
+            raise SubmitError(f"--predict-shards {shards}: give 1 to {rows} (the rows under {path!r})")
 
 
 def _plan_of(embeddings: Path, checkpoint: str) -> EmbeddingSet | None:
@@ -440,12 +504,22 @@ def check_onnx_encoder(onnx_dir: str | Path, datamodule: Any) -> None:
         takes = ", ".join(f"{i.name} {i.shape}" for i in inputs)
         raise SubmitError(f"--onnx {onnx_dir}: encoder.onnx takes {takes}, the data gives batches of {list(x.shape)}; "
                           f"{fix}")  # fmt: skip
-    try:
-        session.run(None, {inputs[0].name: x})
-    except Exception as err:
-        raise SubmitError(
-            f"--onnx {onnx_dir}: encoder.onnx fails on the data's first batch ({_first_line(err)}); {fix}"
-        ) from err
+    outputs = session.get_outputs()
+    if len(outputs) != 1 or isinstance(shape[0], int) and len(x) > 1:  # each task's last batch is shorter
+        gives = ", ".join(f"{o.name} {o.shape}" for o in outputs)
+        raise SubmitError(f"--onnx {onnx_dir}: encoder.onnx takes {inputs[0].shape} and gives {gives}, where each "
+                          f"batch needs a free batch axis and one output, the location; {fix}")  # fmt: skip
+    for rows in (x, x[:1]):  # the full first batch and one row: a graph that fixes the batch inside fails one
+        try:
+            (location,) = session.run(None, {inputs[0].name: rows})
+        except Exception as err:
+            raise SubmitError(
+                f"--onnx {onnx_dir}: encoder.onnx fails on a batch of {len(rows)} of the data's rows "
+                f"({_first_line(err)}); {fix}"
+            ) from err
+        if location.ndim != 2 or len(location) != len(rows):
+            raise SubmitError(f"--onnx {onnx_dir}: encoder.onnx gives {list(location.shape)} for a batch of "
+                              f"{len(rows)} rows, not one location per row; {fix}")  # fmt: skip
 
 
 def _first_line(err: BaseException) -> str:

@@ -688,4 +688,51 @@ def read_embedding_set(directory: str | Path) -> EmbeddingSet:
     path = Path(directory) / EMBEDDING_SET_NAME
     if not path.is_file():
         raise SubmitError(f"'{directory}' holds no {EMBEDDING_SET_NAME}; pass the embeddings dir of a predict sweep")
-    return from_json(EmbeddingSet, _read_json(path), path)
+    embedding_set = from_json(EmbeddingSet, _read_json(path), path)
+    problem = _inconsistency(embedding_set)
+    if problem:  # a shard file outside the dir, rows in two shards or in none: writing by it would damage data
+        raise SubmitError(f"'{path}': {problem}: it was edited by hand; restore it from a backup or submit again")
+    return embedding_set
+
+
+def _inconsistency(embedding_set: EmbeddingSet) -> str | None:
+    """What makes an embedding set's manifest other than one planned: None where its shards are plain files of its
+    directory, each numbered as placed, holding rows of the planned row groups whose ids are ``0 .. rows - 1``,
+    each in exactly one shard."""
+    if embedding_set.row_groups and len(embedding_set.row_groups) != len(embedding_set.files):
+        return f"'row_groups' lists {len(embedding_set.row_groups)} files where 'files' has {len(embedding_set.files)}"
+    names = set()
+    spans = []
+    for k, shard in enumerate(embedding_set.shards):
+        if shard.index != k:
+            return f"shard {k} has index {shard.index}"
+        if (
+            shard.file in names
+            or Path(shard.file).name != shard.file
+            or not re.fullmatch(r"[^._].*\.parquet", shard.file)
+        ):
+            return f"shard {k}'s file {shard.file!r} is not a plain .parquet name of its own in the set's dir"
+        names.add(shard.file)
+        for seg in shard.segments:
+            if not _segment_fits(seg, embedding_set.row_groups):
+                return f"shard {k} has rows {seg.start}..{seg.stop} of row group {seg.group} of file {seg.file}"
+            spans.append((seg.row, seg.row + seg.stop - seg.start))
+        if shard.rows != sum(seg.stop - seg.start for seg in shard.segments):
+            return f"shard {k} has 'rows' {shard.rows} where its segments hold other rows"
+    end = 0
+    for start, stop in sorted(spans):
+        if start != end:
+            return f"row {min(start, end)} is {'in two shards' if start < end else 'in no shard'}"
+        end = stop
+    return None if end == embedding_set.rows else f"'rows' is {embedding_set.rows} where the shards hold {end}"
+
+
+def _segment_fits(seg: ShardSegment, row_groups: list[list[int]]) -> bool:
+    """Whether ``seg`` is a row range of a planned row group (any range where the rows were not recorded)."""
+    if not 0 <= seg.start <= seg.stop:
+        return False
+    if not row_groups:
+        return True
+    return 0 <= seg.file < len(row_groups) and 0 <= seg.group < len(row_groups[seg.file]) and (
+        seg.stop <= row_groups[seg.file][seg.group]
+    )  # fmt: skip
