@@ -316,9 +316,19 @@ def open_embeddings(path: str | Path) -> Embeddings:
         raise AtlasError(f"--embeddings {given}: {len(missing)} of {len(manifest.shards)} shards are not written yet "
                          f"(first: {missing[0]}); wait for the tasks, or resubmit them with spherinator-submit "
                          "--resume")  # fmt: skip
+    if not manifest.shards or not sum(shard.rows for shard in manifest.shards):
+        raise AtlasError(f"--embeddings {given}: {EMBEDDING_SET_NAME} lists no rows; embed the data first "
+                         "(spherinator-submit predict)")  # fmt: skip
     for shard in manifest.shards:
-        meta = pq.ParquetFile(directory / shard.file).metadata
-        names = set(meta.schema.to_arrow_schema().names)
+        try:
+            meta = pq.ParquetFile(directory / shard.file).metadata
+        except (OSError, ValueError) as err:  # pyarrow's ArrowInvalid is a ValueError
+            raise AtlasError(f"--embeddings {given}: {shard.file} is no Parquet file ({err}); remove it and "
+                             "spherinator-submit --resume the run to write it again") from err  # fmt: skip
+        schema = meta.schema.to_arrow_schema()
+        names = set(schema.names)
+        if "location" in names:
+            check_location_type(schema.field("location").type, f"--embeddings {given}: {shard.file}")
         if meta.num_rows != shard.rows or not {"location", manifest.row_column} <= names:
             found = f"{meta.num_rows} rows" if meta.num_rows != shard.rows else f"no location or {manifest.row_column}"
             raise AtlasError(f"--embeddings {given}: {shard.file} holds {found}, but {EMBEDDING_SET_NAME} says "
@@ -326,3 +336,18 @@ def open_embeddings(path: str | Path) -> Embeddings:
                              "spherinator-submit --resume the run to write it again")  # fmt: skip
     shards = [directory / shard.file for shard in manifest.shards]
     return Embeddings(directory, shards, sum(shard.rows for shard in manifest.shards), manifest.row_column)
+
+
+def check_location_type(type_: Any, where: str) -> None:
+    """Refuse a ``location`` column that is no list of numbers, or of fixed size other than 3 (an embedding of a
+    model whose latent space is not S^2), in one line naming ``where``."""
+    import pyarrow as pa
+
+    is_list = pa.types.is_list(type_) or pa.types.is_large_list(type_) or pa.types.is_fixed_size_list(type_)
+    value = type_.value_type if is_list else None
+    if value is None or not (pa.types.is_floating(value) or pa.types.is_integer(value)):
+        raise AtlasError(f"{where}: its location column is {type_}, not a list of 3 numbers per row; give the "
+                         "embeddings spherinator-submit predict wrote")  # fmt: skip
+    if pa.types.is_fixed_size_list(type_) and type_.list_size != 3:
+        raise AtlasError(f"{where}: its locations are {type_.list_size}-d, but the atlas maps the sphere S^2 (z_dim "
+                         "3); give the embeddings of a model with z_dim 3 (the atlas's model)")  # fmt: skip
