@@ -40,12 +40,15 @@ class ParquetRows:
         path: Directory holding the Parquet files (searched recursively), or one ``.parquet`` file.
         columns: Column names to load, the model input first; None: the first column that can be a tensor.
         batch_size: Rows per batch.
+        page_checksums: When the page checksums are verified, as the DataModule's option of that name.
     """
 
-    def __init__(self, path: str | Path, columns: list[str] | None = None, batch_size: int = 32) -> None:
+    def __init__(self, path: str | Path, columns: list[str] | None = None, batch_size: int = 32,
+                 page_checksums: str = "first_read") -> None:  # fmt: skip
         self.path = Path(path)
         self.columns = list(columns) if columns is not None else None
         self.batch_size = batch_size
+        self.page_checksums = page_checksums
         self.return_dict = True
         self._reader: Any = None
 
@@ -74,7 +77,8 @@ class ParquetRows:
             raise DataError(f"column {first.name!r} holds {first.kind} values, so it cannot be the model input (the "
                             "first of `columns`); put an array column first, e.g. columns: [data]")  # fmt: skip
         segments = [Segment(f, g, 0, rows) for f, g, rows in index.groups if rows]
-        self._reader = ParquetReader(index, segments, batch_size=self.batch_size, shuffle=False)
+        self._reader = ParquetReader(index, segments, batch_size=self.batch_size, shuffle=False,
+                                     page_checksums=self.page_checksums)  # fmt: skip
 
     def split_rows(self, split: str) -> int:
         """Rows of the data (every split of the atlas is ``predict``: all rows)."""
@@ -151,7 +155,7 @@ def _plain_init_args(section: dict[str, Any]) -> tuple[dict[str, Any] | None, st
     if section.get("class_path") not in DATAMODULES:
         return None, f"the data are {section.get('class_path')}, not spherinator.data.DataModule"
     init = dict(section.get("init_args") or {})
-    unknown = sorted(set(init) - PREDICT_NEUTRAL - {"path", "columns", "batch_size"})
+    unknown = sorted(set(init) - PREDICT_NEUTRAL - {"path", "columns", "batch_size", "page_checksums"})
     if unknown:
         return None, f"the data set {', '.join(unknown)}"
     columns = init.get("columns")
@@ -168,7 +172,10 @@ def _plain_init_args(section: dict[str, Any]) -> tuple[dict[str, Any] | None, st
         return None, "its path is no local file or directory (a Hub dataset id is read through datasets)"
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         return None, f"its batch_size {batch_size!r} is not a whole number >= 1"
-    return {"path": Path(path).expanduser(), "columns": names, "batch_size": batch_size}, ""
+    plain = {"path": Path(path).expanduser(), "columns": names, "batch_size": batch_size}
+    if "page_checksums" in init:  # a run's config.yaml names it (ParquetReader checks the value)
+        plain["page_checksums"] = init["page_checksums"]
+    return plain, ""
 
 
 def compose_data_args(cli_args: list[str], default_config: Path | None = None) -> tuple[list[str], list[str]]:
