@@ -190,3 +190,14 @@ def test_the_catalog_of_shards_keeps_their_row_ids_and_places_no_null_location(t
     (tmp_path / "atlas-2").mkdir()
     with pytest.raises(AtlasError, match=r"shard-00000.parquet': a location holds 2 values, not 3"):
         write_embedding_catalog(embedded.shards, embedded.rows, tmp_path / "atlas-2", 1, progress=False)
+
+
+def test_an_atlas_inside_its_embeddings_is_refused(tmp_path):
+    # (before: -o <run>/embeddings/atlas was written there, its catalog.parquet beside the shards)
+    from spherinator.atlas import write_atlas
+
+    run = embedding_set(tmp_path / "run", [pa.table({"location": locations([[1, 0, 0]]), "row": [0]})])
+    for out in (run / "embeddings" / "atlas", run / "embeddings" / "deeper" / "atlas"):
+        with pytest.raises(AtlasError, match=r"is inside the embeddings .*, where its catalog.parquet would join"):
+            write_atlas(tmp_path / "no-model", out=out, embeddings=run, workers=1)
+    assert sorted(p.name for p in (run / "embeddings").iterdir()) == ["_manifest.json", "shard-00000.parquet"]

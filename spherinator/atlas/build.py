@@ -30,7 +30,13 @@ from spherinator.atlas import AtlasError
 from spherinator.atlas.catalog import add_row_columns, reads_files, write_catalog, write_embedding_catalog
 from spherinator.atlas.hips import ALLSKY_ORDER, write_hips
 from spherinator.atlas.model import SphereModel, open_model
-from spherinator.atlas.options import AtlasOptions, check_data_path, check_out, resolve_run_data
+from spherinator.atlas.options import (
+    AtlasOptions,
+    check_data_path,
+    check_embeddings_path,
+    check_out,
+    resolve_run_data,
+)
 from spherinator.atlas.page import ATLAS_JSON, find_aladin_lite, place_aladin_lite, write_index
 from spherinator.atlas.render import UNIT_RANGE, TileRenderer, value_range
 from spherinator.atlas.sky import cell_centres, cells, unit_to_radec
@@ -122,6 +128,7 @@ def build_atlas(
                              "--data.* (or --embeddings, to encode the data)")  # fmt: skip
         embeddings = open_embeddings(options.embeddings)
         check_out(out, options.overwrite, [embeddings.directory])
+        check_embeddings_path(out, embeddings.directory)
     aladin_source = find_aladin_lite(options.aladin_lite)
     model = open_model(path, device=options.device, trust=options.trust)
     check_out(out, options.overwrite, [p for p in (model.checkpoint, model.onnx_dir, model.config) if p])
