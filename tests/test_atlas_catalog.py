@@ -201,3 +201,19 @@ def test_an_atlas_inside_its_embeddings_is_refused(tmp_path):
         with pytest.raises(AtlasError, match=r"is inside the embeddings .*, where its catalog.parquet would join"):
             write_atlas(tmp_path / "no-model", out=out, embeddings=run, workers=1)
     assert sorted(p.name for p in (run / "embeddings").iterdir()) == ["_manifest.json", "shard-00000.parquet"]
+
+
+def test_embeddings_of_another_model_are_said(tmp_path):
+    # (before: the catalog of one model's embeddings was drawn over another model's sphere without a word)
+    from spherinator.atlas.build import _made_by_another
+    from spherinator.atlas.model import SphereModel
+    from spherinator.atlas.source import Embeddings
+
+    model = SphereModel(input_shape=(3, 8, 8), z_dim=3, name="run", checkpoint=tmp_path / "a.ckpt")
+    embedded = Embeddings(tmp_path, [], 1, "row", (str(tmp_path / "b.ckpt"),))
+    assert (
+        "embedded by " + str(tmp_path / "b.ckpt") + ", not by this atlas's model"
+        in _made_by_another(model, embedded)[0]
+    )
+    assert _made_by_another(model, Embeddings(tmp_path, [], 1, "row", (str(tmp_path / "x" / ".." / "a.ckpt"),))) == []
+    assert _made_by_another(model, Embeddings(tmp_path, [], 1, "row")) == []  # the manifest names none

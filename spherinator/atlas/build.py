@@ -134,8 +134,8 @@ def build_atlas(
     check_out(out, options.overwrite, [p for p in (model.checkpoint, model.onnx_dir, model.config) if p])
     check_export_passed(model)
     if embeddings is not None:
-        source, added, notes = embeddings, [], [f"catalog from the {embeddings.rows:,} rows embedded in "
-                                                f"{embeddings.directory}"]  # fmt: skip
+        notes = [f"catalog from the {embeddings.rows:,} rows embedded in {embeddings.directory}"]
+        source, added, notes = embeddings, [], notes + _made_by_another(model, embeddings)
     else:
         source, added, notes = _open_data(model, out, data_args or [])
     for note in notes:
@@ -152,6 +152,16 @@ def build_atlas(
         replace_dir(staging, out)
     say(f"atlas: wrote {out} (view it: spherinator atlas serve {out})")
     return {**info, "path": str(out)}
+
+
+def _made_by_another(model: SphereModel, embeddings: Embeddings) -> list[str]:
+    """A note when the manifest names the model that embedded the rows and it is not the atlas's: the catalog's
+    places are that model's, the HiPS this one's."""
+    ours = {p.resolve() for p in (model.checkpoint, model.onnx_dir) if p is not None}
+    if not embeddings.made_by or any(Path(p).resolve() in ours for p in embeddings.made_by):
+        return []
+    return [f"the rows were embedded by {' and '.join(embeddings.made_by)}, not by this atlas's model: the catalog "
+            "places them where that model does; draw the atlas of that model for the two to agree"]  # fmt: skip
 
 
 def _open_data(model: SphereModel, out: Path, data_args: list[str]) -> tuple[Any, list[str], list[str]]:

@@ -285,12 +285,14 @@ class Embeddings:
         shards: Their files, in order of row ids.
         rows: Rows over all shards (row ids ``0 .. rows - 1``).
         row_column: The shards' row id column.
+        made_by: The checkpoint and ONNX export the manifest says embedded the rows (those it names).
     """
 
     directory: Path
     shards: list[Path]
     rows: int
     row_column: str
+    made_by: tuple[str, ...] = ()
 
 
 def open_embeddings(path: str | Path) -> Embeddings:
@@ -342,7 +344,8 @@ def open_embeddings(path: str | Path) -> Embeddings:
                              f"{shard.rows} rows of location and {manifest.row_column}; remove the shard and "
                              "spherinator-submit --resume the run to write it again")  # fmt: skip
     shards = [directory / shard.file for shard in manifest.shards]
-    return Embeddings(directory, shards, sum(shard.rows for shard in manifest.shards), manifest.row_column)
+    made_by = tuple(p for p in (manifest.checkpoint, manifest.onnx) if p)
+    return Embeddings(directory, shards, sum(shard.rows for shard in manifest.shards), manifest.row_column, made_by)
 
 
 def check_location_type(type_: Any, where: str) -> None:
