@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import itertools
 import os
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-import torch
+import numpy as np
 
 from spherinator.data.layout import DataError
 
@@ -58,19 +59,30 @@ class ChecksumMemory:
         self.files = list(files)
         self.stamps = list(stamps)
         self.first = [0, *itertools.accumulate(groups)]  # the flag of row group g of file f: first[f] + g
-        # allocated before any worker starts: forked workers inherit it, spawned ones receive it by torch's pickler
-        self.flags = torch.zeros(self.first[-1], dtype=torch.uint8).share_memory_()
+        # allocated before any worker starts: forked workers inherit it, spawned ones receive it by torch's pickler.
+        # A process without torch loaded has no DataLoader workers (the atlas of an ONNX export reads in numpy and
+        # imports no torch): its flags are its own.
+        if "torch" in sys.modules:
+            import torch
+
+            self.flags = torch.zeros(self.first[-1], dtype=torch.uint8).share_memory_()
+        else:
+            self.flags = np.zeros(self.first[-1], dtype=np.uint8)
 
     def needed(self, file: int, group: int) -> bool:
         """Whether row group ``group`` of file number ``file`` must be read verified: not yet read so, or its file
         is not the one scanned (an ``os.stat``, a microsecond against milliseconds of reading)."""
-        if not self.flags.numpy()[self.first[file] + group]:
+        if not self._array()[self.first[file] + group]:
             return True
         return file_stamp(self.files[file]) != self.stamps[file]
 
     def verified(self, file: int, group: int) -> None:
         """Row group ``group`` of file number ``file`` was just read with its checksums verified."""
-        self.flags.numpy()[self.first[file] + group] = 1
+        self._array()[self.first[file] + group] = 1
+
+    def _array(self) -> np.ndarray:
+        """The flags as a numpy array (a view of the shared tensor's memory)."""
+        return self.flags if isinstance(self.flags, np.ndarray) else self.flags.numpy()
 
     def count(self) -> int:
         """Row groups read verified so far."""
