@@ -1143,3 +1143,15 @@ def test_the_run_machinery_names_the_export_report_as_the_export_writes_it():
     from spherinator.runs import EXPORT_REPORT
 
     assert EXPORT_REPORT == REPORT_NAME  # runs.py names it too, so that reading a run imports no torch
+
+
+def test_a_runs_config_with_page_checksums_is_read_without_torch(blobs):
+    # (before: every run's config.yaml names page_checksums, so `-c <run>/config.yaml` fell back to torch)
+    from spherinator.atlas.source import ParquetRows, plain_section
+
+    section = {"class_path": "spherinator.data.DataModule",
+               "init_args": {"path": str(blobs), "batch_size": 40, "page_checksums": "every_read"}}  # fmt: skip
+    init, why = plain_section(["--config=" + yaml.safe_dump({"data": section})])
+    assert (init, why) == ({"path": blobs, "columns": None, "batch_size": 40, "page_checksums": "every_read"}, "")
+    rows = ParquetRows(**init)
+    assert [len(b["data"]) for b in rows.predict_dataloader()] == [40, 40] and rows._reader.every_read

@@ -129,3 +129,91 @@ def test_bad_embeddings_are_one_line(tmp_path):
     pq.write_table(pa.table({"location": z4}), tmp_path / "z4.parquet")
     with pytest.raises(AtlasError, match=r"not a fixed-size list of 3"):
         write_progressive_catalog(tmp_path / "z4.parquet", tmp_path / "out")
+
+
+def embedding_set(directory: Path, tables: list[pa.Table]) -> Path:
+    """``tables`` as the shards of a ``spherinator-submit predict`` run (``directory/embeddings``, manifest)."""
+    from spherinator.submit.records import EmbeddingSet, EmbeddingShard, write_embedding_set
+
+    (directory / "embeddings").mkdir(parents=True)
+    shards = []
+    for k, table in enumerate(tables):
+        shards.append(EmbeddingShard(k, f"shard-{k:05d}.parquet", table.num_rows))
+        pq.write_table(table, directory / "embeddings" / shards[-1].file)
+    rows = sum(t.num_rows for t in tables)
+    write_embedding_set(directory / "embeddings", EmbeddingSet(str(directory), [], [], rows, 8, shards))
+    return directory
+
+
+def locations(values: list, type_: pa.DataType | None = None) -> pa.Array:
+    return pa.array(values, type_ or pa.list_(pa.float32(), 3))
+
+
+def test_bad_predict_shards_are_one_line_before_any_work(tmp_path):
+    # (before: a 4-d, 2-d or string location, a shard that is no Parquet file and a manifest of no rows went on to
+    # the catalog, ending in a traceback there: reshape, "expected length 80 but got 40", "magic bytes")
+    from spherinator.atlas.source import open_embeddings
+
+    def refused(name: str, table: pa.Table | None, match: str) -> None:
+        run = embedding_set(tmp_path / name, [table] if table is not None else [])
+        with pytest.raises(AtlasError, match=match):
+            open_embeddings(run)
+
+    z6 = pa.FixedSizeListArray.from_arrays(pa.array(np.ones(12, np.float32)), 6)
+    refused("z6", pa.table({"location": z6, "row": [0, 1]}), r"shard-00000.parquet: its locations are 6-d, but")
+    refused("text", pa.table({"location": ["1,2,3"], "row": [0]}), r"location column is string, not a list of 3")
+    refused("none", None, r"_manifest.json lists no rows; embed the data first")
+    run = embedding_set(tmp_path / "garbage", [pa.table({"location": locations([[1, 0, 0]]), "row": [0]})])
+    (run / "embeddings" / "shard-00000.parquet").write_bytes(b"")
+    with pytest.raises(AtlasError, match=r"shard-00000.parquet is no Parquet file \(.*\); remove it and"):
+        open_embeddings(run)
+
+
+def test_the_catalog_of_shards_keeps_their_row_ids_and_places_no_null_location(tmp_path):
+    # (before: a shard's rows were numbered by position, so hand-shuffled rows got the wrong row ids; a null
+    # location was dropped, shifting every later row; a list of other length than 3 was a reshape traceback)
+    from spherinator.atlas.catalog import write_embedding_catalog
+    from spherinator.atlas.source import open_embeddings
+
+    variable = pa.list_(pa.float64())
+    first = pa.table({"location": locations([[0, 0, 1], None, [1, 0, 0]]), "id": [12, 11, 10], "row": [2, 1, 0]})
+    second = pa.table({"location": locations([[0, 1, 0], [0, 0, -2]], variable), "id": [13, 14], "row": [3, 4]})
+    embedded = open_embeddings(embedding_set(tmp_path / "run", [first, second]))
+    (tmp_path / "atlas").mkdir()
+    summary = write_embedding_catalog(embedded.shards, embedded.rows, tmp_path / "atlas", 1, progress=False)
+    catalog = pq.read_table(tmp_path / "atlas" / "catalog.parquet")
+    assert catalog["row"].to_pylist() == [2, 1, 0, 3, 4] and catalog["id"].to_pylist() == [12, 11, 10, 13, 14]
+    assert catalog["dec"].to_pylist()[0] == pytest.approx(90) and np.isnan(catalog["dec"].to_pylist()[1])
+    assert catalog["dec"].to_pylist()[4] == pytest.approx(-90) and "1 of 5 rows have a zero" in summary["notes"][0]
+    short = pa.table({"location": locations([[0, 1, 0], [0, 1]], variable), "row": [0, 1]})
+    embedded = open_embeddings(embedding_set(tmp_path / "short", [short]))
+    (tmp_path / "atlas-2").mkdir()
+    with pytest.raises(AtlasError, match=r"shard-00000.parquet': a location holds 2 values, not 3"):
+        write_embedding_catalog(embedded.shards, embedded.rows, tmp_path / "atlas-2", 1, progress=False)
+
+
+def test_an_atlas_inside_its_embeddings_is_refused(tmp_path):
+    # (before: -o <run>/embeddings/atlas was written there, its catalog.parquet beside the shards)
+    from spherinator.atlas import write_atlas
+
+    run = embedding_set(tmp_path / "run", [pa.table({"location": locations([[1, 0, 0]]), "row": [0]})])
+    for out in (run / "embeddings" / "atlas", run / "embeddings" / "deeper" / "atlas"):
+        with pytest.raises(AtlasError, match=r"is inside the embeddings .*, where its catalog.parquet would join"):
+            write_atlas(tmp_path / "no-model", out=out, embeddings=run, workers=1)
+    assert sorted(p.name for p in (run / "embeddings").iterdir()) == ["_manifest.json", "shard-00000.parquet"]
+
+
+def test_embeddings_of_another_model_are_said(tmp_path):
+    # (before: the catalog of one model's embeddings was drawn over another model's sphere without a word)
+    from spherinator.atlas.build import _made_by_another
+    from spherinator.atlas.model import SphereModel
+    from spherinator.atlas.source import Embeddings
+
+    model = SphereModel(input_shape=(3, 8, 8), z_dim=3, name="run", checkpoint=tmp_path / "a.ckpt")
+    embedded = Embeddings(tmp_path, [], 1, "row", (str(tmp_path / "b.ckpt"),))
+    assert (
+        "embedded by " + str(tmp_path / "b.ckpt") + ", not by this atlas's model"
+        in _made_by_another(model, embedded)[0]
+    )
+    assert _made_by_another(model, Embeddings(tmp_path, [], 1, "row", (str(tmp_path / "x" / ".." / "a.ckpt"),))) == []
+    assert _made_by_another(model, Embeddings(tmp_path, [], 1, "row")) == []  # the manifest names none

@@ -30,7 +30,13 @@ from spherinator.atlas import AtlasError
 from spherinator.atlas.catalog import add_row_columns, reads_files, write_catalog, write_embedding_catalog
 from spherinator.atlas.hips import ALLSKY_ORDER, write_hips
 from spherinator.atlas.model import SphereModel, open_model
-from spherinator.atlas.options import AtlasOptions, check_data_path, check_out, resolve_run_data
+from spherinator.atlas.options import (
+    AtlasOptions,
+    check_data_path,
+    check_embeddings_path,
+    check_out,
+    resolve_run_data,
+)
 from spherinator.atlas.page import ATLAS_JSON, find_aladin_lite, place_aladin_lite, write_index
 from spherinator.atlas.render import UNIT_RANGE, TileRenderer, value_range
 from spherinator.atlas.sky import cell_centres, cells, unit_to_radec
@@ -122,13 +128,14 @@ def build_atlas(
                              "--data.* (or --embeddings, to encode the data)")  # fmt: skip
         embeddings = open_embeddings(options.embeddings)
         check_out(out, options.overwrite, [embeddings.directory])
+        check_embeddings_path(out, embeddings.directory)
     aladin_source = find_aladin_lite(options.aladin_lite)
     model = open_model(path, device=options.device, trust=options.trust)
     check_out(out, options.overwrite, [p for p in (model.checkpoint, model.onnx_dir, model.config) if p])
     check_export_passed(model)
     if embeddings is not None:
-        source, added, notes = embeddings, [], [f"catalog from the {embeddings.rows:,} rows embedded in "
-                                                f"{embeddings.directory}"]  # fmt: skip
+        notes = [f"catalog from the {embeddings.rows:,} rows embedded in {embeddings.directory}"]
+        source, added, notes = embeddings, [], notes + _made_by_another(model, embeddings)
     else:
         source, added, notes = _open_data(model, out, data_args or [])
     for note in notes:
@@ -145,6 +152,16 @@ def build_atlas(
         replace_dir(staging, out)
     say(f"atlas: wrote {out} (view it: spherinator atlas serve {out})")
     return {**info, "path": str(out)}
+
+
+def _made_by_another(model: SphereModel, embeddings: Embeddings) -> list[str]:
+    """A note when the manifest names the model that embedded the rows and it is not the atlas's: the catalog's
+    places are that model's, the HiPS this one's."""
+    ours = {p.resolve() for p in (model.checkpoint, model.onnx_dir) if p is not None}
+    if not embeddings.made_by or any(Path(p).resolve() in ours for p in embeddings.made_by):
+        return []
+    return [f"the rows were embedded by {' and '.join(embeddings.made_by)}, not by this atlas's model: the catalog "
+            "places them where that model does; draw the atlas of that model for the two to agree"]  # fmt: skip
 
 
 def _open_data(model: SphereModel, out: Path, data_args: list[str]) -> tuple[Any, list[str], list[str]]:

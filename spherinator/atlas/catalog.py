@@ -246,15 +246,46 @@ def write_embedding_catalog(
         for shard in shards:
             for batch in pq.ParquetFile(shard).iter_batches():
                 data = {n: batch.column(n) for n in batch.schema.names if n not in own}
-                location = batch.column("location").flatten().to_numpy(zero_copy_only=False).reshape(-1, 3)
+                location = _shard_locations(batch.column("location"), shard)
                 scale = batch.column("scale") if "scale" in batch.schema.names else None
                 table, unit = _catalog_table(start, data, location, scale, order, names)
+                # the row ids the shard holds, not its positions: a shard's rows need not be in order
+                table = table.set_column(0, "row", _shard_rows(batch.column(row_column), shard))
                 start += batch.num_rows
                 yield table, unit, None
 
     sample = _Sample(rows, max_sources, 0, seed)
     count = sum(pq.ParquetFile(shard).metadata.num_row_groups for shard in shards)
     return _write_rows(embedded(), count, sample, _Drawing(None, None, out, order, seed, progress), names.notes)
+
+
+def _shard_locations(column: pa.Array, shard: Path) -> np.ndarray:
+    """A shard's ``location`` column as (B, 3) float64; a null row is NaN (no place on the sphere), a row of
+    another length one line naming the shard."""
+    import pyarrow.compute as pc
+
+    from spherinator.atlas.source import check_location_type
+
+    check_location_type(column.type, f"'{shard}'")
+    lengths = pc.list_value_length(column).to_numpy(zero_copy_only=False)  # NaN for a null row
+    valid = lengths == 3
+    other = lengths[~valid & ~np.isnan(lengths)]
+    if len(other):
+        raise AtlasError(f"'{shard}': a location holds {int(other[0])} values, not 3; give the embeddings of a model "
+                         "with z_dim 3, as spherinator-submit predict writes them")  # fmt: skip
+    location = np.full((len(column), 3), np.nan)
+    values = pc.list_flatten(column.filter(pa.array(valid)))
+    location[valid] = values.to_numpy(zero_copy_only=False).astype(np.float64).reshape(-1, 3)
+    return location
+
+
+def _shard_rows(column: pa.Array, shard: Path) -> pa.Array:
+    """A shard's row ids as int64, or one line naming the shard."""
+    try:
+        return column.cast(pa.int64())
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as err:
+        raise AtlasError(f"'{shard}': its row ids are {column.type}, not whole numbers ({err}); give the "
+                         "embeddings spherinator-submit predict wrote") from err  # fmt: skip
 
 
 @dataclass

@@ -140,6 +140,14 @@ def check_data_path(out: Path, datamodule: Any) -> None:
         raise AtlasError(f"-o {out} holds the data '{data}'; give the atlas a directory of its own")
 
 
+def check_embeddings_path(out: Path, embeddings: Path) -> None:
+    """Refuse an atlas inside the embedding shards it is drawn from (its catalog.parquet would be read with them
+    as one more shard by whatever reads the directory)."""
+    if _inside(out, embeddings):
+        raise AtlasError(f"-o {out} is inside the embeddings '{embeddings}', where its catalog.parquet would join the "
+                         "shards; write the atlas elsewhere (default: <run dir>/atlas)")  # fmt: skip
+
+
 def resolve_run_data(datamodule: Any, run_dir: Path) -> str | None:
     """Resolve a relative data path of a run's own ``config.yaml`` against where the run was made, not against the
     current directory: ``spherinator fit`` read ``./data/demo`` from its working directory, which holds the run

@@ -40,12 +40,15 @@ class ParquetRows:
         path: Directory holding the Parquet files (searched recursively), or one ``.parquet`` file.
         columns: Column names to load, the model input first; None: the first column that can be a tensor.
         batch_size: Rows per batch.
+        page_checksums: When the page checksums are verified, as the DataModule's option of that name.
     """
 
-    def __init__(self, path: str | Path, columns: list[str] | None = None, batch_size: int = 32) -> None:
+    def __init__(self, path: str | Path, columns: list[str] | None = None, batch_size: int = 32,
+                 page_checksums: str = "first_read") -> None:  # fmt: skip
         self.path = Path(path)
         self.columns = list(columns) if columns is not None else None
         self.batch_size = batch_size
+        self.page_checksums = page_checksums
         self.return_dict = True
         self._reader: Any = None
 
@@ -74,7 +77,8 @@ class ParquetRows:
             raise DataError(f"column {first.name!r} holds {first.kind} values, so it cannot be the model input (the "
                             "first of `columns`); put an array column first, e.g. columns: [data]")  # fmt: skip
         segments = [Segment(f, g, 0, rows) for f, g, rows in index.groups if rows]
-        self._reader = ParquetReader(index, segments, batch_size=self.batch_size, shuffle=False)
+        self._reader = ParquetReader(index, segments, batch_size=self.batch_size, shuffle=False,
+                                     page_checksums=self.page_checksums)  # fmt: skip
 
     def split_rows(self, split: str) -> int:
         """Rows of the data (every split of the atlas is ``predict``: all rows)."""
@@ -151,7 +155,7 @@ def _plain_init_args(section: dict[str, Any]) -> tuple[dict[str, Any] | None, st
     if section.get("class_path") not in DATAMODULES:
         return None, f"the data are {section.get('class_path')}, not spherinator.data.DataModule"
     init = dict(section.get("init_args") or {})
-    unknown = sorted(set(init) - PREDICT_NEUTRAL - {"path", "columns", "batch_size"})
+    unknown = sorted(set(init) - PREDICT_NEUTRAL - {"path", "columns", "batch_size", "page_checksums"})
     if unknown:
         return None, f"the data set {', '.join(unknown)}"
     columns = init.get("columns")
@@ -168,7 +172,10 @@ def _plain_init_args(section: dict[str, Any]) -> tuple[dict[str, Any] | None, st
         return None, "its path is no local file or directory (a Hub dataset id is read through datasets)"
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         return None, f"its batch_size {batch_size!r} is not a whole number >= 1"
-    return {"path": Path(path).expanduser(), "columns": names, "batch_size": batch_size}, ""
+    plain = {"path": Path(path).expanduser(), "columns": names, "batch_size": batch_size}
+    if "page_checksums" in init:  # a run's config.yaml names it (ParquetReader checks the value)
+        plain["page_checksums"] = init["page_checksums"]
+    return plain, ""
 
 
 def compose_data_args(cli_args: list[str], default_config: Path | None = None) -> tuple[list[str], list[str]]:
@@ -278,12 +285,14 @@ class Embeddings:
         shards: Their files, in order of row ids.
         rows: Rows over all shards (row ids ``0 .. rows - 1``).
         row_column: The shards' row id column.
+        made_by: The checkpoint and ONNX export the manifest says embedded the rows (those it names).
     """
 
     directory: Path
     shards: list[Path]
     rows: int
     row_column: str
+    made_by: tuple[str, ...] = ()
 
 
 def open_embeddings(path: str | Path) -> Embeddings:
@@ -316,13 +325,39 @@ def open_embeddings(path: str | Path) -> Embeddings:
         raise AtlasError(f"--embeddings {given}: {len(missing)} of {len(manifest.shards)} shards are not written yet "
                          f"(first: {missing[0]}); wait for the tasks, or resubmit them with spherinator-submit "
                          "--resume")  # fmt: skip
+    if not manifest.shards or not sum(shard.rows for shard in manifest.shards):
+        raise AtlasError(f"--embeddings {given}: {EMBEDDING_SET_NAME} lists no rows; embed the data first "
+                         "(spherinator-submit predict)")  # fmt: skip
     for shard in manifest.shards:
-        meta = pq.ParquetFile(directory / shard.file).metadata
-        names = set(meta.schema.to_arrow_schema().names)
+        try:
+            meta = pq.ParquetFile(directory / shard.file).metadata
+        except (OSError, ValueError) as err:  # pyarrow's ArrowInvalid is a ValueError
+            raise AtlasError(f"--embeddings {given}: {shard.file} is no Parquet file ({err}); remove it and "
+                             "spherinator-submit --resume the run to write it again") from err  # fmt: skip
+        schema = meta.schema.to_arrow_schema()
+        names = set(schema.names)
+        if "location" in names:
+            check_location_type(schema.field("location").type, f"--embeddings {given}: {shard.file}")
         if meta.num_rows != shard.rows or not {"location", manifest.row_column} <= names:
             found = f"{meta.num_rows} rows" if meta.num_rows != shard.rows else f"no location or {manifest.row_column}"
             raise AtlasError(f"--embeddings {given}: {shard.file} holds {found}, but {EMBEDDING_SET_NAME} says "
                              f"{shard.rows} rows of location and {manifest.row_column}; remove the shard and "
                              "spherinator-submit --resume the run to write it again")  # fmt: skip
     shards = [directory / shard.file for shard in manifest.shards]
-    return Embeddings(directory, shards, sum(shard.rows for shard in manifest.shards), manifest.row_column)
+    made_by = tuple(p for p in (manifest.checkpoint, manifest.onnx) if p)
+    return Embeddings(directory, shards, sum(shard.rows for shard in manifest.shards), manifest.row_column, made_by)
+
+
+def check_location_type(type_: Any, where: str) -> None:
+    """Refuse a ``location`` column that is no list of numbers, or of fixed size other than 3 (an embedding of a
+    model whose latent space is not S^2), in one line naming ``where``."""
+    import pyarrow as pa
+
+    is_list = pa.types.is_list(type_) or pa.types.is_large_list(type_) or pa.types.is_fixed_size_list(type_)
+    value = type_.value_type if is_list else None
+    if value is None or not (pa.types.is_floating(value) or pa.types.is_integer(value)):
+        raise AtlasError(f"{where}: its location column is {type_}, not a list of 3 numbers per row; give the "
+                         "embeddings spherinator-submit predict wrote")  # fmt: skip
+    if pa.types.is_fixed_size_list(type_) and type_.list_size != 3:
+        raise AtlasError(f"{where}: its locations are {type_.list_size}-d, but the atlas maps the sphere S^2 (z_dim "
+                         "3); give the embeddings of a model with z_dim 3 (the atlas's model)")  # fmt: skip
