@@ -133,12 +133,14 @@ def test_bad_embeddings_are_one_line(tmp_path):
 
 def embedding_set(directory: Path, tables: list[pa.Table]) -> Path:
     """``tables`` as the shards of a ``spherinator-submit predict`` run (``directory/embeddings``, manifest)."""
-    from spherinator.submit.records import EmbeddingSet, EmbeddingShard, write_embedding_set
+    from spherinator.submit.records import EmbeddingSet, EmbeddingShard, ShardSegment, write_embedding_set
 
     (directory / "embeddings").mkdir(parents=True)
     shards = []
     for k, table in enumerate(tables):
-        shards.append(EmbeddingShard(k, f"shard-{k:05d}.parquet", table.num_rows))
+        first = sum(t.num_rows for t in tables[:k])  # the planner's row ids: 0 .. rows - 1 across the shards
+        segment = ShardSegment(file=0, group=k, start=0, stop=table.num_rows, row=first)
+        shards.append(EmbeddingShard(k, f"shard-{k:05d}.parquet", table.num_rows, [segment]))
         pq.write_table(table, directory / "embeddings" / shards[-1].file)
     rows = sum(t.num_rows for t in tables)
     write_embedding_set(directory / "embeddings", EmbeddingSet(str(directory), [], [], rows, 8, shards))
