@@ -239,8 +239,10 @@ def test_vae_with_error_weighted_loss_learns_spectra_with_uncertainties(tmp_path
     assert first > 100 and last < 0.2 * first, (first, last)
 
 
-def test_gaia_xp_recipe_trains_a_step_on_344_value_spectra(tmp_path):
+def test_gaia_xp_recipe_trains_a_step_on_344_value_spectra(tmp_path, monkeypatch):
     from spherinator.cli import main
+
+    monkeypatch.chdir(tmp_path)  # the default logger writes to ./runs: never into the checkout
 
     data = _spectra(tmp_path / "spectra", 16, 344)
     main(
