@@ -178,6 +178,13 @@ _NOT_ACCEPTED = re.compile(r"^Option '([^']+)' is not accepted")
 _NOT_ACCEPTED_BY_SUBCOMMAND = re.compile(r"^Subcommand '\w+' does not accept option '([^']+)'")
 
 
+# The classes LightningCLI types `model` and `data` with: init_args for them mean the config names no class yet
+_BASE_CLASSES = {
+    "LightningDataModule": "spherinator.data.DataModule",
+    "LightningModule": "spherinator.models.VariationalAutoencoder",
+}
+
+
 def _error_chain(err: BaseException) -> list[BaseException]:
     chain: list[BaseException] = []
     link: BaseException | None = err
@@ -222,7 +229,11 @@ def parse_error_line(err: ArgumentError, argv: list[str]) -> str:
     if path and path[-1] == "init_args" and class_path and not _NOT_ACCEPTED.match(reason):
         path.pop()  # the class itself is the problem, not one of its arguments
         reason = f"class_path {class_path!r}: {reason}"
-    if (unknown := _NOT_ACCEPTED.match(reason)) and class_path:
+    base = (class_path or "").rpartition(".")[2]
+    if (unknown := _NOT_ACCEPTED.match(reason)) and base in _BASE_CLASSES:
+        section = ".".join(path[:-1]) if path and path[-1] == "init_args" else "its section"
+        reason += f"; give {section}.class_path first (e.g. {_BASE_CLASSES[base]})"  # the base takes none
+    elif (unknown := _NOT_ACCEPTED.match(reason)) and class_path:
         reason += _did_you_mean(unknown.group(1), class_path)
     elif unknown := _NOT_ACCEPTED_BY_SUBCOMMAND.match(reason):
         section, _, name = unknown.group(1).rpartition(".")

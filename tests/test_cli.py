@@ -342,6 +342,18 @@ def test_a_parse_error_is_one_line_without_the_usage_text(image_dataset, tmp_pat
     assert "usage:" not in err and len(err.strip().splitlines()) == 1, err
 
 
+def test_init_args_for_a_section_without_a_class_path_asks_for_the_class_path(tmp_path, capsys):
+    # was: "data.init_args: Option 'batch_size' is not accepted; LightningDataModule takes  (see ...)": the list of
+    # what the abstract base takes was empty
+    err = one_line_error(
+        capsys,
+        ["fit", "-c", TINY, "--data.init_args.batch_size", "8"],
+        "data.init_args: Option 'batch_size' is not accepted",
+        "give data.class_path first",
+    )
+    assert "takes  " not in err, err
+
+
 def test_a_bad_z_dim_is_named_as_z_dim_not_as_the_decoder_input_dim(image_dataset, tmp_path, capsys):
     data = data_yaml(tmp_path, image_dataset)
     for z_dim in ("0", "-3"):

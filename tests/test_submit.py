@@ -507,6 +507,31 @@ def test_bad_inline_override_names_its_value(tmp_path, image_dataset, capsys, no
     assert "two" in err, err
 
 
+@pytest.mark.parametrize(
+    ("override", "says"),
+    [
+        # was: "Parser key "model": Does not validate against any of the Union subtypes Subtypes: [...] Errors: -
+        # Problem with given class_path ...": jsonargparse's nesting, where `spherinator fit` names the key
+        (
+            ["--model.init_args.z_dim", "abc"],
+            "model.init_args.z_dim: Expected an int. Got value: abc (see spherinator fit --help)",
+        ),
+        # was: "Does not validate against any of the Union subtypes Subtypes: [<class '...LightningDataModule'>, ...]
+        # Errors: - batch_size=0 must be at least 1"
+        (["--data.init_args.batch_size", "0"], "batch_size=0 must be at least 1"),
+    ],
+)
+def test_a_bad_value_in_a_task_reads_as_spherinator_fit_says_it(
+    tmp_path, image_dataset, capsys, no_queue, override, says
+):
+    config = tiny_config(tmp_path, image_dataset)
+    with pytest.raises(SystemExit):
+        main(["-c", str(config), "--run-root", str(tmp_path / "runs"), "--name", "b", *override])
+    err = capsys.readouterr().err.strip()
+    assert err.endswith(f"error: task 0 'run': {says}"), err
+    assert len(err.splitlines()) == 1 and "Union" not in err, err
+
+
 # ----------------------------------------------------------------------------------------------- submit / resume
 
 

@@ -5,10 +5,12 @@ from __future__ import annotations
 import contextlib
 import io
 import re
+from argparse import ArgumentError
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from spherinator.errors import one_line, parse_error_line, user_error
 from spherinator.submit.resources import Resources
 from spherinator.submit.sweep import SubmitError, Task
 
@@ -57,6 +59,8 @@ def parse_config(args: list[str]) -> tuple[Any, Any]:
     try:
         with contextlib.redirect_stderr(stderr):
             cli = _parse_only_cli()(args=args, run=False, parser_kwargs={"exit_on_error": False})
+    except ArgumentError as err:  # the key and the reason, as `spherinator fit` words it
+        raise ValueError(parse_error_line(err, ["fit"])) from err
     except (Exception, SystemExit) as err:
         raise ValueError(_error_text(err, stderr.getvalue())) from err
     return cli.parser, cli.config
@@ -246,7 +250,8 @@ def compose_task(
     except SubmitError:
         raise
     except Exception as err:
-        raise SubmitError(f"{label}: {_error_text(err, '')}") from err
+        cause = user_error(err)  # a class's own refusal, as `spherinator fit` shows it
+        raise SubmitError(f"{label}: {one_line(cause) if cause else _error_text(err, '')}") from err
     return ComposedTask(text, changes)
 
 
