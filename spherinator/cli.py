@@ -57,6 +57,19 @@ DEFAULT_LOGGER = {
 }
 
 
+def default_logger_under_root_dir(config: Namespace) -> None:
+    """With ``trainer.default_root_dir`` given and no logger named, the default logger writes its run (events,
+    config.yaml, checkpoints) under that directory, as Lightning's own default logger does, not under ./runs."""
+    trainer = config.get("trainer")
+    root = trainer.get("default_root_dir") if isinstance(trainer, Namespace) else None
+    logger = trainer.get("logger") if root else None
+    if not isinstance(logger, Namespace) or logger.get("class_path") != DEFAULT_LOGGER["class_path"]:
+        return
+    args = logger.get("init_args")
+    if isinstance(args, Namespace) and all(args.get(k) == v for k, v in DEFAULT_LOGGER["init_args"].items()):
+        args.save_dir = str(root)
+
+
 class RunConfigCallback(SaveConfigCallback):
     """Lightning's SaveConfigCallback, but with W&B as the (first) logger the run's ``config.yaml`` goes into the W&B
     run's own files folder, which W&B attaches to the run: Lightning would write it to the logger's ``save_dir``,
@@ -131,6 +144,7 @@ class SpherinatorCLI(LightningCLI):
             if not printing:
                 raise
             print_incomplete_config(parser, argv, err)  # exits
+        default_logger_under_root_dir(config[config.subcommand] if config.get("subcommand") else config)
         if printing:
             print_resolved_config(parser, config, argv, printing[-1])  # exits
         drop_repeated_callbacks(config[config.subcommand] if config.get("subcommand") else config)

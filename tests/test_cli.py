@@ -287,6 +287,25 @@ def fitted_checkpoint(tmp_path: Path, data: str) -> Path:
     return max((tmp_path / "runs").rglob("*.ckpt"), key=lambda p: p.stat().st_mtime)
 
 
+def test_default_root_dir_holds_the_default_loggers_run_and_checkpoints(image_dataset, tmp_path):
+    # was: --trainer.default_root_dir D changed nothing: events and checkpoints still went to ./runs/spherinator
+    data = data_yaml(tmp_path, image_dataset)
+    root = tmp_path / "scratch"
+    main(["fit", "-c", TINY, "-c", data, "--trainer.max_steps", "1", "--trainer.limit_val_batches", "0",
+          "--trainer.default_root_dir", str(root)])  # fmt: skip
+    assert not (tmp_path / "runs").exists()
+    (version,) = (root / "spherinator").glob("version_*")
+    assert list(version.glob("events.out.tfevents.*")) and list(version.glob("checkpoints/*.ckpt"))
+    assert (version / "config.yaml").is_file()
+    # a logger the config names keeps its own save_dir
+    logger = tmp_path / "logger.yaml"
+    logger.write_text("trainer:\n  logger:\n    class_path: lightning.pytorch.loggers.TensorBoardLogger\n"
+                      f"    init_args: {{save_dir: {tmp_path / 'mine'}, name: x}}\n")  # fmt: skip
+    main(["fit", "-c", TINY, "-c", data, "-c", str(logger), "--trainer.max_steps", "1",
+          "--trainer.limit_val_batches", "0", "--trainer.default_root_dir", str(root)])  # fmt: skip
+    assert list((tmp_path / "mine" / "x").glob("version_0/checkpoints/*.ckpt"))
+
+
 def test_test_without_a_test_split_says_how_to_make_one(image_dataset, tmp_path, capsys):
     data = data_yaml(tmp_path, image_dataset)
     ckpt = fitted_checkpoint(tmp_path, data)
