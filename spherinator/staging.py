@@ -2,7 +2,9 @@
 a full or read-only disk) leaves the destination as it was and no half-written files behind.
 
 ``staged_dir`` stages a directory (published whole by :func:`replace_dir`, or file by file by :func:`move_files`);
-``staged_file`` stages one file and publishes it when the block ends without error. A disk error while staging or
+``staged_file`` stages one file and publishes it when the block ends without error. Staged names carry the
+writer's host and pid: what a writer killed outright left behind is cleared by the next writer of the same
+destination on that host (:func:`remove_leftovers`). A disk error while staging or
 publishing is raised as the caller's error class, in one line naming the destination. :func:`exit_on_sigterm` lets
 a SIGTERM (Slurm's ``scancel`` and time limit, ``kill``) end a command through these blocks, so that they remove
 what they staged.
@@ -14,6 +16,7 @@ import errno
 import os
 import shutil
 import signal
+import socket
 import tempfile
 import threading
 from collections.abc import Iterable, Iterator
@@ -78,6 +81,51 @@ def _disk_error(error: type[Exception], dest: Path, err: OSError, what: str) -> 
                  "free space, or give a directory you can write")  # fmt: skip
 
 
+def _writer_tag() -> str:
+    """``<host>-<pid>``: whose staged files these are, so that a later writer on the host can tell leftovers."""
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+def _dead_writer(name: str, prefix: str) -> bool:
+    """Whether ``name`` (``<prefix><host>-<pid>...``) was staged by a process of this host that no longer runs.
+    A writer on another host cannot be asked, and a live pid may be a writer still at work: both are kept."""
+    tag = name[len(prefix) :] if name.startswith(prefix) else ""
+    host = socket.gethostname()
+    pid = tag[len(host) + 1 :].split("-", 1)[0] if tag.startswith(f"{host}-") else ""
+    if not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # alive, another user's
+        return False
+    return False
+
+
+def remove_leftovers(dest: Path) -> None:
+    """Clear what writers of ``dest`` killed outright (SIGKILL, a node lost) left beside it: their staging files
+    and directories are removed; a previous ``dest`` that :func:`replace_dir` had moved aside when the kill came,
+    with no new one published, is put back."""
+    if not dest.parent.is_dir():
+        return
+    for path in dest.parent.iterdir():
+        if _dead_writer(path.name, f".{dest.name}.old-"):
+            if dest.exists() or dest.is_symlink():
+                _remove(path)
+            else:
+                os.replace(path, dest)
+        elif _dead_writer(path.name, f".{dest.name}.partial-"):
+            _remove(path)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
 @contextmanager
 def staged_dir(dest: str | Path, error: type[Exception] = OSError, what: str = "files") -> Iterator[Path]:
     """A new private directory beside ``dest`` (``.<name>.partial-*``), removed when the block ends; publish it
@@ -90,7 +138,8 @@ def staged_dir(dest: str | Path, error: type[Exception] = OSError, what: str = "
     dest = Path(dest)
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.partial-", dir=dest.parent))
+        remove_leftovers(dest)
+        staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.partial-{_writer_tag()}-", dir=dest.parent))
     except OSError as err:
         raise _disk_error(error, dest, err, what) from err
     try:
@@ -107,7 +156,7 @@ def replace_dir(staging: Path, dest: Path) -> None:
     """Put ``staging`` at ``dest``: an older ``dest`` is moved aside first and removed only after the rename."""
     old = None
     if dest.exists() or dest.is_symlink():
-        old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
+        old = dest.with_name(f".{dest.name}.old-{_writer_tag()}")
         os.replace(dest, old)
     try:
         os.replace(staging, dest)
@@ -143,8 +192,9 @@ def staged_file(dest: str | Path, error: type[Exception] = OSError, what: str = 
         error: the file cannot be written or renamed (full or read-only disk).
     """
     dest = Path(dest)
-    tmp = dest.with_name(f".{dest.name}.partial-{os.getpid()}")
+    tmp = dest.with_name(f".{dest.name}.partial-{_writer_tag()}")
     try:
+        remove_leftovers(dest)
         yield tmp
         os.replace(tmp, dest)
     except OSError as err:

@@ -78,3 +78,67 @@ def test_sigterm_ends_the_block_and_removes_what_was_staged(tmp_path):
         time.sleep(5)  # the handler runs at the next bytecode: this sleep is cut short
     assert info.value.code == 143 and list(tmp_path.iterdir()) == []
     assert signal.getsignal(signal.SIGTERM) is previous
+
+
+STAGE_AND_HANG = """
+import sys, time
+from pathlib import Path
+from spherinator.staging import replace_dir, staged_dir
+dest = Path(sys.argv[1])
+with staged_dir(dest) as staging:
+    (staging / "tile.png").write_bytes(b"x" * 1000)
+    if len(sys.argv) > 2:  # killed between replace_dir's two renames: the old dest is aside, the new not yet there
+        import os
+        os.replace(dest, dest.with_name(f".{dest.name}.old-{sys.argv[2]}-{os.getpid()}"))
+    print(staging.name, flush=True)
+    time.sleep(60)
+"""
+
+
+def stage_and_kill(dest, *args):
+    import signal
+    import subprocess
+    import sys
+
+    child = subprocess.Popen(
+        [sys.executable, "-c", STAGE_AND_HANG, str(dest), *args], stdout=subprocess.PIPE, text=True
+    )
+    staged = child.stdout.readline().strip()
+    child.kill()
+    assert child.wait() == -signal.SIGKILL and staged
+    return staged, child.pid
+
+
+def test_what_a_killed_writer_staged_is_removed_by_the_next_one_on_the_host(tmp_path):
+    import socket
+
+    dest = tmp_path / "atlas"
+    dest.mkdir()
+    (dest / "index.html").write_text("old")
+    staged, _ = stage_and_kill(dest)  # SIGKILL: no handler runs, the staging dir stays (it may hold a whole HiPS)
+    assert (tmp_path / staged).is_dir()
+    alive = tmp_path / f".atlas.partial-{socket.gethostname()}-1-x"  # pid 1 lives: another writer, still at work
+    other_host = tmp_path / ".atlas.partial-elsewhere-12345-x"  # its process cannot be asked from here
+    alive.mkdir(), other_host.mkdir()
+    with staged_dir(dest) as staging:
+        assert not (tmp_path / staged).exists()
+        assert alive.is_dir() and other_host.is_dir()
+        (staging / "index.html").write_text("new")
+        replace_dir(staging, dest)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["atlas", alive.name, other_host.name])
+    assert (dest / "index.html").read_text() == "new"
+
+
+def test_a_writer_killed_between_the_two_renames_gets_the_old_directory_back(tmp_path):
+    import socket
+
+    dest = tmp_path / "atlas"
+    dest.mkdir()
+    (dest / "index.html").write_text("old")
+    # the child moves the old atlas aside under its own name, as replace_dir does, and is killed before the rename
+    stage_and_kill(dest, socket.gethostname())
+    aside = [p for p in tmp_path.iterdir() if ".old-" in p.name]
+    assert not dest.exists() and len(aside) == 1
+    with staged_dir(dest):
+        assert (dest / "index.html").read_text() == "old"  # the previous atlas is back where it was
+    assert [p.name for p in tmp_path.iterdir()] == ["atlas"]
