@@ -13,12 +13,15 @@ resumes from the newest checkpoint into the same run dir and the same TensorBoar
 from __future__ import annotations
 
 import json
+import random
 import signal
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.trainer.states import TrainerFn
@@ -164,6 +167,11 @@ class RequeueOnSignal(Callback):
     - At the end of training (the signal came during the last epoch's end or validation): it requeues, so that the
       ONNX export runs in a fresh time limit.
 
+    ``requeue.ckpt`` also holds the random generators (torch, CUDA, NumPy, Python) as they were where it stops (at
+    a cut validation: as they were when it began); the resumed run sets them where it reaches that point again, so
+    that a requeue at an epoch's end or in a validation logs the values of a run never stopped. In the middle of an
+    epoch the rows left train in another order (:meth:`spherinator.data.transport.Loader.resume`).
+
     Args:
         check_in_validation: Also act on the signal between validation batches. Under DDP every rank must then run
             the same number of validation batches (Lightning's DistributedSampler and spherinator's DataModule
@@ -181,12 +189,19 @@ class RequeueOnSignal(Callback):
         self._saved = False  # requeue.ckpt written after a training batch: leave at the next safe point
         self._unfinished_validation = False  # the checkpoint being written is saved before/inside a validation
         self._validation_cut: int | None = None  # epoch whose validation a previous attempt was requeued in
+        self._random_state: dict[str, Any] | None = None  # saved with requeue.ckpt: the generators where it stops
+        self._random_at_validation: dict[str, Any] | None = None  # ... or where the validation it cuts began
+        self._resume_random_state: dict[str, Any] | None = None  # read from requeue.ckpt, set when training starts
 
     def state_dict(self) -> dict[str, Any]:
-        return {"validation_cut": self._validation_cut}
+        state: dict[str, Any] = {"validation_cut": self._validation_cut}
+        if self._random_state is not None:  # only in requeue.ckpt
+            state["random_state"] = self._random_state
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._validation_cut = state_dict.get("validation_cut")
+        self._resume_random_state = state_dict.get("random_state")
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.is_global_zero and self.swept:
@@ -216,10 +231,24 @@ class RequeueOnSignal(Callback):
         self._saved = True
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        self._continue_random_state("training")
         if self._saved:
             self._leave(trainer)
 
+    def _continue_random_state(self, at: str) -> None:
+        """Set the generators requeue.ckpt saved, at the point of the resumed run that corresponds to where they
+        were taken (the next training batch, or the start of the cut validation): what Lightning and the data
+        loaders draw from them on the way there (the sanity check, each loader's seed) is then drawn before, as in
+        a run that was never stopped."""
+        state = self._resume_random_state
+        if state is not None and state.get("at") == at:
+            set_random_state(state)
+            self._resume_random_state = None
+
     def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self._continue_random_state("validation")
+            self._random_at_validation = random_state()
         if self._saved and not trainer.sanity_checking:
             self._save(trainer, "validation", unfinished_validation=True)
             self._leave(trainer)
@@ -253,10 +282,15 @@ class RequeueOnSignal(Callback):
                 )
             self._validation_cut = trainer.current_epoch
         self._unfinished_validation = unfinished_validation
+        if unfinished_validation:
+            self._random_state = {**(self._random_at_validation or random_state()), "at": "validation"}
+        else:
+            self._random_state = {**random_state(), "at": "training"}
         try:
             trainer.save_checkpoint(path)
         finally:
             self._unfinished_validation = False
+            self._random_state = None
         if trainer.is_global_zero:
             summary = RunSummary.read(run_dir)
             summary.requeueing(trainer.current_epoch, trainer.global_step, str(path), during).save(run_dir)
@@ -276,6 +310,35 @@ class RequeueOnSignal(Callback):
             summary = RunSummary.read(run_dir)
             epoch, step = trainer.current_epoch + 1, trainer.global_step
             summary.progress(epoch, step, logged_metrics(trainer), best_model(trainer)).save(run_dir)
+
+
+def random_state() -> dict[str, Any]:
+    """The process's random generators (torch CPU and CUDA, NumPy's legacy global, Python's) as plain values that a
+    weights-only load reads: a requeued run continues their sequences where the killed one stopped, so that its
+    sampled latents, dropout and augmentations are those of a run that was never stopped."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(gauss)],
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()  # this rank's device
+    return state
+
+
+def set_random_state(state: dict[str, Any]) -> None:
+    """Set the generators :func:`random_state` saved (each one present; CUDA's only where this rank has a GPU)."""
+    if "torch" in state:
+        torch.set_rng_state(state["torch"])
+    if "numpy" in state:
+        kind, keys, pos, has_gauss, gauss = state["numpy"]
+        np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    if "python" in state:
+        version, internal, gauss = state["python"]
+        random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
 
 
 def _mark_validation_unfinished(checkpoint: dict[str, Any]) -> None:
