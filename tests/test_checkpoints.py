@@ -325,3 +325,15 @@ def test_random_bytes_are_not_described_as_a_checkpoint_naming_python_objects(tm
     (tmp_path / "noise.ckpt").write_bytes(bytes([0x80, 0x02, 0x4C, 0x00, 0x17]) + os.urandom(64))
     with pytest.raises(DamagedCheckpointError, match=r"\(torch: Unsupported operand \d+; no checkpoint, or one nam"):
         read_info(tmp_path / "noise.ckpt")
+
+
+def test_a_damaged_random_state_in_a_checkpoint_is_a_warning_not_a_crash(monkeypatch):
+    from spherinator.submit.requeue import RequeueOnSignal
+
+    callback = RequeueOnSignal()
+    callback.load_state_dict({"validation_cut": None, "random_state": {"at": "training", "torch": "not a tensor"}})
+    before = torch.get_rng_state()
+    with pytest.warns(UserWarning, match="random generator state cannot be set"):
+        callback.on_train_batch_start(None, None, None, 0)  # where a requeue after a training batch resumes
+    assert torch.equal(torch.get_rng_state(), before)
+    callback.on_train_batch_start(None, None, None, 1)  # said once

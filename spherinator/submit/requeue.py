@@ -241,9 +241,13 @@ class RequeueOnSignal(Callback):
         loaders draw from them on the way there (the sanity check, each loader's seed) is then drawn before, as in
         a run that was never stopped."""
         state = self._resume_random_state
-        if state is not None and state.get("at") == at:
-            set_random_state(state)
+        if isinstance(state, dict) and state.get("at") == at:
             self._resume_random_state = None
+            try:
+                set_random_state(state)
+            except (TypeError, ValueError, RuntimeError) as err:  # a checkpoint edited or of another machine
+                rank_zero_warn(f"the checkpoint's random generator state cannot be set ({err}); the resumed run "
+                               "goes on with other random draws than the stopped one would have")  # fmt: skip
 
     def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not trainer.sanity_checking:
