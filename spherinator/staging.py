@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import shutil
 import signal
 import socket
@@ -82,36 +83,49 @@ def _disk_error(error: type[Exception], dest: Path, err: OSError, what: str) -> 
 
 
 def _writer_tag() -> str:
-    """``<host>-<pid>``: whose staged files these are, so that a later writer on the host can tell leftovers."""
-    return f"{socket.gethostname()}-{os.getpid()}"
+    """``<host>-<pid namespace>-<pid>``: whose staged files these are, so that a later writer can tell leftovers
+    (a pid means one process only within its host and pid namespace: containers on one host share the name)."""
+    return f"{socket.gethostname()}-{_pid_namespace()}-{os.getpid()}"
+
+
+def _pid_namespace() -> int:
+    try:
+        return os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return 0
 
 
 def _dead_writer(name: str, prefix: str) -> bool:
-    """Whether ``name`` (``<prefix><host>-<pid>...``) was staged by a process of this host that no longer runs.
-    A writer on another host cannot be asked, and a live pid may be a writer still at work: both are kept."""
-    tag = name[len(prefix) :] if name.startswith(prefix) else ""
-    host = socket.gethostname()
-    pid = tag[len(host) + 1 :].split("-", 1)[0] if tag.startswith(f"{host}-") else ""
-    if not pid.isdigit():
+    """Whether ``name`` is ``<prefix><tag>`` (a staged file, or ``-<random>`` more for a directory) of a writer of
+    this host and pid namespace that no longer runs. A writer elsewhere cannot be asked, and a live pid may be a
+    writer still at work: both are kept. This process's own pid is a leftover of an earlier process that had it
+    (a block removes what it staged when it ends)."""
+    host, namespace = re.escape(socket.gethostname()), _pid_namespace()
+    tag = re.fullmatch(re.escape(prefix) + host + rf"-{namespace}-([0-9]{{1,10}})(?:-[A-Za-z0-9_]+)?", name, re.ASCII)
+    if tag is None:
         return False
+    pid = int(tag.group(1))
+    if pid == os.getpid():
+        return True
     try:
-        os.kill(int(pid), 0)
+        os.kill(pid, 0)
     except ProcessLookupError:
         return True
-    except OSError:  # alive, another user's
+    except (OSError, OverflowError, ValueError):  # alive (another user's), or no pid at all: not ours to judge
         return False
     return False
 
 
 def remove_leftovers(dest: Path) -> None:
     """Clear what writers of ``dest`` killed outright (SIGKILL, a node lost) left beside it: their staging files
-    and directories are removed; a previous ``dest`` that :func:`replace_dir` had moved aside when the kill came,
-    with no new one published, is put back."""
+    and directories are removed; a previous ``dest`` directory that :func:`replace_dir` had moved aside when the
+    kill came, with no new one published, is put back (a link moved aside is only removed: what it points to stays
+    as it is, and is not made the destination again)."""
     if not dest.parent.is_dir():
         return
     for path in dest.parent.iterdir():
         if _dead_writer(path.name, f".{dest.name}.old-"):
-            if dest.exists() or dest.is_symlink():
+            if dest.exists() or dest.is_symlink() or path.is_symlink() or not path.is_dir():
                 _remove(path)
             else:
                 os.replace(path, dest)

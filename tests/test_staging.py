@@ -81,16 +81,22 @@ def test_sigterm_ends_the_block_and_removes_what_was_staged(tmp_path):
 
 
 STAGE_AND_HANG = """
-import sys, time
+import os, signal, sys, time
 from pathlib import Path
-from spherinator.staging import replace_dir, staged_dir
+from spherinator import staging
 dest = Path(sys.argv[1])
-with staged_dir(dest) as staging:
-    (staging / "tile.png").write_bytes(b"x" * 1000)
+with staging.staged_dir(dest) as staged:
+    (staged / "tile.png").write_bytes(b"x" * 1000)
+    print(staged.name, flush=True)
     if len(sys.argv) > 2:  # killed between replace_dir's two renames: the old dest is aside, the new not yet there
-        import os
-        os.replace(dest, dest.with_name(f".{dest.name}.old-{sys.argv[2]}-{os.getpid()}"))
-    print(staging.name, flush=True)
+        replace = os.replace
+        def kill_at_second(src, dst, calls=[]):
+            calls.append(src)
+            if len(calls) == 2:
+                os.kill(os.getpid(), signal.SIGKILL)
+            replace(src, dst)
+        staging.os.replace = kill_at_second
+        staging.replace_dir(staged, dest)
     time.sleep(60)
 """
 
@@ -104,9 +110,18 @@ def stage_and_kill(dest, *args):
         [sys.executable, "-c", STAGE_AND_HANG, str(dest), *args], stdout=subprocess.PIPE, text=True
     )
     staged = child.stdout.readline().strip()
-    child.kill()
+    if not args:
+        child.kill()
     assert child.wait() == -signal.SIGKILL and staged
     return staged, child.pid
+
+
+def tag(pid: int) -> str:
+    """A staging name's writer: this host, this pid namespace, ``pid``."""
+    import os
+    import socket
+
+    return f"{socket.gethostname()}-{os.stat('/proc/self/ns/pid').st_ino}-{pid}"
 
 
 def test_what_a_killed_writer_staged_is_removed_by_the_next_one_on_the_host(tmp_path):
@@ -117,28 +132,67 @@ def test_what_a_killed_writer_staged_is_removed_by_the_next_one_on_the_host(tmp_
     (dest / "index.html").write_text("old")
     staged, _ = stage_and_kill(dest)  # SIGKILL: no handler runs, the staging dir stays (it may hold a whole HiPS)
     assert (tmp_path / staged).is_dir()
-    alive = tmp_path / f".atlas.partial-{socket.gethostname()}-1-x"  # pid 1 lives: another writer, still at work
-    other_host = tmp_path / ".atlas.partial-elsewhere-12345-x"  # its process cannot be asked from here
-    alive.mkdir(), other_host.mkdir()
+    kept = [
+        f".atlas.partial-{tag(1)}-x",  # pid 1 lives: another writer, still at work
+        ".atlas.partial-elsewhere-1-12345-x",  # its process cannot be asked from here
+        f".atlas.partial-{socket.gethostname()}-1-12345-x",  # another pid namespace (a container) on this host
+        f".atlas.partial-{socket.gethostname()}-12345-777-abcdefgh",  # was: host 'vm' read 12345 as the pid
+        f".atlas.partial-{tag(10**30)}",  # was: OverflowError
+        f".atlas.partial-{tag(1)[:-1]}\u00b2",  # was: ValueError on a superscript digit
+    ]
+    for name in kept:
+        (tmp_path / name).mkdir()
     with staged_dir(dest) as staging:
         assert not (tmp_path / staged).exists()
-        assert alive.is_dir() and other_host.is_dir()
         (staging / "index.html").write_text("new")
         replace_dir(staging, dest)
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["atlas", alive.name, other_host.name])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["atlas", *kept])
     assert (dest / "index.html").read_text() == "new"
 
 
 def test_a_writer_killed_between_the_two_renames_gets_the_old_directory_back(tmp_path):
-    import socket
-
     dest = tmp_path / "atlas"
     dest.mkdir()
     (dest / "index.html").write_text("old")
-    # the child moves the old atlas aside under its own name, as replace_dir does, and is killed before the rename
-    stage_and_kill(dest, socket.gethostname())
+    stage_and_kill(dest, "between the renames")
     aside = [p for p in tmp_path.iterdir() if ".old-" in p.name]
     assert not dest.exists() and len(aside) == 1
     with staged_dir(dest):
         assert (dest / "index.html").read_text() == "old"  # the previous atlas is back where it was
     assert [p.name for p in tmp_path.iterdir()] == ["atlas"]
+
+
+def test_a_link_named_like_a_directory_moved_aside_is_removed_not_made_the_destination(tmp_path, dead_pid):
+    # was: the link was "restored" as the destination, and export wrote its files through it into the target
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "encoder.onnx").write_text("mine")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / f".onnx.old-{tag(dead_pid)}").symlink_to(precious)
+    with staged_dir(tmp_path / "out" / "onnx") as staging:
+        (staging / "encoder.onnx").write_text("new")
+        move_files(staging, tmp_path / "out" / "onnx")
+    assert (precious / "encoder.onnx").read_text() == "mine" and not (tmp_path / "out" / "onnx").is_symlink()
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["onnx"]
+
+
+def test_a_leftover_of_a_process_that_had_this_pid_before_is_cleared(tmp_path):
+    import os
+
+    # a container restarted: the writer's pid is this process's now. was: "Directory not empty" at every rerun
+    dest = tmp_path / "atlas"
+    dest.mkdir()
+    (tmp_path / f".atlas.old-{tag(os.getpid())}").mkdir()
+    (tmp_path / f".atlas.old-{tag(os.getpid())}" / "stale").write_text("x")
+    with staged_dir(dest) as staging:
+        replace_dir(staging, dest)
+    assert [p.name for p in tmp_path.iterdir()] == ["atlas"]
+
+
+@pytest.fixture
+def dead_pid() -> int:
+    import subprocess
+
+    child = subprocess.Popen(["true"])
+    child.wait()
+    return child.pid
