@@ -35,10 +35,13 @@ from spherinator.checkpoints import (
 )
 from spherinator.checkpoints import newest_checkpoint as newest_checkpoint_in
 from spherinator.config import (
+    DEFAULT_LOGGER,
     PRINT_CONFIG,
     append_callbacks_across_configs,
     check_optimizer,
+    default_logger_under_root_dir,
     drop_repeated_callbacks,
+    logger_folder,
     print_incomplete_config,
     print_resolved_config,
     use_strict_yaml,
@@ -50,24 +53,6 @@ from spherinator.shapes import check_model_matches_data, resolve_config
 _EVALUATING = ("validate", "test", "predict")
 # --ckpt_path values that name no file: Lightning looks the checkpoint up itself
 _LIGHTNING_CKPT_NAMES = ("last", "best", "hpc", "registry")
-
-DEFAULT_LOGGER = {
-    "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-    "init_args": {"save_dir": "runs", "name": "spherinator"},
-}
-
-
-def default_logger_under_root_dir(config: Namespace) -> None:
-    """With ``trainer.default_root_dir`` given and no logger named, the default logger writes its run (events,
-    config.yaml, checkpoints) under that directory, as Lightning's own default logger does, not under ./runs."""
-    trainer = config.get("trainer")
-    root = trainer.get("default_root_dir") if isinstance(trainer, Namespace) else None
-    logger = trainer.get("logger") if root else None
-    if not isinstance(logger, Namespace) or logger.get("class_path") != DEFAULT_LOGGER["class_path"]:
-        return
-    args = logger.get("init_args")
-    if isinstance(args, Namespace) and all(args.get(k) == v for k, v in DEFAULT_LOGGER["init_args"].items()):
-        args.save_dir = str(root)
 
 
 class RunConfigCallback(SaveConfigCallback):
@@ -144,10 +129,11 @@ class SpherinatorCLI(LightningCLI):
             if not printing:
                 raise
             print_incomplete_config(parser, argv, err)  # exits
-        default_logger_under_root_dir(config[config.subcommand] if config.get("subcommand") else config)
         if printing:
             print_resolved_config(parser, config, argv, printing[-1])  # exits
-        drop_repeated_callbacks(config[config.subcommand] if config.get("subcommand") else config)
+        section = config[config.subcommand] if config.get("subcommand") else config
+        default_logger_under_root_dir(section)
+        drop_repeated_callbacks(section)
         self.config = config
         self._check_ckpt_path()
 
@@ -232,7 +218,7 @@ class SpherinatorCLI(LightningCLI):
         # config's fault (accelerator: gpux).
         try:
             return super().instantiate_trainer(**kwargs)
-        except (ValueError, TypeError, MisconfigurationException) as err:
+        except (ValueError, TypeError, MisconfigurationException, ImportError) as err:  # accelerator: tpu, no XLA
             raise ConfigError(f"trainer: {err}") from err
 
     def instantiate_classes(self) -> None:
@@ -264,7 +250,8 @@ def _named_checkpoint(name: str, subcommand: str, config: Namespace) -> Path | N
         ConfigError: no checkpoint of that name is there (for ``fit --ckpt_path last`` Lightning starts afresh).
     """
     newest = newest_checkpoint(config)
-    example = f"{newest}" if newest is not None else "runs/<name>/version_<n>/checkpoints/<file>.ckpt"
+    folder = logger_folder(config)
+    example = f"{newest}" if newest is not None else f"{folder}/version_<n>/checkpoints/<file>.ckpt"
     if name == "last":
         if _fixed_checkpoint_dir(config):
             return None  # a ModelCheckpoint with its own dirpath: Lightning finds last.ckpt there
@@ -274,8 +261,8 @@ def _named_checkpoint(name: str, subcommand: str, config: Namespace) -> Path | N
         if subcommand == "fit":
             return None  # Lightning starts a new run, with its warning: `last` may be set before the first fit
         raise ConfigError(
-            f"--ckpt_path last: no checkpoint found under the logger's folder; {subcommand} would run a randomly "
-            "initialised model: give the checkpoint file, e.g. runs/<name>/version_<n>/checkpoints/<file>.ckpt"
+            f"--ckpt_path last: no checkpoint found under the logger's folder {folder}; {subcommand} would run a "
+            f"randomly initialised model: give the checkpoint file, e.g. {example}"
         )
     if name == "best":
         raise ConfigError(
@@ -313,7 +300,7 @@ def _no_checkpoint_message(subcommand: str, config: Namespace) -> str:
     if newest is not None:
         example = f"{newest} (the newest checkpoint under {run_dir_of(newest).parent})"
     else:
-        example = "runs/<name>/version_<n>/checkpoints/last.ckpt (what spherinator fit wrote)"
+        example = f"{logger_folder(config)}/version_<n>/checkpoints/last.ckpt (what spherinator fit wrote)"
     return (
         f"{subcommand} without --ckpt_path would run a randomly initialised model; give the trained one, e.g. "
         f"--ckpt_path {example}"

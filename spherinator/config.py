@@ -220,6 +220,37 @@ def check_optimizer(config: Namespace) -> None:
                 raise ConfigError(f"optimizer.init_args.lr is {bad[0]}: give a finite learning rate, e.g. lr: 0.001")
 
 
+DEFAULT_LOGGER = {
+    "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+    "init_args": {"save_dir": "runs", "name": "spherinator"},
+}
+
+
+def default_logger_under_root_dir(config: Namespace) -> None:
+    """With ``trainer.default_root_dir`` given, a TensorBoardLogger whose ``save_dir`` is the default ``runs`` writes
+    its run (events, config.yaml, checkpoints) under that directory instead, as Lightning's own default logger does:
+    a user who moves the run elsewhere gets all of it there (``~`` expanded, as the logger itself would: its
+    checkpoints would otherwise land in a folder named ``~``)."""
+    trainer = config.get("trainer")
+    root = trainer.get("default_root_dir") if isinstance(trainer, Namespace) else None
+    logger = trainer.get("logger") if root else None
+    if not isinstance(logger, Namespace) or logger.get("class_path") != DEFAULT_LOGGER["class_path"]:
+        return
+    args = logger.get("init_args")
+    if isinstance(args, Namespace) and args.get("save_dir") == DEFAULT_LOGGER["init_args"]["save_dir"]:
+        args.save_dir = str(Path(str(root)).expanduser())
+
+
+def logger_folder(config: Namespace) -> str:
+    """Where the first logger with a ``save_dir`` keeps its runs (``save_dir/name``), as messages name it."""
+    loggers = config.get("trainer.logger")
+    for logger in loggers if isinstance(loggers, list) else [loggers]:
+        args = logger.get("init_args") if isinstance(logger, Namespace) else None
+        if isinstance(args, Namespace) and args.get("save_dir"):
+            return str(Path(str(args.save_dir)) / str(args.get("name") or ""))
+    return "runs/<name>"
+
+
 PRINT_CONFIG = re.compile(r"--print_config(=.*)?")
 
 
@@ -233,13 +264,19 @@ def print_resolved_config(parser: Any, config: Namespace, argv: list[str], flag:
     subcommand = config.get("subcommand")
     section = config[subcommand] if subcommand else config
     before = _flat(parser, config, subcommand)
+    default_logger_under_root_dir(section)
     drop_repeated_callbacks(section)
     try:
         resolve_config(section)
     except (ConfigError, DataError, OSError) as err:  # print what is known; the run itself would stop here
         print(f"spherinator: the sizes taken from the data are left null: {err}", file=sys.stderr)
     after = _flat(parser, config, subcommand)
-    overrides = [f"--{key}={json.dumps(value)}" for key, value in after.items() if before.get(key) != value]
+    # a string as it is: jsonargparse would keep the quotes of a JSON string for a str or path option
+    overrides = [
+        f"--{key}={value if isinstance(value, str) else json.dumps(value)}"
+        for key, value in after.items()
+        if before.get(key) != value
+    ]
     argv = [arg for arg in argv if not PRINT_CONFIG.fullmatch(arg)]
     parser.parse_args([*argv, *overrides, flag])  # prints and exits
     raise AssertionError("jsonargparse did not exit after --print_config")

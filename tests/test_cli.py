@@ -287,7 +287,13 @@ def fitted_checkpoint(tmp_path: Path, data: str) -> Path:
     return max((tmp_path / "runs").rglob("*.ckpt"), key=lambda p: p.stat().st_mtime)
 
 
-def test_default_root_dir_holds_the_default_loggers_run_and_checkpoints(image_dataset, tmp_path):
+def test_an_accelerator_whose_package_is_missing_is_one_line(image_dataset, tmp_path, capsys):
+    # was: a 16-frame traceback ending in ModuleNotFoundError: Requirement 'torch_xla>=1.13' not met
+    data = data_yaml(tmp_path, image_dataset)
+    one_line_error(capsys, ["fit", "-c", TINY, "-c", data, "--trainer.accelerator", "tpu"], "trainer: ", "torch_xla")
+
+
+def test_default_root_dir_holds_the_default_loggers_run_and_checkpoints(image_dataset, tmp_path, capsys, monkeypatch):
     # was: --trainer.default_root_dir D changed nothing: events and checkpoints still went to ./runs/spherinator
     data = data_yaml(tmp_path, image_dataset)
     root = tmp_path / "scratch"
@@ -297,6 +303,23 @@ def test_default_root_dir_holds_the_default_loggers_run_and_checkpoints(image_da
     (version,) = (root / "spherinator").glob("version_*")
     assert list(version.glob("events.out.tfevents.*")) and list(version.glob("checkpoints/*.ckpt"))
     assert (version / "config.yaml").is_file()
+    # `~` as the logger expands it (its checkpoints went to a folder named `~`), and with only the run's name given
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    main(["fit", "-c", TINY, "-c", data, "--trainer.max_steps", "1", "--trainer.limit_val_batches", "0",
+          "--trainer.default_root_dir", "~/scratch", "--trainer.logger.init_args.name", "mine"])  # fmt: skip
+    (version,) = (tmp_path / "home" / "scratch" / "mine").glob("version_*")
+    assert list(version.glob("events.out.tfevents.*")) and list(version.glob("checkpoints/*.ckpt"))
+    assert not (tmp_path / "~").exists() and not (tmp_path / "runs").exists()
+    # --print_config prints the folder the run uses (was: save_dir: runs)
+    with pytest.raises(SystemExit):
+        main(["fit", "-c", TINY, "-c", data, "--trainer.default_root_dir", str(root), "--print_config"])
+    assert f"save_dir: {root}" in capsys.readouterr().out
+    # a command without a checkpoint names the folder a fit with that root wrote to
+    empty = tmp_path / "empty_root"
+    one_line_error(capsys, ["validate", "-c", TINY, "-c", data, "--trainer.default_root_dir", str(empty)],
+                   f"{empty}/spherinator/version_<n>/checkpoints/last.ckpt")  # fmt: skip
+    one_line_error(capsys, ["validate", "-c", TINY, "-c", data, "--trainer.default_root_dir", str(empty),
+                            "--ckpt_path", "last"], f"under the logger's folder {empty}/spherinator;")  # fmt: skip
     # a logger the config names keeps its own save_dir
     logger = tmp_path / "logger.yaml"
     logger.write_text("trainer:\n  logger:\n    class_path: lightning.pytorch.loggers.TensorBoardLogger\n"
@@ -317,7 +340,9 @@ def test_evaluating_without_a_checkpoint_is_refused_naming_one(image_dataset, tm
     # predict and validate without --ckpt_path ran a randomly initialised model and reported success
     data = data_yaml(tmp_path, image_dataset, test_fraction=0.25)
     args = [subcommand, "-c", TINY, "-c", data]
-    one_line_error(capsys, args, f"{subcommand} without --ckpt_path", "runs/<name>/version_<n>/checkpoints/last.ckpt")
+    one_line_error(
+        capsys, args, f"{subcommand} without --ckpt_path", "runs/spherinator/version_<n>/checkpoints/last.ckpt"
+    )
     ckpt = fitted_checkpoint(tmp_path, data)
     one_line_error(capsys, args, f"--ckpt_path {ckpt.relative_to(tmp_path)} (the newest checkpoint under")
     main([*args, "--ckpt_path", str(ckpt)])  # with it, it runs

@@ -519,6 +519,11 @@ def test_bad_inline_override_names_its_value(tmp_path, image_dataset, capsys, no
         # was: "Does not validate against any of the Union subtypes Subtypes: [<class '...LightningDataModule'>, ...]
         # Errors: - batch_size=0 must be at least 1"
         (["--data.init_args.batch_size", "0"], "batch_size=0 must be at least 1"),
+        # was: the dry run passed, and the task would have failed on the cluster
+        (
+            ["--trainer.max_epochs", "-2"],
+            "trainer: `max_epochs` must be a non-negative integer or -1. You passed in -2.",
+        ),
     ],
 )
 def test_a_bad_value_in_a_task_reads_as_spherinator_fit_says_it(

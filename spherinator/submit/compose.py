@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from spherinator.errors import one_line, parse_error_line, user_error
+from spherinator.errors import ConfigError, one_line, parse_error_line, user_error
 from spherinator.submit.resources import Resources
 from spherinator.submit.sweep import SubmitError, Task
 
@@ -144,6 +144,55 @@ def _check_strategy(strategy: Any) -> None:
         raise ValueError(f"trainer.strategy '{strategy}' is not a Lightning strategy (known: {known}, ...)")
 
 
+# What the submit host cannot stand in for: the cluster's devices and nodes, how they run, and the classes the
+# trainer section builds (loggers, callbacks, plugins), which the task's own Trainer checks
+# (and the switches that set process-wide torch flags: this process goes on to check the next task)
+_CLUSTER_SETTINGS = (
+    "accelerator",
+    "devices",
+    "num_nodes",
+    "strategy",
+    "precision",
+    "plugins",
+    "deterministic",
+    "benchmark",
+)
+
+
+def _check_trainer(trainer: Any) -> None:
+    """Build a CPU Trainer from the trainer section's plain values (``max_epochs: -2`` is refused here, not when
+    the task starts on the cluster): one device, no logger, no checkpoints, nothing written, and not the Slurm
+    allocation this command may run in (its task count is not the task's)."""
+    import logging
+    import tempfile
+    import warnings
+
+    from jsonargparse import Namespace
+    from lightning.pytorch import Trainer
+    from lightning.pytorch.plugins.environments import LightningEnvironment
+
+    values = trainer.as_dict() if isinstance(trainer, Namespace) else {}
+    plain = {
+        key: value
+        for key, value in values.items()
+        if key not in _CLUSTER_SETTINGS and not isinstance(value, dict | list) and key not in ("logger", "callbacks")
+    }
+    quiet = logging.getLogger("lightning.pytorch")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)  # "GPU available: False ..." says nothing about the cluster
+    try:
+        with tempfile.TemporaryDirectory() as root, warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            Trainer(**{**plain, "accelerator": "cpu", "devices": 1, "logger": False, "enable_checkpointing": False,
+                       "default_root_dir": root, "plugins": [LightningEnvironment()]})  # fmt: skip
+    except Exception as err:  # what `spherinator fit` reports of the same section (SpherinatorCLI.instantiate_trainer)
+        if not isinstance(err, ValueError | TypeError) and type(err).__name__ != "MisconfigurationException":
+            raise
+        raise ConfigError(f"trainer: {err}") from err
+    finally:
+        quiet.setLevel(level)
+
+
 def _tiny_batch(model: Any, datamodule: Any) -> None:
     """One batch of two samples through the model (eval mode, no gradients): it runs and keeps the input shape."""
     import torch
@@ -175,8 +224,8 @@ def _tiny_batch(model: Any, datamodule: Any) -> None:
 def check_config(parser: Any, config: Any) -> None:
     """Build the model and data module of ``config`` on this CPU and run a batch of two samples through the model.
 
-    The Trainer itself is not built here (a login node may have no GPU for ``accelerator: gpu``); its strategy
-    name is checked against Lightning's registry.
+    The Trainer is built on the CPU with what does not depend on the cluster (a login node may have no GPU for
+    ``accelerator: gpu``); the strategy name is checked against Lightning's registry.
     """
     from spherinator.shapes import check_model_matches_data
 
@@ -188,6 +237,7 @@ def check_config(parser: Any, config: Any) -> None:
     if path is not None and not Path(path).exists():
         raise ValueError(f"data.init_args.path '{path}' does not exist (seen from {Path.cwd()})")
     _check_strategy(config.trainer.get("strategy"))
+    _check_trainer(config.trainer)
     built = parser.instantiate_classes(local)
     model, datamodule = built.get("model"), built.get("data")
     check_model_matches_data(model, datamodule)
