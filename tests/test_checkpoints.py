@@ -327,6 +327,32 @@ def test_random_bytes_are_not_described_as_a_checkpoint_naming_python_objects(tm
         read_info(tmp_path / "noise.ckpt")
 
 
+def requeue_at(args: list[str], run: Path, stage: str, epoch: int, batch: int) -> None:
+    """Fit (resuming the run's newest checkpoint, if any) until the signal at ``stage`` batch ``batch`` of
+    ``epoch`` makes it requeue."""
+    cli = SpherinatorCLI(args=args, run=False)
+    cli.trainer.callbacks.append(_SignalAt(stage, epoch, batch))
+    with pytest.raises(SystemExit):
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=task.newest_checkpoint(run))
+
+
+def fit_to_the_end(args: list[str], run: Path) -> None:
+    cli = SpherinatorCLI(args=args, run=False)
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=task.newest_checkpoint(run))
+
+
+def test_a_validation_cut_twice_runs_once_after_the_second_resume(image_dataset, tmp_path, monkeypatch, uninterrupted):
+    # was: the second cut's checkpoint resumed past that validation: epoch 1 had no val_loss, and the run went on
+    # with other values
+    monkeypatch.setattr(REQUEUE_SIGNAL, "pending", None)
+    args, run = run_config(tmp_path, image_dataset), tmp_path / "run"
+    requeue_at(args, run, "val", 1, 0)
+    requeue_at(args, run, "val", 1, 1)  # in the validation the resumed run runs again
+    fit_to_the_end(args, run)
+    for tag in ("val_loss", "train_loss"):
+        assert logged(run, tag) == logged(uninterrupted, tag), tag
+
+
 def test_a_damaged_random_state_in_a_checkpoint_is_a_warning_not_a_crash(monkeypatch):
     from spherinator.submit.requeue import RequeueOnSignal
 

@@ -167,10 +167,14 @@ class RequeueOnSignal(Callback):
     - At the end of training (the signal came during the last epoch's end or validation): it requeues, so that the
       ONNX export runs in a fresh time limit.
 
-    ``requeue.ckpt`` also holds the random generators (torch, CUDA, NumPy, Python) as they were where it stops (at
-    a cut validation: as they were when it began); the resumed run sets them where it reaches that point again, so
-    that a requeue at an epoch's end or in a validation logs the values of a run never stopped. In the middle of an
-    epoch the rows left train in another order (:meth:`spherinator.data.transport.Loader.resume`).
+    ``requeue.ckpt`` (and a checkpoint saved before it leaves, such as ``last.ckpt`` at the epoch's end) also holds
+    the random generators (torch, CUDA, NumPy, Python) as they were where it stops (at a cut validation: as they were
+    when it began); the resumed run sets them where it reaches that point again. A requeue in an epoch's closing
+    validation, or at the batch before it, then logs the values of a run never stopped (tested). Elsewhere the values
+    differ: in the middle of an epoch the rows left train in another order
+    (:meth:`spherinator.data.transport.Loader.resume`), and at the end of an epoch with no validation the resumed
+    run's loader draws its seed before the generators are set (measured; a validation in the middle of an epoch is
+    followed by such a mid-epoch resume).
 
     Args:
         check_in_validation: Also act on the signal between validation batches. Under DDP every rank must then run
@@ -227,7 +231,7 @@ class RequeueOnSignal(Callback):
         last = batch_idx + 1 >= trainer.num_training_batches
         if (batch_idx + 1) % trainer.accumulate_grad_batches and not last:
             return  # inside a gradient accumulation window: its partial gradients would be in no checkpoint
-        self._save(trainer, "training")
+        self._save(trainer, "training", random_at="training")
         self._saved = True
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
@@ -237,11 +241,15 @@ class RequeueOnSignal(Callback):
 
     def _continue_random_state(self, at: str) -> None:
         """Set the generators requeue.ckpt saved, at the point of the resumed run that corresponds to where they
-        were taken (the next training batch, or the start of the cut validation): what Lightning and the data
-        loaders draw from them on the way there (the sanity check, each loader's seed) is then drawn before, as in
-        a run that was never stopped."""
+        were taken (the next training batch, or the start of the cut validation): what Lightning and the data loaders
+        draw from them on the way there (the sanity check, each loader's seed) is then drawn before, as in a run
+        that was never stopped."""
         state = self._resume_random_state
-        if isinstance(state, dict) and state.get("at") == at:
+        if state is not None and not isinstance(state, dict):
+            self._resume_random_state = None
+            rank_zero_warn(f"the checkpoint's random generator state is no state ({type(state).__name__}); the "
+                           "resumed run goes on with other random draws than the stopped one would have")  # fmt: skip
+        elif isinstance(state, dict) and state.get("at") == at:
             self._resume_random_state = None
             try:
                 set_random_state(state)
@@ -274,7 +282,7 @@ class RequeueOnSignal(Callback):
         if self._unfinished_validation:
             _mark_validation_unfinished(checkpoint)
 
-    def _save(self, trainer: Trainer, during: str, unfinished_validation: bool = False) -> None:
+    def _save(self, trainer: Trainer, during: str, unfinished_validation: bool = False, random_at: str = "") -> None:
         run_dir = Path(trainer.default_root_dir)
         path = run_dir / "checkpoints" / REQUEUE_CKPT
         if unfinished_validation:
@@ -288,19 +296,21 @@ class RequeueOnSignal(Callback):
         self._unfinished_validation = unfinished_validation
         if unfinished_validation:
             self._random_state = {**(self._random_at_validation or random_state()), "at": "validation"}
-        else:
-            self._random_state = {**random_state(), "at": "training"}
+        elif random_at:
+            self._random_state = {**random_state(), "at": random_at}
         try:
             trainer.save_checkpoint(path)
         finally:
             self._unfinished_validation = False
-            self._random_state = None
+        # until it leaves, the checkpoints saved on the way (last.ckpt at the epoch's end, newer than requeue.ckpt at
+        # the same step, and so the one resumed) hold the same generators: nothing draws from them in between
         if trainer.is_global_zero:
             summary = RunSummary.read(run_dir)
             summary.requeueing(trainer.current_epoch, trainer.global_step, str(path), during).save(run_dir)
 
     def _leave(self, trainer: Trainer) -> None:
         self._stop = self._saved = False
+        self._random_state = None
         if trainer.is_global_zero:
             run_dir = Path(trainer.default_root_dir)
             RunSummary.read(run_dir).requeued().save(run_dir)
@@ -369,8 +379,11 @@ def _mark_validation_unfinished(checkpoint: dict[str, Any]) -> None:
     if progress is None:
         return
     current, total = progress["current"], progress["total"]
-    # `total` counts the validation batches of this epoch (several validations per epoch with val_check_interval)
-    done_before = {key: total[key] - current[key] for key in ("ready", "started", "processed", "completed")}
+    # `total` counts the validation batches of this epoch (several validations per epoch with val_check_interval);
+    # those completed before this validation count. Its "ready"/"started" may hold one more from an earlier cut of
+    # this same validation (the state written here, which a resumed run keeps in `total`): counted as such they
+    # made a second cut of one validation resume past it, with no val_loss for the epoch.
+    done_before = total["completed"] - current["completed"]
     progress["current"] = {"ready": 1, "started": 1, "processed": 0, "completed": 0}
-    progress["total"] = {key: done_before[key] + progress["current"][key] for key in done_before}
+    progress["total"] = {key: done_before + progress["current"][key] for key in progress["current"]}
     progress["is_last_batch"] = False
