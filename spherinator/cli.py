@@ -39,6 +39,7 @@ from spherinator.config import (
     PRINT_CONFIG,
     append_callbacks_across_configs,
     check_optimizer,
+    checkpoint_example,
     default_logger_under_root_dir,
     drop_repeated_callbacks,
     logger_folder,
@@ -251,7 +252,7 @@ def _named_checkpoint(name: str, subcommand: str, config: Namespace) -> Path | N
     """
     newest = newest_checkpoint(config)
     folder = logger_folder(config)
-    example = f"{newest}" if newest is not None else f"{folder}/version_<n>/checkpoints/<file>.ckpt"
+    example = f"{newest}" if newest is not None else checkpoint_example(config)
     if name == "last":
         if _fixed_checkpoint_dir(config):
             return None  # a ModelCheckpoint with its own dirpath: Lightning finds last.ckpt there
@@ -300,7 +301,7 @@ def _no_checkpoint_message(subcommand: str, config: Namespace) -> str:
     if newest is not None:
         example = f"{newest} (the newest checkpoint under {run_dir_of(newest).parent})"
     else:
-        example = f"{logger_folder(config)}/version_<n>/checkpoints/last.ckpt (what spherinator fit wrote)"
+        example = f"{checkpoint_example(config, 'last.ckpt')} (what spherinator fit wrote)"
     return (
         f"{subcommand} without --ckpt_path would run a randomly initialised model; give the trained one, e.g. "
         f"--ckpt_path {example}"

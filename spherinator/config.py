@@ -242,13 +242,24 @@ def default_logger_under_root_dir(config: Namespace) -> None:
 
 
 def logger_folder(config: Namespace) -> str:
-    """Where the first logger with a ``save_dir`` keeps its runs (``save_dir/name``), as messages name it."""
+    """Where a fit of ``config`` keeps its runs' checkpoints, as messages name it: the first logger's
+    ``save_dir/name`` (each run a ``version_<n>`` there); without a logger, ``default_root_dir``."""
     loggers = config.get("trainer.logger")
     for logger in loggers if isinstance(loggers, list) else [loggers]:
         args = logger.get("init_args") if isinstance(logger, Namespace) else None
         if isinstance(args, Namespace) and args.get("save_dir"):
             return str(Path(str(args.save_dir)) / str(args.get("name") or ""))
+    if loggers is False or loggers == []:
+        return str(Path(str(config.get("trainer.default_root_dir") or ".")).expanduser())
     return "runs/<name>"
+
+
+def checkpoint_example(config: Namespace, file: str = "<file>.ckpt") -> str:
+    """A checkpoint path as a fit of ``config`` writes it, for messages (``runs/spherinator/version_<n>/...``)."""
+    folder = logger_folder(config)
+    loggers = config.get("trainer.logger")
+    version = "" if loggers is False or loggers == [] else "version_<n>/"
+    return f"{folder}/{version}checkpoints/{file}"
 
 
 PRINT_CONFIG = re.compile(r"--print_config(=.*)?")
@@ -271,15 +282,24 @@ def print_resolved_config(parser: Any, config: Namespace, argv: list[str], flag:
     except (ConfigError, DataError, OSError) as err:  # print what is known; the run itself would stop here
         print(f"spherinator: the sizes taken from the data are left null: {err}", file=sys.stderr)
     after = _flat(parser, config, subcommand)
-    # a string as it is: jsonargparse would keep the quotes of a JSON string for a str or path option
-    overrides = [
-        f"--{key}={value if isinstance(value, str) else json.dumps(value)}"
-        for key, value in after.items()
-        if before.get(key) != value
-    ]
+    overrides = [_override(key, value) for key, value in after.items() if before.get(key) != value]
     argv = [arg for arg in argv if not PRINT_CONFIG.fullmatch(arg)]
     parser.parse_args([*argv, *overrides, flag])  # prints and exits
     raise AssertionError("jsonargparse did not exit after --print_config")
+
+
+def _override(key: str, value: Any) -> str:
+    """``--key=value`` that jsonargparse reads back as ``value``. It reads a str option's text as YAML only to refuse
+    what is no string there (``a: b``, ``[a]``) and keeps the text itself, quotes and all: such a string goes in as
+    a JSON object of its parent (``--trainer.logger.init_args={"save_dir": "x: y"}``), which sets only that key."""
+    if not isinstance(value, str):
+        return f"--{key}={json.dumps(value)}"
+    try:
+        plain = yaml.safe_load(value) == value
+    except yaml.YAMLError:
+        plain = False
+    parent, _, name = key.rpartition(".")
+    return f"--{key}={value}" if plain or not parent else f"--{parent}={json.dumps({name: value})}"
 
 
 def print_incomplete_config(parser: Any, argv: list[str], missing: ArgumentError) -> NoReturn:

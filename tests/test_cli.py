@@ -293,6 +293,10 @@ def test_an_accelerator_whose_package_is_missing_is_one_line(image_dataset, tmp_
     one_line_error(capsys, ["fit", "-c", TINY, "-c", data, "--trainer.accelerator", "tpu"], "trainer: ", "torch_xla")
 
 
+def printed_save_dir(capsys) -> str:
+    return yaml.safe_load(capsys.readouterr().out)["trainer"]["logger"]["init_args"]["save_dir"]
+
+
 def test_default_root_dir_holds_the_default_loggers_run_and_checkpoints(image_dataset, tmp_path, capsys, monkeypatch):
     # was: --trainer.default_root_dir D changed nothing: events and checkpoints still went to ./runs/spherinator
     data = data_yaml(tmp_path, image_dataset)
@@ -313,13 +317,20 @@ def test_default_root_dir_holds_the_default_loggers_run_and_checkpoints(image_da
     # --print_config prints the folder the run uses (was: save_dir: runs)
     with pytest.raises(SystemExit):
         main(["fit", "-c", TINY, "-c", data, "--trainer.default_root_dir", str(root), "--print_config"])
-    assert f"save_dir: {root}" in capsys.readouterr().out
+    assert printed_save_dir(capsys) == str(root)
+    # a root that YAML would read as no string prints as given (was: "Expected a str. Got value: {...}")
+    with pytest.raises(SystemExit):
+        main(["fit", "-c", TINY, "-c", data, f"--trainer.default_root_dir={tmp_path}/x: y", "--print_config"])
+    assert printed_save_dir(capsys) == f"{tmp_path}/x: y"
     # a command without a checkpoint names the folder a fit with that root wrote to
     empty = tmp_path / "empty_root"
     one_line_error(capsys, ["validate", "-c", TINY, "-c", data, "--trainer.default_root_dir", str(empty)],
                    f"{empty}/spherinator/version_<n>/checkpoints/last.ckpt")  # fmt: skip
     one_line_error(capsys, ["validate", "-c", TINY, "-c", data, "--trainer.default_root_dir", str(empty),
                             "--ckpt_path", "last"], f"under the logger's folder {empty}/spherinator;")  # fmt: skip
+    # without a logger, checkpoints go to the root's checkpoints/ (was: the hint named runs/<name>/version_<n>)
+    one_line_error(capsys, ["validate", "-c", TINY, "-c", data, "--trainer.default_root_dir", str(empty),
+                            "--trainer.logger", "false"], f"{empty}/checkpoints/last.ckpt")  # fmt: skip
     # a logger the config names keeps its own save_dir
     logger = tmp_path / "logger.yaml"
     logger.write_text("trainer:\n  logger:\n    class_path: lightning.pytorch.loggers.TensorBoardLogger\n"

@@ -524,6 +524,7 @@ def test_bad_inline_override_names_its_value(tmp_path, image_dataset, capsys, no
             ["--trainer.max_epochs", "-2"],
             "trainer: `max_epochs` must be a non-negative integer or -1. You passed in -2.",
         ),
+        (['--trainer.max_time={"hourz": 1}'], "trainer: 'hourz' is an invalid keyword argument for __new__()"),
     ],
 )
 def test_a_bad_value_in_a_task_reads_as_spherinator_fit_says_it(

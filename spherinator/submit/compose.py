@@ -175,7 +175,8 @@ def _check_trainer(trainer: Any) -> None:
     plain = {
         key: value
         for key, value in values.items()
-        if key not in _CLUSTER_SETTINGS and not isinstance(value, dict | list) and key not in ("logger", "callbacks")
+        if key not in (*_CLUSTER_SETTINGS, "logger", "callbacks")
+        and (not isinstance(value, dict | list) or key == "max_time")  # max_time: {hours: 1} is a plain value
     }
     quiet = logging.getLogger("lightning.pytorch")
     level = quiet.level
