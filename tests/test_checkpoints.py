@@ -353,6 +353,21 @@ def test_a_validation_cut_twice_runs_once_after_the_second_resume(image_dataset,
         assert logged(run, tag) == logged(uninterrupted, tag), tag
 
 
+def test_a_requeue_at_the_end_of_an_epoch_without_validation_continues_the_same_run(
+    image_dataset, tmp_path, monkeypatch
+):
+    # was: the run resumed from last.ckpt (saved at the epoch's end) trained its next epoch in the finished epoch's
+    # order (its loader's iterator was made while that epoch was current), and the loader drew its workers' seed
+    # from the generators the model samples with, before they were set: every later train_loss differed
+    monkeypatch.setattr(REQUEUE_SIGNAL, "pending", None)
+    (tmp_path / "base").mkdir()
+    fit_to_the_end(run_config(tmp_path / "base", image_dataset, limit_val_batches=0), tmp_path / "base" / "run")
+    args, run = run_config(tmp_path, image_dataset, limit_val_batches=0), tmp_path / "run"
+    requeue_at(args, run, "train", 1, 3)
+    fit_to_the_end(args, run)
+    assert logged(run, "train_loss") == logged(tmp_path / "base" / "run", "train_loss")
+
+
 def test_a_damaged_random_state_in_a_checkpoint_is_a_warning_not_a_crash(monkeypatch):
     from spherinator.submit.requeue import RequeueOnSignal
 

@@ -403,7 +403,10 @@ class DataModule(pl.LightningDataModule):
         state, self._to_resume = self._to_resume, None
         if state is not None and self.trainer is not None and state.get("epoch") == self.trainer.current_epoch:
             loader.resume(state)
-            if len(loader) != loader.epoch_batches:
+            # A checkpoint saved after the epoch's last batch (last.ckpt at the epoch's end): Lightning takes this
+            # loader's iterator while its epoch is still the finished one, and would run the next epoch on it, in
+            # the finished epoch's order; loaded again for the next epoch, it has that epoch's order.
+            if len(loader) != loader.epoch_batches or loader.resumed_after_its_end:
                 # Lightning takes the epoch's length once per loading of the training loader (FitLoop.setup_data:
                 # num_training_batches, which ends an epoch, and val_check_batch, which runs validation). A resumed
                 # epoch has another length (batches before + left, in batches of the new size), so the loader is

@@ -565,6 +565,10 @@ class Loader(DataLoader):
         self.scale_on_device = scale_on_device
         if self.handover is not None or scale_on_device:
             dataset = dataset.handed_over(self.handover, scale_on_device)
+        # The seed torch gives each pass's workers comes from this generator, seeded from the data's seed and the
+        # epoch, not from the process's: a pass draws nothing from the generators the model samples with, so a
+        # run resumed at an epoch's end (whose loader starts earlier) samples as one never stopped.
+        kwargs.setdefault("generator", torch.Generator())
         super().__init__(dataset, **kwargs)
         self.progress = progress
         self.finish = finish  # turns each batch, in this process, into the one handed out (upstream's tuples)
@@ -574,6 +578,7 @@ class Loader(DataLoader):
         self._handed = 0
         self._resumed_len: int | None = None  # len(self) while the resumed epoch lasts: batches before + left
         self._loaded = False  # a state was loaded: a second one (Lightning's copy of the same) is not applied
+        self.resumed_after_its_end = False  # the loaded state's epoch had handed out all its batches
         # the batch is pinned here, after the pin-memory thread: that one sees uint8 tensors or slot names
         self._pin = self.pin_memory and torch.cuda.is_available()
         self._warned = False
@@ -666,6 +671,8 @@ class Loader(DataLoader):
         if left:  # else saved after the epoch's last batch: nothing to resume
             self._passes, self._passes_epoch, self._handed = passes, state["epoch"], 0
             self._resumed_len = sum(p.batches for p in passes) + left
+        else:
+            self.resumed_after_its_end = True
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Lightning's copy of the state: applied only when the DataModule had none (a checkpoint of an older
@@ -716,6 +723,10 @@ class Loader(DataLoader):
             self.dataset.resume_after(epoch, None)
             self._passes, self._passes_epoch, self._resumed_len = [], None, None
         self._handed = 0
+        if self.generator is not None:
+            self.generator.manual_seed(
+                int(np.random.SeedSequence([self.dataset.reader.seed, epoch]).generate_state(1)[0])
+            )
         slots = self._slots_for_pass()
         batches = super().__iter__()
         if self.handover is not None:
