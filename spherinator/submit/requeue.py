@@ -169,12 +169,10 @@ class RequeueOnSignal(Callback):
 
     ``requeue.ckpt`` (and a checkpoint saved before it leaves, such as ``last.ckpt`` at the epoch's end) also holds
     the random generators (torch, CUDA, NumPy, Python) as they were where it stops (at a cut validation: as they were
-    when it began); the resumed run sets them where it reaches that point again. A requeue in an epoch's closing
-    validation, or at the batch before it, then logs the values of a run never stopped (tested). Elsewhere the values
-    differ: in the middle of an epoch the rows left train in another order
-    (:meth:`spherinator.data.transport.Loader.resume`), and at the end of an epoch with no validation the resumed
-    run's loader draws its seed before the generators are set (measured; a validation in the middle of an epoch is
-    followed by such a mid-epoch resume).
+    when it began); the resumed run sets them where it reaches that point again. A requeue at an epoch's end (with
+    or without its validation) or in its closing validation then logs the values of a run never stopped (tested). In
+    the middle of an epoch (also in a validation there, ``val_check_interval`` < 1) the rows left train in another
+    order (:meth:`spherinator.data.transport.Loader.resume`), so the values differ from there on.
 
     Args:
         check_in_validation: Also act on the signal between validation batches. Under DDP every rank must then run
