@@ -43,6 +43,7 @@ from spherinator.config import (
     default_logger_under_root_dir,
     drop_repeated_callbacks,
     logger_folder,
+    logger_folders,
     print_incomplete_config,
     print_resolved_config,
     use_strict_yaml,
@@ -251,7 +252,6 @@ def _named_checkpoint(name: str, subcommand: str, config: Namespace) -> Path | N
         ConfigError: no checkpoint of that name is there (for ``fit --ckpt_path last`` Lightning starts afresh).
     """
     newest = newest_checkpoint(config)
-    folder = logger_folder(config)
     example = f"{newest}" if newest is not None else checkpoint_example(config)
     if name == "last":
         if _fixed_checkpoint_dir(config):
@@ -262,8 +262,8 @@ def _named_checkpoint(name: str, subcommand: str, config: Namespace) -> Path | N
         if subcommand == "fit":
             return None  # Lightning starts a new run, with its warning: `last` may be set before the first fit
         raise ConfigError(
-            f"--ckpt_path last: no checkpoint found under the logger's folder {folder}; {subcommand} would run a "
-            f"randomly initialised model: give the checkpoint file, e.g. {example}"
+            f"--ckpt_path last: no checkpoint found under the logger's folder {logger_folder(config)}; {subcommand} "
+            f"would run a randomly initialised model: give the checkpoint file, e.g. {example}"
         )
     if name == "best":
         raise ConfigError(
@@ -311,14 +311,7 @@ def _no_checkpoint_message(subcommand: str, config: Namespace) -> str:
 def newest_checkpoint(config: Namespace) -> Path | None:
     """The newest checkpoint of the latest run under the log directory of the config's logger (``save_dir/name``):
     of the run whose ``checkpoints/`` changed last, the one at the highest step that loads, if any."""
-    loggers = config.get("trainer.logger")
-    found: list[Path] = []
-    for logger in loggers if isinstance(loggers, list) else [loggers]:
-        args = logger.get("init_args") if isinstance(logger, Namespace) else None
-        if not isinstance(args, Namespace) or not args.get("save_dir"):
-            continue
-        root = Path(args.save_dir) / str(args.get("name") or "")
-        found += [p for p in root.glob("*/checkpoints") if p.is_dir()]
+    found = [p for root in logger_folders(config) for p in root.glob("*/checkpoints") if p.is_dir()]
     for folder in sorted(found, key=lambda p: p.stat().st_mtime, reverse=True):
         newest = newest_checkpoint_in(folder)
         if newest is not None:

@@ -241,25 +241,37 @@ def default_logger_under_root_dir(config: Namespace) -> None:
         args.save_dir = str(Path(str(root)).expanduser())
 
 
-def logger_folder(config: Namespace) -> str:
-    """Where a fit of ``config`` keeps its runs' checkpoints, as messages name it: the first logger's
-    ``save_dir/name`` (each run a ``version_<n>`` there); without a logger, ``default_root_dir``."""
+def logger_folders(config: Namespace) -> list[Path]:
+    """The folders the config's loggers keep their runs in (``save_dir/name``, each run a ``version_<n>`` there),
+    for the loggers that have a ``save_dir``."""
     loggers = config.get("trainer.logger")
+    folders = []
     for logger in loggers if isinstance(loggers, list) else [loggers]:
         args = logger.get("init_args") if isinstance(logger, Namespace) else None
         if isinstance(args, Namespace) and args.get("save_dir"):
-            return str(Path(str(args.save_dir)) / str(args.get("name") or ""))
-    if loggers is False or loggers == []:
+            folders.append(Path(str(args.save_dir)) / str(args.get("name") or ""))
+    return folders
+
+
+def _without_logger(config: Namespace) -> bool:
+    return config.get("trainer.logger") in (False, [])
+
+
+def logger_folder(config: Namespace) -> str:
+    """Where a fit of ``config`` keeps its runs' checkpoints, as messages name it: the first logger's
+    ``save_dir/name``; without a logger, ``default_root_dir``."""
+    folders = logger_folders(config)
+    if folders:
+        return str(folders[0])
+    if _without_logger(config):
         return str(Path(str(config.get("trainer.default_root_dir") or ".")).expanduser())
     return "runs/<name>"
 
 
 def checkpoint_example(config: Namespace, file: str = "<file>.ckpt") -> str:
     """A checkpoint path as a fit of ``config`` writes it, for messages (``runs/spherinator/version_<n>/...``)."""
-    folder = logger_folder(config)
-    loggers = config.get("trainer.logger")
-    version = "" if loggers is False or loggers == [] else "version_<n>/"
-    return f"{folder}/{version}checkpoints/{file}"
+    version = "" if _without_logger(config) else "version_<n>/"
+    return f"{logger_folder(config)}/{version}checkpoints/{file}"
 
 
 PRINT_CONFIG = re.compile(r"--print_config(=.*)?")

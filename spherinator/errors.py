@@ -230,10 +230,11 @@ def parse_error_line(err: ArgumentError, argv: list[str]) -> str:
         path.pop()  # the class itself is the problem, not one of its arguments
         reason = f"class_path {class_path!r}: {reason}"
     base = (class_path or "").rpartition(".")[2]
-    if (unknown := _NOT_ACCEPTED.match(reason)) and base in _BASE_CLASSES:
+    unknown = _NOT_ACCEPTED.match(reason)
+    if unknown and base in _BASE_CLASSES:
         section = ".".join(path[:-1]) if path and path[-1] == "init_args" else "its section"
         reason += f"; give {section}.class_path first (e.g. {_BASE_CLASSES[base]})"  # the base takes none
-    elif (unknown := _NOT_ACCEPTED.match(reason)) and class_path:
+    elif unknown and class_path:
         reason += _did_you_mean(unknown.group(1), class_path)
     elif unknown := _NOT_ACCEPTED_BY_SUBCOMMAND.match(reason):
         section, _, name = unknown.group(1).rpartition(".")

@@ -95,16 +95,10 @@ def _pid_namespace() -> int:
         return 0
 
 
-def _dead_writer(name: str, prefix: str) -> bool:
-    """Whether ``name`` is ``<prefix><tag>`` (a staged file, or ``-<random>`` more for a directory) of a writer of
-    this host and pid namespace that no longer runs. A writer elsewhere cannot be asked, and a live pid may be a
-    writer still at work: both are kept. This process's own pid is a leftover of an earlier process that had it
-    (a block removes what it staged when it ends)."""
-    host, namespace = re.escape(socket.gethostname()), _pid_namespace()
-    tag = re.fullmatch(re.escape(prefix) + host + rf"-{namespace}-([0-9]{{1,10}})(?:-[A-Za-z0-9_]+)?", name, re.ASCII)
-    if tag is None:
-        return False
-    pid = int(tag.group(1))
+def _dead_writer(pid: int) -> bool:
+    """Whether the writer ``pid`` of this host and pid namespace no longer runs. A live pid may be a writer still at
+    work: kept. This process's own pid is a leftover of an earlier process that had it (a block removes what it
+    staged when it ends)."""
     if pid == os.getpid():
         return True
     try:
@@ -120,16 +114,23 @@ def remove_leftovers(dest: Path) -> None:
     """Clear what writers of ``dest`` killed outright (SIGKILL, a node lost) left beside it: their staging files
     and directories are removed; a previous ``dest`` directory that :func:`replace_dir` had moved aside when the
     kill came, with no new one published, is put back (a link moved aside is only removed: what it points to stays
-    as it is, and is not made the destination again)."""
+    as it is, and is not made the destination again).
+
+    A leftover is named ``.<dest>.partial-<tag>`` (``-<random>`` more for a directory) or ``.<dest>.old-<tag>``, with
+    the tag of :func:`_writer_tag`, matched whole: a writer on another host or in another pid namespace cannot be
+    asked whether it still runs, and its files are kept."""
     if not dest.parent.is_dir():
         return
+    prefix = f".{dest.name}."
+    tag = re.escape(socket.gethostname()) + rf"-{_pid_namespace()}-([0-9]{{1,10}})"
+    leftover = re.compile(re.escape(prefix) + rf"(old|partial)-{tag}(?:-[A-Za-z0-9_]+)?", re.ASCII)
     for path in dest.parent.iterdir():
-        if _dead_writer(path.name, f".{dest.name}.old-"):
-            if dest.exists() or dest.is_symlink() or path.is_symlink() or not path.is_dir():
-                _remove(path)
-            else:
-                os.replace(path, dest)
-        elif _dead_writer(path.name, f".{dest.name}.partial-"):
+        found = leftover.fullmatch(path.name) if path.name.startswith(prefix) else None
+        if found is None or not _dead_writer(int(found.group(2))):
+            continue
+        if found.group(1) == "old" and not (dest.exists() or dest.is_symlink() or path.is_symlink()) and path.is_dir():
+            os.replace(path, dest)
+        else:
             _remove(path)
 
 

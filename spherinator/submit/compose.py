@@ -170,6 +170,7 @@ def _check_trainer(trainer: Any) -> None:
     from jsonargparse import Namespace
     from lightning.pytorch import Trainer
     from lightning.pytorch.plugins.environments import LightningEnvironment
+    from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
     values = trainer.as_dict() if isinstance(trainer, Namespace) else {}
     plain = {
@@ -186,9 +187,7 @@ def _check_trainer(trainer: Any) -> None:
             warnings.simplefilter("ignore")
             Trainer(**{**plain, "accelerator": "cpu", "devices": 1, "logger": False, "enable_checkpointing": False,
                        "default_root_dir": root, "plugins": [LightningEnvironment()]})  # fmt: skip
-    except Exception as err:  # what `spherinator fit` reports of the same section (SpherinatorCLI.instantiate_trainer)
-        if not isinstance(err, ValueError | TypeError) and type(err).__name__ != "MisconfigurationException":
-            raise
+    except (ValueError, TypeError, MisconfigurationException) as err:  # as SpherinatorCLI.instantiate_trainer says it
         raise ConfigError(f"trainer: {err}") from err
     finally:
         quiet.setLevel(level)

@@ -229,7 +229,7 @@ class RequeueOnSignal(Callback):
         last = batch_idx + 1 >= trainer.num_training_batches
         if (batch_idx + 1) % trainer.accumulate_grad_batches and not last:
             return  # inside a gradient accumulation window: its partial gradients would be in no checkpoint
-        self._save(trainer, "training", random_at="training")
+        self._save(trainer, "training")
         self._saved = True
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
@@ -280,7 +280,7 @@ class RequeueOnSignal(Callback):
         if self._unfinished_validation:
             _mark_validation_unfinished(checkpoint)
 
-    def _save(self, trainer: Trainer, during: str, unfinished_validation: bool = False, random_at: str = "") -> None:
+    def _save(self, trainer: Trainer, during: str, unfinished_validation: bool = False) -> None:
         run_dir = Path(trainer.default_root_dir)
         path = run_dir / "checkpoints" / REQUEUE_CKPT
         if unfinished_validation:
@@ -294,8 +294,8 @@ class RequeueOnSignal(Callback):
         self._unfinished_validation = unfinished_validation
         if unfinished_validation:
             self._random_state = {**(self._random_at_validation or random_state()), "at": "validation"}
-        elif random_at:
-            self._random_state = {**random_state(), "at": random_at}
+        elif during == "training":
+            self._random_state = {**random_state(), "at": "training"}
         try:
             trainer.save_checkpoint(path)
         finally:
