@@ -367,6 +367,27 @@ def test_atlas_flags_reach_the_tasks_and_a_bad_order_is_refused_before_anything_
     assert submitted == [(True, None), (True, 2), (False, launch.ATLAS_ORDER)]
 
 
+def test_run_root_inside_the_data_is_refused_before_queueing_when_the_atlas_would_write_there(
+    tmp_path, image_dataset, monkeypatch, capsys, no_queue
+):
+    """The atlas's catalog.parquet in RUN/atlas would be read as data by the next fit of that data (and the task's
+    atlas step refuses it, after training): refused at submit. Without an atlas nothing Parquet lands there."""
+    config = tiny_config(tmp_path, image_dataset)
+    with pytest.raises(SystemExit):
+        main(["-c", str(config), "--run-root", str(image_dataset / "runs"), "--name", "a"])
+    err = capsys.readouterr().err
+    assert "is inside the data under" in err and "--no-atlas" in err and "Traceback" not in err, err
+    assert no_queue == [] and not (image_dataset / "runs").exists()
+    submitted: list = []
+    monkeypatch.setattr(launch, "_submit", lambda tasks, sweep_dir, manifest, resources, export, atlas_order=None: (
+        submitted.append(atlas_order) or {"0": "1_0"}))  # fmt: skip
+    try:
+        main(["-c", str(config), "--run-root", str(image_dataset / "runs"), "--name", "b", "--no-atlas"])
+    finally:
+        shutil.rmtree(image_dataset / "runs", ignore_errors=True)  # the data is shared by the session's tests
+    assert submitted == [None]
+
+
 def test_deepspeed_strategy_passes_the_check_and_constructs_on_cpu(tmp_path, image_dataset, capsys, no_queue):
     """Only construction can be checked on a CPU machine: DeepSpeed training itself needs CUDA GPUs."""
     pytest.importorskip("deepspeed", reason="deepspeed not installed (pip install --no-build-isolation deepspeed)")

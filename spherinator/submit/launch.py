@@ -31,6 +31,7 @@ from spherinator.submit.predict import (
     PredictTask,
     check_onnx_encoder,
     check_predict_target,
+    check_run_outside_data,
     plan_embedding_set,
 )
 from spherinator.submit.records import (
@@ -412,6 +413,10 @@ def submit(ns: argparse.Namespace, overrides: list[str]) -> int:
             check_predict_target(
                 composed[task.index].text, sweep_dir / task.name, ns.predict_shards, not ns.no_validate
             )
+        if atlas_order is not None:
+            check_run_outside_data(composed[task.index].text, sweep_dir / task.name, "where the task's atlas "
+                                   "would write a catalog.parquet that the next fit reads as data (--no-atlas "
+                                   "writes none)")  # fmt: skip
         print(f"checked task {task.index} {task.name}", file=sys.stderr)
     # What a task runs beyond `spherinator fit` of the same files: said once, before anything is queued.
     print(f"the launcher sets, on top of `spherinator fit` of these files ({tasks[0].name}):", file=sys.stderr)

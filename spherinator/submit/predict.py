@@ -377,18 +377,8 @@ def check_predict_target(config_text: str, run_dir: Path, shards: int | None, co
     Raises:
         SubmitError: naming the run dir or ``--predict-shards`` and the data.
     """
-    import yaml
-
-    data = yaml.safe_load(config_text).get("data")
-    path = (data.get("init_args") or {}).get("path") if isinstance(data, dict) else None
-    if not isinstance(path, str) or not Path(path).exists():
-        return
-    root = Path(path).resolve()
-    root = root if root.is_dir() else root.parent
-    if run_dir.resolve().is_relative_to(root):  # the index reads every .parquet below the data: the shards too
-        raise SubmitError(f"--run-root: the run dir '{run_dir}' is inside the data under '{root}', whose embedding "
-                          "shards a requeued task would read as data; give a run root outside it")  # fmt: skip
-    if count_rows and shards is not None:
+    path = check_run_outside_data(config_text, run_dir, "whose embedding shards a requeued task would read as data")
+    if path is not None and count_rows and shards is not None:
         import pyarrow.parquet as pq
 
         from spherinator.data.reader import find_parquet_files
@@ -396,6 +386,28 @@ def check_predict_target(config_text: str, run_dir: Path, shards: int | None, co
         rows = sum(pq.read_metadata(file).num_rows for file in find_parquet_files(path))
         if shards > rows:
             raise SubmitError(f"--predict-shards {shards}: give 1 to {rows} (the rows under {path!r})")
+
+
+def check_run_outside_data(config_text: str, run_dir: Path, why: str) -> str | None:
+    """Refuse a run dir inside the data the task of ``config_text`` reads: the data index reads every .parquet below
+    the data's folder, so what the task writes there as Parquet (``why``) would join the data. Returns the data path
+    when it is a local path (None for a Hub dataset id or another DataModule's argument, left to the task).
+
+    Raises:
+        SubmitError: naming the run dir, the data folder and ``why``.
+    """
+    import yaml
+
+    data = yaml.safe_load(config_text).get("data")
+    path = (data.get("init_args") or {}).get("path") if isinstance(data, dict) else None
+    if not isinstance(path, str) or not Path(path).exists():
+        return None
+    root = Path(path).resolve()
+    root = root if root.is_dir() else root.parent
+    if run_dir.resolve().is_relative_to(root):
+        raise SubmitError(f"--run-root: the run dir '{run_dir}' is inside the data under '{root}', {why}; give a run "
+                          "root outside it")  # fmt: skip
+    return path
 
 
 def _plan_of(embeddings: Path, checkpoint: str) -> EmbeddingSet | None:
