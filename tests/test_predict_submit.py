@@ -397,6 +397,58 @@ def test_embed_run_writes_the_set_and_a_requeue_redoes_only_the_shards_not_writt
     assert predict.embeddings_line(str(out))[0] == f"embeddings: 4/4 shards, {ROWS}/{ROWS} rows in {out}"
 
 
+def retrained_copy(checkpoint: Path, path: Path) -> None:
+    """Write at ``path`` a checkpoint of the same run whose model's weights moved (what training on writes)."""
+    import torch
+
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    state["state_dict"] = {k: v + 0.5 if v.is_floating_point() else v for k, v in state["state_dict"].items()}
+    torch.save(state, path)
+
+
+def test_embed_run_plans_anew_when_its_checkpoint_file_was_rewritten(trained, tmp_path):
+    """The same path, another model (last.ckpt after a resume trained on): the shards of the old model are not kept
+    as if the new one had written them."""
+    import shutil
+
+    _, checkpoint = trained
+    run = run_dir_of(trained, tmp_path)
+    last = tmp_path / "last.ckpt"
+    shutil.copy(checkpoint, last)
+    predict.embed_run(run, str(last), shards=2)
+    before = pq.read_table(run / "embeddings" / "shard-00000.parquet")
+    retrained_copy(checkpoint, last)
+    assert predict.embed_run(run, str(last), shards=2).shards == 2
+    after = pq.read_table(run / "embeddings" / "shard-00000.parquet")
+    assert not np.allclose(np.stack(before["location"].to_numpy(zero_copy_only=False)),
+                           np.stack(after["location"].to_numpy(zero_copy_only=False)))  # fmt: skip
+
+
+def test_a_predict_shard_is_not_written_by_a_checkpoint_rewritten_since_the_set_was_planned(trained, tmp_path):
+    """A predict sweep over a checkpoint that training still writes would embed its shards with different models:
+    the shards not yet written are refused, naming the checkpoint; those written whole stay."""
+    import shutil
+
+    from spherinator.errors import DataError
+    from spherinator.runs import build
+
+    config, checkpoint = trained
+    ckpt = tmp_path / "last.ckpt"
+    shutil.copy(checkpoint, ckpt)
+    args = ["-c", str(config)]
+    out = tmp_path / "embeddings"
+    out.mkdir()
+    plan = predict.plan_embedding_set(build(args, str(ckpt))[1], 2)
+    plan.encoded_by(str(ckpt))
+    write_embedding_set(out, plan)
+    predict.write_shard(out, 0, args, str(ckpt))
+    retrained_copy(checkpoint, ckpt)
+    with pytest.raises(DataError, match=r"last\.ckpt changed since this embedding set was planned"):
+        predict.write_shard(out, 1, args, str(ckpt))
+    assert predict.write_shard(out, 0, args, str(ckpt))["skipped"]
+    assert sorted(p.name for p in out.glob("*.parquet")) == ["shard-00000.parquet"]
+
+
 def test_embed_run_plans_anew_for_another_checkpoint(trained, tmp_path):
     """A set of another checkpoint's model (the task trained on after a --resume) is not mixed with this one's."""
     import shutil

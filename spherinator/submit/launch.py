@@ -197,7 +197,7 @@ def submit_predict(ns: argparse.Namespace, overrides: list[str]) -> int:
         print(f"dry run: nothing submitted ({len(plan.shards)} shards)", file=sys.stderr)
         return 0
     embeddings = sweep_dir / EMBEDDINGS_DIR
-    plan.checkpoint, plan.onnx = ckpt, str(Path(ns.onnx).resolve()) if ns.onnx else None
+    plan.encoded_by(ckpt, str(Path(ns.onnx).resolve()) if ns.onnx else None)
     try:
         embeddings.mkdir(parents=True, exist_ok=True)
         write_embedding_set(embeddings, plan)

@@ -264,6 +264,12 @@ def write_shards(
         whole = plan.damage(embeddings, record) is None
         results.append({"shard": k, "file": str(embeddings / record.file), "rows": record.rows, "skipped": whole})
     todo = [result["shard"] for result in results if not result["skipped"]]
+    if todo and plan.encoder_changed(checkpoint, onnx):
+        raise DataError(
+            f"{Path(onnx) / 'encoder.onnx' if onnx else checkpoint} changed since this embedding set was planned "
+            "(the shards written would hold another model's embeddings); embed with a checkpoint that nothing "
+            "writes (copy it) and submit the predict again"
+        )
     if todo:
         model, datamodule = build(cli_args, checkpoint)
         encode = _onnx_encoder(onnx, datamodule) if onnx else _torch_encoder(model, datamodule)
@@ -315,7 +321,7 @@ def embed_run(run_dir: str | Path, checkpoint: str, shards: int | None = None) -
         _check_replaceable(embeddings)
         _, datamodule = build(cli_args, checkpoint)
         plan = plan_embedding_set(datamodule, shards, "--predict-shards")
-        plan.checkpoint = checkpoint
+        plan.encoded_by(checkpoint)
         shutil.rmtree(embeddings, ignore_errors=True)  # shards of another checkpoint's model
         try:
             embeddings.mkdir(parents=True)
@@ -416,7 +422,7 @@ def _plan_of(embeddings: Path, checkpoint: str) -> EmbeddingSet | None:
         plan = read_embedding_set(embeddings)
     except SubmitError:
         return None
-    return plan if plan.checkpoint == checkpoint else None
+    return plan if plan.checkpoint == checkpoint and not plan.encoder_changed(checkpoint) else None
 
 
 class PredictTask:

@@ -612,6 +612,8 @@ class EmbeddingSet:
         shards: Every shard, in order of row ids.
         checkpoint: The checkpoint whose model embeds the rows.
         onnx: The ONNX export that encodes, if not the checkpoint's model in torch.
+        encoder_stamp: Size and modification time of what encodes (``encoder.onnx``, else the checkpoint) when the
+            set was planned: a shard is not written by another model at the same path (None in older sets).
     """
 
     data: str
@@ -623,6 +625,19 @@ class EmbeddingSet:
     row_column: str = "row"
     checkpoint: str | None = None
     onnx: str | None = None
+    encoder_stamp: str | None = None
+
+    def encoded_by(self, checkpoint: str, onnx: str | None = None) -> None:
+        """Record that ``checkpoint`` (through ``onnx``'s ``encoder.onnx`` if given) embeds the set, as it is now."""
+        self.checkpoint, self.onnx = checkpoint, onnx
+        self.encoder_stamp = file_stamp(Path(onnx) / "encoder.onnx" if onnx else Path(checkpoint))
+
+    def encoder_changed(self, checkpoint: str, onnx: str | None = None) -> bool:
+        """Whether what encodes for ``checkpoint``/``onnx`` differs from what the set was planned with (a set of
+        an older version, which recorded no stamp, is taken as unchanged)."""
+        if self.encoder_stamp is None:
+            return False
+        return file_stamp(Path(onnx) / "encoder.onnx" if onnx else Path(checkpoint)) != self.encoder_stamp
 
     def written(self, directory: str | Path) -> list[EmbeddingShard]:
         """The shards whose file in ``directory`` is whole (:meth:`damage`)."""
@@ -661,6 +676,17 @@ class EmbeddingSet:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def file_stamp(path: Path) -> str:
+    """Size and newest modification time of a file, or of the files under a directory (a DeepSpeed checkpoint):
+    what changes when it is written again; ``missing`` where there is none."""
+    files = [path] if not path.is_dir() else sorted(p for p in path.rglob("*") if p.is_file())
+    try:
+        stats = [file.stat() for file in files]
+    except OSError:
+        return "missing"
+    return f"{sum(st.st_size for st in stats)} bytes, {max((st.st_mtime_ns for st in stats), default=0)} ns"
 
 
 def _stored_span(meta: Any, column: int) -> tuple[int, int] | None:
