@@ -443,10 +443,55 @@ def test_a_predict_shard_is_not_written_by_a_checkpoint_rewritten_since_the_set_
     write_embedding_set(out, plan)
     predict.write_shard(out, 0, args, str(ckpt))
     retrained_copy(checkpoint, ckpt)
-    with pytest.raises(DataError, match=r"last\.ckpt changed since this embedding set was planned"):
+    with pytest.raises(DataError, match=r"last\.ckpt. changed since this embedding set was planned"):
         predict.write_shard(out, 1, args, str(ckpt))
     assert predict.write_shard(out, 0, args, str(ckpt))["skipped"]
     assert sorted(p.name for p in out.glob("*.parquet")) == ["shard-00000.parquet"]
+
+
+def test_a_predict_sweep_whose_checkpoint_changed_is_told_by_status_refused_by_resume_and_by_its_tasks(
+    trained, tmp_path, fake_slurm, capsys, monkeypatch  # noqa: F811
+):  # fmt: skip
+    """status says why the shards left cannot be written, --resume refuses before queueing tasks that would fail,
+    a checkpoint deleted is named as such, and one written again while a task reads it is caught after the read."""
+    import shutil
+
+    import spherinator.runs
+    from spherinator.errors import DataError
+
+    config, checkpoint = trained
+    ckpt = tmp_path / "last.ckpt"
+    shutil.copy(checkpoint, ckpt)
+    main(["predict", "-c", str(config), "--ckpt_path", str(ckpt), "--tasks", "3", "--name", "emb",
+          "--run-root", str(tmp_path / "runs")])  # fmt: skip
+    sweep, args = tmp_path / "runs" / "emb", ["-c", str(config)]
+    out = sweep / "embeddings"
+    _, loaded = launch.read_manifest(sweep)
+    launch._predict_tasks(loaded)(0)()
+    real_build = spherinator.runs.build
+
+    def rewritten_while_read(*a, **k):  # training wrote last.ckpt again while the task loaded it
+        built = real_build(*a, **k)
+        retrained_copy(checkpoint, ckpt)
+        return built
+
+    monkeypatch.setattr(spherinator.runs, "build", rewritten_while_read)
+    with pytest.raises(DataError, match="changed since this embedding set was planned"):
+        predict.write_shard(out, 1, args, str(ckpt))
+    monkeypatch.setattr(spherinator.runs, "build", real_build)
+    assert sorted(p.name for p in out.glob("*.parquet")) == ["shard-00000.parquet"]
+    capsys.readouterr()
+    main(["status", str(sweep)])
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("embeddings:"))
+    assert "last.ckpt' changed since this embedding set was planned" in line and "copy it" in line, line
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--resume", str(sweep)])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "changed since this embedding set was planned" in err, err
+    assert len(json.loads((sweep / "sweep.json").read_text())["submissions"]) == 1  # nothing queued
+    ckpt.unlink()
+    with pytest.raises(DataError, match="last.ckpt', which embeds this set, no longer exists"):
+        predict.write_shard(out, 2, args, str(ckpt))
 
 
 def test_embed_run_plans_anew_for_another_checkpoint(trained, tmp_path):

@@ -388,6 +388,26 @@ def test_run_root_inside_the_data_is_refused_before_queueing_when_the_atlas_woul
     assert submitted == [None]
 
 
+def test_data_and_run_root_given_with_a_tilde_and_data_of_one_file(tmp_path, image_dataset, monkeypatch, capsys,
+                                                                   no_queue):  # fmt: skip
+    """`~` is the home folder in the data path (as fit reads it) and in --run-root (a quoted ~ the shell left), so the
+    run-inside-the-data check sees through it; a data path of one file reads that file only, so a run dir beside it
+    is no data."""
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "data").symlink_to(image_dataset)
+    monkeypatch.setenv("HOME", str(home))
+    config = tiny_config(tmp_path, Path("~/data"))
+    main(["-c", str(config), "--run-root", "~/runs", "--name", "a", "--dry-run"])  # validated: the data is found
+    assert "dry run" in capsys.readouterr().err and not (tmp_path / "~").exists()
+    with pytest.raises(SystemExit):
+        main(["-c", str(config), "--run-root", "~/data/runs", "--name", "b", "--no-validate", "--dry-run"])
+    assert "is inside the data under" in capsys.readouterr().err
+    one_file = tiny_config(tmp_path, next(image_dataset.glob("*.parquet")))
+    main(["-c", str(one_file), "--run-root", str(image_dataset / "runs"), "--name", "c", "--dry-run"])
+    assert "dry run" in capsys.readouterr().err
+
+
 def test_deepspeed_strategy_passes_the_check_and_constructs_on_cpu(tmp_path, image_dataset, capsys, no_queue):
     """Only construction can be checked on a CPU machine: DeepSpeed training itself needs CUDA GPUs."""
     pytest.importorskip("deepspeed", reason="deepspeed not installed (pip install --no-build-isolation deepspeed)")

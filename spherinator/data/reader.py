@@ -86,7 +86,7 @@ class ParquetIndex:
     """
 
     def __init__(self, path: str | Path, columns: Sequence[str] | None = None, first_file_only: bool = False) -> None:
-        self.path = Path(path)
+        self.path = Path(path).expanduser()
         self.files = find_parquet_files(path)
         if first_file_only:
             self.files = self.files[:1]

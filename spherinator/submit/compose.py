@@ -234,7 +234,7 @@ def check_config(parser: Any, config: Any) -> None:
     if data_init is not None and "num_workers" in data_init:
         data_init.num_workers = 0  # no worker processes on the submit host
     path = data_init.get("path") if data_init is not None else None
-    if path is not None and not Path(path).exists():
+    if path is not None and not Path(str(path)).expanduser().exists():
         raise ValueError(f"data.init_args.path '{path}' does not exist (seen from {Path.cwd()})")
     _check_strategy(config.trainer.get("strategy"))
     _check_trainer(config.trainer)

@@ -28,6 +28,7 @@ from spherinator.submit.monitor import (
 )
 from spherinator.submit.predict import (
     EMBEDDINGS_DIR,
+    REPLAN,
     PredictTask,
     check_onnx_encoder,
     check_predict_target,
@@ -175,6 +176,8 @@ def submit_predict(ns: argparse.Namespace, overrides: list[str]) -> int:
     for path in ns.config:
         if not Path(path).is_file():
             raise SubmitError(f"config '{path}' does not exist")
+    ns.onnx = str(Path(ns.onnx).expanduser()) if ns.onnx else None  # a quoted ~ as the shell would give it
+    ns.ckpt_path = str(Path(ns.ckpt_path).expanduser())
     if ns.onnx and not (Path(ns.onnx) / "encoder.onnx").is_file():
         raise SubmitError(f"--onnx {ns.onnx}: no encoder.onnx there; give an export dir (spherinator export)")
     resources = _resources(ns)
@@ -370,7 +373,7 @@ def _sweep_dir(ns: argparse.Namespace) -> tuple[str, Path]:
     name = ns.name or f"{Path(ns.config[0]).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     if not re.fullmatch(r"[A-Za-z0-9._+=-]+", name) or set(name) == {"."}:
         raise SubmitError(f"--name {name!r} may only hold letters, digits and . _ + = - (and not be only dots)")
-    sweep_dir = (Path(ns.run_root) / name).resolve()
+    sweep_dir = (Path(ns.run_root).expanduser() / name).resolve()
     check_script_path(sweep_dir, f"--run-root {ns.run_root!r} gives the sweep dir")  # its logs' path is in the script
     existing = next(p for p in (sweep_dir, *sweep_dir.parents) if p.exists())
     if not existing.is_dir():  # found before anything is composed, not as a traceback when the run dirs are made
@@ -483,8 +486,12 @@ def resume(ns: argparse.Namespace) -> int:
         raise SubmitError(f"tasks still queued or running: {names}; wait, or `spherinator-submit cancel {sweep_dir}`")
     if manifest.predict is not None:  # a shard is done when its file is there (whole: staged, then renamed)
         embeddings = manifest.predict.embeddings
-        written = {s.index for s in read_embedding_set(embeddings).written(embeddings)}
+        plan = read_embedding_set(embeddings)
+        written = {s.index for s in plan.written(embeddings)}
         todo = [r for r in rows if r.index not in written]
+        problem = plan.encoder_problem() if todo else None
+        if problem:  # each task would refuse its shard, after its wait in the queue
+            raise SubmitError(f"{problem}; {REPLAN}")
     else:
         todo = [r for r in rows if not (r.state == COMPLETED and r.summary_state == COMPLETED)]
     if not todo:

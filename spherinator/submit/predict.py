@@ -67,6 +67,10 @@ _FIT_ONLY_KEYS = ("ckpt_path", "weights_only")  # in a run's config.yaml: argume
 _INHERITED_DIST_VARS = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK")
 
 
+# What to do when what encodes an embedding set changed since it was planned.
+REPLAN = "embed with a checkpoint that nothing writes any more (copy it) and submit the predict again"
+
+
 def shard_rows(reader: Any, shard: int, tasks: int) -> list[Segment]:
     """The rows shard ``shard`` of ``tasks`` holds: what rank ``shard`` of ``tasks`` reads of ``reader`` (a
     :class:`~spherinator.data.reader.ParquetReader` of the predict split) in one unshuffled pass, cut to its own rows
@@ -264,18 +268,20 @@ def write_shards(
         whole = plan.damage(embeddings, record) is None
         results.append({"shard": k, "file": str(embeddings / record.file), "rows": record.rows, "skipped": whole})
     todo = [result["shard"] for result in results if not result["skipped"]]
-    if todo and plan.encoder_changed(checkpoint, onnx):
-        raise DataError(
-            f"{Path(onnx) / 'encoder.onnx' if onnx else checkpoint} changed since this embedding set was planned "
-            "(the shards written would hold another model's embeddings); embed with a checkpoint that nothing "
-            "writes (copy it) and submit the predict again"
-        )
     if todo:
+        _check_encoder(plan, checkpoint, onnx)
         model, datamodule = build(cli_args, checkpoint)
+        _check_encoder(plan, checkpoint, onnx)  # written again while it was being read
         encode = _onnx_encoder(onnx, datamodule) if onnx else _torch_encoder(model, datamodule)
         for k in todo:
             _write_planned(embeddings, plan, k, datamodule, encode)
     return results
+
+
+def _check_encoder(plan: EmbeddingSet, checkpoint: str, onnx: str | None) -> None:
+    problem = plan.encoder_problem(checkpoint, onnx)
+    if problem:
+        raise DataError(f"{problem}; {REPLAN}")
 
 
 def _write_planned(embeddings: Path, plan: EmbeddingSet, shard: int, datamodule: Any, encode: Callable) -> None:
@@ -406,11 +412,10 @@ def check_run_outside_data(config_text: str, run_dir: Path, why: str) -> str | N
 
     data = yaml.safe_load(config_text).get("data")
     path = (data.get("init_args") or {}).get("path") if isinstance(data, dict) else None
-    if not isinstance(path, str) or not Path(path).exists():
+    if not isinstance(path, str) or not Path(path).expanduser().exists():
         return None
-    root = Path(path).resolve()
-    root = root if root.is_dir() else root.parent
-    if run_dir.resolve().is_relative_to(root):
+    root = Path(path).expanduser().resolve()  # one file is all the data reads: what lands beside it is no data
+    if root.is_dir() and run_dir.resolve().is_relative_to(root):
         raise SubmitError(f"--run-root: the run dir '{run_dir}' is inside the data under '{root}', {why}; give a run "
                           "root outside it")  # fmt: skip
     return path
@@ -422,7 +427,7 @@ def _plan_of(embeddings: Path, checkpoint: str) -> EmbeddingSet | None:
         plan = read_embedding_set(embeddings)
     except SubmitError:
         return None
-    return plan if plan.checkpoint == checkpoint and not plan.encoder_changed(checkpoint) else None
+    return plan if plan.checkpoint == checkpoint and plan.encoder_problem(checkpoint) is None else None
 
 
 class PredictTask:
@@ -486,6 +491,10 @@ def embeddings_line(embeddings: str) -> tuple[str, dict[str, Any]]:
     figures = {"dir": embeddings, "shards": len(plan.shards), "written": len(written), "rows": plan.rows,
                "rows_written": rows, "missing": missing, "damaged": damaged}  # fmt: skip
     line = f"embeddings: {len(written)}/{len(plan.shards)} shards, {rows:,}/{plan.rows:,} rows in {embeddings}"
+    problem = plan.encoder_problem() if missing else None
+    if problem:
+        figures["error"] = problem
+        line += f" ({problem}; {REPLAN})"
     if damaged:
         file, why = next(iter(damaged.items()))
         more = f" and {len(damaged) - 1} more" if len(damaged) > 1 else ""

@@ -630,14 +630,22 @@ class EmbeddingSet:
     def encoded_by(self, checkpoint: str, onnx: str | None = None) -> None:
         """Record that ``checkpoint`` (through ``onnx``'s ``encoder.onnx`` if given) embeds the set, as it is now."""
         self.checkpoint, self.onnx = checkpoint, onnx
-        self.encoder_stamp = file_stamp(Path(onnx) / "encoder.onnx" if onnx else Path(checkpoint))
+        self.encoder_stamp = file_stamp(_encoder_file(checkpoint, onnx))
 
-    def encoder_changed(self, checkpoint: str, onnx: str | None = None) -> bool:
-        """Whether what encodes for ``checkpoint``/``onnx`` differs from what the set was planned with (a set of
-        an older version, which recorded no stamp, is taken as unchanged)."""
-        if self.encoder_stamp is None:
-            return False
-        return file_stamp(Path(onnx) / "encoder.onnx" if onnx else Path(checkpoint)) != self.encoder_stamp
+    def encoder_problem(self, checkpoint: str | None = None, onnx: str | None = None) -> str | None:
+        """What differs in what encodes (``checkpoint``/``onnx``, default the set's own) from what the set was
+        planned with, as the start of a sentence; None where nothing does, or where the set recorded no stamp (one
+        of an older version, or without a checkpoint)."""
+        checkpoint, onnx = checkpoint or self.checkpoint, onnx or self.onnx
+        if not self.encoder_stamp or not checkpoint:
+            return None
+        path = _encoder_file(checkpoint, onnx)
+        stamp = file_stamp(path)
+        if stamp == self.encoder_stamp:
+            return None
+        if stamp == "missing":
+            return f"'{path}', which embeds this set, no longer exists"
+        return f"'{path}' changed since this embedding set was planned (its shards would hold two models' embeddings)"
 
     def written(self, directory: str | Path) -> list[EmbeddingShard]:
         """The shards whose file in ``directory`` is whole (:meth:`damage`)."""
@@ -676,6 +684,10 @@ class EmbeddingSet:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def _encoder_file(checkpoint: str, onnx: str | None) -> Path:
+    return Path(onnx) / "encoder.onnx" if onnx else Path(checkpoint)
 
 
 def file_stamp(path: Path) -> str:
