@@ -352,21 +352,27 @@ def test_resume_continues_a_cancelled_sweep_from_its_checkpoints(cluster, tmp_pa
 
 
 def test_two_node_job_is_requeued_and_resumes_on_both_ranks(cluster, tmp_path, image_dataset, monkeypatch):
-    """The requeue path under DDP: both ranks agree to stop, save one checkpoint together, and the requeued job
-    resumes on two nodes from it up to the full epoch count. Each rank has half the batches of the one-node
-    test, so the batches sleep longer: the first attempt's 60 epochs of at least 3 x 0.6 s outlast the latest
-    signal (90 s)."""
-    epochs = 60
+    """The requeue path under DDP: Slurm's signal reaches both ranks (sent here with scancel once the first epoch is
+    done, as --signal sends it, to every process of the job's steps), both agree to stop, save one checkpoint
+    together, and the requeued job resumes on two nodes from it up to the full epoch count. The first attempt's 12
+    epochs of 3 batches of at least 1 s per rank outlast the signal; the signal of a real time limit is
+    test_short_time_limit_requeues_and_resumes_into_the_same_run's."""
+    epochs = 12
     config = tiny_config(tmp_path, image_dataset, epochs=epochs)
-    slow = slow_overlay(tmp_path, monkeypatch, 0.6)
-    sweep = submit(
-        tmp_path, config, "requeue2", "-c", str(slow), "--nodes", "2", "--time", "2", "--signal-delay", "30",
-        "--max-requeues", "5",
-    )  # fmt: skip
-    wait_for(sweep, completed, timeout=560, poll=5)
-    summary = json.loads((sweep / "run" / "summary.json").read_text())
-    assert summary["attempts"] >= 2, summary
-    assert summary["resumed_from"] and summary["epoch"] == epochs
+    slow = slow_overlay(tmp_path, monkeypatch, 1.0)
+    sweep = submit(tmp_path, config, "requeue2", "-c", str(slow), "--nodes", "2", "--time", "10")
+    run = sweep / "run"
+    deadline = time.monotonic() + 300
+    while not (run / "summary.json").is_file() or (RunSummary.read(run).epoch or 0) < 1:
+        assert time.monotonic() < deadline, "the first attempt never finished its first epoch"
+        time.sleep(1)
+    _, manifest = launch.read_manifest(sweep)
+    (job,) = manifest.submissions[0].jobs.values()
+    subprocess.run(["scancel", "--signal=USR2", job], check=True, timeout=30)
+    wait_for(sweep, completed, timeout=400)
+    summary = RunSummary.read(run)
+    assert (summary.attempts, summary.requeues, summary.epoch) == (2, 1, epochs), summary
+    assert summary.resumed_from and summary.requeued_during in ("training", "validation"), summary
 
 
 SLOW_TRANSFORM = """
