@@ -954,6 +954,26 @@ def test_logs_show_slurms_files_of_a_task_that_died_before_python(tmp_path, imag
     assert "has 3 tasks; name one" in err and "beta=1e-4, beta=1e-3, beta=1e-2" in err
 
 
+def test_logs_takes_a_task_by_its_swept_values(tmp_path, image_dataset, capsys, fake_slurm):
+    """In a grid, `logs SWEEP beta=1e-4,z_dim=3` names the task of those values; one value shared by several tasks
+    lists them."""
+    config = tiny_config(tmp_path, image_dataset)
+    main(["-c", str(config), "--run-root", str(tmp_path / "runs"), "--name", "g", "--no-validate",
+          "--sweep", "model.init_args.z_dim=3,4", "--sweep", "model.init_args.beta=1e-4,1e-3"])  # fmt: skip
+    sweep = tmp_path / "runs" / "g"
+    capsys.readouterr()
+    main(["logs", str(sweep), "beta=1e-3,z_dim=4"])
+    assert "(not written yet: job 990000_3 has not started)" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["logs", str(sweep), "beta=1e-4"])
+    assert "'beta=1e-4' names 2 tasks of sweep g: z_dim=3_beta=1e-4, z_dim=4_beta=1e-4; name one" in (
+        capsys.readouterr().err
+    )
+    with pytest.raises(SystemExit):
+        main(["logs", str(sweep), "beta=1e-2"])
+    assert "sweep g has no task 'beta=1e-2'" in capsys.readouterr().err
+
+
 def test_cancel_cancels_only_the_tasks_still_queued_or_running(tmp_path, image_dataset, capsys, fake_slurm):
     sweep = three_task_sweep(tmp_path, image_dataset)
     (fake_slurm / "squeue.txt").write_text("990000_0|RUNNING\n")

@@ -26,7 +26,7 @@ from spherinator.submit.records import (
     read_manifest,
 )
 from spherinator.submit.slurm import ENDED, FINAL, UNKNOWN, cancel_jobs, error_line, job_states, log_paths, tail
-from spherinator.submit.sweep import SubmitError
+from spherinator.submit.sweep import SubmitError, name_parts
 
 SUBMITIT_DIR = "submitit"  # the sweep's Submitit folder: sbatch scripts, Slurm's log files, pickled tasks
 NOT_SUBMITTED = "NOT SUBMITTED"
@@ -239,6 +239,14 @@ def _chosen_task(run_dir: str, sweep_dir: Path, manifest: Manifest, task: str | 
             )
         task = names[0]
     chosen = next((t for t in manifest.tasks if task in (t.name, str(t.index))), None)
+    if chosen is None:  # swept values: `beta=1e-4`, or several as `beta=1e-4,z_dim=3`
+        given = set(task.split(","))
+        parts = name_parts([t.params for t in manifest.tasks])
+        matches = [t for t, own in zip(manifest.tasks, parts, strict=True) if given <= set(own)]
+        if len(matches) > 1:
+            raise SubmitError(f"{task!r} names {len(matches)} tasks of sweep {manifest.name}: "
+                              f"{', '.join(t.name for t in matches)}; name one")  # fmt: skip
+        chosen = matches[0] if matches else None
     if chosen is None:
         raise SubmitError(f"sweep {manifest.name} has no task {task!r}; tasks: {', '.join(names)}")
     return chosen

@@ -199,14 +199,16 @@ def _clean(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._+\-=]+", "-", text).strip("-")[:60] or "x"
 
 
-def task_names(param_sets: list[dict[str, str]]) -> list[str]:
-    """Readable, unique directory names: ``z_dim=8_beta=0.01`` (``run`` when nothing is swept)."""
+def name_parts(param_sets: list[dict[str, Any]]) -> list[list[str]]:
+    """The ``key=value`` parts of each task's name (``["z_dim=8", "beta=0.01"]``), keys as short as they can be."""
     keys = list(dict.fromkeys(k for params in param_sets for k in params))
     short = short_keys(keys)
-    names = []
-    for params in param_sets:
-        parts = [f"{_clean(short[k])}={_clean(v)}" for k, v in params.items()]
-        names.append("_".join(parts) if parts else "run")
+    return [[f"{_clean(short[k])}={_clean(str(v))}" for k, v in params.items()] for params in param_sets]
+
+
+def task_names(param_sets: list[dict[str, str]]) -> list[str]:
+    """Readable, unique directory names: ``z_dim=8_beta=0.01`` (``run`` when nothing is swept)."""
+    names = ["_".join(parts) if parts else "run" for parts in name_parts(param_sets)]
     unique: list[str] = []
     taken = set(names)
     counts = collections.Counter(names)  # not names.count(): a grid of thousands of tasks would take minutes
