@@ -416,7 +416,7 @@ def submit(ns: argparse.Namespace, overrides: list[str]) -> int:
             check_predict_target(
                 composed[task.index].text, sweep_dir / task.name, ns.predict_shards, not ns.no_validate
             )
-        if atlas_order is not None:
+        elif atlas_order is not None:  # --predict's check above refuses the same run dirs
             check_run_outside_data(composed[task.index].text, sweep_dir / task.name, "where the task's atlas "
                                    "would write a catalog.parquet that the next fit reads as data (--no-atlas "
                                    "writes none)")  # fmt: skip
